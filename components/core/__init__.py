@@ -1,0 +1,1 @@
+"""Storage, manifests, typed configs and small shared utilities every stage uses."""

@@ -1,0 +1,222 @@
+"""The one manifest type for every artifact, and atomic publish / verified fetch.
+
+An artifact is a prefix (local dir or `s3://…`) holding data files and one `_manifest.json`. The
+manifest is written last with a conditional put: a prefix without it does not exist, a crashed
+writer leaves garbage but never a half-visible artifact, and a committed manifest is never
+overwritten. The same manifest JSON is what a KFP artifact (`Dataset`, `Model`, …) holds.
+
+    m = publish_dir(local_dir, content_prefix(root, "tokenizer", cfg_hash, parents),
+                    kind="tokenizer", config_hash=cfg_hash, parents=parents, counts={...})
+    m = read_manifest(m.uri)            # refuses a prefix with no manifest
+    fetch(m, "/tmp/tok")                # downloads and checks every sha256
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kubellm import __version__
+from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
+from kubellm.core.storage import join, sha256_file, storage_for
+
+MANIFEST_NAME = "_manifest.json"
+SCHEMA_VERSION = 1
+
+
+def code_version() -> str:
+    """The code version recorded in manifests and mixed into content addresses.
+
+    Images set KUBELLM_CODE_VERSION (package version + git sha at build time)."""
+    return os.environ.get("KUBELLM_CODE_VERSION", f"kubellm-{__version__}")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace) of a JSON-able object."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileEntry(BaseModel):
+    """One data file of an artifact, relative to the artifact's prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What an artifact is: where its files are, what they hash to, and where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    kind: str = Field(description="dataset | tokenizer | token_shards | model | checkpoint | eval | ...")
+    uri: str = Field(description="The artifact's prefix (local dir or s3://bucket/key).")
+    files: list[FileEntry] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict, description="records, tokens, documents, ...")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    config_hash: str = ""
+    code_version: str = Field(default_factory=code_version)
+    parents: dict[str, str] = Field(
+        default_factory=dict, description="input name -> parent manifest digest (lineage)"
+    )
+    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
+    metadata: dict[str, Any] = Field(default_factory=dict, description="small stage-specific extras")
+    report_markdown: str | None = Field(default=None, description="human report shown in the KFP UI")
+
+    def digest(self) -> str:
+        """Content hash of what the artifact *is* (not when it was made)."""
+        body = self.model_dump(exclude={"created_at", "report_markdown"})
+        return stable_hash(body)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise IntegrityError(f"{self.uri}: manifest lists no file {path!r}")
+
+    def file_uri(self, path: str) -> str:
+        return join(self.uri, path)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "<manifest>") -> Manifest:
+        try:
+            return cls.model_validate_json(text)
+        except Exception as e:
+            raise IntegrityError(f"{source}: not a valid kubellm manifest: {e}") from e
+
+
+def content_prefix(root: str, stage: str, config_hash: str, parents: Mapping[str, str] | None = None) -> str:
+    """Content-addressed output prefix: hash of inputs' manifests + config + code version."""
+    key = stable_hash({"stage": stage, "config": config_hash, "parents": dict(parents or {}),
+                       "code": code_version()})
+    return join(root, stage, key[:20])
+
+
+def read_manifest(prefix: str) -> Manifest:
+    """The committed manifest at `prefix`; refuses a prefix that has none."""
+    st = storage_for(prefix)
+    uri = join(prefix, MANIFEST_NAME)
+    if not st.exists(uri):
+        raise ManifestMissingError(
+            f"{prefix}: no {MANIFEST_NAME} — not a committed artifact (an unfinished or crashed write?)"
+        )
+    return Manifest.from_json(st.read_bytes(uri), source=uri)
+
+
+def commit_manifest(manifest: Manifest) -> Manifest:
+    """Commit `manifest` at its prefix with a conditional put. If an identical artifact is already
+    committed there (content-addressed prefixes make that the normal case for a re-run), return it;
+    a *different* committed manifest is never overwritten."""
+    st = storage_for(manifest.uri)
+    uri = join(manifest.uri, MANIFEST_NAME)
+    if st.put_if_absent(uri, manifest.to_json().encode()):
+        return manifest
+    existing = Manifest.from_json(st.read_bytes(uri), source=uri)
+    if existing.digest() == manifest.digest() or (
+        {(f.path, f.sha256) for f in existing.files} == {(f.path, f.sha256) for f in manifest.files}
+        and existing.kind == manifest.kind
+    ):
+        return existing
+    raise ManifestConflictError(
+        f"{uri}: a different manifest is already committed there (digest {existing.digest()[:12]}); "
+        "refusing to overwrite it"
+    )
+
+
+def _walk(local_dir: Path) -> list[Path]:
+    return sorted(p for p in local_dir.rglob("*") if p.is_file())
+
+
+def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int = 8,
+                **fields: Any) -> Manifest:
+    """Upload every file under `local_dir` to `prefix` (in parallel), then commit the manifest."""
+    local_dir = Path(local_dir)
+    files = _walk(local_dir)
+    st = storage_for(prefix)
+
+    def put(p: Path) -> FileEntry:
+        rel = p.relative_to(local_dir).as_posix()
+        if rel == MANIFEST_NAME:
+            raise IntegrityError(f"{p}: {MANIFEST_NAME} is reserved for the manifest")
+        st.upload(p, join(prefix, rel))
+        return FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        entries = list(pool.map(put, files))
+    manifest = Manifest(kind=kind, uri=prefix, files=entries, **fields)
+    return commit_manifest(manifest)
+
+
+def verify_file(manifest: Manifest, entry: FileEntry, local: Path) -> None:
+    size = local.stat().st_size
+    if size != entry.size:
+        raise IntegrityError(
+            f"{manifest.file_uri(entry.path)}: size {size} but the manifest records {entry.size}"
+        )
+    digest = sha256_file(local)
+    if digest != entry.sha256:
+        raise IntegrityError(
+            f"{manifest.file_uri(entry.path)}: sha256 {digest[:12]}… but the manifest records "
+            f"{entry.sha256[:12]}… (corrupt or replaced file)"
+        )
+
+
+def fetch(manifest: Manifest, local_dir: Path | str, paths: Iterable[str] | None = None,
+          workers: int = 8) -> Path:
+    """Download the artifact's files (or `paths` of them) into `local_dir`, verifying each against the
+    manifest. A local artifact is verified in place and its own directory returned when
+    `local_dir` is that directory."""
+    local_dir = Path(local_dir)
+    wanted = set(paths) if paths is not None else None
+    entries = [e for e in manifest.files if wanted is None or e.path in wanted]
+    if wanted is not None:
+        missing = wanted - {e.path for e in entries}
+        if missing:
+            raise IntegrityError(f"{manifest.uri}: manifest lists no file(s) {sorted(missing)}")
+    st = storage_for(manifest.uri)
+
+    def get(e: FileEntry) -> None:
+        dest = local_dir / e.path
+        src = manifest.file_uri(e.path)
+        if not st.exists(src):
+            raise IntegrityError(f"{src}: listed in the manifest but missing from storage")
+        st.download(src, dest)
+        verify_file(manifest, e, dest)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(get, entries))
+    return local_dir
+
+
+def write_manifest_file(manifest: Manifest, path: Path | str) -> None:
+    """Write the manifest JSON into a KFP artifact file (or anywhere local)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(manifest.to_json())
+
+
+def load_manifest_ref(ref: str) -> Manifest:
+    """Resolve what a stage gets as an input: a local manifest JSON file (a KFP input artifact's
+    path), a directory holding one (artifact dir), or a committed artifact prefix."""
+    p = Path(ref)
+    if not ref.startswith("s3://") and p.is_file():
+        return Manifest.from_json(p.read_text(), source=ref)
+    if not ref.startswith("s3://") and p.is_dir() and (p / MANIFEST_NAME).is_file() is False:
+        # a KFP artifact directory that holds the manifest JSON as its only file
+        cand = [q for q in p.iterdir() if q.suffix == ".json"]
+        if len(cand) == 1:
+            return Manifest.from_json(cand[0].read_text(), source=str(cand[0]))
+    return read_manifest(ref)

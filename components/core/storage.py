@@ -1,0 +1,364 @@
+"""One storage interface for `s3://bucket/key` URIs and local paths.
+
+    from kubellm.core.storage import storage_for, join
+    st = storage_for("s3://bucket/runs")          # or "/tmp/artifacts", or "file:///tmp/a"
+    st.write_bytes(join("s3://bucket/runs", "x.txt"), b"hello")
+
+Every S3 read and write in kubellm goes through here: one boto3 client factory (`s3_client`),
+parallel multipart transfers via boto3's TransferConfig (s3transfer aborts a failed multipart
+upload itself), and `put_if_absent` — a conditional put (`IfNoneMatch="*"`) used to commit
+manifests so a committed artifact is never overwritten.
+
+S3 settings come from the environment (never from pipeline YAML):
+  KUBELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL   MinIO/Ceph endpoint (unset for AWS)
+  AWS_REGION / AWS_DEFAULT_REGION              region (default us-east-1)
+  AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY    credentials (or any boto3 credential source)
+  KUBELLM_S3_RETRY_MODE                        standard | adaptive (default standard)
+  KUBELLM_S3_MAX_ATTEMPTS                      total attempts per call (default 8)
+  KUBELLM_S3_ADDRESSING_STYLE                  path | virtual | auto (default path: MinIO/Ceph)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from kubellm.core.errors import StorageError
+
+CHUNK = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its full URI, the key relative to the listed prefix, size and ETag."""
+
+    uri: str
+    relpath: str
+    size: int
+    etag: str
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """How to reach the object store. Built from the environment by `from_env`."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    retry_mode: str = "standard"
+    max_attempts: int = 8
+    addressing_style: str = "path"
+    multipart_threshold: int = 64 * 1024 * 1024
+    multipart_chunksize: int = 16 * 1024 * 1024
+    max_concurrency: int = 8
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        retry_mode = env.get("KUBELLM_S3_RETRY_MODE", "standard")
+        if retry_mode not in ("standard", "adaptive", "legacy"):
+            raise StorageError(
+                f"KUBELLM_S3_RETRY_MODE={retry_mode!r}: expected one of standard, adaptive, legacy"
+            )
+        return cls(
+            endpoint_url=env.get("KUBELLM_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            retry_mode=retry_mode,
+            max_attempts=int(env.get("KUBELLM_S3_MAX_ATTEMPTS", "8")),
+            addressing_style=env.get("KUBELLM_S3_ADDRESSING_STYLE", "path"),
+            multipart_threshold=int(env.get("KUBELLM_S3_MULTIPART_THRESHOLD", str(64 * 1024 * 1024))),
+            multipart_chunksize=int(env.get("KUBELLM_S3_MULTIPART_CHUNKSIZE", str(16 * 1024 * 1024))),
+            max_concurrency=int(env.get("KUBELLM_S3_MAX_CONCURRENCY", "8")),
+        )
+
+
+def s3_client(settings: S3Settings | None = None) -> Any:
+    """The one boto3 S3 client factory.
+
+    Checksums: boto3 ≥ 1.36 adds CRC32 checksums to every request by default, which several
+    S3-compatible stores (older MinIO, Ceph RGW) reject; `when_required` keeps them for the calls that
+    need them and works against AWS and those stores alike.
+    """
+    import boto3
+    from botocore.config import Config
+
+    s = settings or S3Settings.from_env()
+    cfg = Config(
+        region_name=s.region,
+        retries={"mode": s.retry_mode, "max_attempts": s.max_attempts},
+        s3={"addressing_style": s.addressing_style},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=max(10, s.max_concurrency * 2),
+    )
+    return boto3.session.Session().client("s3", endpoint_url=s.endpoint_url, config=cfg)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
+    p = urlparse(uri)
+    if p.scheme != "s3" or not p.netloc:
+        raise StorageError(f"not an S3 URI: {uri!r} (expected s3://bucket/key)")
+    return p.netloc, p.path.lstrip("/")
+
+
+def local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        return Path(urlparse(uri).path)
+    return Path(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with `/` (never `os.path.join`: S3 keys are not paths)."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Storage(Protocol):
+    """What every backend offers. URIs are absolute (`s3://…` or a local path)."""
+
+    def read_bytes(self, uri: str) -> bytes: ...
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+    def put_if_absent(self, uri: str, data: bytes) -> bool: ...
+    def upload(self, local: Path, uri: str) -> None: ...
+    def download(self, uri: str, local: Path) -> None: ...
+    def exists(self, uri: str) -> bool: ...
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def delete(self, uri: str) -> None: ...
+
+
+class LocalStorage:
+    """Local filesystem backend. Writes go to a temp file in the same directory, then rename, so a
+    reader never sees half a file; `put_if_absent` uses an exclusive link, atomic on POSIX."""
+
+    def read_bytes(self, uri: str) -> bytes:
+        p = local_path(uri)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError as e:
+            raise StorageError(f"{uri}: no such object") from e
+
+    def _atomic_write(self, dest: Path, writer: Any) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self._atomic_write(local_path(uri), lambda f: f.write(data))
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, dest)  # fails if dest exists: the conditional put
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def upload(self, local: Path, uri: str) -> None:
+        dest = local_path(uri)
+        if Path(local).resolve() == dest.resolve():
+            return
+
+        def copy(f: Any) -> None:
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, f, CHUNK)
+
+        self._atomic_write(dest, copy)
+
+    def download(self, uri: str, local: Path) -> None:
+        src = local_path(uri)
+        if not src.exists():
+            raise StorageError(f"{uri}: no such object")
+        local = Path(local)
+        if src.resolve() == local.resolve():
+            return
+
+        def copy(f: Any) -> None:
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, CHUNK)
+
+        self._atomic_write(local, copy)
+
+    def exists(self, uri: str) -> bool:
+        return local_path(uri).is_file()
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        root = local_path(prefix)
+        if not root.is_dir():
+            return []
+        out = []
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                st = p.stat()
+                rel = p.relative_to(root).as_posix()
+                out.append(ObjectInfo(join(prefix, rel), rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
+        return out
+
+    def delete(self, uri: str) -> None:
+        local_path(uri).unlink(missing_ok=True)
+
+
+class S3Storage:
+    """S3 backend over one boto3 client (thread-safe; shared by the transfer threads)."""
+
+    def __init__(self, settings: S3Settings | None = None, client: Any = None) -> None:
+        self.settings = settings or S3Settings.from_env()
+        self.client = client if client is not None else s3_client(self.settings)
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        s = self.settings
+        return TransferConfig(
+            multipart_threshold=s.multipart_threshold,
+            multipart_chunksize=s.multipart_chunksize,
+            max_concurrency=s.max_concurrency,
+            use_threads=True,
+        )
+
+    def _err(self, op: str, uri: str, e: Exception) -> StorageError:
+        return StorageError(f"S3 {op} {uri} failed: {e}")
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            raise self._err("get", uri, e) from e
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = split_s3(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as e:
+            raise self._err("put", uri, e) from e
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            if code in ("NotImplemented",) or status == 501:
+                # A store without conditional writes: check-then-put is the best it allows.
+                if self.exists(uri):
+                    return False
+                self.write_bytes(uri, data)
+                return True
+            raise self._err("conditional put", uri, e) from e
+
+    def upload(self, local: Path, uri: str) -> None:
+        bucket, key = split_s3(uri)
+        try:
+            self.client.upload_file(str(local), bucket, key, Config=self._transfer_config())
+        except Exception as e:
+            raise self._err("upload", uri, e) from e
+
+    def download(self, uri: str, local: Path) -> None:
+        bucket, key = split_s3(uri)
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{threading.get_ident()}.tmp")
+        try:
+            self.client.download_file(bucket, key, str(tmp), Config=self._transfer_config())
+            os.replace(tmp, local)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise self._err("download", uri, e) from e
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise self._err("head", uri, e) from e
+
+    def _iter(self, prefix: str) -> Iterator[ObjectInfo]:
+        bucket, key = split_s3(prefix)
+        key_prefix = key.rstrip("/") + "/" if key else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(key_prefix) :]
+                yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", rel, obj["Size"], obj["ETag"].strip('"'))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        try:
+            return sorted(self._iter(prefix), key=lambda o: o.relpath)
+        except Exception as e:
+            raise self._err("list", prefix, e) from e
+
+    def delete(self, uri: str) -> None:
+        bucket, key = split_s3(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise self._err("delete", uri, e) from e
+
+
+_S3_LOCK = threading.Lock()
+_S3_CACHE: dict[S3Settings, S3Storage] = {}
+
+
+def storage_for(uri: str) -> Storage:
+    """The backend for a URI: S3 for `s3://`, the local filesystem otherwise."""
+    if is_s3(uri):
+        settings = S3Settings.from_env()
+        with _S3_LOCK:
+            if settings not in _S3_CACHE:
+                _S3_CACHE[settings] = S3Storage(settings)
+            return _S3_CACHE[settings]
+    return LocalStorage()
+
+
+def reset_clients() -> None:
+    """Forget cached S3 clients (tests change the environment between cases)."""
+    with _S3_LOCK:
+        _S3_CACHE.clear()

@@ -1,0 +1,139 @@
+"""Packed token shards: the format the tokenizer writes and the trainer streams.
+
+Layout of one `.tok` file (little-endian):
+
+    offset  size  field
+    0       8     magic  b"KLLMTOK\\0"
+    8       4     version (uint32) = 1
+    12      4     dtype code (uint32): 1 = uint16, 2 = uint32
+    16      8     vocab_size (uint64): every token id is < vocab_size
+    24      8     token_count (uint64)
+    32      8     doc_count (uint64)
+    40      24    reserved (zero)
+    64      token_count × itemsize     token ids, documents back to back
+    ...     (doc_count + 1) × 8        document start offsets (uint64), last = token_count
+
+    w = TokenShardWriter(path, vocab_size=2048); w.add_document(ids); w.close()
+    r = TokenShardReader(path)    # validates header and size; r.tokens is a read-only memmap
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kubellm.core.errors import InputDataError
+
+MAGIC = b"KLLMTOK\0"
+VERSION = 1
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<8sIIQQQ24x")
+assert _HEADER.size == HEADER_SIZE
+DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+
+
+def dtype_for_vocab(vocab_size: int) -> int:
+    return 1 if vocab_size <= 65536 else 2
+
+
+class TokenShardWriter:
+    """Streams documents into one shard; the header is written on `close()` (temp file + rename, so
+    a crash never leaves a shard with a valid header and a short body)."""
+
+    def __init__(self, path: str | Path, vocab_size: int) -> None:
+        self.path = Path(path)
+        self.vocab_size = int(vocab_size)
+        self.code = dtype_for_vocab(vocab_size)
+        self.dtype = DTYPES[self.code]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._f = open(self._tmp, "wb")
+        self._f.write(b"\0" * HEADER_SIZE)
+        self._offsets: list[int] = [0]
+        self.token_count = 0
+
+    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise InputDataError(
+                f"{self.path}: document {len(self._offsets) - 1} has token id "
+                f"{int(arr.max() if arr.max() >= self.vocab_size else arr.min())} outside [0, {self.vocab_size})"
+            )
+        self._f.write(arr.astype(self.dtype).tobytes())
+        self.token_count += int(arr.size)
+        self._offsets.append(self.token_count)
+
+    def add_documents(self, docs: Iterable[Sequence[int]]) -> None:
+        for d in docs:
+            self.add_document(d)
+
+    def close(self) -> Path:
+        self._f.write(np.asarray(self._offsets, dtype="<u8").tobytes())
+        self._f.seek(0)
+        self._f.write(_HEADER.pack(MAGIC, VERSION, self.code, self.vocab_size, self.token_count,
+                                   len(self._offsets) - 1))
+        self._f.close()
+        self._tmp.replace(self.path)
+        return self.path
+
+    def __enter__(self) -> TokenShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+class TokenShardReader:
+    """Opens and validates a shard; `tokens` and `doc_offsets` are read-only memmaps."""
+
+    def __init__(self, path: str | Path, expected_vocab_size: int | None = None,
+                 check_ids: bool = True) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        if size < HEADER_SIZE:
+            raise InputDataError(f"{self.path}: {size} bytes is shorter than the {HEADER_SIZE}-byte header")
+        with open(self.path, "rb") as f:
+            magic, version, code, vocab, ntok, ndoc = _HEADER.unpack(f.read(HEADER_SIZE))
+        if magic != MAGIC:
+            raise InputDataError(f"{self.path}: bad magic {magic!r}, expected {MAGIC!r} (not a token shard)")
+        if version != VERSION:
+            raise InputDataError(f"{self.path}: shard version {version}, this kubellm reads version {VERSION}")
+        if code not in DTYPES:
+            raise InputDataError(f"{self.path}: dtype code {code}, expected one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[code]
+        self.vocab_size, self.token_count, self.doc_count = int(vocab), int(ntok), int(ndoc)
+        expected = HEADER_SIZE + ntok * self.dtype.itemsize + (ndoc + 1) * 8
+        if size != expected:
+            raise InputDataError(
+                f"{self.path}: file is {size} bytes but its header (tokens={ntok}, docs={ndoc}) "
+                f"implies {expected} (truncated or corrupt)"
+            )
+        if expected_vocab_size is not None and self.vocab_size > expected_vocab_size:
+            raise InputDataError(
+                f"{self.path}: shard vocab_size {self.vocab_size} exceeds the model's vocab_size "
+                f"{expected_vocab_size}"
+            )
+        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_SIZE, shape=(ntok,))
+        self.doc_offsets = np.memmap(self.path, dtype="<u8", mode="r",
+                                     offset=HEADER_SIZE + ntok * self.dtype.itemsize, shape=(ndoc + 1,))
+        if check_ids:
+            self.check_ids(expected_vocab_size or self.vocab_size)
+
+    def check_ids(self, vocab_size: int, block: int = 1 << 22) -> None:
+        for start in range(0, self.token_count, block):
+            chunk = self.tokens[start : start + block]
+            if chunk.size and int(chunk.max()) >= vocab_size:
+                bad = start + int(np.argmax(chunk >= vocab_size))
+                raise InputDataError(
+                    f"{self.path}: token {bad} has id {int(self.tokens[bad])} ≥ vocab_size {vocab_size}"
+                )
+
+    def document(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[int(self.doc_offsets[i]) : int(self.doc_offsets[i + 1])])
