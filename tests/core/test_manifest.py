@@ -1,0 +1,100 @@
+"""Manifests: atomic publish, refusal of uncommitted prefixes, verified fetch, content addresses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
+from kubellm.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    commit_manifest,
+    content_prefix,
+    fetch,
+    load_manifest_ref,
+    publish_dir,
+    read_manifest,
+    write_manifest_file,
+)
+from kubellm.core.storage import join, storage_for
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket")
+
+
+def _data(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    (d / "train").mkdir(parents=True, exist_ok=True)
+    (d / "train" / "part-0.txt").write_text("alpha")
+    (d / "meta.json").write_text("{}")
+    return d
+
+
+def test_publish_then_read_and_fetch(root: str, tmp_path: Path) -> None:
+    prefix = content_prefix(root, "data_prep", "cfg", {"raw": "fp"})
+    m = publish_dir(_data(tmp_path), prefix, kind="dataset", counts={"documents": 1}, config_hash="cfg")
+    assert [f.path for f in m.files] == ["meta.json", "train/part-0.txt"]
+    back = read_manifest(prefix)
+    assert back.digest() == m.digest() and back.counts == {"documents": 1}
+    out = fetch(back, tmp_path / "fetched")
+    assert (out / "train" / "part-0.txt").read_text() == "alpha"
+
+
+def test_prefix_without_manifest_is_refused(root: str, tmp_path: Path) -> None:
+    prefix = join(root, "torn")
+    storage_for(prefix).write_bytes(join(prefix, "part-0.txt"), b"half")
+    with pytest.raises(ManifestMissingError, match="torn"):
+        read_manifest(prefix)
+
+
+def test_committed_manifest_is_never_overwritten(root: str, tmp_path: Path) -> None:
+    prefix = join(root, "art")
+    m = publish_dir(_data(tmp_path), prefix, kind="dataset")
+    # Re-publishing the same content is idempotent (returns the committed one) ...
+    again = publish_dir(_data(tmp_path), prefix, kind="dataset")
+    assert again.digest() == m.digest()
+    # ... but a different artifact at the same prefix is refused, and the original stays.
+    other = Manifest(kind="dataset", uri=prefix, files=[], counts={"documents": 99})
+    with pytest.raises(ManifestConflictError, match="refusing to overwrite"):
+        commit_manifest(other)
+    assert read_manifest(prefix).digest() == m.digest()
+
+
+def test_fetch_detects_corruption_and_missing_files(root: str, tmp_path: Path) -> None:
+    prefix = join(root, "art2")
+    m = publish_dir(_data(tmp_path), prefix, kind="dataset")
+    st = storage_for(prefix)
+    st.write_bytes(join(prefix, "train/part-0.txt"), b"alphA")  # same size, different bytes
+    with pytest.raises(IntegrityError, match="part-0.txt.*sha256"):
+        fetch(m, tmp_path / "f1")
+    st.delete(join(prefix, "meta.json"))
+    with pytest.raises(IntegrityError, match="meta.json"):
+        fetch(m, tmp_path / "f2", paths=["meta.json"])
+
+
+def test_content_prefix_depends_on_config_and_parents(tmp_path: Path) -> None:
+    a = content_prefix("s3://b/r", "tokenizer", "h1", {"dataset": "d1"})
+    assert a == content_prefix("s3://b/r", "tokenizer", "h1", {"dataset": "d1"})
+    assert a != content_prefix("s3://b/r", "tokenizer", "h2", {"dataset": "d1"})
+    assert a != content_prefix("s3://b/r", "tokenizer", "h1", {"dataset": "d2"})
+    assert a.startswith("s3://b/r/tokenizer/")
+
+
+def test_manifest_name_reserved_and_refs(tmp_path: Path) -> None:
+    d = _data(tmp_path)
+    (d / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(IntegrityError, match="reserved"):
+        publish_dir(d, str(tmp_path / "x"), kind="dataset")
+    (d / MANIFEST_NAME).unlink()
+    m = publish_dir(d, str(tmp_path / "y"), kind="dataset")
+    write_manifest_file(m, tmp_path / "artifact" / "dataset.json")
+    assert load_manifest_ref(str(tmp_path / "artifact" / "dataset.json")).digest() == m.digest()
+    assert load_manifest_ref(str(tmp_path / "y")).digest() == m.digest()
+    with pytest.raises(IntegrityError, match="not a valid kubellm manifest"):
+        Manifest.from_json("{\"kind\": 3}", source="bad.json")

@@ -1,0 +1,99 @@
+"""Run-config: presets, strict validation with errors naming the field, overrides, CLI help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubellm.core.errors import ConfigError
+from kubellm.runconfig import RunConfig, load_run_config, load_section
+
+
+def test_presets_load_and_match_the_seed_document() -> None:
+    seed = load_run_config(preset="seed")
+    m = seed.pretrain.model.build()
+    assert (m.vocab_size, m.dim, m.n_heads, m.ffn_dim, m.n_layers) == (10000, 128, 8, 256, 6)
+    assert seed.pretrain.train.optim.lr == 1e-3
+    debug = load_run_config(preset="debug")
+    assert debug.pretrain.model.build().dim < m.dim
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("pretrain.train.zero_stage=4", r"pretrain\.train\.zero_stage: Input should be 0, 1, 2 or 3"),
+        ("pretrain.train.precision=fp8", r"pretrain\.train\.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("tokenizer.vocab_size=ten", r"tokenizer\.vocab_size: Input should be a valid integer"),
+        ("sft.trian.max_steps=3", r"sft\.trian: unknown key"),
+        ("pretrain.model.preset=13b", r"pretrain\.model: Value error, unknown preset '13b'; allowed: debug"),
+        ("pretrain.model.overrides={n_heads: 5}", r"n_heads=5 must divide dim=64"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_run_config(preset="debug", overrides=[override])
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text("name: mine\ndpo: {beta: 0.5}\n")
+    cfg = load_run_config(f, preset="debug", overrides=["dpo.beta=0.25"])
+    assert cfg.name == "mine" and cfg.dpo.beta == 0.25
+    assert cfg.pretrain.model.preset == "debug"  # the preset survives the merge
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_run_config(f)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_sections_hash_independently() -> None:
+    a = load_run_config(preset="debug")
+    b = load_run_config(preset="debug", overrides=["dpo.beta=0.3"])
+    assert a.pretrain.config_hash() == b.pretrain.config_hash()
+    assert a.dpo.config_hash() != b.dpo.config_hash()
+    sec = load_section("dpo", {"beta": 0.2}, "kfp-param")
+    assert sec.beta == 0.2  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"dpo\.beta"):
+        load_section("dpo", {"beta": -1}, "kfp-param")
+
+
+def test_every_field_is_documented() -> None:
+    from pydantic import BaseModel
+
+    def walk(model: type[BaseModel], path: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{path}{name}")
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                missing += walk(ann, f"{path}{name}.")
+        return missing
+
+    undocumented = [m for m in walk(RunConfig, "") if m not in ("storage", "data_prep", "tokenizer",
+                                                                 "pretrain", "sft", "dpo", "evaluate")]
+    assert undocumented == []
+
+
+def test_cli_help_lists_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "kubellm.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("data-prep", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "run", "compile",
+                "submit", "schedule", "plan", "generate"):
+        assert f"    {cmd} " in out or f"    {cmd}\n" in out, cmd
+
+
+def test_stage_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kubellm.cli", "dpo", "--preset", "debug", "--set",
+                        "dpo.beta=-1", "--input", "model=x", "--input", "preferences=y",
+                        "--output", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "dpo.beta" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,104 @@
+"""Storage: local and S3 (moto's server on 127.0.0.1) behave the same behind one interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubellm.core.errors import StorageError
+from kubellm.core.storage import S3Settings, S3Storage, join, split_s3, storage_for
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/prefix"
+
+
+def test_round_trip_list_delete(root: str, tmp_path: Path) -> None:
+    st = storage_for(root)
+    st.write_bytes(join(root, "a/b.txt"), b"hello")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 1000)
+    st.upload(src, join(root, "c.bin"))
+    assert st.read_bytes(join(root, "a/b.txt")) == b"hello"
+    assert st.exists(join(root, "c.bin")) and not st.exists(join(root, "missing"))
+    listed = st.list(root)
+    assert [o.relpath for o in listed] == ["a/b.txt", "c.bin"]
+    assert [o.size for o in listed] == [5, 1000]
+    st.download(join(root, "c.bin"), tmp_path / "out" / "c.bin")
+    assert (tmp_path / "out" / "c.bin").read_bytes() == b"x" * 1000
+    st.delete(join(root, "a/b.txt"))
+    assert [o.relpath for o in st.list(root)] == ["c.bin"]
+
+
+def test_put_if_absent_never_overwrites(root: str) -> None:
+    st = storage_for(root)
+    uri = join(root, "_manifest.json")
+    assert st.put_if_absent(uri, b"first") is True
+    assert st.put_if_absent(uri, b"second") is False
+    assert st.read_bytes(uri) == b"first"
+
+
+def test_missing_object_error_names_uri(root: str) -> None:
+    with pytest.raises(StorageError, match="nope"):
+        storage_for(root).read_bytes(join(root, "nope"))
+
+
+def test_multipart_upload_in_parallel(s3_bucket: str, tmp_path: Path) -> None:
+    # A small threshold forces a multipart upload of several parts through s3transfer's threads.
+    settings = S3Settings.from_env()
+    settings = S3Settings(**{**settings.__dict__, "multipart_threshold": 5 * 1024 * 1024,
+                             "multipart_chunksize": 5 * 1024 * 1024, "max_concurrency": 4})
+    st = S3Storage(settings)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (13 * 1024 * 1024 // 256))
+    st.upload(big, join(s3_bucket, "big.bin"))
+    bucket, key = split_s3(join(s3_bucket, "big.bin"))
+    head = st.client.head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] == big.stat().st_size
+    assert "-" in head["ETag"]  # a multipart ETag is "<md5>-<parts>"
+    st.download(join(s3_bucket, "big.bin"), tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+
+
+def test_failed_multipart_upload_is_aborted(s3_bucket: str, tmp_path: Path) -> None:
+    settings = S3Settings(**{**S3Settings.from_env().__dict__, "multipart_threshold": 5 * 1024 * 1024,
+                             "multipart_chunksize": 5 * 1024 * 1024, "max_concurrency": 2,
+                             "max_attempts": 1})
+    st = S3Storage(settings)
+    bucket, key = split_s3(join(s3_bucket, "torn.bin"))
+    calls = {"n": 0}
+
+    def fail_second_part(params, **kwargs):  # noqa: ANN001, ANN003
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionResetError("injected: connection reset during part upload")
+
+    st.client.meta.events.register("before-call.s3.UploadPart", fail_second_part)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * (12 * 1024 * 1024))
+    with pytest.raises(StorageError, match="torn.bin"):
+        st.upload(big, join(s3_bucket, "torn.bin"))
+    uploads = st.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert uploads == []  # s3transfer aborted the multipart upload
+    assert not st.exists(join(s3_bucket, "torn.bin"))
+
+
+def test_s3_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBELLM_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("KUBELLM_S3_RETRY_MODE", "adaptive")
+    s = S3Settings.from_env()
+    assert (s.endpoint_url, s.region, s.retry_mode) == ("http://127.0.0.1:9000", "eu-west-1", "adaptive")
+    monkeypatch.setenv("KUBELLM_S3_RETRY_MODE", "sometimes")
+    with pytest.raises(StorageError, match="KUBELLM_S3_RETRY_MODE"):
+        S3Settings.from_env()
+
+
+def test_split_s3_rejects_non_s3() -> None:
+    assert split_s3("s3://b/k/x") == ("b", "k/x")
+    with pytest.raises(StorageError, match="not an S3 URI"):
+        split_s3("/tmp/x")
