@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
 from kubellm.core.manifest import (
     MANIFEST_NAME,

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kubellm.core.errors import ConfigError
 from kubellm.runconfig import RunConfig, load_run_config, load_section
 
