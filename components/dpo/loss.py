@@ -1,0 +1,56 @@
+"""Preference losses: DPO (Rafailov et al. 2023), conservative DPO (label smoothing) and IPO.
+
+All inputs are *sequence* log-probabilities (sum over the response tokens) of shape (B,):
+
+    loss, m = preference_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta=0.1)
+    m["reward_accuracy"], m["reward_margin"]
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Sum of log p(label_t) over the positions whose label is not `ignore_index`.
+
+    logits (B, T, V) and labels (B, T) are aligned: labels[:, t] is the target of position t."""
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (tok * mask).sum(-1)
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean preference loss and detached metrics (rewards, accuracy, margin)."""
+    # h = log-ratio of chosen over rejected under the policy, relative to the reference.
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        # label_smoothing ε: the preference label is wrong with probability ε (cDPO).
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        # IPO regresses the log-ratio gap to 1/(2β) instead of pushing it to infinity.
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
+    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
+    metrics = {
+        "reward_chosen": chosen_rewards.mean(),
+        "reward_rejected": rejected_rewards.mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+    }
+    return losses.mean(), metrics

@@ -1,0 +1,173 @@
+"""Chat data for SFT: render with the tokenizer's chat template, mask to assistant tokens, pack.
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ex = render_conversation(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    packs = pack_examples([ex, ...], seq_len=128, pad_id=tok.pad_token_id)
+
+Masking works for any chat template: the assistant tokens of turn i are the tokens between the
+rendering of messages[:i] with `add_generation_prompt=True` and the rendering of messages[:i+1].
+Packing puts several conversations into one sequence; `doc_ids` keeps attention inside each
+conversation (the model's block-diagonal mask) and positions restart per conversation, so neither
+attention nor loss crosses between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kubellm.core.errors import InputDataError
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class ChatExample:
+    """One rendered conversation. labels[t] is the target of position t (already shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """Records that were skipped, by reason, with file and line of the first few."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _ids(out: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise InputDataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise InputDataError(f"{where}: message {j} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise InputDataError(f"{where}: message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise InputDataError(f"{where}: message {j} ({m['role']}) has empty content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InputDataError(f"{where}: conversation has no assistant turn (nothing to learn from)")
+    return messages
+
+
+def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "<conversation>") -> ChatExample:
+    """Token ids of the whole conversation and labels that are set only on assistant tokens."""
+    full = _ids(tok.apply_chat_template(messages, tokenize=True))
+    trainable = [False] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True))
+        upto = _ids(tok.apply_chat_template(messages[: i + 1], tokenize=True))
+        if upto[: len(prefix)] != prefix or full[: len(upto)] != upto:
+            raise InputDataError(
+                f"{where}: the chat template does not render turn {i} as a prefix of the conversation; "
+                "assistant-only masking needs a prefix-stable template"
+            )
+        for t in range(len(prefix), len(upto)):
+            trainable[t] = True
+    # Shift: position t predicts token t+1; the label is kept only when that token is the assistant's.
+    labels = [full[t + 1] if trainable[t + 1] else IGNORE for t in range(len(full) - 1)] + [IGNORE]
+    return ChatExample(full, labels)
+
+
+def read_chat_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
+                    on_bad_record: str = "skip") -> Iterator[ChatExample]:
+    """Stream rendered conversations; bad records are skipped and counted or raise (policy)."""
+    for path in paths:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or "messages" not in rec:
+                        raise InputDataError(f"{where}: expected an object with a 'messages' list")
+                    ex = render_conversation(tok, validate_messages(rec["messages"], where), where)
+                    if len(ex.input_ids) > max_len:
+                        raise InputDataError(
+                            f"{where}: conversation is {len(ex.input_ids)} tokens, longer than the context "
+                            f"({max_len}); it is not truncated"
+                        )
+                except (InputDataError, json.JSONDecodeError) as e:
+                    if on_bad_record == "fail":
+                        raise InputDataError(str(e) if isinstance(e, InputDataError) else f"{where}: {e}") from None
+                    report.add(_reason(e), where)
+                    continue
+                yield ex
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    for key in ("unknown role", "no assistant turn", "longer than the context", "empty content"):
+        if key in text:
+            return key.replace(" ", "_")
+    return "malformed_record"
+
+
+@dataclasses.dataclass
+class PackedSequence:
+    input_ids: list[int]
+    labels: list[int]
+    doc_ids: list[int]
+    position_ids: list[int]
+
+
+def pack_examples(examples: Iterable[ChatExample], seq_len: int, pad_id: int) -> list[PackedSequence]:
+    """Greedy first-fit-in-order packing; padding has label IGNORE and its own doc id."""
+    packs: list[PackedSequence] = []
+    cur = PackedSequence([], [], [], [])
+    doc = 0
+
+    def flush() -> None:
+        nonlocal cur, doc
+        if not cur.input_ids:
+            return
+        pad = seq_len - len(cur.input_ids)
+        cur.input_ids += [pad_id] * pad
+        cur.labels += [IGNORE] * pad
+        cur.doc_ids += [doc] * pad
+        cur.position_ids += list(range(pad))
+        packs.append(cur)
+        cur, doc = PackedSequence([], [], [], []), 0
+
+    for ex in examples:
+        n = len(ex.input_ids)
+        if n > seq_len:
+            raise InputDataError(f"a conversation of {n} tokens does not fit seq_len {seq_len}")
+        if len(cur.input_ids) + n > seq_len:
+            flush()
+        cur.input_ids += ex.input_ids
+        cur.labels += ex.labels
+        cur.doc_ids += [doc] * n
+        cur.position_ids += list(range(n))
+        doc += 1
+    flush()
+    return packs
