@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
+from pydantic import Field
 
 
 class DataPrepConfig(StrictModel):
