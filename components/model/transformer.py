@@ -1,0 +1,259 @@
+"""The Llama-style decoder: token embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    from kubellm.model import Transformer
+    from kubellm.model.config import get_preset
+    model = Transformer(get_preset("debug"))
+    logits = model(input_ids)                     # (B, T) -> (B, T, vocab), causal
+    logits = model(input_ids, doc_ids=doc_ids)    # packed sequences: no attention across documents
+
+Architecture only; parallel layers come in through `kubellm.model.layers.LayerFactory` and the
+training loop lives in `kubellm.training`. RoPE uses Hugging Face's half-split layout (`rotate_half`:
+pairs are (i, i + head_dim/2), not interleaved (2i, 2i+1)), so weights map to `LlamaForCausalLM`
+one to one with no q/k permutation (see `kubellm.model.hf`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from kubellm.model.config import ModelConfig
+from kubellm.model.layers import LayerFactory
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF Llama does) so bf16 activations do not lose the mean square.
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len), fp32, not saved in the state dict."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = self._tables(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # half-split layout, as HF
+        return emb.cos(), emb.sin()
+
+    def reset(self) -> None:
+        """Recompute the tables (after materialising a model built on the meta device)."""
+        cos, sin = self._tables(self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, position_ids: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) shaped to broadcast over (B, n_heads, T, head_dim)."""
+        if position_ids is None:
+            return self.cos[:seq_len][None, None], self.sin[:seq_len][None, None]  # (1, 1, T, hd)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hd)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: per layer (B, kv_heads, max_len, head_dim).
+    `length` is how many positions are filled; `Transformer.forward` advances it."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_heads: int | None = None) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, kv_heads or cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (B, kv_heads, T, hd) after the filled part; return all of it."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_id: int) -> None:
+        super().__init__()
+        tp = layers.tp_size
+        if cfg.n_heads % tp or cfg.kv_heads % tp:
+            raise ValueError(f"tp={tp} must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.kv_heads}")
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_dim
+        self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp  # per rank
+        hd = self.head_dim
+        # Fused [q heads | k heads | v heads]; see kubellm.model.layers for the TP sharding.
+        self.qkv = layers.column(cfg.dim, [cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd], name="qkv")
+        self.out = layers.row(cfg.n_heads * hd, cfg.dim, name="attn_out")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (B, n_kv_heads, S, hd), S = cached + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused as [gate | up]."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory) -> None:
+        super().__init__()
+        if cfg.ffn_dim % layers.tp_size:
+            raise ValueError(f"tp={layers.tp_size} must divide ffn_dim={cfg.ffn_dim}")
+        self.gate_up = layers.column(cfg.dim, [cfg.ffn_dim, cfg.ffn_dim], name="gate_up")
+        self.down = layers.row(cfg.ffn_dim, cfg.dim, name="ffn_down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layers, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg, layers)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its (contiguous) document: restarts at 0 where doc_ids changes."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True = may attend: same document and not in the future."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `forward(input_ids, position_ids=None, doc_ids=None) -> logits (B, T, V)`."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None) -> None:
+        super().__init__()
+        layers = layers or LayerFactory()
+        self.cfg = cfg
+        self.tok_embeddings = layers.embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, layers, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = layers.output(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) everywhere; the projections that write into the residual stream
+        (attn.out, ffn.down) get init_std/sqrt(2*n_layers) so its variance does not grow with depth
+        (GPT-2). Norms start at 1. Also rebuilds the RoPE tables (meta-device init)."""
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, 0.0, std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, 0.0, std)
+            nn.init.normal_(block.ffn.gate_up.weight, 0.0, std)
+            nn.init.normal_(block.attn.out.weight, 0.0, resid_std)
+            nn.init.normal_(block.ffn.down.weight, 0.0, resid_std)
+            nn.init.ones_(block.attn_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+        nn.init.ones_(self.norm.weight)
+        if self.rope.cos.device.type != "meta":
+            self.rope.reset()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
+        if start + T > min(limit, self.cfg.max_seq_len):
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}"
+                             + (f" or the KV cache's {limit}" if kv_cache is not None else ""))
+        mask: torch.Tensor | None = None
+        is_causal = True
+        if doc_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {(B, T)}")
+            mask, is_causal = document_causal_mask(doc_ids), False
+            if position_ids is None:
+                position_ids = positions_from_doc_ids(doc_ids)
+        elif kv_cache is not None and start > 0:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device)
+            is_causal = False
+            if T > 1:  # new token i (absolute start+i) sees cached keys and new keys up to itself
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        cos, sin = self.rope(position_ids, T)
+
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, is_causal, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        return self.output(self.norm(x))  # (B, T, vocab)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg, batch_size, max_len, dtype=p.dtype, device=p.device,
+                       kv_heads=self.blocks[0].attn.n_kv_heads)
