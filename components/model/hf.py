@@ -1,0 +1,329 @@
+"""Hugging Face interop: our Transformer <-> a `LlamaForCausalLM` directory (safetensors).
+
+    from kubellm.model.hf import export_hf, load_hf
+    export_hf(model, cfg, "out/hf", tokenizer_dir="out/tokenizer")     # transformers/lm-eval/vLLM load it
+    model, cfg = load_hf("out/hf")                                     # ours or any compatible Llama
+
+    python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('out/hf')"
+
+Weight layout. Our RoPE already uses HF's half-split (`rotate_half`) convention, so q/k weights are
+copied as they are — **no permutation** on export or import. (Meta's original checkpoints use the
+interleaved convention; HF's conversion script permutes them once, and HF-format directories are what
+we read and write.) Our fused weights are split/concatenated by rows:
+`attn.qkv = [q_proj | k_proj | v_proj]`, `ffn.gate_up = [gate_proj | up_proj]`.
+
+Only safetensors are read or written (never pickle). Features our model does not implement
+(rope scaling, attention/MLP bias, non-SiLU activations, other head_dim) are refused with the
+config key named, rather than silently producing a different model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kubellm.core.errors import ConfigError, IntegrityError
+from kubellm.model.config import ModelConfig
+from kubellm.model.transformer import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Files of a model directory that are not the tokenizer's (not copied from tokenizer_dir).
+_MODEL_FILES = {"config.json", "generation_config.json", WEIGHTS_NAME, INDEX_NAME, "_manifest.json"}
+# Extra stop token: the chat template ends each turn with it (see the tokenizer artifact contract).
+END_OF_TURN = "<|end|>"
+
+_PER_LAYER = {  # our suffix -> HF suffix, for unfused tensors
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.out.weight": "self_attn.o_proj.weight",
+    "ffn.down.weight": "mlp.down_proj.weight",
+}
+_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")  # old exports saved this buffer; we recompute it
+
+
+def _strip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (DDP/DeepSpeed `module.`, torch.compile `_orig_mod.`)."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _qkv_sizes(cfg: ModelConfig) -> list[int]:
+    hd = cfg.head_dim
+    return [cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd]
+
+
+def state_dict_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names/layout -> `LlamaForCausalLM`'s. A tied output head is not written."""
+    sd = _strip(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if key == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif key == "output.weight":
+            if not cfg.tie_embeddings:
+                out["lm_head.weight"] = t
+        elif key == "norm.weight":
+            out["model.norm.weight"] = t
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)", key):
+            i, rest = m.groups()
+            pre = f"model.layers.{i}."
+            if rest == "attn.qkv.weight":
+                q, k, v = t.split(_qkv_sizes(cfg), dim=0)
+                out[pre + "self_attn.q_proj.weight"] = q
+                out[pre + "self_attn.k_proj.weight"] = k
+                out[pre + "self_attn.v_proj.weight"] = v
+            elif rest == "ffn.gate_up.weight":
+                gate, up = t.split([cfg.ffn_dim, cfg.ffn_dim], dim=0)
+                out[pre + "mlp.gate_proj.weight"] = gate
+                out[pre + "mlp.up_proj.weight"] = up
+            elif rest in _PER_LAYER:
+                out[pre + _PER_LAYER[rest]] = t
+            else:
+                raise KeyError(f"state dict key {key!r} has no LlamaForCausalLM counterpart")
+        else:
+            raise KeyError(f"state dict key {key!r} has no LlamaForCausalLM counterpart")
+    return out
+
+
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor a `LlamaForCausalLM` with this shape must contain."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_embeddings:
+        names.append("lm_head.weight")
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        names += [pre + s for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                    "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight")]
+        names += [pre + s for s in _PER_LAYER.values()]
+    return names
+
+
+def hf_to_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str = "state dict"
+                     ) -> dict[str, torch.Tensor]:
+    """`LlamaForCausalLM` tensors -> our names/layout. A missing tensor raises `IntegrityError` naming
+    `source` and the tensor; a tied model gets `output.weight` = the embedding."""
+    missing = [n for n in hf_tensor_names(cfg) if n not in hf]
+    if missing:
+        raise IntegrityError(f"{source}: missing tensor {missing[0]!r}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    sd = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    sd["output.weight"] = sd["tok_embeddings.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [hf[pre + f"self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
+        sd[f"blocks.{i}.ffn.gate_up.weight"] = torch.cat(
+            [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]], dim=0)
+        for ours, theirs in _PER_LAYER.items():
+            sd[f"blocks.{i}.{ours}"] = hf[pre + theirs]
+    return sd
+
+
+def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """config.json for `LlamaForCausalLM`. `rope_theta` is written both inside `rope_parameters`
+    (transformers >= 5) and at the top level (older transformers, vLLM)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a Llama config.json; refuses what our model cannot reproduce, naming the key."""
+
+    def refuse(key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}={value!r} is not supported by kubellm's Transformer "
+                           f"(expected {expected})")
+
+    model_type = d.get("model_type")
+    if model_type != "llama":
+        raise refuse("model_type", model_type, "'llama'")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise refuse("hidden_act", act, "'silu' (SwiGLU)")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise refuse(key, d[key], "false")
+    if d.get("rope_scaling"):
+        raise refuse("rope_scaling", d["rope_scaling"], "null (plain RoPE)")
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise refuse("rope_parameters.rope_type", rope["rope_type"], "'default'")
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim * heads != d["hidden_size"]:
+        raise refuse("head_dim", head_dim, f"hidden_size/num_attention_heads = {d['hidden_size'] // heads}")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    kv = d.get("num_key_value_heads") or heads
+    try:
+        return ModelConfig(
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=None if kv == heads else kv, ffn_dim=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(theta),
+            norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            init_std=d.get("initializer_range", 0.02),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{source}: required key {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _tokenizer_ids(tokenizer_dir: Path) -> tuple[dict[str, int | None], list[int], int]:
+    from transformers import AutoTokenizer  # heavy import; only when a tokenizer is attached
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    stops = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)) if i is not None]
+    if tok.unk_token_id is not None:  # convert_tokens_to_ids maps an absent token to unk
+        stops = [i for i in stops if i != tok.unk_token_id or i == tok.eos_token_id]
+    return ids, list(dict.fromkeys(stops)), len(tok)
+
+
+def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig,
+              out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write a `LlamaForCausalLM` directory: model.safetensors, config.json, generation_config.json
+    and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
+    The generation config's eos list also holds `<|end|>` when the tokenizer has it, so chat
+    generation stops at the end of the assistant's turn. Returns `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
+        else model_or_state_dict
+    # clone: tied/fused views share storage, which safetensors refuses; contiguous for the split views
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict_to_hf(sd, cfg).items()}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    stops: list[int] = []
+    if tokenizer_dir is not None:
+        tdir = Path(tokenizer_dir)
+        ids, stops, n_tok = _tokenizer_ids(tdir)
+        if n_tok > cfg.vocab_size:
+            raise ConfigError(f"{tdir}: tokenizer has {n_tok} tokens but the model's vocab_size is "
+                              f"{cfg.vocab_size}; ids beyond it have no embedding")
+        for f in sorted(tdir.iterdir()):
+            if f.is_file() and f.name not in _MODEL_FILES:
+                shutil.copy2(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **ids), indent=2) + "\n")
+    gen = {k: v for k, v in ids.items() if v is not None}
+    if stops:
+        gen["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    gen["transformers_version"] = _transformers_version()
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _tensor_files(d: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file that should hold it (single file or sharded index)."""
+    index = d / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise IntegrityError(f"{index}: no 'weight_map' object")
+        return {name: d / fname for name, fname in weight_map.items()}
+    single = d / WEIGHTS_NAME
+    if not single.is_file():
+        found = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+        hint = f" (found {found}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""
+        raise IntegrityError(f"{d}: neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint}")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+            ) -> tuple[Transformer, ModelConfig]:
+    """Build our Transformer from a Llama directory (ours or third-party, safetensors only).
+    Errors name the file and the tensor or config key at fault."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise IntegrityError(f"{cfg_path}: missing (not a Hugging Face model directory)")
+    cfg = config_from_hf(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    files = _tensor_files(d)
+    expected = hf_tensor_names(cfg)
+    default_file = d / (INDEX_NAME if (d / INDEX_NAME).is_file() else WEIGHTS_NAME)
+    for name in expected:
+        if name not in files:
+            raise IntegrityError(f"{default_file}: missing tensor {name!r} required by {cfg_path.name}")
+    unexpected = sorted(n for n in files if n not in set(expected) and not _IGNORED_HF.match(n)
+                        and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if unexpected:
+        raise IntegrityError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
+                             f"({len(unexpected)} in all) — a feature kubellm's Llama does not have")
+
+    hf: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing shard (holds tensor {names[0]!r})")
+        with safe_open(str(path), framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise IntegrityError(f"{path}: missing tensor {name!r}")
+                hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+
+    sd = hf_to_state_dict(hf, cfg, source=str(default_file))
+    with torch.device("meta"):  # no throwaway random init for a 7B model
+        model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in sd.items():
+        if tuple(v.shape) != shapes[k]:
+            raise IntegrityError(f"{default_file}: tensor for {k!r} has shape {tuple(v.shape)}, "
+                                 f"config.json implies {shapes[k]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:  # assign=True replaced the shared Parameter; tie again
+        model.output.weight = model.tok_embeddings.weight
+    model.rope.to_empty(device=device)
+    model.rope.reset()
+    return model, cfg
