@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
 from kubellm.model.config import ModelSpec
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+from pydantic import Field
+
+
+class PretrainDataConfig(StrictModel):
+    split: str = "train"
+    """Which shard folder of the tokens artifact to train on (`<split>/*.tok`)."""
+    doc_masking: bool = False
+    """Pass per-token document ids and restarted positions so attention never crosses the documents
+    packed into one window (off for pretraining: cross-document context is the usual practice)."""
+    shuffle: bool = True
+    """Shuffle windows each epoch (seeded by train.seed and the epoch)."""
+    cache_dir: str | None = None
+    """Node-local directory for shards fetched from S3 (default: $KUBELLM_CACHE_DIR or
+    ~/.cache/kubellm/shards)."""
 
 
 class PretrainConfig(StrictModel):
@@ -18,3 +30,5 @@ class PretrainConfig(StrictModel):
     """dp × tp × pp layout."""
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Where and how many processes."""
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    """Which token shards and how they are windowed."""

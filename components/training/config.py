@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
+from kubellm.core.errors import ConfigError
+from pydantic import Field
 
 
 class OptimConfig(StrictModel):
@@ -24,6 +24,9 @@ class OptimConfig(StrictModel):
     """AdamW epsilon."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
+    decay_embeddings: bool = False
+    """Apply weight decay to the token embedding (and a tied output head). Norm weights and biases
+    never decay."""
 
 
 class TrainConfig(StrictModel):
@@ -55,6 +58,30 @@ class TrainConfig(StrictModel):
     """Save a checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """Keep the last k committed checkpoints."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto = CUDA when available, else CPU (gloo)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (`torch.use_deterministic_algorithms`); slower on GPU."""
+    prefetch_batches: int = Field(default=4, ge=1)
+    """Micro-batches the loader's background thread prepares ahead of the training step."""
+    peak_tflops: float | None = Field(default=None, gt=0)
+    """Per-device peak TFLOP/s used for MFU. None = a table for known GPUs, or on CPU the env var
+    KUBELLM_PEAK_TFLOPS (no CPU peak is guessed; MFU is then not reported)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0 (off in containers is fine: it only writes to stderr)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to the JSONL metrics."""
+
+    def grad_accum_steps(self, dp: int) -> int:
+        """global = micro × accum × dp; raises ConfigError naming the fields when it does not divide."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size} × data-parallel ranks={dp} "
+                f"(= {per_step}); choose a global batch that is a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
 
 
 class ParallelConfig(StrictModel):
@@ -73,3 +100,17 @@ class LaunchConfig(StrictModel):
     """Processes per node (GPUs per pod on a cluster)."""
     nnodes: int = Field(default=1, ge=1)
     """Nodes (pods)."""
+    image: str = "kubellm-train:latest"
+    """Container image of the workers (cluster backends; the local backend runs this checkout)."""
+    scheduler: Literal["torchrun", "local_cwd"] = "torchrun"
+    """Local backend: run the AppDef's torchrun command directly, or through TorchX's local_cwd."""
+    cpu: int = Field(default=2, ge=1)
+    """CPUs requested per replica (node/pod)."""
+    gpu: int = Field(default=0, ge=0)
+    """GPUs requested per replica."""
+    memory_mb: int = Field(default=8192, ge=256)
+    """Memory requested per replica, MiB."""
+    max_restarts: int = Field(default=0, ge=0)
+    """torchrun worker-group restarts before the job fails."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for every worker (no secrets: credentials come from a Secret)."""

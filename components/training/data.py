@@ -1,0 +1,162 @@
+"""Streaming the packed token shards into training windows.
+
+    shards = open_shards(local_paths, vocab_size=cfg.vocab_size)   # validates every header and id
+    loader = PackedWindowLoader(shards, seq_len=128, micro_batch_size=8, dp_rank=r, dp_size=w, seed=1)
+    batch = next(loader)          # {"input_ids": (B, T), "labels": (B, T)} (+ doc_ids, position_ids)
+    state = loader.state_dict()   # exact position: resume with loader.load_state_dict(state)
+
+Each window is `seq_len + 1` consecutive tokens of one shard (inputs = window[:-1], labels =
+window[1:]); windows start every `seq_len` tokens, so consecutive windows share one token (the
+last target of one is the first input of the next) and no token is skipped.
+
+Order: epoch `e` is a permutation of all windows drawn from `(seed, e)`. That global order is dealt
+round-robin to data-parallel ranks (rank r gets items r, r+dp, r+2dp, …), so ranks never overlap, and
+any dp × micro × accum with the same global batch consumes the same windows per optimizer step —
+which is what makes the multi-process loss-parity tests possible.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kubellm.core.errors import InputDataError
+from kubellm.tokenizer.shards import TokenShardReader
+
+
+def open_shards(paths: Sequence[str | Path], vocab_size: int) -> list[TokenShardReader]:
+    """Open and validate every shard at start-up (header, size, and every id < `vocab_size`), so bad
+    data fails before the first step, naming the file."""
+    if not paths:
+        raise InputDataError("no token shards (*.tok) found to train on")
+    return [TokenShardReader(p, expected_vocab_size=vocab_size) for p in sorted(map(str, paths))]
+
+
+class PackedWindowLoader:
+    """Micro-batches of packed `seq_len + 1` windows for one data-parallel rank, prepared by a
+    background thread; `state_dict()` is the position of the last batch handed out (not prefetched)."""
+
+    def __init__(self, shards: Sequence[TokenShardReader], *, seq_len: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True, doc_masking: bool = False,
+                 prefetch: int = 4) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
+        self.shards = list(shards)
+        self.seq_len, self.micro, self.seed = seq_len, micro_batch_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.shuffle, self.doc_masking, self.prefetch = shuffle, doc_masking, prefetch
+        # (shard index, start token) of every window, in file order
+        counts = [max(0, (s.token_count - 1) // seq_len) for s in self.shards]
+        self.num_windows = int(sum(counts))
+        self._shard_of = np.repeat(np.arange(len(counts)), counts)
+        self._start_of = np.concatenate([np.arange(c) * seq_len for c in counts] or [np.zeros(0)]).astype(np.int64)
+        self.per_rank = self.num_windows // dp_size  # the tail that does not divide is dropped per epoch
+        if self.per_rank < micro_batch_size:
+            names = ", ".join(str(s.path) for s in self.shards[:3])
+            raise InputDataError(
+                f"token shards ({names}{', …' if len(self.shards) > 3 else ''}) hold {self.num_windows} "
+                f"windows of seq_len+1={seq_len + 1} tokens; {dp_size} rank(s) × micro_batch_size="
+                f"{micro_batch_size} need at least {dp_size * micro_batch_size}"
+            )
+        self._pos = (0, 0)  # (epoch, items of this rank consumed in that epoch)
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] | None = None
+        self._stop = threading.Event()
+
+    # -- order --------------------------------------------------------------------------------------
+    def _rank_items(self, epoch: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            else:
+                order = np.arange(self.num_windows)
+            usable = self.per_rank * self.dp_size
+            self._perm_cache = (epoch, order[:usable][self.dp_rank :: self.dp_size])
+        return self._perm_cache[1]
+
+    def _window(self, item: int) -> dict[str, np.ndarray]:
+        shard = self.shards[int(self._shard_of[item])]
+        start = int(self._start_of[item])
+        toks = np.asarray(shard.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        out = {"input_ids": toks[:-1], "labels": toks[1:]}
+        if self.doc_masking:
+            # per-token document index (relative to the window) and positions restarting per document
+            offs = np.asarray(shard.doc_offsets, dtype=np.int64)
+            pos = np.arange(start, start + self.seq_len)
+            doc = np.searchsorted(offs, pos, side="right") - 1
+            out["doc_ids"] = doc - doc[0]
+            out["position_ids"] = pos - offs[doc]
+        return out
+
+    def _make_batch(self, pos: tuple[int, int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        epoch, offset = pos
+        rows = []
+        for _ in range(self.micro):
+            if offset >= self.per_rank:
+                epoch, offset = epoch + 1, 0
+            rows.append(self._window(int(self._rank_items(epoch)[offset])))
+            offset += 1
+        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        return batch, (epoch, offset)
+
+    # -- iteration with background prefetch ---------------------------------------------------------
+    def _producer(self, pos: tuple[int, int], q: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                item = self._make_batch(pos)
+                pos = item[1]
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surface the error in the training thread, not silently here
+            q.put(e)
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._producer, args=(self._pos, self._queue, self._stop),
+                                        name=f"kubellm-loader-r{self.dp_rank}", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> PackedWindowLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        assert self._queue is not None
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._pos = item
+        return batch
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            self._queue = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._pos[0], "offset": self._pos[1], "seed": self.seed, "dp_rank": self.dp_rank,
+                "dp_size": self.dp_size, "num_windows": self.num_windows, "seq_len": self.seq_len}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for key in ("seed", "dp_size", "num_windows", "seq_len"):
+            if key in sd and sd[key] != getattr(self, key):
+                raise InputDataError(
+                    f"loader state has {key}={sd[key]} but this run has {key}={getattr(self, key)}; "
+                    "the data position cannot be resumed exactly with different data or layout"
+                )
+        self.close()
+        self._pos = (int(sd["epoch"]), int(sd["offset"]))

@@ -1,0 +1,82 @@
+"""The DeepSpeed config, generated from the run-config in one function.
+
+    ds = deepspeed_config(train_cfg, parallel_cfg, world_size=2, device="cpu")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+
+Choices and why:
+* Optimizer: DeepSpeed's `AdamW` with `torch_adam: true` (torch.optim.AdamW) — DeepSpeed's FusedAdam
+  on CPU is a different kernel whose rounding differs from torch's, which would blur the ZeRO
+  parity tests. With optimizer offload DeepSpeed requires its own `DeepSpeedCPUAdam` (adamw mode).
+* bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer) on CUDA; on CPU the
+  engine uses `torch.autocast(bfloat16)` over fp32 weights instead (DeepSpeed's bf16 optimizer paths
+  target accelerators). fp16 (loss scaling) is CUDA-only and refused on CPU.
+* The learning-rate schedule is not in here: it is `kubellm.training.optim.lr_lambda`, passed to
+  `deepspeed.initialize(lr_scheduler=...)` so DeepSpeed steps and checkpoints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubellm.core.errors import ConfigError
+from kubellm.training.config import ParallelConfig, TrainConfig
+
+
+def data_parallel_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
+    """Check the dp × tp × pp layout against the processes that exist and return dp."""
+    if parallel_cfg.tp > 1 or parallel_cfg.pp > 1:
+        raise ConfigError(
+            f"parallel.tp={parallel_cfg.tp}, parallel.pp={parallel_cfg.pp}: tensor/pipeline parallelism "
+            "is not available in this engine yet; use parallel.tp=1, parallel.pp=1 (data parallel + ZeRO)"
+        )
+    if parallel_cfg.dp * parallel_cfg.tp * parallel_cfg.pp != world_size:
+        raise ConfigError(
+            f"parallel.dp={parallel_cfg.dp} × tp={parallel_cfg.tp} × pp={parallel_cfg.pp} = "
+            f"{parallel_cfg.dp * parallel_cfg.tp * parallel_cfg.pp} but the job has {world_size} "
+            f"process(es) (launch.nproc_per_node × launch.nnodes); make them equal"
+        )
+    return parallel_cfg.dp
+
+
+def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world_size: int,
+                     device: str = "cpu") -> dict[str, Any]:
+    dp = data_parallel_size(parallel_cfg, world_size)
+    accum = train_cfg.grad_accum_steps(dp)
+    if train_cfg.offload_params and train_cfg.zero_stage != 3:
+        raise ConfigError(f"train.offload_params needs train.zero_stage=3 (got {train_cfg.zero_stage})")
+    if train_cfg.offload_optimizer and train_cfg.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage ≥ 1 (got 0)")
+    if train_cfg.precision == "fp16" and device != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA; on CPU use fp32 or bf16")
+    o = train_cfg.optim
+    opt_params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                  "weight_decay": o.weight_decay}
+    if not train_cfg.offload_optimizer:
+        opt_params["torch_adam"] = True
+    zero: dict[str, Any] = {"stage": train_cfg.zero_stage}
+    if train_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if train_cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if train_cfg.zero_stage == 3:
+        # the final export gathers full weights from the shards
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_batch_size": train_cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # kubellm logs metrics itself
+        "wall_clock_breakdown": False,
+        "seed": train_cfg.seed,
+    }
+    if train_cfg.precision == "bf16" and device == "cuda":
+        cfg["bf16"] = {"enabled": True}
+    if train_cfg.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if train_cfg.offload_optimizer and train_cfg.zero_stage >= 1:
+        # DeepSpeedCPUAdam is the only optimizer DeepSpeed accepts with offload
+        cfg["zero_force_ds_cpu_optimizer"] = True
+    return cfg

@@ -1,0 +1,328 @@
+"""The one training loop pretrain, SFT and DPO share: DeepSpeed (ZeRO 0–3) driven by an *objective*.
+
+    from kubellm.training.engine import train
+    result = train(model_cfg, train_cfg, parallel_cfg, PretrainObjective(...), run_dir="out/runs/r1")
+    result.losses            # per optimizer step, averaged over micro-batches and ranks
+    result.final_state_dict  # rank 0: the consolidated fp32/bf16 weights (any ZeRO stage)
+
+Run it with one process (it sets up a 1-rank gloo group itself), under torchrun
+(`torchrun --nproc-per-node 2 -m kubellm.cli launch-worker --spec job.json`), or through the stage
+(`kubellm pretrain --preset debug ...`, which launches itself with `launch.nproc_per_node` processes).
+
+Order of set-up (each step refuses impossible input before any expensive work):
+  1. process group (gloo on CPU, nccl on CUDA) — `init_distributed`
+  2. DeepSpeed config from the run-config (batch / layout / precision checks) — `deepspeed_config`
+  3. seeding, model, activation checkpointing, AdamW param groups, LR schedule
+  4. `deepspeed.initialize` (ZeRO partitions the model and optimizer here)
+  5. the objective's loader for this data-parallel rank; resume from the last committed checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from kubellm.core.errors import ConfigError
+from kubellm.core.storage import is_s3, join, local_path, storage_for
+from kubellm.model.config import ModelConfig
+from kubellm.training.config import ParallelConfig, TrainConfig
+from kubellm.training.dsconfig import deepspeed_config
+from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
+from kubellm.training.optim import lr_lambda, param_groups
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+# -- the objective API ---------------------------------------------------------------------------------
+@runtime_checkable
+class Loader(Protocol):
+    """An endless iterator of micro-batches for one data-parallel rank, with an exact position."""
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]: ...
+    def __next__(self) -> dict[str, Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+class Objective(Protocol):
+    """What a stage plugs into the loop: its data and its loss."""
+
+    def build_loader(self, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int) -> Loader: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(scalar loss to minimise, extra metrics to log, e.g. DPO reward accuracy)."""
+        ...
+
+    def tokens(self, batch: dict[str, Tensor]) -> int:
+        """Tokens this micro-batch trains on (for tokens/s and MFU)."""
+        ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_state_dict: dict[str, Tensor] | None
+    """Consolidated weights on rank 0 (None on other ranks)."""
+    metrics_path: Path | None
+    """metrics.jsonl (rank 0; TensorBoard events are in `metrics_path.parent / "tensorboard"`)."""
+    losses: list[float]
+    """Loss per optimizer step of this run (resumed runs: from the resume step on)."""
+    summary: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Headline metrics (start/final loss, tokens/s, MFU, peak memory)."""
+    start_step: int = 0
+    """The step training started (or resumed) at."""
+    peak_source: str = ""
+    """Where the MFU peak FLOP/s came from."""
+    rank: int = 0
+    world_size: int = 1
+
+
+# -- process group ---------------------------------------------------------------------------------------
+def resolve_device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use auto or cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def in_distributed_worker() -> bool:
+    """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join (or, alone, create) the process group; returns (rank, world_size)."""
+    if not dist.is_initialized():
+        if not in_distributed_worker():
+            # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        import deepspeed
+
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def local_work_dir(run_dir: str) -> Path:
+    """Where rank 0 writes metrics: the run dir itself when local, else a node-local directory."""
+    if not is_s3(run_dir):
+        return local_path(run_dir)
+    base = Path(os.environ.get("KUBELLM_CACHE_DIR", Path.home() / ".cache" / "kubellm"))
+    return base / "runs" / run_dir.replace("s3://", "").replace("/", "_")
+
+
+def _checkpoint_manager(run_dir: str, keep: int) -> Any:
+    try:
+        from kubellm.training.checkpoint import CheckpointManager
+    except ImportError:  # the checkpoint module is a separate piece; train without it if absent
+        log.warning("kubellm.training.checkpoint is not available: training without checkpoints")
+        return None
+    return CheckpointManager(join(run_dir, "checkpoints"), keep=keep)
+
+
+def _grad_norm(engine: Any) -> float:
+    """Global gradient norm before clipping. ZeRO ≥ 1 computes it over the partitions; with ZeRO 0
+    DeepSpeed does not record it, so take it from the (already all-reduced) .grad tensors."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def consolidated_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, Tensor] | None:
+    """Full weights on rank 0 from any ZeRO stage (stage 3 gathers the partitions: a collective)."""
+    if zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu().clone() for k, v in sd.items()} if rank == 0 else None
+    if rank != 0:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
+    if device == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain values only: checkpoints are loaded with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                      float(gauss)]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    with contextlib.suppress(Exception):  # an RNG state from another platform is not fatal
+        random.setstate(state["python"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+          objective: Objective, run_dir: str, init_state_dict: dict[str, Tensor] | None = None,
+          resume: bool = True) -> TrainResult:
+    """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring."""
+    import deepspeed
+    from kubellm.model import Transformer, check_token_ids
+    from kubellm.model.flops import flops_per_token
+
+    device = resolve_device(train_cfg.device)
+    rank, world = init_distributed(device)
+    ds_cfg = deepspeed_config(train_cfg, parallel_cfg, world, device)
+    accum = ds_cfg["gradient_accumulation_steps"]
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={train_cfg.seq_len} exceeds model max_seq_len="
+                          f"{model_cfg.max_seq_len}; lower train.seq_len or raise model.overrides.max_seq_len")
+
+    seed_everything(train_cfg.seed, train_cfg.deterministic)
+    model = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
+    if init_state_dict is not None:
+        model.load_state_dict(init_state_dict)
+    model.set_activation_checkpointing(train_cfg.activation_checkpointing)
+    if device == "cuda":
+        model = model.cuda()
+    schedule = lr_lambda(train_cfg.optim, train_cfg.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, train_cfg.optim), config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    # bf16 on CPU: autocast over fp32 weights (DeepSpeed's bf16 mode is used on CUDA; see dsconfig)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if train_cfg.precision == "bf16" and device == "cpu"
+                else contextlib.nullcontext())
+
+    loader = objective.build_loader(rank, world, train_cfg.micro_batch_size, train_cfg.seed)
+    ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints)
+    start_step = 0
+    if resume and ckpt is not None:
+        client_state = ckpt.load(engine)
+        if client_state:
+            start_step = int(client_state["step"])
+            loader.load_state_dict(client_state["loader"])
+            if "rng" in client_state:
+                _set_rng_state(client_state["rng"])
+            if rank == 0:
+                log.info("resumed from the checkpoint at step %d", start_step)
+
+    work = local_work_dir(run_dir)
+    peak, peak_source = peak_tflops(device, train_cfg.peak_tflops)
+    fpt = flops_per_token(model_cfg, train_cfg.seq_len)
+    logger = MetricsLogger(work, train_cfg.max_steps, enabled=rank == 0, tensorboard=train_cfg.tensorboard,
+                           progress_bar=train_cfg.progress_bar, initial_step=start_step)
+    losses: list[float] = []
+    tokens_seen = 0.0
+    checked = False
+    try:
+        for step in range(start_step, train_cfg.max_steps):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            extra: dict[str, Tensor] = {}
+            n_tokens = 0
+            grad_norm = 0.0
+            for micro in range(accum):
+                batch = next(loader)
+                if not checked:
+                    check_token_ids(batch["input_ids"], model_cfg.vocab_size, where="training batch")
+                    checked = True
+                batch = _to_device(batch, device)
+                with autocast:
+                    loss, metrics = objective.loss(engine, batch)
+                engine.backward(loss)  # DeepSpeed divides by `accum` itself
+                if micro == accum - 1 and train_cfg.zero_stage == 0:
+                    grad_norm = _grad_norm(engine)  # all-reduced grads, before clipping in step()
+                engine.step()
+                loss_sum += loss.detach().double().cpu()
+                for k, v in metrics.items():
+                    extra[k] = extra.get(k, 0.0) + v.detach().double().cpu() / accum
+                n_tokens += objective.tokens(batch)
+            if train_cfg.zero_stage > 0:
+                grad_norm = _grad_norm(engine)
+            # average loss/metrics over ranks, sum tokens (one small all-reduce per step)
+            keys = sorted(extra)
+            stats = torch.tensor([float(loss_sum) / accum, float(n_tokens), *[float(extra[k]) for k in keys]],
+                                 dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+            step_loss = float(stats[0]) / world
+            global_tokens = float(stats[1])
+            tokens_seen += global_tokens
+            losses.append(step_loss)
+            dt = time.perf_counter() - t0
+            values = {"loss": step_loss, "grad_norm": grad_norm, "lr": float(scheduler.get_last_lr()[0]),
+                      "tokens_per_s": global_tokens / dt, "step_time_s": dt, "tokens_seen": tokens_seen,
+                      "peak_memory_mb": peak_memory_mb(device)}
+            values.update({k: float(stats[2 + i]) / world for i, k in enumerate(keys)})
+            if peak:
+                values["mfu"] = fpt * values["tokens_per_s"] / (peak * 1e12 * world)
+            if not np.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower optim.lr or check data")
+            if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.max_steps:
+                logger.log(step + 1, values)
+            last = step + 1 == train_cfg.max_steps
+            every = train_cfg.checkpoint_every
+            if ckpt is not None and (last or (every and (step + 1) % every == 0)):
+                ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
+                                             "rng": _rng_state()})
+    finally:
+        logger.close()
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+
+    final = consolidated_state_dict(engine, train_cfg.zero_stage, rank)
+    summary = logger.summary()
+    if world > 1:
+        dist.barrier()
+    return TrainResult(final_state_dict=final, metrics_path=logger.path if rank == 0 else None, losses=losses,
+                       summary=summary, start_step=start_step, peak_source=peak_source, rank=rank,
+                       world_size=world)
+
+
+def upload_run_files(work: Path, run_dir: str) -> None:
+    """Copy rank 0's metrics (JSONL, TensorBoard) to an S3 run dir (no-op for a local run dir)."""
+    if not is_s3(run_dir):
+        return
+    st = storage_for(run_dir)
+    for p in sorted(work.rglob("*")):
+        if p.is_file():
+            st.upload(p, join(run_dir, p.relative_to(work).as_posix()))
+
+
+def scratch_dir(prefix: str = "kubellm-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
