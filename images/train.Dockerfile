@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1.7
+# kubellm training image: CUDA PyTorch 2.13.0 + DeepSpeed 0.19.8 with its ops compiled ahead of time.
+# Runs pretrain/SFT/DPO workers inside the PyTorchJob and the launcher step that creates it.
+#
+#   docker build -f images/train.Dockerfile -t kubellm-train:dev .      (from the repo root)
+#   or: make images
+#
+# Two stages from the same PyTorch release: the -devel image has nvcc to build DeepSpeed's CUDA ops;
+# the -runtime image ships them. Both pinned by EXACT TAG (no digest: no registry is reachable from
+# where this file was written, so none can be stated honestly). Pin by digest with
+#   --build-arg PYTORCH_DEVEL_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel@sha256:<digest>
+#   --build-arg PYTORCH_RUNTIME_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime@sha256:<digest>
+# The images' torch is the CUDA build of 2.13.0 (2.13.0+cu128 satisfies the pin torch==2.13.0).
+ARG PYTORCH_DEVEL_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
+ARG PYTORCH_RUNTIME_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+
+FROM ${PYTORCH_DEVEL_IMAGE} AS build
+# GPUs to compile CUDA kernels for (A100, A10/L4/4090 family, H100/H200). No GPU exists at build time.
+ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
+RUN python -c "import sys, torch; assert sys.version_info[:2] == (3, 11), sys.version; assert torch.__version__.startswith('2.13.0') and torch.version.cuda, torch.__version__"
+# A venv on top of the image's Python: it sees the image's CUDA torch and holds only what we add,
+# so the runtime stage copies /opt/venv alone.
+RUN python -m venv --system-site-packages /opt/venv
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:/opt/conda/bin:/usr/local/bin:/usr/bin:/bin
+COPY requirements/constraints.txt /opt/kubellm/src/requirements/constraints.txt
+COPY images/build-constraints.txt /opt/kubellm/src/images/build-constraints.txt
+COPY pyproject.toml README.md /opt/kubellm/src/
+COPY components /opt/kubellm/src/components
+COPY pipelines /opt/kubellm/src/pipelines
+# DS_BUILD_*=1 compiles the ops DeepSpeed would otherwise JIT-compile on first use (needs nvcc and a
+# writable cache at run time): fused Adam (GPU), CPU Adam (ZeRO offload), the flatten utils (ZeRO).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -c /opt/kubellm/src/images/build-constraints.txt -c /opt/kubellm/src/requirements/constraints.txt pip setuptools wheel ninja \
+ && DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 DS_ACCELERATOR=cuda \
+    pip install --no-build-isolation --no-binary deepspeed -c /opt/kubellm/src/requirements/constraints.txt \
+        /opt/kubellm/src \
+ && pip check \
+ && python -c "import deepspeed.git_version_info as g; assert g.installed_ops['fused_adam'] and g.installed_ops['cpu_adam'], g.installed_ops"
+# The CPU ops (shm comm, fused_adam, cpu_adam for DS_ACCELERATOR=cpu) are JIT extensions: prebuild
+# them with the project's own builder into a read-only location the runtime stage seeds from.
+RUN TORCH_EXTENSIONS_DIR=/opt/kubellm/torch_extensions DS_ACCELERATOR=cpu python -m kubellm.training.ops --build \
+ && rm -rf /opt/kubellm/src \
+ && chmod -R a+rX,go-w /opt/venv /opt/kubellm
+
+FROM ${PYTORCH_RUNTIME_IMAGE}
+ARG KUBELLM_CODE_VERSION=unknown
+LABEL org.opencontainers.image.title="kubellm-train" \
+      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
+      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# g++ lets torch's extension loader re-validate the prebuilt CPU ops (it runs ninja on every load).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/kubellm/torch_extensions /opt/kubellm/torch_extensions
+COPY images/entrypoint.sh /usr/local/bin/kubellm-entrypoint
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/opt/conda/bin:/usr/local/bin:/usr/bin:/bin \
+    KUBELLM_CODE_VERSION=${KUBELLM_CODE_VERSION} \
+    KUBELLM_PREBUILT_TORCH_EXTENSIONS=/opt/kubellm/torch_extensions \
+    HOME=/tmp \
+    TMPDIR=/tmp \
+    XDG_CACHE_HOME=/tmp/cache \
+    HF_HOME=/tmp/cache/huggingface \
+    TORCH_EXTENSIONS_DIR=/tmp/cache/torch_extensions \
+    TRITON_CACHE_DIR=/tmp/cache/triton \
+    MPLCONFIGDIR=/tmp/cache/matplotlib \
+    KUBELLM_CACHE_DIR=/tmp/cache/kubellm
+RUN python -c "import deepspeed, kfp, kubellm, torch; assert torch.version.cuda" \
+ && chmod 0755 /usr/local/bin/kubellm-entrypoint
+WORKDIR /tmp
+USER 10001:0
+ENTRYPOINT ["/usr/local/bin/kubellm-entrypoint"]
+CMD ["kubellm", "--help"]

@@ -1,0 +1,181 @@
+"""Dockerfile invariants for images/*.Dockerfile (no Docker needed: the files are parsed).
+
+Pinned bases, numeric non-root USER as the final user, no remote ADD, no secret-like ARG/ENV,
+kfp installed with the project's constraints, HOME and every cache pointed at the writable /tmp
+volume, KUBELLM_CODE_VERSION passed through, and build.sh wired to the one registry/tag setting.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "images"
+DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
+WRITABLE = "/tmp"
+CACHE_ENV = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "HF_HOME", "TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR",
+             "TRITON_CACHE_DIR", "KUBELLM_CACHE_DIR")
+SECRET_WORDS = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH)", re.I)
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """[(INSTRUCTION, arguments)] with line continuations joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        op, _, args = buf.partition(" ")
+        out.append((op.upper(), args.strip()))
+        buf = ""
+    return out
+
+
+def env_pairs(args: str) -> dict[str, str]:
+    return dict(tok.split("=", 1) for tok in shlex.split(args) if "=" in tok)
+
+
+def arg_defaults(ins: list[tuple[str, str]]) -> dict[str, str]:
+    out = {}
+    for op, args in ins:
+        if op == "ARG" and "=" in args:
+            key, _, value = args.partition("=")
+            out[key] = value.strip('"')
+    return out
+
+
+def test_there_are_base_train_and_eval_images() -> None:
+    assert {p.name for p in DOCKERFILES} == {"base.Dockerfile", "train.Dockerfile", "eval.Dockerfile"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned(path: Path) -> None:
+    ins = instructions(path)
+    args = arg_defaults(ins)
+    stages: set[str] = set()
+    for op, rest in ins:
+        if op != "FROM":
+            continue
+        words = rest.split()
+        ref = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2])
+        if ref in stages:
+            continue
+        if "@sha256:" in ref:
+            assert re.search(r"@sha256:[0-9a-f]{64}$", ref), f"{path.name}: malformed digest in FROM {ref}"
+            continue
+        name, _, tag = ref.rpartition(":")
+        assert name and "/" not in tag, f"{path.name}: FROM {ref} has no tag or digest"
+        assert tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), (
+            f"{path.name}: FROM {ref} is not pinned to an exact version tag"
+        )
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_runs_as_numeric_non_root_user(path: Path) -> None:
+    ins = instructions(path)
+    users = [args for op, args in ins if op == "USER"]
+    assert users, f"{path.name}: no USER instruction (would run as root)"
+    # the last USER of the final stage decides; nothing after it may switch back
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    final_users = [args for op, args in ins[last_from:] if op == "USER"]
+    assert final_users, f"{path.name}: final stage sets no USER"
+    uid, _, gid = final_users[-1].partition(":")
+    assert uid.isdigit() and int(uid) >= 1000, f"{path.name}: USER {final_users[-1]} must be a numeric non-root UID"
+    assert gid in ("", "0") or gid.isdigit(), f"{path.name}: USER group must be numeric"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_no_remote_add_and_no_secret_like_build_inputs(path: Path) -> None:
+    text = path.read_text()
+    for op, args in instructions(path):
+        if op == "ADD":
+            assert not re.search(r"(https?|git)://|git@", args), f"{path.name}: ADD from a URL: {args}"
+        if op == "ARG":
+            assert not SECRET_WORDS.search(args.split("=")[0]), f"{path.name}: secret-like build arg {args}"
+        if op == "ENV":
+            for key in env_pairs(args):
+                assert not SECRET_WORDS.search(key), f"{path.name}: secret-like ENV {key}"
+        if op == "RUN":
+            assert "type=secret" not in args, f"{path.name}: build-time secret mount"
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_installs_kfp_and_the_package_with_project_constraints(path: Path) -> None:
+    runs = " ".join(args for op, args in instructions(path) if op == "RUN")
+    copies = " ".join(args for op, args in instructions(path) if op == "COPY")
+    assert "requirements/constraints.txt" in copies
+    pip_installs = re.findall(r"pip install ([^&]*)", runs)
+    assert pip_installs
+    for cmd in pip_installs:
+        assert "constraints.txt" in cmd, f"{path.name}: unconstrained 'pip install {cmd}'"
+    # kfp comes with the package (pyproject pins kfp==2.16.1) and the build imports it to prove it
+    assert re.search(r"import [^\"']*\bkfp\b", runs), f"{path.name}: the build never checks that kfp imports"
+    assert "pip check" in runs
+
+
+def test_kfp_is_a_pinned_dependency_the_images_inherit() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    constraints = (ROOT / "requirements/constraints.txt").read_text()
+    assert re.search(r'"kfp==\d', pyproject)
+    assert re.search(r"^kfp==\d", constraints, re.M)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_home_and_caches_point_at_the_writable_volume(path: Path) -> None:
+    ins = instructions(path)
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    env: dict[str, str] = {}
+    for op, args in ins[last_from:]:
+        if op == "ENV":
+            env.update(env_pairs(args))
+    for key in CACHE_ENV:
+        assert key in env, f"{path.name}: ENV {key} not set in the final stage"
+        assert env[key] == WRITABLE or env[key].startswith(WRITABLE + "/"), f"{path.name}: {key}={env[key]}"
+    assert env.get("KUBELLM_CODE_VERSION") == "${KUBELLM_CODE_VERSION}"
+    assert any(op == "ARG" and args.startswith("KUBELLM_CODE_VERSION") for op, args in ins[last_from:])
+
+
+def test_training_image_prebuilds_deepspeed_ops() -> None:
+    runs = " ".join(args for op, args in instructions(IMAGES / "train.Dockerfile") if op == "RUN")
+    assert "python -m kubellm.training.ops --build" in runs
+    assert "DS_BUILD_FUSED_ADAM=1" in runs and "DS_BUILD_CPU_ADAM=1" in runs
+    assert "TORCH_CUDA_ARCH_LIST" in (IMAGES / "train.Dockerfile").read_text()
+
+
+def test_build_script_uses_the_one_registry_tag_setting() -> None:
+    script = (IMAGES / "build.sh").read_text()
+    for var in ("KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_CODE_VERSION", "KUBELLM_PUSH"):
+        assert var in script
+    for name in ("base", "train", "eval"):
+        assert f"{name}" in script
+    assert "--build-arg \"KUBELLM_CODE_VERSION=" in script
+    assert "secret" not in script.lower().replace("no secret", "")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "images/build.sh" in makefile
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_build_context_is_limited_by_a_dockerignore(path: Path) -> None:
+    ignore = path.with_name(path.name + ".dockerignore")
+    assert ignore.exists(), f"{ignore.name} missing (BuildKit reads it next to the Dockerfile)"
+    lines = ignore.read_text().splitlines()
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "**", f"{ignore.name}: must exclude everything first, then re-include"
+    copies = [args.split()[:-1] for op, args in instructions(path) if op == "COPY" and "--from" not in args]
+    for sources in copies:
+        for src in sources:
+            assert f"!{src}" in lines or f"!{src}/**" in lines, f"{ignore.name} excludes {src}"
