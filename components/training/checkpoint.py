@@ -1,0 +1,588 @@
+"""Sharded DeepSpeed checkpoints, committed atomically to a run prefix (S3 or local), resumed exactly.
+
+    from kubellm.training.checkpoint import CheckpointManager
+    ckpt = CheckpointManager("s3://bucket/runs/run-42/checkpoints", keep=2, model_config=model_cfg)
+    client_state = ckpt.load(engine)                # None when the run has no committed checkpoint
+    if client_state is not None:
+        loader.load_state_dict(client_state["loader"]); start = client_state["step"]
+    ...
+    ckpt.save(engine, step, {"loader": loader.state_dict(), "step": step})   # every rank calls it
+    full = ckpt.consolidated_state_dict(engine)     # rank 0: fp32 CPU state_dict, any ZeRO stage
+
+Layout of a run prefix (one per training run; two runs never share one):
+
+    <run_prefix>/step-00000010/mp_rank_00_model_states.pt          DeepSpeed's files, as written
+    <run_prefix>/step-00000010/zero_pp_rank_{r}_mp_rank_00_optim_states.pt
+    <run_prefix>/step-00000010/kubellm_state_rank{r:05d}.pt         per-rank RNG + client_state
+    <run_prefix>/step-00000010/_manifest.json                       committed last, by rank 0
+
+Save protocol (why each step): DeepSpeed assumes one shared filesystem, so each rank writes into
+its own node-local staging directory (`save_latest=False`: no `latest` file, the manifest is the
+pointer), uploads only the files it wrote, then all ranks all-gather (path, size, sha256) and
+barrier; rank 0 commits the manifest with a conditional put. A prefix without `_manifest.json` —
+a crash mid-upload — does not exist for `latest()`/`load()`. Retention deletes the oldest committed
+checkpoints (manifest first, then files) only after the new one is committed.
+
+Load protocol: rank 0 picks the newest committed manifest and broadcasts it; each rank checks the
+model shape and parallel layout against it, downloads the files it needs, verifies every sha256
+BEFORE anything is unpickled, then `engine.load_checkpoint` runs through
+`SafeTorchCheckpointEngine` (`weights_only=True`, explicit allow-list). Failures on any rank are
+gathered and raised on every rank (no rank is left hanging in a collective).
+
+Resharding (another world size, TP/PP or ZeRO stage) is refused with the two routes that exist:
+DeepSpeed's universal checkpoint (`python -m deepspeed.checkpoint.ds_to_universal`) or a fresh run
+initialised from kubellm's consolidated export (`consolidated_state_dict` / the HF export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kubellm.core.errors import IntegrityError, KubellmError, ManifestMissingError
+from kubellm.core.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    commit_manifest,
+    fetch,
+    read_manifest,
+    stable_hash,
+)
+from kubellm.core.storage import join, sha256_file, storage_for
+from kubellm.training.checkpoint_engine import (
+    SafeTorchCheckpointEngine,
+    install_safe_checkpoint_engine,
+    safe_torch_load,
+)
+
+KIND = "checkpoint"
+TAG_RE = re.compile(r"^step-(\d{8,})$")
+STATE_FILE = "kubellm_state_rank{rank:05d}.pt"
+_ZERO_SHARD_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
+_STATE_FILE_RE = re.compile(r"(?:^|/)kubellm_state_rank(\d+)\.pt$")
+RESHARD_ROUTES = (
+    "To continue with another layout, either (a) convert it to a DeepSpeed universal checkpoint — "
+    "`python -m deepspeed.checkpoint.ds_to_universal --input_folder <staging>/<tag> "
+    "--output_folder <staging>/<tag>_universal` — and load that with "
+    "`\"checkpoint\": {\"load_universal\": true}` in the DeepSpeed config (optimizer state kept), "
+    "or (b) start a new run initialised from kubellm's consolidated export of this checkpoint "
+    "(weights only; optimizer and data position restart)."
+)
+
+
+class CheckpointError(KubellmError):
+    """A checkpoint cannot be saved or loaded; the message names the checkpoint and the reason."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was written by another model shape or parallel layout than this run's."""
+
+
+_ERROR_TYPES: dict[str, type[KubellmError]] = {
+    c.__name__: c for c in (IntegrityError, ManifestMissingError, CheckpointError, CheckpointMismatchError)
+}
+
+
+def tag_for(step: int) -> str:
+    """The checkpoint tag (= sub-prefix) of a step: `step-00000010`."""
+    if step < 0:
+        raise CheckpointError(f"checkpoint step must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def _dist() -> Any | None:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _world() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    d = _dist()
+    if d is None:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    d = _dist()
+    if d is None:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def _raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective: every rank learns every rank's failure and raises the same kind of error, so no
+    rank proceeds into a DeepSpeed collective that its peers will never join."""
+    msgs = _all_gather(None if error is None else (type(error).__name__, str(error)))
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if not failed:
+        return
+    if error is not None and len(failed) == 1:
+        raise error
+    kinds = {name for _, (name, _) in failed}
+    cls = _ERROR_TYPES.get(kinds.pop(), CheckpointError) if len(kinds) == 1 else CheckpointError
+    text = "; ".join(f"rank {r}: {name}: {msg}" for r, (name, msg) in failed)
+    raise cls(f"{what} failed on {len(failed)} rank(s): {text}") from error
+
+
+# ---------------------------------------------------------------- what the engine looks like
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The parallel layout a checkpoint's shards depend on."""
+
+    world_size: int
+    dp: int
+    tp: int
+    pp: int
+    zero_stage: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def engine_layout(engine: Any) -> Layout:
+    """World size, DP/TP/PP degrees and ZeRO stage of a DeepSpeed engine."""
+    return Layout(
+        world_size=_world(),
+        dp=int(getattr(engine, "dp_world_size", 1) or 1),
+        tp=int(getattr(engine, "mp_world_size", 1) or 1),
+        pp=int(getattr(engine, "num_stages", 1) or 1),  # PipelineEngine only
+        zero_stage=int(engine.zero_optimization_stage()),
+    )
+
+
+def _dp_rank(engine: Any) -> int:
+    """This rank's index within the ZeRO partition group (the `r` in `zero_pp_rank_{r}`)."""
+    d = _dist()
+    group = getattr(getattr(engine, "optimizer", None), "dp_process_group", None)
+    if d is None:
+        return 0
+    if group is not None:
+        return int(d.get_rank(group=group))
+    return int(d.get_rank(group=getattr(engine, "data_parallel_group", None)))
+
+
+def _config_dict(cfg: Any) -> dict[str, Any] | None:
+    if cfg is None:
+        return None
+    if hasattr(cfg, "model_dump"):
+        return dict(cfg.model_dump(mode="json"))
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"model_config must be a pydantic model, dataclass or mapping, got {type(cfg).__name__}")
+
+
+def _module_config(engine: Any) -> Any:
+    module = getattr(engine, "module", None)
+    for attr in ("cfg", "config", "model_config"):
+        cfg = getattr(module, attr, None)
+        if cfg is not None and (hasattr(cfg, "model_dump") or dataclasses.is_dataclass(cfg)):
+            return cfg
+    return None
+
+
+def param_shapes(engine: Any) -> dict[str, list[int]]:
+    """Full (unpartitioned) shape of every parameter: ZeRO-3 keeps the real one in `ds_shape`."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        shape = getattr(p, "ds_shape", None) or p.shape
+        out[name] = [int(s) for s in shape]
+    return out
+
+
+def _precision(engine: Any) -> str:
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
+# ---------------------------------------------------------------- per-rank training state
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # numpy's MT19937 state: (name, uint32[624] key, pos, has_gauss, cached_gaussian); stored as
+        # plain tensors/numbers so weights_only=True loads it without allow-listing numpy.
+        "numpy": {"name": str(np_state[0]), "key": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_weights_only_roundtrip(obj: Any, what: str) -> None:
+    """Refuse, at save time, a client_state that `weights_only=True` could not load back later."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{what} holds a type that safe loading (torch.load weights_only=True) refuses: {e}. "
+            "Keep it to tensors, numbers, strings, bools, None, lists, tuples and dicts."
+        ) from e
+
+
+def _jsonable(obj: Any) -> Any | None:
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Save / find / load committed DeepSpeed checkpoints under one run prefix.
+
+    Args:
+        run_prefix: run-scoped storage prefix (`s3://bucket/runs/<run>/checkpoints` or a local dir).
+        keep: committed checkpoints to keep (older ones are deleted after a newer one commits).
+        local_dir: node-local staging directory (default: $KUBELLM_CHECKPOINT_STAGING or the
+            system temp dir). Each rank stages under `<local_dir>/<run hash>/rank{r:05d}`.
+        model_config: the model's config (pydantic/dataclass/mapping), recorded in the manifest and
+            compared on load; default: `engine.module.cfg` when the module has one.
+    """
+
+    def __init__(self, run_prefix: str, keep: int = 2, local_dir: Path | None = None, *,
+                 model_config: Any = None) -> None:
+        if keep < 1:
+            raise CheckpointError(f"keep must be >= 1 (got {keep}): the newest checkpoint is always kept")
+        self.run_prefix = run_prefix.rstrip("/") if run_prefix != "/" else run_prefix
+        self.keep = keep
+        base = Path(local_dir or os.environ.get("KUBELLM_CHECKPOINT_STAGING")
+                    or Path(tempfile.gettempdir()) / "kubellm-ckpt")
+        self.local_dir = base / stable_hash(self.run_prefix)[:16]
+        self.model_config = model_config
+        self.storage = storage_for(self.run_prefix)
+
+    # -- paths
+
+    def prefix_for(self, step: int) -> str:
+        return join(self.run_prefix, tag_for(step))
+
+    def _staging(self, kind: str) -> Path:
+        return self.local_dir / f"rank{_rank():05d}" / kind
+
+    # -- listing
+
+    def committed(self) -> list[Manifest]:
+        """Every committed checkpoint under the run prefix, oldest first."""
+        steps = []
+        for obj in self.storage.list(self.run_prefix):
+            parts = obj.relpath.split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST_NAME and (m := TAG_RE.match(parts[0])):
+                steps.append(int(m.group(1)))
+        out = []
+        for step in sorted(steps):
+            manifest = read_manifest(self.prefix_for(step))
+            if manifest.kind != KIND:
+                raise CheckpointError(f"{manifest.uri}: manifest kind {manifest.kind!r}, expected {KIND!r}")
+            out.append(manifest)
+        return out
+
+    def latest(self) -> Manifest | None:
+        """The newest committed checkpoint, or None. Uncommitted (torn) prefixes are ignored."""
+        committed = self.committed()
+        return committed[-1] if committed else None
+
+    # -- save
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any] | None = None) -> Manifest:
+        """Collective: every rank calls it. Returns the committed manifest on every rank."""
+        client_state = dict(client_state or {})
+        tag = tag_for(step)
+        prefix = self.prefix_for(step)
+        staging = self._staging("save")
+        rank = _rank()
+        error: BaseException | None = None
+        try:
+            if self.storage.exists(join(prefix, MANIFEST_NAME)):
+                raise CheckpointError(
+                    f"{prefix}: a checkpoint for step {step} is already committed; refusing to "
+                    "overwrite it (resume from it, or use a new run prefix)")
+            _check_weights_only_roundtrip(client_state, f"client_state passed to save(step={step})")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)  # every rank: DeepSpeed only creates it on rank 0
+        except BaseException as e:
+            error = e
+        _raise_if_any_failed(error, f"checkpoint save {prefix}")
+
+        install_safe_checkpoint_engine(engine)
+        # client_state also goes to DeepSpeed (into its model-states file) so DeepSpeed's own tools
+        # see it; the authoritative copy is the per-rank state file, because DeepSpeed writes the
+        # model-states file on DP rank 0 only (ZeRO 0-2) and would drop the other ranks' RNG/data.
+        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        tag_dir = staging / tag
+        torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
+                   tag_dir / STATE_FILE.format(rank=rank))
+
+        entries: list[FileEntry] = []
+        try:
+            files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
+
+            def upload(p: Path) -> FileEntry:
+                rel = p.relative_to(tag_dir).as_posix()
+                entry = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
+                self.storage.upload(p, join(prefix, rel))
+                return entry
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                entries = list(pool.map(upload, files))
+            error = None
+        except BaseException as e:
+            error = e
+        _raise_if_any_failed(error, f"checkpoint upload {prefix}")
+
+        per_rank = _all_gather([e.model_dump() for e in entries])
+        states = _all_gather(_jsonable(client_state))
+        manifest: Manifest | None = None
+        error = None
+        if rank == 0:
+            try:
+                manifest = self._commit(engine, step, prefix, per_rank, states)
+                self._retain(manifest)
+            except BaseException as e:
+                error = e
+        _raise_if_any_failed(error, f"checkpoint commit {prefix}")
+        manifest = _broadcast(manifest)
+        shutil.rmtree(staging, ignore_errors=True)  # uploaded and committed: free node-local disk
+        return manifest
+
+    def _commit(self, engine: Any, step: int, prefix: str, per_rank: list[list[dict[str, Any]]],
+                states: list[Any]) -> Manifest:
+        seen: dict[str, tuple[int, FileEntry]] = {}
+        for r, files in enumerate(per_rank):
+            for f in files:
+                entry = FileEntry.model_validate(f)
+                if entry.path in seen and seen[entry.path][1].sha256 != entry.sha256:
+                    raise CheckpointError(
+                        f"{join(prefix, entry.path)}: written by rank {seen[entry.path][0]} and rank {r} "
+                        "with different contents (two ranks must never write the same file)")
+                seen.setdefault(entry.path, (r, entry))
+        files = [e for _, e in sorted(seen.values(), key=lambda x: x[1].path)]
+        cfg = self.model_config if self.model_config is not None else _module_config(engine)
+        import deepspeed
+
+        metadata = {
+            "step": step,
+            "tag": tag_for(step),
+            "model_config": _config_dict(cfg),
+            "param_shapes": param_shapes(engine),
+            "layout": engine_layout(engine).as_dict(),
+            "precision": _precision(engine),
+            "deepspeed_version": deepspeed.__version__,
+            "torch_version": torch.__version__,
+            "global_steps": int(getattr(engine, "global_steps", step)),
+            "global_samples": int(getattr(engine, "global_samples", 0)),
+            # The data position (the caller's loader.state_dict()) of every rank, when JSON-able;
+            # the authoritative copy is each rank's kubellm_state file.
+            "client_state_by_rank": states if all(s is not None for s in states) else None,
+        }
+        manifest = Manifest(
+            kind=KIND, uri=prefix, files=files,
+            counts={"step": step, "files": len(files), "bytes": sum(f.size for f in files)},
+            config_hash=stable_hash(metadata["model_config"]) if metadata["model_config"] else "",
+            metadata=metadata,
+        )
+        return commit_manifest(manifest)
+
+    def _retain(self, newest: Manifest) -> None:
+        """Delete committed checkpoints beyond the newest `keep`, and torn (uncommitted) prefixes
+        older than the newest commit. Each deletion removes the manifest first, so a checkpoint
+        stops existing before its files start to disappear."""
+        newest_step = int(newest.metadata["step"])
+        committed = self.committed()
+        doomed = [m.uri for m in committed[:-self.keep]] if len(committed) > self.keep else []
+        committed_uris = {m.uri for m in committed}
+        objects = self.storage.list(self.run_prefix)
+        torn = {join(self.run_prefix, o.relpath.split("/")[0]) for o in objects
+                if (m := TAG_RE.match(o.relpath.split("/")[0])) and int(m.group(1)) < newest_step}
+        doomed += sorted(torn - committed_uris)
+        for prefix in doomed:
+            self.storage.delete(join(prefix, MANIFEST_NAME))
+            for obj in self.storage.list(prefix):
+                self.storage.delete(obj.uri)
+
+    # -- load
+
+    def load(self, engine: Any, manifest: Manifest | None = None) -> dict[str, Any] | None:
+        """Collective: restore the newest committed checkpoint (or `manifest`) into `engine`:
+        model, optimizer, scheduler (DeepSpeed), this rank's RNG states, and return this rank's
+        `client_state` (None when there is no committed checkpoint)."""
+        error: BaseException | None = None
+        chosen: Manifest | None = None
+        if _rank() == 0:
+            try:
+                chosen = manifest if manifest is not None else self.latest()
+            except BaseException as e:
+                error = e
+        _raise_if_any_failed(error, f"finding the latest checkpoint under {self.run_prefix}")
+        chosen = _broadcast(chosen)
+        if chosen is None:
+            return None
+
+        tag = str(chosen.metadata.get("tag") or chosen.uri.rstrip("/").rsplit("/", 1)[-1])
+        staging = self._staging("load")
+        error = None
+        try:
+            self.check_compatible(chosen, engine)
+            wanted = self.files_for_rank(chosen, _dp_rank(engine), _rank(),
+                                         elastic=bool(engine.zero_elastic_checkpoint()))
+            shutil.rmtree(staging, ignore_errors=True)
+            fetch(chosen, staging / tag, paths=wanted)  # downloads + sha256-verifies each file
+        except BaseException as e:
+            error = e
+        _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
+
+        safe = install_safe_checkpoint_engine(engine)
+        load_path, _ = engine.load_checkpoint(str(staging), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"{chosen.uri}: DeepSpeed found no model-states file in it")
+        state_path = staging / tag / STATE_FILE.format(rank=_rank())
+        state = safe_torch_load(state_path)
+        _set_rng_state(state["rng"])  # last: DeepSpeed's loading must not advance the restored RNG
+        shutil.rmtree(staging, ignore_errors=True)
+        self.last_loaded = chosen
+        self._safe_engine: SafeTorchCheckpointEngine = safe
+        return dict(state["client_state"])
+
+    @staticmethod
+    def files_for_rank(manifest: Manifest, dp_rank: int, rank: int, elastic: bool = False) -> list[str]:
+        """The files this rank's `engine.load_checkpoint` reads: everything except other ranks'
+        ZeRO shards (unless elastic) and other ranks' kubellm state files."""
+        out = []
+        for f in manifest.files:
+            if (m := _STATE_FILE_RE.search(f.path)) and int(m.group(1)) != rank:
+                continue
+            if not elastic and (m := _ZERO_SHARD_RE.search(f.path)) and int(m.group(1)) != dp_rank:
+                continue
+            out.append(f.path)
+        if not any(_STATE_FILE_RE.search(p) for p in out):
+            raise IntegrityError(
+                f"{manifest.uri}: manifest lists no {STATE_FILE.format(rank=rank)} (this rank's RNG and "
+                "data position); the checkpoint was not written by kubellm's CheckpointManager")
+        return out
+
+    def check_compatible(self, manifest: Manifest, engine: Any) -> None:
+        """Refuse a checkpoint of another model shape or parallel layout, naming what differs."""
+        meta = manifest.metadata
+        problems = []
+        want_cfg = _config_dict(self.model_config if self.model_config is not None else _module_config(engine))
+        have_cfg = meta.get("model_config")
+        if want_cfg is not None and have_cfg is not None:
+            diff = [f"{k}: checkpoint={have_cfg.get(k)!r}, this run={want_cfg.get(k)!r}"
+                    for k in sorted(set(want_cfg) | set(have_cfg)) if have_cfg.get(k) != want_cfg.get(k)]
+            if diff:
+                problems.append("model config differs — " + "; ".join(diff))
+        if not problems and meta.get("param_shapes") is not None:
+            have, want = meta["param_shapes"], param_shapes(engine)
+            diff = [f"{n}: checkpoint={have.get(n)}, this run={want.get(n)}"
+                    for n in sorted(set(have) | set(want)) if have.get(n) != want.get(n)]
+            if diff:
+                more = f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""
+                problems.append("parameter shapes differ — " + "; ".join(diff[:5]) + more)
+        if problems:
+            raise CheckpointMismatchError(
+                f"{join(manifest.uri, MANIFEST_NAME)}: checkpoint is from a different model: "
+                + " | ".join(problems) + ". Use a new run prefix, or the matching model config.")
+        have_layout = meta.get("layout") or {}
+        want_layout = engine_layout(engine).as_dict()
+        diff = [f"{k}: checkpoint={have_layout.get(k)}, this run={v}" for k, v in want_layout.items()
+                if have_layout.get(k) != v]
+        if diff:
+            raise CheckpointMismatchError(
+                f"{join(manifest.uri, MANIFEST_NAME)}: checkpoint was written with another parallel "
+                f"layout ({'; '.join(diff)}); DeepSpeed's sharded checkpoints load only into the same "
+                f"world size, DP/TP/PP degrees and ZeRO stage. {RESHARD_ROUTES}")
+
+    # -- export
+
+    @staticmethod
+    def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+        """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
+        stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
+        a bf16 run exports its optimizer's precision, not the rounded module weights."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = engine.module
+        rank0 = _rank() == 0
+        full: dict[int, torch.Tensor] = {}
+        for _, p in module.named_parameters():  # same order on every rank: the calls are collective
+            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
+                with GatheredParameters([p], modifier_rank=None):
+                    value = p.detach().clone() if rank0 else None
+            elif value is None:
+                value = p.detach()
+            if rank0 and value is not None:
+                full[id(p)] = value.detach().to("cpu", torch.float32).clone()
+        if not rank0:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            if id(t) in full:
+                out[name] = full[id(t)]
+            else:  # buffers: never partitioned by ZeRO
+                out[name] = t.detach().to("cpu").clone()
+                if out[name].is_floating_point():
+                    out[name] = out[name].float()
+        return out
