@@ -1,9 +1,70 @@
-"""Data-prep stage config."""
+"""Data-prep stage config (the `data_prep:` section of the run-config).
+
+The quality-filter defaults follow the Gopher rules (Rae et al. 2021, appendix A) loosened where the
+demo world's short, template-made documents would otherwise be dropped (min_words, alpha fraction).
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from kubellm.core.config import StrictModel
 from pydantic import Field
+
+
+class QualityFilters(StrictModel):
+    """Gopher/C4-family document filters. A document failing several is counted under the first
+    (in the order listed here). Set a field to null to disable that filter."""
+
+    min_words: int | None = Field(default=20, ge=0)
+    """Drop documents with fewer words (Gopher: 50)."""
+    max_words: int | None = Field(default=100_000, ge=1)
+    """Drop documents with more words."""
+    min_mean_word_length: float | None = Field(default=3.0, ge=0)
+    """Drop documents whose mean word length (characters) is below this."""
+    max_mean_word_length: float | None = Field(default=10.0, ge=0)
+    """Drop documents whose mean word length is above this."""
+    max_symbol_word_ratio: float | None = Field(default=0.1, ge=0)
+    """Drop documents with more than this many `#` / ellipsis symbols per word."""
+    max_ellipsis_line_fraction: float | None = Field(default=0.3, ge=0, le=1)
+    """Drop documents where more than this fraction of lines end with `...` or `…`."""
+    min_alpha_word_fraction: float | None = Field(default=0.6, ge=0, le=1)
+    """Drop documents where fewer than this fraction of words contain a letter (Gopher: 0.8; the
+    demo world's arithmetic lessons are number-heavy)."""
+    max_duplicate_line_fraction: float | None = Field(default=0.3, ge=0, le=1)
+    """Drop documents where more than this fraction of (non-empty) lines are repeats of another line."""
+    max_top_ngram_fraction: dict[int, float] = Field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    """n -> maximum fraction of characters covered by the single most frequent word n-gram."""
+
+
+class DedupConfig(StrictModel):
+    """Exact (hash of normalised text) and MinHash near-duplicate removal (datasketch MinHash + LSH)."""
+
+    exact: bool = True
+    """Drop documents whose normalised text (lower-cased, whitespace collapsed) was already seen."""
+    near: bool = True
+    """Drop documents whose estimated Jaccard similarity to an earlier kept document ≥ threshold."""
+    threshold: float = Field(default=0.8, gt=0, le=1)
+    """Jaccard threshold of the MinHash LSH index."""
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    """MinHash permutations (signature length); more is more precise and slower."""
+    ngram: int = Field(default=5, ge=1, le=32)
+    """Shingle size in words."""
+    seed: int = 1
+    """Seed of the MinHash permutations (all shards must share it)."""
+
+
+class PIIConfig(StrictModel):
+    """Optional scrubbing of personal data: matches are replaced by a placeholder, not dropped."""
+
+    enabled: bool = False
+    """Scrub emails, phone numbers and IP addresses."""
+    emails: bool = True
+    """Replace e-mail addresses with `<EMAIL>`."""
+    phones: bool = True
+    """Replace phone numbers (7+ digits with separators, optional +country code) with `<PHONE>`."""
+    ips: bool = True
+    """Replace IPv4 and IPv6 addresses with `<IP>`."""
 
 
 class DataPrepConfig(StrictModel):
@@ -13,3 +74,23 @@ class DataPrepConfig(StrictModel):
     """Fraction of documents (chosen by a hash of the text, deterministic) held out for validation."""
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1)
     """Fail the stage when more than this fraction of records is unreadable."""
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
+    """Unicode normalisation applied to every document before filtering."""
+    max_doc_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    """A record larger than this (UTF-8 bytes) is a bad record, skipped without being held in
+    memory whole."""
+    text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """How plain-text files split into documents: each line, blank-line separated paragraphs, or
+    the whole file."""
+    hub_split: str = "train"
+    """Split to stream when a source is a Hugging Face Hub dataset (`hf:<name>[:<config>]`)."""
+    docs_per_shard: int = Field(default=50_000, ge=1)
+    """Documents per output parquet shard (also the write batch: bounds memory)."""
+    num_proc: int = Field(default=1, ge=1)
+    """Input shards cleaned in parallel processes (the map step); 1 = in this process."""
+    filters: QualityFilters = Field(default_factory=QualityFilters)
+    """Quality filters."""
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    """Exact and near-duplicate removal."""
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    """Optional PII scrubbing."""

@@ -1,12 +1,371 @@
-"""The data_prep stage: `run(config, inputs, output) -> Manifest`."""
+"""The data-prep stage: raw text -> cleaned, filtered, deduplicated parquet shards + a filter report.
+
+    kubellm demo-world --output .kubellm/demo
+    kubellm data-prep --input raw=.kubellm/demo/corpus --output .kubellm/artifacts
+    kubellm data-prep --input raw=s3://bucket/raw/,./extra.jsonl.gz --output s3://bucket/kubellm
+
+Output (manifest kind `dataset`, under `content_prefix(output, "data_prep", ...)`):
+`train/part-00000.parquet`, `validation/part-00000.parquet`, … — one column `text`. The manifest's
+`counts` and `metadata["report"]` (and the Markdown table in `report_markdown`) say how many documents
+and bytes each step removed: bad records by kind, each quality filter, exact and near duplicates.
+
+Map / reduce — `run()` calls these in order on one machine; a pipeline can fan the map out over pods
+(`dsl.ParallelFor` over `list_sources(raw)`) and run the reduce and the write once:
+
+1. `list_sources(raw) -> list[Source]` — the input shards (one per file/object/hub dataset).
+2. `prepare_shard(source, index, config, work) -> dict` (map, one input shard): streams the records
+   (see `kubellm.data_prep.sources` for how each format is read and why), skips and names bad
+   records, NFC-normalises, applies the quality filters and optional PII scrubbing, and writes under
+   `work/shard-<index>/`: `docs.parquet` (text + exact-dedup key), `minhash.bin` (uint32 MinHash
+   signatures, one row per doc) and `stats.json`. Memory: one record plus one write batch.
+3. `global_dedup(work, config, n_shards) -> dict` (reduce): checks the bad-record fraction (raises
+   `InputDataError` naming the first bad records when it exceeds `max_bad_fraction`), then walks the
+   shards in order keeping only the exact-dedup keys and a datasketch `MinHashLSH` index in memory;
+   the first occurrence wins. Writes `work/shard-<index>/keep.npy` and `work/dedup.json`.
+4. `write_splits(work, config, n_shards, out_dir) -> dict`: streams the kept documents into the
+   train/validation parquet shards (split by a hash of the text), `docs_per_shard` at a time.
+5. `publish(...)` commits the artifact with the report.
+
+`work` is a storage URI (local dir or `s3://…`): each step reads and writes it through
+`kubellm.core.storage`, so the steps can run in different pods.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import multiprocessing
+import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
 
-from kubellm.core.errors import NotImplementedStageError
-from kubellm.core.manifest import Manifest
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from kubellm.core.errors import InputDataError, ManifestMissingError
+from kubellm.core.manifest import Manifest, content_prefix, publish_dir, read_manifest, stable_hash
+from kubellm.core.storage import is_s3, join, storage_for
+from kubellm.data_prep import filters as F
+from kubellm.data_prep.config import DataPrepConfig
+from kubellm.data_prep.sources import Source, read_records, resolve_sources, stage_local
+
+log = logging.getLogger(__name__)
+
+BAD_KINDS = ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large", "malformed_json",
+             "missing_field", "not_text", "truncated_file", "unreadable_file")
+MAX_EXAMPLES = 50
+_BATCH = 4096
 
 
-def run(config: object, inputs: Mapping[str, str], output: str) -> Manifest:
-    raise NotImplementedStageError("the data_prep stage is not implemented yet")
+def list_sources(raw: str) -> list[Source]:
+    """The input shards named by a raw input (comma-separated files, dirs, globs, s3 prefixes, hf:)."""
+    return resolve_sources(raw)
+
+
+def _shard_dir(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+class _WorkDir:
+    """A local view of a work URI: write locally, then push (S3) — or write in place (local)."""
+
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if is_s3(work):
+            self._tmp = tempfile.TemporaryDirectory(prefix="kubellm-dataprep-")
+            self.local = Path(self._tmp.name)
+        else:
+            self.local = Path(work)
+            self.local.mkdir(parents=True, exist_ok=True)
+
+    def get(self, rel: str) -> Path:
+        p = self.local / rel
+        if self._tmp is not None and not p.exists():
+            storage_for(self.work).download(join(self.work, rel), p)
+        return p
+
+    def put(self, rel: str) -> None:
+        if self._tmp is not None:
+            storage_for(self.work).upload(self.local / rel, join(self.work, rel))
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _add(table: dict[str, dict[str, int]], name: str, nbytes: int) -> None:
+    row = table.setdefault(name, {"documents": 0, "bytes": 0})
+    row["documents"] += 1
+    row["bytes"] += nbytes
+
+
+def prepare_shard(source: Source, index: int, config: DataPrepConfig, work: str) -> dict[str, Any]:
+    """Map step for one input shard (see the module docstring). Returns its stats dict."""
+    wd = _WorkDir(work)
+    rel = _shard_dir(index)
+    (wd.local / rel).mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {"source": source.uri, "index": index, "records": 0, "documents_in": 0,
+                             "bytes_in": 0, "bad": {}, "bad_examples": [], "filtered": {},
+                             "pii": {"documents": 0, "replacements": 0}, "kept": 0, "kept_bytes": 0}
+    schema = pa.schema([("text", pa.string()), ("key", pa.binary(16))])
+    sig_dtype = F.signature_dtype(config.dedup)
+    texts: list[str] = []
+    keys: list[bytes] = []
+    sigs: list[np.ndarray] = []
+    n_logged = 0
+    with tempfile.TemporaryDirectory(prefix="kubellm-raw-") as tmp:
+        local = None if source.format == "hub" else stage_local(source, Path(tmp))
+        with pq.ParquetWriter(wd.local / rel / "docs.parquet", schema) as writer, \
+                open(wd.local / rel / "minhash.bin", "wb") as sig_file:
+
+            def flush() -> None:
+                if texts:
+                    writer.write_table(pa.table({"text": texts, "key": keys}, schema=schema))
+                    sig_file.write(np.stack(sigs).astype(sig_dtype).tobytes())
+                    texts.clear(), keys.clear(), sigs.clear()
+
+            for rec in read_records(source, local, field=config.text_field, max_bytes=config.max_doc_bytes,
+                                    sample_by=config.text_sample_by, hub_split=config.hub_split):
+                stats["records"] += 1
+                if rec.reason is not None:
+                    _add(stats["bad"], rec.reason, rec.nbytes)
+                    if len(stats["bad_examples"]) < MAX_EXAMPLES:
+                        stats["bad_examples"].append({"where": rec.where, "reason": rec.reason,
+                                                      "detail": rec.detail})
+                    if n_logged < 20:
+                        log.warning("skipping bad record %s: %s %s", rec.where, rec.reason, rec.detail)
+                        n_logged += 1
+                    continue
+                assert rec.text is not None
+                text = F.normalize(rec.text, config.unicode_form)
+                nbytes = len(text.encode("utf-8"))
+                stats["documents_in"] += 1
+                stats["bytes_in"] += nbytes
+                reason = F.quality_reason(text, config.filters)
+                if reason is not None:
+                    _add(stats["filtered"], reason, nbytes)
+                    continue
+                if config.pii.enabled:
+                    text, k = F.scrub_pii(text, config.pii)
+                    if k:
+                        stats["pii"]["documents"] += 1
+                        stats["pii"]["replacements"] += k
+                stats["kept"] += 1
+                stats["kept_bytes"] += len(text.encode("utf-8"))
+                texts.append(text)
+                keys.append(F.dedup_key(text))
+                sigs.append(F.minhash_signature(text, config.dedup) if config.dedup.near
+                            else np.zeros(config.dedup.num_perm, sig_dtype))
+                if len(texts) >= min(_BATCH, config.docs_per_shard):
+                    flush()
+            flush()
+    if n_logged >= 20:
+        log.warning("%s: %d bad records in all (first 20 logged)", source.uri,
+                    sum(v["documents"] for v in stats["bad"].values()))
+    (wd.local / rel / "stats.json").write_text(json.dumps(stats, indent=1))
+    for name in ("docs.parquet", "minhash.bin", "stats.json"):
+        wd.put(f"{rel}/{name}")
+    wd.close()
+    log.info("shard %d (%s): %d records, %d kept after filters", index, source.uri, stats["records"],
+             stats["kept"])
+    return stats
+
+
+def _load_stats(wd: _WorkDir, n_shards: int) -> list[dict[str, Any]]:
+    return [json.loads(wd.get(f"{_shard_dir(i)}/stats.json").read_text()) for i in range(n_shards)]
+
+
+def check_bad_fraction(stats: list[dict[str, Any]], config: DataPrepConfig) -> None:
+    """Raise InputDataError naming the bad records when their fraction exceeds `max_bad_fraction`."""
+    records = sum(s["records"] for s in stats)
+    bad = sum(v["documents"] for s in stats for v in s["bad"].values())
+    if records and bad / records > config.max_bad_fraction:
+        examples = [e for s in stats for e in s["bad_examples"]][:10]
+        listing = "\n".join(f"  - {e['where']}: {e['reason']} {e['detail']}".rstrip() for e in examples)
+        raise InputDataError(
+            f"{bad} of {records} input records ({bad / records:.1%}) are bad, more than "
+            f"data_prep.max_bad_fraction={config.max_bad_fraction}; first ones:\n{listing}\n"
+            "Fix the inputs, or raise data_prep.max_bad_fraction to skip them."
+        )
+
+
+def global_dedup(work: str, config: DataPrepConfig, n_shards: int) -> dict[str, Any]:
+    """Reduce step: bad-fraction check, then global exact + MinHash-LSH near dedup (first wins)."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    wd = _WorkDir(work)
+    stats = _load_stats(wd, n_shards)
+    check_bad_fraction(stats, config)
+    d = config.dedup
+    lsh = MinHashLSH(threshold=d.threshold, num_perm=d.num_perm) if d.near else None
+    seen: set[bytes] = set()
+    removed: dict[str, dict[str, int]] = {}
+    sig_dtype = F.signature_dtype(d)
+    scheme = F.signature_scheme(d)
+    for i in range(n_shards):
+        rel = _shard_dir(i)
+        pf = pq.ParquetFile(wd.get(f"{rel}/docs.parquet"))
+        n = pf.metadata.num_rows
+        sig_path = wd.get(f"{rel}/minhash.bin")
+        sigs = (np.memmap(sig_path, dtype=sig_dtype, mode="r", shape=(n, d.num_perm)) if n
+                else np.zeros((0, d.num_perm), sig_dtype))
+        keep = np.zeros(n, dtype=bool)
+        row = 0
+        for batch in pf.iter_batches(batch_size=_BATCH, columns=["key", "text"]):
+            keys = batch.column("key").to_pylist()
+            lens = [len(t.encode("utf-8")) for t in batch.column("text").to_pylist()]
+            for key, nbytes in zip(keys, lens, strict=True):
+                if d.exact and key in seen:
+                    _add(removed, "exact_duplicate", nbytes)
+                elif lsh is not None:
+                    m = LeanMinHash(seed=d.seed, hashvalues=np.asarray(sigs[row]), scheme=scheme)
+                    if lsh.query(m):
+                        _add(removed, "near_duplicate", nbytes)
+                    else:
+                        lsh.insert(f"{i}:{row}", m, check_duplication=False)
+                        keep[row] = True
+                else:
+                    keep[row] = True
+                if d.exact:
+                    seen.add(key)
+                row += 1
+        np.save(wd.local / rel / "keep.npy", keep)
+        wd.put(f"{rel}/keep.npy")
+    result = {"removed": removed}
+    (wd.local / "dedup.json").write_text(json.dumps(result))
+    wd.put("dedup.json")
+    wd.close()
+    return result
+
+
+def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path) -> dict[str, Any]:
+    """Stream the kept documents into `out_dir/{train,validation}/part-*.parquet`."""
+    wd = _WorkDir(work)
+    schema = pa.schema([("text", pa.string())])
+    counts = {s: {"documents": 0, "bytes": 0, "files": []} for s in ("train", "validation")}
+    buffers: dict[str, list[str]] = {"train": [], "validation": []}
+
+    def flush(split: str) -> None:
+        if buffers[split]:
+            name = f"{split}/part-{len(counts[split]['files']):05d}.parquet"
+            (out_dir / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"text": buffers[split]}, schema=schema), out_dir / name)
+            counts[split]["files"].append(name)
+            buffers[split] = []
+
+    for i in range(n_shards):
+        rel = _shard_dir(i)
+        keep = np.load(wd.get(f"{rel}/keep.npy"), allow_pickle=False)
+        row = 0
+        for batch in pq.ParquetFile(wd.get(f"{rel}/docs.parquet")).iter_batches(batch_size=_BATCH,
+                                                                               columns=["text"]):
+            for text in batch.column("text").to_pylist():
+                if keep[row]:
+                    split = F.split_of(text, config.validation_fraction)
+                    buffers[split].append(text)
+                    counts[split]["documents"] += 1
+                    counts[split]["bytes"] += len(text.encode("utf-8"))
+                    if len(buffers[split]) >= config.docs_per_shard:
+                        flush(split)
+                row += 1
+    for split in buffers:
+        flush(split)
+    wd.close()
+    return counts
+
+
+def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict[str, Any],
+                 splits: dict[str, Any]) -> tuple[dict[str, int], list[dict[str, Any]], str]:
+    """(counts, report rows, Markdown) from the map, reduce and write results."""
+    rows: list[dict[str, Any]] = []
+    merged: dict[str, dict[str, int]] = {}
+    for s in stats:
+        for table in (s["bad"], s["filtered"]):
+            for name, v in table.items():
+                m = merged.setdefault(name, {"documents": 0, "bytes": 0})
+                m["documents"] += v["documents"]
+                m["bytes"] += v["bytes"]
+    order = ([(k, "bad record") for k in BAD_KINDS] + [(k, "quality filter") for k in F.FILTER_NAMES])
+    for name, step in order:
+        v = merged.get(name, {"documents": 0, "bytes": 0})
+        rows.append({"step": step, "name": name, **v})
+    for name in ("exact_duplicate", "near_duplicate"):
+        v = dedup["removed"].get(name, {"documents": 0, "bytes": 0})
+        rows.append({"step": "dedup", "name": name, **v})
+    records = sum(s["records"] for s in stats)
+    bad = sum(v["documents"] for s in stats for v in s["bad"].values())
+    docs_in = sum(s["documents_in"] for s in stats)
+    bytes_in = sum(s["bytes_in"] for s in stats)
+    out_docs = splits["train"]["documents"] + splits["validation"]["documents"]
+    out_bytes = splits["train"]["bytes"] + splits["validation"]["bytes"]
+    counts = {"sources": len(sources), "records": records, "bad_records": bad, "documents_in": docs_in,
+              "bytes_in": bytes_in, "documents_out": out_docs, "bytes_out": out_bytes,
+              "train_documents": splits["train"]["documents"], "train_bytes": splits["train"]["bytes"],
+              "validation_documents": splits["validation"]["documents"],
+              "validation_bytes": splits["validation"]["bytes"],
+              "pii_documents": sum(s["pii"]["documents"] for s in stats),
+              "pii_replacements": sum(s["pii"]["replacements"] for s in stats)}
+    for r in rows:
+        counts[f"removed_{r['name']}"] = r["documents"]
+        counts[f"removed_bytes_{r['name']}"] = r["bytes"]
+    md = ["## Data prep report", "",
+          f"{len(sources)} source shard(s), {records} records read, {bad} bad, {docs_in} documents "
+          f"({bytes_in:,} bytes) after decoding; **{out_docs} documents ({out_bytes:,} bytes) kept**: "
+          f"train {splits['train']['documents']}, validation {splits['validation']['documents']}.", "",
+          "| step | filter | documents removed | bytes removed |", "|---|---|---:|---:|"]
+    md += [f"| {r['step']} | {r['name']} | {r['documents']} | {r['bytes']:,} |" for r in rows
+           if r["documents"] or r["step"] != "bad record"]
+    if counts["pii_documents"]:
+        md += ["", f"PII scrubbed: {counts['pii_replacements']} replacements in "
+                   f"{counts['pii_documents']} documents."]
+    examples = [e for s in stats for e in s["bad_examples"]]
+    if examples:
+        md += ["", "Bad records (first 20):", ""]
+        md += [f"- `{e['where']}`: {e['reason']} {e['detail']}".rstrip() for e in examples[:20]]
+    return counts, rows, "\n".join(md) + "\n"
+
+
+def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manifest:
+    """Stage entry point: input `raw` (see `kubellm.data_prep.sources`), output storage root."""
+    sources = list_sources(inputs["raw"])
+    cfg_hash = config.config_hash()
+    parents = {"raw": stable_hash([s.fingerprint for s in sources])}
+    prefix = content_prefix(output, "data_prep", cfg_hash, parents)
+    try:
+        existing = read_manifest(prefix)
+        log.info("data prep: %s already committed for these sources and config; reusing it", prefix)
+        log.info("\n%s", existing.report_markdown or "")
+        return existing
+    except ManifestMissingError:
+        pass
+    log.info("data prep: %d source shard(s) -> %s", len(sources), prefix)
+    with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
+        work = str(Path(tmp) / "work")
+        if config.num_proc > 1 and len(sources) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=config.num_proc, mp_context=ctx) as pool:
+                stats = list(pool.map(prepare_shard, sources, range(len(sources)),
+                                      [config] * len(sources), [work] * len(sources)))
+        else:
+            stats = [prepare_shard(s, i, config, work) for i, s in enumerate(sources)]
+        dedup = global_dedup(work, config, len(sources))
+        out_dir = Path(tmp) / "out"
+        splits = write_splits(work, config, len(sources), out_dir)
+        counts, rows, md = build_report(sources, stats, dedup, splits)
+        if counts["documents_out"] == 0:
+            raise InputDataError(f"{inputs['raw']}: no document survived decoding, filters and dedup:\n{md}")
+        metadata = {"text_field": "text", "report": rows,
+                    "bad_records": [e for s in stats for e in s["bad_examples"]][:200],
+                    "sources": [s.uri for s in sources],
+                    "train_files": splits["train"]["files"],
+                    "validation_files": splits["validation"]["files"],
+                    "config": config.model_dump(mode="json")}
+        manifest = publish_dir(out_dir, prefix, kind="dataset", counts=counts, config_hash=cfg_hash,
+                               parents=parents, metadata=metadata, report_markdown=md)
+    log.info("\n%s", md)
+    log.info("data prep: %d -> %d documents, published %s", counts["documents_in"], counts["documents_out"],
+             manifest.uri)
+    return manifest

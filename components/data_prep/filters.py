@@ -1,0 +1,152 @@
+"""Document-level cleaning: Unicode normalisation, Gopher/C4-family quality filters, PII scrubbing,
+and the keys used for dedup (exact hash, MinHash signature).
+
+    from kubellm.data_prep.filters import quality_reason
+    quality_reason("short text", QualityFilters())   # -> "min_words"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from functools import lru_cache
+
+import numpy as np
+from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
+
+_WS = re.compile(r"\s+")
+_WORD_PUNCT = re.compile(r"[^\w\s]")
+_ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+_PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w.])")
+_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
+_IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}\b")
+
+FILTER_NAMES = ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
+                "max_symbol_word_ratio", "max_ellipsis_line_fraction", "min_alpha_word_fraction",
+                "max_duplicate_line_fraction", "max_top_ngram_fraction")
+
+
+def normalize(text: str, form: str) -> str:
+    """Unicode normalisation + newline unification + outer whitespace strip."""
+    if form != "none":
+        text = unicodedata.normalize(form, text)  # type: ignore[arg-type]
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _top_ngram_fraction(words: list[str], n: int) -> float:
+    """Fraction of characters covered by the most frequent word n-gram (Gopher's repetition rule)."""
+    if len(words) < n:
+        return 0.0
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    total = sum(len(w) for w in words)
+    return count * sum(len(w) for w in gram) / max(total, 1)
+
+
+def quality_reason(text: str, f: QualityFilters) -> str | None:
+    """The name of the first quality filter `text` fails, or None when it passes them all."""
+    words = text.split()
+    n = len(words)
+    if f.min_words is not None and n < f.min_words:
+        return "min_words"
+    if f.max_words is not None and n > f.max_words:
+        return "max_words"
+    mean_len = sum(len(w) for w in words) / max(n, 1)
+    if f.min_mean_word_length is not None and mean_len < f.min_mean_word_length:
+        return "min_mean_word_length"
+    if f.max_mean_word_length is not None and mean_len > f.max_mean_word_length:
+        return "max_mean_word_length"
+    if f.max_symbol_word_ratio is not None:
+        symbols = text.count("#") + text.count("...") + text.count("…")
+        if symbols / max(n, 1) > f.max_symbol_word_ratio:
+            return "max_symbol_word_ratio"
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if f.max_ellipsis_line_fraction is not None and lines:
+        ell = sum(ln.endswith(("...", "…")) for ln in lines)
+        if ell / len(lines) > f.max_ellipsis_line_fraction:
+            return "max_ellipsis_line_fraction"
+    if f.min_alpha_word_fraction is not None and n:
+        alpha = sum(1 for w in words if _ALPHA.search(w))
+        if alpha / n < f.min_alpha_word_fraction:
+            return "min_alpha_word_fraction"
+    if f.max_duplicate_line_fraction is not None and len(lines) > 1:
+        dup = len(lines) - len(set(lines))
+        if dup / len(lines) > f.max_duplicate_line_fraction:
+            return "max_duplicate_line_fraction"
+    if f.max_top_ngram_fraction:
+        lowered = [w.lower() for w in words]
+        for ng, limit in sorted(f.max_top_ngram_fraction.items()):
+            if _top_ngram_fraction(lowered, ng) > limit:
+                return "max_top_ngram_fraction"
+    return None
+
+
+def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, int]:
+    """Replace emails, IPs and phone numbers with placeholders; returns (text, replacements)."""
+    total = 0
+    if cfg.emails:
+        text, k = _EMAIL.subn("<EMAIL>", text)
+        total += k
+    if cfg.ips:  # before phones: a dotted IPv4 also looks like a phone number
+        text, k = _IPV4.subn("<IP>", text)
+        total += k
+        text, k = _IPV6.subn("<IP>", text)
+        total += k
+    if cfg.phones:
+        def phone(m: re.Match[str]) -> str:
+            return "<PHONE>" if sum(c.isdigit() for c in m.group(0)) >= 7 else m.group(0)
+
+        new = _PHONE.sub(phone, text)
+        total += new.count("<PHONE>") - text.count("<PHONE>")
+        text = new
+    return text, total
+
+
+def dedup_key(text: str) -> bytes:
+    """Exact-dedup key: 128-bit hash of the lower-cased, whitespace-collapsed text."""
+    return hashlib.blake2b(_WS.sub(" ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
+
+
+def split_of(text: str, validation_fraction: float) -> str:
+    """Deterministic split by hash: the same text lands in the same split on every run and machine."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return "validation" if h / 2**64 < validation_fraction else "train"
+
+
+def shingles(text: str, n: int) -> list[bytes]:
+    """Word n-gram shingles of the punctuation-stripped, lower-cased text."""
+    words = _WORD_PUNCT.sub(" ", text.lower()).split()
+    if len(words) < n:
+        return [" ".join(words).encode("utf-8")]
+    return list({" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)})
+
+
+@lru_cache(maxsize=8)
+def _template(num_perm: int, seed: int):  # type: ignore[no-untyped-def]
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed)
+
+
+def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
+    """The datasketch MinHash signature (affine32 scheme, uint32[num_perm]) of `text`'s shingles.
+    All shards share `cfg.seed`, so signatures are comparable in the global reduce."""
+    from datasketch import MinHash
+
+    t = _template(cfg.num_perm, cfg.seed)
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=t.permutations, scheme=t.scheme)
+    m.update_batch(shingles(text, cfg.ngram))
+    return np.asarray(m.hashvalues)
+
+
+def signature_dtype(cfg: DedupConfig) -> np.dtype:
+    return np.dtype(_template(cfg.num_perm, cfg.seed).hashvalues.dtype).newbyteorder("<")
+
+
+def signature_scheme(cfg: DedupConfig) -> str:
+    return str(_template(cfg.num_perm, cfg.seed).scheme)
