@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from kubellm.core.errors import ConfigError, IntegrityError
 from kubellm.model.config import ModelConfig
 from kubellm.model.transformer import Transformer
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

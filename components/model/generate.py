@@ -1,0 +1,236 @@
+"""Text generation with a KV cache, and the `kubellm generate` command.
+
+    kubellm generate --model out/pretrain/<hash>/hf --chat "What is the capital of Zorbia?"
+    kubellm generate --model s3://bucket/kubellm/sft/<hash> --prompt "Once upon" --temperature 0.8 --top-p 0.9
+
+`--model` is a plain local Hugging Face directory or an artifact (an S3/local prefix with a
+`_manifest.json`, or a manifest JSON file); an artifact is downloaded and sha256-verified into a
+temporary directory first. Python:
+
+    from kubellm.model.generate import load_for_generation, chat
+    bundle = load_for_generation("out/hf")
+    print(chat(bundle, [{"role": "user", "content": "hi"}], max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubellm.core.errors import ConfigError, KubellmError
+from kubellm.model.checks import check_token_ids
+from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME
+from kubellm.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of `logits` (B, V): greedy when temperature <= 0, else sampling from the
+    smallest set of tokens whose probability reaches top_p (nucleus), at least one token kept."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass *before* it already reaches top_p (so the top token always stays)
+        sorted_p[(sorted_p.cumsum(dim=-1) - sorted_p) >= top_p] = 0.0
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: Sequence[int] = (),
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each row of `input_ids` ((B, T) or one list of ids; rows of equal length) with
+    incremental decoding through a KV cache: one prefill pass, then one token per step. Returns the
+    new tokens per row, cut before the first stop token. Stops early when every row has stopped."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    cfg = model.cfg
+    device = model.tok_embeddings.weight.device
+    ids = ids.to(device)
+    B, T = ids.shape
+    if T == 0:
+        raise ValueError("empty prompt: generation needs at least one token (e.g. bos)")
+    check_token_ids(ids, cfg.vocab_size, where="prompt")
+    if T >= cfg.max_seq_len:
+        raise ValueError(f"prompt of {T} tokens leaves no room in the context (max_seq_len={cfg.max_seq_len})")
+    budget = min(max_new_tokens, cfg.max_seq_len - T)
+    if budget < max_new_tokens:
+        log.warning("max_new_tokens=%d capped to %d by max_seq_len=%d", max_new_tokens, budget, cfg.max_seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(B, max_len=T + budget)
+        logits = model(ids, kv_cache=cache)[:, -1]  # prefill: (B, V)
+        stops = torch.tensor(list(eos_token_ids) or [-1], device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out: list[torch.Tensor] = []
+        for step in range(budget):
+            nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
+            out.append(nxt)
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()) or step == budget - 1:
+                break
+            logits = model(nxt[:, None], kv_cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+    rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+    stop_set = set(eos_token_ids)
+    result = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        result.append(row[:cut])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a model for generation
+
+
+@dataclass
+class GenerationBundle:
+    """A loaded model with its tokenizer and stop tokens."""
+
+    model: Transformer
+    tokenizer: Any
+    stop_ids: list[int]
+    model_dir: Path
+    _tmp: Any = field(default=None, repr=False)  # keeps a downloaded artifact's temp dir alive
+
+
+def resolve_model_dir(uri: str, workdir: Path) -> Path:
+    """A local HF directory as is; otherwise an artifact (prefix/manifest file) fetched into `workdir`.
+    The HF directory is the artifact's folder holding config.json and the safetensors weights."""
+    p = Path(uri)
+    if not uri.startswith("s3://") and (p / "config.json").is_file():
+        return p
+    from kubellm.core.manifest import fetch, load_manifest_ref
+
+    try:
+        manifest = load_manifest_ref(uri)
+    except KubellmError as e:
+        raise ConfigError(f"--model {uri}: neither a Hugging Face model directory (no config.json) nor an "
+                          f"artifact with a manifest ({e})") from None
+    files = {f.path for f in manifest.files}
+    roots = []
+    for fp in files:
+        parent, _, name = fp.rpartition("/")
+        if name == "config.json" and ({_join(parent, WEIGHTS_NAME), _join(parent, INDEX_NAME)} & files):
+            roots.append(parent)
+    if not roots:
+        raise ConfigError(f"--model {uri}: the artifact ({manifest.kind}) holds no Hugging Face model "
+                          f"(config.json beside {WEIGHTS_NAME})")
+    root = min(roots, key=len)  # the top-most model directory in the artifact
+    wanted = sorted(fp for fp in files if not root or fp.startswith(root + "/"))
+    fetch(manifest, workdir, paths=wanted)
+    return workdir / root if root else workdir
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}" if root else name
+
+
+def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> GenerationBundle:
+    from kubellm.model.hf import load_hf
+    from transformers import AutoTokenizer
+
+    tmp = None
+    p = Path(uri)
+    if uri.startswith("s3://") or not (p / "config.json").is_file():
+        tmp = tempfile.TemporaryDirectory(prefix="kubellm-generate-")
+    model_dir = resolve_model_dir(uri, Path(tmp.name) if tmp else p)
+    model, _ = load_hf(model_dir, dtype=dtype)
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{model_dir}: no loadable tokenizer beside the model ({e}); export with "
+                          "tokenizer_dir=") from None
+    stops: list[int] = []
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tok.eos_token_id is not None:
+        stops.append(tok.eos_token_id)
+    return GenerationBundle(model, tok, list(dict.fromkeys(stops)), model_dir, tmp)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template with the assistant's turn opened (add_generation_prompt=True)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the tokenizer has no chat_template; use --prompt for plain completion")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the template writes bos/role markers itself: no second bos from the tokenizer
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Plain completion: documents were trained as [bos] + text, so start with bos."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def chat(bundle: GenerationBundle, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    """Reply to `messages` (`max_new_tokens`, `temperature`, `top_p`, `generator` as `generate`)."""
+    ids = encode_chat(bundle.tokenizer, messages)
+    new = generate(bundle.model, ids, eos_token_ids=bundle.stop_ids, **kwargs)[0]
+    return bundle.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def complete(bundle: GenerationBundle, prompt: str, **kwargs: Any) -> str:
+    ids = encode_prompt(bundle.tokenizer, prompt)
+    new = generate(bundle.model, ids, eos_token_ids=bundle.stop_ids, **kwargs)[0]
+    return bundle.tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def configure(parser: argparse.ArgumentParser, command: str = "generate") -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF model directory, or an artifact prefix/manifest (local or s3://)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--chat", help="a user message; the tokenizer's chat template is applied")
+    what.add_argument("--prompt", help="plain text to continue (no chat template)")
+    parser.add_argument("--system", help="optional system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p={args.top_p}: expected a value in (0, 1]")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature}: expected >= 0")
+    bundle = load_for_generation(args.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.chat})
+        text = chat(bundle, messages, **opts)
+    else:
+        text = complete(bundle, args.prompt, **opts)
+    print(text)
+    return 0

@@ -1,0 +1,136 @@
+"""HF interop: transformers loads our export with the same logits; import round-trips; bad dirs fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kubellm.core.errors import ConfigError, IntegrityError
+from kubellm.model import Transformer
+from kubellm.model.config import ModelConfig
+from kubellm.model.hf import export_hf, hf_to_state_dict, load_hf, state_dict_to_hf
+from model_tokenizer_util import build_tokenizer
+from safetensors.torch import load_file, save_file
+
+BASE = ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
+                   rope_theta=500.0, norm_eps=1e-6)
+VARIANTS = {
+    "gqa-untied": BASE,
+    "gqa-tied": BASE.with_(tie_embeddings=True),
+    "mha-untied": BASE.with_(n_kv_heads=None),
+    "mha-tied": BASE.with_(n_kv_heads=None, tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _model(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transformers_loads_export_with_same_logits(variant: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    out = export_hf(model, cfg, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["num_key_value_heads"] == cfg.kv_heads and conf["tie_word_embeddings"] == cfg.tie_embeddings
+    assert (conf["bos_token_id"], conf["eos_token_id"], conf["pad_token_id"]) == (0, 1, 2)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 6]  # eos, <|end|>
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) != cfg.tie_embeddings
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+
+    back, back_cfg = load_hf(out)
+    assert back_cfg == cfg
+    assert (back.output.weight is back.tok_embeddings.weight) == cfg.tie_embeddings
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_imports_third_party_llama(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    hf_cfg = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=96,
+                         rope_theta=20000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(str(tmp_path))
+    model, cfg = load_hf(tmp_path)
+    assert (cfg.dim, cfg.kv_heads, cfg.rope_theta, cfg.max_seq_len) == (48, 3, 20000.0, 96)
+    x = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_bf16_export(tmp_path: Path) -> None:
+    export_hf(_model(BASE), BASE, tmp_path, dtype=torch.bfloat16)
+    assert load_file(tmp_path / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_state_dict_mapping_round_trip() -> None:
+    sd = {"module." + k: v for k, v in _model(BASE).state_dict().items()}  # as a DDP/DeepSpeed wrapper names it
+    hf = state_dict_to_hf(sd, BASE)
+    assert hf["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 8, 32)
+    back = hf_to_state_dict(hf, BASE)
+    assert all(torch.equal(back[k.removeprefix("module.")], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("key, value", [
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("attention_bias", True),
+    ("hidden_act", "gelu"),
+    ("model_type", "mistral"),
+])
+def test_unsupported_features_are_refused(key: str, value: object, tmp_path: Path) -> None:
+    export_hf(_model(BASE), BASE, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=rf"config\.json: {key}="):
+        load_hf(tmp_path)
+
+
+def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
+    export_hf(_model(BASE), BASE, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(IntegrityError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj"):
+        load_hf(tmp_path)
+
+
+def test_no_safetensors_is_refused(tmp_path: Path) -> None:
+    export_hf(_model(BASE), BASE, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(IntegrityError, match="pickle-based weights are not loaded"):
+        load_hf(tmp_path)
+
+
+def test_tokenizer_larger_than_vocab_is_refused(tmp_path: Path, tokenizer_dir: Path) -> None:
+    small = BASE.with_(vocab_size=200)
+    with pytest.raises(ConfigError, match="tokenizer has 300 tokens but the model's vocab_size is 200"):
+        export_hf(_model(small), small, tmp_path, tokenizer_dir=tokenizer_dir)
