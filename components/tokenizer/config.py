@@ -1,14 +1,38 @@
-"""Tokenizer stage config."""
+"""Tokenizer stage config (the `tokenizer:` section of the run-config)."""
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
+from pydantic import Field
 
 
 class TokenizerConfig(StrictModel):
     vocab_size: int = Field(default=2048, ge=260)
-    """Target vocabulary size including special tokens (byte-level BPE needs ≥ 256 + specials)."""
+    """Target vocabulary size including special tokens (byte-level BPE needs ≥ 256 + specials).
+    A small corpus may yield fewer; the manifest's `metadata.vocab_size` is the real size."""
     min_frequency: int = Field(default=2, ge=1)
     """Minimum pair frequency for a BPE merge."""
+    bos_token: str = "<|bos|>"
+    """Begin-of-document token (id 0): starts every document in the shards and every chat."""
+    eos_token: str = "<|eos|>"
+    """End-of-document token (id 1): ends every document in the shards."""
+    pad_token: str = "<|pad|>"
+    """Padding token (id 2)."""
+    system_token: str = "<|system|>"
+    """Chat role marker that opens a system turn."""
+    user_token: str = "<|user|>"
+    """Chat role marker that opens a user turn."""
+    assistant_token: str = "<|assistant|>"
+    """Chat role marker that opens an assistant turn (the generation prompt)."""
+    end_token: str = "<|end|>"
+    """Ends every chat turn; generation of an assistant reply stops at it."""
+    extra_special_tokens: list[str] = Field(default_factory=list)
+    """More special tokens (never split, ids after the ones above)."""
+    max_train_bytes: int | None = Field(default=None, ge=1)
+    """Train BPE on at most this many bytes of the train split (None = all of it)."""
+    batch_size: int = Field(default=1000, ge=1)
+    """Documents per `encode_batch` call (the Rust encoder parallelises within a batch)."""
+    num_threads: int | None = Field(default=None, ge=1)
+    """Encoder threads (RAYON_NUM_THREADS); None = the tokenizers library default (all cores)."""
+    tokens_per_shard: int = Field(default=100_000_000, ge=1)
+    """Start a new `.tok` shard once the current one holds this many tokens."""

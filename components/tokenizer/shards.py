@@ -24,7 +24,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from kubellm.core.errors import InputDataError
 
 MAGIC = b"KLLMTOK\0"

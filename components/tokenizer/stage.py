@@ -1,12 +1,162 @@
-"""The tokenizer stage: `run(config, inputs, output) -> Manifest`."""
+"""The tokenizer stage: train byte-level BPE on the cleaned train split and encode both splits into
+packed token shards.
+
+    kubellm data-prep --input raw=.kubellm/demo/corpus --output .kubellm/artifacts
+    kubellm tokenizer --input dataset=.kubellm/artifacts/data_prep/<hash> --output .kubellm/artifacts
+
+Input `dataset`: a data-prep artifact (manifest kind `dataset`: `train/*.parquet`,
+`validation/*.parquet`, column `text`). Output (manifest kind `token_shards`):
+
+    tokenizer/            tokenizer.json, tokenizer_config.json (+ chat template), … —
+                          `transformers.AutoTokenizer.from_pretrained(<prefix>/tokenizer)` loads it
+    train/part-00000.tok  packed shards (`kubellm.tokenizer.shards`); each document is
+    validation/part-00000.tok   `[bos] + ids + [eos]`
+
+`metadata`: vocab_size, bos_id, eos_id, pad_id, special_tokens (token -> id), chat_template,
+train_files, validation_files. `metrics`: bytes_per_token on validation (UTF-8 bytes of the text over
+its tokens, bos/eos excluded) and on train. The chat format is documented in `kubellm.tokenizer.bpe`.
+
+Encoding streams parquet record batches and calls `Tokenizer.encode_batch` (`batch_size` documents
+at a time, parallel inside the Rust encoder), so memory stays bounded by one batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
-from kubellm.core.errors import NotImplementedStageError
-from kubellm.core.manifest import Manifest
+import pyarrow.parquet as pq
+from kubellm.core.errors import InputDataError, ManifestMissingError
+from kubellm.core.manifest import (
+    Manifest,
+    content_prefix,
+    fetch,
+    load_manifest_ref,
+    publish_dir,
+    read_manifest,
+)
+from kubellm.tokenizer.bpe import chat_template, save_hf_tokenizer, special_tokens, train_bpe
+from kubellm.tokenizer.config import TokenizerConfig
+from kubellm.tokenizer.shards import TokenShardWriter
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation")
 
 
-def run(config: object, inputs: Mapping[str, str], output: str) -> Manifest:
-    raise NotImplementedStageError("the tokenizer stage is not implemented yet")
+def iter_texts(files: list[Path], batch_size: int = 1000) -> Iterator[list[str]]:
+    """Batches of `text` values from parquet files, streamed record batch by record batch."""
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:
+            raise InputDataError(f"{f}: not a readable parquet file ({e})") from e
+        if "text" not in pf.schema_arrow.names:
+            raise InputDataError(f"{f}: no `text` column (columns: {pf.schema_arrow.names})")
+        for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
+            yield [t for t in batch.column("text").to_pylist() if t]
+
+
+def _training_texts(files: list[Path], max_bytes: int | None) -> Iterator[str]:
+    seen = 0
+    for batch in iter_texts(files):
+        for text in batch:
+            yield text
+            seen += len(text.encode("utf-8"))
+            if max_bytes is not None and seen >= max_bytes:
+                return
+
+
+def encode_split(tok: Tokenizer, files: list[Path], out_dir: Path, split: str, cfg: TokenizerConfig,
+                 vocab_size: int, bos: int, eos: int) -> dict[str, Any]:
+    """Encode one split into `out_dir/<split>/part-*.tok`; returns counts and bytes/token."""
+    stats: dict[str, Any] = {"documents": 0, "tokens": 0, "text_tokens": 0, "bytes": 0, "files": []}
+    writer: TokenShardWriter | None = None
+    for texts in iter_texts(files, cfg.batch_size):
+        for enc, text in zip(tok.encode_batch(texts, add_special_tokens=False), texts, strict=True):
+            if writer is None:
+                name = f"{split}/part-{len(stats['files']):05d}.tok"
+                writer = TokenShardWriter(out_dir / name, vocab_size)
+                stats["files"].append(name)
+            writer.add_document([bos, *enc.ids, eos])
+            stats["documents"] += 1
+            stats["text_tokens"] += len(enc.ids)
+            stats["tokens"] += len(enc.ids) + 2
+            stats["bytes"] += len(text.encode("utf-8"))
+            if writer.token_count >= cfg.tokens_per_shard:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+    stats["bytes_per_token"] = stats["bytes"] / stats["text_tokens"] if stats["text_tokens"] else 0.0
+    return stats
+
+
+def run(config: TokenizerConfig, inputs: Mapping[str, str], output: str) -> Manifest:
+    """Stage entry point: input `dataset` (a data-prep artifact), output storage root."""
+    dataset = load_manifest_ref(inputs["dataset"])
+    if dataset.kind != "dataset":
+        raise InputDataError(f"{inputs['dataset']}: artifact kind {dataset.kind!r}, expected 'dataset' "
+                             "(the output of `kubellm data-prep`)")
+    cfg_hash = config.config_hash()
+    parents = {"dataset": dataset.digest()}
+    prefix = content_prefix(output, "tokenizer", cfg_hash, parents)
+    try:
+        existing = read_manifest(prefix)
+        log.info("tokenizer: %s already committed for this dataset and config; reusing it", prefix)
+        log.info("\n%s", existing.report_markdown or "")
+        return existing
+    except ManifestMissingError:
+        pass
+    if config.num_threads:
+        os.environ["RAYON_NUM_THREADS"] = str(config.num_threads)  # read when the encoder pool starts
+    with tempfile.TemporaryDirectory(prefix="kubellm-tok-") as tmp:
+        data_dir = Path(tmp) / "data"
+        wanted = [f.path for f in dataset.files if f.path.endswith(".parquet")
+                  and f.path.split("/", 1)[0] in SPLITS]
+        fetch(dataset, data_dir, paths=wanted)
+        split_files = {s: sorted(data_dir / p for p in wanted if p.startswith(f"{s}/")) for s in SPLITS}
+        if not split_files["train"]:
+            raise InputDataError(f"{dataset.uri}: the dataset has no train/*.parquet files to train on")
+
+        log.info("tokenizer: training byte-level BPE (vocab %d) on %d train file(s)", config.vocab_size,
+                 len(split_files["train"]))
+        tok = train_bpe(_training_texts(split_files["train"], config.max_train_bytes), config,
+                        length=dataset.counts.get("train_documents"))
+        vocab_size = tok.get_vocab_size()
+        specials = {t: tok.token_to_id(t) for t in special_tokens(config)}
+        bos, eos, pad = specials[config.bos_token], specials[config.eos_token], specials[config.pad_token]
+        out_dir = Path(tmp) / "out"
+        save_hf_tokenizer(tok, config, out_dir / "tokenizer")
+
+        stats = {s: encode_split(tok, split_files[s], out_dir, s, config, vocab_size, bos, eos) for s in SPLITS}
+        bpt_val = stats["validation"]["bytes_per_token"]
+        counts = {"vocab_size": vocab_size}
+        for s in SPLITS:
+            counts[f"{s}_documents"] = stats[s]["documents"]
+            counts[f"{s}_tokens"] = stats[s]["tokens"]
+            counts[f"{s}_bytes"] = stats[s]["bytes"]
+        metrics = {"bytes_per_token": bpt_val, "bytes_per_token_train": stats["train"]["bytes_per_token"]}
+        md = "\n".join([
+            "## Tokenizer report", "",
+            f"Byte-level BPE, vocab {vocab_size} (requested {config.vocab_size}), min frequency "
+            f"{config.min_frequency}; special tokens {', '.join(f'`{t}`={i}' for t, i in specials.items())}.", "",
+            "| split | documents | tokens | bytes | bytes/token |", "|---|---:|---:|---:|---:|",
+            *[f"| {s} | {stats[s]['documents']} | {stats[s]['tokens']:,} | {stats[s]['bytes']:,} | "
+              f"{stats[s]['bytes_per_token']:.3f} |" for s in SPLITS],
+            "", f"**Validation bytes/token: {bpt_val:.3f}**", "",
+        ])
+        metadata = {"vocab_size": vocab_size, "bos_id": bos, "eos_id": eos, "pad_id": pad,
+                    "special_tokens": specials, "tokenizer_dir": "tokenizer",
+                    "chat_template": chat_template(config), "dtype": "uint16" if vocab_size <= 65536 else "uint32",
+                    "train_files": stats["train"]["files"], "validation_files": stats["validation"]["files"],
+                    "document_format": "[bos] + ids + [eos]"}
+        manifest = publish_dir(out_dir, prefix, kind="token_shards", counts=counts, metrics=metrics,
+                               config_hash=cfg_hash, parents=parents, metadata=metadata, report_markdown=md)
+    log.info("\n%s", md)
+    log.info("tokenizer: published %s (validation bytes/token %.3f)", manifest.uri, bpt_val)
+    return manifest
