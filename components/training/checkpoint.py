@@ -36,6 +36,7 @@ initialised from kubellm's consolidated export (`consolidated_state_dict` / the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -61,7 +62,7 @@ from kubellm.core.manifest import (
     read_manifest,
     stable_hash,
 )
-from kubellm.core.storage import join, sha256_file, storage_for
+from kubellm.core.storage import is_s3, join, local_path, sha256_file, storage_for
 from kubellm.training.checkpoint_engine import (
     SafeTorchCheckpointEngine,
     install_safe_checkpoint_engine,
@@ -459,6 +460,10 @@ class CheckpointManager:
             self.storage.delete(join(prefix, MANIFEST_NAME))
             for obj in self.storage.list(prefix):
                 self.storage.delete(obj.uri)
+            if not is_s3(prefix):  # S3 has no directories; locally, drop the emptied ones too
+                for d in sorted(local_path(prefix).glob("**/"), key=lambda p: len(p.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
 
     # -- load
 

@@ -21,6 +21,7 @@ allow-list at all.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,12 @@ def safe_torch_load(path: str | Path, map_location: Any = None,
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message names the offending global (e.g. "Unsupported global: GLOBAL os.system");
-        # keep its first line, drop the advice to pass weights_only=False.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message names the offending global ("WeightsUnpickler error: Unsupported global:
+        # GLOBAL os.system was not ..."); keep that sentence, drop the advice to pass
+        # weights_only=False, which is exactly what must not happen here.
+        text = str(e)
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", text, re.M)
+        reason = found.group(1).strip() if found else (text.strip().splitlines() or [type(e).__name__])[-1]
         raise UnsafeCheckpointError(
             f"{path}: refused to load — it pickles a type outside kubellm's allow-list for "
             f"DeepSpeed checkpoints ({reason}). The file is corrupt, from an unsupported DeepSpeed "

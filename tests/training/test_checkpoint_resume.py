@@ -176,6 +176,7 @@ def _bad_inputs(engine, mgr, cfg, prefix, results, IntegrityError, CheckpointMis
     import torch.distributed as dist
 
     rank0 = dist.get_rank() == 0  # one rank mutates storage; the barrier publishes it to the other
+    dist.barrier()  # both ranks have taken their "unchanged" snapshot before anything is written
     torn = join(prefix, "step-00000099")
     if rank0:
         for f in newest.files:

@@ -1,0 +1,205 @@
+"""Safe loading and the checkpoint bookkeeping that needs no distributed engine (unit tier, seconds).
+
+    .venv/bin/python -m pytest tests/training/test_checkpoint_safety.py -q
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kubellm.core.errors import IntegrityError
+from kubellm.core.manifest import MANIFEST_NAME, FileEntry, Manifest, commit_manifest
+from kubellm.core.storage import join
+from kubellm.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointMismatchError,
+    tag_for,
+)
+from kubellm.training.checkpoint_engine import (
+    SafeTorchCheckpointEngine,
+    UnsafeCheckpointError,
+    install_safe_checkpoint_engine,
+)
+
+
+class _Exploit:
+    """Unpickling this calls exec(): what a crafted checkpoint would do with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "step-00000001" / "mp_rank_00_model_states.pt"
+    path.parent.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _Exploit(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        SafeTorchCheckpointEngine().load(str(path), map_location="cpu")
+    msg = str(err.value)
+    assert str(path) in msg and "exec" in msg and "allow-list" in msg
+    assert not marker.exists()
+
+
+def test_deepspeed_types_load_through_the_allow_list(tmp_path: Path) -> None:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    state = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                      "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                                      "fp32": torch.arange(4.0)}}
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(state, path)
+    with pytest.raises(Exception, match="Unsupported global"):  # plain weights_only refuses them
+        torch.load(path, weights_only=True)
+    engine = SafeTorchCheckpointEngine()
+    got = engine.load(str(path), map_location="cpu")["optimizer_state_dict"]
+    assert isinstance(got["loss_scaler"], LossScaler) and got["loss_scaler"].cur_scale == 1.0
+    assert got["zero_stage"] is ZeroStageEnum.gradients
+    assert got["param_slice_mappings"][0]["w"] == fragment_address(numel=4, start=0)
+    assert torch.equal(got["fp32"], torch.arange(4.0))
+    assert engine.loaded == [str(path)]
+
+
+def test_not_a_checkpoint_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    path.write_bytes(b"definitely not a zip or pickle")
+    with pytest.raises(IntegrityError, match=str(path)):
+        SafeTorchCheckpointEngine().load(str(path))
+
+
+def test_install_replaces_torch_engine_keeps_serialization() -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine()
+    original.zipfile_serialization = True
+    engine = SimpleNamespace(checkpoint_engine=original)
+    safe = install_safe_checkpoint_engine(engine)
+    assert engine.checkpoint_engine is safe and safe.zipfile_serialization is True
+    assert install_safe_checkpoint_engine(engine) is safe
+    with pytest.raises(TypeError, match="TorchCheckpointEngine"):
+        install_safe_checkpoint_engine(SimpleNamespace(checkpoint_engine=object()))
+
+
+# ------------------------------------------------------------------ bookkeeping without an engine
+
+
+def _commit(prefix: str, step: int, files: dict[str, bytes] | None = None) -> Manifest:
+    files = files or {"mp_rank_00_model_states.pt": f"weights {step}".encode()}
+    root = Path(prefix) / tag_for(step)
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    import hashlib
+
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        entries.append(FileEntry(path=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    m = Manifest(kind="checkpoint", uri=str(root), files=entries, metadata={"step": step, "tag": tag_for(step)})
+    return commit_manifest(m)
+
+
+def test_latest_ignores_torn_and_retention_deletes_only_older(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "run")
+    mgr = CheckpointManager(prefix, keep=2, local_dir=tmp_path / "staging")
+    assert mgr.latest() is None
+    for s in (1, 3, 4, 5):
+        _commit(prefix, s)
+    torn_old = Path(prefix) / tag_for(2)
+    torn_new = Path(prefix) / tag_for(9)  # e.g. a crash mid-upload after the last commit
+    for d in (torn_old, torn_new):
+        d.mkdir()
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert mgr.latest().metadata["step"] == 5
+    mgr._retain(mgr.latest())
+    assert [m.metadata["step"] for m in mgr.committed()] == [4, 5]
+    assert not (Path(prefix) / tag_for(1)).exists() and not torn_old.exists()
+    assert torn_new.exists()  # newer than the newest commit: never touched by retention
+
+
+def test_save_refuses_to_overwrite_a_committed_step(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "run")
+    committed = _commit(prefix, 7)
+    before = Path(join(committed.uri, MANIFEST_NAME)).read_bytes()
+    mgr = CheckpointManager(prefix, local_dir=tmp_path / "staging")
+    with pytest.raises(CheckpointError, match=r"step-00000007: a checkpoint for step 7 is already committed"):
+        mgr.save(None, 7, {})
+    assert Path(join(committed.uri, MANIFEST_NAME)).read_bytes() == before
+
+
+def test_save_refuses_client_state_that_safe_loading_could_not_read(tmp_path: Path) -> None:
+    mgr = CheckpointManager(str(tmp_path / "run"), local_dir=tmp_path / "staging")
+    with pytest.raises(CheckpointError, match=r"client_state.*weights_only=True"):
+        mgr.save(None, 1, {"loader": _Exploit(tmp_path / "m")})
+
+
+def _fake_engine(dim: int = 8, stage: int = 1, dp: int = 1) -> SimpleNamespace:
+    module = torch.nn.Linear(dim, 4)
+    return SimpleNamespace(module=module, dp_world_size=dp, mp_world_size=1,
+                           zero_optimization_stage=lambda: stage)
+
+
+def _meta_manifest(tmp_path: Path, **metadata) -> Manifest:
+    return Manifest(kind="checkpoint", uri=str(tmp_path / "run" / "step-00000003"), metadata=metadata)
+
+
+def test_mismatch_names_differing_config_fields(tmp_path: Path) -> None:
+    from kubellm.model.config import get_preset
+
+    cfg = get_preset("debug")
+    m = _meta_manifest(tmp_path, model_config=cfg.with_(n_layers=3, dim=128).model_dump(mode="json"),
+                       layout={"world_size": 1, "dp": 1, "tp": 1, "pp": 1, "zero_stage": 1})
+    mgr = CheckpointManager(str(tmp_path / "run"), model_config=cfg, local_dir=tmp_path / "s")
+    with pytest.raises(CheckpointMismatchError) as err:
+        mgr.check_compatible(m, _fake_engine())
+    msg = str(err.value)
+    assert "dim: checkpoint=128, this run=64" in msg and "n_layers: checkpoint=3, this run=2" in msg
+    assert "_manifest.json" in msg and "ffn_dim" not in msg
+
+
+def test_mismatch_without_config_compares_parameter_shapes(tmp_path: Path) -> None:
+    m = _meta_manifest(tmp_path, param_shapes={"weight": [4, 16], "bias": [4]},
+                       layout={"world_size": 1, "dp": 1, "tp": 1, "pp": 1, "zero_stage": 1})
+    mgr = CheckpointManager(str(tmp_path / "run"), local_dir=tmp_path / "s")
+    with pytest.raises(CheckpointMismatchError, match=r"weight: checkpoint=\[4, 16\], this run=\[4, 8\]"):
+        mgr.check_compatible(m, _fake_engine())
+
+
+def test_layout_mismatch_names_the_resharding_routes(tmp_path: Path) -> None:
+    m = _meta_manifest(tmp_path, param_shapes={"weight": [4, 8], "bias": [4]},
+                       layout={"world_size": 1, "dp": 1, "tp": 1, "pp": 1, "zero_stage": 3})
+    mgr = CheckpointManager(str(tmp_path / "run"), local_dir=tmp_path / "s")
+    with pytest.raises(CheckpointMismatchError) as err:
+        mgr.check_compatible(m, _fake_engine(stage=1))
+    assert "zero_stage: checkpoint=3, this run=1" in str(err.value)
+    assert "ds_to_universal" in str(err.value) and "consolidated export" in str(err.value)
+
+
+def test_files_for_rank_skips_other_ranks_shards(tmp_path: Path) -> None:
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_model_states.pt", "kubellm_state_rank00000.pt",
+             "kubellm_state_rank00001.pt"]
+    m = Manifest(kind="checkpoint", uri="x", files=[FileEntry(path=n, size=1, sha256="0") for n in names])
+    assert CheckpointManager.files_for_rank(m, dp_rank=1, rank=1) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "kubellm_state_rank00001.pt"]
+    assert len(CheckpointManager.files_for_rank(m, dp_rank=0, rank=0, elastic=True)) == 6
+    with pytest.raises(IntegrityError, match="kubellm_state_rank00002.pt"):
+        CheckpointManager.files_for_rank(m, dp_rank=2, rank=2)
+
+
+def test_manifest_is_plain_json_with_the_step(tmp_path: Path) -> None:
+    m = _commit(str(tmp_path / "run"), 12)
+    data = json.loads(Path(m.uri, MANIFEST_NAME).read_text())
+    assert data["kind"] == "checkpoint" and data["metadata"]["step"] == 12
