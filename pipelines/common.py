@@ -1,0 +1,85 @@
+"""Options shared by `kubellm compile|run|submit|schedule`: the run-config, images, parameter defaults.
+
+    kubellm compile --preset debug --set pretrain.train.max_steps=20 --registry reg.io/ml --tag v1 \
+        --param raw_source=s3://bucket/raw/ --output build/pipelines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kubellm.core.errors import ConfigError
+from kubellm.pipelines.definitions import PIPELINES, PipelineSettings, build_pipelines
+from kubellm.runconfig import PRESETS, RunConfig, load_run_config
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-config", "--config", dest="run_config", metavar="FILE",
+                   help="run-config YAML; its values become the pipeline parameters' defaults")
+    p.add_argument("--preset", choices=PRESETS, help="start from a shipped preset (the file overrides it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config value, e.g. --set dpo.beta=0.2 (repeatable)")
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None,
+                   help="image registry for every step (default: $KUBELLM_REGISTRY, else local names)")
+    p.add_argument("--tag", default=None, help="image tag for every step (default: $KUBELLM_TAG, else the version)")
+    p.add_argument("--s3-secret", default="kubellm-s3",
+                   help="Secret (by name) with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the steps; '' for none")
+    p.add_argument("--s3-config-map", default="kubellm-s3",
+                   help="ConfigMap with KUBELLM_S3_ENDPOINT_URL/AWS_REGION for the steps; '' for none")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a pipeline parameter's default, e.g. --param raw_source=s3://b/raw/ "
+                        "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            val: Any = json.loads(v) if v[:1] in "[{" else v
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--param {k}: value looks like JSON but does not parse: {e}") from None
+        out[k.strip()] = val
+    return out
+
+
+def load_config(args: argparse.Namespace) -> RunConfig:
+    return load_run_config(args.run_config, preset=args.preset, overrides=args.set)
+
+
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettings:
+    params = parse_params(getattr(args, "param", []) or [])
+    for key in ("raw_source", "chat_source", "preferences_source"):
+        if key in params:
+            extra.setdefault(key, str(params.pop(key)))
+    return PipelineSettings(registry=getattr(args, "registry", None), tag=getattr(args, "tag", None),
+                            s3_secret=getattr(args, "s3_secret", "kubellm-s3"),
+                            s3_config_map=getattr(args, "s3_config_map", "kubellm-s3"),
+                            params=tuple(params.items()), **extra)
+
+
+def compile_pipelines(cfg: RunConfig, settings: PipelineSettings, out_dir: Path | str,
+                      names: tuple[str, ...] = PIPELINES) -> dict[str, Path]:
+    """Write `<name>.yaml` (KFP IR) for each pipeline into `out_dir`."""
+    from kfp import compiler
+
+    try:
+        pipes = build_pipelines(cfg, settings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        path = out / f"{name}.yaml"
+        compiler.Compiler().compile(pipes[name], str(path))
+        paths[name] = path
+    return paths

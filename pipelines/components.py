@@ -1,0 +1,150 @@
+"""The KFP components: one thin lightweight component per stage, plus the small uncached resolvers.
+
+Each stage component is a few lines around `kubellm.pipelines.runtime.run_component`, which calls the
+plain stage function through `kubellm.stages.run_stage`. Imports live inside the function bodies
+because a lightweight component is shipped as its source text and executed in the stage's image
+(kubellm and kfp are installed there; `install_kfp_package=False` keeps pods from pip-installing).
+The same definitions run under `kfp.local.SubprocessRunner(use_venv=False)` and on a cluster.
+
+Parameters every stage takes:
+  config        the stage's run-config section as a JSON/YAML string — one parameter per stage, so
+                changing DPO's beta changes only DPO's cache key and every upstream step is reused
+  storage_root  where stages publish content-addressed outputs (local dir or s3://bucket/prefix)
+Input artifacts hold a manifest JSON (`kubellm.core.manifest.load_manifest_ref(artifact.path)`).
+
+The `base_image` below is a placeholder; `definitions.build_pipelines` sets every task's image from
+one registry/tag setting (`kubellm.core.images.image_for`) at compile time.
+"""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types, not strings.
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kubellm.core.images import image_for
+
+
+def _image(stage: str) -> str:
+    return image_for(stage, registry="", tag="latest", digest="")
+
+
+@dsl.component(base_image=_image("base"), install_kfp_package=False)
+def fingerprint_source(source: str) -> str:
+    """Fingerprint a raw source (local path/glob or s3:// prefix): sha256 over its sorted object keys,
+    sizes and ETags. Runs uncached; its output is a parameter of the cached step that reads the source."""
+    from kubellm.pipelines.fingerprint import fingerprint
+
+    fp = fingerprint(source)
+    print(f"[kubellm] fingerprint {source}: {fp}")
+    return fp
+
+
+@dsl.component(base_image=_image("base"), install_kfp_package=False)
+def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(
+        "Resolved", models=str, baseline=str, fingerprint=str):
+    """Resolve the models to evaluate (the given URIs, else the promoted model) and the baseline (the
+    promoted model's pointer target). Runs uncached: the pointer moves under the same name."""
+    from collections import namedtuple
+
+    from kubellm.pipelines.fingerprint import fingerprint_models, resolve_models
+
+    models, promoted = resolve_models([str(m) for m in model_uris], promoted_pointer)
+    fp = fingerprint_models(models) + "|" + promoted.fingerprint
+    print(f"[kubellm] models: {models}; baseline: {promoted.uri or '<none>'}")
+    return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(",".join(models), promoted.uri, fp)
+
+
+@dsl.component(base_image=_image("base"), install_kfp_package=False)
+def resolve_promoted(promoted_pointer: str) -> NamedTuple("Promoted", uri=str, fingerprint=str):
+    """Resolve the promoted-model pointer to its target prefix ("" when none is promoted yet).
+    Runs uncached: the pointer moves under the same name."""
+    from collections import namedtuple
+
+    from kubellm.pipelines.fingerprint import resolve_promoted as resolve
+
+    p = resolve(promoted_pointer)
+    print(f"[kubellm] promoted model: {p.uri or '<none>'}")
+    return namedtuple("Promoted", ["uri", "fingerprint"])(p.uri, p.fingerprint)
+
+
+@dsl.component(base_image=_image("data_prep"), install_kfp_package=False)
+def data_prep(config: str, storage_root: str, raw: str, raw_fingerprint: str, dataset: Output[Dataset],
+              metrics: Output[Metrics], report: Output[Markdown]):
+    """Clean, filter and deduplicate raw text into parquet shards (kubellm.data_prep.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("data_prep", config, storage_root, {"raw": raw},
+                  {"manifest": dataset, "metrics": metrics, "report": report},
+                  {"source_fingerprint": raw_fingerprint})
+
+
+@dsl.component(base_image=_image("tokenizer"), install_kfp_package=False)
+def tokenizer(config: str, storage_root: str, dataset: Input[Dataset], tokens: Output[Dataset],
+              metrics: Output[Metrics], report: Output[Markdown]):
+    """Train byte-level BPE and encode the corpus into packed token shards (kubellm.tokenizer.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("tokenizer", config, storage_root, {"dataset": dataset.path},
+                  {"manifest": tokens, "metrics": metrics, "report": report})
+
+
+@dsl.component(base_image=_image("pretrain"), install_kfp_package=False)
+def pretrain(config: str, storage_root: str, tokens: Input[Dataset], model: Output[Model],
+             metrics: Output[Metrics], report: Output[Markdown]):
+    """Pretrain the base model with DeepSpeed and export it in HF format (kubellm.pretrain.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("pretrain", config, storage_root, {"tokens": tokens.path},
+                  {"manifest": model, "metrics": metrics, "report": report})
+
+
+@dsl.component(base_image=_image("sft"), install_kfp_package=False)
+def sft(config: str, storage_root: str, model: Input[Model], chat: str, chat_fingerprint: str,
+        sft_model: Output[Model], metrics: Output[Metrics], report: Output[Markdown]):
+    """Supervised fine-tuning on chat data, loss on assistant tokens only (kubellm.sft.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("sft", config, storage_root, {"model": model.path, "chat": chat},
+                  {"manifest": sft_model, "metrics": metrics, "report": report},
+                  {"source_fingerprint": chat_fingerprint})
+
+
+@dsl.component(base_image=_image("dpo"), install_kfp_package=False)
+def dpo(config: str, storage_root: str, model: Input[Model], preferences: str, preferences_fingerprint: str,
+        dpo_model: Output[Model], metrics: Output[Metrics], report: Output[Markdown]):
+    """Direct preference optimisation of the SFT model (kubellm.dpo.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("dpo", config, storage_root, {"model": model.path, "preferences": preferences},
+                  {"manifest": dpo_model, "metrics": metrics, "report": report},
+                  {"source_fingerprint": preferences_fingerprint})
+
+
+@dsl.component(base_image=_image("evaluate"), install_kfp_package=False)
+def evaluate(config: str, storage_root: str, base_model: Input[Model], sft_model: Input[Model],
+             dpo_model: Input[Model], tokens: Input[Dataset], baseline: str, baseline_fingerprint: str,
+             results: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown],
+             report_html: Output[HTML]):
+    """lm-eval the base, SFT and DPO models side by side against the promoted baseline, write the
+    report and apply the promotion gate (kubellm.evaluate.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    models = ",".join([base_model.path, sft_model.path, dpo_model.path])
+    run_component("evaluate", config, storage_root,
+                  {"models": models, "tokens": tokens.path, "baseline": baseline},
+                  {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
+                  {"baseline_fingerprint": baseline_fingerprint})
+
+
+@dsl.component(base_image=_image("evaluate"), install_kfp_package=False)
+def evaluate_models(config: str, storage_root: str, models: str, baseline: str, models_fingerprint: str,
+                    tokens: str, results: Output[Dataset], metrics: Output[Metrics],
+                    report: Output[Markdown], report_html: Output[HTML]):
+    """lm-eval registered models (comma-separated artifact prefixes) against the promoted baseline
+    and publish the report (kubellm.evaluate.stage)."""
+    from kubellm.pipelines.runtime import run_component
+
+    run_component("evaluate", config, storage_root, {"models": models, "tokens": tokens, "baseline": baseline},
+                  {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
+                  {"models_fingerprint": models_fingerprint})

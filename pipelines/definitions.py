@@ -1,0 +1,182 @@
+"""The pipelines: `llm_from_scratch` (every stage) and `evaluation_report` (the scheduled report).
+
+    from kubellm.pipelines.definitions import build_pipelines, PipelineSettings
+    from kubellm.runconfig import load_run_config
+    pipes = build_pipelines(load_run_config(preset="debug"), PipelineSettings(tag="abc123"))
+    kfp.compiler.Compiler().compile(pipes["llm_from_scratch"], "llm_from_scratch.yaml")
+
+Pipelines are built by a factory, not at import: the run-config's sections become the pipeline
+parameters' *defaults* (what the Kubeflow UI pre-fills) and the image registry/tag is a compile-time
+setting, both known only when `kubellm compile`/`run`/`submit` is called.
+
+Caching (ARCHITECTURE §3): each stage gets only its own section (`<stage>_config`), so a change to
+one stage's knobs re-runs that stage and what follows it; raw sources and the promoted-model pointer
+are resolved by small uncached steps whose fingerprints are parameters of the cached stages.
+"""
+
+# No `from __future__ import annotations`: kfp reads the annotations as types, not strings.
+
+import dataclasses
+import json
+from typing import Any
+
+from kfp import dsl
+from kfp import kubernetes as k8s
+from kubellm.core.images import image_for
+from kubellm.pipelines import components as c
+from kubellm.pipelines.fingerprint import default_pointer
+from kubellm.runconfig import STAGES, RunConfig
+
+PIPELINES = ("llm_from_scratch", "evaluation_report")
+PIPELINE_NAMES = {"llm_from_scratch": "llm-from-scratch", "evaluation_report": "evaluation-report"}
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """Compile-time settings that are not run-config knobs (where images and credentials come from)."""
+
+    registry: str | None = None
+    """Image registry (None: KUBELLM_REGISTRY); see kubellm.core.images.image_for."""
+    tag: str | None = None
+    """Image tag (None: KUBELLM_TAG, else the kubellm version)."""
+    s3_secret: str = "kubellm-s3"
+    """Kubernetes Secret whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY become the steps' env
+    (referenced by name, optional: workload identity needs none). Empty: no Secret reference."""
+    s3_config_map: str = "kubellm-s3"
+    """ConfigMap with KUBELLM_S3_ENDPOINT_URL / AWS_REGION (optional). Empty: no reference."""
+    raw_source: str = ""
+    """Default of the `raw_source` parameter (raw corpus: local path/glob or s3:// prefix)."""
+    chat_source: str = ""
+    """Default of the `chat_source` parameter (SFT chat data)."""
+    preferences_source: str = ""
+    """Default of the `preferences_source` parameter (DPO preference pairs)."""
+    params: tuple[tuple[str, Any], ...] = ()
+    """Further parameter-default overrides (name, value), applied last."""
+
+
+def section_json(cfg: RunConfig, stage: str) -> str:
+    """A stage's section as canonical JSON: the string parameter its component receives."""
+    return json.dumps(cfg.section(stage).model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, dict[str, Any]]:
+    """Parameter name -> default, per pipeline. The one place defaults come from."""
+    root = cfg.storage.root
+    full: dict[str, Any] = {
+        "storage_root": root,
+        "raw_source": settings.raw_source,
+        "chat_source": settings.chat_source,
+        "preferences_source": settings.preferences_source,
+        "promoted_pointer": default_pointer(root),
+        **{f"{s}_config": section_json(cfg, s) for s in STAGES},
+    }
+    report: dict[str, Any] = {
+        "storage_root": root,
+        "model_uris": [],
+        "promoted_pointer": default_pointer(root),
+        "tokens": "",
+        "evaluate_config": section_json(cfg, "evaluate"),
+    }
+    out = {"llm_from_scratch": full, "evaluation_report": report}
+    for name, value in settings.params:
+        hits = [p for p in out.values() if name in p]
+        if not hits:
+            known = sorted(set(full) | set(report))
+            raise ValueError(f"unknown pipeline parameter {name!r}: expected one of {', '.join(known)}")
+        for p in hits:
+            p[name] = value
+    return out
+
+
+def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *, display: str,
+               cache: bool = True) -> dsl.PipelineTask:
+    """Image, caching, S3 env (by reference) and, for training stages, the run identity."""
+    task.set_container_image(image_for(stage, registry=settings.registry, tag=settings.tag))
+    task.set_display_name(display)
+    task.set_caching_options(cache)
+    if settings.s3_secret:
+        k8s.use_secret_as_env(task, settings.s3_secret, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+                              optional=True)
+    if settings.s3_config_map:
+        k8s.use_config_map_as_env(task, settings.s3_config_map, {"KUBELLM_S3_ENDPOINT_URL": "KUBELLM_S3_ENDPOINT_URL",
+                                                                  "AWS_REGION": "AWS_REGION"}, optional=True)
+    if stage in TRAINING_STAGES:
+        # The launcher derives run-scoped checkpoint prefixes and idempotent PyTorchJob names from
+        # these; env (not parameters) so they do not enter the cache key.
+        k8s.use_field_path_as_env(task, "KUBELLM_KFP_RUN_ID", "metadata.labels['pipeline/runid']")
+        k8s.use_field_path_as_env(task, "KUBELLM_WORKFLOW_NAME",
+                                  "metadata.labels['workflows.argoproj.io/workflow']")
+        k8s.use_field_path_as_env(task, "KUBELLM_POD_NAME", "metadata.name")
+        k8s.use_field_path_as_env(task, "KUBELLM_POD_UID", "metadata.uid")
+        k8s.use_field_path_as_env(task, "KUBELLM_NAMESPACE", "metadata.namespace")
+    return task
+
+
+def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None) -> dict[str, Any]:
+    """Both pipelines, with `cfg`'s values as parameter defaults and `settings`' images."""
+    s = settings or PipelineSettings()
+    d = parameter_defaults(cfg, s)
+    f, r = d["llm_from_scratch"], d["evaluation_report"]
+
+    @dsl.pipeline(name=PIPELINE_NAMES["llm_from_scratch"],
+                  description=f"kubellm: raw text -> data prep -> tokenizer -> pretrain -> SFT -> DPO -> "
+                              f"evaluation and gate (run-config {cfg.name})")
+    def llm_from_scratch(
+        storage_root: str = f["storage_root"],
+        raw_source: str = f["raw_source"],
+        chat_source: str = f["chat_source"],
+        preferences_source: str = f["preferences_source"],
+        promoted_pointer: str = f["promoted_pointer"],
+        data_prep_config: str = f["data_prep_config"],
+        tokenizer_config: str = f["tokenizer_config"],
+        pretrain_config: str = f["pretrain_config"],
+        sft_config: str = f["sft_config"],
+        dpo_config: str = f["dpo_config"],
+        evaluate_config: str = f["evaluate_config"],
+    ) -> None:
+        raw_fp = _configure(c.fingerprint_source(source=raw_source), "base", s,
+                            display="fingerprint raw corpus", cache=False)
+        prep = _configure(c.data_prep(config=data_prep_config, storage_root=storage_root, raw=raw_source,
+                                      raw_fingerprint=raw_fp.output), "data_prep", s, display="data prep")
+        tok = _configure(c.tokenizer(config=tokenizer_config, storage_root=storage_root,
+                                     dataset=prep.outputs["dataset"]), "tokenizer", s, display="tokenizer")
+        base = _configure(c.pretrain(config=pretrain_config, storage_root=storage_root,
+                                     tokens=tok.outputs["tokens"]), "pretrain", s, display="pretrain")
+        chat_fp = _configure(c.fingerprint_source(source=chat_source), "base", s,
+                             display="fingerprint chat data", cache=False)
+        tuned = _configure(c.sft(config=sft_config, storage_root=storage_root, model=base.outputs["model"],
+                                 chat=chat_source, chat_fingerprint=chat_fp.output), "sft", s, display="SFT")
+        pref_fp = _configure(c.fingerprint_source(source=preferences_source), "base", s,
+                             display="fingerprint preference data", cache=False)
+        aligned = _configure(c.dpo(config=dpo_config, storage_root=storage_root, model=tuned.outputs["sft_model"],
+                                   preferences=preferences_source, preferences_fingerprint=pref_fp.output),
+                             "dpo", s, display="DPO")
+        promoted = _configure(c.resolve_promoted(promoted_pointer=promoted_pointer), "base", s,
+                              display="resolve promoted model", cache=False)
+        _configure(c.evaluate(config=evaluate_config, storage_root=storage_root,
+                              base_model=base.outputs["model"], sft_model=tuned.outputs["sft_model"],
+                              dpo_model=aligned.outputs["dpo_model"], tokens=tok.outputs["tokens"],
+                              baseline=promoted.outputs["uri"],
+                              baseline_fingerprint=promoted.outputs["fingerprint"]),
+                   "evaluate", s, display="evaluate and gate")
+
+    @dsl.pipeline(name=PIPELINE_NAMES["evaluation_report"],
+                  description="kubellm: evaluate registered models (default: the promoted one) and publish "
+                              "the report; meant to run on a schedule with caching off")
+    def evaluation_report(
+        storage_root: str = r["storage_root"],
+        model_uris: list = r["model_uris"],
+        promoted_pointer: str = r["promoted_pointer"],
+        tokens: str = r["tokens"],
+        evaluate_config: str = r["evaluate_config"],
+    ) -> None:
+        resolved = _configure(c.resolve_models(model_uris=model_uris, promoted_pointer=promoted_pointer),
+                              "base", s, display="resolve models", cache=False)
+        _configure(c.evaluate_models(config=evaluate_config, storage_root=storage_root,
+                                     models=resolved.outputs["models"], baseline=resolved.outputs["baseline"],
+                                     models_fingerprint=resolved.outputs["fingerprint"], tokens=tokens),
+                   "evaluate", s, display="evaluation report")
+
+    return {"llm_from_scratch": llm_from_scratch, "evaluation_report": evaluation_report}

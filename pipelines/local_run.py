@@ -1,0 +1,188 @@
+"""`kubellm run --local`: run a pipeline on this machine through `kfp.local` — no cluster, no Docker.
+
+    kubellm run --local --preset debug                          # demo world -> llm_from_scratch
+    kubellm run --local --preset debug --raw ./my-corpus --chat ./chat.jsonl --preferences ./prefs.jsonl
+    kubellm run --local --run-config run.yaml --set pretrain.train.max_steps=20 --workdir /tmp/kl
+    kubellm run --local --pipeline evaluation_report --models .kubellm/artifacts/dpo/ab12...
+    # artifacts in a local S3 (MinIO, moto): credentials from AWS_* as usual
+    kubellm run --local --preset debug --s3-endpoint http://127.0.0.1:9000 --bucket kubellm
+
+How it runs: `kfp.local.init(runner=SubprocessRunner(use_venv=False))` executes every lightweight
+component as a subprocess of this Python (kubellm is importable; no venv is built, nothing is pip
+installed) and passes artifacts as files under `<workdir>/kfp` (KFP local's pipeline_root, always
+local). The stages themselves publish their data under the storage root: `<workdir>/artifacts` or,
+with `--bucket`, `s3://BUCKET/PREFIX`. kfp.local runs whole pipelines (sequentially, in dependency
+order); it has no cache, so every step runs every time — the stages' content-addressed prefixes make
+a re-run with unchanged inputs cheap where the stage checks for an existing manifest.
+
+Without `--raw`, the deterministic demo world (`kubellm demo-world`) is generated into
+`<workdir>/demo-world` first and its corpus, chat and preference files are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubellm.core.errors import ConfigError, KubellmError
+from kubellm.core.storage import is_s3, join, reset_clients, storage_for
+from kubellm.pipelines.common import add_config_args, load_config, parse_params
+from kubellm.pipelines.definitions import PIPELINES, PipelineSettings, build_pipelines
+from kubellm.pipelines.runtime import HEADLINE
+
+log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def configure(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--local", action="store_true", required=True,
+                   help="run through kfp.local on this machine (for a cluster use `kubellm submit`)")
+    p.add_argument("--pipeline", choices=PIPELINES, default="llm_from_scratch")
+    add_config_args(p)
+    p.add_argument("--workdir", default=".kubellm/local",
+                   help="local directory for KFP's task outputs, the demo world and (without --bucket) artifacts")
+    p.add_argument("--raw", help="raw corpus: local path/glob or s3:// prefix (default: the demo world's)")
+    p.add_argument("--chat", help="SFT chat data (default: the demo world's)")
+    p.add_argument("--preferences", help="DPO preference pairs (default: the demo world's)")
+    p.add_argument("--models", action="append", default=[],
+                   help="evaluation_report: model artifact prefixes (repeatable or comma separated; "
+                        "default: the promoted model)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto) for the artifacts")
+    p.add_argument("--bucket", help="bucket for the artifacts (with --s3-endpoint, or AWS S3 without it)")
+    p.add_argument("--prefix", default="kubellm", help="key prefix inside --bucket")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set any pipeline parameter for this run")
+    p.add_argument("--demo-scale", type=float, default=1.0, help="size of the generated demo world")
+
+
+class _HeadlineTee(io.TextIOBase):
+    """Passes everything through to the real stream and remembers the `[kubellm]` lines the
+    components print (kfp.local relays the subprocesses' output with print())."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        self._buf += s
+        *done, self._buf = self._buf.split("\n")
+        self.lines += [ln.strip() for ln in done if ln.lstrip().startswith(HEADLINE)]
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _setup_s3(args: argparse.Namespace) -> str:
+    """Point kubellm (and the subprocesses, via env) at the S3 endpoint; make sure the bucket exists."""
+    from kubellm.core.storage import s3_client
+
+    if args.s3_endpoint:
+        os.environ["KUBELLM_S3_ENDPOINT_URL"] = args.s3_endpoint
+        reset_clients()
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=args.bucket)
+    except Exception as e:  # noqa: BLE001 - botocore raises several types here
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+        if code not in ("404", "NoSuchBucket", "NotFound"):
+            raise KubellmError(f"S3 bucket {args.bucket!r} at {args.s3_endpoint or 'AWS'}: {e}") from e
+        print(f"{HEADLINE} creating bucket s3://{args.bucket}")
+        client.create_bucket(Bucket=args.bucket)
+    return join(f"s3://{args.bucket}", args.prefix)
+
+
+def _demo_world(workdir: Path, root: str, scale: float) -> dict[str, str]:
+    """Generate the demo world once per workdir; with an S3 root, also upload it there so the stages
+    read their sources through S3 like on a cluster."""
+    from kubellm.data_prep.demo_world import generate
+
+    out = workdir / "demo-world"
+    if not (out / "world.json").is_file():
+        print(f"{HEADLINE} generating the demo world in {out}")
+        generate(out, seed=0, scale=scale)
+    src = {"raw": str(out / "corpus"), "chat": str(out / "chat" / "train.jsonl"),
+           "preferences": str(out / "preferences" / "train.jsonl")}
+    if is_s3(root):
+        dest = join(root, "demo-world")
+        st = storage_for(dest)
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                uri = join(dest, p.relative_to(out).as_posix())
+                if not st.exists(uri):
+                    st.upload(p, uri)
+        src = {"raw": join(dest, "corpus"), "chat": join(dest, "chat", "train.jsonl"),
+               "preferences": join(dest, "preferences", "train.jsonl")}
+    return src
+
+
+def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"storage_root": root}
+    if args.pipeline == "llm_from_scratch":
+        if args.raw:
+            src = {"raw": args.raw, "chat": args.chat or "", "preferences": args.preferences or ""}
+        else:
+            src = _demo_world(workdir, root, args.demo_scale)
+            src.update({k: v for k, v in (("chat", args.chat), ("preferences", args.preferences)) if v})
+        arguments.update(raw_source=src["raw"], chat_source=src["chat"], preferences_source=src["preferences"])
+    else:
+        arguments["model_uris"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
+    arguments.update(parse_params(args.param))
+    return arguments
+
+
+def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
+    """Run the pipeline; returns (succeeded, the components' headline lines)."""
+    from kfp import local
+
+    cfg = load_config(args)
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.bucket:
+        root = _setup_s3(args)
+    elif args.s3_endpoint:
+        raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
+    else:
+        root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
+    arguments = pipeline_arguments(args, root, workdir)
+    pipeline = build_pipelines(cfg, PipelineSettings())[args.pipeline]
+    print(f"{HEADLINE} running {args.pipeline} locally: artifacts in {root}, KFP outputs in {workdir / 'kfp'}")
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
+               raise_on_error=True)
+    tee = _HeadlineTee(sys.stdout)
+    with warnings.catch_warnings():
+        # kfp.local warns when an image name lacks "python"; ours run in this interpreter, not the image.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local")
+        old, sys.stdout = sys.stdout, tee  # type: ignore[assignment]
+        try:
+            pipeline(**arguments)
+            error = ""
+        except RuntimeError as e:
+            # kfp.local: "Pipeline X finished with status FAILURE. Inner task failed: <task>."
+            if "finished with status" not in str(e):
+                raise
+            error = _ANSI.sub("", str(e))
+        finally:
+            sys.stdout = old
+    if error:
+        tee.lines.append(f"{HEADLINE} {error}")
+    return not error, tee.lines
+
+
+def main(args: argparse.Namespace) -> int:
+    ok, lines = run_local(args)
+    print("\n" + "=" * 72)
+    print(f"kubellm run --local --pipeline {args.pipeline}: {'SUCCEEDED' if ok else 'FAILED'}")
+    for ln in lines:
+        print(ln)
+    return 0 if ok else 1

@@ -1,0 +1,119 @@
+"""What runs *inside* a kubellm KFP component: config string in, stage function, artifacts out.
+
+The components in `components.py` are serialized source, so each is a few lines that import this
+module (installed in every image) and call `run_component`. It has no kfp import: KFP artifacts are
+used through `.path`, `.metadata` and `.log_metric`, which is all a component needs.
+
+    run_component("tokenizer", config_text, "s3://bucket/kubellm",
+                  inputs={"dataset": dataset.path},
+                  outputs={"manifest": tokens, "metrics": metrics, "report": report})
+
+A stage's output artifact file holds the manifest JSON (so the next stage's `Input[...]` path is a
+valid `load_manifest_ref` reference); its metadata carries the artifact prefix and digest the UI shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubellm.core.errors import ConfigError
+from kubellm.core.manifest import Manifest, fetch, write_manifest_file
+
+HEADLINE = "[kubellm]"
+
+
+def parse_section(stage: str, text: str) -> Any:
+    """A stage's config section from the string parameter (JSON or YAML), validated strictly."""
+    from kubellm.runconfig import load_section
+
+    try:
+        data = yaml.safe_load(text) if text and text.strip() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline parameter {stage}_config: not valid JSON/YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline parameter {stage}_config: expected a mapping, got {type(data).__name__}")
+    return load_section(stage, data, f"pipeline parameter {stage}_config")
+
+
+def _metadata(manifest: Manifest, extra: Mapping[str, str]) -> dict[str, Any]:
+    md: dict[str, Any] = {"uri": manifest.uri, "digest": manifest.digest(), "kind": manifest.kind,
+                          "code_version": manifest.code_version, "config_hash": manifest.config_hash}
+    md.update({f"count_{k}": v for k, v in manifest.counts.items()})
+    md.update(extra)
+    return md
+
+
+def headline(stage: str, manifest: Manifest) -> str:
+    """The lines a person wants to see when a stage finishes (printed to the task log)."""
+    lines = [f"{HEADLINE} {stage}: {manifest.kind} at {manifest.uri}"]
+    counts = [f"{k}={v}" for k, v in manifest.counts.items() if v]  # zeros (filters that removed nothing) are noise
+    if counts:
+        lines.append(f"{HEADLINE} {stage} counts: " + ", ".join(counts[:16]) + (" …" if len(counts) > 16 else ""))
+    if manifest.metrics:
+        lines.append(f"{HEADLINE} {stage} metrics: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in manifest.metrics.items()))
+    if manifest.report_markdown:
+        lines.append(manifest.report_markdown.rstrip())
+    return "\n".join(lines)
+
+
+def write_outputs(stage: str, manifest: Manifest, outputs: Mapping[str, Any],
+                  extra_metadata: Mapping[str, str] | None = None) -> None:
+    """Manifest JSON + metadata into the main artifact, metrics, Markdown and (if the stage wrote
+    one) the self-contained HTML report into theirs."""
+    md = _metadata(manifest, extra_metadata or {})
+    main = outputs["manifest"]
+    write_manifest_file(manifest, main.path)
+    main.metadata.update(md)
+    if "metrics" in outputs:
+        m = outputs["metrics"]
+        for k, v in {**manifest.metrics, **{k: float(v) for k, v in manifest.counts.items()}}.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                m.log_metric(k, float(v))
+    if "report" in outputs:
+        p = Path(outputs["report"].path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(manifest.report_markdown or f"# {stage}\n\n`{manifest.uri}`\n\n```json\n"
+                     f"{json.dumps({'counts': manifest.counts, 'metrics': manifest.metrics}, indent=2)}\n```\n")
+        outputs["report"].metadata["uri"] = manifest.uri
+    if "html" in outputs:
+        html_path = Path(outputs["html"].path)
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        if any(f.path == "report.html" for f in manifest.files):
+            with tempfile.TemporaryDirectory() as tmp:
+                fetch(manifest, tmp, paths=["report.html"])
+                shutil.copyfile(Path(tmp) / "report.html", html_path)
+        else:
+            html_path.write_text(f"<html><body><p>{stage}: no HTML report in {manifest.uri}</p></body></html>")
+        outputs["html"].metadata["uri"] = manifest.uri
+
+
+def run_component(stage: str, config_text: str, storage_root: str, inputs: Mapping[str, str],
+                  outputs: Mapping[str, Any], extra_metadata: Mapping[str, str] | None = None) -> Manifest:
+    """Validate the section, run the stage through the registry, write the artifacts, print the
+    headline. Empty inputs ("" from an optional parameter) are dropped."""
+    from kubellm.core.errors import KubellmError
+    from kubellm.stages import run_stage
+
+    try:
+        if not storage_root:
+            raise ConfigError("pipeline parameter storage_root is empty: expected a local dir or "
+                              "s3://bucket/prefix")
+        config = parse_section(stage, config_text)
+        given = {k: v for k, v in inputs.items() if v}
+        manifest = run_stage(stage, config, given, storage_root)
+        write_outputs(stage, manifest, outputs, extra_metadata)
+    except KubellmError as e:
+        # One clear line above the traceback, so the pod log / local output says what went wrong.
+        print(f"{HEADLINE} {stage} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    print(headline(stage, manifest), flush=True)
+    return manifest
