@@ -1,0 +1,317 @@
+"""charts/kubellm rendered by the real Helm engine for every values file in tests/chart/values/.
+
+Lint (strict), golden renders (regenerate: KUBELLM_UPDATE_GOLDEN=1 pytest tests/chart), Kubernetes
+schema validation (kubernetes-validate, offline, strict), Pod Security `restricted` on every pod
+template, the launcher Role's exact grants, the kfp-launcher ConfigMap's keys, and the values schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from chart_render import (
+    CHART,
+    NAMESPACE,
+    VALUES_DIR,
+    load_values,
+    render_chart,
+    render_objects,
+    render_templates,
+)
+from kubellm.core.images import image_for
+from kubellm.core.podsecurity import check_restricted, pod_specs_in
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+VALUES = sorted(p.stem for p in VALUES_DIR.glob("*.yaml"))
+# A Kubernetes version kubernetes-validate ships schemas for (offline); the chart needs >= 1.27.
+KUBE_VERSION = "1.34.0"
+
+# Everything the PyTorchJob launcher may do: (apiGroup, resource) -> verbs. Nothing else.
+LAUNCHER_GRANTS: dict[tuple[str, str], set[str]] = {
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("kubeflow.org", "pytorchjobs/status"): {"get"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},
+    ("", "events"): {"list", "watch"},
+}
+
+
+@pytest.fixture(scope="module", params=VALUES)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    values = load_values(request.param)
+    return request.param, values, render_objects(values)
+
+
+def test_values_files_cover_the_install_modes() -> None:
+    assert {"default", "multi-user", "workload-identity", "gitops-enabled"} <= set(VALUES)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_lint_is_clean(name: str) -> None:
+    report = helm.lint(CHART, load_values(name), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_render_matches_golden(name: str) -> None:
+    text = render_chart(load_values(name))
+    golden = GOLDEN / f"{name}.yaml"
+    if os.environ.get("KUBELLM_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert golden.exists(), f"{golden} missing: run KUBELLM_UPDATE_GOLDEN=1 pytest tests/chart"
+    assert text == golden.read_text(), (
+        f"render of {name}.yaml differs from {golden.name}; if intended: KUBELLM_UPDATE_GOLDEN=1 pytest tests/chart"
+    )
+
+
+def test_every_object_is_a_valid_kubernetes_object(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, _, objects = rendered
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def _pod_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    for obj in objects:
+        yield from pod_specs_in(obj)
+
+
+def test_every_pod_template_is_restricted_read_only_and_bounded(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, _, objects = rendered
+    for where, spec in _pod_specs(objects):
+        assert check_restricted(spec, f"{name}: {where}") == []
+        assert spec.get("automountServiceAccountToken") is False, f"{where}: jobs need no API token"
+        for c in spec["containers"] + spec.get("initContainers", []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where}: {c['name']} {kind}"
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: HOME and caches live on /tmp, which must be writable"
+
+
+def test_init_pytorch_template_is_restricted() -> None:
+    objects = render_objects(load_values("gitops-enabled"))
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("pytorch-init-container")]
+    assert cm["metadata"]["namespace"] == "kubeflow"
+    text = cm["data"]["initContainer.yaml"]
+    # the operator fills these Go-template fields; Helm must have left them alone
+    for field in ("{{.InitContainerImage}}", "{{.MaxTries}}", "{{.MasterAddr}}"):
+        assert field in text
+    filled = (text.replace("{{.InitContainerImage}}", "alpine:3.20").replace("{{.MaxTries}}", "100")
+              .replace("{{.MasterAddr}}", "job-master-0"))
+    (init,) = yaml.safe_load(filled)
+    assert init["name"] == "init-pytorch" and init["resources"]["limits"]
+    worker = {"name": "pytorch", "image": "x", "securityContext": {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}}
+    assert check_restricted({"initContainers": [init], "containers": [worker]}, "init-pytorch") == []
+
+
+def test_launcher_role_grants_exactly_the_launcher_needs(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, values, objects = rendered
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"{name}: no cluster-wide RBAC"
+    roles = [o for o in objects if o["kind"] == "Role"]
+    multi = values.get("pipelineRunner", {}).get("multiUser", {})
+    namespaces = multi["namespaces"] if multi.get("enabled") else [NAMESPACE]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
+    for role in roles:
+        granted: dict[tuple[str, str], set[str]] = {}
+        for rule in role["rules"]:
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            for group in rule["apiGroups"]:
+                for res in rule["resources"]:
+                    assert "*" not in (group, res) and "*" not in rule["verbs"], f"{name}: wildcard in {rule}"
+                    granted.setdefault((group, res), set()).update(rule["verbs"])
+        assert granted == LAUNCHER_GRANTS, f"{name}: Role grants {granted}"
+
+
+def test_role_is_bound_to_the_account_kfp_runs_pipelines_as(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, values, objects = rendered
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    multi = values.get("pipelineRunner", {}).get("multiUser", {})
+    for b in bindings:
+        ns = b["metadata"]["namespace"]
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubellm-launcher"}
+        runner = b["subjects"][0]
+        expect = "default-editor" if multi.get("enabled") else "pipeline-runner"
+        assert runner == {"kind": "ServiceAccount", "name": expect, "namespace": ns}, name
+    sa = values.get("serviceAccount", {})
+    if sa.get("create"):
+        (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+        assert account["metadata"]["annotations"] == sa["annotations"]
+        subjects = [s for b in bindings for s in b["subjects"]]
+        assert {"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE} in subjects
+
+
+def test_kfp_launcher_configmap_uses_the_keys_kfp_reads(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, values, objects = rendered
+    launchers = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"]
+    assert launchers
+    s3 = values.get("s3", {})
+    for cm in launchers:
+        data = cm["data"]
+        assert set(data) == {"defaultPipelineRoot", "providers"}
+        assert data["defaultPipelineRoot"].startswith("s3://")
+        providers = yaml.safe_load(data["providers"])
+        default = providers["s3"]["default"]
+        # field names of KFP's S3ProviderDefault / S3Credentials / S3SecretRef (backend/src/v2/config/s3.go)
+        assert set(default) == {"endpoint", "region", "disableSSL", "forcePathStyle", "maxRetries", "credentials"}
+        assert "://" not in default["endpoint"]
+        creds = default["credentials"]
+        secret = s3.get("credentials", {}).get("existingSecret")
+        if secret and not s3.get("workloadIdentity", {}).get("enabled"):
+            assert creds == {"fromEnv": False, "secretRef": {
+                "secretName": secret,
+                "accessKeyKey": s3["credentials"].get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"),
+                "secretKeyKey": s3["credentials"].get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")}}
+        else:
+            assert creds == {"fromEnv": True}
+        endpoint = s3.get("endpointUrl", "")
+        assert default["disableSSL"] is endpoint.startswith("http://"), name
+
+
+def test_env_configmap_matches_what_storage_and_images_read(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, values, objects = rendered
+    envs = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kubellm-env"]
+    assert NAMESPACE in {e["metadata"]["namespace"] for e in envs}
+    s3 = values.get("s3", {})
+    for cm in envs:
+        data = cm["data"]
+        assert data.get("KUBELLM_S3_ENDPOINT_URL", "") == s3.get("endpointUrl", "")
+        assert data["AWS_REGION"] == s3.get("region", "us-east-1")
+        assert data["KUBELLM_S3_RETRY_MODE"] in ("standard", "adaptive")
+        # the chart's image references equal kubellm.core.images.image_for under the same settings
+        env = {k: v for k, v in data.items() if k.startswith(("KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_IMAGE_"))}
+        for where, spec in _pod_specs(objects):
+            for c in spec["containers"]:
+                assert c["image"] == image_for("base", env=env), f"{name}: {where}"
+
+
+def test_jobs_reference_credentials_only_through_the_secret(rendered: tuple[str, dict, list[dict]]) -> None:
+    name, values, objects = rendered
+    secret = values.get("s3", {}).get("credentials", {}).get("existingSecret")
+    assert not [o for o in objects if o["kind"] == "Secret"], "the chart never creates Secrets"
+    for where, spec in _pod_specs(objects):
+        env = {e["name"]: e for c in spec["containers"] for e in c.get("env", [])}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            if secret:
+                assert env[key]["valueFrom"]["secretKeyRef"]["name"] == secret and "value" not in env[key]
+            else:
+                assert key not in env, f"{name}: {where}"
+
+
+def test_schedule_hook_runs_kubellm_schedule_idempotently() -> None:
+    values = load_values("multi-user")
+    objects = render_objects(values)
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "post-install,post-upgrade"
+    assert "before-hook-creation" in ann["helm.sh/hook-delete-policy"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["kubellm", "schedule"]
+    assert c["args"] == [
+        "--endpoint=http://ml-pipeline.kubeflow.svc.cluster.local:8888", "--namespace=team-a",
+        "--name=kubellm-evaluation-report", "--cron=0 30 2 * * *", "--run-config=/etc/kubellm/run-config.yaml",
+    ]
+    (cm,) = [o for o in objects if o["metadata"]["name"] == "kubellm-schedule-run-config"]
+    assert yaml.safe_load(cm["data"]["run-config.yaml"]) == values["schedule"]["runConfig"]
+
+
+def test_gitops_job_is_an_argocd_sync_hook_named_by_commit() -> None:
+    values = load_values("gitops-enabled")
+    sha = values["gitops"]["gitSha"]
+    objects = render_objects(values)
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    assert job["metadata"]["name"] == f"kubellm-submit-{sha[:12]}"
+    ann = job["metadata"]["annotations"]
+    assert ann["argocd.argoproj.io/hook"] == "Sync" and ann["argocd.argoproj.io/sync-wave"] == "1"
+    (cm,) = [o for o in objects if o["metadata"]["name"] == "kubellm-retrain-run-config"]
+    assert cm["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "0"
+    assert yaml.safe_load(cm["data"]["run-config.yaml"]) == values["gitops"]["runConfig"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["kubellm", "submit"]
+    assert f"--git-sha={sha}" in c["args"] and "--run-config=/etc/kubellm/run-config.yaml" in c["args"]
+    other = render_objects({**values, "gitops": {**values["gitops"], "gitSha": "0" * 40}})
+    assert [o for o in other if o["kind"] == "Job"][0]["metadata"]["name"] == "kubellm-submit-000000000000"
+
+
+def test_gitops_without_a_commit_sha_fails_with_a_message() -> None:
+    with pytest.raises(helm.HelmError, match="gitops.gitSha"):
+        render_templates({"gitops": {"enabled": True}})
+
+
+def test_upgrade_render_equals_install_render() -> None:
+    values = load_values("multi-user")
+    install = render_templates(values)
+    upgrade = render_templates(values, upgrade=True)
+    assert {k: v for k, v in install.items() if "NOTES" not in k} == {k: v for k, v in upgrade.items() if "NOTES" not in k}
+
+
+def _schema_objects(node: Any, path: str = "$") -> Iterator[tuple[str, dict]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _schema_objects(value, f"{path}.{key}")
+
+
+def test_values_schema_closes_every_chart_object() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    objects = list(_schema_objects(schema))
+    assert len(objects) > 15
+    for path, node in objects:
+        assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict) and v and k not in ("runConfig", "annotations", "commonLabels", "nodeSelector", "affinity"):
+                out |= keys(v, prefix + k + ".")
+        return out
+
+    def schema_keys(node: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in node.get("properties", {}).items():
+            out.add(prefix + k)
+            out |= schema_keys(v, prefix + k + ".")
+        return out
+
+    assert keys(defaults) <= schema_keys(schema), "values.yaml has keys the schema does not describe"
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"unknownKey": 1}, "additional properties 'unknownKey'"),
+        ({"s3": {"endpointURL": "http://x"}}, "additional properties 'endpointURL'"),
+        ({"jobs": {"resources": {"requests": {"cpu": "1", "memory": "1Gi", "gpu": 1}}}}, "gpu"),
+        ({"s3": {"retryMode": "legacy"}}, "retryMode"),
+        ({"jobs": {"runAsUser": 0}}, "runAsUser"),
+        ({"images": {"digests": {"train": "sha256:abc"}}}, "train"),
+        ({"kfpLauncher": {"defaultPipelineRoot": "/local/path"}}, "defaultPipelineRoot"),
+    ],
+)
+def test_values_schema_rejects_bad_values(values: dict, where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=where):
+        render_templates(values)
+
+
+def test_defaults_validate_against_the_schema() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.values)
+        assert chart.values["rbac"]["create"] is True and chart.values["jobs"]["runAsUser"] >= 1000
