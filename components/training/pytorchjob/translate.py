@@ -45,6 +45,8 @@ REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 # Env keys that look like credentials: they may only come from a Secret reference.
 _CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
 _MACRO = re.compile(r"\$\$|\$\{([^}]*)\}")
+_SHELL_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-=][^}]*)?\}")
+_DEFINED_ENV = frozenset({"KUBELLM_RANK0_HOST", "KUBELLM_REPLICA_ID", "KUBELLM_JOB_NAME", "KUBELLM_RUN_ID"})
 
 
 def _slug(text: str) -> str:
@@ -386,6 +388,11 @@ def build_pytorchjob(
     macros = {"app_id": name, "replica_id": "$(KUBELLM_REPLICA_ID)", "rank0_env": "KUBELLM_RANK0_HOST", "img_root": "",
               "rank0_host": rank0_host}
     program = [substitute_macros(a, macros, f"{where} args") for a in cmd.program]
+    if not (program[:1] == ["--no-python"] and os.path.basename(program[1]) in ("bash", "sh")):
+        # Exec form (no shell): `${VAR}`/`${VAR:=default}` left by TorchX's rank0_env idiom would reach
+        # the program verbatim; Kubernetes expands `$(VAR)` for variables the container defines.
+        program = [_SHELL_REF.sub(lambda m: f"$({m.group(1)})" if m.group(1) in _DEFINED_ENV else m.group(0), a)
+                   for a in program]
     macros_public = {k: v for k, v in macros.items() if k != "rank0_host"}
     # torchrun reads --nnodes/--nproc-per-node/--node-rank/--master-addr/--master-port (and, for
     # elastic jobs, --rdzv-backend/--rdzv-endpoint/--rdzv-id) from the PET_* env the operator injects.
