@@ -143,6 +143,8 @@ class Storage(Protocol):
     def read_bytes(self, uri: str) -> bytes: ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def put_if_absent(self, uri: str, data: bytes) -> bool: ...
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]: ...
+    def put_if_match(self, uri: str, data: bytes, etag: str) -> bool: ...
     def upload(self, local: Path, uri: str) -> None: ...
     def download(self, uri: str, local: Path) -> None: ...
     def exists(self, uri: str) -> bool: ...
@@ -189,6 +191,28 @@ class LocalStorage:
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
+        """The object and its ETag (md5 of the content, as S3 gives for a single-part put)."""
+        data = self.read_bytes(uri)
+        return data, hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def put_if_match(self, uri: str, data: bytes, etag: str) -> bool:
+        """Replace the object only if its ETag is still `etag` (compare-and-swap under an exclusive
+        lock on a sidecar file, so concurrent local writers serialise). False if it changed or is gone."""
+        import fcntl
+
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.with_name(f".{dest.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not dest.is_file() or self.read_with_etag(uri)[1] != etag:
+                    return False
+                self.write_bytes(uri, data)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def upload(self, local: Path, uri: str) -> None:
         dest = local_path(uri)
@@ -288,6 +312,31 @@ class S3Storage:
                 self.write_bytes(uri, data)
                 return True
             raise self._err("conditional put", uri, e) from e
+
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
+        bucket, key = split_s3(uri)
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            return resp["Body"].read(), resp["ETag"].strip('"')
+        except Exception as e:
+            raise self._err("get", uri, e) from e
+
+    def put_if_match(self, uri: str, data: bytes, etag: str) -> bool:
+        """Replace the object only if its ETag is still `etag` (S3 `IfMatch` conditional write).
+        False when another writer got there first (412/409) or the object is gone (404)."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") \
+                    or status in (404, 409, 412):
+                return False
+            raise self._err("conditional put (If-Match)", uri, e) from e
 
     def upload(self, local: Path, uri: str) -> None:
         bucket, key = split_s3(uri)

@@ -1,19 +1,108 @@
-"""Evaluate stage config."""
+"""Evaluate stage config: which lm-eval tasks, how they run, held-out perplexity, and the gate.
+
+    evaluate:
+      tasks: [kubellm_knowledge, kubellm_format, kubellm_preference]
+      limit: 50
+      gate:
+        registry: s3://bucket/kubellm/registry
+        rules:
+          kubellm_knowledge: {max_drop: 0.02}        # at most 2 points below the promoted model
+          kubellm_format: {metric: exact_match, min: 0.5}
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
+from pydantic import Field, model_validator
+
+BUNDLED_TASKS = ("kubellm_knowledge", "kubellm_format", "kubellm_preference")
+
+# The number the report, the KFP Metrics artifact and the gate use for a task when none is named.
+DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "exact_match", "kubellm_preference": "acc",
+                    "perplexity": "perplexity"}
+
+
+class GateRule(StrictModel):
+    """What a candidate must achieve on one task to be promoted. Values are in the metric's own units
+    (accuracy in 0..1: `max_drop: 0.02` is two points)."""
+
+    metric: str | None = None
+    """Metric to judge (default: the task's headline metric, e.g. acc, exact_match, perplexity)."""
+    max_drop: float | None = Field(default=None, ge=0)
+    """Largest allowed worsening against the promoted baseline (a drop for higher-is-better metrics,
+    a rise for perplexity). Needs a baseline; ignored for the first promotion."""
+    min: float | None = None
+    """Absolute floor the candidate must reach (higher-is-better metrics)."""
+    max: float | None = None
+    """Absolute ceiling the candidate must stay under (lower-is-better metrics such as perplexity)."""
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> GateRule:
+        if self.max_drop is None and self.min is None and self.max is None:
+            raise ValueError("a gate rule needs at least one of max_drop, min, max")
+        return self
+
+
+class GateConfig(StrictModel):
+    """The promotion gate and the minimal model registry it moves."""
+
+    enabled: bool = True
+    """Apply the rules; when off the stage only reports."""
+    registry: str | None = None
+    """Registry root (local dir or s3://…); the promoted pointer is `<registry>/<name>/promoted.json`.
+    Default: `<output>/registry`. A `baseline` input overrides where the pointer is read and moved."""
+    name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Registry entry (one promoted model per name)."""
+    candidate: str | None = None
+    """Label of the model the gate judges and may promote (default: the last model listed)."""
+    promote: bool = True
+    """Move the pointer to the candidate when it passes (off: judge only)."""
+    rules: dict[str, GateRule] = Field(default_factory=dict)
+    """Task name (or `perplexity`) -> rule. Every rule must pass to promote."""
 
 
 class EvaluateConfig(StrictModel):
-    tasks: list[str] = Field(default_factory=lambda: ["kubellm_knowledge", "kubellm_format",
-                                                      "kubellm_preference"])
-    """lm-eval task names: the bundled kubellm_* tasks and any standard harness task."""
+    tasks: list[str] = Field(default_factory=lambda: list(BUNDLED_TASKS), min_length=1)
+    """lm-eval task names: the bundled kubellm_* tasks and any standard harness task (its data must be
+    reachable: a Hub dataset needs network or a populated HF cache)."""
+    chat_tasks: list[str] = Field(default_factory=lambda: ["kubellm_format", "kubellm_preference"])
+    """Tasks run with the tokenizer's chat template (their own harness call: `apply_chat_template`
+    applies to a whole call). The format task measures the chat format; preference prompts are
+    chat-formatted in DPO training."""
+    eval_dir: str | None = None
+    """Directory (local or s3://…) with knowledge.jsonl, format.jsonl, preference.jsonl for the bundled
+    tasks, e.g. a demo-world `eval/` dir. Default: the small files shipped in kubellm/evaluate/tasks/data."""
     batch_size: int = Field(default=8, ge=1)
-    """lm-eval batch size."""
+    """lm-eval batch size (also the perplexity batch size)."""
     limit: int | None = Field(default=None, ge=1)
     """Evaluate at most this many items per task (None = all)."""
+    num_fewshot: int | None = Field(default=None, ge=0)
+    """Few-shot examples per item (None = each task's default, 0 for the bundled tasks)."""
     seed: int = 1234
-    """Seed for lm-eval's sampling and few-shot selection."""
+    """Seed for lm-eval's python/numpy/torch RNGs and few-shot selection."""
+    bootstrap_iters: int = Field(default=1000, ge=0)
+    """Bootstrap resamples for standard errors (0 = none; keep small in tests)."""
+    device: str | None = None
+    """Torch device for the models (default: cuda when available, else cpu)."""
+    dtype: str = "auto"
+    """Weights dtype for evaluation (auto = as exported; float32 | bfloat16 | float16)."""
+    headline: dict[str, str] = Field(default_factory=dict)
+    """Task -> metric shown in the table/plots and sent to KFP Metrics (defaults: acc, exact_match)."""
+    perplexity_seq_len: int = Field(default=256, ge=2)
+    """Window length for held-out perplexity (documents longer than this are split)."""
+    perplexity_max_tokens: int | None = Field(default=200_000, ge=1)
+    """Score at most this many validation tokens (None = all)."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+    """Promotion gate and registry."""
+
+    @model_validator(mode="after")
+    def _chat_tasks_listed(self) -> EvaluateConfig:
+        # A chat task that is not in `tasks` is simply not run; a rule on an unknown task is a typo.
+        known = set(self.tasks) | {"perplexity"}
+        bad = sorted(set(self.gate.rules) - known)
+        if bad:
+            raise ValueError(f"gate.rules names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")
+        return self
+
+    def headline_metric(self, task: str) -> str | None:
+        return self.headline.get(task) or DEFAULT_HEADLINE.get(task)

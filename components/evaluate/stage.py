@@ -1,12 +1,316 @@
-"""The evaluate stage: `run(config, inputs, output) -> Manifest`."""
+"""The evaluate stage: lm-eval on one or more HF exports, held-out perplexity, report, gate.
+
+    kubellm evaluate --preset debug --output /tmp/art \
+        --input models=base:/tmp/art/pretrain/ab12,sft:/tmp/art/sft/cd34,dpo:/tmp/art/dpo/ef56 \
+        --input tokens=/tmp/art/tokenizer/0123 [--input baseline=/tmp/art/registry/kubellm/promoted.json]
+
+Inputs
+  models    comma-separated `[label:]ref`; ref = a model artifact (manifest JSON file or prefix, kind
+            `model`, files = an HF LlamaForCausalLM export with its tokenizer) or a plain local HF
+            export dir. Labels default to the producing stage (`…/sft/<hash>` -> `sft`) or the dir name.
+  tokens    optional token-shard artifact (kind `token_shards`): held-out perplexity on validation/*.tok
+  baseline  optional promoted pointer (`<registry>/<name>/promoted.json`); default: the registry's
+            pointer under `evaluate.gate.registry` (or `<output>/registry`).
+
+Output: an `eval` artifact with results.json (every score, each model's manifest digest, task
+versions, harness versions), report.md, report.html (self-contained) and headline numbers in
+`metrics`. Nothing is published unless every model and task was evaluated. Then the gate judges the
+candidate (last model, or `gate.candidate`): pass -> the pointer is moved (conditional write); fail ->
+GateFailedError naming task and numbers, the report stays published, the pointer stays put.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
+import logging
+import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-from kubellm.core.errors import NotImplementedStageError
-from kubellm.core.manifest import Manifest
+from kubellm.core.errors import ConfigError, InputDataError
+from kubellm.core.manifest import Manifest, content_prefix, fetch, load_manifest_ref, publish_dir, stable_hash
+from kubellm.core.storage import is_s3, join, sha256_file, storage_for
+from kubellm.evaluate import harness, registry
+from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
+from kubellm.evaluate.perplexity import shard_perplexity
+from kubellm.evaluate.report import render_html, render_markdown
+from kubellm.evaluate.taskdata import TASK_FILES, data_dir, read_items
+
+log = logging.getLogger(__name__)
+
+_LABELLED = re.compile(r"^([A-Za-z][\w.-]*):(?!//)(.+)$")
+KNOWN_STAGES = ("pretrain", "sft", "dpo")
+MAX_CURVE_POINTS = 500
 
 
-def run(config: object, inputs: Mapping[str, str], output: str) -> Manifest:
-    raise NotImplementedStageError("the evaluate stage is not implemented yet")
+@dataclasses.dataclass
+class ModelInput:
+    label: str
+    ref: str
+    manifest: Manifest | None = None
+    local_dir: Path | None = None
+    digest: str = ""
+    uri: str = ""
+
+
+def parse_models(value: str) -> list[ModelInput]:
+    """`base:s3://b/pretrain/ab,sft:/art/sft/cd,/models/hf` -> labelled inputs (labels resolved later)."""
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    if not items:
+        raise ConfigError("input 'models': empty; expected a comma-separated list of [label:]ref")
+    out = []
+    for item in items:
+        m = _LABELLED.match(item)
+        out.append(ModelInput(m.group(1), m.group(2)) if m else ModelInput("", item))
+    return out
+
+
+def _dir_digest(d: Path) -> str:
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    return "dir-" + stable_hash([(p.relative_to(d).as_posix(), sha256_file(p)) for p in files])
+
+
+def _hf_dir(root: Path, manifest: Manifest) -> Path:
+    hint = manifest.metadata.get("hf_dir")
+    if hint:
+        return root / str(hint)
+    if (root / "config.json").is_file():
+        return root
+    found = sorted({(root / f.path).parent for f in manifest.files
+                    if f.path == "config.json" or f.path.endswith("/config.json")})
+    if len(found) != 1:
+        raise InputDataError(f"{manifest.uri}: model artifact holds {len(found)} HF export dirs "
+                             f"({[str(p.relative_to(root)) for p in found]}); expected exactly one")
+    return found[0]
+
+
+def resolve_model(mi: ModelInput, work: Path, index: int) -> None:
+    """Fetch (and verify) a model artifact, or take a plain local HF dir; fill dir, digest, label."""
+    p = Path(mi.ref)
+    local_dir = not is_s3(mi.ref) and p.is_dir() and not (p / "_manifest.json").exists()
+    if local_dir and (p / "config.json").exists():
+        mi.local_dir, mi.uri, mi.digest = p.resolve(), str(p.resolve()), _dir_digest(p)
+        mi.label = mi.label or p.name
+    elif local_dir and len([q for q in p.iterdir() if q.suffix == ".json"]) != 1:
+        # not a KFP artifact dir holding one manifest JSON either: say what an export lacks
+        harness.check_hf_export(p)
+        raise InputDataError(f"{p}: neither a kubellm model artifact nor an HF export")
+    else:
+        m = load_manifest_ref(mi.ref)
+        if m.kind != "model":
+            raise InputDataError(f"models input {mi.ref}: artifact kind is {m.kind!r}, expected 'model'")
+        dest = work / f"model{index}"
+        fetch(m, dest)
+        mi.manifest, mi.uri, mi.digest = m, m.uri, m.digest()
+        mi.local_dir = _hf_dir(dest, m)
+        parts = m.uri.rstrip("/").split("/")
+        stage = str(m.metadata.get("stage") or (parts[-2] if len(parts) >= 2 else ""))
+        mi.label = mi.label or (stage if stage in KNOWN_STAGES else f"model{index}")
+    harness.check_hf_export(mi.local_dir)
+
+
+def loss_curve(mi: ModelInput) -> list[list[float]]:
+    """(step, loss) pairs from the model manifest's `metadata.loss_curve` or its metrics JSONL."""
+    pts: list[list[float]] = []
+    if mi.manifest is not None and isinstance(mi.manifest.metadata.get("loss_curve"), list):
+        pts = [[float(s), float(v)] for s, v in mi.manifest.metadata["loss_curve"]]
+    else:
+        roots = [mi.local_dir] if mi.manifest is None else [work_root(mi)]
+        for root in roots:
+            if root is None:
+                continue
+            for f in sorted(root.rglob("*metrics*.jsonl")):
+                for line in f.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("loss"), int | float):
+                        pts.append([float(rec["step"]), float(rec["loss"])])
+    stride = max(1, len(pts) // MAX_CURVE_POINTS)
+    return pts[::stride]
+
+
+def work_root(mi: ModelInput) -> Path | None:
+    # fetched artifacts live in work/model<i>; the HF dir may be a subdirectory of it
+    d = mi.local_dir
+    while d is not None and d.parent != d and not d.name.startswith("model"):
+        d = d.parent
+    return d
+
+
+def _unique_labels(models: list[ModelInput]) -> None:
+    seen: dict[str, int] = {}
+    for mi in models:
+        n = seen.get(mi.label, 0)
+        seen[mi.label] = n + 1
+        if n:
+            mi.label = f"{mi.label}-{n + 1}"
+
+
+def stage_eval_dir(cfg: EvaluateConfig, work: Path) -> Path:
+    """The bundled tasks' data dir, staged locally when it is an S3 prefix."""
+    if cfg.eval_dir and is_s3(cfg.eval_dir):
+        dest = work / "eval_data"
+        st = storage_for(cfg.eval_dir)
+        for name in TASK_FILES.values():
+            uri = join(cfg.eval_dir, name)
+            if st.exists(uri):
+                st.download(uri, dest / name)
+        return dest
+    return data_dir(cfg.eval_dir)
+
+
+def validation_shards(ref: str, work: Path) -> tuple[list[Path], str]:
+    m = load_manifest_ref(ref)
+    if m.kind != "token_shards":
+        raise InputDataError(f"tokens input {ref}: artifact kind is {m.kind!r}, expected 'token_shards'")
+    paths = [f.path for f in m.files if f.path.startswith("validation/") and f.path.endswith(".tok")]
+    if not paths:
+        raise InputDataError(f"tokens input {m.uri}: no validation/*.tok shards for held-out perplexity")
+    fetch(m, work / "tokens", paths)
+    return [work / "tokens" / p for p in sorted(paths)], m.digest()
+
+
+def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    cols = []
+    for task in cfg.tasks + ["perplexity"]:
+        metric = cfg.headline_metric(task)
+        have = next((m["scores"][task] for m in models if task in m["scores"]), None)
+        if have is None:
+            continue
+        if metric is None or metric not in have:
+            metric = next((k for k in ("acc_norm", "acc", "exact_match", "f1") if k in have),
+                          next(k for k in have if not k.endswith("_stderr")))
+        cols.append((task, metric))
+    return cols
+
+
+def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manifest:
+    cfg = config
+    models = parse_models(inputs["models"])
+    tm = harness.task_manager(cfg.tasks, None)  # unknown task names fail before any model is loaded
+
+    with tempfile.TemporaryDirectory(prefix="kubellm-eval-") as tmp:
+        work = Path(tmp)
+        ddir = stage_eval_dir(cfg, work)
+        eval_data = {}
+        for task in (t for t in cfg.tasks if t in BUNDLED_TASKS):
+            n = len(read_items(task, ddir))  # a malformed row fails here, naming file and line
+            f = ddir / TASK_FILES[task]
+            eval_data[task] = {"file": str(f), "sha256": sha256_file(f), "items": n}
+        tm = harness.task_manager(cfg.tasks, ddir)
+
+        reg = registry.Registry.from_pointer(inputs["baseline"]) if inputs.get("baseline") else \
+            registry.Registry(cfg.gate.registry or join(output, "registry"), cfg.gate.name)
+        current = reg.current()
+        if inputs.get("baseline") and current is None:
+            raise InputDataError(f"baseline {inputs['baseline']}: no promoted pointer there")
+
+        for i, mi in enumerate(models):
+            resolve_model(mi, work, i)
+        _unique_labels(models)
+        shards, tokens_digest = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else ([], "")
+
+        results_models = []
+        task_info: dict[str, dict[str, Any]] = {}
+        for mi in models:
+            assert mi.local_dir is not None
+            log.info("evaluating %s (%s)", mi.label, mi.uri)
+            lm = harness.load_model(mi.local_dir, cfg)
+            res = harness.evaluate_lm(lm, cfg, tm)
+            scores = dict(res.scores)
+            if shards:
+                scores["perplexity"] = shard_perplexity(
+                    lm.model, shards, seq_len=cfg.perplexity_seq_len, batch_size=cfg.batch_size,
+                    max_tokens=cfg.perplexity_max_tokens)
+            del lm
+            gc.collect()
+            for t in res.scores:
+                task_info[t] = {"version": res.versions[t], "n_shot": res.n_shot[t],
+                                "n_samples": res.n_samples[t], "chat": res.chat[t],
+                                "higher_is_better": res.higher_is_better[t]} | (
+                    {"data": eval_data[t]} if t in eval_data else {})
+            results_models.append({"label": mi.label, "ref": mi.ref, "uri": mi.uri, "digest": mi.digest,
+                                   "kind": mi.manifest.kind if mi.manifest else "hf_dir",
+                                   "scores": scores, "loss_curve": loss_curve(mi)})
+        if shards:
+            task_info["perplexity"] = {"version": 1, "n_shot": 0, "chat": False,
+                                       "n_samples": int(results_models[0]["scores"]["perplexity"]["tokens"]),
+                                       "higher_is_better": {"perplexity": False}, "tokens_digest": tokens_digest}
+
+        columns = _columns(cfg, results_models)
+        headline = {t: m for t, m in columns}
+        settings_hash = stable_hash({"cfg": cfg.model_dump(mode="json", exclude={"gate"}), "data": eval_data,
+                                     "tokens": tokens_digest})
+        candidate = cfg.gate.candidate or models[-1].label
+        if candidate not in {m.label for m in models}:
+            raise ConfigError(f"evaluate.gate.candidate: {candidate!r} is not one of the models "
+                              f"{[m.label for m in models]}")
+        cand = next(m for m in results_models if m["label"] == candidate)
+        verdict = registry.judge(cand["scores"], current.entry if current else None, cfg.gate.rules,
+                                 headline, current.uri if current else "") if cfg.gate.enabled else None
+        will_promote = bool(verdict and verdict.passed and cfg.gate.promote)
+
+        parents = {f"model:{m.label}": m.digest for m in models}
+        if tokens_digest:
+            parents["tokens"] = tokens_digest
+        if current:
+            parents["baseline"] = current.entry.model_digest
+        config_hash = stable_hash({"settings": settings_hash, "gate": cfg.gate.model_dump(mode="json")})
+        prefix = content_prefix(output, "evaluate", config_hash, parents)
+
+        results: dict[str, Any] = {
+            "harness": harness.harness_version(),
+            "settings": cfg.model_dump(mode="json"),
+            "settings_hash": settings_hash,
+            "columns": columns,
+            "tasks": task_info,
+            "models": results_models,
+            "baseline": ({"pointer": current.uri, "label": current.entry.label,
+                          "model_uri": current.entry.model_uri, "model_digest": current.entry.model_digest,
+                          "scores": current.entry.scores,
+                          "same_settings": current.entry.eval_settings_hash == settings_hash}
+                         if current else None),
+            "deltas": ({m["label"]: {t: m["scores"][t][k] - current.entry.scores[t][k]
+                                     for t, k in columns if k in current.entry.scores.get(t, {})
+                                     and k in m["scores"].get(t, {})}
+                        for m in results_models} if current else {}),
+            "gate": ({"candidate": candidate, "pointer": reg.pointer_uri, "promoted": will_promote}
+                     | verdict.to_json()) if verdict else None,
+        }
+        md = render_markdown(results)
+        out_dir = work / "out"
+        out_dir.mkdir()
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        (out_dir / "report.md").write_text(md)
+        (out_dir / "report.html").write_text(render_html(results))
+
+        metrics = {f"{m['label']}/{t}/{k}": float(m["scores"][t][k])
+                   for m in results_models for t, k in columns if k in m["scores"].get(t, {})}
+        if verdict:
+            metrics["gate_passed"] = float(verdict.passed)
+        manifest = publish_dir(
+            out_dir, prefix, kind="eval", metrics=metrics, config_hash=config_hash, parents=parents,
+            counts={"models": len(models), "tasks": len(columns)},
+            metadata={"results": "results.json", "report_html": "report.html", "report_md": "report.md",
+                      "candidate": candidate, "gate_passed": verdict.passed if verdict else None,
+                      "pointer": reg.pointer_uri, "headline": headline},
+            report_markdown=md,
+        )
+
+    if verdict is not None:
+        registry.raise_if_failed(verdict, candidate, reg.pointer_uri, manifest.file_uri("report.html"))
+        if will_promote:
+            entry = registry.Promoted(
+                name=reg.name, model_uri=cand["uri"], model_digest=cand["digest"], label=candidate,
+                scores={t: {k: v for k, v in s.items()} for t, s in cand["scores"].items()},
+                eval_uri=manifest.uri, eval_settings_hash=settings_hash,
+                previous_digest=current.entry.model_digest if current else None)
+            reg.promote(entry, current)
+            log.info("promoted %s -> %s", candidate, reg.pointer_uri)
+    return manifest

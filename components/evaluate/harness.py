@@ -1,0 +1,156 @@
+"""Run the lm-eval harness on one HF export: `simple_evaluate` with the `hf` model type.
+
+    scores = evaluate_export("/tmp/model", cfg, data_dir="/tmp/eval")   # -> HarnessResult
+
+Tasks that need the chat template run in their own `simple_evaluate` call with
+`apply_chat_template=True` (the harness applies it to a whole call, not per task); the model is
+loaded once (`hf` via lm-eval's registry, exactly what `simple_evaluate(model="hf", ...)` does) and
+shared by both calls. The bundled tasks come from `TaskManager(include_path=<kubellm tasks dir>)`;
+the harness's own task index is only built when a standard task is requested (it takes seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError
+from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
+from kubellm.evaluate.taskdata import METADATA_KEY, TASKS_DIR
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclasses.dataclass
+class HarnessResult:
+    """Scores of one model: task -> {metric: value} (stderr as `<metric>_stderr`), plus per-task facts."""
+
+    scores: dict[str, dict[str, float]]
+    versions: dict[str, Any]
+    n_shot: dict[str, int]
+    n_samples: dict[str, int]
+    chat: dict[str, bool]
+    higher_is_better: dict[str, dict[str, bool]]
+
+
+def harness_version() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("lm_eval", "transformers", "torch", "datasets")}
+
+
+def check_hf_export(path: Path) -> None:
+    """Refuse a directory that is not an HF causal-LM export, naming what is missing."""
+    if not path.is_dir():
+        raise InputDataError(f"{path}: not a directory (expected an HF model export)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise InputDataError(f"{path}: not a valid HF export: no config.json")
+    try:
+        conf = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise InputDataError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(conf, dict) or "model_type" not in conf:
+        raise InputDataError(f"{cfg}: not an HF model config (no 'model_type')")
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise InputDataError(f"{path}: not a valid HF export: no *.safetensors weights "
+                             "(kubellm exports safetensors only; pickled .bin weights are refused)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InputDataError(f"{path}: not a valid HF export: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def task_manager(tasks: list[str], data_dir: Path | None) -> Any:
+    """A TaskManager that knows the bundled tasks (and the harness's, when a standard one is asked for)."""
+    from lm_eval.tasks import TaskManager
+
+    standard = [t for t in tasks if t not in BUNDLED_TASKS]
+    meta = {METADATA_KEY: str(data_dir)} if data_dir is not None else None
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(standard), metadata=meta)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"evaluate.tasks: task(s) {unknown} do not exist. Bundled: {', '.join(BUNDLED_TASKS)}; "
+            "standard harness tasks are listed by `lm_eval ls tasks`"
+        )
+    return tm
+
+
+def load_model(model_dir: Path, cfg: EvaluateConfig) -> Any:
+    """lm-eval's `hf` model on `model_dir` (what `simple_evaluate(model="hf", ...)` builds)."""
+    import lm_eval.api.registry
+    import torch
+
+    check_hf_export(model_dir)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args = {"pretrained": str(model_dir), "dtype": cfg.dtype, "trust_remote_code": False}
+    try:
+        return lm_eval.api.registry.get_model("hf").create_from_arg_obj(
+            args, {"batch_size": cfg.batch_size, "device": device}
+        )
+    except Exception as e:
+        raise InputDataError(f"{model_dir}: lm-eval could not load it as an HF causal LM: {e}") from e
+
+
+def _run(lm: Any, tm: Any, tasks: list[str], cfg: EvaluateConfig, chat: bool) -> dict[str, Any]:
+    import lm_eval
+
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=tm, num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.batch_size, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
+            apply_chat_template=chat, log_samples=False, random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+        )
+    except KubellmError:
+        raise
+    except Exception as e:  # the harness raises bare exceptions (dataset download, bad template, ...)
+        cause = e.__cause__ if isinstance(e.__cause__, KubellmError) else None
+        if cause is not None:
+            raise cause from e
+        raise KubellmError(f"lm-eval failed on task(s) {tasks} (chat template {'on' if chat else 'off'}): "
+                           f"{type(e).__name__}: {e}") from e
+    if out is None:
+        raise KubellmError(f"lm-eval returned no results for {tasks} (not rank 0?)")
+    return out
+
+
+def parse_results(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """`{"acc,none": 0.5, "acc_stderr,none": 0.1}` -> `{"acc": 0.5, "acc_stderr": 0.1}` per task."""
+    scores: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        res = out["results"].get(task)
+        if res is None:
+            raise KubellmError(f"lm-eval returned no result for task {task}")
+        metrics: dict[str, float] = {}
+        for key, value in res.items():
+            if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            name, filt = key.split(",", 1)
+            metrics[name if filt == "none" else f"{name}/{filt}"] = float(value)
+        scores[task] = metrics
+    return scores
+
+
+def evaluate_lm(lm: Any, cfg: EvaluateConfig, tm: Any) -> HarnessResult:
+    """Every task of `cfg.tasks` on one loaded model; `tm` from `task_manager` (built once per run)."""
+    chat_set = set(cfg.chat_tasks)
+    groups = [(False, [t for t in cfg.tasks if t not in chat_set]), (True, [t for t in cfg.tasks if t in chat_set])]
+    res = HarnessResult({}, {}, {}, {}, {}, {})
+    for chat, tasks in groups:
+        if not tasks:
+            continue
+        out = _run(lm, tm, tasks, cfg, chat)
+        res.scores.update(parse_results(out, tasks))
+        for t in tasks:
+            res.versions[t] = out.get("versions", {}).get(t)
+            res.n_shot[t] = int(out.get("n-shot", {}).get(t, 0))
+            res.n_samples[t] = int(out.get("n-samples", {}).get(t, {}).get("effective", 0))
+            res.chat[t] = chat
+            res.higher_is_better[t] = dict(out.get("higher_is_better", {}).get(t, {}))
+    return res

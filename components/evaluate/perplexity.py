@@ -1,0 +1,88 @@
+"""Held-out perplexity of an HF causal LM on packed token shards (`kubellm.tokenizer.shards`).
+
+    ppl = shard_perplexity(model, ["/tmp/val/validation/00000.tok"], seq_len=256, batch_size=8)
+
+Token-weighted: exp(total NLL / number of predicted tokens) over every document, so a long document
+counts for its length. Each document (`[bos] + ids + [eos]`) is cut into windows of `seq_len`
+tokens; the first token of a document is never predicted, and window k > 0 starts one token
+before its first target so every other token is predicted exactly once, inside its own document.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kubellm.core.errors import InputDataError
+from kubellm.tokenizer.shards import TokenShardReader
+
+
+def windows(paths: Sequence[Path], vocab_size: int, seq_len: int,
+            max_tokens: int | None) -> Iterator[np.ndarray]:
+    """Token windows (each ≥ 2 tokens) in shard/document order, until `max_tokens` targets."""
+    budget = max_tokens if max_tokens is not None else math.inf
+    for path in paths:
+        reader = TokenShardReader(path, expected_vocab_size=vocab_size)
+        for d in range(reader.doc_count):
+            doc = reader.document(d)
+            start = 0
+            while start + 1 < len(doc) and budget > 0:
+                win = doc[start : start + seq_len]
+                if len(win) - 1 > budget:
+                    win = win[: int(budget) + 1]
+                budget -= len(win) - 1
+                yield win.astype(np.int64)
+                start += len(win) - 1
+            if budget <= 0:
+                return
+
+
+def shard_perplexity(model: Any, paths: Sequence[Path], *, seq_len: int = 256, batch_size: int = 8,
+                     max_tokens: int | None = None) -> dict[str, float]:
+    """{"perplexity", "nll" (mean per token, nats), "tokens" (predicted)} of `model` on the shards."""
+    import torch
+
+    if not paths:
+        raise InputDataError("held-out perplexity: no validation shards (expected validation/*.tok)")
+    vocab = int(model.config.vocab_size)
+    device = next(model.parameters()).device
+    total_nll, total_tok = 0.0, 0
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal total_nll, total_tok
+        width = max(len(w) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, w in enumerate(batch):
+            ids[i, : len(w)] = torch.from_numpy(w)
+            mask[i, : len(w)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
+        tgt = ids[:, 1:]
+        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        valid = mask[:, 1:].bool()
+        total_nll += float(nll[valid].double().sum())
+        total_tok += int(valid.sum())
+        batch.clear()
+
+    was_training = model.training
+    model.eval()
+    try:
+        for w in windows([Path(p) for p in paths], vocab, seq_len, max_tokens):
+            batch.append(w)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        model.train(was_training)
+    if total_tok == 0:
+        raise InputDataError(f"held-out perplexity: the shards {[str(p) for p in paths]} hold no predictable tokens")
+    mean = total_nll / total_tok
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(total_tok)}

@@ -1,0 +1,202 @@
+"""A minimal model registry: one promoted pointer per name, moved only by a passing gate.
+
+    reg = Registry("s3://bucket/kubellm/registry", "kubellm")    # pointer: <root>/kubellm/promoted.json
+    current = reg.current()                                       # Promoted | None (+ its ETag)
+    verdict = judge(candidate_scores, current, rules)             # GateVerdict; .failures name task + numbers
+    reg.promote(entry, expected=current)                          # conditional write: compare-and-swap
+
+The pointer is a small JSON object (model manifest URI + digest + the scores it was promoted with).
+It is moved with a conditional write — S3 `IfNoneMatch="*"` for the first promotion and `IfMatch`
+on the ETag read for every later one (an exclusive lock + compare locally) — so two gates racing
+from the same baseline cannot both move it: the loser gets PromotionConflictError and the pointer
+names the winner. Every promotion is also recorded under `<root>/<name>/history/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from typing import Any
+
+from kubellm.core.errors import InputDataError, KubellmError, StorageError
+from kubellm.core.storage import join, storage_for
+from kubellm.evaluate.config import GateRule
+from pydantic import BaseModel, ConfigDict, Field
+
+POINTER_NAME = "promoted.json"
+LOWER_IS_BETTER = {"perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+class GateFailedError(KubellmError):
+    """The candidate did not pass the promotion gate; the pointer was not moved."""
+
+
+class PromotionConflictError(KubellmError):
+    """Another gate moved the pointer between our read and our write; ours was not applied."""
+
+
+class Promoted(BaseModel):
+    """The pointer's content."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model_uri: str = Field(description="the promoted model's manifest prefix (or local HF dir)")
+    model_digest: str
+    label: str = ""
+    scores: dict[str, dict[str, float]] = Field(default_factory=dict, description="task -> metric -> value")
+    eval_uri: str = Field(default="", description="the eval artifact that justified the promotion")
+    eval_settings_hash: str = Field(default="", description="hash of the settings the scores came from")
+    previous_digest: str | None = None
+    promoted_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
+
+
+@dataclasses.dataclass
+class Current:
+    """The pointer as read: its content, URI and the ETag a conditional update must match."""
+
+    entry: Promoted
+    uri: str
+    etag: str
+
+
+class Registry:
+    def __init__(self, root: str, name: str) -> None:
+        self.root, self.name = root, name
+
+    @property
+    def pointer_uri(self) -> str:
+        return join(self.root, self.name, POINTER_NAME)
+
+    @classmethod
+    def from_pointer(cls, pointer_uri: str) -> Registry:
+        """The registry whose pointer is `pointer_uri` (`<root>/<name>/promoted.json`) or whose entry
+        directory is `pointer_uri` (`<root>/<name>`)."""
+        uri = pointer_uri.rstrip("/")
+        if uri.endswith("/" + POINTER_NAME):
+            uri = uri[: -len(POINTER_NAME) - 1]
+        root, _, name = uri.rpartition("/")
+        if not root or not name:
+            raise InputDataError(f"baseline {pointer_uri!r}: expected <registry>/<name>/{POINTER_NAME}")
+        return cls(root, name)
+
+    def current(self) -> Current | None:
+        st = storage_for(self.pointer_uri)
+        if not st.exists(self.pointer_uri):
+            return None
+        data, etag = st.read_with_etag(self.pointer_uri)
+        try:
+            entry = Promoted.model_validate_json(data)
+        except Exception as e:
+            raise InputDataError(f"{self.pointer_uri}: not a kubellm promoted-model pointer: {e}") from e
+        return Current(entry, self.pointer_uri, etag)
+
+    def promote(self, entry: Promoted, expected: Current | None) -> str:
+        """Point the registry at `entry` if it still points where `expected` says (None: nowhere).
+        Returns the pointer URI; raises PromotionConflictError if another writer moved it first."""
+        st = storage_for(self.pointer_uri)
+        body = entry.model_dump_json(indent=2).encode()
+        if expected is None:
+            ok = st.put_if_absent(self.pointer_uri, body)
+        else:
+            ok = st.put_if_match(self.pointer_uri, body, expected.etag)
+        if not ok:
+            now = self.current()
+            who = f"{now.entry.label or '?'} ({now.entry.model_digest[:12]})" if now else "nothing (deleted)"
+            raise PromotionConflictError(
+                f"{self.pointer_uri}: another gate moved the promoted pointer while this one ran (it now "
+                f"points at {who}); {entry.label or entry.model_uri} was NOT promoted — re-run the "
+                "evaluation against the new baseline"
+            )
+        stamp = entry.promoted_at.replace(":", "").replace("+", "Z")
+        hist = join(self.root, self.name, "history", f"{stamp}-{entry.model_digest[:12]}.json")
+        try:
+            st.put_if_absent(hist, body)
+        except StorageError:
+            pass  # history is a courtesy; the pointer is the record
+        return self.pointer_uri
+
+
+@dataclasses.dataclass
+class Check:
+    task: str
+    metric: str
+    kind: str  # "max_drop" | "min" | "max"
+    value: float
+    bound: float
+    baseline: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        if self.kind == "max_drop":
+            worse = "rose" if self.metric in LOWER_IS_BETTER else "dropped"
+            change = abs(self.value - (self.baseline or 0.0))
+            return (f"{self.task} {self.metric} {self.value:.4f} vs baseline {self.baseline:.4f}: "
+                    f"{worse} by {change:.4f} (allowed {self.bound:.4f})")
+        rel = "≥" if self.kind == "min" else "≤"
+        return f"{self.task} {self.metric} {self.value:.4f} must be {rel} {self.bound:.4f}"
+
+
+@dataclasses.dataclass
+class GateVerdict:
+    checks: list[Check]
+    baseline_digest: str | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "baseline_digest": self.baseline_digest,
+                "checks": [dataclasses.asdict(c) | {"message": c.describe()} for c in self.checks]}
+
+
+def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules: dict[str, GateRule],
+          headline: dict[str, str | None], baseline_uri: str = "") -> GateVerdict:
+    """Apply every rule to the candidate's `scores` (task -> metric -> value)."""
+    checks: list[Check] = []
+    for task, rule in rules.items():
+        metric = rule.metric or headline.get(task)
+        if task not in scores:
+            raise InputDataError(f"gate rule for task {task}: the candidate has no score for it")
+        if metric is None or metric not in scores[task]:
+            raise InputDataError(f"gate rule for task {task}: metric {metric!r} not among its scores "
+                                 f"{sorted(k for k in scores[task] if not k.endswith('_stderr'))}")
+        value = scores[task][metric]
+        lower_better = metric in LOWER_IS_BETTER
+        if rule.max_drop is not None and baseline is not None:
+            base = baseline.scores.get(task, {})
+            if metric not in base:
+                have = sorted(baseline.scores) if task not in baseline.scores else sorted(base)
+                what = f"task {task}" if task not in baseline.scores else f"metric {task}/{metric}"
+                raise InputDataError(
+                    f"baseline {baseline_uri or baseline.model_uri} lacks {what} (it has {have}); the gate "
+                    f"rule on {task} cannot compare — promote a model evaluated on {task} or drop max_drop"
+                )
+            b = base[metric]
+            worsening = (value - b) if lower_better else (b - value)
+            checks.append(Check(task, metric, "max_drop", value, rule.max_drop, b,
+                                worsening <= rule.max_drop + 1e-12))
+        if rule.min is not None:
+            checks.append(Check(task, metric, "min", value, rule.min, None, value >= rule.min))
+        if rule.max is not None:
+            checks.append(Check(task, metric, "max", value, rule.max, None, value <= rule.max))
+    return GateVerdict(checks, baseline.model_digest if baseline else None)
+
+
+def raise_if_failed(verdict: GateVerdict, label: str, pointer_uri: str, report_uri: str) -> None:
+    if verdict.passed:
+        return
+    lines = "; ".join(c.describe() for c in verdict.failures)
+    raise GateFailedError(
+        f"promotion gate FAILED for {label}: {lines}. The promoted pointer {pointer_uri} was not moved; "
+        f"report: {report_uri}"
+    )
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

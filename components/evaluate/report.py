@@ -1,0 +1,168 @@
+"""The evaluation report: a models × tasks table, deltas against the promoted baseline, plots.
+
+    md = render_markdown(results)          # KFP Markdown artifact / manifest.report_markdown
+    html = render_html(results)            # KFP HTML artifact: one self-contained file (PNG inlined)
+
+`results` is the stage's results JSON (see `kubellm.evaluate.stage`). Plots: training loss per model
+(from each model manifest's metrics JSONL or `metadata["loss_curve"]`) and headline score per model
+in the order given (base → SFT → DPO reads as a stage-by-stage progression).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+
+def _fmt(v: float | None, metric: str = "") -> str:
+    if v is None:
+        return "—"
+    if metric in ("perplexity", "nll"):
+        return f"{v:.3f}"
+    return f"{v:.4f}"
+
+
+def _delta(v: float | None, b: float | None) -> str:
+    if v is None or b is None:
+        return "—"
+    return f"{v - b:+.4f}"
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the models × tasks table (headline metric, ± stderr, Δ vs baseline)."""
+    columns = results["columns"]  # [(task, metric)]
+    base = (results.get("baseline") or {}).get("scores", {})
+    header = ["model"] + [f"{t} ({m})" for t, m in columns]
+    rows = []
+    for model in results["models"]:
+        row = [model["label"]]
+        for task, metric in columns:
+            v = model["scores"].get(task, {}).get(metric)
+            err = model["scores"].get(task, {}).get(f"{metric}_stderr")
+            cell = _fmt(v, metric) + (f" ± {err:.3f}" if err else "")
+            b = base.get(task, {}).get(metric)
+            if b is not None:
+                cell += f" (Δ {_delta(v, b)})"
+            row.append(cell)
+        rows.append(row)
+    if base:
+        rows.append(["baseline (promoted)"] + [_fmt(base.get(t, {}).get(m), m) for t, m in columns])
+    return header, rows
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    header, rows = table_rows(results)
+    out = [f"# Evaluation: {', '.join(m['label'] for m in results['models'])}", ""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("")
+    base = results.get("baseline")
+    if base:
+        out.append(f"Baseline: promoted model `{base['label'] or base['model_uri']}` "
+                   f"(digest `{base['model_digest'][:12]}`) from `{base['pointer']}`; Δ = model − baseline.")
+    else:
+        out.append("Baseline: none promoted yet.")
+    gate = results.get("gate")
+    if gate:
+        verdict = "PASSED" if gate["passed"] else "FAILED"
+        out += ["", f"## Gate ({gate['candidate']}): {verdict}" + (" — promoted" if gate.get("promoted") else "")]
+        out += [f"- {'✅' if c['passed'] else '❌'} {c['message']}" for c in gate["checks"]] or ["- no rules"]
+    out += ["", "## Models", ""]
+    for m in results["models"]:
+        out.append(f"- **{m['label']}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
+    tasks = results["tasks"]
+    out += ["", "## Tasks", ""]
+    for t, info in tasks.items():
+        out.append(f"- `{t}` v{info.get('version')}: {info.get('n_samples')} items, {info.get('n_shot')}-shot, "
+                   f"chat template {'on' if info.get('chat') else 'off'}")
+    h = results["harness"]
+    out += ["", f"lm-eval {h['lm_eval']}, transformers {h['transformers']}, torch {h['torch']}."]
+    return "\n".join(out) + "\n"
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(results: dict[str, Any]) -> dict[str, str]:
+    """title -> base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pod
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    curves = [(m["label"], m.get("loss_curve") or []) for m in results["models"]]
+    if any(c for _, c in curves):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, curve in curves:
+            if curve:
+                ax.plot([p[0] for p in curve], [p[1] for p in curve], label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        out["Training loss"] = _png(fig)
+        plt.close(fig)
+    labels = [m["label"] for m in results["models"]]
+    columns = [(t, m) for t, m in results["columns"] if m not in ("perplexity", "nll")]
+    if columns:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for task, metric in columns:
+            ys = [m["scores"].get(task, {}).get(metric) for m in results["models"]]
+            ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=f"{task} ({metric})")
+            b = (results.get("baseline") or {}).get("scores", {}).get(task, {}).get(metric)
+            if b is not None:
+                ax.axhline(b, linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.set_title("score per model (dotted: promoted baseline)")
+        out["Score per stage"] = _png(fig)
+        plt.close(fig)
+    ppl = [(m["label"], m["scores"].get("perplexity", {}).get("perplexity")) for m in results["models"]]
+    if any(v is not None for _, v in ppl):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar([lbl for lbl, _ in ppl], [v or 0.0 for _, v in ppl])
+        ax.set_ylabel("held-out perplexity")
+        out["Held-out perplexity"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def render_html(results: dict[str, Any], markdown_text: str | None = None) -> str:
+    """One self-contained HTML page (no external CSS/JS; images are data: URIs)."""
+    header, rows = table_rows(results)
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>kubellm evaluation</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}.pass{color:#070}.fail{color:#b00}</style>",
+             "</head><body>", f"<h1>Evaluation: {e(', '.join(m['label'] for m in results['models']))}</h1>",
+             "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+    parts.append("</table>")
+    base = results.get("baseline")
+    parts.append(f"<p>Baseline: {e(base['label'] or base['model_uri'])} ({e(base['model_digest'][:12])})</p>"
+                 if base else "<p>Baseline: none promoted yet.</p>")
+    gate = results.get("gate")
+    if gate:
+        cls = "pass" if gate["passed"] else "fail"
+        parts.append(f"<h2 class='{cls}'>Gate ({e(gate['candidate'])}): {'PASSED' if gate['passed'] else 'FAILED'}"
+                     f"{' — promoted' if gate.get('promoted') else ''}</h2><ul>")
+        parts += [f"<li class='{'pass' if c['passed'] else 'fail'}'>{e(c['message'])}</li>" for c in gate["checks"]]
+        parts.append("</ul>")
+    for title, png in plots(results).items():
+        parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>")
+    parts.append("<h2>Models</h2><ul>")
+    parts += [f"<li><b>{e(m['label'])}</b>: {e(m['uri'])} (digest {e(m['digest'][:12])})</li>" for m in results["models"]]
+    h = results["harness"]
+    parts.append(f"</ul><p>lm-eval {e(h['lm_eval'])}, transformers {e(h['transformers'])}, torch {e(h['torch'])}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

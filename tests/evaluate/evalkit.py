@@ -1,0 +1,118 @@
+"""Helpers for the evaluate tests: tiny HF `LlamaForCausalLM` exports (random init, byte-level BPE
+tokenizer with a chat template, the format `kubellm.model.hf.export_hf` writes), model artifacts,
+validation token shards and fixture eval items."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 384) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A $B",
+                                                       special_tokens=[("<|bos|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>",
+                                   additional_special_tokens=SPECIALS[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def corpus() -> list[str]:
+    import json
+
+    from kubellm.evaluate.taskdata import DEFAULT_DATA_DIR
+
+    texts = []
+    for name in ("knowledge", "format", "preference"):
+        for line in (DEFAULT_DATA_DIR / f"{name}.jsonl").read_text().splitlines():
+            texts.append(line)
+            texts.extend(str(v) for v in json.loads(line).values())
+    texts += [f"The number {i} plus {j} is {i + j}." for i in range(12) for j in range(12)]
+    return texts
+
+
+def build_export(out_dir: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """A random-init 2-layer Llama with a 384-token vocabulary (about 0.1M parameters)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        build_tokenizer(out_dir, corpus())
+    else:
+        for p in Path(tokenizer_dir).iterdir():
+            if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json" or p.name.endswith(".jinja"):
+                shutil.copy(p, out_dir / p.name)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+
+
+def publish_model(export: Path, root: str, stage: str, loss_curve: list[list[float]] | None = None):
+    from kubellm.core.manifest import content_prefix, publish_dir, stable_hash
+
+    prefix = content_prefix(root, stage, stable_hash(str(export)), {})
+    meta = {"loss_curve": loss_curve} if loss_curve else {}
+    return publish_dir(export, prefix, kind="model", metadata=meta)
+
+
+def write_validation_shards(root: str, tok_dir: Path) -> object:
+    """A token_shards artifact whose validation shard holds two documents of the eval texts."""
+    import tempfile
+
+    from kubellm.core.manifest import publish_dir
+    from kubellm.tokenizer.shards import TokenShardWriter
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with tempfile.TemporaryDirectory() as d:
+        w = TokenShardWriter(Path(d) / "validation" / "00000.tok", vocab_size=len(tok))
+        for text in ("The number 3 plus 4 is 7.", "What colour is the zorbel? The zorbel is blue. " * 8):
+            w.add_document([tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+        w.close()
+        return publish_dir(d, f"{root}/tokenizer/val0", kind="token_shards",
+                           metadata={"vocab_size": len(tok)})
+
+
+def eval_config(**over: object):
+    from kubellm.evaluate.config import EvaluateConfig
+
+    base = {"limit": 4, "bootstrap_iters": 10, "batch_size": 4, "device": "cpu", "dtype": "float32"}
+    return EvaluateConfig.model_validate(base | over)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
