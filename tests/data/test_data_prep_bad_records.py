@@ -1,0 +1,105 @@
+"""Every bad-record kind is skipped, counted and named (file + line/offset), or fails the stage."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from kubellm.core.errors import InputDataError
+from kubellm.data_prep.config import DataPrepConfig
+from kubellm.data_prep.stage import run
+
+TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "
+        "sailors sing in the evening; document {i} tells the story of its bakers and painters.")
+
+
+def _good(i: int) -> bytes:
+    return (json.dumps({"text": TEXT.format(i=i)}) + "\n").encode()
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [_good(i) for i in range(40)]
+    lines[3] = b'{"text": "broken \xff\xfe utf-8 bytes in an otherwise fine record"}\n'
+    lines[5] = b'{"text": "a lone surrogate \\ud800 sneaks into this record"}\n'
+    lines[7] = b'{"text": "a NUL \\u0000 byte hides inside this record"}\n'
+    lines[9] = b'{"text": "   \\n\\t  "}\n'
+    lines[11] = (json.dumps({"text": "huge " * 1000}) + "\n").encode()
+    lines[13] = b'{"text": "this JSON line is cut off\n'
+    lines[15] = b'{"body": "no text field here"}\n'
+    (raw / "records.jsonl").write_bytes(b"".join(lines))
+    # a gzip cut in the middle: the records before the cut are kept
+    full = gzip.compress(b"".join(_good(100 + i) for i in range(200)))
+    (raw / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
+    # a parquet file without its footer
+    pq.write_table(pa.table({"text": [TEXT.format(i=300 + i) for i in range(20)]}), raw / "cut.parquet")
+    data = (raw / "cut.parquet").read_bytes()
+    (raw / "cut.parquet").write_bytes(data[: len(data) // 2])
+    # a text file with a raw NUL byte in one paragraph and invalid UTF-8 in another
+    (raw / "notes.txt").write_bytes(
+        TEXT.format(i=400).encode() + b"\n\nbad \x00 paragraph here\n\n" + b"caf\xe9 latin-1\n\n"
+        + TEXT.format(i=401).encode() + b"\n"
+    )
+    return raw
+
+
+def _cfg(**kw: object) -> DataPrepConfig:
+    return DataPrepConfig(max_doc_bytes=2000, validation_fraction=0.0, **kw)
+
+
+def test_bad_records_are_skipped_counted_and_named(bad_inputs: Path, tmp_path: Path) -> None:
+    m = run(_cfg(max_bad_fraction=0.5), {"raw": str(bad_inputs)}, str(tmp_path / "out"))
+    c = m.counts
+    expected = {"invalid_utf8": 2, "lone_surrogate": 1, "nul_byte": 2, "empty": 1, "too_large": 1,
+                "malformed_json": 1, "missing_field": 1, "truncated_file": 1, "unreadable_file": 1}
+    for kind, n in expected.items():
+        assert c[f"removed_{kind}"] == n, kind
+    assert c["bad_records"] == sum(expected.values())
+    where = {e["reason"]: e["where"] for e in m.metadata["bad_records"]}
+    rec = str(bad_inputs / "records.jsonl")
+    lines = (bad_inputs / "records.jsonl").read_bytes().splitlines(keepends=True)
+    start = [sum(len(x) for x in lines[:i]) for i in range(len(lines))]
+    # invalid UTF-8: the byte offset of the first bad byte; others: the start of the line
+    bad_byte = start[3] + lines[3].index(b"\xff")
+    assert where["invalid_utf8"] == f"{rec}:line 4 (byte {bad_byte})"
+    assert where["lone_surrogate"] == f"{rec}:line 6 (byte {start[5]})"
+    assert where["malformed_json"].startswith(f"{rec}:line 14 ")
+    assert where["too_large"].startswith(f"{rec}:line 12 ")
+    assert where["truncated_file"].startswith(str(bad_inputs / "cut.jsonl.gz"))
+    assert where["unreadable_file"].startswith(str(bad_inputs / "cut.parquet"))
+    # the good records survive: 32 from records.jsonl, the gzip's records before the cut, 2 text paragraphs
+    assert 32 + 2 + 20 < c["documents_out"] < 32 + 2 + 200
+    assert "truncated_file" in m.report_markdown and "records.jsonl:line 4" in m.report_markdown
+
+
+def test_too_many_bad_records_fail_with_the_names(bad_inputs: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputDataError) as e:
+        run(_cfg(max_bad_fraction=0.01), {"raw": str(bad_inputs)}, str(tmp_path / "out"))
+    msg = str(e.value)
+    assert "max_bad_fraction=0.01" in msg and "records.jsonl:line 4" in msg and "invalid_utf8" in msg
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("_manifest.json"))
+
+
+def test_cli_reports_bad_input_without_a_traceback(bad_inputs: Path, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "kubellm.cli", "data-prep", "--input", f"raw={bad_inputs}",
+                        "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and "error:" in p.stderr and "records.jsonl:line 4" in p.stderr
+    assert "skipping bad record" in p.stderr  # each bad record is logged with its place
+
+
+def test_missing_source_and_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(InputDataError, match="no such file"):
+        run(DataPrepConfig(), {"raw": str(tmp_path / "nope")}, str(tmp_path / "out"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    from kubellm.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown format"):
+        run(DataPrepConfig(), {"raw": str(tmp_path / "x.csv")}, str(tmp_path / "out"))

@@ -1,0 +1,71 @@
+"""Unit tests of the document-level pieces: normalisation, quality filters, PII, dedup keys, split."""
+
+from __future__ import annotations
+
+import numpy as np
+from kubellm.data_prep import filters as F
+from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
+
+GOOD = ("The old baker of Tarsk opens the shop early every morning and sells warm bread to the "
+        "sailors who come up from the harbour before the market starts; everyone knows the smell.")
+
+
+def test_good_text_passes_every_filter() -> None:
+    assert F.quality_reason(GOOD, QualityFilters()) is None
+
+
+def test_each_quality_filter_names_itself() -> None:
+    f = QualityFilters()
+    cases = {
+        "min_words": "too short to keep",
+        "max_words": " ".join(["word"] * 50),
+        "min_mean_word_length": " ".join(["a b c d"] * 10),
+        "max_mean_word_length": " ".join(["extraordinarilylongwordsonly"] * 30),
+        "max_symbol_word_ratio": GOOD + " #tag #tag #tag #tag #tag #tag #tag #tag",
+        "max_ellipsis_line_fraction": "\n".join(["this line trails off into nothing ..."] * 3 + [GOOD]),
+        "min_alpha_word_fraction": GOOD + " " + " ".join(str(1000 + i) for i in range(40)),
+        "max_duplicate_line_fraction": "\n".join(["the same line of text again and again here"] * 4 + [GOOD]),
+        "max_top_ngram_fraction": "buy cheap " * 20 + GOOD,
+    }
+    for name, text in cases.items():
+        cfg = f.model_copy(update={"max_words": 40}) if name == "max_words" else f
+        assert F.quality_reason(text, cfg) == name, name
+    # a disabled filter lets the text through
+    assert F.quality_reason("too short to keep", f.model_copy(update={"min_words": None})) is None
+
+
+def test_nfc_normalisation_and_newlines() -> None:
+    decomposed = "Cafe\u0301\r\nna\u0131ve "
+    assert F.normalize(decomposed, "NFC") == "Caf\u00e9\nna\u0131ve"
+    assert F.normalize("\ufb01", "NFKC") == "fi" and F.normalize("\ufb01", "none") == "\ufb01"
+
+
+def test_pii_scrubbing() -> None:
+    text = ("Mail jane.doe@example.org or call +1 415-555-0132, server 192.168.10.20, "
+            "v6 2001:0db8:85a3:0000:0000:8a2e:0370:7334; the year 2024 and 3 + 4 stay.")
+    out, n = F.scrub_pii(text, PIIConfig(enabled=True))
+    assert "<EMAIL>" in out and "<PHONE>" in out and out.count("<IP>") == 2
+    assert "jane" not in out and "415" not in out and "192.168" not in out
+    assert "2024" in out and "3 + 4" in out and n == 4
+
+
+def test_exact_key_ignores_case_and_whitespace() -> None:
+    assert F.dedup_key("Hello  World\n") == F.dedup_key("hello world")
+    assert F.dedup_key("hello world") != F.dedup_key("hello words")
+
+
+def test_minhash_signatures_estimate_jaccard() -> None:
+    cfg = DedupConfig()
+    a = F.minhash_signature(GOOD, cfg)
+    b = F.minhash_signature(GOOD.replace("warm", "fresh"), cfg)
+    c = F.minhash_signature("A completely different sentence about parrots and the sea " * 3, cfg)
+    assert a.shape == (cfg.num_perm,) and a.dtype == F.signature_dtype(cfg)
+    assert np.mean(a == b) > 0.5 > np.mean(a == c)
+    assert np.array_equal(a, F.minhash_signature(GOOD, cfg))  # deterministic
+
+
+def test_split_is_deterministic_and_roughly_proportional() -> None:
+    texts = [f"document number {i}" for i in range(4000)]
+    splits = [F.split_of(t, 0.1) for t in texts]
+    assert splits == [F.split_of(t, 0.1) for t in texts]
+    assert 0.07 < splits.count("validation") / len(texts) < 0.13
