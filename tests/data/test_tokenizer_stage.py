@@ -1,0 +1,114 @@
+"""The tokenizer stage: HF-loadable tokenizer with chat template, shards that decode back to text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from kubellm.core.errors import InputDataError
+from kubellm.core.manifest import Manifest, fetch
+from kubellm.tokenizer.config import TokenizerConfig
+from kubellm.tokenizer.shards import TokenShardReader
+from kubellm.tokenizer.stage import run
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tokenized: Manifest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fetch(tokenized, tmp_path_factory.mktemp("tokfiles"))
+
+
+def test_manifest_follows_the_contract(tokenized: Manifest) -> None:
+    md = tokenized.metadata
+    assert tokenized.kind == "token_shards"
+    assert (md["bos_id"], md["eos_id"], md["pad_id"]) == (0, 1, 2)
+    assert 260 < md["vocab_size"] <= 512 and tokenized.counts["vocab_size"] == md["vocab_size"]
+    paths = {f.path for f in tokenized.files}
+    assert "tokenizer/tokenizer.json" in paths and "tokenizer/tokenizer_config.json" in paths
+    assert md["train_files"] == ["train/part-00000.tok"] and md["validation_files"] == ["validation/part-00000.tok"]
+    assert 2.0 < tokenized.metrics["bytes_per_token"] < 8.0
+    assert "bytes/token" in (tokenized.report_markdown or "")
+
+
+def test_auto_tokenizer_loads_with_chat_template(tok_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir / "tokenizer"))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in
+           ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]}
+    assert list(ids.values()) == list(range(7))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Kanoreth live?"},
+            {"role": "assistant", "content": "Answer: Amberlow"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == ("<|bos|><|system|>\nBe brief.<|end|>\n<|user|>\nWhere does Kanoreth live?<|end|>\n"
+                    "<|assistant|>\nAnswer: Amberlow<|end|>\n")
+    prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|end|>\n<|assistant|>\n") and text.startswith(prompt)
+    full = tok.apply_chat_template(msgs, tokenize=True)
+    full = full["input_ids"] if hasattr(full, "keys") else full
+    head = tok.apply_chat_template(msgs[:2], tokenize=True, add_generation_prompt=True)
+    head = head["input_ids"] if hasattr(head, "keys") else head
+    assert full[: len(head)] == head and full.count(0) == 1  # prefix-stable, one bos
+    assert full[-2] == ids["<|end|>"]
+    assert tok.decode(full) == text
+    with pytest.raises(Exception, match="unknown chat role"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+    # plain encoding starts with bos (like every document in the shards) and round-trips
+    enc = tok("Kanoreth lives in Amberlow.")["input_ids"]
+    assert enc[0] == 0 and tok.decode(enc, skip_special_tokens=True) == "Kanoreth lives in Amberlow."
+
+
+def test_shards_decode_back_to_the_original_text(tokenized: Manifest, prepared: Manifest,
+                                                 tok_dir: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer" / "tokenizer.json"))
+    data = fetch(prepared, tmp_path)
+    for split in ("train", "validation"):
+        texts = pq.read_table(data / split / "part-00000.parquet").column("text").to_pylist()
+        r = TokenShardReader(tok_dir / split / "part-00000.tok", expected_vocab_size=2048)
+        assert r.doc_count == len(texts) == tokenized.counts[f"{split}_documents"]
+        assert r.token_count == tokenized.counts[f"{split}_tokens"]
+        for i, text in enumerate(texts):
+            doc = r.document(i).tolist()
+            assert doc[0] == 0 and doc[-1] == 1 and 0 not in doc[1:-1] and 1 not in doc[1:-1]
+            assert tok.decode(doc[1:-1], skip_special_tokens=False) == text
+
+
+def test_small_shards_and_non_ascii_round_trip(tmp_path: Path) -> None:
+    from kubellm.data_prep.config import DataPrepConfig
+    from kubellm.data_prep.stage import run as data_prep
+
+    texts = [f"Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e emoji \U0001f600 line {i}: " + "word " * 30 for i in range(30)]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ds = data_prep(DataPrepConfig(validation_fraction=0.0, dedup={"near": False},
+                                  filters={"min_alpha_word_fraction": 0.5, "max_top_ngram_fraction": {}}),
+                   {"raw": str(tmp_path / "x.jsonl")}, str(tmp_path / "art"))
+    m = run(TokenizerConfig(vocab_size=300, tokens_per_shard=100, batch_size=7), {"dataset": ds.uri},
+            str(tmp_path / "art"))
+    assert len(m.metadata["train_files"]) > 3 and m.metadata["validation_files"] == []
+    d = fetch(m, tmp_path / "f")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(d / "tokenizer" / "tokenizer.json"))
+    decoded = [tok.decode(TokenShardReader(d / f).document(i).tolist()[1:-1])
+               for f in m.metadata["train_files"] for i in range(TokenShardReader(d / f).doc_count)]
+    assert decoded == [t.strip() for t in texts]
+
+
+def test_cli_runs_on_a_data_prep_artifact_and_refuses_other_kinds(tokenized: Manifest, prepared: Manifest,
+                                                                  tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "kubellm.cli", "tokenizer", "--input", f"dataset={prepared.uri}",
+                        "--output", str(tmp_path), "--set", "tokenizer.vocab_size=512",
+                        "--manifest-out", str(tmp_path / "m.json")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert '"bytes_per_token"' in p.stdout and "Validation bytes/token" in p.stderr
+    again = Manifest.from_json((tmp_path / "m.json").read_text())
+    assert again.uri != tokenized.uri  # another output root, same content: training is deterministic
+    assert {(f.path, f.sha256) for f in again.files} == {(f.path, f.sha256) for f in tokenized.files}
+    with pytest.raises(InputDataError, match="expected 'dataset'"):
+        run(TokenizerConfig(), {"dataset": tokenized.uri}, str(tmp_path))
