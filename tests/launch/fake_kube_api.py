@@ -314,7 +314,7 @@ class FakeKubeApi:
                 return 404, _status(404, "NotFound", f'pods "{pod}" not found'), js
             if st["phase"] == "Pending":
                 return 400, _status(400, "BadRequest", f'container "pytorch" in pod "{pod}" is waiting to start'), js
-            lines = self.logs[pod] if q.get("timestamps") == "true" else [ln.split(" ", 1)[1] for ln in self.logs[pod]]
+            lines = self.logs[pod] if q.get("timestamps", "").lower() == "true" else [ln.split(" ", 1)[1] for ln in self.logs[pod]]
             return 200, "".join(ln + "\n" for ln in lines), "text/plain"
         m = EVENTS.match(path)
         if m:

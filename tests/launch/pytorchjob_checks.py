@@ -40,7 +40,8 @@ def _strict(schema: Any) -> Any:
 def crd_schema() -> dict[str, Any] | None:
     if not CRD_PATH.exists():
         return None
-    crd = yaml.safe_load(CRD_PATH.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 680 kB: the C loader is ~10x faster
+    crd = yaml.load(CRD_PATH.read_text(), Loader=loader)  # noqa: S506 — a safe loader
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
 
