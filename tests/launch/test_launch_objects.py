@@ -128,3 +128,22 @@ def test_no_macro_survives_and_no_secret_value(monkeypatch):
         if not key.startswith("shell"):  # a user's bash -c script may use shell ${...} on purpose
             assert "${" not in text, key
         assert "${app_id}" not in text and "${replica_id}" not in text and "${rank0_env}" not in text
+
+
+def test_operator_init_container_default_fails_restricted_our_template_passes():
+    from kubellm.training.pytorchjob.operator import (
+        RESTRICTED_INIT_CONTAINER_TEMPLATE,
+        inject_init_containers,
+    )
+
+    job = JOBS[next(k for k in JOBS if k.startswith("2x8-gpu/auto"))]
+    as_injected = inject_init_containers(job)  # what Training Operator v1.9 does by default
+    errs = [e for w, s in pod_specs_in(as_injected) for e in check_restricted(s, w)]
+    assert any("initContainer 'init-pytorch'" in e and "Worker" in e for e in errs)
+    fixed = inject_init_containers(job, RESTRICTED_INIT_CONTAINER_TEMPLATE)
+    init = fixed["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["initContainers"]
+    assert init[0]["name"] == "init-pytorch" and f"{job['metadata']['name']}-master-0" in init[0]["command"][2]
+    assert not [e for w, s in pod_specs_in(fixed) for e in check_restricted(s, w)]
+    # worker-only (elastic) jobs get no init container at all
+    elastic = JOBS[next(k for k in JOBS if k.startswith("2x8-gpu/elastic"))]
+    assert "initContainers" not in inject_init_containers(elastic)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
