@@ -125,7 +125,9 @@ def prepare_shard(source: Source, index: int, config: DataPrepConfig, work: str)
                 if texts:
                     writer.write_table(pa.table({"text": texts, "key": keys}, schema=schema))
                     sig_file.write(np.stack(sigs).astype(sig_dtype).tobytes())
-                    texts.clear(), keys.clear(), sigs.clear()
+                    texts.clear()
+                    keys.clear()
+                    sigs.clear()
 
             for rec in read_records(source, local, field=config.text_field, max_bytes=config.max_doc_bytes,
                                     sample_by=config.text_sample_by, hub_split=config.hub_split):
@@ -245,7 +247,8 @@ def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path
     """Stream the kept documents into `out_dir/{train,validation}/part-*.parquet`."""
     wd = _WorkDir(work)
     schema = pa.schema([("text", pa.string())])
-    counts = {s: {"documents": 0, "bytes": 0, "files": []} for s in ("train", "validation")}
+    counts: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "files": []}
+                                         for s in ("train", "validation")}
     buffers: dict[str, list[str]] = {"train": [], "validation": []}
 
     def flush(split: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from kubellm.core.errors import InputDataError
@@ -31,7 +32,7 @@ VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQQ24x")
 assert _HEADER.size == HEADER_SIZE
-DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 
 
 def dtype_for_vocab(vocab_size: int) -> int:
