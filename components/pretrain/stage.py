@@ -1,12 +1,160 @@
-"""The pretrain stage: `run(config, inputs, output) -> Manifest`."""
+"""The pretrain stage: train the base model on the token shards with DeepSpeed, export it as HF Llama.
+
+    kubellm pretrain --preset debug --input tokens=out/tokenizer/<hash> --output out
+    kubellm pretrain --config run.yaml --set pretrain.launch.nproc_per_node=2 --input tokens=... --output s3://b/k
+
+`run(config, inputs, output)` (input `tokens`: a tokenizer-stage artifact; optional `resume`: a run
+dir whose committed checkpoint to continue) launches itself with `launch.nproc_per_node ×
+launch.nnodes` processes — locally through torchrun/TorchX, or as a PyTorchJob with
+`launch.backend: pytorchjob` — unless it already is one process of such a job (or the job has one
+process, which then trains in this process). Every rank runs `run_worker`; rank 0 exports the final
+weights (`kubellm.model.hf.export_hf`, tokenizer included) and metrics, and publishes a `model`
+artifact under a content-addressed prefix. Checkpoints live under `output/runs/<run-id>/checkpoints`.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import shutil
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
-from kubellm.core.errors import NotImplementedStageError
-from kubellm.core.manifest import Manifest
+from kubellm.core.errors import ConfigError, InputDataError
+from kubellm.core.manifest import Manifest, content_prefix, load_manifest_ref, read_manifest
+from kubellm.core.storage import join, storage_for
+from kubellm.pretrain.config import PretrainConfig
+from kubellm.training.job import JobSpec, launch_job
+
+STAGE = "pretrain"
 
 
-def run(config: object, inputs: Mapping[str, str], output: str) -> Manifest:
-    raise NotImplementedStageError("the pretrain stage is not implemented yet")
+def _check(config: PretrainConfig, tokens: Manifest) -> None:
+    """Refuse inputs that cannot work before launching anything."""
+    model_cfg = config.model.build()
+    vocab = tokens.metadata.get("vocab_size")
+    if vocab is not None and int(vocab) > model_cfg.vocab_size:
+        raise ConfigError(
+            f"{tokens.uri}: the tokenizer's vocab_size is {vocab} but pretrain.model vocab_size is "
+            f"{model_cfg.vocab_size}; set pretrain.model.overrides.vocab_size ≥ {vocab}"
+        )
+    split = config.data.split
+    if not any(f.path.startswith(f"{split}/") and f.path.endswith(".tok") for f in tokens.files):
+        raise InputDataError(f"{tokens.uri}: no {split}/*.tok shards (pretrain.data.split={split!r})")
+    world = config.launch.nproc_per_node * config.launch.nnodes
+    from kubellm.training.dsconfig import data_parallel_size
+
+    dp = data_parallel_size(config.parallel, world)
+    config.train.grad_accum_steps(dp)
+    if config.train.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"pretrain.train.seq_len={config.train.seq_len} exceeds the model's max_seq_len="
+                          f"{model_cfg.max_seq_len}")
+
+
+def _hash(config: PretrainConfig) -> str:
+    # `launch` says where the job runs, not what it computes: it stays out of the content address
+    from kubellm.core.manifest import stable_hash
+
+    return stable_hash(config.model_dump(mode="json", exclude={"launch"}))
+
+
+def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manifest:
+    from kubellm.training.engine import in_distributed_worker
+
+    tokens = load_manifest_ref(inputs["tokens"])
+    _check(config, tokens)
+    parents = {"tokens": tokens.digest()}
+    prefix = content_prefix(output, STAGE, _hash(config), parents)
+    if storage_for(prefix).exists(join(prefix, "_manifest.json")):
+        return read_manifest(prefix)  # the same config on the same data is already trained
+    run_id = os.environ.get("KUBELLM_RUN_ID") or (
+        f"{STAGE}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    run_dir = inputs.get("resume") or join(output, "runs", run_id)
+    spec = JobSpec(stage=STAGE, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
+                   run_dir=run_dir, prefix=prefix)
+    world = config.launch.nproc_per_node * config.launch.nnodes
+    if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
+        manifest = run_worker(spec)
+        assert manifest is not None or int(os.environ.get("RANK", "0")) != 0
+        return manifest  # type: ignore[return-value]
+    return launch_job(spec, config.launch, name=f"{STAGE}-{run_id}")
+
+
+def run_worker(spec: JobSpec) -> Manifest | None:
+    """One process of the training job (all ranks); rank 0 returns the published manifest."""
+    import torch.distributed as dist
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.data import stage_artifact_files
+    from kubellm.training.engine import init_distributed, resolve_device, train
+
+    config = PretrainConfig.model_validate(spec.config)
+    model_cfg = config.model.build()
+    tokens = load_manifest_ref(spec.inputs["tokens"])
+    rank, world = init_distributed(resolve_device(config.train.device))
+    split = config.data.split
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    root, paths = stage_artifact_files(tokens, [f"{split}/", "tokenizer/"], config.data.cache_dir,
+                                       fetch_here=local_rank == 0)
+    if world > 1:
+        dist.barrier()  # local rank 0 has fetched the shards
+    shards = [str(root / p) for p in paths if p.startswith(f"{split}/") and p.endswith(".tok")]
+    objective = PretrainObjective(shards, seq_len=config.train.seq_len, vocab_size=model_cfg.vocab_size,
+                                  doc_masking=config.data.doc_masking, shuffle=config.data.shuffle,
+                                  prefetch=config.train.prefetch_batches)
+    result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, resume=True)
+    if rank != 0:
+        return None
+    assert result.final_state_dict is not None and result.metrics_path is not None
+    return _publish(spec, config, tokens, result, root if any(p.startswith("tokenizer/") for p in paths) else None)
+
+
+def _publish(spec: JobSpec, config: PretrainConfig, tokens: Manifest, result: object,
+             tokens_root: Path | None) -> Manifest:
+    from kubellm.core.manifest import publish_dir
+    from kubellm.model.flops import num_params
+    from kubellm.model.hf import export_hf
+    from kubellm.training.engine import TrainResult, local_work_dir, scratch_dir, upload_run_files
+    from kubellm.training.metrics import markdown_report, plot_loss_curve
+
+    assert isinstance(result, TrainResult)
+    model_cfg = config.model.build()
+    out = scratch_dir("kubellm-pretrain-")
+    try:
+        tok_dir = tokens_root / "tokenizer" if tokens_root is not None else None
+        export_hf(result.final_state_dict or {}, model_cfg, out / "hf", tokenizer_dir=tok_dir)
+        metrics_src = Path(result.metrics_path or "")
+        (out / "metrics").mkdir()
+        shutil.copy2(metrics_src, out / "metrics" / "metrics.jsonl")
+        tb = metrics_src.parent / "tensorboard"
+        if tb.is_dir():
+            shutil.copytree(tb, out / "metrics" / "tensorboard")
+        plot_loss_curve(metrics_src, out / "metrics" / "loss_curve.png", title="pretrain loss")
+        upload_run_files(local_work_dir(spec.run_dir), spec.run_dir)
+        summary = dict(result.summary)
+        counts = {"steps": int(summary.get("steps", 0)), "tokens_seen": int(summary.get("tokens_seen", 0)),
+                  "parameters": num_params(model_cfg), "world_size": result.world_size}
+        md = "\n".join([
+            f"## Pretrain: {config.model.preset} model, {counts['parameters']:,} parameters",
+            "",
+            f"{counts['steps']} steps on {result.world_size} process(es), ZeRO stage "
+            f"{config.train.zero_stage}, {config.train.precision}; loss "
+            f"{summary.get('loss_start', float('nan')):.3f} → {summary.get('loss_final', float('nan')):.3f}.",
+            "",
+            markdown_report(summary, "metrics/loss_curve.png", result.peak_source,
+                            {"export": "hf/ (LlamaForCausalLM, safetensors)", "run dir": spec.run_dir}),
+        ])
+        manifest = publish_dir(
+            out, spec.prefix, kind="model", counts=counts, metrics=summary, config_hash=_hash(config),
+            parents={"tokens": tokens.digest()},
+            metadata={"model_config": model_cfg.model_dump(mode="json"), "export_path": "hf",
+                      "export_uri": join(spec.prefix, "hf"), "final_loss": summary.get("loss_final"),
+                      "run_dir": spec.run_dir, "tokenizer": tokens.uri,
+                      "vocab_size": tokens.metadata.get("vocab_size"),
+                      "bos_id": tokens.metadata.get("bos_id"), "eos_id": tokens.metadata.get("eos_id"),
+                      "pad_id": tokens.metadata.get("pad_id")},
+            report_markdown=md,
+        )
+        return manifest
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

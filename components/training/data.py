@@ -160,3 +160,31 @@ class PackedWindowLoader:
                 )
         self.close()
         self._pos = (int(sd["epoch"]), int(sd["offset"]))
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("KUBELLM_CACHE_DIR", Path.home() / ".cache" / "kubellm")) / "shards"
+
+
+def stage_artifact_files(manifest: Any, prefixes: Sequence[str], cache_dir: str | Path | None = None,
+                         fetch_here: bool = True) -> tuple[Path, list[str]]:
+    """Make an artifact's files under `prefixes` (e.g. "train/", "tokenizer/") readable on this node.
+
+    A local artifact is read in place (the shard reader validates header and size at open). An S3
+    artifact is fetched (sha256-verified) into a node-local cache dir keyed by the manifest digest;
+    only one process per node should fetch (`fetch_here`), the others wait at a barrier and read.
+    Returns (local root, relative paths)."""
+    from kubellm.core.manifest import fetch
+    from kubellm.core.storage import is_s3, local_path
+
+    paths = sorted(f.path for f in manifest.files if any(f.path.startswith(p) for p in prefixes))
+    if not is_s3(manifest.uri):
+        return local_path(manifest.uri), paths
+    root = Path(cache_dir or default_cache_dir()) / manifest.digest()[:20]
+    if fetch_here:
+        missing = [p for p in paths if not (root / p).exists() or (root / p).stat().st_size != manifest.file(p).size]
+        if missing:
+            fetch(manifest, root, missing)
+    return root, paths

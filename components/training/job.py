@@ -1,0 +1,125 @@
+"""A training job handed from a stage to its worker processes, and the launch that runs it.
+
+    spec = JobSpec(stage="pretrain", config=cfg.model_dump(mode="json"), inputs=inputs, output=root,
+                   run_dir=join(root, "runs", run_id), prefix=content_prefix(...))
+    manifest = launch_job(spec, cfg.launch)    # writes run_dir/job.json, launches, waits, reads result
+
+Each worker (`python -m kubellm.training.worker --spec run_dir/job.json`) imports
+`kubellm.<stage>.stage` and calls its `run_worker(spec) -> Manifest | None`; rank 0 writes the
+stage's manifest to `run_dir/result.json`. A rank that fails writes its traceback to
+`run_dir/errors/rank<N>.txt`, which `launch_job` puts into the error it raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kubellm.core.errors import KubellmError
+from kubellm.core.manifest import Manifest
+from kubellm.core.storage import join, storage_for
+from kubellm.training.config import LaunchConfig
+from pydantic import BaseModel, ConfigDict, Field
+
+JOB_FILE = "job.json"
+RESULT_FILE = "result.json"
+ERRORS_DIR = "errors"
+
+
+class TrainingFailedError(KubellmError):
+    """The distributed training job failed; the message carries the failing rank's traceback tail."""
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: str = Field(description="stage name: kubellm.<stage>.stage runs in each worker")
+    config: dict[str, Any] = Field(description="the stage's config section (JSON mode)")
+    inputs: dict[str, str] = Field(default_factory=dict)
+    output: str = Field(description="the storage root the stage publishes under")
+    run_dir: str = Field(description="run-scoped prefix: checkpoints, metrics, job files")
+    prefix: str = Field(default="", description="content-addressed prefix of the stage's artifact")
+
+    @property
+    def uri(self) -> str:
+        return join(self.run_dir, JOB_FILE)
+
+    def write(self) -> str:
+        storage_for(self.uri).write_bytes(self.uri, self.model_dump_json(indent=2).encode())
+        return self.uri
+
+    @classmethod
+    def read(cls, uri: str) -> JobSpec:
+        return cls.model_validate_json(storage_for(uri).read_bytes(uri))
+
+
+def write_result(spec: JobSpec, manifest: Manifest) -> None:
+    uri = join(spec.run_dir, RESULT_FILE)
+    storage_for(uri).write_bytes(uri, manifest.to_json().encode())
+
+
+def write_error(spec: JobSpec, rank: int, text: str) -> None:
+    uri = join(spec.run_dir, ERRORS_DIR, f"rank{rank}.txt")
+    try:
+        storage_for(uri).write_bytes(uri, text.encode())
+    except Exception:  # reporting must never hide the original error
+        pass
+
+
+def failure_message(spec: JobSpec, header: str, log_tail: str = "", lines: int = 30) -> str:
+    """The first failing rank's traceback tail (from its error file), else the job's log tail."""
+    st = storage_for(spec.run_dir)
+    found = []
+    try:
+        found = sorted(st.list(join(spec.run_dir, ERRORS_DIR)), key=lambda o: o.relpath)
+    except Exception:
+        pass
+    if found:
+        text = st.read_bytes(found[0].uri).decode(errors="replace").rstrip().splitlines()
+        return f"{header} — {found[0].relpath.removesuffix('.txt')}:\n" + "\n".join(text[-lines:])
+    tail = "\n".join(log_tail.rstrip().splitlines()[-lines:])
+    return f"{header}; last output:\n{tail}" if tail else header
+
+
+def clear_previous(spec: JobSpec) -> None:
+    """Remove a previous attempt's result and error files (checkpoints are kept for resume)."""
+    st = storage_for(spec.run_dir)
+    for o in st.list(join(spec.run_dir, ERRORS_DIR)):
+        st.delete(o.uri)
+    res = join(spec.run_dir, RESULT_FILE)
+    if st.exists(res):
+        st.delete(res)
+
+
+def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) -> Manifest:
+    """Launch `spec` with `launch.nproc_per_node × launch.nnodes` processes and wait for the result."""
+    from kubellm.training.appdef import build_appdef
+
+    clear_previous(spec)
+    uri = spec.write()
+    appdef = build_appdef(uri, launch, name=name or f"{spec.stage}-job")
+    header = f"{spec.stage} training failed"
+    if launch.backend == "pytorchjob":
+        from kubellm.training.pytorchjob import run_appdef  # the cluster launcher; heavy, so lazy
+
+        run_id = os.environ.get("KUBELLM_RUN_ID") or os.environ.get("KFP_RUN_ID") or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            run_appdef(appdef, run_id=run_id, task_name=spec.stage)
+        except KubellmError as e:
+            raise TrainingFailedError(failure_message(spec, f"{header}: {e}")) from e
+    else:
+        from kubellm.training.launch_local import launch_local
+
+        result = launch_local(appdef, scheduler=launch.scheduler)
+        if result.returncode != 0:
+            raise TrainingFailedError(failure_message(spec, f"{header} (exit code {result.returncode})",
+                                                      result.log_tail))
+    res = join(spec.run_dir, RESULT_FILE)
+    st = storage_for(res)
+    if not st.exists(res):
+        raise TrainingFailedError(f"{header}: the job finished but rank 0 wrote no {res}")
+    return Manifest.from_json(st.read_bytes(res), source=res)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
