@@ -217,3 +217,12 @@ def test_sigterm_deletes_the_job_exactly_once(fake, tmp_path: Path):
     assert "CANCELLED" in out and f"deleting PyTorchJob default/{NAME}" in out
     assert fake.deletes == [NAME]
     assert len(fake.created) == 1
+
+
+def test_retry_after_success_reports_success_without_a_new_job(fake):
+    ctx = JobContext(RUN_ID, TASK)
+    job = build_pytorchjob(app(), name=NAME, namespace="default", settings=ClusterLaunchSettings(**FAST), ctx=ctx)
+    fake.preload(job, ["Succeeded"])
+    result = launch(fake)
+    assert result.reattached and result.phase == "Succeeded"
+    assert fake.count("POST", "/pytorchjobs") == 0 and fake.deletes == []
