@@ -29,3 +29,14 @@ def model_artifacts(hf_exports: dict[str, Path], tmp_path: Path) -> tuple[str, l
     base = publish_model(hf_exports["a"], root, "pretrain", [[s, 6.0 - s / 10] for s in range(0, 30, 5)])
     sft = publish_model(hf_exports["b"], root, "sft", [[s, 3.0 - s / 20] for s in range(0, 20, 2)])
     return root, [base, sft]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny models are far faster on one thread than on two contended ones (shared 2-core CI)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
