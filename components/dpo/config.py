@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+from pydantic import Field
 
 
 class DPOConfig(StrictModel):

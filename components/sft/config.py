@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubellm.core.config import StrictModel
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+from pydantic import Field
 
 
 class SFTConfig(StrictModel):

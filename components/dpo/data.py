@@ -1,0 +1,92 @@
+"""Preference data for DPO: `{"prompt", "chosen", "rejected"}` records rendered with the chat template.
+
+The prompt is plain text (one user turn) or a `messages` list; chosen/rejected are the assistant's
+reply text. Only the reply tokens carry labels, so sequence log-probabilities measure exactly
+log π(reply | prompt). Bad pairs (identical texts, empty prompt, too long) are skipped and counted or
+fail the stage, per `on_bad_record`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kubellm.core.errors import InputDataError
+from kubellm.sft.data import IGNORE, SkipReport, _ids, _reason, validate_messages
+
+
+@dataclasses.dataclass
+class PreferenceExample:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+
+
+def render_reply(tok: Any, prompt: list[dict[str, str]], reply: str, where: str) -> tuple[list[int], list[int]]:
+    prefix = _ids(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+    full = _ids(tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True))
+    if full[: len(prefix)] != prefix:
+        raise InputDataError(f"{where}: the chat template is not prefix-stable for the reply")
+    labels = [full[t + 1] if t + 1 >= len(prefix) else IGNORE for t in range(len(full) - 1)] + [IGNORE]
+    return full, labels
+
+
+def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
+    if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= set(rec):
+        raise InputDataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+    prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputDataError(f"{where}: empty prompt")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = validate_messages(prompt + [{"role": "assistant", "content": "x"}], where)[:-1]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(text, str) or not text.strip():
+            raise InputDataError(f"{where}: '{name}' must be non-empty text")
+    if chosen.strip() == rejected.strip():
+        raise InputDataError(f"{where}: identical pair: chosen equals rejected (no preference to learn)")
+    return messages, chosen, rejected
+
+
+def read_preferences_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
+                           on_bad_record: str = "skip") -> list[PreferenceExample]:
+    out = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    messages, chosen, rejected = parse_record(json.loads(line), where)
+                    c_ids, c_lab = render_reply(tok, messages, chosen, where)
+                    r_ids, r_lab = render_reply(tok, messages, rejected, where)
+                    n = max(len(c_ids), len(r_ids))
+                    if n > max_len:
+                        raise InputDataError(f"{where}: pair is {n} tokens, longer than the context ({max_len}); "
+                                             "it is not truncated")
+                except (InputDataError, json.JSONDecodeError) as e:
+                    if on_bad_record == "fail":
+                        raise InputDataError(str(e) if isinstance(e, InputDataError) else f"{where}: {e}") from None
+                    reason = "identical_pair" if "identical pair" in str(e) else (
+                        "empty_prompt" if "empty prompt" in str(e) else _reason(e))
+                    report.add(reason, where)
+                    continue
+                out.append(PreferenceExample(c_ids, c_lab, r_ids, r_lab))
+    return out
+
+
+def to_arrays(examples: Iterable[PreferenceExample], seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape arrays: input_ids/labels of shape (2, seq_len) — row 0 chosen, row 1 rejected."""
+    def pad(x: list[int], v: int) -> list[int]:
+        return x + [v] * (seq_len - len(x))
+
+    return [{"input_ids": np.asarray([pad(e.chosen_ids, pad_id), pad(e.rejected_ids, pad_id)], dtype=np.int64),
+             "labels": np.asarray([pad(e.chosen_labels, IGNORE), pad(e.rejected_labels, IGNORE)], dtype=np.int64)}
+            for e in examples]

@@ -1,0 +1,96 @@
+"""The SFT objective for the shared engine: packed chat sequences, loss on assistant tokens only.
+
+    obj = SFTObjective(packs)                       # from kubellm.sft.data.pack_examples
+    train(model_cfg, train_cfg, parallel_cfg, obj, run_dir, init_state_dict=base_weights)
+
+`ExampleLoader` is the in-memory loader both SFT and DPO use: a seeded shuffle per epoch, rank r of
+n takes every n-th micro-batch (no overlap), and its position (epoch, batch index) is exact for resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from kubellm.core.errors import ConfigError
+from kubellm.model.loss import causal_lm_loss
+from kubellm.sft.data import IGNORE, PackedSequence
+from torch import Tensor
+
+
+class ExampleLoader:
+    """Endless micro-batches of fixed-shape examples (dicts of equal-length int arrays)."""
+
+    def __init__(self, examples: Sequence[dict[str, np.ndarray]], dp_rank: int, dp_size: int,
+                 micro_batch_size: int, seed: int, what: str = "examples") -> None:
+        per_step = dp_size * micro_batch_size
+        if len(examples) < per_step:
+            raise ConfigError(
+                f"{len(examples)} {what} cannot fill one micro-batch on each of {dp_size} rank(s) "
+                f"(micro_batch_size={micro_batch_size}); add data or lower train.micro_batch_size"
+            )
+        self.examples = examples
+        self.rank, self.size, self.micro, self.seed = dp_rank, dp_size, micro_batch_size, seed
+        self.batches_per_epoch = len(examples) // per_step  # the remainder is dropped each epoch
+        self.epoch, self.index = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def __iter__(self) -> ExampleLoader:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order()
+        start = (self.index * self.size + self.rank) * self.micro
+        rows = [self.examples[i] for i in order[start : start + self.micro]]
+        self.index += 1
+        return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
+
+
+def packs_to_arrays(packs: Sequence[PackedSequence]) -> list[dict[str, np.ndarray]]:
+    return [{"input_ids": np.asarray(p.input_ids, dtype=np.int64),
+             "labels": np.asarray(p.labels, dtype=np.int64),
+             "doc_ids": np.asarray(p.doc_ids, dtype=np.int64),
+             "position_ids": np.asarray(p.position_ids, dtype=np.int64)} for p in packs]
+
+
+class SFTObjective:
+    def __init__(self, packs: Sequence[PackedSequence]) -> None:
+        self.examples = packs_to_arrays(packs)
+
+    def build_loader(self, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int) -> ExampleLoader:
+        return ExampleLoader(self.examples, dp_rank, dp_size, micro_batch_size, seed, "packed sequences")
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+        return causal_lm_loss(logits, batch["labels"], ignore_index=IGNORE), {}
+
+    def tokens(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["input_ids"].numel())
+
+
+def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence], batch_size: int = 16) -> float:
+    """Mean loss over assistant tokens of held-out packs (token-weighted), for SFT's before/after."""
+    arrays = packs_to_arrays(packs)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(arrays), batch_size):
+            rows = arrays[i : i + batch_size]
+            b = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+            logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            n = int((b["labels"] != IGNORE).sum())
+            total += float(causal_lm_loss(logits, b["labels"], ignore_index=IGNORE)) * n
+            count += n
+    return total / max(count, 1)
