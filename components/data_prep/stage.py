@@ -102,8 +102,16 @@ def _add(table: dict[str, dict[str, int]], name: str, nbytes: int) -> None:
     row["bytes"] += nbytes
 
 
-def prepare_shard(source: Source, index: int, config: DataPrepConfig, work: str) -> dict[str, Any]:
-    """Map step for one input shard (see the module docstring). Returns its stats dict."""
+def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work: str) -> dict[str, Any]:
+    """Map step for one input shard (see the module docstring). Returns its stats dict.
+
+    `source` is a `Source` or the URI of one shard (`Source.uri`, e.g. a ParallelFor item)."""
+    if isinstance(source, str):
+        found = resolve_sources(source)
+        if len(found) != 1:
+            raise InputDataError(f"{source}: names {len(found)} shards; prepare_shard takes one "
+                                 "(use list_sources() to split the input)")
+        source = found[0]
     wd = _WorkDir(work)
     rel = _shard_dir(index)
     (wd.local / rel).mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def test_map_reduce_functions_with_an_s3_work_prefix(s3_bucket: str, small_world
     cfg = DataPrepConfig(validation_fraction=0.1)
     sources = list_sources(str(small_world["corpus"]))
     work = f"{s3_bucket}/work"
-    stats = [prepare_shard(s, i, cfg, work) for i, s in enumerate(sources)]
+    stats = [prepare_shard(s.uri, i, cfg, work) for i, s in enumerate(sources)]  # URIs, as ParallelFor items
     assert all(s["records"] > 0 for s in stats)
     assert storage_for(work).exists(f"{work}/shard-00000/minhash.bin")
     global_dedup(work, cfg, len(sources))
