@@ -246,3 +246,17 @@ def test_several_roles_refused():
     r = Role(name="a", image="i", entrypoint="python", args=["-m", "m"])
     with pytest.raises(ConfigError, match="exactly one role, got 2"):
         build(AppDef("two", roles=[r, r]))
+
+
+def test_engine_appdef_translates_and_keeps_its_max_restarts():
+    from kubellm.training.appdef import build_appdef
+    from kubellm.training.config import LaunchConfig
+
+    launch = LaunchConfig(backend="pytorchjob", nnodes=2, nproc_per_node=2, gpu=2, image="img:1", max_restarts=5)
+    appdef = build_appdef("s3://bkt/runs/r1/job.json", launch, name="pretrain-r1")
+    job = build(appdef)
+    cmd = container(job)["command"]
+    assert cmd[1:3] == ["--max-restarts", "5"] and job["spec"]["nprocPerNode"] == "2"
+    assert cmd[-4:] == ["-m", "kubellm.training.worker", "--spec", "s3://bkt/runs/r1/job.json"]
+    assert "${" not in json.dumps(job)
+    assert container(build(app()))["command"][1:3] == ["--max-restarts", "3"]  # cluster default

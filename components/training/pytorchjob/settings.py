@@ -154,8 +154,9 @@ class ClusterLaunchSettings(StrictModel):
     """runPolicy.ttlSecondsAfterFinished: finished jobs are garbage-collected after this."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """runPolicy.activeDeadlineSeconds: hard wall-clock limit of the job."""
-    max_restarts: int = Field(default=3, ge=0)
-    """torchrun --max-restarts: worker-group restarts inside a pod (elastic: also elasticPolicy.maxRestarts)."""
+    max_restarts: int | None = Field(default=None, ge=0)
+    """torchrun --max-restarts: worker-group restarts inside a pod (elastic: also elasticPolicy.maxRestarts);
+    None = the AppDef's torchrun --max-restarts when it sets one (> 0), else 3."""
     pg_timeout_s: int = Field(default=600, ge=10)
     """Process-group timeout (KUBELLM_PG_TIMEOUT_S, NCCL async error handling on): a collective
     waiting on a lost peer fails after this instead of hanging the others."""

@@ -396,7 +396,8 @@ def build_pytorchjob(
     macros_public = {k: v for k, v in macros.items() if k != "rank0_host"}
     # torchrun reads --nnodes/--nproc-per-node/--node-rank/--master-addr/--master-port (and, for
     # elastic jobs, --rdzv-backend/--rdzv-endpoint/--rdzv-id) from the PET_* env the operator injects.
-    command = [*settings.torchrun, "--max-restarts", str(settings.max_restarts), "--monitor-interval", "5", *program]
+    max_restarts = settings.max_restarts if settings.max_restarts is not None else (cmd.max_restarts or 3)
+    command = [*settings.torchrun, "--max-restarts", str(max_restarts), "--monitor-interval", "5", *program]
 
     pod_sc, container_sc = _security_context(settings)
     volumes, mounts = _volumes(settings, _shm_size(settings, mem_mb))
@@ -472,7 +473,7 @@ def build_pytorchjob(
             "rdzvBackend": "c10d",
             "rdzvId": name,
             "rdzvConf": [{"key": "join_timeout", "value": str(settings.rdzv_join_timeout_s)}],
-            "maxRestarts": settings.max_restarts,
+            "maxRestarts": max_restarts,
         }
         spec["pytorchReplicaSpecs"] = {"Worker": replica(role.num_replicas)}
     else:
