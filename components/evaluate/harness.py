@@ -69,6 +69,9 @@ def task_manager(tasks: list[str], data_dir: Path | None) -> Any:
     """A TaskManager that knows the bundled tasks (and the harness's, when a standard one is asked for)."""
     from lm_eval.tasks import TaskManager
 
+    ours = [t for t in tasks if t.startswith("kubellm_") and t not in BUNDLED_TASKS]
+    if ours:  # our namespace: no need to index the harness's ~200 task dirs to know it is a typo
+        raise ConfigError(f"evaluate.tasks: task(s) {ours} do not exist. Bundled: {', '.join(BUNDLED_TASKS)}")
     standard = [t for t in tasks if t not in BUNDLED_TASKS]
     meta = {METADATA_KEY: str(data_dir)} if data_dir is not None else None
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(standard), metadata=meta)
