@@ -36,6 +36,15 @@ from kubellm.core.errors import StorageError
 CHUNK = 8 * 1024 * 1024
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectInfo:
     """One stored object: its full URI, the key relative to the listed prefix, size and ETag."""
@@ -169,6 +178,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
+            os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; published files are readable like any file
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -184,6 +194,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, _FILE_MODE)
             try:
                 os.link(tmp, dest)  # fails if dest exists: the conditional put
             except FileExistsError:

@@ -101,3 +101,16 @@ def test_split_s3_rejects_non_s3() -> None:
     assert split_s3("s3://b/k/x") == ("b", "k/x")
     with pytest.raises(StorageError, match="not an S3 URI"):
         split_s3("/tmp/x")
+
+
+def test_local_files_are_published_readable(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    st = storage_for(str(tmp_path))
+    st.write_bytes(str(tmp_path / "a.txt"), b"x")
+    assert st.put_if_absent(str(tmp_path / "b.txt"), b"y")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("a.txt", "b.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
