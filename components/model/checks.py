@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+
 from kubellm.core.errors import InputDataError
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from kubellm.core.config import StrictModel
 from kubellm.core.errors import ConfigError
-from pydantic import Field, model_validator
 
 
 class ModelConfig(StrictModel):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kubellm.core.errors import ConfigError, KubellmError
 from kubellm.model.checks import check_token_ids
 from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME
@@ -144,8 +145,9 @@ def _join(root: str, name: str) -> str:
 
 
 def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> GenerationBundle:
-    from kubellm.model.hf import load_hf
     from transformers import AutoTokenizer
+
+    from kubellm.model.hf import load_hf
 
     tmp = None
     p = Path(uri)

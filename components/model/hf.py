@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from kubellm.core.errors import ConfigError, IntegrityError
 from kubellm.model.config import ModelConfig
 from kubellm.model.transformer import Transformer
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -213,7 +214,7 @@ def _tokenizer_ids(tokenizer_dir: Path) -> tuple[dict[str, int | None], list[int
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    stops = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)) if i is not None]
+    stops = [int(i) for i in (tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)) if isinstance(i, int)]
     if tok.unk_token_id is not None:  # convert_tokens_to_ids maps an absent token to unk
         stops = [i for i in stops if i != tok.unk_token_id or i == tok.eos_token_id]
     return ids, list(dict.fromkeys(stops)), len(tok)
@@ -246,7 +247,7 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
             if f.is_file() and f.name not in _MODEL_FILES:
                 shutil.copy2(f, out / f.name)
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **ids), indent=2) + "\n")
-    gen = {k: v for k, v in ids.items() if v is not None}
+    gen: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
     if stops:
         gen["eos_token_id"] = stops if len(stops) > 1 else stops[0]
     gen["transformers_version"] = _transformers_version()

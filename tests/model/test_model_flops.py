@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_tokenizer_util import build_tokenizer
+
 from kubellm.cli import main as cli_main
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import publish_dir
@@ -13,7 +15,6 @@ from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig
 from kubellm.model.generate import chat, generate, load_for_generation, sample_next
 from kubellm.model.hf import export_hf
-from model_tokenizer_util import build_tokenizer
 
 CFG = ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=48)
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_tokenizer_util import build_tokenizer
+from safetensors.torch import load_file, save_file
+
 from kubellm.core.errors import ConfigError, IntegrityError
 from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig
 from kubellm.model.hf import export_hf, hf_to_state_dict, load_hf, state_dict_to_hf
-from model_tokenizer_util import build_tokenizer
-from safetensors.torch import load_file, save_file
 
 BASE = ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
                    rope_theta=500.0, norm_eps=1e-6)

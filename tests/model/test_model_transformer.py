@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kubellm.core.errors import InputDataError
 from kubellm.model import Transformer, check_token_ids
 from kubellm.model.config import ModelConfig
