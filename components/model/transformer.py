@@ -229,8 +229,11 @@ class Transformer(nn.Module):
         """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."""
         self.activation_checkpointing = bool(enabled)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def attention_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                         doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """(cos, sin, mask, is_causal) that every block needs. Separate from `forward` so a
+        pipeline-parallel stage that holds only some blocks can compute them itself."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
@@ -254,7 +257,14 @@ class Transformer(nn.Module):
             if T > 1:  # new token i (absolute start+i) sees cached keys and new keys up to itself
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
         cos, sin = self.rope(position_ids, T)
+        return cos, sin, mask, is_causal
 
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). doc_ids (B, T): per-token document index of packed
+        sequences (block-diagonal causal attention; positions restart per document unless
+        position_ids is given). kv_cache: incremental decoding (see `new_kv_cache`)."""
+        cos, sin, mask, is_causal = self.attention_inputs(input_ids, position_ids, doc_ids, kv_cache)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -262,7 +272,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.length += input_ids.shape[1]
         return self.output(self.norm(x))  # (B, T, vocab)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -166,3 +166,20 @@ def test_shard_fused_takes_each_part_per_rank() -> None:
     torch.testing.assert_close(r1, torch.cat([q[2 * hd:], k[hd:], v[hd:]]))
     with pytest.raises(ValueError, match="tp=3"):
         shard_fused(w, parts, rank=0, tp=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu_fp32() -> None:
+    m = _model()
+    x = torch.randint(0, TINY.vocab_size, (2, 32))
+    doc = torch.tensor([[0] * 12 + [1] * 20, [0] * 32])
+    ref = m(x, doc_ids=doc)
+    gpu = _model().cuda().to(torch.bfloat16)
+    out = gpu(x.cuda(), doc_ids=doc.cuda()).float().cpu()
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    with torch.no_grad():
+        cache = gpu.new_kv_cache(2)
+        steps = [gpu(x[:, :8].cuda(), kv_cache=cache)] + [gpu(x[:, t : t + 1].cuda(), kv_cache=cache)
+                                                          for t in range(8, 32)]
+        torch.testing.assert_close(torch.cat(steps, 1).float().cpu(), m(x).detach(), atol=5e-2, rtol=5e-2)
