@@ -71,6 +71,15 @@ class TrainConfig(StrictModel):
     """Show a tqdm progress bar on rank 0 (off in containers is fine: it only writes to stderr)."""
     tensorboard: bool = True
     """Write TensorBoard event files next to the JSONL metrics."""
+    nonfinite: Literal["skip", "stop"] = "stop"
+    """A NaN/Inf loss or gradient norm on any rank (every rank sees it before the optimizer step):
+    `stop` fails the run before the update, so the last committed checkpoint is intact; `skip` drops
+    that step's update on every rank and counts it (`skipped_nonfinite` in the metrics)."""
+    spike_sigma: float | None = Field(default=None, gt=0)
+    """Skip (and count as `skipped_spike`) a step whose loss is more than this many standard
+    deviations above the mean of the last `spike_window` applied steps. None = off."""
+    spike_window: int = Field(default=50, ge=2)
+    """Applied steps in the rolling window of the spike test (it starts once the window is full)."""
 
     def grad_accum_steps(self, dp: int) -> int:
         """global = micro × accum × dp; raises ConfigError naming the fields when it does not divide."""
@@ -85,8 +94,8 @@ class TrainConfig(StrictModel):
 
 
 class ParallelConfig(StrictModel):
-    dp: int = Field(default=1, ge=1)
-    """Data-parallel degree."""
+    dp: int | None = Field(default=None, ge=1)
+    """Data-parallel degree; None = the processes left over: world size / (tp × pp)."""
     tp: int = Field(default=1, ge=1)
     """Tensor-parallel degree."""
     pp: int = Field(default=1, ge=1)

@@ -29,11 +29,17 @@ def data_parallel_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
             f"parallel.tp={parallel_cfg.tp}, parallel.pp={parallel_cfg.pp}: tensor/pipeline parallelism "
             "is not available in this engine yet; use parallel.tp=1, parallel.pp=1 (data parallel + ZeRO)"
         )
-    if parallel_cfg.dp * parallel_cfg.tp * parallel_cfg.pp != world_size:
+    mp = parallel_cfg.tp * parallel_cfg.pp
+    if parallel_cfg.dp is None:
+        if world_size % mp:
+            raise ConfigError(f"parallel.tp={parallel_cfg.tp} × pp={parallel_cfg.pp} = {mp} does not divide the "
+                              f"job's {world_size} process(es) (launch.nproc_per_node × launch.nnodes)")
+        return world_size // mp
+    if parallel_cfg.dp * mp != world_size:
         raise ConfigError(
             f"parallel.dp={parallel_cfg.dp} × tp={parallel_cfg.tp} × pp={parallel_cfg.pp} = "
-            f"{parallel_cfg.dp * parallel_cfg.tp * parallel_cfg.pp} but the job has {world_size} "
-            f"process(es) (launch.nproc_per_node × launch.nnodes); make them equal"
+            f"{parallel_cfg.dp * mp} but the job has {world_size} "
+            f"process(es) (launch.nproc_per_node × launch.nnodes); make them equal or leave dp unset"
         )
     return parallel_cfg.dp
 
