@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kubellm.core.errors import IntegrityError, KubellmError, ManifestMissingError
 from kubellm.core.manifest import (
     MANIFEST_NAME,
@@ -241,7 +242,7 @@ def _precision(engine: Any) -> str:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # numpy's MT19937 state: (name, uint32[624] key, pos, has_gauss, cached_gaussian); stored as
@@ -409,8 +410,8 @@ class CheckpointManager:
     def _commit(self, engine: Any, step: int, prefix: str, per_rank: list[list[dict[str, Any]]],
                 states: list[Any]) -> Manifest:
         seen: dict[str, tuple[int, FileEntry]] = {}
-        for r, files in enumerate(per_rank):
-            for f in files:
+        for r, rank_files in enumerate(per_rank):
+            for f in rank_files:
                 entry = FileEntry.model_validate(f)
                 if entry.path in seen and seen[entry.path][1].sha256 != entry.sha256:
                     raise CheckpointError(
@@ -421,7 +422,7 @@ class CheckpointManager:
         cfg = self.model_config if self.model_config is not None else _module_config(engine)
         import deepspeed
 
-        metadata = {
+        metadata: dict[str, Any] = {
             "step": step,
             "tag": tag_for(step),
             "model_config": _config_dict(cfg),

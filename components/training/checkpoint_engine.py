@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
 from kubellm.core.errors import IntegrityError
 
 

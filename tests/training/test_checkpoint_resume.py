@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 STAGES = (0, 1, 2, 3)
+BF16_STAGES = (1, 3)  # bf16 mixed precision: BF16 ZeRO shards (`bf16_zero_pp_rank_*`), fp32 masters
+VARIANTS = [(s, "fp32") for s in STAGES] + [(s, "bf16") for s in BF16_STAGES]
 S3_STAGE = 1
 STEPS = 6
 SAVE_AT = (2, 4, 6)
@@ -37,11 +39,13 @@ RESUME_FROM = 4
 
 def _worker(out_dir: str, run_root: str, s3_root: str) -> None:
     import random
+    import time
 
     import deepspeed
     import numpy as np
     import torch
     import torch.distributed as dist
+
     from kubellm.core.errors import IntegrityError
     from kubellm.core.manifest import MANIFEST_NAME
     from kubellm.core.storage import join, storage_for
@@ -74,7 +78,7 @@ def _worker(out_dir: str, run_root: str, s3_root: str) -> None:
         def load_state_dict(self, sd: dict) -> None:
             self.position = int(sd["position"])
 
-    def build(stage: int, seed: int):
+    def build(stage: int, seed: int, precision: str):
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
@@ -82,6 +86,7 @@ def _worker(out_dir: str, run_root: str, s3_root: str) -> None:
         ds_cfg = {
             "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0, "steps_per_print": 10**6,
+            "bf16": {"enabled": precision == "bf16"},
             "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1, "torch_adam": True}},
             "scheduler": {"type": "WarmupDecayLR",
                           "params": {"total_num_steps": STEPS, "warmup_num_steps": 2, "warmup_max_lr": 3e-3}},
@@ -99,11 +104,14 @@ def _worker(out_dir: str, run_root: str, s3_root: str) -> None:
         engine.step()
         return float(loss.detach())
 
-    for stage in STAGES:
-        prefix = join(s3_root if stage == S3_STAGE else run_root, f"zero{stage}")
+    for stage, precision in VARIANTS:
+        name = f"z{stage}" if precision == "fp32" else f"z{stage}_{precision}"
+        on_s3 = stage == S3_STAGE and precision == "fp32"
+        prefix = join(s3_root if on_s3 else run_root, name)
         mgr = CheckpointManager(prefix, keep=2, local_dir=Path(out_dir) / "staging")
         # run A: uninterrupted
-        engine = build(stage, seed=0)
+        print(f"[ckpt-test] {time.strftime('%T')} rank {rank} {name}: run A", flush=True)
+        engine = build(stage, seed=0, precision=precision)
         loader = TokenStream(engine.global_rank)
         losses_a = []
         for s in range(1, STEPS + 1):
@@ -114,30 +122,34 @@ def _worker(out_dir: str, run_root: str, s3_root: str) -> None:
         full = mgr.consolidated_state_dict(engine)
         ref = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()} if stage < 3 else None
         if rank == 0:
-            results[f"z{stage}_consolidated_keys"] = sorted(full)
-            results[f"z{stage}_consolidated_dtypes"] = sorted({str(v.dtype) for v in full.values()})
+            results[f"{name}_consolidated_keys"] = sorted(full)
+            results[f"{name}_consolidated_dtypes"] = sorted({str(v.dtype) for v in full.values()})
             if ref is not None:
-                results[f"z{stage}_consolidated_max_diff"] = max(
+                results[f"{name}_consolidated_max_diff"] = max(
                     float((full[k] - ref[k]).abs().max()) for k in ref)
-            results[f"z{stage}_consolidated"] = {k: v.sum().item() for k, v in full.items()}
+            results[f"{name}_consolidated"] = {k: v.sum().item() for k, v in full.items()}
+            # fp32 masters, not the bf16 module copy: some values are not representable in bf16
+            results[f"{name}_not_bf16_rounded"] = any(
+                bool((v != v.bfloat16().float()).any()) for v in full.values())
         del engine
 
         # run B: fresh engine, other init, scrambled RNGs, resumed from step RESUME_FROM
-        engine = build(stage, seed=999)
+        print(f"[ckpt-test] {time.strftime('%T')} rank {rank} {name}: run B", flush=True)
+        engine = build(stage, seed=999, precision=precision)
         target = next(m for m in mgr.committed() if m.metadata["step"] == RESUME_FROM)
         client_state = mgr.load(engine, manifest=target)
         loader = TokenStream(engine.global_rank)
         loader.load_state_dict(client_state["loader"])
         losses_b = [step(engine, loader) for _ in range(RESUME_FROM + 1, STEPS + 1)]
-        results[f"z{stage}"] = {
+        results[name] = {
             "losses_a": losses_a, "losses_b": losses_b, "committed": committed,
             "client_state": client_state, "global_steps": int(engine.global_steps),
-            "manifest_meta": {k: target.metadata[k] for k in ("step", "layout", "model_config")},
+            "manifest_meta": {k: target.metadata[k] for k in ("step", "layout", "model_config", "precision")},
             "client_state_by_rank": target.metadata["client_state_by_rank"],
             "safe_engine": type(engine.checkpoint_engine).__name__,
             "safe_loads": len(engine.checkpoint_engine.loaded),
         }
-        if stage == S3_STAGE:
+        if on_s3:
             results["bad"] = _bad_inputs(engine, mgr, cfg, prefix, results, IntegrityError,
                                          CheckpointMismatchError, MANIFEST_NAME, storage_for, join)
         del engine
@@ -256,10 +268,10 @@ def resume_run(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> list
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stage", STAGES)
-def test_resume_is_bitwise_exact(resume_run: list[dict], stage: int) -> None:
+@pytest.mark.parametrize(("stage", "precision"), VARIANTS)
+def test_resume_is_bitwise_exact(resume_run: list[dict], stage: int, precision: str) -> None:
     for res in resume_run:
-        r = res[f"z{stage}"]
+        r = res[f"z{stage}" if precision == "fp32" else f"z{stage}_{precision}"]
         tail = r["losses_a"][RESUME_FROM:]
         assert r["losses_b"] == tail, f"ZeRO-{stage} rank {res['rank']}: resumed {r['losses_b']} != {tail}"
         assert r["losses_a"][-1] < r["losses_a"][0]  # it trains at all
@@ -270,6 +282,7 @@ def test_resume_is_bitwise_exact(resume_run: list[dict], stage: int) -> None:
         assert r["safe_engine"] == "SafeTorchCheckpointEngine" and r["safe_loads"] >= 1
         assert r["manifest_meta"]["layout"] == {"world_size": 2, "dp": 2, "tp": 1, "pp": 1, "zero_stage": stage}
         assert r["manifest_meta"]["model_config"]["dim"] == 32
+        assert r["manifest_meta"]["precision"] == precision
         assert [s["loader"]["dp_rank"] for s in r["client_state_by_rank"]] == [0, 1]
 
 
@@ -279,11 +292,22 @@ def test_consolidated_state_dict_any_zero_stage(resume_run: list[dict], stage: i
     r0 = resume_run[0]
     assert r0[f"z{stage}_consolidated_dtypes"] == ["torch.float32"]
     assert r0[f"z{stage}_consolidated_keys"] == r0["z0_consolidated_keys"]
+    assert r0[f"z{stage}_not_bf16_rounded"]
     if stage < 3:  # fp32 training: the module's weights are the master weights
         assert r0[f"z{stage}_consolidated_max_diff"] == 0.0
     # every stage trained the same model on the same data: same weights up to reduction order
     for k, v in r0[f"z{stage}_consolidated"].items():
         assert v == pytest.approx(r0["z0_consolidated"][k], rel=1e-4, abs=1e-4), k
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", BF16_STAGES)
+def test_consolidated_state_dict_bf16_is_fp32_master(resume_run: list[dict], stage: int) -> None:
+    r0 = resume_run[0]
+    name = f"z{stage}_bf16"
+    assert r0[f"{name}_consolidated_dtypes"] == ["torch.float32"]
+    assert r0[f"{name}_consolidated_keys"] == r0["z0_consolidated_keys"]
+    assert r0[f"{name}_not_bf16_rounded"]  # the optimizer's fp32 masters, not the bf16 weights
 
 
 @pytest.mark.integration

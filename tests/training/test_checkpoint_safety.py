@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from kubellm.core.errors import IntegrityError
 from kubellm.core.manifest import MANIFEST_NAME, FileEntry, Manifest, commit_manifest
 from kubellm.core.storage import join
