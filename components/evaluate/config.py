@@ -7,18 +7,20 @@
         registry: s3://bucket/kubellm/registry
         rules:
           kubellm_knowledge: {max_drop: 0.02}        # at most 2 points below the promoted model
-          kubellm_format: {metric: exact_match, min: 0.5}
+          kubellm_format: {metric: correct, min: 0.5}
 """
 
 from __future__ import annotations
 
-from kubellm.core.config import StrictModel
 from pydantic import Field, model_validator
+
+from kubellm.core.config import StrictModel
 
 BUNDLED_TASKS = ("kubellm_knowledge", "kubellm_format", "kubellm_preference")
 
 # The number the report, the KFP Metrics artifact and the gate use for a task when none is named.
-DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "exact_match", "kubellm_preference": "acc",
+# Preference: acc_norm, because raw acc favours the shorter (chosen) reply for any model.
+DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "format_ok", "kubellm_preference": "acc_norm",
                     "perplexity": "perplexity"}
 
 
@@ -27,7 +29,7 @@ class GateRule(StrictModel):
     (accuracy in 0..1: `max_drop: 0.02` is two points)."""
 
     metric: str | None = None
-    """Metric to judge (default: the task's headline metric, e.g. acc, exact_match, perplexity)."""
+    """Metric to judge (default: the task's headline metric: acc, format_ok, acc_norm, perplexity)."""
     max_drop: float | None = Field(default=None, ge=0)
     """Largest allowed worsening against the promoted baseline (a drop for higher-is-better metrics,
     a rise for perplexity). Needs a baseline; ignored for the first promotion."""
@@ -87,7 +89,7 @@ class EvaluateConfig(StrictModel):
     dtype: str = "auto"
     """Weights dtype for evaluation (auto = as exported; float32 | bfloat16 | float16)."""
     headline: dict[str, str] = Field(default_factory=dict)
-    """Task -> metric shown in the table/plots and sent to KFP Metrics (defaults: acc, exact_match)."""
+    """Task -> metric shown in the table/plots and sent to KFP Metrics (defaults in DEFAULT_HEADLINE)."""
     perplexity_seq_len: int = Field(default=256, ge=2)
     """Window length for held-out perplexity (documents longer than this are split)."""
     perplexity_max_tokens: int | None = Field(default=200_000, ge=1)

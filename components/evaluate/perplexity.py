@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kubellm.core.errors import InputDataError
 from kubellm.tokenizer.shards import TokenShardReader
 

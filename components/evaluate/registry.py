@@ -19,10 +19,11 @@ import datetime as _dt
 import json
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kubellm.core.errors import InputDataError, KubellmError, StorageError
 from kubellm.core.storage import join, storage_for
 from kubellm.evaluate.config import GateRule
-from pydantic import BaseModel, ConfigDict, Field
 
 POINTER_NAME = "promoted.json"
 LOWER_IS_BETTER = {"perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte"}

@@ -9,7 +9,8 @@ depend on the working directory, so `lm_eval --include_path <tasks dir>` works f
 
 File schemas (one JSON object per line; the data engineer's demo-world generator writes them):
     knowledge.jsonl   {"question": str, "choices": [str, ...], "answer": int}
-    format.jsonl      {"messages": [{"role": "user", "content": str}, ...], "answer": str}
+    format.jsonl      {"messages": [{"role": "user", "content": str}, ...], "answer": str,
+                       "value": str (optional), "format_regex": str (optional, one capture group)}
     preference.jsonl  {"prompt": str, "chosen": str, "rejected": str}
 
 A malformed row stops the load with an InputDataError naming the file, the line and the field:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,9 +82,19 @@ def check_format(row: dict[str, Any], where: str) -> dict[str, Any]:
     if not users or not users[-1].strip():
         raise InputDataError(f"{where}: 'messages' has no non-empty user turn to prompt with")
     answer = _str(row, "answer", where)
+    regex = row.get("format_regex")
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as e:
+            raise InputDataError(f"{where}: field 'format_regex' is not a valid regular expression: {e}") from None
+    value = row.get("value")
+    if value is not None and not isinstance(value, str):
+        raise InputDataError(f"{where}: field 'value' must be a string (got {value!r:.60})")
     # The harness builds the chat itself (system instruction, few-shot turns, this user turn), so the
     # task prompts with the last user turn; earlier turns are kept for reference only.
-    return {"messages": messages, "prompt": users[-1], "answer": answer}
+    return {"messages": messages, "prompt": users[-1], "answer": answer, "value": value or "",
+            "format_regex": regex or ""}
 
 
 def check_preference(row: dict[str, Any], where: str) -> dict[str, Any]:

@@ -90,9 +90,10 @@ def write_validation_shards(root: str, tok_dir: Path) -> object:
     """A token_shards artifact whose validation shard holds two documents of the eval texts."""
     import tempfile
 
+    from transformers import AutoTokenizer
+
     from kubellm.core.manifest import publish_dir
     from kubellm.tokenizer.shards import TokenShardWriter
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     with tempfile.TemporaryDirectory() as d:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from evalkit import eval_config, write_jsonl
+
 from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.evaluate import stage
 from kubellm.evaluate.registry import Promoted, Registry, judge

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from evalkit import eval_config
+
 from kubellm.evaluate import stage
 from kubellm.evaluate.taskdata import TASKS_DIR
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from kubellm.core.storage import storage_for
 from kubellm.evaluate.config import GateRule
 from kubellm.evaluate.registry import Promoted, PromotionConflictError, Registry, judge

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from evalkit import eval_config, write_validation_shards
+
 from kubellm.core.manifest import read_manifest
 from kubellm.core.storage import storage_for
 from kubellm.evaluate import stage
@@ -28,7 +29,8 @@ def test_stage_scores_reports_and_promotes(model_artifacts, tmp_path: Path) -> N
     for model in results["models"]:
         s = model["scores"]
         assert 0.0 <= s["kubellm_knowledge"]["acc"] <= 1.0 and 0.0 <= s["kubellm_preference"]["acc"] <= 1.0
-        assert s["kubellm_format"]["exact_match"] == 0.0  # random weights never answer in format
+        # random weights never answer in the chat format
+        assert s["kubellm_format"]["format_ok"] == s["kubellm_format"]["correct"] == 0.0
         # a random-init model is close to uniform over the vocabulary
         assert 0.5 * model_vocab(base) < s["perplexity"]["perplexity"] < 2.0 * model_vocab(base)
         assert s["perplexity"]["tokens"] > 50
@@ -44,7 +46,7 @@ def test_stage_scores_reports_and_promotes(model_artifacts, tmp_path: Path) -> N
     assert "pretrain/perplexity/perplexity" in m.metrics and m.metrics["gate_passed"] == 1.0
     # reports
     md = m.report_markdown or ""
-    assert "| model | kubellm_knowledge (acc) | kubellm_format (exact_match)" in md and "| mine |" in md
+    assert "| model | kubellm_knowledge (acc) | kubellm_format (format_ok) | kubellm_preference (acc_norm)" in md and "| mine |" in md
     html = storage_for(m.uri).read_bytes(m.file_uri("report.html")).decode()
     assert html.count("data:image/png;base64,") == 3  # loss curves, score per stage, perplexity
     assert "src='http" not in html and "<script" not in html  # self-contained
@@ -62,7 +64,7 @@ def test_stage_scores_reports_and_promotes(model_artifacts, tmp_path: Path) -> N
     with pytest.raises(GateFailedError) as e:
         stage.run(strict, {"models": f"{base.uri},mine:{sft.uri}"}, root)
     msg = str(e.value)
-    assert "kubellm_format exact_match 0.0000 must be ≥ 0.9000" in msg and "pretrain" in msg
+    assert "kubellm_format format_ok 0.0000 must be ≥ 0.9000" in msg and "pretrain" in msg
     after = Registry(f"{root}/registry", "kubellm").current()
     assert after is not None and after.etag == etag and after.entry.model_digest == sft.digest()
     # the failing run still published its (complete) report, with deltas against the baseline
@@ -80,9 +82,10 @@ def test_perplexity_matches_hf_loss(hf_exports, tmp_path: Path) -> None:
     """Token-weighted held-out perplexity equals exp(HF's own mean causal-LM loss) over the same tokens,
     also when documents are split into windows."""
     import torch
+    from transformers import AutoModelForCausalLM
+
     from kubellm.evaluate.perplexity import shard_perplexity
     from kubellm.tokenizer.shards import TokenShardReader
-    from transformers import AutoModelForCausalLM
 
     tokens = write_validation_shards(str(tmp_path), hf_exports["a"])
     shard = Path(tokens.uri) / "validation" / "00000.tok"

@@ -6,6 +6,7 @@ The logic lives in the kubellm package (`kubellm.evaluate.taskdata`); this file 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kubellm.evaluate.taskdata import load_dataset
@@ -24,9 +25,17 @@ def load_preference(**metadata: Any) -> Any:
 
 
 def format_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """exact_match: the reply, stripped, is exactly the answer (the chat format ends the reply with
-    the end-of-turn marker, a stop sequence, so a model that keeps talking does not match);
-    answer_first: the reply starts with the answer (right content, loose format)."""
+    """format_ok: the reply follows the chat format (`format_regex`, e.g. `Answer:\\s*(\\w+)`);
+    correct: it does and the captured value is `value`; exact_match: the stripped reply is `answer`.
+    Items without a regex fall back to: format_ok = the reply starts with the answer."""
     reply = (results[0] if results else "").strip()
     answer = doc["answer"].strip()
-    return {"exact_match": float(reply == answer), "answer_first": float(reply.startswith(answer))}
+    regex, value = doc.get("format_regex"), doc.get("value")
+    if regex:
+        m = re.search(regex, reply)
+        ok = m is not None
+        got = (m.group(1) if m and m.groups() else (m.group(0) if m else "")).strip()
+        correct = ok and got == (value if value is not None else answer)
+    else:
+        ok = correct = reply.startswith(answer)
+    return {"exact_match": float(reply == answer), "format_ok": float(ok), "correct": float(correct)}
