@@ -495,6 +495,7 @@ class CheckpointManager:
             fetch(chosen, staging / tag, paths=wanted)  # downloads + sha256-verifies each file
         except BaseException as e:
             error = e
+            shutil.rmtree(staging, ignore_errors=True)  # never leave unverified files behind
         _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
 
         safe = install_safe_checkpoint_engine(engine)
@@ -563,32 +564,37 @@ class CheckpointManager:
 
     @staticmethod
     def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-        """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
-        stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
-        a bf16 run exports its optimizer's precision, not the rounded module weights."""
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-        from deepspeed.utils import safe_get_full_fp32_param
+        """Collective; see the module-level `consolidated_state_dict`."""
+        return consolidated_state_dict(engine)
 
-        module = engine.module
-        rank0 = _rank() == 0
-        full: dict[int, torch.Tensor] = {}
-        for _, p in module.named_parameters():  # same order on every rank: the calls are collective
-            value = safe_get_full_fp32_param(p) if p.requires_grad else None
-            if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
-                with GatheredParameters([p], modifier_rank=None):
-                    value = p.detach().clone() if rank0 else None
-            elif value is None:
-                value = p.detach()
-            if rank0 and value is not None:
-                full[id(p)] = value.detach().to("cpu", torch.float32).clone()
-        if not rank0:
-            return None
-        out: dict[str, torch.Tensor] = {}
-        for name, t in module.state_dict(keep_vars=True).items():
-            if id(t) in full:
-                out[name] = full[id(t)]
-            else:  # buffers: never partitioned by ZeRO
-                out[name] = t.detach().to("cpu").clone()
-                if out[name].is_floating_point():
-                    out[name] = out[name].float()
-        return out
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
+    stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
+    a bf16 run exports its optimizer's precision, not the rounded module weights."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    rank0 = _rank() == 0
+    full: dict[int, torch.Tensor] = {}
+    for _, p in module.named_parameters():  # same order on every rank: the calls are collective
+        value = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
+            with GatheredParameters([p], modifier_rank=None):
+                value = p.detach().clone() if rank0 else None
+        elif value is None:
+            value = p.detach()
+        if rank0 and value is not None:
+            full[id(p)] = value.detach().to("cpu", torch.float32).clone()
+    if not rank0:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in full:
+            out[name] = full[id(t)]
+        else:  # buffers: never partitioned by ZeRO
+            out[name] = t.detach().to("cpu").clone()
+            if out[name].is_floating_point():
+                out[name] = out[name].float()
+    return out

@@ -204,3 +204,18 @@ def test_manifest_is_plain_json_with_the_step(tmp_path: Path) -> None:
     m = _commit(str(tmp_path / "run"), 12)
     data = json.loads(Path(m.uri, MANIFEST_NAME).read_text())
     assert data["kind"] == "checkpoint" and data["metadata"]["step"] == 12
+
+
+def test_load_with_nothing_committed_returns_none(tmp_path: Path) -> None:
+    prefix = tmp_path / "run"
+    (prefix / tag_for(3)).mkdir(parents=True)
+    (prefix / tag_for(3) / "mp_rank_00_model_states.pt").write_bytes(b"torn: no manifest")
+    mgr = CheckpointManager(str(prefix), local_dir=tmp_path / "staging")
+    assert mgr.latest() is None
+    assert mgr.load(None) is None  # the engine is never touched
+
+
+def test_step_tags_sort_and_refuse_negative() -> None:
+    assert tag_for(7) == "step-00000007" and tag_for(123456789) == "step-123456789"
+    with pytest.raises(CheckpointError, match="step must be >= 0"):
+        tag_for(-1)
