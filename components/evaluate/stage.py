@@ -216,7 +216,7 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         _unique_labels(models)
         shards, tokens_digest = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else ([], "")
 
-        results_models = []
+        results_models: list[dict[str, Any]] = []
         task_info: dict[str, dict[str, Any]] = {}
         for mi in models:
             assert mi.local_dir is not None

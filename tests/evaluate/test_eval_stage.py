@@ -106,3 +106,22 @@ def test_perplexity_matches_hf_loss(hf_exports, tmp_path: Path) -> None:
     assert windowed["perplexity"] > 1.0
     capped = shard_perplexity(model, [shard], seq_len=16, batch_size=3, max_tokens=20)
     assert capped["tokens"] == 20
+
+
+def test_stage_on_s3(hf_exports, s3_bucket: str) -> None:
+    """Model artifact fetched from S3 (sha256-verified), eval artifact and pointer written to S3."""
+    from evalkit import publish_model
+
+    root = f"{s3_bucket}/kubellm"
+    model = publish_model(hf_exports["a"], root, "dpo")
+    cfg = eval_config(tasks=["kubellm_knowledge"], chat_tasks=[], limit=3,
+                      gate={"rules": {"kubellm_knowledge": {"min": 0.0}}})
+    m = stage.run(cfg, {"models": model.uri}, root)
+    assert m.uri.startswith(f"{root}/evaluate/") and m.metrics["gate_passed"] == 1.0
+    assert set(m.metrics) == {"dpo/kubellm_knowledge/acc", "gate_passed"}
+    cur = Registry(f"{root}/registry", "kubellm").current()
+    assert cur is not None and cur.entry.model_uri == model.uri and cur.entry.label == "dpo"
+    # the same run again is content-addressed to the same prefix; the baseline is now itself: Δ = 0
+    again = stage.run(cfg, {"models": model.uri, "baseline": cur.uri}, root)
+    results = json.loads(storage_for(again.uri).read_bytes(again.file_uri("results.json")))
+    assert results["deltas"] == {"dpo": {"kubellm_knowledge": 0.0}} and results["baseline"]["same_settings"]
