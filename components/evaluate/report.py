@@ -166,3 +166,17 @@ def render_html(results: dict[str, Any], markdown_text: str | None = None) -> st
     parts.append(f"</ul><p>lm-eval {e(h['lm_eval'])}, transformers {e(h['transformers'])}, torch {e(h['torch'])}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def summary(results: dict[str, Any], html_uri: str) -> str:
+    """What a terminal shows at the end of a run: the score table and where the HTML report is."""
+    header, rows = table_rows(results)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    gate = results.get("gate")
+    if gate:
+        lines.append(f"gate ({gate['candidate']}): {'PASSED' if gate['passed'] else 'FAILED'}"
+                     + (f", promoted -> {gate['pointer']}" if gate.get("promoted") else ""))
+    lines.append(f"HTML report: {html_uri}")
+    return "\n".join(lines)

@@ -190,6 +190,16 @@ def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[st
     return cols
 
 
+def print_summary(manifest: Manifest) -> str:
+    """The score table and the HTML report's location for an eval artifact (for `kubellm run --local`)."""
+    from kubellm.evaluate.report import summary
+
+    results = json.loads(storage_for(manifest.uri).read_bytes(manifest.file_uri("results.json")))
+    text = summary(results, manifest.file_uri("report.html"))
+    print(text)
+    return text
+
+
 def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     cfg = config
     models = parse_models(inputs["models"])
