@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
 from kubellm.core.images import image_for
 
 
@@ -52,20 +53,21 @@ def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(
     models, promoted = resolve_models([str(m) for m in model_uris], promoted_pointer)
     fp = fingerprint_models(models) + "|" + promoted.fingerprint
     print(f"[kubellm] models: {models}; baseline: {promoted.uri or '<none>'}")
-    return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(",".join(models), promoted.uri, fp)
+    # baseline = the pointer (what the evaluate stage reads), only when a model is promoted
+    return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(",".join(models), promoted.pointer, fp)
 
 
 @dsl.component(base_image=_image("base"), install_kfp_package=False)
-def resolve_promoted(promoted_pointer: str) -> NamedTuple("Promoted", uri=str, fingerprint=str):
-    """Resolve the promoted-model pointer to its target prefix ("" when none is promoted yet).
-    Runs uncached: the pointer moves under the same name."""
+def resolve_promoted(promoted_pointer: str) -> NamedTuple("Promoted", pointer=str, uri=str, fingerprint=str):
+    """Resolve the promoted-model pointer to its target prefix (pointer and uri "" when none is
+    promoted yet). Runs uncached: the pointer moves under the same name."""
     from collections import namedtuple
 
     from kubellm.pipelines.fingerprint import resolve_promoted as resolve
 
     p = resolve(promoted_pointer)
     print(f"[kubellm] promoted model: {p.uri or '<none>'}")
-    return namedtuple("Promoted", ["uri", "fingerprint"])(p.uri, p.fingerprint)
+    return namedtuple("Promoted", ["pointer", "uri", "fingerprint"])(p.pointer, p.uri, p.fingerprint)
 
 
 @dsl.component(base_image=_image("data_prep"), install_kfp_package=False)

@@ -22,6 +22,7 @@ from typing import Any
 
 from kfp import dsl
 from kfp import kubernetes as k8s
+
 from kubellm.core.images import image_for
 from kubellm.pipelines import components as c
 from kubellm.pipelines.fingerprint import default_pointer
@@ -63,20 +64,26 @@ def section_json(cfg: RunConfig, stage: str) -> str:
 def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, dict[str, Any]]:
     """Parameter name -> default, per pipeline. The one place defaults come from."""
     root = cfg.storage.root
+    gate = getattr(cfg.evaluate, "gate", None)
+    pointer = default_pointer(root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))
+    # A scheduled report judges but never moves the pointer (it may evaluate arbitrary models).
+    report_eval = cfg.evaluate.model_dump(mode="json")
+    if isinstance(report_eval.get("gate"), dict) and "promote" in report_eval["gate"]:
+        report_eval["gate"]["promote"] = False
     full: dict[str, Any] = {
         "storage_root": root,
         "raw_source": settings.raw_source,
         "chat_source": settings.chat_source,
         "preferences_source": settings.preferences_source,
-        "promoted_pointer": default_pointer(root),
+        "promoted_pointer": pointer,
         **{f"{s}_config": section_json(cfg, s) for s in STAGES},
     }
     report: dict[str, Any] = {
         "storage_root": root,
         "model_uris": [],
-        "promoted_pointer": default_pointer(root),
+        "promoted_pointer": pointer,
         "tokens": "",
-        "evaluate_config": section_json(cfg, "evaluate"),
+        "evaluate_config": json.dumps(report_eval, sort_keys=True, separators=(",", ":")),
     }
     out = {"llm_from_scratch": full, "evaluation_report": report}
     for name, value in settings.params:
@@ -158,7 +165,7 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None) ->
         _configure(c.evaluate(config=evaluate_config, storage_root=storage_root,
                               base_model=base.outputs["model"], sft_model=tuned.outputs["sft_model"],
                               dpo_model=aligned.outputs["dpo_model"], tokens=tok.outputs["tokens"],
-                              baseline=promoted.outputs["uri"],
+                              baseline=promoted.outputs["pointer"],
                               baseline_fingerprint=promoted.outputs["fingerprint"]),
                    "evaluate", s, display="evaluate and gate")
 

@@ -10,7 +10,8 @@ object → a new fingerprint → that step and everything downstream re-runs.
     fingerprint("s3://bucket/raw/")              # 'sha256:…' over every object under the prefix
     fingerprint("/data/corpus/*.jsonl")          # a local glob
     fingerprint("a/corpus,b/extra.jsonl")        # several sources, comma separated
-    resolve_promoted("s3://bucket/kubellm/registry/promoted.json")   # -> Promoted(uri, fingerprint)
+    resolve_promoted("s3://bucket/kubellm/registry/kubellm/promoted.json")
+                                                 # -> Promoted(pointer, uri, fingerprint)
 
 Local files have no ETag; `kubellm.core.storage` reports mtime+size in its place, so rewriting a file
 (even with the same bytes) counts as a change — conservative, never stale.
@@ -22,6 +23,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from kubellm.core.errors import InputDataError, KubellmError
@@ -29,8 +31,8 @@ from kubellm.core.manifest import load_manifest_ref
 from kubellm.core.storage import ObjectInfo, is_s3, join, local_path, storage_for
 
 GLOB_CHARS = "*?["
-PROMOTED_POINTER = "registry/promoted.json"
-"""Where the promoted-model pointer lives, relative to the storage root (the default for pipelines)."""
+POINTER_NAME = "promoted.json"
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*:(?!//)")
 
 
 def split_sources(source: str) -> list[str]:
@@ -98,14 +100,24 @@ def fingerprint(source: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Promoted:
-    """What a promoted-model pointer resolved to ("" when there is none yet)."""
+    """What a promoted-model pointer resolved to: the pointer itself and its target ("" both when
+    nothing is promoted yet) and a fingerprint that changes whenever the pointer moves."""
 
+    pointer: str
     uri: str
     fingerprint: str
 
 
-def default_pointer(storage_root: str) -> str:
-    return join(storage_root, PROMOTED_POINTER)
+def default_pointer(storage_root: str, registry: str | None = None, name: str = "kubellm") -> str:
+    """The evaluate stage's promoted-model pointer: `<registry>/<name>/promoted.json`, the registry
+    defaulting to `<storage_root>/registry` (kubellm.evaluate.config.GateConfig)."""
+    return join(registry or join(storage_root, "registry"), name, POINTER_NAME)
+
+
+def strip_label(ref: str) -> str:
+    """`sft:s3://b/sft/ab` -> `s3://b/sft/ab` (the evaluate stage's `[label:]ref` model syntax)."""
+    m = _LABEL.match(ref)
+    return ref[m.end():] if m else ref
 
 
 def _pointer_target(data: object, pointer: str) -> str:
@@ -126,12 +138,12 @@ def resolve_promoted(pointer: str, *, required: bool = False) -> Promoted:
     A pointer that does not exist yet (no model promoted) gives Promoted("", "none") unless
     `required`; a pointer to a prefix with no committed manifest is an error."""
     if not pointer:
-        return Promoted("", "none")
+        return Promoted("", "", "none")
     st = storage_for(pointer)
     if not st.exists(pointer):
         if required:
             raise InputDataError(f"{pointer}: no promoted model yet (the gate has never promoted one)")
-        return Promoted("", "none")
+        return Promoted("", "", "none")
     raw = st.read_bytes(pointer).decode("utf-8", errors="replace")
     try:
         data: object = json.loads(raw)
@@ -142,7 +154,7 @@ def resolve_promoted(pointer: str, *, required: bool = False) -> Promoted:
         manifest = load_manifest_ref(target)
     except KubellmError as e:
         raise InputDataError(f"{pointer}: points at {target}, which is not a committed artifact: {e}") from e
-    return Promoted(manifest.uri, "sha256:" + hashlib.sha256(
+    return Promoted(pointer, manifest.uri, "sha256:" + hashlib.sha256(
         f"{manifest.uri}\n{manifest.digest()}".encode()).hexdigest())
 
 
@@ -158,7 +170,7 @@ def resolve_models(model_uris: list[str], pointer: str) -> tuple[list[str], Prom
                 "is empty or missing)"
             )
         models = [promoted.uri]
-    for m in models:
+    for m in map(strip_label, models):
         if not is_s3(m) and not Path(m).exists():
             raise InputDataError(f"{m}: model artifact not found (expected an artifact prefix or manifest file)")
     return models, promoted
@@ -168,6 +180,6 @@ def fingerprint_models(models: list[str]) -> str:
     """Fingerprint of a list of model artifacts: their manifests' digests."""
     h = hashlib.sha256()
     for m in models:
-        manifest = load_manifest_ref(m)
+        manifest = load_manifest_ref(strip_label(m))
         h.update(f"{manifest.uri}\n{manifest.digest()}\n".encode())
     return "sha256:" + h.hexdigest()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import Manifest, fetch, write_manifest_file
 
