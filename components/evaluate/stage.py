@@ -53,6 +53,8 @@ class ModelInput:
     ref: str
     manifest: Manifest | None = None
     local_dir: Path | None = None
+    root: Path | None = None
+    """Where the artifact's files were fetched (the HF dir may be a subdirectory, e.g. `hf/`)."""
     digest: str = ""
     uri: str = ""
 
@@ -75,7 +77,7 @@ def _dir_digest(d: Path) -> str:
 
 
 def _hf_dir(root: Path, manifest: Manifest) -> Path:
-    hint = manifest.metadata.get("hf_dir")
+    hint = manifest.metadata.get("export_path") or manifest.metadata.get("hf_dir")
     if hint:
         return root / str(hint)
     if (root / "config.json").is_file():
@@ -94,6 +96,7 @@ def resolve_model(mi: ModelInput, work: Path, index: int) -> None:
     local_dir = not is_s3(mi.ref) and p.is_dir() and not (p / "_manifest.json").exists()
     if local_dir and (p / "config.json").exists():
         mi.local_dir, mi.uri, mi.digest = p.resolve(), str(p.resolve()), _dir_digest(p)
+        mi.root = mi.local_dir
         mi.label = mi.label or p.name
     elif local_dir and len([q for q in p.iterdir() if q.suffix == ".json"]) != 1:
         # not a KFP artifact dir holding one manifest JSON either: say what an export lacks
@@ -105,6 +108,7 @@ def resolve_model(mi: ModelInput, work: Path, index: int) -> None:
             raise InputDataError(f"models input {mi.ref}: artifact kind is {m.kind!r}, expected 'model'")
         dest = work / f"model{index}"
         fetch(m, dest)
+        mi.root = dest
         mi.manifest, mi.uri, mi.digest = m, m.uri, m.digest()
         mi.local_dir = _hf_dir(dest, m)
         parts = m.uri.rstrip("/").split("/")
@@ -118,29 +122,18 @@ def loss_curve(mi: ModelInput) -> list[list[float]]:
     pts: list[list[float]] = []
     if mi.manifest is not None and isinstance(mi.manifest.metadata.get("loss_curve"), list):
         pts = [[float(s), float(v)] for s, v in mi.manifest.metadata["loss_curve"]]
-    else:
-        roots = [mi.local_dir] if mi.manifest is None else [work_root(mi)]
-        for root in roots:
-            if root is None:
-                continue
-            for f in sorted(root.rglob("*metrics*.jsonl")):
-                for line in f.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("loss"), int | float):
-                        pts.append([float(rec["step"]), float(rec["loss"])])
+    elif mi.root is not None:
+        # the engine's per-step metrics JSONL (model stages ship it as metrics/metrics.jsonl)
+        for f in sorted(mi.root.rglob("*metrics*.jsonl")):
+            for line in f.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("loss"), int | float):
+                    pts.append([float(rec["step"]), float(rec["loss"])])
     stride = max(1, len(pts) // MAX_CURVE_POINTS)
     return pts[::stride]
-
-
-def work_root(mi: ModelInput) -> Path | None:
-    # fetched artifacts live in work/model<i>; the HF dir may be a subdirectory of it
-    d = mi.local_dir
-    while d is not None and d.parent != d and not d.name.startswith("model"):
-        d = d.parent
-    return d
 
 
 def _unique_labels(models: list[ModelInput]) -> None:

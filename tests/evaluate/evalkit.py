@@ -78,12 +78,23 @@ def build_export(out_dir: Path, seed: int = 0, tokenizer_dir: Path | None = None
 
 
 
-def publish_model(export: Path, root: str, stage: str, loss_curve: list[list[float]] | None = None):
+def publish_model(export: Path, root: str, stage: str, loss_curve: list[list[float]] | None = None,
+                  metrics_jsonl: list[dict] | None = None):
+    """A `model` artifact. With `metrics_jsonl`, the layout the model stages publish: `hf/` (the
+    export, `metadata.export_path`) + `metrics/metrics.jsonl`; otherwise the export at the root."""
+    import shutil
+    import tempfile
+
     from kubellm.core.manifest import content_prefix, publish_dir, stable_hash
 
-    prefix = content_prefix(root, stage, stable_hash(str(export)), {})
-    meta = {"loss_curve": loss_curve} if loss_curve else {}
-    return publish_dir(export, prefix, kind="model", metadata=meta)
+    prefix = content_prefix(root, stage, stable_hash([str(export), loss_curve, metrics_jsonl]), {})
+    meta: dict = {"loss_curve": loss_curve} if loss_curve else {}
+    if metrics_jsonl is None:
+        return publish_dir(export, prefix, kind="model", metadata=meta)
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copytree(export, Path(d) / "hf")
+        write_jsonl(Path(d) / "metrics" / "metrics.jsonl", metrics_jsonl)
+        return publish_dir(d, prefix, kind="model", metadata=meta | {"export_path": "hf", "stage": stage})
 
 
 def write_validation_shards(root: str, tok_dir: Path) -> object:

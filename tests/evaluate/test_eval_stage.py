@@ -113,7 +113,9 @@ def test_stage_on_s3(hf_exports, s3_bucket: str) -> None:
     from evalkit import publish_model
 
     root = f"{s3_bucket}/kubellm"
-    model = publish_model(hf_exports["a"], root, "dpo")
+    log = [{"step": i, "loss": 5.0 - 0.1 * i, "lr": 1e-3} for i in range(1, 11)]
+    model = publish_model(hf_exports["a"], root, "dpo", metrics_jsonl=log)
+    assert {f.path for f in model.files} >= {"hf/config.json", "metrics/metrics.jsonl"}
     cfg = eval_config(tasks=["kubellm_knowledge"], chat_tasks=[], limit=3,
                       gate={"rules": {"kubellm_knowledge": {"min": 0.0}}})
     m = stage.run(cfg, {"models": model.uri}, root)
@@ -125,3 +127,4 @@ def test_stage_on_s3(hf_exports, s3_bucket: str) -> None:
     again = stage.run(cfg, {"models": model.uri, "baseline": cur.uri}, root)
     results = json.loads(storage_for(again.uri).read_bytes(again.file_uri("results.json")))
     assert results["deltas"] == {"dpo": {"kubellm_knowledge": 0.0}} and results["baseline"]["same_settings"]
+    assert results["models"][0]["loss_curve"][:2] == [[1.0, 4.9], [2.0, 4.8]]  # from metrics/metrics.jsonl
