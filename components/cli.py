@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, module in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # add_help=False: `kubellm CMD --help` is answered by the command's own parser (second pass)
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         p.set_defaults(_module=module, _command=name)
     return parser
 

@@ -9,6 +9,7 @@ The same command runs in a container (the KFP component calls the same function)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -49,7 +50,10 @@ def parse_inputs(items: list[str]) -> dict[str, str]:
 def main(args: argparse.Namespace) -> int:
     spec = BY_COMMAND[args.command]
     cfg = load_run_config(args.config, preset=args.preset, overrides=args.set)
-    manifest = run_stage(spec.name, cfg.section(spec.name), parse_inputs(args.input), args.output)
+    # stdout carries only the result JSON (scripts parse it); libraries that print (DeepSpeed's op
+    # loader does) are sent to stderr with the logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        manifest = run_stage(spec.name, cfg.section(spec.name), parse_inputs(args.input), args.output)
     if args.manifest_out:
         write_manifest_file(manifest, args.manifest_out)
     json.dump({"uri": manifest.uri, "kind": manifest.kind, "counts": manifest.counts,

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kubellm.core.config import StrictModel
-from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
 from pydantic import Field
+
+from kubellm.core.config import StrictModel
+from kubellm.training.config import LaunchConfig, OptimConfig, ParallelConfig, TrainConfig
+
+
+def _train() -> TrainConfig:
+    return TrainConfig(max_steps=30, micro_batch_size=8, global_batch_size=16, seq_len=128,
+                       optim=OptimConfig(lr=2e-4, warmup_steps=2, weight_decay=0.0))
 
 
 class DPOConfig(StrictModel):
     beta: float = Field(default=0.1, gt=0)
-    """DPO temperature on the log-ratio."""
+    """DPO temperature on the policy/reference log-ratio."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO (with label_smoothing = conservative DPO); ipo: IPO."""
+    """sigmoid: DPO (with label_smoothing > 0: conservative DPO); ipo: IPO."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     """cDPO: probability that a preference label is flipped."""
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=30))
+    reference: Literal["cached", "live"] = "cached"
+    """cached: reference log-probs computed once with the frozen starting model and stored beside the
+    data (ref_logps.npy in the output); live: a frozen copy of the starting model scores every batch."""
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    """Identical chosen/rejected, empty prompt, malformed or longer than train.seq_len: skip and count,
+    or fail the stage naming file and line."""
+    train: TrainConfig = Field(default_factory=_train)
     """Optimisation, batch, precision, ZeRO, checkpoints."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     """dp × tp × pp layout."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kubellm.core.errors import InputDataError
 from kubellm.sft.data import IGNORE, SkipReport, _ids, _reason, validate_messages
 

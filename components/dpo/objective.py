@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from kubellm.dpo.loss import preference_loss, sequence_logprobs
 from kubellm.sft.objective import ExampleLoader
-from torch import Tensor
 
 
 def _flat(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from kubellm.core.errors import ConfigError
 from kubellm.model.loss import causal_lm_loss
 from kubellm.sft.data import IGNORE, PackedSequence
-from torch import Tensor
 
 
 class ExampleLoader:

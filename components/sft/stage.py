@@ -1,12 +1,98 @@
-"""The sft stage: `run(config, inputs, output) -> Manifest`."""
+"""The SFT stage: fine-tune a model artifact on chat data with loss on assistant tokens only.
+
+    kubellm sft --preset debug --input model=<pretrain artifact> --input chat=.kubellm/demo/chat \
+        --output .kubellm/artifacts
+
+`chat` is one or more JSON-lines files/dirs/globs or `s3://` prefixes of `{"messages": [...]}` records.
+Conversations are rendered with the model's tokenizer chat template, labelled on assistant tokens
+only, and packed several to a sequence with document masking (attention and loss never cross
+conversations). Every `heldout_every`-th conversation is held out: the report shows its
+assistant-token loss before and after. Same engine, ZeRO options, launch and export as pretrain.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
-from kubellm.core.errors import NotImplementedStageError
-from kubellm.core.manifest import Manifest
+from kubellm.core.manifest import Manifest, content_prefix, stable_hash
+from kubellm.sft.config import SFTConfig
+from kubellm.training.job import JobSpec
+from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model
+
+STAGE = "sft"
 
 
-def run(config: object, inputs: Mapping[str, str], output: str) -> Manifest:
-    raise NotImplementedStageError("the sft stage is not implemented yet")
+def source_fingerprint(raw: str) -> str:
+    """What the chat/preference sources are, by content (keys + sizes/ETags or mtimes)."""
+    from kubellm.data_prep.sources import resolve_sources
+
+    return stable_hash([s.fingerprint for s in resolve_sources(raw)])
+
+
+def stage_jsonl(raw: str, tmp: Path) -> list[Path]:
+    from kubellm.data_prep.sources import resolve_sources, stage_local
+
+    return [stage_local(s, tmp) for s in resolve_sources(raw)]
+
+
+def config_hash(config: SFTConfig | object) -> str:
+    # `launch` says where the job runs, not what it computes
+    return stable_hash(config.model_dump(mode="json", exclude={"launch"}))  # type: ignore[attr-defined]
+
+
+def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
+    base = fetch_model(inputs["model"])
+    parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
+    prefix = content_prefix(output, STAGE, config_hash(config), parents)
+    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker)
+
+
+def run_worker(spec: JobSpec) -> Manifest | None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from kubellm.model.hf import load_hf
+    from kubellm.sft.data import SkipReport, pack_examples, read_chat_jsonl
+    from kubellm.sft.objective import SFTObjective, assistant_token_loss
+    from kubellm.training.engine import init_distributed, resolve_device, train
+
+    config = SFTConfig.model_validate(spec.config)
+    rank, world = init_distributed(resolve_device(config.train.device))
+    base = fetch_model(spec.inputs["model"], fetch_here=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    if world > 1:
+        dist.barrier()
+    tok = AutoTokenizer.from_pretrained(str(base.hf_dir))
+    model, model_cfg = load_hf(base.hf_dir)
+    report = SkipReport()
+    with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
+        examples = list(read_chat_jsonl(stage_jsonl(spec.inputs["chat"], Path(tmp)), tok,
+                                        config.train.seq_len, report, config.on_bad_record))
+    held = [e for i, e in enumerate(examples) if i % config.heldout_every == 0]
+    train_ex = [e for i, e in enumerate(examples) if i % config.heldout_every]
+    packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
+    held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
+    before = assistant_token_loss(model, held_packs) if rank == 0 else 0.0
+    result = train(model_cfg, config.train, config.parallel, SFTObjective(packs), spec.run_dir,
+                   init_state_dict=model.state_dict(), resume=True)
+    if rank != 0:
+        return None
+    model.load_state_dict(result.final_state_dict)
+    after = assistant_token_loss(model, held_packs)
+    trained_tokens = sum(e.trainable_tokens for e in train_ex)
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) or "none"
+    return publish_model(
+        spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
+        parents={"model": base.digest, "chat": source_fingerprint(spec.inputs["chat"])},
+        config_hash=config_hash(config), title=f"SFT: {len(train_ex)} conversations in {len(packs)} packed sequences",
+        counts={"conversations": len(train_ex), "heldout_conversations": len(held), "packed_sequences": len(packs),
+                "assistant_tokens": trained_tokens, "skipped_records": report.total},
+        metrics={"heldout_assistant_loss_before": before, "heldout_assistant_loss_after": after},
+        report_lines=[f"Held-out assistant-token loss {before:.3f} → {after:.3f} "
+                      f"({len(held)} conversations).", "", f"Skipped records: {skipped}.",
+                      *(f"- {e}" for e in report.examples[:5])],
+        metadata={"base_model": base.manifest.uri if base.manifest else str(base.hf_dir),
+                  "skipped": report.counts},
+    )

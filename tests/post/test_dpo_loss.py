@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from kubellm.dpo.loss import preference_loss, sequence_logprobs
 
 

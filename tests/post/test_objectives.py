@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from kubellm.dpo.data import read_preferences_jsonl, to_arrays
 from kubellm.dpo.objective import DPOObjective, precompute_reference
 from kubellm.model import Transformer
@@ -16,7 +18,6 @@ from kubellm.sft.data import SkipReport, pack_examples, render_conversation
 from kubellm.sft.objective import ExampleLoader, SFTObjective, assistant_token_loss
 from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
 from kubellm.training.engine import train
-from transformers import AutoTokenizer
 
 
 def _cfg(vocab: int) -> ModelConfig:

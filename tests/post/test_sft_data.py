@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
+
 from kubellm.core.errors import InputDataError
 from kubellm.sft.data import IGNORE, SkipReport, pack_examples, read_chat_jsonl, render_conversation
-from transformers import AutoTokenizer
 
 CONV = [
     {"role": "system", "content": "Be brief."},

@@ -1,0 +1,117 @@
+"""What the post-training stages (SFT, DPO) share: start from a model artifact, launch, publish.
+
+    base = fetch_model(inputs["model"])            # manifest, local HF dir, ModelConfig
+    manifest = launch_or_run("sft", config, inputs, output, prefix)   # torchrun/PyTorchJob or in-process
+    ... in run_worker (rank 0): publish_model(spec, ...)
+
+The launch path is the pretrain stage's: a `JobSpec` handed to `kubellm.training.job.launch_job`
+(torchrun / TorchX locally, a PyTorchJob on the cluster), whose workers call the stage's
+`run_worker(spec)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kubellm.core.errors import IntegrityError
+from kubellm.core.manifest import MANIFEST_NAME, Manifest, load_manifest_ref, publish_dir, read_manifest
+from kubellm.core.storage import join, storage_for
+from kubellm.model.config import ModelConfig
+from kubellm.training.job import JobSpec, launch_job
+
+
+@dataclasses.dataclass
+class BaseModel:
+    manifest: Manifest | None
+    """The model artifact's manifest (None for a plain local HF directory)."""
+    hf_dir: Path
+    """A local HF LlamaForCausalLM directory (weights, config, tokenizer)."""
+    config: ModelConfig
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest() if self.manifest else str(self.hf_dir)
+
+
+def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool = True) -> BaseModel:
+    """Resolve a model input: a `model` artifact (manifest file or prefix) or a local HF directory."""
+    from kubellm.model.hf import config_from_hf
+    from kubellm.training.data import stage_artifact_files
+
+    p = Path(ref)
+    if not ref.startswith("s3://") and p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists():
+        import json
+
+        return BaseModel(None, p, config_from_hf(json.loads((p / "config.json").read_text()), str(p / "config.json")))
+    manifest = load_manifest_ref(ref)
+    if manifest.kind != "model":
+        raise IntegrityError(f"{manifest.uri}: is a {manifest.kind!r} artifact, expected a 'model' artifact")
+    export = str(manifest.metadata.get("export_path", "hf"))
+    root, _ = stage_artifact_files(manifest, [f"{export}/"], cache_dir, fetch_here=fetch_here)
+    cfg = ModelConfig.model_validate(manifest.metadata["model_config"])
+    return BaseModel(manifest, root / export, cfg)
+
+
+def new_run_id(stage: str) -> str:
+    return os.environ.get("KUBELLM_RUN_ID") or (
+        f"{stage}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: str, prefix: str,
+                  run_worker: Any) -> Manifest:
+    """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
+    process (or this already is a worker), otherwise through the stage's launch backend."""
+    from kubellm.training.engine import in_distributed_worker
+
+    if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
+        return read_manifest(prefix)
+    run_id = new_run_id(stage)
+    spec = JobSpec(stage=stage, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
+                   run_dir=inputs.get("resume") or join(output, "runs", run_id), prefix=prefix)
+    world = config.launch.nproc_per_node * config.launch.nnodes
+    if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
+        manifest = run_worker(spec)
+        assert manifest is not None
+        return manifest
+    return launch_job(spec, config.launch, name=f"{stage}-{run_id}")
+
+
+def publish_model(spec: JobSpec, *, stage: str, model_cfg: ModelConfig, result: Any, tokenizer_dir: Path,
+                  parents: dict[str, str], config_hash: str, title: str, counts: dict[str, int],
+                  metrics: dict[str, float], report_lines: list[str], metadata: dict[str, Any]) -> Manifest:
+    """Rank 0: export the trained weights as HF Llama + metrics + loss curve and publish a `model`."""
+    from kubellm.model.flops import num_params
+    from kubellm.model.hf import export_hf
+    from kubellm.training.engine import local_work_dir, scratch_dir, upload_run_files
+    from kubellm.training.metrics import markdown_report, plot_loss_curve
+
+    out = scratch_dir(f"kubellm-{stage}-")
+    try:
+        export_hf(result.final_state_dict, model_cfg, out / "hf", tokenizer_dir=tokenizer_dir)
+        (out / "metrics").mkdir()
+        src = Path(result.metrics_path)
+        shutil.copy2(src, out / "metrics" / "metrics.jsonl")
+        plot_loss_curve(src, out / "metrics" / "loss_curve.png", title=f"{stage} loss")
+        upload_run_files(local_work_dir(spec.run_dir), spec.run_dir)
+        summary = {**result.summary, **metrics}
+        counts = {"steps": int(result.summary.get("steps", 0)), "parameters": num_params(model_cfg),
+                  "world_size": result.world_size, **counts}
+        md = "\n".join([f"## {title}", "", *report_lines, "",
+                        markdown_report(result.summary, "metrics/loss_curve.png", result.peak_source,
+                                        {"export": "hf/ (LlamaForCausalLM, safetensors)", "run dir": spec.run_dir})])
+        return publish_dir(
+            out, spec.prefix, kind="model", counts=counts, metrics=summary, config_hash=config_hash,
+            parents=parents, report_markdown=md,
+            metadata={"model_config": model_cfg.model_dump(mode="json"), "export_path": "hf",
+                      "export_uri": join(spec.prefix, "hf"), "stage": stage, "run_dir": spec.run_dir,
+                      "final_loss": result.summary.get("loss_final"), **metadata},
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The SFT and DPO stages end to end (1 process): base export -> SFT artifact -> DPO artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kubellm.core.errors import InputDataError
+from kubellm.core.manifest import read_manifest
+from kubellm.model import Transformer
+from kubellm.model.config import ModelConfig
+from kubellm.model.hf import export_hf
+from kubellm.runconfig import load_run_config
+from kubellm.stages import run_stage
+
+FAST = ["{s}.train.max_steps=6", "{s}.train.micro_batch_size=4", "{s}.train.global_batch_size=4",
+        "{s}.train.seq_len=64", "{s}.train.progress_bar=false", "{s}.train.tensorboard=false",
+        "{s}.train.device=cpu"]
+
+
+def _base(tok_dir: Path, tmp: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(tok_dir))
+    cfg = ModelConfig(vocab_size=n, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    torch.manual_seed(0)
+    out = tmp / "base"
+    export_hf(Transformer(cfg), cfg, out, tokenizer_dir=tok_dir)
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_sft_then_dpo_stages(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    base = _base(chat_tokenizer_dir, tmp_path)
+    chat = _write(tmp_path / "chat" / "train.jsonl", [
+        {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                      {"role": "assistant", "content": f"{a + b}"}]} for a in range(10) for b in range(5)]
+        + [{"messages": [{"role": "user", "content": "no answer"}]}])
+    prefs = _write(tmp_path / "prefs" / "train.jsonl", [
+        {"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"It is {a + b + 2}, I think."}
+        for a in range(6) for b in range(4)] + [{"prompt": "x", "chosen": "same", "rejected": "same"}])
+    cfg = load_run_config(preset="debug", overrides=[o.format(s=s) for s in ("sft", "dpo") for o in FAST])
+    out = str(tmp_path / "art")
+
+    sft = run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, out)
+    assert sft.kind == "model" and sft.counts["skipped_records"] == 1
+    assert sft.metrics["heldout_assistant_loss_after"] < sft.metrics["heldout_assistant_loss_before"]
+    assert "no_assistant_turn" in sft.report_markdown
+    hf_dir = Path(sft.uri) / "hf"
+    assert AutoModelForCausalLM.from_pretrained(hf_dir) is not None
+    # the same config on the same inputs reuses the committed artifact (content address)
+    assert run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, out).digest() == sft.digest()
+
+    dpo = run_stage("dpo", cfg.dpo, {"model": sft.uri, "preferences": str(prefs)}, out)
+    assert dpo.metrics["loss_start"] == pytest.approx(0.6931, abs=1e-3)
+    assert dpo.metrics["final_reward_accuracy"] > 0.5
+    assert dpo.counts == {**dpo.counts, "pairs": 24, "skipped_records": 1}
+    assert read_manifest(dpo.uri).parents["model"] == sft.digest()
+
+
+def test_fail_policy_names_the_record(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    base = _base(chat_tokenizer_dir, tmp_path)
+    prefs = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                          {"prompt": "", "chosen": "a", "rejected": "b"}])
+    cfg = load_run_config(preset="debug", overrides=[o.format(s="dpo") for o in FAST] + ["dpo.on_bad_record=fail"])
+    with pytest.raises(InputDataError, match=r"p.jsonl:2: empty prompt"):
+        run_stage("dpo", cfg.dpo, {"model": str(base), "preferences": str(prefs)}, str(tmp_path / "art"))
