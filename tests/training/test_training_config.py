@@ -1,0 +1,110 @@
+"""DeepSpeed config generation, batch/layout checks, AdamW groups, the LR schedule, AppDef, metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from kubellm.core.config import validate
+from kubellm.core.errors import ConfigError
+from kubellm.model import Transformer, get_preset
+from kubellm.pretrain.config import PretrainConfig
+from kubellm.training.config import LaunchConfig, OptimConfig, ParallelConfig, TrainConfig
+from kubellm.training.dsconfig import deepspeed_config
+from kubellm.training.optim import lr_lambda, param_groups
+
+
+def test_zero_stages_and_offload_are_config_values() -> None:
+    for stage in (0, 1, 2, 3):
+        ds = deepspeed_config(TrainConfig(zero_stage=stage, micro_batch_size=2, global_batch_size=8),
+                              ParallelConfig(dp=2), world_size=2)
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 8
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+    off = deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
+                           ParallelConfig(), 1)
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "torch_adam" not in off["optimizer"]["params"]  # DeepSpeedCPUAdam with offload
+
+
+def test_batch_not_dividing_ranks_names_the_fields() -> None:
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=10 .* train.micro_batch_size=4 × "
+                                          r"data-parallel ranks=2"):
+        deepspeed_config(TrainConfig(micro_batch_size=4, global_batch_size=10), ParallelConfig(dp=2), 2)
+
+
+def test_layout_and_precision_refusals() -> None:
+    with pytest.raises(ConfigError, match=r"parallel.dp=1 .* 2 process"):
+        deepspeed_config(TrainConfig(), ParallelConfig(dp=1), 2)
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        deepspeed_config(TrainConfig(precision="fp16"), ParallelConfig(), 1)
+    with pytest.raises(ConfigError, match="offload_params needs train.zero_stage=3"):
+        deepspeed_config(TrainConfig(zero_stage=2, offload_params=True), ParallelConfig(), 1)
+
+
+def test_bad_model_shapes_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="n_heads=5 must divide dim=64"):
+        validate(PretrainConfig, {"model": {"preset": "debug", "overrides": {"n_heads": 5}}}, "run.yaml", "pretrain")
+    with pytest.raises(ConfigError, match="n_kv_heads=3 must divide n_heads=4"):
+        validate(PretrainConfig, {"model": {"preset": "debug", "overrides": {"n_kv_heads": 3}}}, "run.yaml", "pretrain")
+
+
+def test_param_groups_exclude_norms_biases_and_embeddings() -> None:
+    model = Transformer(get_preset("debug").with_(vocab_size=64))
+    model.extra_bias = nn.Parameter(model.norm.weight.new_zeros(3))  # a bias-like 1-D parameter
+    groups = param_groups(model, OptimConfig(weight_decay=0.1))
+    decay = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert id(model.tok_embeddings.weight) not in decay
+    assert id(model.norm.weight) not in decay and id(model.extra_bias) not in decay
+    assert id(model.blocks[0].attn.qkv.weight) in decay and id(model.output.weight) in decay
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters()))
+    with_emb = param_groups(model, OptimConfig(decay_embeddings=True))
+    assert id(model.tok_embeddings.weight) in {id(p) for p in with_emb[0]["params"]}
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    f = lr_lambda(OptimConfig(warmup_steps=4, min_lr_ratio=0.1), max_steps=24)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(14) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(24) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 30))
+
+
+def test_appdef_is_a_torchrun_job_running_the_worker() -> None:
+    from kubellm.training.appdef import build_appdef
+
+    app = build_appdef("s3://b/runs/r1/job.json", LaunchConfig(nproc_per_node=2, nnodes=3, cpu=4, memory_mb=2048,
+                                                                  env={"A": "1"}), name="Pretrain r1")
+    role = app.roles[0]
+    cmd = " ".join([role.entrypoint, *role.args])
+    assert "torchrun" in cmd and "--nproc_per_node 2" in cmd and "--nnodes 3" in cmd
+    assert "-m kubellm.training.worker --spec s3://b/runs/r1/job.json" in cmd
+    assert role.num_replicas == 3 and role.resource.cpu == 4 and role.resource.memMB == 2048
+    assert role.env["A"] == "1" and app.metadata["kubellm/nproc_per_node"] == "2"
+    assert app.name == "pretrain-r1"
+
+
+def test_metrics_plot_and_mfu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.training.metrics import MetricsLogger, peak_tflops, plot_loss_curve
+
+    log = MetricsLogger(tmp_path, 3, progress_bar=False)
+    for s in range(1, 4):
+        log.log(s, {"loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 100.0 * s, "peak_memory_mb": 10.0 * s})
+    log.close()
+    assert log.summary()["loss_final"] == 2.0 and log.summary()["peak_memory_mb"] == 30.0
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3
+    assert any((tmp_path / "tensorboard").iterdir())
+    png = plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.delenv("KUBELLM_PEAK_TFLOPS", raising=False)
+    assert peak_tflops("cpu", None)[0] is None
+    monkeypatch.setenv("KUBELLM_PEAK_TFLOPS", "1.5")
+    assert peak_tflops("cpu", None) == (1.5, "$KUBELLM_PEAK_TFLOPS")
+    assert peak_tflops("cpu", 2.0)[0] == 2.0

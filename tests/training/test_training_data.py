@@ -1,0 +1,143 @@
+"""The packed-window loader: rank split without overlap, seeded order, exact resume, bad shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kubellm.core.errors import InputDataError
+from kubellm.tokenizer.shards import TokenShardWriter
+from kubellm.training.data import PackedWindowLoader, open_shards, stage_artifact_files
+
+
+def write_shard(path: Path, docs: list[list[int]], vocab: int = 512) -> str:
+    with TokenShardWriter(path, vocab) as w:
+        for d in docs:
+            w.add_document(d)
+    return str(path)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[str]:
+    # token value = its global position (mod vocab) so windows are identifiable
+    a = write_shard(tmp_path / "train/a.tok", [list(range(0, 200)), list(range(200, 330))])
+    b = write_shard(tmp_path / "train/b.tok", [list(range(330, 500))])
+    return [a, b]
+
+
+def loader(shards: list[str], rank: int = 0, world: int = 1, **kw) -> PackedWindowLoader:
+    args = dict(seq_len=16, micro_batch_size=2, dp_rank=rank, dp_size=world, seed=7)
+    args.update(kw)
+    return PackedWindowLoader(open_shards(shards, 512), **args)
+
+
+def take(ld: PackedWindowLoader, n: int) -> list[dict]:
+    out = [next(ld) for _ in range(n)]
+    ld.close()
+    return out
+
+
+def window_starts(batches: list[dict]) -> list[int]:
+    return [int(row[0]) for b in batches for row in b["input_ids"]]
+
+
+def test_windows_are_shifted_pairs(shards: list[str]) -> None:
+    b = take(loader(shards), 1)[0]
+    assert b["input_ids"].shape == b["labels"].shape == (2, 16)
+    np.testing.assert_array_equal(b["input_ids"][:, 1:].numpy(), b["labels"][:, :-1].numpy())
+
+
+def test_ranks_split_an_epoch_without_overlap(shards: list[str]) -> None:
+    full = loader(shards)
+    per_epoch = full.num_windows  # 329//16 + 169//16 = 20 + 10 = 30
+    assert per_epoch == 30
+    seen = []
+    for rank in range(3):
+        ld = loader(shards, rank, 3)
+        seen.append(window_starts(take(ld, ld.per_rank // 2)))  # exactly one epoch of this rank
+    sets = [set(s) for s in seen]
+    assert all(len(s) == 10 for s in sets)
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    # together they are the 1-rank epoch, and each global step holds the same windows
+    assert sets[0] | sets[1] | sets[2] == set(window_starts(take(loader(shards, micro_batch_size=6), 5)))
+
+
+def test_same_windows_per_step_for_any_dp(shards: list[str]) -> None:
+    one = window_starts(take(loader(shards, micro_batch_size=4), 3))  # global batch 4
+    two = [window_starts(take(loader(shards, r, 2), 3)) for r in range(2)]  # 2 ranks × 2
+    for step in range(3):
+        assert set(one[4 * step: 4 * step + 4]) == set(two[0][2 * step: 2 * step + 2] + two[1][2 * step: 2 * step + 2])
+
+
+def test_order_is_seeded_and_epochs_differ(shards: list[str]) -> None:
+    a = window_starts(take(loader(shards), 30))
+    b = window_starts(take(loader(shards), 30))
+    c = window_starts(take(loader(shards, seed=8), 30))
+    assert a == b and a != c
+    assert a[:30] != a[30:]  # epoch 2 is a different permutation of the same windows
+    assert sorted(a[:30]) == sorted(a[30:])
+
+
+def test_state_dict_resumes_exactly_despite_prefetch(shards: list[str]) -> None:
+    ld = loader(shards, prefetch=4)
+    first = [next(ld) for _ in range(17)]  # crosses an epoch boundary (15 batches per epoch)
+    state = ld.state_dict()
+    rest = window_starts([next(ld) for _ in range(5)])
+    ld.close()
+    assert state["epoch"] == 1
+    fresh = loader(shards)
+    fresh.load_state_dict(state)
+    assert window_starts(take(fresh, 5)) == rest
+    assert len(first) == 17
+
+
+def test_resume_refuses_other_layout(shards: list[str]) -> None:
+    state = loader(shards).state_dict()
+    with pytest.raises(InputDataError, match="dp_size"):
+        loader(shards, 0, 2).load_state_dict(state)
+
+
+def test_doc_masking_supplies_doc_ids_and_restarted_positions(tmp_path: Path) -> None:
+    p = write_shard(tmp_path / "d.tok", [[1, 5, 6, 2], [1, 7, 8, 9, 2], [1, 3, 2]] * 10)
+    b = take(PackedWindowLoader(open_shards([p], 512), seq_len=8, micro_batch_size=1, dp_rank=0, dp_size=1,
+                                seed=0, shuffle=False, doc_masking=True), 1)[0]
+    np.testing.assert_array_equal(b["doc_ids"][0].numpy(), [0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(b["position_ids"][0].numpy(), [0, 1, 2, 3, 0, 1, 2, 3])
+
+
+def test_bad_shards_fail_at_open_naming_the_file(tmp_path: Path) -> None:
+    good = write_shard(tmp_path / "g.tok", [list(range(100))], vocab=512)
+    data = Path(good).read_bytes()
+    (tmp_path / "magic.tok").write_bytes(b"NOTATOK\0" + data[8:])
+    with pytest.raises(InputDataError, match=r"magic\.tok: bad magic"):
+        open_shards([tmp_path / "magic.tok"], 512)
+    (tmp_path / "short.tok").write_bytes(data[:-16])
+    with pytest.raises(InputDataError, match=r"short\.tok: file is .* bytes but its header"):
+        open_shards([tmp_path / "short.tok"], 512)
+    # ids valid for the shard's own vocab but not for the model's
+    with pytest.raises(InputDataError, match=r"g\.tok: shard vocab_size 512 exceeds the model's vocab_size 64"):
+        open_shards([good], 64)
+    with pytest.raises(InputDataError, match="no token shards"):
+        open_shards([], 512)
+
+
+def test_too_little_data_for_the_batch_names_the_numbers(shards: list[str]) -> None:
+    with pytest.raises(InputDataError, match="need at least 64"):
+        loader(shards, 0, 2, micro_batch_size=32)
+
+
+def test_s3_shards_are_fetched_to_a_local_cache(tmp_path: Path, s3_bucket: str) -> None:
+    from kubellm.core.manifest import publish_dir
+
+    src = tmp_path / "art"
+    write_shard(src / "train/a.tok", [list(range(100))])
+    (src / "tokenizer").mkdir()
+    (src / "tokenizer/tokenizer.json").write_text("{}")
+    m = publish_dir(src, f"{s3_bucket}/tok/x", kind="token_shards")
+    root, paths = stage_artifact_files(m, ["train/"], tmp_path / "cache")
+    assert paths == ["train/a.tok"] and str(root).startswith(str(tmp_path / "cache"))
+    assert open_shards([root / paths[0]], 512)[0].token_count == 100
+    local_root, _ = stage_artifact_files(m.model_copy(update={"uri": str(src)}), ["train/"])
+    assert local_root == src  # a local artifact is read in place
