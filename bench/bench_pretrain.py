@@ -1,0 +1,143 @@
+"""Benchmark (not a test): tokens/s of kubellm's training step vs transformers' LlamaForCausalLM.
+
+    TORCH_EXTENSIONS_DIR=.cache/torch_extensions DS_ACCELERATOR=cpu \
+        .venv/bin/python -m bench.bench_pretrain --presets debug seed --threads 2 [--compile]
+
+Both sides train the same shape (the preset's ModelConfig; LlamaForCausalLM built from
+`kubellm.model.hf.hf_config_dict`), on the same fixed batch, with the same threads and precision:
+  ours  kubellm Transformer + AdamW param groups + LR schedule through the DeepSpeed engine
+        (1 process, ZeRO 0, gradient clipping) — exactly the engine's step
+  hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW + clip_grad_norm_, plain PyTorch
+Rounds alternate ours/hf so machine noise hits both; each round times `--steps` steps after
+`--warmup` untimed ones; the median over `--rounds` (≥ 5) is reported with the ratio ours/hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Callable[[torch.Tensor], float]:
+    import deepspeed
+
+    from kubellm.model import Transformer
+    from kubellm.model.config import get_preset
+    from kubellm.model.loss import causal_lm_loss
+    from kubellm.training.config import ParallelConfig, TrainConfig
+    from kubellm.training.dsconfig import deepspeed_config
+    from kubellm.training.engine import init_distributed
+    from kubellm.training.optim import lr_lambda, param_groups
+
+    cfg = get_preset(preset)
+    tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,
+                     max_steps=10**6)
+    init_distributed("cpu")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    fwd = torch.compile(model) if compile_ else model
+    sched = lr_lambda(tc.optim, tc.max_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tc.optim),
+                                      config=deepspeed_config(tc, ParallelConfig(), 1, "cpu"),
+                                      lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched))
+    amp = precision == "bf16"
+
+    def step(ids: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = causal_lm_loss(fwd(ids[:, :-1]), ids[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _hf(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Callable[[torch.Tensor], float]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubellm.model.config import get_preset
+    from kubellm.model.hf import hf_config_dict
+    from kubellm.training.config import OptimConfig
+
+    cfg = get_preset(preset)
+    o = OptimConfig()
+    torch.manual_seed(0)
+    hcfg = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")}
+    model = LlamaForCausalLM(LlamaConfig(**hcfg, attn_implementation="sdpa"))
+    model.train()
+    fwd = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    amp = precision == "bf16"
+
+    def step(ids: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = fwd(input_ids=ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def bench(preset: str, args: argparse.Namespace, compile_: bool) -> dict[str, float]:
+    from kubellm.model.config import get_preset
+
+    cfg = get_preset(preset)
+    seq = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_),
+             "hf": _hf(preset, args.batch, seq, args.precision, compile_)}
+    for fn in steps.values():
+        for _ in range(args.warmup):
+            fn(ids)
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():  # alternate: ours, hf, ours, hf, ...
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn(ids)
+            rates[name].append(args.batch * seq * args.steps / (time.perf_counter() - t0))
+    out = {k: statistics.median(v) for k, v in rates.items()}
+    out["ratio"] = out["ours"] / out["hf"]
+    out["seq"] = seq
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["debug", "seed"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=0, help="0 = the preset's max_seq_len")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    args = ap.parse_args()
+    if args.rounds < 5:
+        ap.error("--rounds must be ≥ 5 (the median of fewer is noise)")
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} precision={args.precision} batch={args.batch} torch={torch.__version__}")
+    print(f"{'preset':8} {'mode':8} {'seq':>4} {'ours tok/s':>11} {'hf tok/s':>11} {'ours/hf':>8}")
+    for preset in args.presets:
+        for compiled in ([False, True] if args.compile else [False]):
+            r = bench(preset, args, compiled)
+            mode = "compiled" if compiled else "eager"
+            print(f"{preset:8} {mode:8} {int(r['seq']):>4} {r['ours']:>11.0f} {r['hf']:>11.0f} {r['ratio']:>8.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
