@@ -121,8 +121,12 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     return task
 
 
-def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None) -> dict[str, Any]:
-    """Both pipelines, with `cfg`'s values as parameter defaults and `settings`' images."""
+def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
+                    until: str | None = None) -> dict[str, Any]:
+    """Both pipelines, with `cfg`'s values as parameter defaults and `settings`' images.
+    `until` ends llm_from_scratch after that stage (e.g. iterate on data prep without training)."""
+    if until is not None and until not in STAGES:
+        raise ValueError(f"unknown stage {until!r} for until: expected one of {', '.join(STAGES)}")
     s = settings or PipelineSettings()
     d = parameter_defaults(cfg, s)
     f, r = d["llm_from_scratch"], d["evaluation_report"]
@@ -147,19 +151,29 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None) ->
                             display="fingerprint raw corpus", cache=False)
         prep = _configure(c.data_prep(config=data_prep_config, storage_root=storage_root, raw=raw_source,
                                       raw_fingerprint=raw_fp.output), "data_prep", s, display="data prep")
+        if until == "data_prep":
+            return
         tok = _configure(c.tokenizer(config=tokenizer_config, storage_root=storage_root,
                                      dataset=prep.outputs["dataset"]), "tokenizer", s, display="tokenizer")
+        if until == "tokenizer":
+            return
         base = _configure(c.pretrain(config=pretrain_config, storage_root=storage_root,
                                      tokens=tok.outputs["tokens"]), "pretrain", s, display="pretrain")
+        if until == "pretrain":
+            return
         chat_fp = _configure(c.fingerprint_source(source=chat_source), "base", s,
                              display="fingerprint chat data", cache=False)
         tuned = _configure(c.sft(config=sft_config, storage_root=storage_root, model=base.outputs["model"],
                                  chat=chat_source, chat_fingerprint=chat_fp.output), "sft", s, display="SFT")
+        if until == "sft":
+            return
         pref_fp = _configure(c.fingerprint_source(source=preferences_source), "base", s,
                              display="fingerprint preference data", cache=False)
         aligned = _configure(c.dpo(config=dpo_config, storage_root=storage_root, model=tuned.outputs["sft_model"],
                                    preferences=preferences_source, preferences_fingerprint=pref_fp.output),
                              "dpo", s, display="DPO")
+        if until == "dpo":
+            return
         promoted = _configure(c.resolve_promoted(promoted_pointer=promoted_pointer), "base", s,
                               display="resolve promoted model", cache=False)
         _configure(c.evaluate(config=evaluate_config, storage_root=storage_root,

@@ -59,6 +59,8 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--prefix", default="kubellm", help="key prefix inside --bucket")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set any pipeline parameter for this run")
+    p.add_argument("--until", choices=["data_prep", "tokenizer", "pretrain", "sft", "dpo"],
+                   help="llm_from_scratch: stop after this stage (iterate on data without training)")
     p.add_argument("--demo-scale", type=float, default=1.0, help="size of the generated demo world")
 
 
@@ -154,7 +156,7 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
     else:
         root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
     arguments = pipeline_arguments(args, root, workdir)
-    pipeline = build_pipelines(cfg, PipelineSettings())[args.pipeline]
+    pipeline = build_pipelines(cfg, PipelineSettings(), until=args.until)[args.pipeline]
     print(f"{HEADLINE} running {args.pipeline} locally: artifacts in {root}, KFP outputs in {workdir / 'kfp'}")
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
@@ -176,7 +178,25 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
             sys.stdout = old
     if error:
         tee.lines.append(f"{HEADLINE} {error}")
+    else:
+        tee.lines += _report_lines(workdir / "kfp", args.pipeline)
     return not error, tee.lines
+
+
+def _report_lines(kfp_root: Path, pipeline: str) -> list[str]:
+    """The evaluation's score table and where its reports are, from this run's KFP outputs."""
+    from kubellm.pipelines.definitions import PIPELINE_NAMES
+
+    runs = sorted(kfp_root.glob(f"{PIPELINE_NAMES[pipeline]}-*"))
+    if not runs:
+        return []
+    task = "evaluate" if pipeline == "llm_from_scratch" else "evaluate-models"
+    md, html = runs[-1] / task / "report", runs[-1] / task / "report_html"
+    if not md.is_file():
+        return []
+    text = md.read_text()
+    table = [ln for ln in text.splitlines() if ln.startswith("|") or ln.startswith("## Gate")]
+    return ["", *table, "", f"{HEADLINE} report (Markdown): {md}", f"{HEADLINE} report (HTML): {html}"]
 
 
 def main(args: argparse.Namespace) -> int:

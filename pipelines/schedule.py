@@ -1,0 +1,147 @@
+"""`kubellm schedule`: create or update (idempotently, by name) the recurring `evaluation_report` run.
+
+    kubellm schedule --endpoint https://kubeflow.example.com/pipeline --namespace team-ml \
+        --name weekly-eval-report --cron "0 0 6 * * 1" --run-config configs/prod.yaml \
+        --pipeline-root s3://ml-bucket/kfp --service-account default-editor
+
+KFP's cron has SIX fields, seconds first (`sec min hour day-of-month month day-of-week`, robfig/cron):
+"0 0 6 * * 1" is Mondays 06:00:00. A five-field crontab line is refused with that explanation.
+
+Every scheduled run re-evaluates: caching is off for the whole run. No catch-up (a paused schedule
+does not backfill missed reports), `--max-concurrency` (default 1) runs at a time. KFP has no update
+call for recurring runs, so "update" is: same name and same desired spec -> nothing to do (printed);
+anything changed -> the old recurring run is deleted and a new one created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kubellm.core.errors import ConfigError
+from kubellm.core.manifest import stable_hash
+from kubellm.pipelines.common import add_config_args, add_image_args, parse_params
+from kubellm.pipelines.kfp_api import api_errors, connect, eq_filter
+from kubellm.pipelines.submit import add_endpoint_args, compile_for_submit
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,126}[a-z0-9])?$")
+# field name, min, max, names allowed in the field
+_CRON_FIELDS = (
+    ("second", 0, 59, ()), ("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day-of-week", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def validate_cron(expr: str) -> str:
+    """Check a KFP (robfig/cron, six fields, seconds first) expression; return it normalised."""
+    expr = " ".join(expr.split())
+    if expr in _DESCRIPTORS or re.fullmatch(r"@every \d+(ns|us|ms|s|m|h)(\d+(ns|us|ms|s|m|h))*", expr):
+        return expr
+    fields = expr.split(" ")
+    if len(fields) == 5:
+        raise ConfigError(
+            f"--cron {expr!r} has 5 fields, but KFP's cron has SIX, seconds first: "
+            f"'sec min hour day-of-month month day-of-week'; for this schedule use '0 {expr}'")
+    if len(fields) != 6:
+        raise ConfigError(f"--cron {expr!r} has {len(fields)} fields; KFP's cron has six, seconds first: "
+                          "'sec min hour day-of-month month day-of-week', e.g. '0 0 6 * * 1' (Mondays 06:00)")
+    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            _check_part(part, name, lo, hi, names, expr)
+    return expr
+
+
+def _check_part(part: str, name: str, lo: int, hi: int, names: tuple[str, ...], expr: str) -> None:
+    def value(tok: str) -> int:
+        t = tok.lower()
+        if t in names:
+            return names.index(t) + lo
+        if not t.isdigit():
+            raise ConfigError(f"--cron {expr!r}: {name} field has {tok!r}; expected a number {lo}-{hi}"
+                              + (f" or one of {', '.join(names)}" if names else ""))
+        v = int(t)
+        if not lo <= v <= hi:
+            raise ConfigError(f"--cron {expr!r}: {name} {v} out of range {lo}-{hi}")
+        return v
+
+    rng, _, step = part.partition("/")
+    if step and (not step.isdigit() or int(step) == 0):
+        raise ConfigError(f"--cron {expr!r}: {name} step {step!r} must be a positive number")
+    if rng in ("*", "?"):
+        if rng == "?" and name not in ("day-of-month", "day-of-week"):
+            raise ConfigError(f"--cron {expr!r}: '?' is only allowed in day-of-month or day-of-week")
+        return
+    a, _, b = rng.partition("-")
+    start = value(a)
+    if b and value(b) < start:
+        raise ConfigError(f"--cron {expr!r}: {name} range {rng!r} runs backwards")
+
+
+def configure(p: argparse.ArgumentParser, command: str) -> None:
+    add_config_args(p)
+    add_endpoint_args(p)
+    add_image_args(p)
+    p.add_argument("--name", required=True, help="recurring run name (unique in the experiment; DNS-style)")
+    p.add_argument("--cron", required=True,
+                   help="KFP cron, SIX fields with seconds first, e.g. '0 0 6 * * 1' (Mondays 06:00:00)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="report runs allowed at once (1-10)")
+    p.add_argument("--models", action="append", default=[],
+                   help="model artifact prefixes to report on (repeatable; default: the promoted model)")
+    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
+                   help="a pipeline argument for every scheduled run")
+    p.add_argument("--disabled", action="store_true", help="create/update it paused")
+    p.set_defaults(pipeline="evaluation_report", cache=False)
+
+
+def desired_hash(spec_digest: str, args: argparse.Namespace, cron: str, arguments: dict[str, Any]) -> str:
+    return stable_hash({"spec": spec_digest, "cron": cron, "max_concurrency": args.max_concurrency,
+                        "args": arguments, "pipeline_root": args.pipeline_root,
+                        "service_account": args.service_account, "enabled": not args.disabled})
+
+
+def main(args: argparse.Namespace) -> int:
+    if not _NAME.match(args.name):
+        raise ConfigError(f"--name {args.name!r}: expected lower-case letters, digits, '-' or '.', "
+                          "starting and ending with a letter or digit")
+    cron = validate_cron(args.cron)
+    if not 1 <= args.max_concurrency <= 10:
+        raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP allows 1-10")
+    arguments = parse_params(args.args)
+    models = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
+    if models:
+        arguments["model_uris"] = models
+    with tempfile.TemporaryDirectory(prefix="kubellm-schedule-") as tmp:
+        path, digest, _ = compile_for_submit(args, Path(tmp))  # caching off for every step
+        want = desired_hash(digest, args, cron, arguments)
+        description = f"kubellm evaluation report; kubellm-schedule sha256:{want}"
+        client = connect(args.endpoint, args.namespace)
+        with api_errors(f"get or create experiment {args.experiment!r}"):
+            exp = client.create_experiment(args.experiment, namespace=args.namespace)
+        with api_errors(f"list recurring runs named {args.name!r}"):
+            resp = client.list_recurring_runs(experiment_id=exp.experiment_id,
+                                              filter=eq_filter("display_name", args.name), page_size=100)
+        existing = [r for r in (resp.recurring_runs or []) if r.display_name == args.name]
+        if len(existing) == 1 and (existing[0].description or "") == description:
+            print(f"recurring run {args.name} ({existing[0].recurring_run_id}) is up to date: cron {cron!r}")
+            return 0
+        for old in existing:
+            with api_errors(f"delete recurring run {old.recurring_run_id}"):
+                client.delete_recurring_run(old.recurring_run_id)
+            print(f"replacing recurring run {args.name} ({old.recurring_run_id})")
+        with api_errors(f"create recurring run {args.name!r}"):
+            rr = client.create_recurring_run(
+                experiment_id=exp.experiment_id, job_name=args.name, description=description,
+                cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=True,
+                params=arguments, pipeline_package_path=str(path), enabled=not args.disabled,
+                pipeline_root=args.pipeline_root, service_account=args.service_account)
+    verb = "updated" if existing else "created"
+    print(f"{verb} recurring run {args.name} ({rr.recurring_run_id}): cron {cron!r}, max concurrency "
+          f"{args.max_concurrency}, no catch-up, caching off{' (disabled)' if args.disabled else ''}; "
+          f"models: {json.dumps(models) if models else 'the promoted model'}")
+    return 0

@@ -1,0 +1,200 @@
+"""`kubellm submit`: send a pipeline run to a Kubeflow Pipelines endpoint and print its URL.
+
+    export KUBELLM_KFP_TOKEN=...            # multi-user Kubeflow (or KUBELLM_KFP_COOKIE); never a flag
+    kubellm submit --endpoint https://kubeflow.example.com/pipeline --namespace team-ml \
+        --run-config configs/prod.yaml --pipeline-root s3://ml-bucket/kfp --service-account default-editor \
+        --registry registry.example.com/ml --tag 1a2b3c --wait
+    # GitOps: exactly one run per commit (a second call finds the run and prints it)
+    kubellm submit --run-config configs/prod.yaml --git-sha "$GITHUB_SHA" --upload
+
+The pipeline is compiled from the run-config right here (its values become the parameter defaults,
+so the run shows them in the UI); `--param NAME=VALUE` overrides a parameter for this run only.
+`--upload` also registers the compiled pipeline as a version of a named pipeline in the UI (version
+name: the git sha, else a content hash); re-uploading identical content reuses the version, different
+content under the same version name is a conflict and is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubellm.core.errors import ConfigError
+from kubellm.pipelines.common import (
+    add_config_args,
+    add_image_args,
+    compile_pipelines,
+    load_config,
+    parse_params,
+    settings_from_args,
+)
+from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES
+from kubellm.pipelines.kfp_api import FINAL_STATES, KfpApiError, api_errors, connect, eq_filter, run_url
+
+_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+def add_endpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="KFP API/UI URL, e.g. https://kubeflow.example.com/pipeline "
+                                      "(default: $KUBELLM_KFP_ENDPOINT)")
+    p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    p.add_argument("--experiment", default="kubellm", help="experiment the run belongs to (created if absent)")
+    p.add_argument("--pipeline-root", help="where KFP stores this run's artifacts, e.g. s3://bucket/kfp")
+    p.add_argument("--service-account", help="Kubernetes ServiceAccount the run's pods use "
+                                              "(pipeline-runner single-user, default-editor multi-user)")
+
+
+def configure(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--pipeline", choices=PIPELINES, default="llm_from_scratch")
+    add_config_args(p)
+    add_endpoint_args(p)
+    add_image_args(p)
+    p.add_argument("--run-name", help="display name of the run (default: <config name>-<time>)")
+    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
+                   help="a pipeline argument for this run only (the compiled defaults stay)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="disable KFP caching for every step of this run (re-run everything)")
+    cache.add_argument("--cache", dest="cache", action="store_true",
+                       help="compile-time caching (default): stages cached, fingerprint steps never")
+    p.set_defaults(cache=True)
+    p.add_argument("--git-sha", help="GitOps: the commit being deployed; the run name derives from it and a "
+                                     "second submit for the same commit finds the existing run")
+    p.add_argument("--upload", action="store_true", help="register the compiled pipeline as a version in the UI")
+    p.add_argument("--pipeline-name", help="pipeline name in the UI for --upload (default: the pipeline's)")
+    p.add_argument("--version-name", help="pipeline version name for --upload (default: git sha or content hash)")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="--wait limit in seconds")
+    p.add_argument("--poll-interval", type=float, default=15.0, help="--wait polling interval in seconds")
+
+
+def disable_caching(doc: dict[str, Any]) -> None:
+    """Every task of the pipeline spec (root and nested DAGs) uncached — what `--no-cache` means."""
+    dags = [doc["root"]] + list(doc.get("components", {}).values())
+    for comp in dags:
+        for task in comp.get("dag", {}).get("tasks", {}).values():
+            task["cachingOptions"] = {"enableCache": False}
+
+
+def compile_for_submit(args: argparse.Namespace, out_dir: Path) -> tuple[Path, str, Any]:
+    """Compile the chosen pipeline (caching applied); returns (path, content hash, run-config)."""
+    cfg = load_config(args)
+    path = compile_pipelines(cfg, settings_from_args(args), out_dir, (args.pipeline,))[args.pipeline]
+    if not args.cache:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        disable_caching(docs[0])
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=True))
+    spec = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for d in spec:
+        d.pop("sdkVersion", None)
+    digest = hashlib.sha256(yaml.safe_dump_all(spec, sort_keys=True).encode()).hexdigest()
+    return path, digest, cfg
+
+
+def gitops_run_name(config_name: str, pipeline: str, sha: str) -> str:
+    sha = sha.strip().lower()
+    if not _SHA.match(sha):
+        raise ConfigError(f"--git-sha {sha!r}: expected a hex commit id (7-64 characters)")
+    return f"{config_name}-{PIPELINE_NAMES[pipeline]}-{sha[:12]}"
+
+
+def find_run(client: Any, experiment_id: str, name: str) -> Any | None:
+    """The run named `name` in the experiment (the newest if several), or None."""
+    with api_errors(f"list runs named {name!r}"):
+        resp = client.list_runs(experiment_id=experiment_id, filter=eq_filter("display_name", name),
+                                page_size=100, sort_by="created_at desc")
+    runs = [r for r in (resp.runs or []) if r.display_name == name]
+    return runs[0] if runs else None
+
+
+def ensure_version(client: Any, path: Path, pipeline_name: str, version_name: str, digest: str,
+                   namespace: str | None) -> tuple[str, str]:
+    """(pipeline_id, version_id) of `version_name` holding exactly this content; uploads it if absent."""
+    description = f"kubellm spec sha256:{digest}"
+    with api_errors(f"look up pipeline {pipeline_name!r}"):
+        pid = client.get_pipeline_id(pipeline_name)
+    if pid is None:
+        with api_errors(f"upload pipeline {pipeline_name!r}"):
+            pid = client.upload_pipeline(str(path), pipeline_name=pipeline_name, namespace=namespace,
+                                         description="kubellm pipeline (versions uploaded by kubellm submit)"
+                                         ).pipeline_id
+    try:
+        with api_errors(f"upload version {version_name!r} of pipeline {pipeline_name!r}"):
+            v = client.upload_pipeline_version(str(path), version_name, pipeline_id=pid, description=description)
+        return pid, v.pipeline_version_id
+    except KfpApiError:
+        # KFP answers 409 (newer) or 500 "already exists" (older) for a taken version name: look it up.
+        with api_errors(f"list versions of pipeline {pipeline_name!r}"):
+            resp = client.list_pipeline_versions(pid, filter=eq_filter("display_name", version_name), page_size=100)
+        same = [v for v in (resp.pipeline_versions or []) if v.display_name == version_name]
+        if not same:
+            raise
+        if (same[0].description or "") != description:
+            raise KfpApiError(
+                f"pipeline version conflict: {pipeline_name!r} already has a version {version_name!r} with "
+                f"different content ({same[0].description or 'no kubellm hash'}; this one is sha256:{digest[:12]}…). "
+                "Pick another --version-name, or submit without --upload") from None
+        print(f"pipeline version {pipeline_name}/{version_name} already uploaded with this content; reusing it")
+        return pid, same[0].pipeline_version_id
+
+
+def wait_for(client: Any, endpoint: str, run_id: str, timeout: float, poll: float) -> int:
+    """Poll until the run ends; print state changes; 0 when it succeeded."""
+    start, last = time.monotonic(), None
+    while True:
+        with api_errors(f"get run {run_id}"):
+            run = client.get_run(run_id)
+        state = str(run.state or "PENDING")
+        if state != last:
+            print(f"run {run_id}: {state}", flush=True)
+            last = state
+        if state in FINAL_STATES:
+            if state == "SUCCEEDED":
+                return 0
+            msg = getattr(run.error, "message", None) if run.error else None
+            print(f"run {run_id} {state.lower()}{': ' + msg if msg else ''} — {run_url(endpoint, run_id)}")
+            return 1
+        if time.monotonic() - start > timeout:
+            print(f"run {run_id}: still {state} after {timeout:.0f}s; stopped waiting — {run_url(endpoint, run_id)}")
+            return 2
+        time.sleep(poll)
+
+
+def main(args: argparse.Namespace) -> int:
+    arguments = parse_params(args.args)
+    with tempfile.TemporaryDirectory(prefix="kubellm-submit-") as tmp:
+        path, digest, cfg = compile_for_submit(args, Path(tmp))
+        run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
+                    else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")
+        client = connect(args.endpoint, args.namespace)
+        endpoint = client._existing_config.host
+        with api_errors(f"get or create experiment {args.experiment!r}"):
+            exp = client.create_experiment(args.experiment, namespace=args.namespace)
+        if args.git_sha:
+            existing = find_run(client, exp.experiment_id, run_name)
+            if existing is not None:
+                print(f"commit {args.git_sha[:12]} already has run {existing.run_id} ({existing.state}): "
+                      f"{run_url(endpoint, existing.run_id)}")
+                return wait_for(client, endpoint, existing.run_id, args.timeout, args.poll_interval) if args.wait else 0
+        common = dict(experiment_id=exp.experiment_id, job_name=run_name, params=arguments,
+                      pipeline_root=args.pipeline_root, service_account=args.service_account)
+        if args.upload:
+            version = args.version_name or (args.git_sha[:12] if args.git_sha else f"spec-{digest[:12]}")
+            pid, vid = ensure_version(client, path, args.pipeline_name or PIPELINE_NAMES[args.pipeline],
+                                      version, digest, args.namespace)
+            with api_errors(f"create run {run_name!r}"):
+                run = client.run_pipeline(pipeline_id=pid, version_id=vid, **common)
+        else:
+            with api_errors(f"create run {run_name!r}"):
+                run = client.run_pipeline(pipeline_package_path=str(path), **common)
+    print(f"submitted run {run.run_id} ({run_name}): {run_url(endpoint, run.run_id)}")
+    if args.wait:
+        return wait_for(client, endpoint, run.run_id, args.timeout, args.poll_interval)
+    return 0
