@@ -77,7 +77,8 @@ def encode_split(tok: Tokenizer, files: list[Path], out_dir: Path, split: str, c
     stats: dict[str, Any] = {"documents": 0, "tokens": 0, "text_tokens": 0, "bytes": 0, "files": []}
     writer: TokenShardWriter | None = None
     for texts in iter_texts(files, cfg.batch_size):
-        for enc, text in zip(tok.encode_batch(texts, add_special_tokens=False), texts, strict=True):
+        # encode_batch_fast: same ids, no character offsets (unused here) — ~15% faster (bench_tokenize)
+        for enc, text in zip(tok.encode_batch_fast(texts, add_special_tokens=False), texts, strict=True):
             if writer is None:
                 name = f"{split}/part-{len(stats['files']):05d}.tok"
                 writer = TokenShardWriter(out_dir / name, vocab_size)
