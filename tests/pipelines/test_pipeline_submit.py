@@ -1,0 +1,201 @@
+"""`kubellm submit` and `kubellm schedule` against a fake KFP API on 127.0.0.1 (fake_kfp_server.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from fake_kfp_server import FakeKfp
+
+from kubellm.cli import main as cli_main
+from kubellm.core.errors import ConfigError
+from kubellm.pipelines.schedule import validate_cron
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
+              "KUBELLM_REGISTRY", "KUBELLM_TAG"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
+
+
+@pytest.fixture
+def kfp_api() -> Iterator[FakeKfp]:
+    with FakeKfp() as api:
+        yield api
+
+
+def submit(api: FakeKfp, *extra: str) -> int:
+    return cli_main(["submit", "--endpoint", api.url, "--preset", "debug", "--poll-interval", "0.01", *extra])
+
+
+def _run_bodies(api: FakeKfp) -> list[dict]:
+    return [json.loads(r.body) for r in api.calls("POST", "/runs")]
+
+
+def test_submit_prints_url_and_waits(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = submit(kfp_api, "--wait", "--experiment", "exp1", "--run-name", "r1", "--pipeline-root", "s3://b/kfp",
+                "--service-account", "pipeline-runner", "--arg", "raw_source=s3://b/raw/", "--tag", "v1")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (run,) = kfp_api.runs.values()
+    assert f"{kfp_api.url}/#/runs/details/{run['run_id']}" in out
+    assert "RUNNING" in out and "SUCCEEDED" in out  # the state transitions were printed
+    (body,) = _run_bodies(kfp_api)
+    assert body["display_name"] == "r1" and body["service_account"] == "pipeline-runner"
+    assert body["runtime_config"] == {"pipeline_root": "s3://b/kfp", "parameters": {"raw_source": "s3://b/raw/"}}
+    assert _spec(body)["pipelineInfo"]["name"] == "llm-from-scratch"
+    assert [e["display_name"] for e in kfp_api.experiments.values()] == ["exp1"]
+    assert "kubellm-train:v1" in json.dumps(body)
+
+
+def test_wait_reports_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeKfp(run_states=["PENDING", "RUNNING", "FAILED"]) as api:
+        assert submit(api, "--wait") == 1
+    out = capsys.readouterr().out
+    assert "failed: task 'pretrain' failed: NotImplementedStageError" in out
+
+
+def _spec(body: dict) -> dict:
+    spec = body["pipeline_spec"]
+    return spec.get("pipeline_spec", spec)
+
+
+def test_caching_default_and_no_cache(kfp_api: FakeKfp) -> None:
+    assert submit(kfp_api) == 0
+    assert submit(kfp_api, "--no-cache") == 0
+    default, nocache = (_spec(b)["root"]["dag"]["tasks"] for b in _run_bodies(kfp_api))
+    assert default["tokenizer"]["cachingOptions"] == {"enableCache": True}
+    assert default["fingerprint-source"].get("cachingOptions", {}).get("enableCache", False) is False
+    # proto3 drops a false bool, so "off" arrives as an empty cachingOptions
+    assert not any(t.get("cachingOptions", {}).get("enableCache", False) for t in nocache.values())
+
+
+def test_gitops_one_run_per_commit(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert submit(kfp_api, "--git-sha", SHA, "--upload") == 0
+    first = capsys.readouterr().out
+    assert submit(kfp_api, "--git-sha", SHA, "--upload") == 0
+    second = capsys.readouterr().out
+    assert len(kfp_api.runs) == 1  # exactly one run for the commit
+    (run,) = kfp_api.runs.values()
+    assert run["display_name"] == f"kubellm-debug-llm-from-scratch-{SHA[:12]}"
+    assert run["pipeline_version_reference"]["pipeline_version_id"] in kfp_api.versions
+    assert f"runs/details/{run['run_id']}" in first
+    assert f"already has run {run['run_id']}" in second and f"runs/details/{run['run_id']}" in second
+    assert [v["display_name"] for v in kfp_api.versions.values()] == ["llm-from-scratch", SHA[:12]]
+    # a different commit is a new run
+    assert submit(kfp_api, "--git-sha", "f" * 40) == 0
+    assert len(kfp_api.runs) == 2
+    assert submit(kfp_api, "--git-sha", "not-a-sha") == 1
+
+
+def test_upload_reuses_identical_version_and_refuses_conflict(kfp_api: FakeKfp,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert submit(kfp_api, "--upload", "--version-name", "v1") == 0
+    assert submit(kfp_api, "--upload", "--version-name", "v1") == 0  # same content: reused
+    assert "already uploaded with this content" in capsys.readouterr().out
+    assert [v["display_name"] for v in kfp_api.versions.values()].count("v1") == 1
+    assert len(kfp_api.runs) == 2
+    rc = submit(kfp_api, "--upload", "--version-name", "v1", "--set", "dpo.beta=0.3")
+    err = capsys.readouterr().err
+    assert rc == 1 and "pipeline version conflict" in err and "'v1'" in err
+    assert len(kfp_api.runs) == 2  # nothing submitted
+
+
+def test_bearer_token_from_env(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeKfp(token="tok-123", multi_user=True) as api:
+        assert submit(api, "--namespace", "team-ml") == 1  # no credentials
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "KUBELLM_KFP_TOKEN" in err
+        monkeypatch.setenv("KUBELLM_KFP_TOKEN", "wrong")
+        assert submit(api, "--namespace", "team-ml") == 1
+        assert "were refused" in capsys.readouterr().err
+        monkeypatch.setenv("KUBELLM_KFP_TOKEN", "tok-123")
+        n = len(api.requests)
+        assert submit(api, "--namespace", "team-ml") == 0
+        sent = api.requests[n:]
+        assert sent and all(r.headers.get("authorization") == "Bearer tok-123" for r in sent)
+        assert [e["namespace"] for e in api.experiments.values()] == ["team-ml"]
+        out = capsys.readouterr()
+        assert "tok-123" not in out.out + out.err  # never printed
+
+
+def test_session_cookie_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeKfp(cookie="authservice_session=abc") as api:
+        monkeypatch.setenv("KUBELLM_KFP_COOKIE", "authservice_session=abc")
+        assert submit(api) == 0
+        assert all("authservice_session=abc" in r.headers.get("cookie", "") for r in api.requests)
+
+
+def test_unreachable_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    rc = cli_main(["submit", "--endpoint", f"http://127.0.0.1:{port}", "--preset", "debug"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"cannot reach KFP at http://127.0.0.1:{port}" in err
+    assert cli_main(["submit", "--preset", "debug"]) == 1
+    assert "no KFP endpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def schedule(api: FakeKfp, *extra: str) -> int:
+    return cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--name", "weekly-report", *extra])
+
+
+def test_schedule_create_then_update_idempotently(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert schedule(kfp_api, "--cron", "0 0 6 * * 1", "--pipeline-root", "s3://b/kfp",
+                    "--service-account", "default-editor") == 0
+    (rr,) = kfp_api.recurring.values()
+    assert rr["display_name"] == "weekly-report" and rr["trigger"]["cron_schedule"]["cron"] == "0 0 6 * * 1"
+    assert rr["no_catchup"] is True and int(rr["max_concurrency"]) == 1 and rr["mode"] == "ENABLE"
+    assert rr["service_account"] == "default-editor" and rr["runtime_config"]["pipeline_root"] == "s3://b/kfp"
+    spec = _spec(rr)
+    assert spec["pipelineInfo"]["name"] == "evaluation-report"
+    assert not any(t.get("cachingOptions", {}).get("enableCache", False) for t in spec["root"]["dag"]["tasks"].values())
+    assert "created recurring run weekly-report" in capsys.readouterr().out
+
+    # same desired state: nothing changes
+    assert schedule(kfp_api, "--cron", "0 0 6 * * 1", "--pipeline-root", "s3://b/kfp",
+                    "--service-account", "default-editor") == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert len(kfp_api.calls("POST", "/recurringruns")) == 1 and len(kfp_api.calls("DELETE", "/recurringruns/.*")) == 0
+
+    # a new cron and models: replaced, still exactly one recurring run with that name
+    assert schedule(kfp_api, "--cron", "0 30 7 * * *", "--max-concurrency", "2", "--models", "s3://b/m1,s3://b/m2") == 0
+    (rr2,) = kfp_api.recurring.values()
+    assert rr2["recurring_run_id"] != rr["recurring_run_id"]
+    assert rr2["trigger"]["cron_schedule"]["cron"] == "0 30 7 * * *" and int(rr2["max_concurrency"]) == 2
+    assert rr2["runtime_config"]["parameters"] == {"model_uris": ["s3://b/m1", "s3://b/m2"]}
+    assert "updated recurring run weekly-report" in capsys.readouterr().out
+
+
+def test_schedule_refuses_five_field_cron(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:
+    assert schedule(kfp_api, "--cron", "0 6 * * 1") == 1
+    err = capsys.readouterr().err
+    assert "5 fields" in err and "SIX, seconds first" in err and "'0 0 6 * * 1'" in err
+    assert not kfp_api.requests  # refused before contacting the API
+
+
+@pytest.mark.parametrize("expr", ["0 0 6 * * 1", "*/30 * * * * *", "0 0 0 1 jan-mar ?", "0 15 10 ? * mon-fri",
+                                  "@daily", "@every 1h30m", "0 0,30 8-18/2 * * *"])
+def test_valid_crons(expr: str) -> None:
+    assert validate_cron(expr) == expr
+
+
+@pytest.mark.parametrize("expr,msg", [("0 60 * * * *", "minute 60 out of range 0-59"),
+                                      ("0 0 25 * * *", "hour 25 out of range"),
+                                      ("0 0 0 * * funday", "day-of-week field has 'funday'"),
+                                      ("0 0 0 * *", "5 fields"), ("* * * * * * *", "7 fields"),
+                                      ("0 0 0 * * 5-1", "runs backwards"), ("0 */0 * * * *", "step"),
+                                      ("? * * * * *", "only allowed in day-of-month")])
+def test_invalid_crons(expr: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg.replace("*", r"\*").replace("?", r"\?")):
+        validate_cron(expr)
