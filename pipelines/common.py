@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=None,
                    help="image registry for every step (default: $KUBELLM_REGISTRY, else local names)")
     p.add_argument("--tag", default=None, help="image tag for every step (default: $KUBELLM_TAG, else the version)")
-    p.add_argument("--s3-secret", default="kubellm-s3",
-                   help="Secret (by name) with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the steps; '' for none")
-    p.add_argument("--s3-config-map", default="kubellm-s3",
-                   help="ConfigMap with KUBELLM_S3_ENDPOINT_URL/AWS_REGION for the steps; '' for none")
+    p.add_argument("--s3-secret", default=os.environ.get("KUBELLM_S3_SECRET_NAME", "kubellm-s3"),
+                   help="Secret (by name) with the S3 access key pair for the steps; '' for none (workload "
+                        "identity). Default: $KUBELLM_S3_SECRET_NAME (set by the Helm chart), else kubellm-s3")
+    p.add_argument("--s3-config-map", default=os.environ.get("KUBELLM_S3_CONFIG_MAP", "kubellm-env"),
+                   help="ConfigMap with KUBELLM_S3_ENDPOINT_URL, AWS_REGION, ... for the steps (the chart's "
+                        "<release>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP, else kubellm-env")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a pipeline parameter's default, e.g. --param raw_source=s3://b/raw/ "
                         "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")
@@ -60,9 +63,13 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
     for key in ("raw_source", "chat_source", "preferences_source"):
         if key in params:
             extra.setdefault(key, str(params.pop(key)))
+    env = os.environ
     return PipelineSettings(registry=getattr(args, "registry", None), tag=getattr(args, "tag", None),
                             s3_secret=getattr(args, "s3_secret", "kubellm-s3"),
-                            s3_config_map=getattr(args, "s3_config_map", "kubellm-s3"),
+                            s3_config_map=getattr(args, "s3_config_map", "kubellm-env"),
+                            s3_secret_keys=(env.get("KUBELLM_S3_SECRET_ACCESS_KEY_ID_KEY", "AWS_ACCESS_KEY_ID"),
+                                            env.get("KUBELLM_S3_SECRET_SECRET_ACCESS_KEY_KEY",
+                                                    "AWS_SECRET_ACCESS_KEY")),
                             params=tuple(params.items()), **extra)
 
 

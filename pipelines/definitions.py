@@ -31,6 +31,9 @@ from kubellm.runconfig import STAGES, RunConfig
 PIPELINES = ("llm_from_scratch", "evaluation_report")
 PIPELINE_NAMES = {"llm_from_scratch": "llm-from-scratch", "evaluation_report": "evaluation-report"}
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
+# What kubellm.core.storage reads, as the Helm chart's ConfigMap provides it (no credentials in it).
+S3_ENV_KEYS = ("KUBELLM_S3_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "KUBELLM_S3_RETRY_MODE",
+               "KUBELLM_S3_MAX_ATTEMPTS", "KUBELLM_S3_ADDRESSING_STYLE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,11 @@ class PipelineSettings:
     s3_secret: str = "kubellm-s3"
     """Kubernetes Secret whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY become the steps' env
     (referenced by name, optional: workload identity needs none). Empty: no Secret reference."""
-    s3_config_map: str = "kubellm-s3"
-    """ConfigMap with KUBELLM_S3_ENDPOINT_URL / AWS_REGION (optional). Empty: no reference."""
+    s3_secret_keys: tuple[str, str] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    """Keys in that Secret holding the access key id and the secret access key."""
+    s3_config_map: str = "kubellm-env"
+    """ConfigMap with the S3 settings kubellm.core.storage reads (the Helm chart's `<release>-env`;
+    optional, every key optional). Empty: no reference."""
     raw_source: str = ""
     """Default of the `raw_source` parameter (raw corpus: local path/glob or s3:// prefix)."""
     chat_source: str = ""
@@ -103,12 +109,11 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     task.set_display_name(display)
     task.set_caching_options(cache)
     if settings.s3_secret:
-        k8s.use_secret_as_env(task, settings.s3_secret, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                                                         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
-                              optional=True)
+        key_id, secret_key = settings.s3_secret_keys
+        k8s.use_secret_as_env(task, settings.s3_secret, {key_id: "AWS_ACCESS_KEY_ID",
+                                                         secret_key: "AWS_SECRET_ACCESS_KEY"}, optional=True)
     if settings.s3_config_map:
-        k8s.use_config_map_as_env(task, settings.s3_config_map, {"KUBELLM_S3_ENDPOINT_URL": "KUBELLM_S3_ENDPOINT_URL",
-                                                                  "AWS_REGION": "AWS_REGION"}, optional=True)
+        k8s.use_config_map_as_env(task, settings.s3_config_map, {k: k for k in S3_ENV_KEYS}, optional=True)
     if stage in TRAINING_STAGES:
         # The launcher derives run-scoped checkpoint prefixes and idempotent PyTorchJob names from
         # these; env (not parameters) so they do not enter the cache key.

@@ -24,7 +24,7 @@ SECTION_PLACEHOLDER = "<run-config section {stage}: see test_run_config_values_a
 @pytest.fixture(autouse=True)
 def _no_image_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in list(os.environ):
-        if k.startswith("KUBELLM_REGISTRY") or k.startswith("KUBELLM_TAG") or k.startswith("KUBELLM_IMAGE_"):
+        if k.startswith(("KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_IMAGE_", "KUBELLM_S3_SECRET", "KUBELLM_S3_CONFIG_MAP")):
             monkeypatch.delenv(k)
 
 
@@ -52,7 +52,8 @@ def normalise(path: Path) -> str:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("compiled")
-    old = {k: os.environ.pop(k) for k in list(os.environ) if k in ("KUBELLM_REGISTRY", "KUBELLM_TAG")}
+    old = {k: os.environ.pop(k) for k in list(os.environ)
+           if k in ("KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME", "KUBELLM_S3_CONFIG_MAP")}
     try:
         assert cli_main(["compile", "--preset", "debug", "--tag", "golden", "--registry", "",
                          "--output", str(out)]) == 0
@@ -150,6 +151,6 @@ def test_caching_fingerprints_uncached_stages_cached(compiled: Path) -> None:
 def test_s3_credentials_by_reference_only(compiled: Path) -> None:
     platform = _docs(compiled / "llm_from_scratch.yaml")[1]["platforms"]["kubernetes"]["deploymentSpec"]
     for name, ex in platform["executors"].items():
-        assert ex["secretAsEnv"][0]["secretName"] == "kubellm-s3" and ex["secretAsEnv"][0]["optional"], name
+        assert ex["secretAsEnv"][0]["secretName"] == "kubellm-s3" and ex["configMapAsEnv"][0]["configMapName"] == "kubellm-env" and ex["secretAsEnv"][0]["optional"], name
     pre = platform["executors"]["exec-pretrain"]["fieldPathAsEnv"]
     assert {f["name"] for f in pre} >= {"KUBELLM_KFP_RUN_ID", "KUBELLM_POD_NAME", "KUBELLM_NAMESPACE"}

@@ -19,7 +19,7 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
-              "KUBELLM_REGISTRY", "KUBELLM_TAG"):
+              "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME", "KUBELLM_S3_CONFIG_MAP"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
 
