@@ -8,6 +8,8 @@ BIN     := $(VENV)/bin
 # DeepSpeed JIT-compiles its CPU ops (shm comm, fused_adam, cpu_adam) on first use; build them once here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
+# The venv's tools (its pinned ninja above all) come first for everything make runs.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test test-unit lint bench compile images clean
 
