@@ -19,8 +19,7 @@ from kubellm.core.config import StrictModel
 BUNDLED_TASKS = ("kubellm_knowledge", "kubellm_format", "kubellm_preference")
 
 # The number the report, the KFP Metrics artifact and the gate use for a task when none is named.
-# Preference: acc_norm, because raw acc favours the shorter (chosen) reply for any model.
-DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "format_ok", "kubellm_preference": "acc_norm",
+DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "format_ok", "kubellm_preference": "acc",
                     "perplexity": "perplexity"}
 
 
@@ -29,7 +28,7 @@ class GateRule(StrictModel):
     (accuracy in 0..1: `max_drop: 0.02` is two points)."""
 
     metric: str | None = None
-    """Metric to judge (default: the task's headline metric: acc, format_ok, acc_norm, perplexity)."""
+    """Metric to judge (default: the task's headline metric: acc, format_ok, acc, perplexity)."""
     max_drop: float | None = Field(default=None, ge=0)
     """Largest allowed worsening against the promoted baseline (a drop for higher-is-better metrics,
     a rise for perplexity). Needs a baseline; ignored for the first promotion."""

@@ -46,7 +46,7 @@ def test_stage_scores_reports_and_promotes(model_artifacts, tmp_path: Path) -> N
     assert "pretrain/perplexity/perplexity" in m.metrics and m.metrics["gate_passed"] == 1.0
     # reports
     md = m.report_markdown or ""
-    assert "| model | kubellm_knowledge (acc) | kubellm_format (format_ok) | kubellm_preference (acc_norm)" in md and "| mine |" in md
+    assert "| model | kubellm_knowledge (acc) | kubellm_format (format_ok) | kubellm_preference (acc)" in md and "| mine |" in md
     html = storage_for(m.uri).read_bytes(m.file_uri("report.html")).decode()
     assert html.count("data:image/png;base64,") == 3  # loss curves, score per stage, perplexity
     assert "src='http" not in html and "<script" not in html  # self-contained

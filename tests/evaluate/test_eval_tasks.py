@@ -51,3 +51,11 @@ def test_tasks_load_offline_from_any_cwd(tmp_path: Path, monkeypatch: pytest.Mon
     pdoc = pref.test_docs()[0]
     assert pref.doc_to_choice(pdoc) == [pdoc["chosen"], pdoc["rejected"]] and pref.doc_to_target(pdoc) == 0
     assert len(loaded["kubellm_format"].test_docs()) == sum(1 for _ in open(DEFAULT_DATA_DIR / "format.jsonl"))
+
+
+def test_preference_scoring() -> None:
+    score = _utils().preference_results
+    doc = {"chosen": "Answer: red", "rejected": "Let me think about it for a while. Answer: red"}
+    # chosen: -6 nats over 11 bytes; rejected: -20 nats over 46 bytes (more likely per byte)
+    out = score(doc, [(-6.0, False), (-20.0, False)])
+    assert out == {"acc": 1.0, "acc_norm": 0.0, "margin": 14.0}

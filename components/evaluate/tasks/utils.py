@@ -39,3 +39,14 @@ def format_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     else:
         ok = correct = reply.startswith(answer)
     return {"exact_match": float(reply == answer), "format_ok": float(ok), "correct": float(correct)}
+
+
+def preference_results(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """results = [(loglik(chosen), greedy), (loglik(rejected), greedy)] from the harness.
+
+    acc: the chosen reply has the higher total log-likelihood (what DPO's implicit reward compares);
+    acc_norm: the same per byte (no advantage for the shorter reply); margin: log-likelihood of
+    chosen minus rejected, in nats (continuous, so it moves before acc flips)."""
+    ll_c, ll_r = float(results[0][0]), float(results[1][0])
+    n_c, n_r = len(doc["chosen"].encode()), len(doc["rejected"].encode())
+    return {"acc": float(ll_c > ll_r), "acc_norm": float(ll_c / n_c > ll_r / n_r), "margin": ll_c - ll_r}
