@@ -1,0 +1,252 @@
+"""The model as a DeepSpeed `PipelineModule`: embedding stage, one `LayerSpec` per block, norm, head.
+
+    from kubellm.training.pipeline import build_pipeline, PipelineBatches
+    built = build_pipeline(model_cfg, train_cfg, parallel_cfg, init_state_dict)   # collective
+    engine, *_ = deepspeed.initialize(model=built.module, model_parameters=..., config=ds)  # no mpu
+    loss = engine.train_batch(PipelineBatches(loader))    # grad-accum micro-batches through the stages
+
+The engine takes this path when `parallel.pp > 1` (`kubellm.training.engine.train`); the parity
+tests are `pytest tests/parallel -m integration -k pipeline`.
+
+Layer list (index: module; state-dict name inside the PipelineModule → `Transformer` name):
+
+    0        EmbeddingStage  `0.tok_embeddings.weight` → `tok_embeddings.weight`
+                             (tied: a TiedLayerSpec "embed", `tied_modules.embed.tok_embeddings.weight`)
+    1 … n    BlockStage      `{i}.attn.qkv.weight` → `blocks.{i-1}.attn.qkv.weight`, …
+    n+1      NormStage       `{n+1}.weight` → `norm.weight`
+    n+2      OutputStage     `{n+2}.output.weight` → `output.weight`
+                             (tied: the "embed" TiedLayerSpec again, its table used as the head)
+
+Stages are balanced by parameter count (`parallel.pipeline_partition: parameters`, DeepSpeed's
+default) or by layer count (`uniform`). With tied embeddings the first and last stage each hold a
+copy of the table; DeepSpeed all-reduces its gradient over the two (`allreduce_tied_weight_gradients`).
+Activations between stages are `x` (B, T, dim), or `(x, position_ids, doc_ids)` when the batch
+carries packed-document masking (SFT, pretrain with doc masking); integer tensors get no gradient.
+
+With TP inside PP, the layers are `kubellm.model.parallel` layers whose group is the pipeline grid's
+slice-parallel group (bound right after DeepSpeed builds the grid, before the first forward).
+Only causal-LM objectives (pretrain, SFT) can run here: the pipeline computes the loss on the last
+stage from the logits and the labels alone; DPO needs two sequences and a reference model per
+example, so it is refused with PP (use tp/dp/ZeRO for DPO).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from kubellm.core.errors import ConfigError
+from kubellm.model.config import ModelConfig
+from kubellm.model.layers import LayerFactory
+from kubellm.model.loss import causal_lm_loss
+from kubellm.model.transformer import (
+    Block,
+    RMSNorm,
+    RotaryEmbedding,
+    document_causal_mask,
+    positions_from_doc_ids,
+)
+from kubellm.training.config import ParallelConfig, TrainConfig
+from kubellm.training.topology import ParallelModel, dense_init, gather_master_weights
+
+Activations = Tensor | tuple[Tensor, Tensor, Tensor]
+
+
+class EmbeddingStage(nn.Module):
+    """input_ids (or (input_ids, position_ids, doc_ids)) -> embeddings (passing positions/docs on)."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory) -> None:
+        super().__init__()
+        self.tok_embeddings = layers.embedding(cfg.vocab_size, cfg.dim)
+
+    def forward(self, inputs: Activations) -> Activations:
+        if isinstance(inputs, Tensor):
+            return self.tok_embeddings(inputs)  # (B, T, dim)
+        ids, pos, doc = inputs
+        return self.tok_embeddings(ids), pos, doc
+
+    def logits(self, x: Activations) -> Tensor:
+        """The table as the LM head (tied embeddings)."""
+        h = x if isinstance(x, Tensor) else x[0]
+        emb = self.tok_embeddings
+        if hasattr(emb, "logits"):  # vocab-parallel: gathers the full vocabulary
+            return emb.logits(h)
+        return nn.functional.linear(h, emb.weight)  # (B, T, V)
+
+
+def _tied_head(module: EmbeddingStage, x: Activations) -> Tensor:
+    return module.logits(x)
+
+
+class BlockStage(Block):
+    """One transformer block with its own RoPE tables (non-persistent), as a pipeline layer."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_id: int, activation_checkpointing: bool) -> None:
+        super().__init__(cfg, layers, layer_id)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, inputs: Activations) -> Activations:  # type: ignore[override]
+        if isinstance(inputs, Tensor):
+            x, pos, doc, mask, is_causal = inputs, None, None, None, True
+        else:
+            x, pos, doc = inputs
+            mask, is_causal = document_causal_mask(doc), False
+        cos, sin = self.rope(pos, x.shape[1])
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            y = checkpoint(super().forward, x, cos, sin, mask, is_causal, None, use_reentrant=False)
+        else:
+            y = super().forward(x, cos, sin, mask, is_causal)
+        return y if pos is None or doc is None else (y, pos, doc)
+
+
+class NormStage(RMSNorm):
+    def forward(self, inputs: Activations) -> Tensor:  # type: ignore[override]
+        return super().forward(inputs if isinstance(inputs, Tensor) else inputs[0])
+
+
+class OutputStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory) -> None:
+        super().__init__()
+        self.output = layers.output(cfg.dim, cfg.vocab_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(x)  # (B, T, V)
+
+
+def pipeline_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The last stage's loss: the causal-LM loss of pretrain and SFT (labels -100 are ignored)."""
+    return causal_lm_loss(logits, labels)
+
+
+# -- names: PipelineModule state dict <-> Transformer state dict --------------------------------------------
+def to_dense_name(name: str, n_layers: int) -> str:
+    """`PipelineModule` state-dict key -> the `Transformer` key it holds."""
+    if name.startswith("tied_modules.embed."):
+        return name[len("tied_modules.embed."):]
+    m = re.match(r"(\d+)\.(.+)", name)
+    if not m:
+        raise KeyError(f"unexpected pipeline parameter {name!r}")
+    idx, rest = int(m.group(1)), m.group(2)
+    if idx == 0:
+        return rest
+    if idx <= n_layers:
+        return f"blocks.{idx - 1}.{rest}"
+    if idx == n_layers + 1:
+        return f"norm.{rest}"
+    return rest  # n+2: output.weight
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+class PipelineBatches:
+    """Adapts an objective's loader to the pipeline engine's `(inputs, labels)` micro-batches and
+    counts the tokens it handed out."""
+
+    def __init__(self, loader: Iterator[dict[str, Tensor]], tokens_fn: Any = None) -> None:
+        self.loader, self.tokens_fn = loader, tokens_fn
+        self.tokens = 0
+        self.first: dict[str, Tensor] | None = None
+
+    def __iter__(self) -> PipelineBatches:
+        return self
+
+    def __next__(self) -> tuple[Any, Tensor]:
+        batch = next(self.loader)
+        if self.first is None:
+            self.first = batch
+        self.tokens += int(self.tokens_fn(batch)) if self.tokens_fn else int(batch["labels"].numel())
+        ids = batch["input_ids"]
+        if batch.get("doc_ids") is not None:
+            doc = batch["doc_ids"]
+            pos = batch.get("position_ids")
+            if pos is None:
+                pos = positions_from_doc_ids(doc)
+            return (ids, pos, doc), batch["labels"]
+        if batch.get("position_ids") is not None:
+            raise ValueError("pipeline parallelism passes position_ids only together with doc_ids")
+        return (ids,), batch["labels"]
+
+
+def check_objective(objective: Any) -> None:
+    """Pipeline parallelism runs causal-LM objectives only (the last stage owns the loss)."""
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.sft.objective import SFTObjective
+
+    if not isinstance(objective, PretrainObjective | SFTObjective):
+        raise ConfigError(
+            f"parallel.pp > 1 is not supported for {type(objective).__name__}: the pipeline computes the loss on "
+            "its last stage from logits and labels (the causal-LM loss of pretrain and SFT); DPO scores "
+            "chosen/rejected pairs against a reference model, which that schedule cannot express. "
+            "Use parallel.pp=1 with tp, dp and ZeRO for DPO")
+
+
+# -- building -------------------------------------------------------------------------------------------------
+def layer_specs(cfg: ModelConfig, layers: LayerFactory, activation_checkpointing: bool) -> list[Any]:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if cfg.tie_embeddings:
+        first: Any = TiedLayerSpec("embed", EmbeddingStage, cfg, layers, tied_weight_attr=["tok_embeddings.weight"])
+        last: Any = TiedLayerSpec("embed", EmbeddingStage, cfg, layers, forward_fn=_tied_head,
+                                  tied_weight_attr=["tok_embeddings.weight"])
+    else:
+        first, last = LayerSpec(EmbeddingStage, cfg, layers), LayerSpec(OutputStage, cfg, layers)
+    blocks = [LayerSpec(BlockStage, cfg, layers, i, activation_checkpointing) for i in range(cfg.n_layers)]
+    return [first, *blocks, LayerSpec(NormStage, cfg.dim, cfg.norm_eps), last]
+
+
+def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                   init_state_dict: dict[str, Tensor] | None = None, partition: str | None = None) -> ParallelModel:
+    """The `PipelineModule` for this rank (collective), initialised from the dense weights."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from kubellm.model.parallel import (
+        TensorParallelGroup,
+        TensorParallelLayers,
+        gather_state_dict,
+        shard_tensor,
+    )
+
+    assert parallel_cfg.dp is not None, "resolve the layout with validate_layout first"
+    topo = PipeModelDataParallelTopology(num_pp=parallel_cfg.pp, num_mp=parallel_cfg.tp, num_dp=parallel_cfg.dp)
+    coord = topo.get_coord(dist.get_rank())
+    tp = TensorParallelGroup(rank=coord.model, size=parallel_cfg.tp)  # group bound below, from the grid
+    layers: LayerFactory = TensorParallelLayers(tp) if tp.size > 1 else LayerFactory()
+    full = dense_init(model_cfg, init_state_dict)
+    method = partition or getattr(parallel_cfg, "pipeline_partition", "parameters")
+    module = PipelineModule(layers=layer_specs(model_cfg, layers, train_cfg.activation_checkpointing),
+                            topology=topo, loss_fn=pipeline_loss, partition_method=method)
+    grid = module.mpu()
+    tp.group = grid.get_slice_parallel_group()
+    n = model_cfg.n_layers
+    local = {k: shard_tensor(to_dense_name(k, n), full[to_dense_name(k, n)], model_cfg, tp.rank, tp.size)
+             for k in module.state_dict()}
+    module.load_state_dict(local)
+    del full
+
+    def consolidate(engine: Any) -> dict[str, Tensor] | None:
+        mine = gather_master_weights(engine, engine.module)  # DP collective
+        dense_named = {to_dense_name(k, n): v for k, v in mine.items()}
+        dense_named = gather_state_dict(dense_named, model_cfg, tp)  # TP collective
+        # one contribution per stage: from DP rank 0, TP rank 0 of that stage
+        contrib = dense_named if grid.get_data_parallel_rank() == 0 and tp.rank == 0 else {}
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, contrib)
+        if dist.get_rank() != 0:
+            return None
+        out: dict[str, Tensor] = {}
+        for p in parts:
+            out.update(p)
+        if model_cfg.tie_embeddings:
+            out["output.weight"] = out["tok_embeddings.weight"]
+        return out
+
+    return ParallelModel(module=module, mpu=None, dp_rank=grid.get_data_parallel_rank(),
+                         dp_size=grid.get_data_parallel_world_size(), tp_rank=tp.rank, stage=grid.get_stage_id(),
+                         pipeline=True, consolidate=consolidate)

@@ -1,0 +1,183 @@
+"""The dp × tp × pp layout: validation, process groups (DeepSpeed's grid as the `mpu`), model building.
+
+    from kubellm.training.topology import validate_layout, build_parallel_model
+    validate_layout(model_cfg, train_cfg, parallel_cfg, world_size)       # ConfigError with the numbers
+    built = build_parallel_model(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+    engine, *_ = deepspeed.initialize(model=built.module, mpu=built.mpu, ...)   # mpu None with PP
+    loader = objective.build_loader(built.dp_rank, built.dp_size, micro, seed)   # same data per TP/PP group
+    full = built.consolidate(engine)                                  # collective; dense weights on rank 0
+
+The engine calls these when `parallel.tp > 1` or `parallel.pp > 1` (`kubellm.training.engine.train`).
+
+Rank order is DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model; model fastest):
+with tp=2 × dp=2 ranks {0,1} and {2,3} are the TP groups, {0,2} and {1,3} the DP groups. Without
+PP, a `PipelineParallelGrid` over that topology is the `mpu` handed to `deepspeed.initialize`: it has
+every method DeepSpeed 0.19.8 calls (get_{data,model,tensor_model,pipe}_parallel_{rank,world_size,
+group}, get_data_parallel_group_ranks); its "model" group is the TP group when pp=1, so DeepSpeed's
+gradient-norm reduction and checkpoint `mp_rank` follow TP. With PP the `PipelineModule` builds the
+same grid itself (DeepSpeed refuses an mpu next to a PipelineModule) — see
+`kubellm.training.pipeline`.
+
+Initialisation: every rank builds the dense model from the same seed (or takes `init_state_dict`)
+and keeps its TP shard / pipeline stage of it, so any layout starts from exactly the weights one
+process would. The dense copy is freed right after; it costs one full fp32 model of CPU memory per
+rank at start-up (for models that do not fit, start from a consolidated checkpoint instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kubellm.core.errors import ConfigError
+from kubellm.model.config import ModelConfig
+from kubellm.training.config import ParallelConfig, TrainConfig
+
+
+def validate_layout(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                    world_size: int) -> ParallelConfig:
+    """Refuse a layout that cannot run, at start-up, naming the numbers and a layout that works.
+    Returns the layout with `dp` resolved (None = world / (tp × pp))."""
+    tp, pp = parallel_cfg.tp, parallel_cfg.pp
+    if parallel_cfg.dp is None and world_size % (tp * pp) == 0:
+        parallel_cfg = parallel_cfg.model_copy(update={"dp": world_size // (tp * pp)})
+    dp = parallel_cfg.dp or 0
+    if dp * tp * pp != world_size:
+        raise ConfigError(
+            f"parallel.dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} but the job has {world_size} process(es) "
+            f"(launch.nproc_per_node × launch.nnodes); make them equal, e.g. parallel.dp="
+            f"{max(1, world_size // (tp * pp))} when {world_size} is a multiple of tp × pp = {tp * pp}")
+    if tp > 1:
+        bad = [f"{what}={n}" for what, n in [("n_heads", model_cfg.n_heads), ("n_kv_heads", model_cfg.kv_heads),
+                                             ("ffn_dim", model_cfg.ffn_dim), ("vocab_size", model_cfg.vocab_size)]
+               if n % tp]
+        if bad:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide the model's {', '.join(bad)}: tensor parallelism splits "
+                "attention heads, KV heads, FFN columns and vocabulary rows evenly; choose a tp that divides "
+                f"all of them (n_heads={model_cfg.n_heads}, n_kv_heads={model_cfg.kv_heads}, "
+                f"ffn_dim={model_cfg.ffn_dim}, vocab_size={model_cfg.vocab_size})")
+    if pp > 1:
+        if pp > model_cfg.n_layers:
+            raise ConfigError(f"parallel.pp={pp} is larger than the model's n_layers={model_cfg.n_layers}: every "
+                              f"pipeline stage needs at least one transformer block; use parallel.pp ≤ "
+                              f"{model_cfg.n_layers}")
+        if train_cfg.zero_stage > 1:
+            raise ConfigError(
+                f"train.zero_stage={train_cfg.zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline engine "
+                "supports ZeRO stage 0 or 1 only (stages 2/3 partition gradients/parameters, which the "
+                f"pipeline schedule does not); use train.zero_stage=1 with parallel.pp={pp}, or "
+                f"parallel.pp=1 with ZeRO-{train_cfg.zero_stage} (tp and dp as you like)")
+        if train_cfg.offload_optimizer:
+            raise ConfigError("train.offload_optimizer with parallel.pp > 1 is not supported by this engine; "
+                              "use parallel.pp=1 for ZeRO offload")
+    # global = micro × accum × dp: a micro-batch count per step that does not divide is refused here
+    train_cfg.grad_accum_steps(dp)
+    return parallel_cfg
+
+
+@dataclasses.dataclass
+class ParallelModel:
+    """A model laid out over the grid, and what the engine needs to drive it."""
+
+    module: nn.Module
+    """A `Transformer` with TP layers (pp=1) or a DeepSpeed `PipelineModule` (pp>1)."""
+    mpu: Any
+    """The process-group provider for `deepspeed.initialize(mpu=...)`; None for a PipelineModule."""
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    stage: int
+    pipeline: bool
+    consolidate: Callable[[Any], dict[str, torch.Tensor] | None]
+    """Collective: given the DeepSpeed engine, the dense `Transformer` state dict on rank 0."""
+
+    @property
+    def feeds_data(self) -> bool:
+        """Whether this rank's micro-batches count as distinct tokens (TP rank 0 of the first stage)."""
+        return self.tp_rank == 0 and self.stage == 0
+
+
+def make_grid(parallel_cfg: ParallelConfig) -> Any:
+    """DeepSpeed's grid over (pipe, data, model); its groups are created collectively on all ranks."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    if parallel_cfg.dp is None:
+        raise ValueError("make_grid needs a resolved layout (validate_layout fills in dp)")
+    topo = PipeModelDataParallelTopology(num_pp=parallel_cfg.pp, num_mp=parallel_cfg.tp, num_dp=parallel_cfg.dp)
+    return PipelineParallelGrid(topology=topo)
+
+
+def dense_init(model_cfg: ModelConfig, init_state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The dense weights every layout starts from (the caller has seeded the RNG identically)."""
+    from kubellm.model import Transformer
+
+    if init_state_dict is not None:
+        return init_state_dict
+    return Transformer(model_cfg).state_dict()
+
+
+def gather_master_weights(engine: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's local parameters as fp32 CPU tensors, from DeepSpeed's master copy where it
+    keeps one (ZeRO ≥ 1, mixed precision); collective over the data-parallel group."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    for _, p in module.named_parameters():  # same order on every rank of the DP group
+        value = safe_get_full_fp32_param(p) if p.requires_grad else None
+        by_id[id(p)] = (value if value is not None else p.detach()).detach().to("cpu", torch.float32).clone()
+    for name, t in module.state_dict(keep_vars=True).items():
+        out[name] = by_id.get(id(t), t.detach().cpu())
+    return out
+
+
+def build_parallel_model(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                         init_state_dict: dict[str, torch.Tensor] | None = None) -> ParallelModel:
+    """Build the model for this rank of the dp × tp × pp layout (collective: creates the groups).
+    `parallel_cfg` must be resolved by `validate_layout`."""
+    if parallel_cfg.pp > 1:
+        from kubellm.training.pipeline import build_pipeline
+
+        return build_pipeline(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+    return build_tensor_parallel(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+
+
+def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                          init_state_dict: dict[str, torch.Tensor] | None = None) -> ParallelModel:
+    from kubellm.model import Transformer
+    from kubellm.model.parallel import (
+        TensorParallelGroup,
+        TensorParallelLayers,
+        gather_state_dict,
+        shard_state_dict,
+    )
+
+    grid = make_grid(parallel_cfg)
+    tp = TensorParallelGroup(rank=grid.get_slice_parallel_rank(), size=parallel_cfg.tp,
+                             group=grid.get_slice_parallel_group())
+    full = dense_init(model_cfg, init_state_dict)
+    model = Transformer(model_cfg, layers=TensorParallelLayers(tp))
+    model.load_state_dict(shard_state_dict(full, model_cfg, tp.rank, tp.size))
+    del full
+    model.set_activation_checkpointing(train_cfg.activation_checkpointing)
+
+    def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
+        if train_cfg.zero_stage == 3:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            with GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                local = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+        else:
+            local = gather_master_weights(engine, engine.module)
+        full_sd = gather_state_dict(local, model_cfg, tp)  # TP collective
+        return full_sd if dist.get_rank() == 0 else None
+
+    return ParallelModel(module=model, mpu=grid, dp_rank=grid.get_data_parallel_rank(),
+                         dp_size=grid.get_data_parallel_world_size(), tp_rank=tp.rank, stage=0, pipeline=False,
+                         consolidate=consolidate)
