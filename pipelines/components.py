@@ -42,7 +42,7 @@ def fingerprint_source(source: str) -> str:
 
 
 @dsl.component(base_image=_image("base"), install_kfp_package=False)
-def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(
+def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(  # type: ignore[valid-type]
         "Resolved", models=str, baseline=str, fingerprint=str):
     """Resolve the models to evaluate (the given URIs, else the promoted model) and the baseline (the
     promoted model's pointer target). Runs uncached: the pointer moves under the same name."""
@@ -54,11 +54,13 @@ def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(
     fp = fingerprint_models(models) + "|" + promoted.fingerprint
     print(f"[kubellm] models: {models}; baseline: {promoted.uri or '<none>'}")
     # baseline = the pointer (what the evaluate stage reads), only when a model is promoted
-    return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(",".join(models), promoted.pointer, fp)
+    return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(  # type: ignore[call-arg]
+        ",".join(models), promoted.pointer, fp)
 
 
 @dsl.component(base_image=_image("base"), install_kfp_package=False)
-def resolve_promoted(promoted_pointer: str) -> NamedTuple("Promoted", pointer=str, uri=str, fingerprint=str):
+def resolve_promoted(promoted_pointer: str) -> NamedTuple(  # type: ignore[valid-type]  # kfp's idiom
+        "Promoted", pointer=str, uri=str, fingerprint=str):
     """Resolve the promoted-model pointer to its target prefix (pointer and uri "" when none is
     promoted yet). Runs uncached: the pointer moves under the same name."""
     from collections import namedtuple
@@ -67,7 +69,8 @@ def resolve_promoted(promoted_pointer: str) -> NamedTuple("Promoted", pointer=st
 
     p = resolve(promoted_pointer)
     print(f"[kubellm] promoted model: {p.uri or '<none>'}")
-    return namedtuple("Promoted", ["pointer", "uri", "fingerprint"])(p.pointer, p.uri, p.fingerprint)
+    return namedtuple("Promoted", ["pointer", "uri", "fingerprint"])(  # type: ignore[call-arg]
+        p.pointer, p.uri, p.fingerprint)
 
 
 @dsl.component(base_image=_image("data_prep"), install_kfp_package=False)
