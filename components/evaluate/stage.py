@@ -196,17 +196,16 @@ def print_summary(manifest: Manifest) -> str:
 def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     cfg = config
     models = parse_models(inputs["models"])
-    tm = harness.task_manager(cfg.tasks, None)  # unknown task names fail before any model is loaded
 
     with tempfile.TemporaryDirectory(prefix="kubellm-eval-") as tmp:
         work = Path(tmp)
         ddir = stage_eval_dir(cfg, work)
+        tm = harness.task_manager(cfg.tasks, ddir)  # unknown task names fail before any model is loaded
         eval_data = {}
         for task in (t for t in cfg.tasks if t in BUNDLED_TASKS):
             n = len(read_items(task, ddir))  # a malformed row fails here, naming file and line
             f = ddir / TASK_FILES[task]
             eval_data[task] = {"file": str(f), "sha256": sha256_file(f), "items": n}
-        tm = harness.task_manager(cfg.tasks, ddir)
 
         reg = registry.Registry.from_pointer(inputs["baseline"]) if inputs.get("baseline") else \
             registry.Registry(cfg.gate.registry or join(output, "registry"), cfg.gate.name)
