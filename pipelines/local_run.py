@@ -127,8 +127,13 @@ def _demo_world(workdir: Path, root: str, scale: float) -> dict[str, str]:
     return src
 
 
-def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"storage_root": root}
+def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: Any = None) -> dict[str, Any]:
+    from kubellm.pipelines.fingerprint import default_pointer
+
+    gate = getattr(getattr(cfg, "evaluate", None), "gate", None)
+    # the promoted pointer follows the storage root chosen here (unless the gate names a registry)
+    arguments: dict[str, Any] = {"storage_root": root, "promoted_pointer": default_pointer(
+        root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))}
     if args.pipeline == "llm_from_scratch":
         if args.raw:
             src = {"raw": args.raw, "chat": args.chat or "", "preferences": args.preferences or ""}
@@ -155,7 +160,7 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
     else:
         root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
-    arguments = pipeline_arguments(args, root, workdir)
+    arguments = pipeline_arguments(args, root, workdir, cfg)
     pipeline = build_pipelines(cfg, PipelineSettings(), until=args.until)[args.pipeline]
     print(f"{HEADLINE} running {args.pipeline} locally: artifacts in {root}, KFP outputs in {workdir / 'kfp'}")
 
