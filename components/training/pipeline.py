@@ -68,6 +68,8 @@ class EmbeddingStage(nn.Module):
     def forward(self, inputs: Activations) -> Activations:
         if isinstance(inputs, Tensor):
             return self.tok_embeddings(inputs)  # (B, T, dim)
+        if len(inputs) == 1:
+            return self.tok_embeddings(inputs[0])
         ids, pos, doc = inputs
         return self.tok_embeddings(ids), pos, doc
 
@@ -170,7 +172,7 @@ class PipelineBatches:
             return (ids, pos, doc), batch["labels"]
         if batch.get("position_ids") is not None:
             raise ValueError("pipeline parallelism passes position_ids only together with doc_ids")
-        return (ids,), batch["labels"]
+        return ids, batch["labels"]
 
 
 def check_objective(objective: Any) -> None:
