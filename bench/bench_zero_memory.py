@@ -1,0 +1,196 @@
+"""ZeRO 0/1/2/3 per-rank memory in engine-owned tensors, 2 ranks (gloo, CPU), against the ZeRO
+paper's formulas; and the planner's estimates (`kubellm.training.planner`) against the same
+measurements (the issue-11 planner benchmark).
+
+    python -m bench.bench_zero_memory          # seed preset, ZeRO 0–3
+    python -m bench.bench_zero_memory --quick  # debug preset
+
+What is counted (not RSS): every tensor DeepSpeed's engine holds after the backward pass of the
+second step (so Adam state exists and gradients are live) — the module's parameters (ZeRO-3: each
+parameter's `ds_tensor` partition), their `.grad`s, the torch optimizer's state, its parameter
+groups (ZeRO ≥ 1: the fp32 master partitions) and every tensor attribute of the ZeRO optimizer
+(flat buffers, gradient partitions, buckets), deduplicated by storage so views count once. Buckets
+are sized down (reduce/allgather 5e4 elements, ZeRO-3 persistence threshold 0) so they barely count.
+
+Formula (ZeRO paper, Rajbhandari et al. 2020, §3 with K for the precision used): on CPU the engine
+trains in fp32 (bf16 is autocast over fp32 weights), so params 4Ψ and grads 4Ψ bytes; Adam's two
+moments 8Ψ; DeepSpeed's ZeRO ≥ 1 optimizers also keep an fp32 master copy of their partition even
+when the weights are fp32 (K = 12, as in the paper's mixed-precision case), stage 0 does not (K = 8).
+  Z0: 4Ψ + 4Ψ + 8Ψ   Z1: 4Ψ + 4Ψ + 12Ψ/N   Z2: 4Ψ + (4+12)Ψ/N   Z3: (4+4+12)Ψ/N
+Activations: bytes of tensors autograd saves in one forward (saved-tensor hooks) vs
+`planner.activation_bytes`. Target (issue 12): measured within ±10% of the formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import Row, emit, load_avg, parser, within
+
+BUCKET = 50_000
+
+
+def _tensors(obj: Any, depth: int = 0):  # noqa: ANN202 — a generator of tensors inside lists/dicts
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x, depth + 1)
+
+
+def measure_rank(preset: str, zero: int) -> dict[str, float]:
+    """Runs on each rank (kubellm.training.spawn): two steps, then count engine-owned bytes."""
+    import deepspeed
+    import torch
+
+    from kubellm.model import Transformer
+    from kubellm.model.config import get_preset
+    from kubellm.model.loss import causal_lm_loss
+    from kubellm.training.config import ParallelConfig, TrainConfig
+    from kubellm.training.dsconfig import deepspeed_config
+    from kubellm.training.engine import init_distributed
+    from kubellm.training.optim import param_groups
+
+    cfg = get_preset(preset)
+    seq, micro = 64, 2
+    tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * 2, seq_len=seq, zero_stage=zero)
+    init_distributed("cpu")
+    ds = deepspeed_config(tc, ParallelConfig(), 2, "cpu")
+    ds["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
+    if zero == 3:
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=BUCKET,
+                                       stage3_max_live_parameters=BUCKET, stage3_max_reuse_distance=BUCKET)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    psi = sum(p.numel() for p in model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tc.optim), config=ds)
+    ids = torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=torch.Generator().manual_seed(1))
+
+    def fwd_bwd() -> None:
+        loss = causal_lm_loss(engine(ids[:, :-1]), ids[:, 1:])
+        engine.backward(loss)
+
+    fwd_bwd()
+    engine.step()
+    fwd_bwd()  # measure here: params, live grads and Adam state all exist
+
+    seen: set[int] = set()
+    out = {"params": 0.0, "grads": 0.0, "optim": 0.0, "other": 0.0}
+
+    where: dict[str, float] = {}
+
+    def add(t: Any, cat: str, src: str = "") -> None:
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in seen or st.nbytes() == 0:
+            return
+        seen.add(key)
+        out[cat] += st.nbytes()
+        where[f"{cat}:{src}"] = where.get(f"{cat}:{src}", 0.0) + st.nbytes()
+
+    for p in engine.module.parameters():
+        add(getattr(p, "ds_tensor", None), "params", "ds_tensor")
+        add(p.data, "params", "module")
+    for p in engine.module.parameters():
+        add(p.grad, "grads", "module .grad")
+    zopt = engine.optimizer
+    inner = getattr(zopt, "optimizer", zopt)
+    for state in inner.state.values():
+        for v in state.values():
+            add(v, "optim", "adam state")
+    for g in inner.param_groups:
+        for p in g["params"]:
+            add(p, "optim" if zero >= 1 else "params", "optimizer params")  # ZeRO ≥ 1: fp32 masters
+            add(p.grad, "grads", "optimizer params .grad")
+    if zopt is not inner:
+        for name, value in vars(zopt).items():
+            if name in ("optimizer", "module"):
+                continue
+            low = name.lower()
+            cat = ("grads" if "grad" in low or "ipg" in low else "optim" if "fp32" in low or "master" in low
+                   else "params" if "bit16" in low or "fp16" in low or "param" in low else "other")
+            for t in _tensors(value):
+                add(t, cat, name)
+
+    # activations: what autograd saves for backward in one forward (deduplicated by storage)
+    act_seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        act_seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    engine.module.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = engine(ids[:, :-1])
+        loss = causal_lm_loss(logits, ids[:, 1:])
+    param_ptrs = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    act = sum(v for k, v in act_seen.items() if k not in param_ptrs)
+    del loss, logits
+    out["where"] = {k: v for k, v in where.items() if v >= 1024}  # type: ignore[assignment]
+    out.update(psi=float(psi), activations=float(act), seq=float(seq), micro=float(micro))
+    return out
+
+
+def formula(psi: float, zero: int, n: int) -> dict[str, float]:
+    k = 12 if zero >= 1 else 8
+    return {"params": 4 * psi / (n if zero >= 3 else 1), "grads": 4 * psi / (n if zero >= 2 else 1),
+            "optim": k * psi / (n if zero >= 1 else 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    from kubellm.model.config import get_preset
+    from kubellm.training.planner import activation_bytes, model_state_bytes
+    from kubellm.training.spawn import spawn
+
+    preset = "debug" if args.quick else "seed"
+    cfg = get_preset(preset)
+    rows = []
+    for zero in (0, 1, 2, 3):
+        load = load_avg()
+        per_rank = spawn(measure_rank, 2, preset, zero)
+        m = max(per_rank, key=lambda r: r["params"] + r["grads"] + r["optim"])
+        psi = m["psi"]
+        f = formula(psi, zero, 2)
+        measured = m["params"] + m["grads"] + m["optim"] + m["other"]
+        expected = sum(f.values())
+        ratio = measured / expected
+        ok, note = within(ratio, 0.10)
+        mb = 2**20
+        rows.append(Row(
+            f"ZeRO-{zero} per-rank model-state memory, 2 ranks, {preset} (Ψ={psi / 1e6:.2f}M, fp32)",
+            measured / mb, expected / mb, "MiB", ratio, "within ±10%", ok,
+            f"measured params/grads/optim/other {m['params'] / mb:.2f}/{m['grads'] / mb:.2f}/{m['optim'] / mb:.2f}/"
+            f"{m['other'] / mb:.2f} MiB vs formula {f['params'] / mb:.2f}/{f['grads'] / mb:.2f}/"
+            f"{f['optim'] / mb:.2f}; grads held in: "
+            + ", ".join(f"{k.split(':', 1)[1]} {v / mb:.2f}" for k, v in m["where"].items()  # type: ignore[union-attr]
+                        if k.startswith("grads:"))
+            + f". {note}".rstrip(". ") , load, 1))
+        pp, pg, po = model_state_bytes(psi, zero, 2, "fp32")
+        plan = pp + pg + po
+        pr = plan / measured
+        ok2, note2 = within(pr, 0.10)
+        rows.append(Row(f"planner model_state_bytes vs measured, ZeRO-{zero}, 2 ranks", plan / mb, measured / mb,
+                        "MiB", pr, "within ±10%", ok2,
+                        f"planner params/grads/optim {pp / mb:.2f}/{pg / mb:.2f}/{po / mb:.2f} MiB. {note2}".strip(),
+                        load, 1))
+        if zero == 0:
+            est = activation_bytes(cfg, int(m["seq"]), int(m["micro"]), 1, 1, 1, False, "fp32")
+            ar = est / m["activations"]
+            ok3, note3 = within(ar, 0.10)
+            rows.append(Row(f"planner activation_bytes vs autograd-saved tensors, {preset}, micro "
+                            f"{int(m['micro'])} × seq {int(m['seq'])}", est / mb, m["activations"] / mb, "MiB", ar,
+                            "within ±10%", ok3, note3, load, 1))
+    return emit(rows, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
