@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.distributed as dist
+from kubellm.core import faults
 from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
@@ -41,6 +42,7 @@ from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import deepspeed_config
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups
+from kubellm.training.stepguard import StepGuard, skip_boundary_step, skip_update
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
 
     loader = objective.build_loader(rank, world, train_cfg.micro_batch_size, train_cfg.seed)
     ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints)
+    # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
+    guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
     start_step = 0
     if resume and ckpt is not None:
         client_state = ckpt.load(engine)
@@ -237,6 +241,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             loader.load_state_dict(client_state["loader"])
             if "rng" in client_state:
                 _set_rng_state(client_state["rng"])
+            if "guard" in client_state:  # spike window + skip counts: a resumed run decides the same
+                guard.load_state_dict(client_state["guard"])
             if rank == 0:
                 log.info("resumed from the checkpoint at step %d", start_step)
 
@@ -250,11 +256,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     checked = False
     try:
         for step in range(start_step, train_cfg.max_steps):
+            faults.maybe_kill(step + 1, rank)  # no-op unless KUBELLM_FAULT_KILL_AT_STEP is set (tests)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64)
             extra: dict[str, Tensor] = {}
             n_tokens = 0
             grad_norm = 0.0
+            skipped: str | None = None
+            skips_before = int(getattr(engine, "skipped_steps", 0))
             for micro in range(accum):
                 batch = next(loader)
                 if not checked:
@@ -263,16 +272,30 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 batch = _to_device(batch, device)
                 with autocast:
                     loss, metrics = objective.loss(engine, batch)
-                engine.backward(loss)  # DeepSpeed divides by `accum` itself
-                if micro == accum - 1 and train_cfg.zero_stage == 0:
-                    grad_norm = _grad_norm(engine)  # all-reduced grads, before clipping in step()
-                engine.step()
                 loss_sum += loss.detach().double().cpu()
+                if micro == accum - 1:
+                    # before the boundary's backward: every rank sees a NaN/Inf or spiking step loss
+                    # (one all-reduce) and takes the same branch; "stop" raises here, before any update
+                    skipped = guard.check_loss(loss_sum / accum, step + 1)
+                if skipped:
+                    skip_update(engine, loss, train_cfg.zero_stage)
+                else:
+                    engine.backward(loss)  # DeepSpeed divides by `accum` itself
+                    if micro == accum - 1 and train_cfg.zero_stage == 0:
+                        grad_norm = _grad_norm(engine)  # all-reduced grads, before clipping in step()
+                        skipped = guard.check_grad_norm(grad_norm, step + 1)  # same on every rank
+                    if skipped:
+                        skip_boundary_step(engine)
+                    else:
+                        engine.step()
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v.detach().double().cpu() / accum
                 n_tokens += objective.tokens(batch)
             if train_cfg.zero_stage > 0:
                 grad_norm = _grad_norm(engine)
+                if not skipped and int(getattr(engine, "skipped_steps", 0)) > skips_before:
+                    guard.note_deepspeed_skip(step + 1)  # ZeRO's own non-finite grad-norm skip
+                    skipped = "nonfinite"
             # average loss/metrics over ranks, sum tokens (one small all-reduce per step)
             keys = sorted(extra)
             stats = torch.tensor([float(loss_sum) / accum, float(n_tokens), *[float(extra[k]) for k in keys]],
@@ -283,6 +306,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             global_tokens = float(stats[1])
             tokens_seen += global_tokens
             losses.append(step_loss)
+            if not skipped:
+                guard.accept(step_loss)
             dt = time.perf_counter() - t0
             values = {"loss": step_loss, "grad_norm": grad_norm, "lr": float(scheduler.get_last_lr()[0]),
                       "tokens_per_s": global_tokens / dt, "step_time_s": dt, "tokens_seen": tokens_seen,
@@ -290,15 +315,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             values.update({k: float(stats[2 + i]) / world for i, k in enumerate(keys)})
             if peak:
                 values["mfu"] = fpt * values["tokens_per_s"] / (peak * 1e12 * world)
-            if not np.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower optim.lr or check data")
+            values.update(skipped=float(bool(skipped)), **guard.metrics())
             if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.max_steps:
                 logger.log(step + 1, values)
             last = step + 1 == train_cfg.max_steps
             every = train_cfg.checkpoint_every
             if ckpt is not None and (last or (every and (step + 1) % every == 0)):
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
-                                             "rng": _rng_state()})
+                                             "rng": _rng_state(), "guard": guard.state_dict()})
     finally:
         logger.close()
         close = getattr(loader, "close", None)
@@ -306,7 +330,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             close()
 
     final = consolidated_state_dict(engine, train_cfg.zero_stage, rank)
-    summary = logger.summary()
+    summary = {**logger.summary(), **guard.metrics()}
     if world > 1:
         dist.barrier()
     return TrainResult(final_state_dict=final, metrics_path=logger.path if rank == 0 else None, losses=losses,

@@ -1,0 +1,135 @@
+"""Skip (or stop on) bad optimizer steps — NaN/Inf losses and loss spikes — consistently on every rank.
+
+    guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
+    verdict = guard.check_loss(loss_sum / accum, step)   # collective, before the step's last backward
+    if verdict:                                          # "nonfinite" | "spike" ("stop" policy raises)
+        skip_update(engine, loss, zero_stage)            # instead of backward + engine.step()
+
+Why before the last backward: DeepSpeed reduces gradients inside `engine.backward` at the
+accumulation boundary and applies the update in `engine.step()`; deciding after the forward of the
+boundary micro-batch lets every rank take the same branch (the decision uses one all-reduced number,
+the step's mean loss, which is non-finite on every rank as soon as it is on one).
+
+How a step is skipped (the parameters, the optimizer state and the LR schedule stay as they were;
+DeepSpeed's `skipped_steps` counter goes up, as for an fp16 overflow):
+* ZeRO ≥ 1: DeepSpeed's own overflow path. The ZeRO optimizers treat a non-finite gradient norm as an
+  overflow in every precision: they skip the update and clear their partitioned gradient buffers.
+  We make the boundary's gradients non-finite (backward of `loss × NaN`) so that path runs.
+* ZeRO 0: the plain (fused) AdamW has no overflow check, so for this one `engine.step()` the
+  optimizer's `step` is shadowed by a no-op and `optimizer.overflow = True` tells DeepSpeed's
+  `_take_model_step` to count a skipped step and hold the LR schedule; it still zeroes the gradients.
+
+A non-finite gradient norm with a finite loss is caught too: with ZeRO 0 from the all-reduced
+gradients before `engine.step()` (`check_grad_norm`), with ZeRO ≥ 1 by DeepSpeed itself (seen
+afterwards as a rise in `engine.skipped_steps`, `note_deepspeed_skip`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+NONFINITE = "nonfinite"
+SPIKE = "spike"
+
+
+class StepGuard:
+    """Per-run bookkeeping: the rolling window of accepted step losses and the skip counters."""
+
+    def __init__(self, nonfinite: str = "stop", spike_sigma: float | None = None, spike_window: int = 50,
+                 world: int = 1) -> None:
+        if nonfinite not in ("skip", "stop"):
+            raise ValueError(f"train.nonfinite={nonfinite!r}: expected skip or stop")
+        self.policy, self.sigma, self.window_size, self.world = nonfinite, spike_sigma, spike_window, world
+        self.window: list[float] = []
+        self.skipped = {NONFINITE: 0, SPIKE: 0}
+
+    # -- decisions
+    def check_loss(self, local_mean_loss: torch.Tensor, step: int) -> str | None:
+        """Collective. The reason to skip this step (None = go on), identical on every rank."""
+        value = local_mean_loss.detach().to("cpu", torch.float64).reshape(1).clone()
+        if self.world > 1:
+            dist.all_reduce(value)  # one NaN/Inf on any rank makes the sum non-finite everywhere
+        loss = float(value[0]) / self.world
+        if not math.isfinite(loss):
+            return self._nonfinite(f"loss is {loss} at step {step}")
+        if self.sigma and len(self.window) >= self.window_size:
+            mean = sum(self.window) / len(self.window)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / len(self.window))
+            if loss > mean + self.sigma * max(std, 1e-12):
+                self.skipped[SPIKE] += 1
+                return SPIKE
+        return None
+
+    def check_grad_norm(self, grad_norm: float, step: int) -> str | None:
+        """ZeRO 0: the all-reduced gradient norm is the same on every rank, so no collective."""
+        return None if math.isfinite(grad_norm) else self._nonfinite(f"gradient norm is {grad_norm} at step {step}")
+
+    def note_deepspeed_skip(self, step: int) -> None:
+        """ZeRO ≥ 1 skipped a step on its own (non-finite gradient norm): count it, or stop."""
+        self._nonfinite(f"gradient norm is not finite at step {step} (DeepSpeed skipped the update)")
+
+    def _nonfinite(self, what: str) -> str:
+        if self.policy == "stop":
+            raise FloatingPointError(
+                f"{what}; stopping before the optimizer step, so the last committed checkpoint is "
+                "intact (train.nonfinite=stop). Lower optim.lr, check the data, or set "
+                "train.nonfinite=skip to skip and count such steps")
+        self.skipped[NONFINITE] += 1
+        return NONFINITE
+
+    def accept(self, step_loss: float) -> None:
+        """An applied step: its loss joins the rolling window of the spike test."""
+        self.window = (self.window + [step_loss])[-self.window_size:]
+
+    # -- metrics and resume
+    def metrics(self) -> dict[str, float]:
+        return {"skipped_nonfinite": float(self.skipped[NONFINITE]), "skipped_spike": float(self.skipped[SPIKE])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self.window), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.window = [float(x) for x in sd.get("window", [])][-self.window_size:]
+        self.skipped.update({k: int(v) for k, v in sd.get("skipped", {}).items()})
+
+
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer: Any) -> Iterator[None]:
+    """For one `engine.step()`: the optimizer's step does nothing and reports an overflow."""
+    had_overflow, old = hasattr(optimizer, "overflow"), getattr(optimizer, "overflow", None)
+    optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method
+    optimizer.overflow = True  # _take_model_step: skipped_steps += 1, LR schedule not advanced
+    try:
+        yield
+    finally:
+        del optimizer.step
+        if had_overflow:
+            optimizer.overflow = old
+        else:
+            del optimizer.overflow
+
+
+def skip_update(engine: Any, loss: torch.Tensor, zero_stage: int) -> None:
+    """Finish the accumulation boundary without changing parameters or optimizer state.
+
+    Called instead of `engine.backward(loss); engine.step()` for the boundary micro-batch; every
+    rank calls it (the backward still joins the gradient all-reduce/reduce-scatter)."""
+    if zero_stage == 0:
+        engine.backward(loss)
+        with _optimizer_step_skipped(engine.optimizer):
+            engine.step()
+    else:
+        engine.backward(loss * float("nan"))  # non-finite grads -> the ZeRO optimizer's overflow path
+        engine.step()
+
+
+def skip_boundary_step(engine: Any) -> None:
+    """ZeRO 0, gradients already reduced (non-finite norm found after backward): skip the update."""
+    with _optimizer_step_skipped(engine.optimizer):
+        engine.step()
