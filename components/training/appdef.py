@@ -20,6 +20,11 @@ from torchx import specs
 from torchx.components.dist import torchrun
 
 WORKER_MODULE = "kubellm.training.worker"
+# torchrun's agent shares its rendezvous TCPStore with the workers by default; after a
+# `--max-restarts` restart the new workers can read the previous attempt's keys and dial a dead
+# gloo/NCCL port (pytorch/pytorch#135712; reproduced by tests/reliability/test_rel_kill_resume.py).
+# A fresh store per attempt makes restarts work.
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def build_appdef(spec_uri: str, launch: LaunchConfig, *, name: str = "kubellm-train",
@@ -35,7 +40,7 @@ def build_appdef(spec_uri: str, launch: LaunchConfig, *, name: str = "kubellm-tr
         gpu=launch.gpu,
         memMB=launch.memory_mb,
         j=f"{launch.nnodes}x{launch.nproc_per_node}",
-        env={**launch.env, **dict(env or {})},
+        env={**RESTART_SAFE_ENV, **launch.env, **dict(env or {})},
         metadata={"kubellm/nproc_per_node": str(launch.nproc_per_node),
                   "kubellm/max_restarts": str(launch.max_restarts)},
         tee=3,

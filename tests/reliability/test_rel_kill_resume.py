@@ -1,0 +1,100 @@
+"""Kill and resume: a 2-process pretrain job (the stage → TorchX AppDef → torchrun → workers) loses a
+rank mid-run, or the whole job dies, and the resumed run matches an uninterrupted one exactly.
+
+    .venv/bin/python -m pytest tests/reliability/test_rel_kill_resume.py -q
+
+The fault is `KUBELLM_FAULT_KILL_AT_STEP` (kubellm.core.faults): the named rank calls
+`os._exit(137)` before optimizer step 6, on the first attempt only. Checkpoints commit at steps 2, 4,
+6, 8, so the last committed one before the kill is step 4.
+* one rank dies: torchrun (`launch.max_restarts=1`) restarts the worker group, which resumes from
+  step 4; steps 5–8 have the uninterrupted run's losses bit for bit, and step 5 shows up twice in
+  metrics.jsonl (trained before the kill and again after the restart).
+* the whole job dies (`max_restarts=0`): the stage fails with the exit code; re-running the stage
+  with the same run id (what a KFP retry does) resumes from step 4 and publishes a model whose
+  exported weights are byte-identical to the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubellm.core.manifest import read_manifest
+from relkit import make_shards, publish_tokens, read_metrics
+
+STEPS = 8
+
+
+def _config(**launch: object):  # noqa: ANN202
+    from kubellm.pretrain.config import PretrainConfig
+
+    return PretrainConfig.model_validate({
+        "model": {"preset": "debug", "overrides": {"vocab_size": 256, "max_seq_len": 64}},
+        "train": {"max_steps": STEPS, "micro_batch_size": 2, "global_batch_size": 8, "seq_len": 32,
+                  "checkpoint_every": 2, "keep_checkpoints": 2, "progress_bar": False, "tensorboard": False,
+                  "device": "cpu", "optim": {"lr": 3e-3, "warmup_steps": 2}},
+        "launch": {"nproc_per_node": 2, "env": {"OMP_NUM_THREADS": "1"}, **launch},
+    })
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("kill-tokens")
+    make_shards(root / "shards")
+    return publish_tokens(root / "shards", str(root / "store"))
+
+
+@pytest.fixture(scope="module")
+def reference(tokens: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, dict], object]:
+    from kubellm.stages import run_stage
+
+    out = tmp_path_factory.mktemp("kill-ref")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBELLM_RUN_ID", "reference")
+        manifest = run_stage("pretrain", _config(), {"tokens": tokens}, str(out))
+    return read_metrics(out / "runs" / "reference" / "metrics.jsonl"), manifest
+
+
+def _weights_sha(manifest: object) -> str:
+    return next(f.sha256 for f in manifest.files if f.path.endswith(".safetensors"))  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_rank_killed_mid_run_restarts_and_resumes_exactly(tokens: str, reference: tuple, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.stages import run_stage
+
+    ref_rows, ref_manifest = reference
+    monkeypatch.setenv("KUBELLM_RUN_ID", "killed-rank")
+    cfg = _config(max_restarts=1, env={"OMP_NUM_THREADS": "1", "KUBELLM_FAULT_KILL_AT_STEP": "6:1"})
+    manifest = run_stage("pretrain", cfg, {"tokens": tokens}, str(tmp_path))
+    run_dir = tmp_path / "runs" / "killed-rank"
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert sum(1 for line in text.splitlines() if '"step": 5,' in line) == 2  # re-trained after restart
+    assert sum(1 for line in text.splitlines() if '"step": 6,' in line) == 1  # the kill came first
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [rows[s]["loss"] for s in range(5, STEPS + 1)] == [ref_rows[s]["loss"] for s in range(5, STEPS + 1)]
+    assert _weights_sha(manifest) == _weights_sha(ref_manifest)
+
+
+@pytest.mark.integration
+def test_whole_job_killed_then_rerun_resumes_from_the_same_run_dir(tokens: str, reference: tuple,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.stages import run_stage
+    from kubellm.training.checkpoint import CheckpointManager
+    from kubellm.training.job import TrainingFailedError
+
+    ref_rows, ref_manifest = reference
+    monkeypatch.setenv("KUBELLM_RUN_ID", "killed-job")
+    run_dir = tmp_path / "runs" / "killed-job"
+    killed = _config(env={"OMP_NUM_THREADS": "1", "KUBELLM_FAULT_KILL_AT_STEP": "6:*"})
+    with pytest.raises(TrainingFailedError, match="exit code"):
+        run_stage("pretrain", killed, {"tokens": tokens}, str(tmp_path))
+    latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
+    assert latest is not None and latest.metadata["step"] == 4
+    manifest = run_stage("pretrain", _config(), {"tokens": tokens}, str(tmp_path))  # the retry
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [rows[s]["loss"] for s in range(1, STEPS + 1)] == [ref_rows[s]["loss"] for s in range(1, STEPS + 1)]
+    assert _weights_sha(manifest) == _weights_sha(ref_manifest)
+    assert read_manifest(manifest.uri).digest() == manifest.digest()
