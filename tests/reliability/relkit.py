@@ -126,3 +126,29 @@ def read_metrics(path: Path) -> dict[int, dict[str, float]]:
             row = json.loads(line)
             out[int(row["step"])] = row
     return out
+
+
+def run_with_commit_crash(shards: list[str], run_dir: str, crash_at_step: int | None,
+                          train_kw: dict[str, Any]) -> dict[str, Any]:
+    """spawn() target (1 process): train with resume; if `crash_at_step`, the process dies (exit 137)
+    after that checkpoint's files are uploaded and before its manifest is committed."""
+    import os
+
+    import kubellm.training.checkpoint as ckpt_mod
+    from kubellm.training.config import ParallelConfig
+    from kubellm.training.engine import train
+
+    if crash_at_step is not None:
+        real_commit = ckpt_mod.commit_manifest
+
+        def crash_before_commit(manifest: Any) -> Any:
+            if int(manifest.metadata.get("step", -1)) == crash_at_step:
+                os._exit(137)  # files are uploaded; the manifest never lands
+            return real_commit(manifest)
+
+        ckpt_mod.commit_manifest = crash_before_commit  # type: ignore[assignment]
+    from kubellm.pretrain.objective import PretrainObjective
+
+    obj = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
+    result = train(model_config(), train_config(**train_kw), ParallelConfig(dp=1), obj, run_dir, resume=True)
+    return {"losses": result.losses, "start_step": result.start_step}

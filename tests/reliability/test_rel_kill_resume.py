@@ -19,8 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubellm.core.manifest import read_manifest
 from relkit import make_shards, publish_tokens, read_metrics
+
+from kubellm.core.manifest import read_manifest
 
 STEPS = 8
 

@@ -15,8 +15,9 @@ import math
 from pathlib import Path
 
 import pytest
-from kubellm.training.spawn import spawn
 from relkit import make_shards, run_faulty
+
+from kubellm.training.spawn import spawn
 
 NAN_STEP, SPIKE_STEP = 3, 7
 FAULTS = {(NAN_STEP, 1): float("nan"), (SPIKE_STEP, 0): 50.0}
