@@ -145,12 +145,17 @@ def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int =
     local_dir = Path(local_dir)
     files = _walk(local_dir)
     st = storage_for(prefix)
+    # Already committed: upload nothing. Re-uploading first would overwrite a *different* committed
+    # artifact's files before the conditional put refuses its manifest (tests/reliability found it);
+    # commit_manifest returns the existing one if identical, else raises ManifestConflictError.
+    already = st.exists(join(prefix, MANIFEST_NAME))
 
     def put(p: Path) -> FileEntry:
         rel = p.relative_to(local_dir).as_posix()
         if rel == MANIFEST_NAME:
             raise IntegrityError(f"{p}: {MANIFEST_NAME} is reserved for the manifest")
-        st.upload(p, join(prefix, rel))
+        if not already:
+            st.upload(p, join(prefix, rel))
         return FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
