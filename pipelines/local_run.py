@@ -185,7 +185,43 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         tee.lines.append(f"{HEADLINE} {error}")
     else:
         tee.lines += _report_lines(workdir / "kfp", args.pipeline)
+        if args.pipeline == "llm_from_scratch" and not args.until:
+            tee.lines += _answers_side_by_side(workdir / "kfp", workdir / "demo-world" / "eval" / "format.jsonl")
     return not error, tee.lines
+
+
+# (task dir, output artifact file) of each model the pipeline trains, in pipeline order
+_MODEL_OUTPUTS = (("base", "pretrain", "model"), ("sft", "sft", "sft_model"), ("dpo", "dpo", "dpo_model"))
+
+
+def _answers_side_by_side(kfp_root: Path, questions_file: Path, n: int = 4) -> list[str]:
+    """Greedy answers of the base, SFT and DPO models to a few held-out demo-world questions."""
+    import json
+
+    from kubellm.core.manifest import load_manifest_ref
+    from kubellm.model.generate import chat, load_for_generation
+
+    runs = sorted(kfp_root.glob("llm-from-scratch-*"))
+    if not runs or not questions_file.is_file():
+        return []
+    items = [json.loads(ln) for ln in questions_file.read_text().splitlines()[:n] if ln.strip()]
+    columns = []
+    for label, task, output in _MODEL_OUTPUTS:
+        ref = runs[-1] / task / output
+        if not ref.is_file():
+            continue
+        bundle = load_for_generation(load_manifest_ref(str(ref)).uri)
+        columns.append((label, [chat(bundle, it["messages"], max_new_tokens=12).strip().replace("\n", " ")
+                                for it in items]))
+    if not columns:
+        return []
+    lines = ["", f"{HEADLINE} held-out questions, greedy answers side by side:",
+             "| question | expected | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for i, it in enumerate(items):
+        q = it["messages"][-1]["content"]
+        lines.append(f"| {q} | {it['answer']} | " + " | ".join(c[1][i] or "∅" for c in columns) + " |")
+    return lines
 
 
 def _report_lines(kfp_root: Path, pipeline: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
 from kubellm.core.manifest import (
     MANIFEST_NAME,

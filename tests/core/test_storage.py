@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kubellm.core.errors import StorageError
 from kubellm.core.storage import S3Settings, S3Storage, join, split_s3, storage_for
 

@@ -20,6 +20,7 @@ ORDER = ["data_prep", "tokenizer", "pretrain", "sft", "dpo", "evaluate"]
 # process for pretraining, a handful of eval items.
 SMALL = ["--demo-scale", "0.25", "--set", "pretrain.train.max_steps=3", "--set", "pretrain.launch.nproc_per_node=1",
          "--set", "pretrain.parallel.dp=1", "--set", "sft.train.max_steps=2", "--set", "dpo.train.max_steps=2",
+         "--set", "sft.launch.nproc_per_node=1", "--set", "dpo.launch.nproc_per_node=1",
          "--set", "evaluate.limit=4", "--set", "evaluate.bootstrap_iters=0",
          "--set", "evaluate.perplexity_max_tokens=512"]
 
