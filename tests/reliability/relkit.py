@@ -60,12 +60,37 @@ def train_config(**kw: Any) -> Any:
     return TrainConfig(**base)
 
 
+def _inf_grad_fn() -> Any:
+    import torch
+
+    class InfGrad(torch.autograd.Function):
+        """Identity forward; backward multiplies the incoming gradient by +inf."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g * float("inf")
+
+    return InfGrad
+
+
+class _LazyInfGrad:
+    def apply(self, x: Any) -> Any:
+        return _inf_grad_fn().apply(x)
+
+
+_InfGrad = _LazyInfGrad()
+
+
 class FaultyObjective:
-    """PretrainObjective whose loss is replaced at given (step, rank) pairs — NaN, +Inf, or ×factor
-    (a spike) — and which records a digest of the full parameters at the start of every step (ZeRO 0/1 keep
+    """PretrainObjective whose loss is replaced at given (step, rank) pairs — NaN, +Inf, ×factor
+    (a spike), or "grad_inf" (finite loss, infinite gradients) — and which records a digest of the full parameters at the start of every step (ZeRO 0/1 keep
     the full fp32 module parameters on every rank)."""
 
-    def __init__(self, shards: list[str], faults: dict[tuple[int, int], float], accum: int) -> None:
+    def __init__(self, shards: list[str], faults: dict[tuple[int, int], Any], accum: int) -> None:
         from kubellm.pretrain.objective import PretrainObjective
 
         self.inner = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
@@ -88,7 +113,9 @@ class FaultyObjective:
         self.calls += 1
         loss, metrics = self.inner.loss(model, batch)
         fault = self.faults.get((step, self.rank))
-        if fault is not None:
+        if fault == "grad_inf":  # finite loss, infinite gradients: only the grad-norm check sees it
+            loss = _InfGrad.apply(loss)
+        elif fault is not None:
             if np.isnan(fault) or np.isinf(fault):
                 loss = loss * 0 + fault  # keeps the graph: backward runs as for a real NaN/Inf loss
             else:
@@ -99,7 +126,7 @@ class FaultyObjective:
         return self.inner.tokens(batch)
 
 
-def run_faulty(shards: list[str], run_dir: str, faults: dict[tuple[int, int], float],
+def run_faulty(shards: list[str], run_dir: str, faults: dict[tuple[int, int], Any],
                train_kw: dict[str, Any], world: int) -> dict[str, Any]:
     """spawn() target: train with injected loss faults; returns losses, metrics rows and snapshots."""
     from kubellm.training.config import ParallelConfig

@@ -4,7 +4,9 @@
     .venv/bin/python -m pytest tests/reliability/test_rel_nonfinite.py -q
 
 One 2-process run per ZeRO stage (0 and 1) injects, with `train.nonfinite=skip`, a NaN loss on rank 1
-at step 3 and a 50× loss spike on rank 0 at step 7 (`spike_sigma=3` over a 4-step window). A
+at step 3, infinite gradients under a finite loss on rank 0 at step 5 (ZeRO 0: kubellm's grad-norm
+check; ZeRO 1: DeepSpeed's own overflow skip, counted by kubellm) and a 50× loss spike on rank 0 at
+step 7 (`spike_sigma=3` over a 4-step window). A
 skipped step must leave every parameter bit-identical (sha256 of the parameters at the start of each step),
 an applied step must change them, and the counts must be in metrics.jsonl and the run summary.
 """
@@ -19,8 +21,8 @@ from relkit import make_shards, run_faulty
 
 from kubellm.training.spawn import spawn
 
-NAN_STEP, SPIKE_STEP = 3, 7
-FAULTS = {(NAN_STEP, 1): float("nan"), (SPIKE_STEP, 0): 50.0}
+NAN_STEP, GRAD_STEP, SPIKE_STEP = 3, 5, 7
+FAULTS = {(NAN_STEP, 1): float("nan"), (GRAD_STEP, 0): "grad_inf", (SPIKE_STEP, 0): 50.0}
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,18 @@ def test_nan_and_spike_are_skipped_on_all_ranks(shards: list[str], tmp_path: Pat
         (a == b) or (math.isnan(a) and math.isnan(b)) for a, b in zip(r0["losses"], r1["losses"], strict=True))
     for r in ranks:  # the skipped steps leave the parameters exactly as they were, on every rank
         p = r["params"]
-        for skipped in (NAN_STEP, SPIKE_STEP):
+        for skipped in (NAN_STEP, GRAD_STEP, SPIKE_STEP):
             assert p[skipped] == p[skipped + 1], f"step {skipped} changed the parameters"
-        for applied in (1, 2, 4, 5, 6, 8):
+        for applied in (1, 2, 4, 6, 8):
             assert p[applied] != p[applied + 1], f"step {applied} did not update"
     assert r0["params"][9] == r1["params"][9]  # ranks stayed in lockstep
     rows = {int(row["step"]): row for row in r0["rows"]}
     assert math.isnan(rows[NAN_STEP]["loss"]) and rows[NAN_STEP]["skipped"] == 1.0
     assert rows[SPIKE_STEP]["skipped"] == 1.0 and rows[SPIKE_STEP]["loss"] > 10 * rows[SPIKE_STEP - 1]["loss"]
-    assert [s for s, row in rows.items() if row["skipped"]] == [NAN_STEP, SPIKE_STEP]
-    assert rows[9]["skipped_nonfinite"] == 1.0 and rows[9]["skipped_spike"] == 1.0
-    assert r0["summary"]["skipped_nonfinite"] == 1.0 and r0["summary"]["skipped_spike"] == 1.0
+    assert math.isfinite(rows[GRAD_STEP]["loss"]) and not math.isfinite(rows[GRAD_STEP]["grad_norm"])
+    assert [s for s, row in rows.items() if row["skipped"]] == [NAN_STEP, GRAD_STEP, SPIKE_STEP]
+    assert rows[9]["skipped_nonfinite"] == 2.0 and rows[9]["skipped_spike"] == 1.0
+    assert r0["summary"]["skipped_nonfinite"] == 2.0 and r0["summary"]["skipped_spike"] == 1.0
     finite = [x for s, x in enumerate(r0["losses"], 1) if s not in (NAN_STEP, SPIKE_STEP)]
     assert all(math.isfinite(x) for x in finite) and finite[-1] < finite[0]  # training went on
 
