@@ -42,7 +42,10 @@ from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import deepspeed_config
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups
+from kubellm.training.pipeline import PipelineBatches
+from kubellm.training.pipeline import check_objective as check_pipeline_objective
 from kubellm.training.stepguard import StepGuard, skip_boundary_step, skip_update
+from kubellm.training.topology import ParallelModel, build_parallel_model, validate_layout
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -202,11 +205,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
           resume: bool = True) -> TrainResult:
     """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring."""
     import deepspeed
+
     from kubellm.model import Transformer, check_token_ids
     from kubellm.model.flops import flops_per_token
 
     device = resolve_device(train_cfg.device)
     rank, world = init_distributed(device)
+    # dp × tp × pp against the world size and the model (numbers in the message); dp resolved
+    parallel_cfg = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
     ds_cfg = deepspeed_config(train_cfg, parallel_cfg, world, device)
     accum = ds_cfg["gradient_accumulation_steps"]
     if train_cfg.seq_len > model_cfg.max_seq_len:
@@ -214,22 +220,35 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                           f"{model_cfg.max_seq_len}; lower train.seq_len or raise model.overrides.max_seq_len")
 
     seed_everything(train_cfg.seed, train_cfg.deterministic)
-    model = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
-    if init_state_dict is not None:
-        model.load_state_dict(init_state_dict)
-    model.set_activation_checkpointing(train_cfg.activation_checkpointing)
+    built: ParallelModel | None = None
+    model: torch.nn.Module
+    if parallel_cfg.tp > 1 or parallel_cfg.pp > 1:
+        # TP layers / PipelineModule, sharded from the same dense init (kubellm.training.topology)
+        if parallel_cfg.pp > 1:
+            check_pipeline_objective(objective)
+        built = build_parallel_model(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+        model = built.module
+    else:
+        model = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
+        if init_state_dict is not None:
+            model.load_state_dict(init_state_dict)
+        model.set_activation_checkpointing(train_cfg.activation_checkpointing)
     if device == "cuda":
         model = model.cuda()
     schedule = lr_lambda(train_cfg.optim, train_cfg.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train_cfg.optim), config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        mpu=built.mpu if built is not None else None,  # TP groups; a PipelineModule brings its own grid
     )
     # bf16 on CPU: autocast over fp32 weights (DeepSpeed's bf16 mode is used on CUDA; see dsconfig)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if train_cfg.precision == "bf16" and device == "cpu"
                 else contextlib.nullcontext())
 
-    loader = objective.build_loader(rank, world, train_cfg.micro_batch_size, train_cfg.seed)
+    # every TP rank / pipeline stage of one data-parallel replica reads the same micro-batches
+    dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (rank, world)
+    loader = objective.build_loader(dp_rank, dp_size, train_cfg.micro_batch_size, train_cfg.seed)
+    pipe_batches = PipelineBatches(loader, objective.tokens) if built is not None and built.pipeline else None
     ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints)
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
@@ -264,7 +283,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             grad_norm = 0.0
             skipped: str | None = None
             skips_before = int(getattr(engine, "skipped_steps", 0))
-            for micro in range(accum):
+            if pipe_batches is not None:  # pipeline: DeepSpeed runs the accum micro-batches itself
+                before = pipe_batches.tokens
+                with autocast:
+                    loss_sum += float(engine.train_batch(data_iter=pipe_batches)) * accum
+                n_tokens = pipe_batches.tokens - before
+            for micro in range(0 if pipe_batches is not None else accum):
                 batch = next(loader)
                 if not checked:
                     check_token_ids(batch["input_ids"], model_cfg.vocab_size, where="training batch")
@@ -298,6 +322,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     skipped = "nonfinite"
             # average loss/metrics over ranks, sum tokens (one small all-reduce per step)
             keys = sorted(extra)
+            if built is not None and not built.feeds_data:
+                n_tokens = 0  # TP ranks and later stages see the same tokens as their replica's first rank
             stats = torch.tensor([float(loss_sum) / accum, float(n_tokens), *[float(extra[k]) for k in keys]],
                                  dtype=torch.float64)
             if world > 1:
@@ -329,7 +355,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         if close is not None:
             close()
 
-    final = consolidated_state_dict(engine, train_cfg.zero_stage, rank)
+    final = (built.consolidate(engine) if built is not None
+             else consolidated_state_dict(engine, train_cfg.zero_stage, rank))
     summary = {**logger.summary(), **guard.metrics()}
     if world > 1:
         dist.barrier()

@@ -53,5 +53,14 @@ def run_training(shards: list[str], run_dir: str, layout: dict[str, int], zero_s
     result = train_fn(cfg, tc, ParallelConfig(**layout), obj, run_dir, resume=resume)
     out: dict[str, Any] = {"losses": result.losses, "start_step": result.start_step}
     if return_weights and result.final_state_dict is not None:
-        out["weights"] = {k: v.clone() for k, v in result.final_state_dict.items()}
+        # through a file: the spawn harness joins its workers before reading their results, so a
+        # result larger than a pipe buffer (64 KiB) would block the worker forever
+        path = Path(run_dir) / "final_weights.npz"
+        np.savez(path, **{k: v.float().numpy() for k, v in result.final_state_dict.items()})
+        out["weights"] = str(path)
     return out
+
+
+def load_weights(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
