@@ -154,7 +154,8 @@ def _bad_shard(kind: str, path: Path, vocab: int) -> None:
 
 
 @pytest.mark.parametrize("kind,reason", [("wrong_header", "magic"), ("truncated_body", "size|truncated|bytes"),
-                                         ("out_of_range_ids", r"id|vocab")])
+                                         ("out_of_range_ids", r"id|vocab")],
+                         ids=["wrong_header", "truncated_body", "out_of_range_ids"])
 def test_pretrain_refuses_bad_token_shards_naming_the_file(published: dict, untouched: None, kind: str,
                                                            reason: str) -> None:
     from kubellm.core.manifest import publish_dir, stable_hash
