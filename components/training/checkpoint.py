@@ -185,7 +185,9 @@ def engine_layout(engine: Any) -> Layout:
     return Layout(
         world_size=_world(),
         dp=int(getattr(engine, "dp_world_size", 1) or 1),
-        tp=int(getattr(engine, "mp_world_size", 1) or 1),
+        # the grid's TP size: DeepSpeed's mp_world_size is TP × PP under a PipelineModule
+        tp=int(engine.mpu.get_tensor_model_parallel_world_size() if getattr(engine, "mpu", None) is not None
+               else getattr(engine, "mp_world_size", 1) or 1),
         pp=int(getattr(engine, "num_stages", 1) or 1),  # PipelineEngine only
         zero_stage=int(engine.zero_optimization_stage()),
     )

@@ -44,6 +44,7 @@ from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups
 from kubellm.training.pipeline import PipelineBatches
 from kubellm.training.pipeline import check_objective as check_pipeline_objective
+from kubellm.training.relayout import consolidated_resume
 from kubellm.training.stepguard import StepGuard, skip_boundary_step, skip_update
 from kubellm.training.topology import ParallelModel, build_parallel_model, validate_layout
 from torch import Tensor
@@ -220,6 +221,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                           f"{model_cfg.max_seq_len}; lower train.seq_len or raise model.overrides.max_seq_len")
 
     seed_everything(train_cfg.seed, train_cfg.deterministic)
+    # a checkpoint saved with another tp/pp resumes from its consolidated weights (kubellm.training.relayout)
+    relayout = consolidated_resume(run_dir, model_cfg, parallel_cfg) if resume else None
+    if relayout is not None:
+        init_state_dict = relayout.state_dict
     built: ParallelModel | None = None
     model: torch.nn.Module
     if parallel_cfg.tp > 1 or parallel_cfg.pp > 1:
@@ -254,7 +259,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
     start_step = 0
     if resume and ckpt is not None:
-        client_state = ckpt.load(engine)
+        client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
         if client_state:
             start_step = int(client_state["step"])
             loader.load_state_dict(client_state["loader"])

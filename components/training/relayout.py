@@ -1,0 +1,119 @@
+"""Resume a checkpoint in another TP/PP layout through kubellm's consolidated weights.
+
+    relayout = consolidated_resume(run_dir, model_cfg, parallel_cfg)   # None: same layout (or none saved)
+    if relayout is not None:
+        init_state_dict = relayout.state_dict           # dense weights every layout shards from
+        ...build model and DeepSpeed engine...
+        client_state = relayout.apply(scheduler)          # step, data position; LR schedule fast-forwarded
+
+The engine does this by itself on `train(..., resume=True)` when the newest committed checkpoint
+(its manifest records `layout: {dp, tp, pp, zero_stage}`) was written with another `parallel.tp`
+or `parallel.pp` than this run's: a TP=2 or PP=2 run resumes in 1 process and back, with the same
+next-step loss (tested in `tests/parallel/test_parallel_relayout.py`).
+
+What carries over: the model weights (every TP shard / pipeline-stage file of the checkpoint is read
+and un-sharded into the dense `Transformer` state dict), the step, the data position and the
+learning-rate schedule position. What does not: **AdamW's moments restart from zero** (ZeRO's flat,
+partitioned optimizer state is not resharded; DeepSpeed's `ds_to_universal` is the route for that),
+so steps after the first resumed one differ slightly from an uninterrupted run. The data-parallel
+degree must stay the same (each rank's data position is per-DP-rank); ZeRO-3 checkpoints are refused
+here (their module files hold no weights) — consolidate them with `CheckpointManager.consolidated_state_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubellm.core.errors import ConfigError
+from kubellm.core.manifest import Manifest, fetch
+from kubellm.core.storage import join
+from kubellm.model.config import ModelConfig
+from kubellm.model.parallel import unshard_tensor
+from kubellm.training.config import ParallelConfig
+
+_MP_FILE = re.compile(r"(?:^|/)mp_rank_(\d+)_model_states\.pt$")
+_LAYER_FILE = re.compile(r"(?:^|/)layer_(\d+)-model_(\d+)-model_states\.pt$")
+_STATE0 = re.compile(r"(?:^|/)kubellm_state_rank00000\.pt$")
+
+
+@dataclasses.dataclass
+class Relayout:
+    manifest: Manifest
+    state_dict: dict[str, torch.Tensor]
+    client_state: dict[str, Any]
+    saved_layout: dict[str, int]
+
+    def apply(self, scheduler: Any) -> dict[str, Any]:
+        """Move the LR schedule to the saved step; return the client state (step, loader, …)."""
+        for _ in range(int(self.client_state["step"])):
+            scheduler.step()
+        return self.client_state
+
+
+def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path) -> tuple[dict[str, torch.Tensor],
+                                                                                          dict[str, Any]]:
+    """The dense weights and rank 0's client state of a committed checkpoint of any TP/PP layout."""
+    from kubellm.training.checkpoint_engine import safe_torch_load
+    from kubellm.training.pipeline import to_dense_name
+
+    layout = manifest.metadata.get("layout") or {}
+    if int(layout.get("zero_stage", 0)) == 3:
+        raise ConfigError(f"{manifest.uri}: a ZeRO-3 checkpoint cannot change tp/pp here (its module files hold "
+                          "no weights); resume it with the layout it was saved in")
+    wanted = [f.path for f in manifest.files
+              if _MP_FILE.search(f.path) or _LAYER_FILE.search(f.path) or _STATE0.search(f.path)]
+    fetch(manifest, staging, paths=wanted)  # downloads and sha256-verifies each file before loading
+    per_tp: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    client: dict[str, Any] | None = None
+    for rel in wanted:
+        path = staging / rel
+        if m := _LAYER_FILE.search(rel):  # pipeline: one file per layer and TP rank
+            layer, tp_rank = int(m.group(1)), int(m.group(2))
+            for k, v in safe_torch_load(path, map_location="cpu").items():
+                per_tp[tp_rank][to_dense_name(f"{layer}.{k}", model_cfg.n_layers)] = v
+        elif m := _MP_FILE.search(rel):
+            module = safe_torch_load(path, map_location="cpu").get("module")
+            if module:  # None in a pipeline checkpoint (weights are in the layer files)
+                per_tp[int(m.group(1))].update(module)
+        else:
+            client = dict(safe_torch_load(path, map_location="cpu")["client_state"])
+    if not per_tp or client is None:
+        raise ConfigError(f"{manifest.uri}: no model-state files or no rank-0 kubellm state to consolidate")
+    ranks = [per_tp[r] for r in sorted(per_tp)]
+    full = {name: unshard_tensor(name, [r[name] for r in ranks], model_cfg).float().clone() for name in ranks[0]}
+    if model_cfg.tie_embeddings:
+        full["output.weight"] = full["tok_embeddings.weight"]
+    return full, client
+
+
+def consolidated_resume(run_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> Relayout | None:
+    """The newest committed checkpoint under `run_dir`, consolidated, when it was saved with another
+    tp/pp than `parallel_cfg` (resolved); None when there is none or the layout is the same."""
+    from kubellm.training.checkpoint import CheckpointManager
+
+    manifest = CheckpointManager(join(run_dir, "checkpoints")).latest()
+    if manifest is None:
+        return None
+    saved = {k: int(v) for k, v in (manifest.metadata.get("layout") or {}).items()}
+    if saved.get("tp", 1) == parallel_cfg.tp and saved.get("pp", 1) == parallel_cfg.pp:
+        return None
+    if saved.get("dp", 1) != parallel_cfg.dp:
+        raise ConfigError(
+            f"{manifest.uri} was saved with dp={saved.get('dp')}, tp={saved.get('tp')}, pp={saved.get('pp')}; "
+            f"this run has dp={parallel_cfg.dp}, tp={parallel_cfg.tp}, pp={parallel_cfg.pp}. Changing tp/pp is "
+            "supported when dp stays the same (the data position is per data-parallel rank); set parallel.dp="
+            f"{saved.get('dp')} or start a fresh run from the consolidated export")
+    staging = Path(tempfile.mkdtemp(prefix="kubellm-relayout-"))
+    try:
+        full, client = read_consolidated(manifest, model_cfg, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Relayout(manifest=manifest, state_dict=full, client_state=client, saved_layout=saved)

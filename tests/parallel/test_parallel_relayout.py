@@ -1,0 +1,83 @@
+"""Changing layout: a checkpoint saved with TP=2 resumes in 1 process, and a 1-process checkpoint
+resumes with PP=2, with the same next-step loss as the uninterrupted 1-process run.
+
+The weights, step, data position and LR-schedule position carry over (kubellm.training.relayout);
+AdamW's moments restart, so only the first resumed step is compared exactly (1e-5 relative) and
+the later ones within 2e-2. Each "interrupted" run is a full run whose last checkpoint's manifest is
+removed, i.e. a run that stopped after committing step 6.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kubellm.core.manifest import MANIFEST_NAME
+from kubellm.training.spawn import spawn
+from tests.parallel.parallel_helpers import run_training
+
+TOTAL, STOP = 8, 6
+CKPT = {"checkpoint_every": STOP, "keep_checkpoints": 2}
+
+
+def _stop_after_step6(run_dir: Path) -> None:
+    (run_dir / "checkpoints" / f"step-{TOTAL:08d}" / MANIFEST_NAME).unlink()
+
+
+def _run(world: int, shards: list[str], run_dir: Path, layout: dict[str, int], resume: bool) -> list[dict[str, Any]]:
+    return spawn(run_training, world, shards, str(run_dir), layout, 1, 2, 8, TOTAL, None, CKPT, resume, False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    from tests.parallel.parallel_helpers import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("rshards"))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    run_dir = tmp_path_factory.mktemp("ref1")
+    return run_dir, _run(1, shards, run_dir, {"dp": 1}, False)[0]["losses"]
+
+
+def _check_resumed(resumed: dict[str, Any], reference: list[float]) -> None:
+    assert resumed["start_step"] == STOP
+    assert len(resumed["losses"]) == TOTAL - STOP
+    np.testing.assert_allclose(resumed["losses"][0], reference[STOP], rtol=1e-5)  # weights + data position
+    np.testing.assert_allclose(resumed["losses"], reference[STOP:], rtol=2e-2)  # optimizer restarted
+
+
+@pytest.mark.integration
+def test_tp2_checkpoint_resumes_in_one_process(shards: list[str], one_process_run: tuple[Path, list[float]],
+                                               tmp_path: Path) -> None:
+    _, reference = one_process_run
+    tp_run = _run(2, shards, tmp_path, {"tp": 2}, False)
+    np.testing.assert_allclose(tp_run[0]["losses"], reference, rtol=1e-5)
+    from kubellm.training.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(str(tmp_path / "checkpoints")).latest()
+    assert latest is not None and latest.metadata["layout"]["tp"] == 2  # the manifest records the layout
+    _stop_after_step6(tmp_path)
+    resumed = _run(1, shards, tmp_path, {"dp": 1}, True)[0]
+    _check_resumed(resumed, reference)
+
+
+@pytest.mark.integration
+def test_one_process_checkpoint_resumes_with_pp2(shards: list[str], one_process_run: tuple[Path, list[float]],
+                                                 tmp_path: Path) -> None:
+    src, reference = one_process_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    _stop_after_step6(run_dir)
+    ranks = _run(2, shards, run_dir, {"pp": 2}, True)
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    _check_resumed(ranks[0], reference)
+    from kubellm.training.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
+    assert latest is not None and latest.metadata["layout"]["pp"] == 2 and latest.metadata["layout"]["tp"] == 1
