@@ -27,6 +27,8 @@ import gzip
 import hashlib
 import io
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,25 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _manifests(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("_manifest.json")}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group() -> Iterator[None]:
+    """The 1-process stages below train in this process: `init_distributed` sets RANK/WORLD_SIZE/
+    MASTER_* in os.environ and creates a process group. Left behind, later stages in this pytest
+    process would think they are torchrun workers (and child processes would inherit MASTER_PORT)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

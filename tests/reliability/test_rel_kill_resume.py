@@ -38,6 +38,13 @@ def _config(**launch: object):  # noqa: ANN202
     })
 
 
+@pytest.fixture(autouse=True)
+def _not_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage launches torchrun only when this process is not itself a distributed worker."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("kill-tokens")

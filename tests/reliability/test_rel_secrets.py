@@ -65,7 +65,8 @@ def test_no_planted_secret_in_any_output(s3_bucket: str, s3_server: str, tmp_pat
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from kubellm.core.storage import reset_clients, storage_for
 
-    env = {**os.environ, **FAKE, "KUBELLM_S3_ENDPOINT_URL": s3_server, "KUBELLM_CACHE_DIR": str(tmp_path / "cache"),
+    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # a worker's, not ours
+    env = {**{k: v for k, v in os.environ.items() if k not in leaked}, **FAKE, "KUBELLM_S3_ENDPOINT_URL": s3_server, "KUBELLM_CACHE_DIR": str(tmp_path / "cache"),
            "KUBELLM_CHECKPOINT_STAGING": str(tmp_path / "staging"), "KUBELLM_RUN_ID": "secrets-demo",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", ".cache/torch_extensions"),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
