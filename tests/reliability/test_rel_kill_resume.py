@@ -16,6 +16,7 @@ The fault is `KUBELLM_FAULT_KILL_AT_STEP` (kubellm.core.faults): the named rank 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,13 @@ def _config(**launch: object):  # noqa: ANN202
     })
 
 
-@pytest.fixture(autouse=True)
-def _not_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def _not_a_worker() -> Iterator[None]:
     """The stage launches torchrun only when this process is not itself a distributed worker."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(k, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
