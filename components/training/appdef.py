@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from kubellm.training.config import LaunchConfig
 from torchx import specs
 from torchx.components.dist import torchrun
+
+from kubellm.core.images import image_for
+from kubellm.training.config import LaunchConfig
 
 WORKER_MODULE = "kubellm.training.worker"
 # torchrun's agent shares its rendezvous TCPStore with the workers by default; after a
@@ -34,7 +36,7 @@ def build_appdef(spec_uri: str, launch: LaunchConfig, *, name: str = "kubellm-tr
     app = torchrun(
         "--spec", spec_uri,
         m=WORKER_MODULE,
-        image=launch.image,
+        image=launch.image or image_for("pretrain"),  # the training image (pretrain/SFT/DPO share it)
         name=safe,
         cpu=launch.cpu,
         gpu=launch.gpu,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from kubellm.core.config import StrictModel
 from kubellm.core.errors import ConfigError
-from pydantic import Field
+from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
 
 
 class OptimConfig(StrictModel):
@@ -109,8 +111,10 @@ class LaunchConfig(StrictModel):
     """Processes per node (GPUs per pod on a cluster)."""
     nnodes: int = Field(default=1, ge=1)
     """Nodes (pods)."""
-    image: str = "kubellm-train:latest"
-    """Container image of the workers (cluster backends; the local backend runs this checkout)."""
+    image: str | None = None
+    """Container image of the workers on a cluster (None = the training image from the one image
+    setting, KUBELLM_REGISTRY / KUBELLM_TAG: `kubellm.core.images.image_for`); the local backend runs
+    this checkout."""
     scheduler: Literal["torchrun", "local_cwd"] = "torchrun"
     """Local backend: run the AppDef's torchrun command directly, or through TorchX's local_cwd."""
     cpu: int = Field(default=2, ge=1)
@@ -123,3 +127,6 @@ class LaunchConfig(StrictModel):
     """torchrun worker-group restarts before the job fails."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for every worker (no secrets: credentials come from a Secret)."""
+    cluster: ClusterLaunchSettings = Field(default_factory=ClusterLaunchSettings)
+    """backend=pytorchjob: namespace, topology, resources, placement, S3 Secret reference, run policy
+    (see `kubellm.training.pytorchjob.settings`)."""

@@ -16,11 +16,12 @@ import json
 import os
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kubellm.core.errors import KubellmError
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.training.config import LaunchConfig
-from pydantic import BaseModel, ConfigDict, Field
 
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
@@ -104,7 +105,7 @@ def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) 
 
         run_id = os.environ.get("KUBELLM_RUN_ID") or os.environ.get("KFP_RUN_ID") or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
         try:
-            run_appdef(appdef, run_id=run_id, task_name=spec.stage)
+            run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=launch.cluster)
         except KubellmError as e:
             raise TrainingFailedError(failure_message(spec, f"{header}: {e}")) from e
     else:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from kubellm.core.config import StrictModel
 from pydantic import Field, field_validator
+
+from kubellm.core.config import StrictModel
 
 # Kubernetes name grammars (apimachinery/pkg/util/validation).
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -93,11 +94,11 @@ class ClusterLaunchSettings(StrictModel):
     """Names of Secrets with registry credentials."""
     service_account: str | None = None
     """ServiceAccount of the training pods (they need no API access: the token is not mounted)."""
-    run_as_user: int = Field(default=1000, ge=1)
+    run_as_user: int = Field(default=10001, ge=1)
     """Numeric non-root UID of the training container (the image's USER)."""
-    run_as_group: int = Field(default=1000, ge=0)
+    run_as_group: int = Field(default=0, ge=0)
     """Numeric GID."""
-    fs_group: int = Field(default=1000, ge=0)
+    fs_group: int = Field(default=0, ge=0)
     """fsGroup so mounted volumes are writable by the UID."""
     home_dir: str = "/home/kubellm"
     """HOME in the container; a writable emptyDir (the root filesystem is read-only)."""
