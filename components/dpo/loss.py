@@ -18,11 +18,12 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     """Sum of log p(label_t) over the positions whose label is not `ignore_index`.
 
     logits (B, T, V) and labels (B, T) are aligned: labels[:, t] is the target of position t."""
-    mask = labels != ignore_index
-    safe = labels.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (tok * mask).sum(-1)
+    # log p(label) = −cross_entropy: one fused log-softmax + gather whose backward never builds the
+    # (B, T, V) log-prob tensor (the log_softmax + gather form made DPO ~25% slower than SFT per token;
+    # bench/bench_dpo.py). Ignored positions come back as 0.
+    tok = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                           reduction="none").view_as(labels)  # (B, T)
+    return tok.sum(-1)
 
 
 def preference_loss(
