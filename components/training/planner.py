@@ -81,6 +81,9 @@ class Layout:
 def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes per GPU for Ψ parameters held by this (tp, pp) rank."""
     p, g, k = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
+    if zero >= 1:
+        k = 12  # DeepSpeed's ZeRO optimizers keep an fp32 master partition even over fp32 weights (measured:
+        #         bench/bench_zero_memory.py); ZeRO-0 hands the weights to torch's AdamW with no copy
     params, grads, optim = p * psi, g * psi, k * psi
     if zero >= 1:
         optim /= dp
