@@ -84,6 +84,36 @@ def data_prep(config: str, storage_root: str, raw: str, raw_fingerprint: str, da
                   {"source_fingerprint": raw_fingerprint})
 
 
+@dsl.component(base_image=_image("data_prep"), install_kfp_package=False)
+def list_shards(config: str, storage_root: str, raw: str, raw_fingerprint: str) -> list:
+    """Fan-out data prep, 1/3: the raw source's input shards as ParallelFor items (JSON strings: index,
+    uri, fingerprint, run-scoped work prefix). `raw_fingerprint` keys the cache: new files re-list."""
+    from kubellm.pipelines.runtime import list_data_prep_shards
+
+    print(f"[kubellm] raw fingerprint: {raw_fingerprint}")
+    return list_data_prep_shards(config, storage_root, raw)
+
+
+@dsl.component(base_image=_image("data_prep"), install_kfp_package=False)
+def prepare_shard(config: str, shard: str) -> str:
+    """Fan-out data prep, 2/3 (map, one pod per input shard): decode, normalise, filter, scrub, and
+    write the docs, exact-dedup keys and MinHash signatures under the work prefix."""
+    from kubellm.pipelines.runtime import prepare_data_prep_shard
+
+    return prepare_data_prep_shard(config, shard)
+
+
+@dsl.component(base_image=_image("data_prep"), install_kfp_package=False)
+def dedup_reduce(config: str, storage_root: str, shards: list, prepared: list, dataset: Output[Dataset],
+                 metrics: Output[Metrics], report: Output[Markdown]):
+    """Fan-out data prep, 3/3 (reduce): global exact + MinHash near dedup over all shards, the
+    deterministic split, parquet shards and the report: the same `dataset` artifact as data-prep."""
+    from kubellm.pipelines.runtime import reduce_data_prep
+
+    reduce_data_prep(config, storage_root, list(shards), [str(p) for p in prepared],
+                     {"manifest": dataset, "metrics": metrics, "report": report})
+
+
 @dsl.component(base_image=_image("tokenizer"), install_kfp_package=False)
 def tokenizer(config: str, storage_root: str, dataset: Input[Dataset], tokens: Output[Dataset],
               metrics: Output[Metrics], report: Output[Markdown]):

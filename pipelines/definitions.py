@@ -12,6 +12,14 @@ setting, both known only when `kubellm compile`/`run`/`submit` is called.
 Caching (ARCHITECTURE §3): each stage gets only its own section (`<stage>_config`), so a change to
 one stage's knobs re-runs that stage and what follows it; raw sources and the promoted-model pointer
 are resolved by small uncached steps whose fingerprints are parameters of the cached stages.
+
+Data prep fan-out (ARCHITECTURE §5): with `data_prep.fan_out: true` in the run-config (or the
+compile-time setting `--param data_prep_parallelism=N`, N > 1) the one data-prep step becomes
+`list-shards` (cached on the raw fingerprint) -> `dsl.ParallelFor(parallelism=N)` over
+`prepare-shard` (one pod per input shard) -> `dedup-reduce` (gathers the map with `dsl.Collected`,
+global dedup, publishes the same `dataset` artifact the tokenizer reads). kfp.local (2.16.1) runs a
+ParallelFor but not a step after one in the same DAG, so `kubellm run --local` keeps the single step
+(same artifact: the fan-out settings are left out of the data-prep config hash).
 """
 
 # No `from __future__ import annotations`: kfp reads the annotations as types, not strings.
@@ -59,7 +67,31 @@ class PipelineSettings:
     preferences_source: str = ""
     """Default of the `preferences_source` parameter (DPO preference pairs)."""
     params: tuple[tuple[str, Any], ...] = ()
-    """Further parameter-default overrides (name, value), applied last."""
+    """Further parameter-default overrides (name, value), applied last (`data_prep_parallelism` among
+    them is taken as the compile-time setting below)."""
+    data_prep_parallelism: int | None = None
+    """Data-prep fan-out: > 1 fans the per-shard work out over that many concurrent pods, 1 forces the
+    single step, None follows the run-config (`data_prep.fan_out`, `data_prep.fan_out_parallelism`).
+    Compile-time: it shapes the DAG, so it is not a run parameter."""
+
+
+FAN_OUT_SETTING = "data_prep_parallelism"
+
+
+def data_prep_fan_out(cfg: RunConfig, settings: PipelineSettings) -> int | None:
+    """The ParallelFor parallelism of the data-prep fan-out (0 = unlimited), or None for one step."""
+    n = settings.data_prep_parallelism
+    for name, value in settings.params:
+        if name == FAN_OUT_SETTING:
+            try:
+                n = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{FAN_OUT_SETTING}={value!r}: expected an integer (>1 fans data prep "
+                                 "out, 1 keeps one step)") from None
+    if n is not None:
+        return n if n > 1 else None
+    dp = cfg.data_prep
+    return dp.fan_out_parallelism if dp.fan_out else None
 
 
 def section_json(cfg: RunConfig, stage: str) -> str:
@@ -93,6 +125,8 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
     }
     out = {"llm_from_scratch": full, "evaluation_report": report}
     for name, value in settings.params:
+        if name == FAN_OUT_SETTING:
+            continue  # compile-time (see data_prep_fan_out)
         hits = [p for p in out.values() if name in p]
         if not hits:
             known = sorted(set(full) | set(report))
@@ -103,7 +137,7 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
 
 
 def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *, display: str,
-               cache: bool = True) -> dsl.PipelineTask:
+               cache: bool = True, run_identity: bool = False) -> dsl.PipelineTask:
     """Image, caching, S3 env (by reference) and, for training stages, the run identity."""
     task.set_container_image(image_for(stage, registry=settings.registry, tag=settings.tag))
     task.set_display_name(display)
@@ -114,7 +148,7 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
                                                          secret_key: "AWS_SECRET_ACCESS_KEY"}, optional=True)
     if settings.s3_config_map:
         k8s.use_config_map_as_env(task, settings.s3_config_map, {k: k for k in S3_ENV_KEYS}, optional=True)
-    if stage in TRAINING_STAGES:
+    if stage in TRAINING_STAGES or run_identity:
         # The launcher derives run-scoped checkpoint prefixes and idempotent PyTorchJob names from
         # these; env (not parameters) so they do not enter the cache key.
         k8s.use_field_path_as_env(task, "KUBELLM_KFP_RUN_ID", "metadata.labels['pipeline/runid']")
@@ -126,6 +160,22 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     return task
 
 
+def _data_prep_fan_out(s: PipelineSettings, parallelism: int, config: Any, storage_root: Any, raw: Any,
+                       raw_fingerprint: Any) -> Any:
+    """list-shards -> ParallelFor(prepare-shard) -> dedup-reduce; returns the reduce's dataset output."""
+    # list-shards gets the run identity: the work prefix is run-scoped (two runs never share one).
+    shards = _configure(c.list_shards(config=config, storage_root=storage_root, raw=raw,
+                                      raw_fingerprint=raw_fingerprint), "data_prep", s,
+                        display="data prep: list shards", run_identity=True)
+    with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
+        prepared = _configure(c.prepare_shard(config=config, shard=shard), "data_prep", s,
+                              display="data prep: prepare shard")
+    reduce = _configure(c.dedup_reduce(config=config, storage_root=storage_root, shards=shards.output,
+                                       prepared=dsl.Collected(prepared.output)), "data_prep", s,
+                        display="data prep: dedup reduce")
+    return reduce.outputs["dataset"]
+
+
 def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
                     until: str | None = None) -> dict[str, Any]:
     """Both pipelines, with `cfg`'s values as parameter defaults and `settings`' images.
@@ -134,6 +184,7 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
         raise ValueError(f"unknown stage {until!r} for until: expected one of {', '.join(STAGES)}")
     s = settings or PipelineSettings()
     d = parameter_defaults(cfg, s)
+    fan_out = data_prep_fan_out(cfg, s)
     f, r = d["llm_from_scratch"], d["evaluation_report"]
 
     @dsl.pipeline(name=PIPELINE_NAMES["llm_from_scratch"],
@@ -154,12 +205,16 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
     ) -> None:
         raw_fp = _configure(c.fingerprint_source(source=raw_source), "base", s,
                             display="fingerprint raw corpus", cache=False)
-        prep = _configure(c.data_prep(config=data_prep_config, storage_root=storage_root, raw=raw_source,
-                                      raw_fingerprint=raw_fp.output), "data_prep", s, display="data prep")
+        if fan_out is None:
+            dataset = _configure(c.data_prep(config=data_prep_config, storage_root=storage_root, raw=raw_source,
+                                             raw_fingerprint=raw_fp.output), "data_prep", s,
+                                 display="data prep").outputs["dataset"]
+        else:
+            dataset = _data_prep_fan_out(s, fan_out, data_prep_config, storage_root, raw_source, raw_fp.output)
         if until == "data_prep":
             return
         tok = _configure(c.tokenizer(config=tokenizer_config, storage_root=storage_root,
-                                     dataset=prep.outputs["dataset"]), "tokenizer", s, display="tokenizer")
+                                     dataset=dataset), "tokenizer", s, display="tokenizer")
         if until == "tokenizer":
             return
         base = _configure(c.pretrain(config=pretrain_config, storage_root=storage_root,

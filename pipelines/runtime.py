@@ -10,16 +10,23 @@ used through `.path`, `.metadata` and `.log_metric`, which is all a component ne
 
 A stage's output artifact file holds the manifest JSON (so the next stage's `Input[...]` path is a
 valid `load_manifest_ref` reference); its metadata carries the artifact prefix and digest the UI shows.
+
+Data prep can also run fanned out (`data_prep.fan_out`): `list_data_prep_shards` (the ParallelFor
+items), `prepare_data_prep_shard` (the map, one pod per input shard) and `reduce_data_prep` (global
+dedup, split, publish: the same `dataset` artifact `run_component("data_prep", ...)` writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,24 +104,97 @@ def write_outputs(stage: str, manifest: Manifest, outputs: Mapping[str, Any],
         outputs["html"].metadata["uri"] = manifest.uri
 
 
+@contextlib.contextmanager
+def _reported(stage: str) -> Iterator[None]:
+    """One clear line above the traceback, so the pod log / local output says what went wrong."""
+    from kubellm.core.errors import KubellmError
+
+    try:
+        yield
+    except KubellmError as e:
+        print(f"{HEADLINE} {stage} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+
+
+def _require_root(storage_root: str) -> None:
+    if not storage_root:
+        raise ConfigError("pipeline parameter storage_root is empty: expected a local dir or s3://bucket/prefix")
+
+
 def run_component(stage: str, config_text: str, storage_root: str, inputs: Mapping[str, str],
                   outputs: Mapping[str, Any], extra_metadata: Mapping[str, str] | None = None) -> Manifest:
     """Validate the section, run the stage through the registry, write the artifacts, print the
     headline. Empty inputs ("" from an optional parameter) are dropped."""
-    from kubellm.core.errors import KubellmError
     from kubellm.stages import run_stage
 
-    try:
-        if not storage_root:
-            raise ConfigError("pipeline parameter storage_root is empty: expected a local dir or "
-                              "s3://bucket/prefix")
+    with _reported(stage):
+        _require_root(storage_root)
         config = parse_section(stage, config_text)
         given = {k: v for k, v in inputs.items() if v}
         manifest = run_stage(stage, config, given, storage_root)
         write_outputs(stage, manifest, outputs, extra_metadata)
-    except KubellmError as e:
-        # One clear line above the traceback, so the pod log / local output says what went wrong.
-        print(f"{HEADLINE} {stage} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
     print(headline(stage, manifest), flush=True)
+    return manifest
+
+
+def list_data_prep_shards(config_text: str, storage_root: str, raw: str) -> list[str]:
+    """Fan-out step 1: the input shards of `raw` as ParallelFor items, with a run-scoped work prefix
+    (the KFP run id when the pod has it, else a fresh id) that the map and the reduce share.
+
+    Each item is a JSON *string* (`kubellm.data_prep.stage.fan_out_shards`): KFP declares a loop
+    item as a STRING input, and dicts of mixed value types do not survive its field selectors
+    (kubeflow/pipelines#9366), so the map parses the item itself."""
+    from kubellm.core.errors import InputDataError
+    from kubellm.data_prep.stage import fan_out_shards
+
+    with _reported("data_prep"):
+        _require_root(storage_root)
+        config = parse_section("data_prep", config_text)
+        run_key = os.environ.get("KUBELLM_KFP_RUN_ID") or uuid.uuid4().hex
+        shards = fan_out_shards(raw, config, storage_root, run_key)
+        if not shards:
+            raise InputDataError(f"raw source {raw!r}: no input shards found")
+    state = "already published; the map will skip" if shards[0]["done"] else f"work under {shards[0]['work']}"
+    print(f"{HEADLINE} data_prep list-shards: {len(shards)} input shard(s) of {raw}; {state}", flush=True)
+    return [json.dumps(s, sort_keys=True) for s in shards]
+
+
+def _item(text: str | Mapping[str, Any]) -> Mapping[str, Any]:
+    from kubellm.core.errors import InputDataError
+
+    item = json.loads(text) if isinstance(text, str) else text
+    if not isinstance(item, Mapping) or not {"index", "uri", "fingerprint", "work"} <= set(item):
+        raise InputDataError(f"data-prep shard item {str(text)[:200]!r}: expected a list-shards item "
+                             "(JSON object with index, uri, fingerprint, work)")
+    return item
+
+
+def prepare_data_prep_shard(config_text: str, shard_text: str) -> str:
+    """Fan-out map: clean, filter, hash and MinHash one input shard into the work prefix."""
+    from kubellm.data_prep.stage import prepare_fan_out_shard
+
+    with _reported("data_prep"):
+        shard = _item(shard_text)
+        summary = prepare_fan_out_shard(shard, parse_section("data_prep", config_text))
+    print(f"{HEADLINE} data_prep prepare-shard {shard['index']} ({shard['uri']}): {summary}", flush=True)
+    return json.dumps(summary, sort_keys=True)
+
+
+def reduce_data_prep(config_text: str, storage_root: str, shard_texts: list[Any], prepared: list[str],
+                     outputs: Mapping[str, Any]) -> Manifest:
+    """Fan-out reduce: check every shard was prepared, then global dedup, split and publish the dataset."""
+    from kubellm.core.errors import InputDataError
+    from kubellm.data_prep.stage import reduce_fan_out
+
+    with _reported("data_prep"):
+        _require_root(storage_root)
+        config = parse_section("data_prep", config_text)
+        shards = [_item(t) for t in shard_texts]
+        done = sorted(int(json.loads(p)["index"]) for p in prepared)
+        if done != sorted(int(s["index"]) for s in shards):
+            raise InputDataError(f"dedup-reduce: prepare-shard reported shards {done}, list-shards listed "
+                                 f"{len(shards)}")
+        manifest = reduce_fan_out(shards, config, storage_root)
+        write_outputs("data_prep", manifest, outputs, {"fan_out_shards": str(len(shards))})
+    print(headline("data_prep", manifest), flush=True)
     return manifest

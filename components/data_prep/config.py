@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Literal
 
 from kubellm.core.config import StrictModel
+from kubellm.core.manifest import stable_hash
 from pydantic import Field
+
+# Fields that decide how the work is scheduled, not what it produces: left out of the config hash, so
+# a fanned-out pipeline run and a single-step run of the same sources publish the same artifact.
+EXECUTION_FIELDS = frozenset({"fan_out", "fan_out_parallelism"})
 
 
 class QualityFilters(StrictModel):
@@ -88,9 +93,20 @@ class DataPrepConfig(StrictModel):
     """Documents per output parquet shard (also the write batch: bounds memory)."""
     num_proc: int = Field(default=1, ge=1)
     """Input shards cleaned in parallel processes (the map step); 1 = in this process."""
+    fan_out: bool = False
+    """Pipeline only: run data prep as list-shards -> `dsl.ParallelFor` prepare-shard (one pod per
+    input shard) -> dedup-reduce (global exact + near dedup, split, publish) instead of one step.
+    Same artifact either way. Off: one step (what `kubellm run --local` always runs; kfp.local
+    cannot run a step after a ParallelFor)."""
+    fan_out_parallelism: int = Field(default=8, ge=0)
+    """Pipeline only, with fan_out: most prepare-shard pods running at once (the ParallelFor's
+    `parallelism`; 0 = no limit)."""
     filters: QualityFilters = Field(default_factory=QualityFilters)
     """Quality filters."""
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     """Exact and near-duplicate removal."""
     pii: PIIConfig = Field(default_factory=PIIConfig)
     """Optional PII scrubbing."""
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))

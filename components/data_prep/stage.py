@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import shutil
 import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -44,11 +45,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from kubellm.core.errors import InputDataError, ManifestMissingError
+from kubellm.core.errors import InputDataError, KubellmError, ManifestMissingError
 from kubellm.core.manifest import Manifest, content_prefix, publish_dir, read_manifest, stable_hash
-from kubellm.core.storage import is_s3, join, storage_for
+from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.data_prep import filters as F
-from kubellm.data_prep.config import DataPrepConfig
+from kubellm.data_prep.config import EXECUTION_FIELDS, DataPrepConfig
 from kubellm.data_prep.sources import Source, read_records, resolve_sources, stage_local
 
 log = logging.getLogger(__name__)
@@ -347,19 +348,48 @@ def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict
     return counts, rows, "\n".join(md) + "\n"
 
 
+def _finish(sources: list[str], stats: list[dict[str, Any]], config: DataPrepConfig, work: str, raw: str,
+            tmp: Path, prefix: str, parents: dict[str, str]) -> Manifest:
+    """Reduce + write + publish, after the map wrote every shard under `work` (run() and the fan-out)."""
+    cfg_hash = config.config_hash()
+    dedup = global_dedup(work, config, len(sources))
+    out_dir = tmp / "out"
+    splits = write_splits(work, config, len(sources), out_dir)
+    counts, rows, md = build_report(sources, stats, dedup, splits)  # type: ignore[arg-type]
+    if counts["documents_out"] == 0:
+        raise InputDataError(f"{raw}: no document survived decoding, filters and dedup:\n{md}")
+    metadata = {"text_field": "text", "report": rows,
+                "bad_records": [e for s in stats for e in s["bad_examples"]][:200],
+                "sources": list(sources),
+                "train_files": splits["train"]["files"],
+                "validation_files": splits["validation"]["files"],
+                "config": config.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))}
+    manifest = publish_dir(out_dir, prefix, kind="dataset", counts=counts, config_hash=cfg_hash,
+                           parents=parents, metadata=metadata, report_markdown=md)
+    log.info("\n%s", md)
+    log.info("data prep: %d -> %d documents, published %s", counts["documents_in"], counts["documents_out"],
+             manifest.uri)
+    return manifest
+
+
+def _existing(prefix: str) -> Manifest | None:
+    try:
+        existing = read_manifest(prefix)
+    except ManifestMissingError:
+        return None
+    log.info("data prep: %s already committed for these sources and config; reusing it", prefix)
+    log.info("\n%s", existing.report_markdown or "")
+    return existing
+
+
 def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     """Stage entry point: input `raw` (see `kubellm.data_prep.sources`), output storage root."""
     sources = list_sources(inputs["raw"])
-    cfg_hash = config.config_hash()
     parents = {"raw": stable_hash([s.fingerprint for s in sources])}
-    prefix = content_prefix(output, "data_prep", cfg_hash, parents)
-    try:
-        existing = read_manifest(prefix)
-        log.info("data prep: %s already committed for these sources and config; reusing it", prefix)
-        log.info("\n%s", existing.report_markdown or "")
+    prefix = content_prefix(output, "data_prep", config.config_hash(), parents)
+    existing = _existing(prefix)
+    if existing is not None:
         return existing
-    except ManifestMissingError:
-        pass
     log.info("data prep: %d source shard(s) -> %s", len(sources), prefix)
     with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
         work = str(Path(tmp) / "work")
@@ -370,21 +400,67 @@ def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manif
                                       [config] * len(sources), [work] * len(sources)))
         else:
             stats = [prepare_shard(s, i, config, work) for i, s in enumerate(sources)]
-        dedup = global_dedup(work, config, len(sources))
-        out_dir = Path(tmp) / "out"
-        splits = write_splits(work, config, len(sources), out_dir)
-        counts, rows, md = build_report(sources, stats, dedup, splits)
-        if counts["documents_out"] == 0:
-            raise InputDataError(f"{inputs['raw']}: no document survived decoding, filters and dedup:\n{md}")
-        metadata = {"text_field": "text", "report": rows,
-                    "bad_records": [e for s in stats for e in s["bad_examples"]][:200],
-                    "sources": [s.uri for s in sources],
-                    "train_files": splits["train"]["files"],
-                    "validation_files": splits["validation"]["files"],
-                    "config": config.model_dump(mode="json")}
-        manifest = publish_dir(out_dir, prefix, kind="dataset", counts=counts, config_hash=cfg_hash,
-                               parents=parents, metadata=metadata, report_markdown=md)
-    log.info("\n%s", md)
-    log.info("data prep: %d -> %d documents, published %s", counts["documents_in"], counts["documents_out"],
-             manifest.uri)
+        return _finish([s.uri for s in sources], stats, config, work, inputs["raw"], Path(tmp), prefix, parents)
+
+
+# --- Pipeline fan-out (kubellm.pipelines: list-shards -> ParallelFor prepare-shard -> dedup-reduce) ---
+# JSON-friendly wrappers around the map/reduce functions above; `run()` is the same work in one process.
+
+def fan_out_shards(raw: str, config: DataPrepConfig, output: str, run_key: str) -> list[dict[str, Any]]:
+    """The ParallelFor items: one `{"index", "uri", "fingerprint", "work", "done"}` per input shard.
+
+    `work` is a run-scoped prefix under the storage root (`<output>/_work/data_prep/<run_key>`) that
+    every pod reads and writes through kubellm.core.storage; `done` is true when the artifact for these
+    sources and config is already committed (the map then skips, the reduce returns it)."""
+    sources = list_sources(raw)
+    parents = {"raw": stable_hash([s.fingerprint for s in sources])}
+    done = _existing(content_prefix(output, "data_prep", config.config_hash(), parents)) is not None
+    work = join(output, "_work", "data_prep", run_key)
+    return [{"index": i, "uri": s.uri, "fingerprint": s.fingerprint, "work": work, "done": done}
+            for i, s in enumerate(sources)]
+
+
+def prepare_fan_out_shard(shard: Mapping[str, Any], config: DataPrepConfig) -> dict[str, Any]:
+    """Map step for one `fan_out_shards` item; returns a short summary (the stats stay under `work`)."""
+    if shard.get("done"):
+        return {"index": shard["index"], "skipped": True}
+    stats = prepare_shard(str(shard["uri"]), int(shard["index"]), config, str(shard["work"]))
+    return {"index": shard["index"], "records": stats["records"], "kept": stats["kept"]}
+
+
+def reduce_fan_out(shards: list[Mapping[str, Any]], config: DataPrepConfig, output: str) -> Manifest:
+    """Reduce step: global exact + near dedup over every shard's signatures, the deterministic split,
+    parquet shards and the report, published where `run()` would publish the same sources and config.
+    Deletes the run's work prefix afterwards (it is scratch; a retried reduce finds the artifact)."""
+    shards = sorted(shards, key=lambda s: int(s["index"]))
+    if [int(s["index"]) for s in shards] != list(range(len(shards))) or not shards:
+        raise InputDataError(f"dedup-reduce: expected shards 0..n-1 from list-shards, got indexes "
+                             f"{[s['index'] for s in shards]}")
+    parents = {"raw": stable_hash([s["fingerprint"] for s in shards])}
+    prefix = content_prefix(output, "data_prep", config.config_hash(), parents)
+    existing = _existing(prefix)
+    if existing is not None:
+        return existing
+    work = str(shards[0]["work"])
+    wd = _WorkDir(work)
+    try:
+        stats = _load_stats(wd, len(shards))
+    except (OSError, KubellmError) as e:
+        raise InputDataError(f"dedup-reduce: the map output under {work} is incomplete ({e}); re-run the "
+                             "pipeline (with caching off if the prepare-shard steps were cached)") from e
+    finally:
+        wd.close()
+    with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
+        manifest = _finish([str(s["uri"]) for s in shards], stats, config, work,
+                           ",".join(str(s["uri"]) for s in shards), Path(tmp), prefix, parents)
+    _delete_prefix(work)
     return manifest
+
+
+def _delete_prefix(prefix: str) -> None:
+    if is_s3(prefix):
+        st = storage_for(prefix)
+        for obj in st.list(prefix):
+            st.delete(obj.uri)
+    else:
+        shutil.rmtree(local_path(prefix), ignore_errors=True)
