@@ -67,7 +67,7 @@ PROMISES: list[tuple[str, list[str]]] = [
     ("5. Run-config with a wrong type and an unknown key: both fields named, no traceback (CLI)",
      [f"{R}/test_rel_hostile_inputs.py::test_bad_run_config_names_the_fields_without_a_traceback"]),
     ("5. … and in every hostile case above, previously published artifacts stay byte-identical",
-     [f"{R}/test_rel_hostile_inputs.py (fixture `untouched`, every test)"]),
+     [f"{R}/test_rel_hostile_inputs.py (fixture untouched, every test)"]),
     ("6. A checkpoint crafted to run code when unpickled (committed, manifest matching) never runs it",
      [f"{R}/test_rel_safe_loading.py::test_crafted_committed_checkpoint_never_runs_code",
       "tests/training/test_checkpoint_safety.py::test_crafted_pickle_is_refused_and_never_runs"]),
