@@ -124,7 +124,7 @@ def gather_from_tp(x: torch.Tensor, tp: TensorParallelGroup) -> torch.Tensor:
     return x if tp.size == 1 else _GatherFromTP.apply(x, tp)
 
 
-def mark_tensor_parallel(p: nn.Parameter, partition_dim: int) -> nn.Parameter:
+def mark_tensor_parallel(p: torch.Tensor, partition_dim: int) -> torch.Tensor:
     """The attributes DeepSpeed (and Megatron) read to tell a sharded parameter from a replicated one."""
     p.tensor_model_parallel = True  # type: ignore[attr-defined]
     p.partition_dim = partition_dim  # type: ignore[attr-defined]

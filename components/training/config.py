@@ -102,6 +102,8 @@ class ParallelConfig(StrictModel):
     """Tensor-parallel degree."""
     pp: int = Field(default=1, ge=1)
     """Pipeline-parallel degree."""
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    """How pipeline stages are balanced (pp > 1): by parameter count, or by layer count."""
 
 
 class LaunchConfig(StrictModel):

@@ -221,7 +221,7 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     tp = TensorParallelGroup(rank=coord.model, size=parallel_cfg.tp)  # group bound below, from the grid
     layers: LayerFactory = TensorParallelLayers(tp) if tp.size > 1 else LayerFactory()
     full = dense_init(model_cfg, init_state_dict)
-    method = partition or getattr(parallel_cfg, "pipeline_partition", "parameters")
+    method = partition or parallel_cfg.pipeline_partition
     module = PipelineModule(layers=layer_specs(model_cfg, layers, train_cfg.activation_checkpointing),
                             topology=topo, loss_fn=pipeline_loss, partition_method=method)
     grid = module.mpu()

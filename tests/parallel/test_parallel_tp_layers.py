@@ -100,3 +100,23 @@ def test_layout_refusals_name_the_numbers() -> None:
     with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by .*micro_batch_size=3"):
         validate_layout(cfg, tc.model_copy(update={"micro_batch_size": 3}), ParallelConfig(tp=2), 2)
     assert validate_layout(cfg, tc, ParallelConfig(tp=2, pp=2), 8).dp == 2  # dp left unset: world / (tp×pp)
+
+
+def test_pipeline_refuses_dpo_with_a_reason() -> None:
+    from kubellm.training.pipeline import check_objective
+
+    class DPOLike:
+        pass
+
+    with pytest.raises(ConfigError, match=r"parallel.pp > 1 is not supported for DPOLike.*parallel.pp=1"):
+        check_objective(DPOLike())
+
+
+def test_pipeline_names_map_to_the_dense_model() -> None:
+    from kubellm.training.pipeline import to_dense_name
+
+    assert to_dense_name("0.tok_embeddings.weight", 4) == "tok_embeddings.weight"
+    assert to_dense_name("tied_modules.embed.tok_embeddings.weight", 4) == "tok_embeddings.weight"
+    assert to_dense_name("3.attn.qkv.weight", 4) == "blocks.2.attn.qkv.weight"
+    assert to_dense_name("5.weight", 4) == "norm.weight"
+    assert to_dense_name("6.output.weight", 4) == "output.weight"
