@@ -161,7 +161,9 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
     else:
         root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
     arguments = pipeline_arguments(args, root, workdir, cfg)
-    pipeline = build_pipelines(cfg, PipelineSettings(), until=args.until)[args.pipeline]
+    # kfp.local 2.16.1 cannot run a step after a dsl.ParallelFor: data prep runs as one step here (the
+    # same artifact as the fan-out; data_prep.fan_out only shapes compiled/submitted pipelines).
+    pipeline = build_pipelines(cfg, PipelineSettings(data_prep_parallelism=1), until=args.until)[args.pipeline]
     print(f"{HEADLINE} running {args.pipeline} locally: artifacts in {root}, KFP outputs in {workdir / 'kfp'}")
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
