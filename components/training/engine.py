@@ -110,9 +110,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_SELF_MADE = "KUBELLM_SINGLE_PROCESS_GROUP"
+
+
 def in_distributed_worker() -> bool:
     """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    # A 1-process group that init_distributed made for itself is not a launcher's worker.
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(_SELF_MADE)
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -120,7 +124,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if not dist.is_initialized():
         if not in_distributed_worker():
             # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         import deepspeed
 

@@ -31,7 +31,12 @@ class LocalLaunchResult:
 
 
 def _env(role: specs.Role) -> dict[str, str]:
-    env = {**os.environ, **role.env}
+    # A process group this process made for itself (a 1-process stage run earlier in the same
+    # Python) must not leak into the job: torchrun sets the workers' own rank variables.
+    stale = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KUBELLM_SINGLE_PROCESS_GROUP")
+    inherited = {k: v for k, v in os.environ.items()
+                 if not (os.environ.get("KUBELLM_SINGLE_PROCESS_GROUP") and k in stale)}
+    env = {**inherited, **role.env}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
