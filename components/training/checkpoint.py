@@ -543,6 +543,10 @@ class CheckpointManager:
                 problems.append("model config differs — " + "; ".join(diff))
         if not problems and meta.get("param_shapes") is not None:
             have, want = meta["param_shapes"], param_shapes(engine)
+            if int(getattr(engine, "num_stages", 1) or 1) > 1:
+                # pipeline: the manifest holds rank 0's (first stage's) parameters; compare the shared ones
+                have = {n: s for n, s in have.items() if n in want}
+                want = {n: s for n, s in want.items() if n in have}
             diff = [f"{n}: checkpoint={have.get(n)}, this run={want.get(n)}"
                     for n in sorted(set(have) | set(want)) if have.get(n) != want.get(n)]
             if diff:

@@ -81,3 +81,17 @@ def test_one_process_checkpoint_resumes_with_pp2(shards: list[str], one_process_
 
     latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
     assert latest is not None and latest.metadata["layout"]["pp"] == 2 and latest.metadata["layout"]["tp"] == 1
+
+
+@pytest.mark.integration
+def test_pp2_checkpoint_resumes_exactly_with_pp2(shards: list[str], one_process_run: tuple[Path, list[float]],
+                                                 tmp_path: Path) -> None:
+    """Same layout: DeepSpeed's own per-stage files (optimizer state included) through the
+    CheckpointManager, so every resumed step matches the uninterrupted run."""
+    _, reference = one_process_run
+    first = _run(2, shards, tmp_path, {"pp": 2}, False)
+    np.testing.assert_allclose(first[0]["losses"], reference, rtol=1e-5)
+    _stop_after_step6(tmp_path)
+    resumed = _run(2, shards, tmp_path, {"pp": 2}, True)[0]
+    assert resumed["start_step"] == STOP
+    np.testing.assert_allclose(resumed["losses"], reference[STOP:], rtol=1e-5)
