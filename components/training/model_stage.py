@@ -68,14 +68,17 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
                   run_worker: Any) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
     process (or this already is a worker), otherwise through the stage's launch backend."""
+    from kubellm.training.dsconfig import data_parallel_size
     from kubellm.training.engine import in_distributed_worker
 
+    world = config.launch.nproc_per_node * config.launch.nnodes
+    # refuse a layout or batch that cannot work before any process is launched
+    config.train.grad_accum_steps(data_parallel_size(config.parallel, world))
     if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
         return read_manifest(prefix)
     run_id = new_run_id(stage)
     spec = JobSpec(stage=stage, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
                    run_dir=inputs.get("resume") or join(output, "runs", run_id), prefix=prefix)
-    world = config.launch.nproc_per_node * config.launch.nnodes
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
         manifest = run_worker(spec)
         assert manifest is not None

@@ -19,7 +19,7 @@ from kubellm.stages import run_stage
 
 FAST = ["{s}.train.max_steps=6", "{s}.train.micro_batch_size=4", "{s}.train.global_batch_size=4",
         "{s}.train.seq_len=64", "{s}.train.progress_bar=false", "{s}.train.tensorboard=false",
-        "{s}.train.device=cpu"]
+        "{s}.train.device=cpu", "{s}.launch.nproc_per_node=1"]
 
 
 def _base(tok_dir: Path, tmp: Path) -> Path:
@@ -74,3 +74,15 @@ def test_fail_policy_names_the_record(chat_tokenizer_dir: Path, tmp_path: Path) 
     cfg = load_run_config(preset="debug", overrides=[o.format(s="dpo") for o in FAST] + ["dpo.on_bad_record=fail"])
     with pytest.raises(InputDataError, match=r"p.jsonl:2: empty prompt"):
         run_stage("dpo", cfg.dpo, {"model": str(base), "preferences": str(prefs)}, str(tmp_path / "art"))
+
+
+def test_batch_that_does_not_divide_is_refused_before_launch(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from kubellm.core.errors import ConfigError
+
+    base = _base(chat_tokenizer_dir, tmp_path)
+    chat = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": "a"}]}])
+    cfg = load_run_config(preset="debug", overrides=["sft.launch.nproc_per_node=2", "sft.train.global_batch_size=4",
+                                                     "sft.train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"global_batch_size=4 is not divisible"):
+        run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, str(tmp_path / "art"))
