@@ -16,7 +16,7 @@ micro-batch that the model allows:
     all-gather: ×1.5), TP all-reduces (4 per layer per micro-batch), PP activation sends.
   * the pipeline bubble (p−1)/(m+p−1).
 Layouts that fit (≤ `headroom` of GPU memory) are ranked by estimated step time; the best is written
-as a run-config fragment plus the PyTorchJob replica counts and resources. A request that cannot fit
+as a run-config fragment (launch: replicas, GPUs, CPU, memory per pod) and the PyTorchJob shape. A request that cannot fit
 is refused with the numbers of the closest layout.
 """
 
@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 import yaml
+
 from kubellm.core.errors import ConfigError
 from kubellm.model.config import PRESETS, ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params
@@ -188,7 +189,7 @@ def plan(req: Request, top: int = 5) -> list[Layout]:
 
 
 def to_fragment(req: Request, lay: Layout) -> dict[str, Any]:
-    """The run-config fragment and PyTorchJob shape for a chosen layout."""
+    """The chosen layout as a run-config fragment (valid `RunConfig` YAML: merge it into yours)."""
     nnodes = max(1, req.gpus // req.gpus_per_node)
     per_node = min(req.gpus, req.gpus_per_node)
     return {
@@ -202,19 +203,20 @@ def to_fragment(req: Request, lay: Layout) -> dict[str, Any]:
                 "activation_checkpointing": lay.act_ckpt,
             },
             "parallel": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp},
-            "launch": {"backend": "pytorchjob", "nproc_per_node": per_node, "nnodes": nnodes},
-        },
-        "pytorchjob": {
-            "replicas": {"Master": 1, "Worker": nnodes - 1},
-            "resources": {
-                "nvidia.com/gpu": per_node,
-                "cpu": 8 * per_node,
-                # Host memory: loader workers, pinned transfer buffers and node-local checkpoint
-                # staging (a full shard set per node), ~24 GiB per GPU is the usual sizing.
-                "memory": f"{max(64, 24 * per_node)}Gi",
+            "launch": {
+                "backend": "pytorchjob", "nproc_per_node": per_node, "nnodes": nnodes,
+                # per pod: all its GPUs, 8 CPU cores per GPU, and host memory for loader workers,
+                # pinned transfer buffers and node-local checkpoint staging (~24 GiB per GPU)
+                "gpu": per_node, "cpu": 8 * per_node, "memory_mb": max(64, 24 * per_node) * 1024,
             },
         },
     }
+
+
+def pytorchjob_shape(frag: dict[str, Any]) -> str:
+    launch = frag["pretrain"]["launch"]
+    return (f"# PyTorchJob: Master 1 + Worker {launch['nnodes'] - 1}, each {launch['gpu']} × nvidia.com/gpu, "
+            f"{launch['cpu']} CPU, {launch['memory_mb'] // 1024}Gi memory, nprocPerNode {launch['nproc_per_node']}\n")
 
 
 def configure(p: argparse.ArgumentParser, command: str) -> None:
@@ -260,13 +262,14 @@ def main(args: argparse.Namespace) -> int:
           f"{cfg.n_heads} heads / {cfg.kv_heads} kv); {req.gpus} × {req.gpu_mem_gb:g} GB GPUs")
     for i, lay in enumerate(layouts, 1):
         print(f"{i}. {lay.describe()}")
-    frag = yaml.safe_dump(to_fragment(req, layouts[0]), sort_keys=False)
+    fragment = to_fragment(req, layouts[0])
+    frag = pytorchjob_shape(fragment) + yaml.safe_dump(fragment, sort_keys=False)
     if args.output:
         with open(args.output, "w") as f:
             f.write(frag)
         print(f"wrote {args.output}")
     else:
-        print("--- chosen layout (run-config fragment + PyTorchJob shape) ---")
+        print("--- chosen layout (run-config fragment; the PyTorchJob shape in the comment) ---")
         print(frag, end="")
     return 0
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+
 from kubellm.core.errors import ConfigError
 from kubellm.model.config import get_preset
 from kubellm.training.planner import Request, model_state_bytes, plan, to_fragment
@@ -32,8 +33,14 @@ def test_7b_on_8x80gb_fits_and_respects_rules() -> None:
     # Plain DP with ZeRO-0 needs 16 bytes/param ≈ 105 GB for 7B: it must not be offered.
     assert not any(lay.tp == 1 and lay.pp == 1 and lay.zero == 0 for lay in layouts)
     frag = to_fragment(req, layouts[0])
-    assert frag["pretrain"]["launch"] == {"backend": "pytorchjob", "nproc_per_node": 8, "nnodes": 1}
-    assert frag["pytorchjob"]["replicas"] == {"Master": 1, "Worker": 0}
+    launch = frag["pretrain"]["launch"]
+    assert (launch["backend"], launch["nproc_per_node"], launch["nnodes"], launch["gpu"]) == ("pytorchjob", 8, 1, 8)
+    # the fragment is a valid run-config
+    from kubellm.core.config import validate
+    from kubellm.runconfig import RunConfig
+
+    cfg = validate(RunConfig, {**frag, "pretrain": {**frag["pretrain"], "model": {"preset": "7b"}}})
+    assert cfg.pretrain.parallel.dp == layouts[0].dp
 
 
 def test_refuses_what_cannot_fit_with_numbers() -> None:
