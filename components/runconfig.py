@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from kubellm.core.config import StrictModel, apply_overrides, deep_merge, parse_yaml, read_yaml, validate
 from kubellm.core.errors import ConfigError
 from kubellm.data_prep.config import DataPrepConfig
@@ -22,7 +24,6 @@ from kubellm.evaluate.config import EvaluateConfig
 from kubellm.pretrain.config import PretrainConfig
 from kubellm.sft.config import SFTConfig
 from kubellm.tokenizer.config import TokenizerConfig
-from pydantic import Field
 
 PRESETS = ("debug", "seed")
 STAGES = ("data_prep", "tokenizer", "pretrain", "sft", "dpo", "evaluate")

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import stable_hash
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 

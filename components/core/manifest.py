@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kubellm import __version__
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
 from kubellm.core.storage import join, sha256_file, storage_for
-from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "_manifest.json"
 SCHEMA_VERSION = 1

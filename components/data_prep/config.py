@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from kubellm.core.config import StrictModel
 from kubellm.core.manifest import stable_hash
-from pydantic import Field
 
 # Fields that decide how the work is scheduled, not what it produces: left out of the config hash, so
 # a fanned-out pipeline run and a single-step run of the same sources publish the same artifact.

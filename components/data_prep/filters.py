@@ -14,6 +14,7 @@ from collections import Counter
 from functools import lru_cache
 
 import numpy as np
+
 from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
 
 _WS = re.compile(r"\s+")

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from kubellm.core.errors import InputDataError, KubellmError, ManifestMissingError
 from kubellm.core.manifest import Manifest, content_prefix, publish_dir, read_manifest, stable_hash
 from kubellm.core.storage import is_s3, join, local_path, storage_for

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from kubellm.core.config import StrictModel
 from kubellm.model.config import ModelSpec
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
-from pydantic import Field
 
 
 class PretrainDataConfig(StrictModel):

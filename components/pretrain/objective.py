@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from kubellm.model.loss import causal_lm_loss
 from kubellm.training.data import PackedWindowLoader, open_shards
-from torch import Tensor
 
 
 class PretrainObjective:

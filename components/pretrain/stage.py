@@ -84,6 +84,7 @@ def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manif
 def run_worker(spec: JobSpec) -> Manifest | None:
     """One process of the training job (all ranks); rank 0 returns the published manifest."""
     import torch.distributed as dist
+
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.training.data import stage_artifact_files
     from kubellm.training.engine import init_distributed, resolve_device, train

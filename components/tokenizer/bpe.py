@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kubellm.tokenizer.config import TokenizerConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from kubellm.tokenizer.config import TokenizerConfig
 
 
 def special_tokens(cfg: TokenizerConfig) -> list[str]:

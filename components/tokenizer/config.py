@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from kubellm.core.config import StrictModel
 from pydantic import Field
+
+from kubellm.core.config import StrictModel
 
 
 class TokenizerConfig(StrictModel):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kubellm.core.errors import InputDataError
 
 MAGIC = b"KLLMTOK\0"

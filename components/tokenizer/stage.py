@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
 from kubellm.core.errors import InputDataError, ManifestMissingError
 from kubellm.core.manifest import (
     Manifest,
@@ -42,7 +44,6 @@ from kubellm.core.manifest import (
 from kubellm.tokenizer.bpe import chat_template, save_hf_tokenizer, special_tokens, train_bpe
 from kubellm.tokenizer.config import TokenizerConfig
 from kubellm.tokenizer.shards import TokenShardWriter
-from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kubellm.core.errors import InputDataError
 from kubellm.tokenizer.shards import TokenShardReader
 

@@ -34,6 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
 from kubellm.core import faults
 from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
@@ -47,7 +49,6 @@ from kubellm.training.pipeline import check_objective as check_pipeline_objectiv
 from kubellm.training.relayout import consolidated_resume
 from kubellm.training.stepguard import StepGuard, skip_boundary_step, skip_update
 from kubellm.training.topology import ParallelModel, build_parallel_model, validate_layout
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 

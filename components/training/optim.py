@@ -13,8 +13,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kubellm.training.config import OptimConfig
 from torch import nn
+
+from kubellm.training.config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from chart_render import (
     render_objects,
     render_templates,
 )
+
 from kubellm.core.images import image_for
 from kubellm.core.podsecurity import check_restricted, pod_specs_in
 

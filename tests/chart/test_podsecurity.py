@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from kubellm.core.podsecurity import check_restricted, pod_specs_in
 
 RESTRICTED_SC = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kubellm.core.manifest import Manifest
 from kubellm.data_prep import demo_world
 from kubellm.data_prep.config import DataPrepConfig

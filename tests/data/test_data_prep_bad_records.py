@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from kubellm.core.errors import InputDataError
 from kubellm.data_prep.config import DataPrepConfig
 from kubellm.data_prep.stage import run

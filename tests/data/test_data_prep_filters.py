@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from kubellm.data_prep import filters as F
 from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
 

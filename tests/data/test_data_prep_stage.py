@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from kubellm.core.manifest import Manifest, fetch, read_manifest
 from kubellm.core.storage import storage_for
 from kubellm.data_prep.config import DataPrepConfig

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kubellm.data_prep import demo_world
 
 

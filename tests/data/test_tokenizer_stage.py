@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from kubellm.core.errors import InputDataError
 from kubellm.core.manifest import Manifest, fetch
 from kubellm.tokenizer.config import TokenizerConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubellm.core.errors import ConfigError
 from kubellm.core.images import all_images, default_tag, image_for
 from kubellm.stages import STAGES

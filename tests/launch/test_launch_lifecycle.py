@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from fake_kube_api import FakeKubeApi
+from pytorchjob_checks import admission_errors
+from torchx.components.dist import torchrun
+
 from kubellm.training.pytorchjob import (
     JobFailedError,
     OperatorNotInstalledError,
@@ -23,8 +26,6 @@ from kubellm.training.pytorchjob import (
 )
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
 from kubellm.training.pytorchjob.translate import JobContext
-from pytorchjob_checks import admission_errors
-from torchx.components.dist import torchrun
 
 RUN_ID = "7c1d9e2a-3b4f-4a5c-8d6e-0f1a2b3c4d5e"
 TASK = "pretrain"

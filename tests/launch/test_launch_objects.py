@@ -8,11 +8,12 @@ import itertools
 import json
 
 import pytest
-from kubellm.core.podsecurity import check_restricted, pod_specs_in
-from kubellm.training.pytorchjob import ClusterLaunchSettings, JobContext, build_pytorchjob, job_name
 from pytorchjob_checks import CRD_PATH, admission_errors, crd_schema, layout_errors, schema_errors
 from torchx.components.dist import torchrun
 from torchx.specs import AppDef, Resource, Role
+
+from kubellm.core.podsecurity import check_restricted, pod_specs_in
+from kubellm.training.pytorchjob import ClusterLaunchSettings, JobContext, build_pytorchjob, job_name
 
 RUN_ID = "0f6a3d7e-5b1c-4c8e-a2f9-7d3e1b2c4a5f"
 PLANTED = "planted-do-not-leak-9f8e7d"

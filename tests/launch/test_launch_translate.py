@@ -6,6 +6,9 @@ import json
 import re
 
 import pytest
+from torchx.components.dist import torchrun
+from torchx.specs import AppDef, Resource, Role
+
 from kubellm.core.errors import ConfigError
 from kubellm.training.pytorchjob import (
     ClusterLaunchSettings,
@@ -15,8 +18,6 @@ from kubellm.training.pytorchjob import (
     run_appdef,
 )
 from kubellm.training.pytorchjob.translate import MAX_JOB_NAME, parse_command
-from torchx.components.dist import torchrun
-from torchx.specs import AppDef, Resource, Role
 
 RUN_ID = "8f4e2b7a-1c2d-4e5f-9a0b-123456789abc"
 SETTINGS = {"s3_secret_name": "kubellm-s3", "s3_config_map": "kubellm-s3-config"}

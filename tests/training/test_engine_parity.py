@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kubellm.training.spawn import spawn
 
 STEPS = 12

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from kubellm.core.errors import ConfigError, KubellmError
 from kubellm.training.pytorchjob import translate
 from kubellm.training.pytorchjob.kube import KubeApi, KubeApiError, _describe
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
-from kubernetes.client.exceptions import ApiException
 
 # Phases a job moves through (PyTorchJob condition types; TrainJob maps onto the same names).
 PENDING, CREATED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-from kubellm.core.errors import KubellmError
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from kubellm.core.errors import KubellmError
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from kubellm.core.config import validate
 from kubellm.core.errors import KubellmError
 from kubellm.training.pytorchjob import translate
@@ -44,7 +46,6 @@ from kubellm.training.pytorchjob.backend import (
 )
 from kubellm.training.pytorchjob.kube import KubeApi, default_namespace
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
-from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 ATTEMPT_ANNOTATION = f"{translate.LABEL_PREFIX}/attempt"
