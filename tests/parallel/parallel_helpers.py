@@ -13,20 +13,9 @@ VOCAB = 256
 
 
 def make_shards(root: Path, docs: int = 200, seed: int = 0) -> list[str]:
-    """Two small shards of arithmetic-progression documents (learnable: the loss falls fast)."""
-    from kubellm.tokenizer.shards import TokenShardWriter
+    from shardkit import make_shards as shards
 
-    rng = np.random.default_rng(seed)
-    paths = []
-    for s in range(2):
-        p = root / f"train/shard-{s:05d}.tok"
-        with TokenShardWriter(p, VOCAB) as w:
-            for _ in range(docs // 2):
-                n = int(rng.integers(10, 60))
-                start = int(rng.integers(3, VOCAB))
-                w.add_document([1, *((start + np.arange(n) * 3) % (VOCAB - 3) + 3), 2])
-        paths.append(str(p))
-    return paths
+    return shards(root, VOCAB, docs, seed)
 
 
 def tiny_model(**overrides: Any) -> Any:

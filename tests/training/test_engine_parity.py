@@ -19,19 +19,9 @@ STEPS = 12
 
 
 def make_shards(root: Path, vocab: int = 256, docs: int = 300, seed: int = 0) -> list[str]:
-    from kubellm.tokenizer.shards import TokenShardWriter
+    from shardkit import make_shards as shards
 
-    rng = np.random.default_rng(seed)
-    paths = []
-    for s in range(2):
-        p = root / f"train/shard-{s:05d}.tok"
-        with TokenShardWriter(p, vocab) as w:
-            for _ in range(docs // 2):
-                n = int(rng.integers(10, 60))
-                start = int(rng.integers(3, vocab))
-                w.add_document([1, *((start + np.arange(n) * 3) % (vocab - 3) + 3), 2])
-        paths.append(str(p))
-    return paths
+    return shards(root, vocab, docs, seed)
 
 
 def run_training(shards: list[str], run_dir: str, zero_stage: int, micro: int, global_batch: int,
