@@ -116,8 +116,10 @@ _SELF_MADE = "KUBELLM_SINGLE_PROCESS_GROUP"
 
 def in_distributed_worker() -> bool:
     """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
-    # A 1-process group that init_distributed made for itself is not a launcher's worker.
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not os.environ.get(_SELF_MADE)
+    # A 1-process group that init_distributed made for itself (in this very process: the marker
+    # holds its pid, so child processes that inherit it are not fooled) is not a launcher's worker.
+    self_made = os.environ.get(_SELF_MADE) == str(os.getpid())
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not self_made
 
 
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -125,7 +127,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if not dist.is_initialized():
         if not in_distributed_worker():
             # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: "1",
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: str(os.getpid()),
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         import deepspeed
 
