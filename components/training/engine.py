@@ -175,36 +175,10 @@ def _grad_norm(engine: Any) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def consolidated_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, Tensor] | None:
-    """Full weights on rank 0 from any ZeRO stage (stage 3 gathers the partitions: a collective)."""
-    if zero_stage == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().cpu().clone() for k, v in sd.items()} if rank == 0 else None
-    if rank != 0:
-        return None
-    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
-
-
 def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
     if device == "cpu":
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain values only: checkpoints are loaded with weights_only=True."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
-                      float(gauss)]}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    with contextlib.suppress(Exception):  # an RNG state from another platform is not fatal
-        random.setstate(state["python"])
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(state["torch"])
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
@@ -270,8 +244,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         if client_state:
             start_step = int(client_state["step"])
             loader.load_state_dict(client_state["loader"])
-            if "rng" in client_state:
-                _set_rng_state(client_state["rng"])
             if "guard" in client_state:  # spike window + skip counts: a resumed run decides the same
                 guard.load_state_dict(client_state["guard"])
             if rank == 0:
@@ -360,15 +332,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             every = train_cfg.checkpoint_every
             if ckpt is not None and (last or (every and (step + 1) % every == 0)):
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
-                                             "rng": _rng_state(), "guard": guard.state_dict()})
+                                             "guard": guard.state_dict()})
     finally:
         logger.close()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
 
+    from kubellm.training.checkpoint import consolidated_state_dict
+
     final = (built.consolidate(engine) if built is not None
-             else consolidated_state_dict(engine, train_cfg.zero_stage, rank))
+             else consolidated_state_dict(engine))  # fp32 (master weights), any ZeRO stage
     summary = {**logger.summary(), **guard.metrics()}
     if world > 1:
         dist.barrier()
