@@ -13,7 +13,6 @@ accuracy and margin before (0.5 / 0 by construction) and after training.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from kubellm.core.storage import join, storage_for
 from kubellm.dpo.config import DPOConfig
 from kubellm.sft.stage import config_hash, source_fingerprint, stage_jsonl
 from kubellm.training.job import JobSpec
-from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model
+from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
 STAGE = "dpo"
 REF_FILE = "reference/ref_logps.npy"
@@ -63,22 +62,17 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
 
 def run_worker(spec: JobSpec) -> Manifest | None:
     import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
 
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
     from kubellm.sft.data import SkipReport
-    from kubellm.training.engine import init_distributed, resolve_device, train
+    from kubellm.training.engine import train
 
     config = DPOConfig.model_validate(spec.config)
-    rank, world = init_distributed(resolve_device(config.train.device))
-    base = fetch_model(spec.inputs["model"], fetch_here=int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    if world > 1:
-        dist.barrier()
-    tok = AutoTokenizer.from_pretrained(str(base.hf_dir))
-    reference, model_cfg = load_hf(base.hf_dir)
+    w = start_worker(spec, config.train)
+    rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
+    reference, model_cfg = w.model, w.model_config
     reference.eval().requires_grad_(False)
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:

@@ -12,7 +12,6 @@ assistant-token loss before and after. Same engine, ZeRO options, launch and exp
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from kubellm.core.manifest import Manifest, content_prefix, stable_hash
 from kubellm.sft.config import SFTConfig
 from kubellm.training.job import JobSpec
-from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model
+from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
 STAGE = "sft"
 
@@ -51,21 +50,13 @@ def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
 
 
 def run_worker(spec: JobSpec) -> Manifest | None:
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
-
-    from kubellm.model.hf import load_hf
     from kubellm.sft.data import SkipReport, pack_examples, read_chat_jsonl
     from kubellm.sft.objective import SFTObjective, assistant_token_loss
-    from kubellm.training.engine import init_distributed, resolve_device, train
+    from kubellm.training.engine import train
 
     config = SFTConfig.model_validate(spec.config)
-    rank, world = init_distributed(resolve_device(config.train.device))
-    base = fetch_model(spec.inputs["model"], fetch_here=int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    if world > 1:
-        dist.barrier()
-    tok = AutoTokenizer.from_pretrained(str(base.hf_dir))
-    model, model_cfg = load_hf(base.hf_dir)
+    w = start_worker(spec, config.train)
+    rank, base, tok, model, model_cfg = w.rank, w.base, w.tokenizer, w.model, w.model_config
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
         examples = list(read_chat_jsonl(stage_jsonl(spec.inputs["chat"], Path(tmp)), tok,

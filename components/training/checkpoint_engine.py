@@ -4,7 +4,7 @@
     install_safe_checkpoint_engine(engine)       # engine.load_checkpoint(...) now never runs pickled code
     state = safe_torch_load("/staging/step-00000010/mp_rank_00_model_states.pt")
 
-Why: DeepSpeed 0.19.8's `TorchCheckpointEngine.load` calls `torch.load(weights_only=False)`, i.e.
+Why: DeepSpeed 0.19.8's `TorchCheckpointEngine.load` loads with weights_only=False, i.e.
 full pickle — a checkpoint file (or anyone who can write to the bucket) could run arbitrary code in
 every training pod. `SafeTorchCheckpointEngine` subclasses it and loads with `weights_only=True`;
 torch's restricted unpickler then accepts tensors, containers and primitives plus exactly the

@@ -59,6 +59,37 @@ def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool 
     return BaseModel(manifest, root / export, cfg)
 
 
+@dataclasses.dataclass
+class WorkerStart:
+    """What a post-training worker has after start-up: its place in the job and the starting model."""
+
+    rank: int
+    world: int
+    base: BaseModel
+    tokenizer: Any
+    model: Any
+    """The starting model (`kubellm.model.Transformer`) loaded from the base export."""
+    model_config: ModelConfig
+
+
+def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
+    """Join the process group, make the base model's export readable on this node (local rank 0
+    fetches, the others wait), and load its tokenizer and weights."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from kubellm.model.hf import load_hf
+    from kubellm.training.engine import init_distributed, resolve_device
+
+    rank, world = init_distributed(resolve_device(train_cfg.device))
+    base = fetch_model(spec.inputs["model"], fetch_here=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    if world > 1:
+        dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(str(base.hf_dir))
+    model, model_cfg = load_hf(base.hf_dir)
+    return WorkerStart(rank, world, base, tokenizer, model, model_cfg)
+
+
 def new_run_id(stage: str) -> str:
     return os.environ.get("KUBELLM_RUN_ID") or (
         f"{stage}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
