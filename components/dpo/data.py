@@ -9,7 +9,6 @@ fail the stage, per `on_bad_record`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kubellm.core.errors import InputDataError
-from kubellm.sft.data import IGNORE, SkipReport, _ids, _reason, validate_messages
+from kubellm.sft.data import IGNORE, SkipReport, _ids, read_records, validate_messages
 
 
 @dataclasses.dataclass
@@ -57,30 +56,17 @@ def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
 
 def read_preferences_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
                            on_bad_record: str = "skip") -> list[PreferenceExample]:
-    out = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    messages, chosen, rejected = parse_record(json.loads(line), where)
-                    c_ids, c_lab = render_reply(tok, messages, chosen, where)
-                    r_ids, r_lab = render_reply(tok, messages, rejected, where)
-                    n = max(len(c_ids), len(r_ids))
-                    if n > max_len:
-                        raise InputDataError(f"{where}: pair is {n} tokens, longer than the context ({max_len}); "
-                                             "it is not truncated")
-                except (InputDataError, json.JSONDecodeError) as e:
-                    if on_bad_record == "fail":
-                        raise InputDataError(str(e) if isinstance(e, InputDataError) else f"{where}: {e}") from None
-                    reason = "identical_pair" if "identical pair" in str(e) else (
-                        "empty_prompt" if "empty prompt" in str(e) else _reason(e))
-                    report.add(reason, where)
-                    continue
-                out.append(PreferenceExample(c_ids, c_lab, r_ids, r_lab))
-    return out
+    def parse(rec: Any, where: str) -> PreferenceExample:
+        messages, chosen, rejected = parse_record(rec, where)
+        c_ids, c_lab = render_reply(tok, messages, chosen, where)
+        r_ids, r_lab = render_reply(tok, messages, rejected, where)
+        n = max(len(c_ids), len(r_ids))
+        if n > max_len:
+            raise InputDataError(f"{where}: pair is {n} tokens, longer than the context ({max_len}); "
+                                 "it is not truncated")
+        return PreferenceExample(c_ids, c_lab, r_ids, r_lab)
+
+    return list(read_records(paths, parse, report, on_bad_record))
 
 
 def to_arrays(examples: Iterable[PreferenceExample], seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:

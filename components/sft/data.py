@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubellm.core.errors import InputDataError
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -97,36 +98,48 @@ def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "
     return ChatExample(full, labels)
 
 
-def read_chat_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
-                    on_bad_record: str = "skip") -> Iterator[ChatExample]:
-    """Stream rendered conversations; bad records are skipped and counted or raise (policy)."""
+def read_records(paths: Iterable[Path], parse: Callable[[Any, str], T], report: SkipReport,
+                 on_bad_record: str = "skip") -> Iterator[T]:
+    """Stream `parse(record, "file:line")` over JSON-lines files with one bad-record policy: a line
+    that is not UTF-8 or JSON, or that `parse` rejects with InputDataError, is skipped and counted in
+    `report` ("skip") or stops the stage naming the file and line ("fail")."""
     for path in paths:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
                 try:
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict) or "messages" not in rec:
-                        raise InputDataError(f"{where}: expected an object with a 'messages' list")
-                    ex = render_conversation(tok, validate_messages(rec["messages"], where), where)
-                    if len(ex.input_ids) > max_len:
-                        raise InputDataError(
-                            f"{where}: conversation is {len(ex.input_ids)} tokens, longer than the context "
-                            f"({max_len}); it is not truncated"
-                        )
-                except (InputDataError, json.JSONDecodeError) as e:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    value = parse(json.loads(line), where)
+                except (InputDataError, json.JSONDecodeError, UnicodeDecodeError) as e:
                     if on_bad_record == "fail":
                         raise InputDataError(str(e) if isinstance(e, InputDataError) else f"{where}: {e}") from None
                     report.add(_reason(e), where)
                     continue
-                yield ex
+                yield value
+
+
+def read_chat_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
+                    on_bad_record: str = "skip") -> Iterator[ChatExample]:
+    """Stream rendered conversations; bad records are skipped and counted or raise (policy)."""
+
+    def parse(rec: Any, where: str) -> ChatExample:
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise InputDataError(f"{where}: expected an object with a 'messages' list")
+        ex = render_conversation(tok, validate_messages(rec["messages"], where), where)
+        if len(ex.input_ids) > max_len:
+            raise InputDataError(f"{where}: conversation is {len(ex.input_ids)} tokens, longer than the "
+                                 f"context ({max_len}); it is not truncated")
+        return ex
+
+    return read_records(paths, parse, report, on_bad_record)
 
 
 def _reason(e: Exception) -> str:
     text = str(e)
-    for key in ("unknown role", "no assistant turn", "longer than the context", "empty content"):
+    for key in ("unknown role", "no assistant turn", "longer than the context", "empty content",
+                "identical pair", "empty prompt"):
         if key in text:
             return key.replace(" ", "_")
     return "malformed_record"

@@ -59,11 +59,14 @@ def test_bad_records_skipped_and_counted_or_fail(chat_tokenizer_dir: Path, tmp_p
         {"messages": [{"role": "user", "content": "long " * 200}, {"role": "assistant", "content": "ok"}]},
     ]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    with open(f, "ab") as fh:  # a line that is not UTF-8 is one bad record, not a crash of the stage
+        fh.write(b'{"messages": "\xff\xfe"}\n')
     rep = SkipReport()
     got = list(read_chat_jsonl([f], tok, max_len=128, report=rep))
     assert len(got) == 1
     assert rep.counts == {"no_assistant_turn": 1, "unknown_role": 1, "longer_than_the_context": 1,
-                          "malformed_record": 1}
+                          "malformed_record": 2}
     assert any("chat.jsonl:3" in e for e in rep.examples)
+    assert any("chat.jsonl:6" in e for e in rep.examples)
     with pytest.raises(InputDataError, match=r"chat.jsonl:2: conversation has no assistant turn"):
         list(read_chat_jsonl([f], tok, max_len=128, report=SkipReport(), on_bad_record="fail"))
