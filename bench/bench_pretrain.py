@@ -6,7 +6,8 @@
 Both sides train the same shape (the preset's ModelConfig; LlamaForCausalLM built from
 `kubellm.model.hf.hf_config_dict`), on the same fixed batch, with the same threads and precision:
   ours  kubellm Transformer + AdamW param groups + LR schedule through the DeepSpeed engine
-        (1 process, ZeRO 0, gradient clipping) — exactly the engine's step
+        (1 process, ZeRO 0, gradient clipping), loss through `model(ids, labels=...)` as the
+        pretrain objective does (the LM head's fused, chunked cross-entropy) — the engine's step
   hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW + clip_grad_norm_, plain PyTorch
 Rounds alternate ours/hf so machine noise hits both; each round times `--steps` steps after
 `--warmup` untimed ones; the median over `--rounds` (≥ 5) is reported with the ratio ours/hf.
@@ -27,15 +28,11 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Callable[[torch.Tensor], float]:
-    import deepspeed
-
     from kubellm.model import Transformer
     from kubellm.model.config import get_preset
-    from kubellm.model.loss import causal_lm_loss
     from kubellm.training.config import ParallelConfig, TrainConfig
     from kubellm.training.dsconfig import deepspeed_config
-    from kubellm.training.engine import init_distributed
-    from kubellm.training.optim import lr_lambda, param_groups
+    from kubellm.training.engine import build_engine, init_distributed
 
     cfg = get_preset(preset)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,
@@ -43,16 +40,14 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> 
     init_distributed("cpu")
     torch.manual_seed(0)
     model = Transformer(cfg)
-    fwd = torch.compile(model) if compile_ else model
-    sched = lr_lambda(tc.optim, tc.max_steps)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tc.optim),
-                                      config=deepspeed_config(tc, ParallelConfig(), 1, "cpu"),
-                                      lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched))
+    if compile_:
+        model.compile()  # as train() does with train.compile: true
+    engine, _ = build_engine(model, tc, deepspeed_config(tc, ParallelConfig(), 1, "cpu"))  # as train() does
     amp = precision == "bf16"
 
     def step(ids: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = causal_lm_loss(fwd(ids[:, :-1]), ids[:, 1:])
+            loss = engine(ids[:, :-1], labels=ids[:, 1:])  # the pretrain objective's call: fused LM-head loss
         engine.backward(loss)
         engine.step()
         return float(loss.detach())

@@ -11,8 +11,8 @@ The model never calls `nn.Linear` itself. It asks a `LayerFactory` for four kind
 * `row(in, out)` — **row-parallel** candidates: `attn.out` and `ffn.down`. Their input is the
   (possibly sharded) output of a column layer; a TP version all-reduces its output.
 * `embedding(vocab, dim)` — the token embedding (vocab-parallel later).
-* `output(dim, vocab)` — the LM head (column/vocab-parallel later; must return full logits or the
-  loss must become vocab-parallel).
+* `output(dim, vocab)` — the LM head: `head(x)` returns full logits; `head(x, labels=labels)` returns
+  the mean causal-LM loss (the dense `LMHead` fuses it with the projection, never building logits).
 
 **Fused layouts and how to shard them.** A fused weight is stored as its parts stacked along
 dim 0 (output features), each part in head order:
@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kubellm.model.loss import linear_cross_entropy
+
 
 class LayerFactory:
     """Dense (single-rank) layers. Subclass and override to build tensor-parallel ones."""
@@ -58,8 +60,24 @@ class LayerFactory:
         return nn.Embedding(vocab_size, dim)
 
     def output(self, dim: int, vocab_size: int) -> nn.Module:
-        """The LM head: hidden states (…, dim) -> full logits (…, vocab_size)."""
-        return nn.Linear(dim, vocab_size, bias=False)
+        """The LM head: hidden states (…, dim) -> full logits (…, vocab_size), or the loss given labels."""
+        return LMHead(dim, vocab_size)
+
+
+class LMHead(nn.Linear):
+    """`nn.Linear(dim, vocab, bias=False)` (same `weight` key) that can also return the loss:
+    `head(x)` -> logits; `head(x, labels=labels)` -> mean cross-entropy over labels != ignore_index,
+    through `kubellm.model.loss.linear_cross_entropy` (chunked, no (N, vocab) logits). The loss is
+    computed inside this module's forward so ZeRO-3's per-module parameter gathering covers it."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__(dim, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,  # type: ignore[override]
+                ignore_index: int = -100) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, ignore_index)
 
 
 def shard_fused(weight: torch.Tensor, parts: Sequence[int], rank: int, tp: int) -> torch.Tensor:

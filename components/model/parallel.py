@@ -45,6 +45,7 @@ from torch import nn
 
 from kubellm.model.config import ModelConfig
 from kubellm.model.layers import LayerFactory, shard_fused
+from kubellm.model.loss import causal_lm_loss
 
 
 @dataclasses.dataclass
@@ -199,8 +200,11 @@ class VocabParallelOutput(nn.Module):
         local = _split(vocab_size, tp.size, "vocab_size")
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(local, dim)), 0)  # (V/tp, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_from_tp(F.linear(copy_to_tp(x, self.tp), self.weight), self.tp)  # (…, V)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        logits = gather_from_tp(F.linear(copy_to_tp(x, self.tp), self.weight), self.tp)  # (…, V)
+        if labels is None:
+            return logits
+        return causal_lm_loss(logits, labels, ignore_index)  # same mean as the dense LMHead
 
 
 class TensorParallelLayers(LayerFactory):

@@ -65,12 +65,13 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_(sin)
 
     def forward(self, position_ids: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) shaped to broadcast over (B, n_heads, T, head_dim/2)."""
+        """(cos, sin) shaped to broadcast over (B, T, heads, head_dim/2) — the projection's layout,
+        before the heads are transposed, so q and k heads rotate in one go."""
         if position_ids is None:
-            return self.cos[:seq_len][None, None], self.sin[:seq_len][None, None]  # (1, 1, T, hd)
+            return self.cos[:seq_len][None, :, None], self.sin[:seq_len][None, :, None]  # (1, T, 1, hd/2)
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
-        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hd)
+        return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]  # (B, T, 1, hd/2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,12 +120,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, n_heads, T, hd)
-        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)  # (B, n_kv_heads, T, hd)
-        v = v.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        qk, v = self.qkv(x).split([(nq + nkv) * hd, nkv * hd], dim=-1)
+        # rotate the q and k heads together (one set of RoPE kernels per layer, not two)
+        qk = apply_rope(qk.view(B, T, nq + nkv, hd), cos, sin)  # (B, T, nq + nkv, hd)
+        q = qk[:, :, :nq].transpose(1, 2)  # (B, n_heads, T, hd)
+        k = qk[:, :, nq:].transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, n_kv_heads, S, hd), S = cached + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -260,10 +262,16 @@ class Transformer(nn.Module):
         return cos, sin, mask, is_causal
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). doc_ids (B, T): per-token document index of packed
         sequences (block-diagonal causal attention; positions restart per document unless
-        position_ids is given). kv_cache: incremental decoding (see `new_kv_cache`)."""
+        position_ids is given). kv_cache: incremental decoding (see `new_kv_cache`).
+
+        labels (B, T), already shifted (labels[:, t] is the target of position t): return the mean
+        cross-entropy over labels != ignore_index instead of logits, through the LM head's fused
+        loss (`kubellm.model.loss.linear_cross_entropy`: same value as `causal_lm_loss(logits,
+        labels)` without building the (B, T, vocab) logits)."""
         cos, sin, mask, is_causal = self.attention_inputs(input_ids, position_ids, doc_ids, kv_cache)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         for block in self.blocks:
@@ -273,6 +281,8 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
+        if labels is not None:
+            return self.output(self.norm(x), labels=labels, ignore_index=ignore_index)  # scalar loss
         return self.output(self.norm(x))  # (B, T, vocab)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

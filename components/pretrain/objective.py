@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kubellm.model.loss import causal_lm_loss
 from kubellm.training.data import PackedWindowLoader, open_shards
 
 
@@ -29,9 +28,9 @@ class PretrainObjective:
                                   doc_masking=self.doc_masking, prefetch=self.prefetch)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                       doc_ids=batch.get("doc_ids"))  # (B, T, V)
-        return causal_lm_loss(logits, batch["labels"]), {}
+        loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                     labels=batch["labels"])  # the LM head's fused cross-entropy (no (B, T, V) logits)
+        return loss, {}
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["labels"].numel())

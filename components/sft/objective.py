@@ -74,8 +74,9 @@ class SFTObjective:
         return ExampleLoader(self.examples, dp_rank, dp_size, micro_batch_size, seed, "packed sequences")
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
-        return causal_lm_loss(logits, batch["labels"], ignore_index=IGNORE), {}
+        loss = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
+                     labels=batch["labels"], ignore_index=IGNORE)  # fused LM-head cross-entropy
+        return loss, {}
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["input_ids"].numel())

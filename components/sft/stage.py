@@ -39,7 +39,7 @@ def stage_jsonl(raw: str, tmp: Path) -> list[Path]:
 
 def config_hash(config: SFTConfig | object) -> str:
     # `launch` says where the job runs, not what it computes
-    return stable_hash(config.model_dump(mode="json", exclude={"launch"}))  # type: ignore[attr-defined]
+    return stable_hash(config.model_dump(mode="json", exclude={"launch"}))  # type: ignore[union-attr]
 
 
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:

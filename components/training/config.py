@@ -44,6 +44,10 @@ class TrainConfig(StrictModel):
     """Mixed precision: fp32 (CPU default), bf16, fp16."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
+    compile: bool = False
+    """Compile the model's forward with torch.compile (`Module.compile`: parameter names unchanged).
+    Off by default: on the 2-core CPU a compiled step is only ~1.1× eager (BENCHMARKS.md) and the
+    compile itself takes minutes. Dense models only (parallel.tp = parallel.pp = 1)."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout."""
     zero_stage: Literal[0, 1, 2, 3] = 0

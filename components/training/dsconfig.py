@@ -48,6 +48,9 @@ def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world
         raise ConfigError(f"train.offload_params needs train.zero_stage=3 (got {train_cfg.zero_stage})")
     if train_cfg.offload_optimizer and train_cfg.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage ≥ 1 (got 0)")
+    if train_cfg.compile and (parallel_cfg.tp > 1 or parallel_cfg.pp > 1):
+        raise ConfigError(f"train.compile is supported for dense models only; got parallel.tp={parallel_cfg.tp}, "
+                          f"parallel.pp={parallel_cfg.pp} (set train.compile: false or tp = pp = 1)")
     if train_cfg.precision == "fp16" and device != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA; on CPU use fp32 or bf16")
     o = train_cfg.optim

@@ -181,13 +181,28 @@ def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[str, Any],
+                 mpu: Any = None) -> tuple[Any, Any]:
+    """`deepspeed.initialize` with kubellm's AdamW param groups and warmup+cosine schedule; returns
+    (engine, scheduler). With one data-parallel replica and ZeRO 0 there is nothing to average, so
+    DeepSpeed's per-backward gradient all-reduce (flatten, a 1-rank collective, copy back: ~4% of a
+    `debug` step on CPU) is switched off; every other layout keeps it."""
+    import deepspeed
+
+    schedule = lr_lambda(train_cfg.optim, train_cfg.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, train_cfg.optim), config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), mpu=mpu)
+    if engine.dp_world_size == 1 and not engine.zero_optimization() and not engine.pipeline_parallelism:
+        engine.enable_backward_allreduce = False
+    return engine, scheduler
+
+
 # -- the loop ----------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
           objective: Objective, run_dir: str, init_state_dict: dict[str, Tensor] | None = None,
           resume: bool = True) -> TrainResult:
     """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring."""
-    import deepspeed
-
     from kubellm.model import Transformer, check_token_ids
     from kubellm.model.flops import flops_per_token
 
@@ -215,18 +230,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         built = build_parallel_model(model_cfg, train_cfg, parallel_cfg, init_state_dict)
         model = built.module
     else:
-        model = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
+        dense = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
         if init_state_dict is not None:
-            model.load_state_dict(init_state_dict)
-        model.set_activation_checkpointing(train_cfg.activation_checkpointing)
+            dense.load_state_dict(init_state_dict)
+        dense.set_activation_checkpointing(train_cfg.activation_checkpointing)
+        if train_cfg.compile:
+            dense.compile()  # in place: the state dict, checkpoints and export keep their names
+        model = dense
     if device == "cuda":
         model = model.cuda()
-    schedule = lr_lambda(train_cfg.optim, train_cfg.max_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, train_cfg.optim), config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        mpu=built.mpu if built is not None else None,  # TP groups; a PipelineModule brings its own grid
-    )
+    engine, scheduler = build_engine(model, train_cfg, ds_cfg,
+                                     mpu=built.mpu if built is not None else None)  # TP groups; PP brings its grid
     # bf16 on CPU: autocast over fp32 weights (DeepSpeed's bf16 mode is used on CUDA; see dsconfig)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if train_cfg.precision == "bf16" and device == "cpu"
                 else contextlib.nullcontext())

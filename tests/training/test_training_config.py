@@ -44,6 +44,8 @@ def test_layout_and_precision_refusals() -> None:
         deepspeed_config(TrainConfig(precision="fp16"), ParallelConfig(), 1)
     with pytest.raises(ConfigError, match="offload_params needs train.zero_stage=3"):
         deepspeed_config(TrainConfig(zero_stage=2, offload_params=True), ParallelConfig(), 1)
+    with pytest.raises(ConfigError, match=r"train.compile is supported for dense models only; got parallel.tp=2"):
+        deepspeed_config(TrainConfig(compile=True), ParallelConfig(tp=2), 2)
 
 
 def test_bad_model_shapes_name_the_field() -> None:

@@ -42,18 +42,23 @@ def engine_runs(shards: list[str], run_root: str) -> dict:
 
     cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
     out: dict = {}
-    for name, extra in [("fp32", {}), ("ac", {"activation_checkpointing": True}), ("bf16", {"precision": "bf16"})]:
+    for name, extra in [("fp32", {}), ("ac", {"activation_checkpointing": True}), ("bf16", {"precision": "bf16"}),
+                        ("compiled", {"compile": True})]:
         tc = TrainConfig(max_steps=8, micro_batch_size=2, global_batch_size=4, seq_len=32, progress_bar=False,
                          optim=OptimConfig(lr=3e-3, warmup_steps=3), checkpoint_every=0, **extra)
         r = train(cfg, tc, ParallelConfig(), PretrainObjective(shards, seq_len=32, vocab_size=256),
                   f"{run_root}/{name}", resume=False)
         out[name] = r.losses
+        if name == "compiled":
+            assert r.final_state_dict is not None
+            out["compiled_keys"] = sorted(r.final_state_dict)
         if name == "fp32":
             seed_everything(tc.seed)
             init = Transformer(cfg).state_dict()
             assert r.final_state_dict is not None
             out["changed"] = [k for k, v in init.items() if not torch.equal(v, r.final_state_dict[k])]
             out["n_params"] = len(init)
+            out["keys"] = sorted(r.final_state_dict)
             rows = [json.loads(x) for x in Path(r.metrics_path).read_text().splitlines()]
             out["rows"] = rows
             f = lr_lambda(tc.optim, tc.max_steps)
@@ -74,6 +79,8 @@ def test_engine_trains_and_options_agree(tokens: str, tmp_path: Path) -> None:
     assert len(out["changed"]) == out["n_params"]  # every parameter tensor moved
     np.testing.assert_allclose(ac, fp32, rtol=1e-6)  # recomputation changes memory, not numerics
     np.testing.assert_allclose(bf16, fp32, rtol=3e-2)  # autocast: same trajectory within bf16 rounding
+    np.testing.assert_allclose(out["compiled"], fp32, rtol=1e-4)  # train.compile: same numerics, fused kernels
+    assert out["compiled_keys"] == out["keys"]  # Module.compile keeps parameter names (checkpoints, export)
     rows = out["rows"]
     assert [r["step"] for r in rows] == list(range(1, 9))
     # after step s the scheduler has stepped s times: lr of the next step is logged
