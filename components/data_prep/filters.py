@@ -11,6 +11,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -57,11 +58,12 @@ def quality_reason(text: str, f: QualityFilters) -> str | None:
         return "min_words"
     if f.max_words is not None and n > f.max_words:
         return "max_words"
-    mean_len = sum(len(w) for w in words) / max(n, 1)
-    if f.min_mean_word_length is not None and mean_len < f.min_mean_word_length:
-        return "min_mean_word_length"
-    if f.max_mean_word_length is not None and mean_len > f.max_mean_word_length:
-        return "max_mean_word_length"
+    if f.min_mean_word_length is not None or f.max_mean_word_length is not None:
+        mean_len = sum(len(w) for w in words) / max(n, 1)
+        if f.min_mean_word_length is not None and mean_len < f.min_mean_word_length:
+            return "min_mean_word_length"
+        if f.max_mean_word_length is not None and mean_len > f.max_mean_word_length:
+            return "max_mean_word_length"
     if f.max_symbol_word_ratio is not None:
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / max(n, 1) > f.max_symbol_word_ratio:
@@ -127,27 +129,40 @@ def shingles(text: str, n: int) -> list[bytes]:
     return list({" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)})
 
 
+def _hashfunc(name: str) -> Callable[[bytes], int]:
+    """The shingle hash `DedupConfig.hash` names; both give 32-bit ints for datasketch's affine32 scheme."""
+    if name == "xxh32":
+        import xxhash
+
+        return xxhash.xxh32_intdigest
+    from datasketch.hashfunc import sha1_hash32
+
+    return sha1_hash32
+
+
 @lru_cache(maxsize=8)
-def _template(num_perm: int, seed: int):  # type: ignore[no-untyped-def]
+def _template(num_perm: int, seed: int, hash_name: str):  # type: ignore[no-untyped-def]
     from datasketch import MinHash
 
-    return MinHash(num_perm=num_perm, seed=seed)
+    return MinHash(num_perm=num_perm, seed=seed, hashfunc=_hashfunc(hash_name))
 
 
 def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
-    """The datasketch MinHash signature (affine32 scheme, uint32[num_perm]) of `text`'s shingles.
-    All shards share `cfg.seed`, so signatures are comparable in the global reduce."""
+    """The datasketch MinHash signature (affine32 scheme, uint32[num_perm]) of `text`'s shingles,
+    each hashed with `cfg.hash`. All shards share `cfg.seed` and `cfg.hash`, so signatures are
+    comparable in the global reduce."""
     from datasketch import MinHash
 
-    t = _template(cfg.num_perm, cfg.seed)
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=t.permutations, scheme=t.scheme)
+    t = _template(cfg.num_perm, cfg.seed, cfg.hash)
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=t.permutations, scheme=t.scheme,
+                hashfunc=t.hashfunc)
     m.update_batch(shingles(text, cfg.ngram))
     return np.asarray(m.hashvalues)
 
 
 def signature_dtype(cfg: DedupConfig) -> np.dtype:
-    return np.dtype(_template(cfg.num_perm, cfg.seed).hashvalues.dtype).newbyteorder("<")
+    return np.dtype(_template(cfg.num_perm, cfg.seed, cfg.hash).hashvalues.dtype).newbyteorder("<")
 
 
 def signature_scheme(cfg: DedupConfig) -> str:
-    return str(_template(cfg.num_perm, cfg.seed).scheme)
+    return str(_template(cfg.num_perm, cfg.seed, cfg.hash).scheme)

@@ -65,6 +65,23 @@ def test_minhash_signatures_estimate_jaccard() -> None:
     assert np.array_equal(a, F.minhash_signature(GOOD, cfg))  # deterministic
 
 
+def test_minhash_base_hash_option_is_datasketch_with_that_hashfunc() -> None:
+    from datasketch import MinHash
+    from datasketch.hashfunc import sha1_hash32
+
+    sha1 = DedupConfig(hash="sha1")
+    plain = MinHash(num_perm=sha1.num_perm, seed=sha1.seed)  # datasketch's defaults: sha1_hash32, affine32
+    plain.update_batch(F.shingles(GOOD, sha1.ngram))
+    assert plain.hashfunc is sha1_hash32
+    assert np.array_equal(F.minhash_signature(GOOD, sha1), plain.hashvalues)
+    xx = DedupConfig()  # default xxh32: another base hash, so other signatures, same estimator
+    assert xx.hash == "xxh32" and not np.array_equal(F.minhash_signature(GOOD, xx), plain.hashvalues)
+    assert F.signature_dtype(xx) == F.signature_dtype(sha1)
+    near = GOOD.replace("warm", "fresh")
+    est = {c.hash: np.mean(F.minhash_signature(GOOD, c) == F.minhash_signature(near, c)) for c in (xx, sha1)}
+    assert 0.5 < est["xxh32"] < 1 and abs(est["xxh32"] - est["sha1"]) < 0.15  # both estimate the same Jaccard
+
+
 def test_split_is_deterministic_and_roughly_proportional() -> None:
     texts = [f"document number {i}" for i in range(4000)]
     splits = [F.split_of(t, 0.1) for t in texts]
