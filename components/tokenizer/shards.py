@@ -71,6 +71,22 @@ class TokenShardWriter:
         for d in docs:
             self.add_document(d)
 
+    def add_packed(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several documents at once: `tokens` back to back, `lengths[i]` tokens each (one
+        range check and one write for the lot)."""
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+        if tokens.size:
+            bad = np.flatnonzero((tokens < 0) | (tokens >= self.vocab_size))
+            if bad.size:
+                doc = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+                raise InputDataError(f"{self.path}: document {len(self._offsets) - 1 + doc} has token id "
+                                     f"{int(tokens[bad[0]])} outside [0, {self.vocab_size})")
+        self._f.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._offsets.extend((self.token_count + np.cumsum(lengths)).tolist())
+        self.token_count += int(tokens.size)
+
     def close(self) -> Path:
         self._f.write(np.asarray(self._offsets, dtype="<u8").tobytes())
         self._f.seek(0)

@@ -113,3 +113,57 @@ def test_cli_runs_on_a_data_prep_artifact_and_refuses_other_kinds(tokenized: Man
     assert {(f.path, f.sha256) for f in again.files} == {(f.path, f.sha256) for f in tokenized.files}
     with pytest.raises(InputDataError, match="expected 'dataset'"):
         run(TokenizerConfig(), {"dataset": tokenized.uri}, str(tmp_path))
+
+
+def test_batched_shard_writing_matches_one_document_at_a_time(tmp_path: Path) -> None:
+    """encode_split (pipelined batches, vectorised bos/eos, one write per slice) writes byte-identical
+    shards to the naive per-document loop, including shard boundaries inside and across batches."""
+    import pyarrow as pa
+
+    from kubellm.tokenizer.bpe import train_bpe
+    from kubellm.tokenizer.shards import TokenShardWriter
+    from kubellm.tokenizer.stage import encode_split
+
+    texts = [f"document {i} " + "word " * (i % 13) + "end." for i in range(97)] + [""]  # empty: skipped
+    files = []
+    for k in range(3):
+        f = tmp_path / f"in/part-{k}.parquet"
+        f.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"text": texts[k * 33 : (k + 1) * 33]}), f)
+        files.append(f)
+    cfg = TokenizerConfig(vocab_size=300, batch_size=7, tokens_per_shard=150)
+    tok = train_bpe(iter(texts), cfg)
+    vocab, bos, eos = tok.get_vocab_size(), 0, 1
+    stats = encode_split(tok, files, tmp_path / "ours", "train", cfg, vocab, bos, eos)
+
+    expected, writer, n_tokens = [], None, 0
+    for text in (t for t in texts if t):
+        if writer is None:
+            writer = TokenShardWriter(tmp_path / "naive" / f"part-{len(expected):05d}.tok", vocab)
+            expected.append(writer.path)
+        ids = [bos, *tok.encode(text, add_special_tokens=False).ids, eos]
+        writer.add_document(ids)
+        n_tokens += len(ids)
+        if writer.token_count >= cfg.tokens_per_shard:
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+    assert len(expected) > 3  # several shards, boundaries not aligned with the 7-document batches
+    assert stats["files"] == [f"train/{p.name}" for p in expected]
+    for p in expected:
+        assert (tmp_path / "ours/train" / p.name).read_bytes() == p.read_bytes()
+    assert stats["documents"] == 97 and stats["tokens"] == n_tokens
+    assert stats["text_tokens"] == n_tokens - 2 * 97
+
+
+def test_packed_write_names_the_document_with_a_bad_id(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kubellm.tokenizer.shards import TokenShardWriter
+
+    w = TokenShardWriter(tmp_path / "x.tok", vocab_size=10)
+    w.add_document([1, 2])
+    # documents count from 0 in the shard: [1, 2] is 0, the packed [3, 4], [5, 6], [12, 7] are 1–3
+    with pytest.raises(InputDataError, match=r"x\.tok: document 3 has token id 12 outside \[0, 10\)"):
+        w.add_packed(np.array([3, 4, 5, 6, 12, 7]), np.array([2, 2, 2]))
