@@ -4,8 +4,10 @@ timestamps, against the 1F1B/GPipe bubble (p−1)/(m+p−1).
     python -m bench.bench_pipeline
     python -m bench.bench_pipeline --quick
 
-The model is the pipeline engineer's `kubellm.training.pipeline.build_pipeline` (DeepSpeed
-`PipelineModule`, uniform partition) driven by `PipelineEngine.train_batch`. Each rank records the
+The model is `kubellm.training.pipeline.build_pipeline` (DeepSpeed `PipelineModule`, stages balanced
+by parameter count — the run-config default; a `uniform` layer-count split of the 11 layers puts
+the embedding + 5 blocks on stage 0 and 3 blocks + norm + head on stage 1, and that imbalance, not
+the schedule, then dominates the idle time) driven by `PipelineEngine.train_batch`. Each rank records the
 start and end of every ForwardPass and BackwardPass instruction (DeepSpeed's instruction map is
 wrapped; wall clock shared by both processes). Per optimizer step: span = first compute start to
 last compute end over both stages; a stage's bubble = 1 − its compute time / span; the row reports
@@ -39,7 +41,7 @@ def measure_rank(m: int, steps: int, micro: int, seq: int) -> list[dict[str, Any
     tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * m, seq_len=seq)
     rank, _ = init_distributed("cpu")
     torch.manual_seed(0)
-    built = build_pipeline(cfg, tc, ParallelConfig(dp=1, tp=1, pp=2), partition="uniform")
+    built = build_pipeline(cfg, tc, ParallelConfig(dp=1, tp=1, pp=2))  # pipeline_partition: parameters
     intervals: list[tuple[float, float]] = []
     orig = dict(PipelineEngine._INSTRUCTION_MAP)
 
