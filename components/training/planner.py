@@ -6,12 +6,17 @@
 Estimates, per GPU, for every layout dp × tp × pp × ZeRO stage × activation checkpointing ×
 micro-batch that the model allows:
   * model states (ZeRO paper, Rajbhandari et al. 2020): with mixed precision 2Ψ params + 2Ψ grads +
-    12Ψ optimizer (fp32 master, m, v); fp32 training 4Ψ + 4Ψ + 8Ψ. ZeRO-1 divides the optimizer
-    term by dp, ZeRO-2 also the grads, ZeRO-3 everything. Ψ is the per-(tp×pp)-rank parameter count.
-  * activations (Korthikanti et al. 2022, "Reducing activation recomputation"): per layer and
-    micro-batch s·b·h·(10 + 24/t) bytes with attention scores never materialised (SDPA/flash
-    kernels), or 2·s·b·h with full checkpointing (+ one layer's worth during recompute); the first
-    pipeline stage holds min(pp, m) micro-batches in flight (1F1B); fp32 logits s·b·V·4/t.
+    12Ψ optimizer (fp32 master, m, v); fp32 training 4Ψ + 4Ψ + 8Ψ (12Ψ at ZeRO ≥ 1: DeepSpeed keeps
+    an fp32 master partition even over fp32 weights). ZeRO-1 divides the optimizer term by dp,
+    ZeRO-3 everything. ZeRO-2 gradients are what DeepSpeed holds, not the paper's Ψ/dp: the gradient
+    of every *whole* parameter that overlaps the rank's partition (`zero2_grad_elements`). Ψ is the
+    per-(tp×pp)-rank parameter count.
+  * activations: the tensors autograd saves in our block (`layer_activation_bytes`: RMSNorm with
+    fp32 internals, fused qkv, RoPE, SDPA/flash (no scores), SwiGLU; GQA and any ffn_dim), checked
+    against saved-tensor hooks in tests/planner and bench/bench_zero_memory.py; with full
+    checkpointing only each block's input (+ one block's worth during recompute); the first pipeline
+    stage holds min(pp, m) micro-batches in flight (1F1B); plus the LM head and loss (`head_bytes`:
+    the fused chunked head at tp = pp = 1, full fp32 log-probs otherwise).
   * communication per step: DP gradient all-reduce (2·(n−1)/n·bytes; ZeRO-3 adds a parameter
     all-gather: ×1.5), TP all-reduces (4 per layer per micro-batch), PP activation sends.
   * the pipeline bubble (p−1)/(m+p−1).
@@ -26,13 +31,16 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 import yaml
 
 from kubellm.core.errors import ConfigError
 from kubellm.model.config import PRESETS, ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params
+from kubellm.model.loss import chunk_rows
 
 GIB = 1024**3
 # Effective bandwidth (GB/s per GPU) of the link each collective crosses.
@@ -79,8 +87,66 @@ class Layout:
                 f"comm {self.comm_gb:.1f} GB/step, ~{self.step_s:.2f} s/step")
 
 
-def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> tuple[float, float, float]:
-    """(params, grads, optimizer) bytes per GPU for Ψ parameters held by this (tp, pp) rank."""
+def param_group_sizes(cfg: ModelConfig, tp: int = 1, decay_embeddings: bool = False) -> list[list[int]]:
+    """The element counts of one TP rank's parameters, per optimizer parameter group, in the order
+    `kubellm.training.optim.param_groups` hands them to DeepSpeed (weight-decayed matrices, then
+    the no-decay norms and embeddings; each in `named_parameters` order, a tied weight once)."""
+    d, hd = cfg.dim, cfg.head_dim
+    q, kv, f, v = cfg.n_heads * hd // tp, cfg.kv_heads * hd // tp, cfg.ffn_dim // tp, cfg.vocab_size // tp
+    decay: list[int] = []
+    no_decay: list[int] = []
+    (decay if decay_embeddings else no_decay).append(v * d)  # tok_embeddings
+    for _ in range(cfg.n_layers):
+        no_decay.append(d)  # attn_norm
+        decay += [(q + 2 * kv) * d, d * q]  # attn.qkv, attn.out
+        no_decay.append(d)  # ffn_norm
+        decay += [2 * f * d, d * f]  # ffn.gate_up, ffn.down
+    no_decay.append(d)  # norm
+    if not cfg.tie_embeddings:
+        decay.append(v * d)  # output
+    return [g for g in (decay, no_decay) if g]
+
+
+def zero2_grad_elements(groups: Sequence[Sequence[int]], dp: int) -> int:
+    """Gradient elements the busiest rank holds after a ZeRO-2 backward in DeepSpeed (0.19.8,
+    `deepspeed/runtime/zero/stage_1_and_2.py`).
+
+    Each parameter group is flattened and padded to a multiple of 2·dp elements, and rank r owns
+    [r·size, (r+1)·size) of it (`get_partition_info`: a parameter is "in" the partition when it
+    starts inside it or straddles its start). With `contiguous_gradients` (the default), the
+    reduced gradient of every parameter in the partition is copied whole into `grads_in_partition`
+    (`copy_grads_in_partition`, sized to the sum of those parameters' numel); the epilogue
+    (`independent_gradient_partition_epilogue` → `_release_ipg_buffers`) drops that name, but
+    `averaged_gradients` (`get_flat_partition` views of it) keeps the storage alive until the step.
+    Gradients of the other parameters are freed (`clear_grad_attribute`). So a rank holds Ψ/dp plus
+    the parts of its boundary parameters that lie outside its partition — with a few large
+    parameters (embedding, LM head) and small dp, up to Ψ.
+
+    The gradient dtype is the model's: kubellm's DeepSpeed config sets no `data_types.grad_accum_dtype`,
+    so `engine.get_data_types` makes it the model dtype (fp32, or bf16/fp16 weights in
+    DeepSpeed's bf16/fp16 modes) and `_use_compact_grad_partition_buffer` (an fp32 partition-sized
+    buffer, only when the accumulation dtype is fp32 and differs from the model's) is not used."""
+    held = [0] * dp
+    for sizes in groups:
+        total = sum(sizes)
+        align = 2 * dp  # nccl_start_alignment_factor (2) × dp
+        size = math.ceil(total / align) * align // dp
+        start = 0
+        for n in sizes:
+            if n:
+                for r in range(start // size, min(dp - 1, (start + n - 1) // size) + 1):
+                    held[r] += n
+            start += n
+    return max(held)
+
+
+def model_state_bytes(psi: float, zero: int, dp: int, precision: str,
+                      groups: Sequence[Sequence[int]] | None = None) -> tuple[float, float, float]:
+    """(params, grads, optimizer) bytes per GPU for Ψ parameters held by this (tp, pp) rank.
+
+    `groups` (`param_group_sizes`): the rank's parameters per optimizer group, for ZeRO-2's
+    gradients as DeepSpeed holds them (`zero2_grad_elements`); without it ZeRO-2 uses the paper's
+    Ψ/dp, a lower bound."""
     p, g, k = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
     if zero >= 1:
         k = 12  # DeepSpeed's ZeRO optimizers keep an fp32 master partition even over fp32 weights (measured:
@@ -88,24 +154,85 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str) -> tuple[f
     params, grads, optim = p * psi, g * psi, k * psi
     if zero >= 1:
         optim /= dp
-    if zero >= 2:
-        grads /= dp
+    if zero == 2:
+        grads = g * zero2_grad_elements(groups, dp) if groups is not None else grads / dp
     if zero >= 3:
+        grads /= dp
         params /= dp
     return params, grads, optim
 
 
+def _act_bytes(precision: str) -> int:
+    """Bytes per element of activations: 2 in DeepSpeed's bf16/fp16 modes (weights and activations
+    in that dtype), 4 in fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, precision: str) -> float:
+    """Bytes autograd saves for one `kubellm.model.transformer.Block` over `tokens` = micro × seq
+    tokens on one TP rank (q/kv heads and ffn_dim split tp ways, norms replicated).
+
+    Per token, with D = dim, Q = n_heads·head_dim/tp, K = kv_heads·head_dim/tp, F = ffn_dim/tp,
+    H = n_heads/tp and a = activation bytes (4 fp32; 2 bf16/fp16):
+      * each RMSNorm (×2): its input in fp32 (4D; the input itself at fp32, a copy at bf16), the
+        rsqrt (4), x·rsqrt (a·D: the fp32 product at fp32, its bf16 cast at bf16) and the weighted
+        output (a·D, the next linear's input) — 4D + 4 + 2aD;
+      * attention: the fused qkv output (Q + 2K: RoPE keeps its q|k halves, SDPA its v view), the
+        rotated q|k (Q + K), SDPA's output (Q; the flash kernels write it (B, T, H, hd), so the
+        out-projection's input is a view of it) and log-sum-exp (fp32, H); no T×T scores;
+      * SwiGLU: gate|up (2F), silu(gate) (F), the product (F, down's input).
+    Total: 2·(4D + 4 + 2aD) + a·(3Q + 3K + 4F) + 4H. Residual adds and row-parallel all-reduces save
+    nothing. Exact at fp32 on CPU (tests/planner). bf16/fp16 (not measurable on CPU) assume
+    DeepSpeed's bf16/fp16 mode: linear inputs/outputs in 2 bytes, RMSNorm internals in fp32 (as
+    written in `RMSNorm.forward`); under CUDA's math SDPA backend (no flash/efficient/cuDNN kernel)
+    add Q for a copied attention output and the B·H·T² scores."""
+    a = _act_bytes(precision)
+    d, hd = cfg.dim, cfg.head_dim
+    q, kv, f, h = cfg.n_heads * hd / tp, cfg.kv_heads * hd / tp, cfg.ffn_dim / tp, cfg.n_heads / tp
+    norm = 4 * d + 4 + 2 * a * d
+    return tokens * (2 * norm + a * (3 * q + 3 * kv + 4 * f) + 4 * h)
+
+
+def head_bytes(cfg: ModelConfig, tokens: int, tp: int, pp: int, precision: str,
+               transient: bool = True) -> float:
+    """Bytes for the embedding lookup, the final norm, the LM head and the loss over `tokens`.
+
+    tp = pp = 1 uses the fused chunked head (`model(ids, labels=...)`, `linear_cross_entropy`): it saves
+    dh (tokens × dim, activation dtype) and dw (vocab × dim, fp32), not the logits, and the final
+    norm's output is not kept; while it runs it holds one chunk of fp32 logits (`chunk_rows` on
+    CUDA, ~256 MiB; + its bf16 copy). Tensor- and pipeline-parallel models compute the loss from full
+    logits (`VocabParallelOutput` gathers all V columns on every TP rank; the pipeline's last stage
+    runs `causal_lm_loss`): fp32 log-probs (tokens × V × 4) saved, and in the forward the logits
+    and their fp32 copy at the same time. `transient` adds those working sets (a peak at the end of
+    the forward, on top of everything saved); without it, only what autograd saves."""
+    a = _act_bytes(precision)
+    d, v = cfg.dim, cfg.vocab_size
+    final_norm = 4 * d + 4 + a * d  # fp32 input, rsqrt, x·rsqrt (the weighted output: see below)
+    ids = 8  # int64 token ids, kept by the embedding's backward
+    if tp == 1 and pp == 1:
+        saved = tokens * (final_norm + a * d + ids) + v * d * 4  # + dh; dw in fp32
+        rows = min(tokens, chunk_rows(v, torch.device("cuda")))
+        work = rows * v * (4 + (a if a != 4 else 0))
+    else:
+        saved = tokens * (final_norm + a * d + 2 * ids + v * 4)  # output kept by the linear; labels
+        work = tokens * v * (a + (4 if a != 4 else 0))
+    return saved + (work if transient else 0)
+
+
 def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, m: int, ckpt: bool,
-                     precision: str) -> float:
-    s, b, h = seq, micro, cfg.dim
-    scale = 1.0 if precision in ("bf16", "fp16") else 2.0
+                     precision: str, transient: bool = True) -> float:
+    """Activation bytes on the busiest pipeline stage (the first: min(pp, m) micro-batches in
+    flight under 1F1B), with the LM head's bytes added as if it lived there too (conservative).
+    With full activation checkpointing each block keeps only its input (a·D per token) and one
+    block's full set exists during its recompute. `transient=False`: only what autograd saves (what
+    bench/bench_zero_memory.py measures)."""
+    tokens = seq * micro
     layers = math.ceil(cfg.n_layers / pp)
-    per_layer_full = s * b * h * (10 + 24 / tp) * scale
-    per_layer = 2 * s * b * h * scale if ckpt else per_layer_full
+    per_layer_full = layer_activation_bytes(cfg, tokens, tp, precision)
+    per_layer = tokens * cfg.dim * _act_bytes(precision) if ckpt else per_layer_full
     in_flight = min(pp, m)
     act = layers * per_layer * in_flight + (per_layer_full if ckpt else 0)
-    logits = s * b * cfg.vocab_size * 4 / tp  # fp32 logits for the loss, on the last stage
-    return act + logits
+    return act + head_bytes(cfg, tokens, tp, pp, precision, transient)
 
 
 def _divisors(n: int) -> list[int]:
@@ -129,6 +256,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
             if req.global_batch % dp:
                 continue
             psi = total / (tp * pp)
+            groups = param_group_sizes(cfg, tp)  # used for ZeRO-2, which needs pp = 1
             for zero in (0, 1, 2, 3):
                 if pp > 1 and zero > 1:
                     continue  # DeepSpeed: ZeRO-2/3 do not combine with pipeline parallelism
@@ -139,7 +267,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                     if pp > 1 and m < pp:
                         continue  # fewer micro-batches than stages leaves stages idle
                     for ckpt in (False, True):
-                        pb, gb, ob = model_state_bytes(psi, zero, dp, req.precision)
+                        pb, gb, ob = model_state_bytes(psi, zero, dp, req.precision, groups)
                         ab = activation_bytes(cfg, req.seq_len, micro, tp, pp, m, ckpt, req.precision)
                         totb = (pb + gb + ob + ab) * 1.08 + 1.5 * GIB  # allocator + CUDA context
                         bytes_p = 2 if req.precision in ("bf16", "fp16") else 4

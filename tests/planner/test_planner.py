@@ -1,16 +1,31 @@
-"""kubellm plan: memory formulas, layout rules, refusal with numbers, the 7B on 8×80 GB example."""
+"""kubellm plan: memory formulas (activations checked against autograd's saved tensors, ZeRO-2
+gradients against DeepSpeed's partitioning), layout rules, refusal with numbers, the 7B on 8×80 GB
+example."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+import torch
 import yaml
 
 from kubellm.core.errors import ConfigError
-from kubellm.model.config import get_preset
-from kubellm.training.planner import Request, model_state_bytes, plan, to_fragment
+from kubellm.model import Transformer
+from kubellm.model.config import ModelConfig, get_preset
+from kubellm.training.planner import (
+    Request,
+    activation_bytes,
+    layer_activation_bytes,
+    model_state_bytes,
+    param_group_sizes,
+    plan,
+    to_fragment,
+    zero2_grad_elements,
+)
 
 
 def test_zero_memory_formulas_match_the_paper() -> None:
@@ -61,3 +76,104 @@ def test_cli_writes_a_fragment(tmp_path) -> None:  # noqa: ANN001
     r = subprocess.run([sys.executable, "-m", "kubellm.cli", "plan", "--model", "7b", "--gpus", "1",
                         "--gpu-mem-gb", "8"], capture_output=True, text=True)
     assert r.returncode == 1 and "do not fit" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- activations: the planner's count against what autograd saves (fp32, CPU) ----------------------------
+SHAPES = [  # MHA, GQA, MQA; ffn_dim not 4·dim
+    ModelConfig(vocab_size=384, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=32),
+    ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=32),
+    ModelConfig(vocab_size=320, dim=96, n_layers=1, n_heads=6, n_kv_heads=1, ffn_dim=320, max_seq_len=32),
+]
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], model: Transformer) -> int:
+    """Bytes of the storages autograd saves while `fn` runs, parameters and RoPE tables excluded."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), model.rope.cos, model.rope.sin]}
+    return sum(n for ptr, n in seen.items() if ptr not in skip)
+
+
+@pytest.mark.parametrize("cfg", SHAPES, ids=["mha", "gqa", "mqa"])
+def test_block_activation_count_is_what_autograd_saves(cfg: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    b, t = 2, 16
+    x = torch.randn(b, t, cfg.dim, requires_grad=True)  # a block's input is the residual stream
+    cos, sin, mask, causal = model.attention_inputs(torch.zeros(b, t, dtype=torch.long))
+    got = _saved_bytes(lambda: model.blocks[0](x, cos, sin, mask, causal), model)
+    assert got == layer_activation_bytes(cfg, b * t, 1, "fp32")
+
+
+@pytest.mark.parametrize("cfg", SHAPES[1:], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["full", "checkpointed"])
+def test_model_activation_bytes_match_the_fused_loss_forward(cfg: ModelConfig, ckpt: bool) -> None:
+    """As training runs it: model(ids, labels=...) — fused head (dh, fp32 dw), no logits saved."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.set_activation_checkpointing(ckpt)
+    b, t = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (b, t + 1))
+    got = _saved_bytes(lambda: model(ids[:, :-1], labels=ids[:, 1:]), model)
+    est = activation_bytes(cfg, t, b, 1, 1, 1, ckpt, "fp32", transient=False)
+    if ckpt:  # the block recomputed in backward is not alive during the forward measured here
+        est -= layer_activation_bytes(cfg, b * t, 1, "fp32")
+    assert est == pytest.approx(got, rel=0.01)
+    # the fused head keeps no (tokens × vocab) logits: the transient chunk is all of them here
+    assert activation_bytes(cfg, t, b, 1, 1, 1, ckpt, "fp32") - est - (
+        layer_activation_bytes(cfg, b * t, 1, "fp32") if ckpt else 0) == b * t * cfg.vocab_size * 4
+
+
+def test_activation_bytes_scale_with_tp_and_precision() -> None:
+    cfg = get_preset("7b")
+    full = layer_activation_bytes(cfg, 4096, 1, "bf16")
+    # per token, bf16: 2·(4D + 4 + 4D) norms + 2·(3Q + 3K + 4F) + 4H, Q = K = D
+    assert full == 4096 * (2 * (8 * 4096 + 4) + 2 * (6 * 4096 + 4 * 11008) + 4 * 32)
+    # TP splits heads and ffn, not the norms
+    assert layer_activation_bytes(cfg, 4096, 2, "bf16") == 4096 * (2 * (8 * 4096 + 4) + (2 * (6 * 4096 + 4 * 11008)
+                                                                                        + 4 * 32) / 2)
+    assert layer_activation_bytes(cfg, 4096, 1, "fp32") > full
+
+
+# -- ZeRO-2 gradients as DeepSpeed holds them --------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [get_preset("seed"), get_preset("debug").with_(tie_embeddings=True)],
+                         ids=["seed", "debug-tied"])
+def test_param_group_sizes_are_the_optimizer_groups(cfg: ModelConfig) -> None:
+    from kubellm.training.config import OptimConfig
+    from kubellm.training.optim import param_groups
+
+    groups = param_groups(Transformer(cfg), OptimConfig())
+    assert param_group_sizes(cfg) == [[p.numel() for p in g["params"]] for g in groups]
+
+
+def test_zero2_grads_are_whole_parameters_overlapping_the_partition() -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    assert zero2_grad_elements([[10, 10, 10, 10]], 2) == 20  # boundaries align: Ψ/dp
+    assert zero2_grad_elements([[25, 15]], 2) == 40  # rank 1 holds the straddling 25 and its own 15
+    # against DeepSpeed's own partition rule, on the seed model's groups
+    groups = param_group_sizes(get_preset("seed"))
+    for dp in (2, 3, 8):
+        held = [0] * dp
+        for sizes in groups:
+            size = math.ceil(sum(sizes) / (2 * dp)) * 2 * dp // dp  # flatten_dense_tensors_aligned / dp
+            tensors = [torch.empty(n, device="meta") for n in sizes]
+            for r in range(dp):
+                inside, _, _ = DeepSpeedZeroOptimizer.get_partition_info(None, tensors, size, r)  # type: ignore[arg-type]
+                held[r] += sum(t.numel() for t in inside)
+        assert zero2_grad_elements(groups, dp) == max(held)
+    # seed, 2 ranks, fp32: rank 0's partition touches the embedding and the LM head, so it holds
+    # every gradient but the last group's norms — what bench/bench_zero_memory.py measures
+    psi = sum(map(sum, groups))
+    _, grads, _ = model_state_bytes(psi, 2, 2, "fp32", groups)
+    assert grads == 4 * (psi - 13 * 128)
+    _, grads16, _ = model_state_bytes(psi, 2, 2, "bf16", groups)
+    assert grads16 == grads / 2  # the model dtype: kubellm sets no fp32 grad_accum_dtype
+    assert model_state_bytes(psi, 2, 2, "fp32")[1] == 4 * psi / 2  # without groups: the paper's Ψ/dp
