@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kubellm.dpo.loss import preference_loss, sequence_logprobs
+from kubellm.dpo.loss import preference_loss
 from kubellm.sft.objective import ExampleLoader
 
 
@@ -27,10 +27,17 @@ def _flat(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return ids.transpose(0, 1).reshape(-1, ids.shape[-1]), labels.transpose(0, 1).reshape(-1, labels.shape[-1])
 
 
+def policy_logprobs(model: Any, ids: Tensor, labels: Tensor) -> Tensor:
+    """(B,) summed log p(labels) of each row of a kubellm `Transformer` (or its DeepSpeed engine):
+    the LM head's chunked sequence log-probs (`model(ids, labels=..., sequence_logprobs=True)`), so
+    no (B, T, vocab) logits; the same values as `sequence_logprobs(model(ids), labels)`."""
+    return model(ids, labels=labels, sequence_logprobs=True)
+
+
 @torch.no_grad()
 def reference_logprobs(reference: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     ids, labels = _flat(batch)
-    lp = sequence_logprobs(reference(ids), labels)
+    lp = policy_logprobs(reference, ids, labels)
     b = batch["input_ids"].shape[0]
     return lp[:b], lp[b:]
 
@@ -63,7 +70,7 @@ class DPOObjective:
 
     def loss(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids, labels = _flat(batch)
-        lp = sequence_logprobs(model(ids), labels)
+        lp = policy_logprobs(model, ids, labels)
         b = batch["input_ids"].shape[0]
         if self.reference is not None:
             self.reference.to(ids.device)

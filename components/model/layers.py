@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kubellm.model.loss import linear_cross_entropy
+from kubellm.model.loss import linear_cross_entropy, linear_sequence_logprobs
 
 
 class LayerFactory:
@@ -67,16 +67,20 @@ class LayerFactory:
 class LMHead(nn.Linear):
     """`nn.Linear(dim, vocab, bias=False)` (same `weight` key) that can also return the loss:
     `head(x)` -> logits; `head(x, labels=labels)` -> mean cross-entropy over labels != ignore_index,
-    through `kubellm.model.loss.linear_cross_entropy` (chunked, no (N, vocab) logits). The loss is
+    through `kubellm.model.loss.linear_cross_entropy` (chunked, no (N, vocab) logits);
+    `head(x, labels=labels, sequence_logprobs=True)` -> (B,) summed log p(label) per sequence
+    (`linear_sequence_logprobs`). The loss is
     computed inside this module's forward so ZeRO-3's per-module parameter gathering covers it."""
 
     def __init__(self, dim: int, vocab_size: int) -> None:
         super().__init__(dim, vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,  # type: ignore[override]
-                ignore_index: int = -100) -> torch.Tensor:
+                ignore_index: int = -100, sequence_logprobs: bool = False) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
+        if sequence_logprobs:  # (B,) Σ log p(label) per sequence (DPO)
+            return linear_sequence_logprobs(x, self.weight, labels, ignore_index)
         return linear_cross_entropy(x, self.weight, labels, ignore_index)
 
 

@@ -102,6 +102,116 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
+#: Largest per-sequence weight-gradient stash (B × vocab × dim fp32) `linear_sequence_logprobs` keeps
+#: to skip recomputing the logits in backward; above it, backward recomputes them (one more matmul).
+#: Small on purpose: a stash of tens of MB is a fresh mmap (page faults) every step, which cost as
+#: much as the matmul it saves on the `seed` DPO benchmark (bench/bench_dpo.py).
+SEQUENCE_GRAD_BYTES = 16 << 20
+
+
+def _head_grads(x: torch.Tensor, hm: torch.Tensor, wm: torch.Tensor, mm_dtype: torch.dtype,
+                dh: torch.Tensor | None, dw: torch.Tensor | None, first: bool = False) -> None:
+    """dh = x @ w, dw += x.T @ h (dw = x.T @ h when `first`: no zero-fill needed) for one chunk's
+    logit gradient x; dw accumulates in fp32."""
+    xm = x.to(mm_dtype)
+    if dh is not None:
+        dh.copy_(xm @ wm)
+    if dw is not None:
+        if first:
+            dw.copy_(xm.t() @ hm)
+        elif mm_dtype == torch.float32:
+            dw.addmm_(xm.t(), hm)
+        else:
+            dw.add_(xm.t() @ hm)
+
+
+class _LinearSequenceLogprobs(torch.autograd.Function):
+    """(B,) Σ_t log p(label_t) of (h @ w.T) per sequence, chunked within each sequence.
+
+    The upstream gradient g_b is per sequence (DPO's weights), so the weight gradient is
+    Σ_b g_b · DW_b with DW_b = Σ_{t∈b} (onehot − softmax)_tᵀ h_t. When B × vocab × dim fp32 fits
+    in `SEQUENCE_GRAD_BYTES`, forward folds each chunk into dh and DW_b right away (no logits kept,
+    no recompute); otherwise it keeps only each row's log-sum-exp and backward recomputes the
+    chunk's logits (one extra matmul)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                rows: int) -> torch.Tensor:
+        B, T, _ = h.shape
+        dev = h.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        valid = labels != ignore_index  # (B, T)
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        eager = (want_h or want_w) and B * w.numel() * 4 <= SEQUENCE_GRAD_BYTES
+        out = torch.zeros(B, dtype=torch.float32, device=h.device)
+        lse = torch.empty(B, T, dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if eager and want_h else None
+        dws = torch.empty((B, *w.shape), dtype=torch.float32, device=w.device) if eager and want_w else None
+        with torch.autocast(dev, enabled=False):
+            hm, wm = h.to(mm_dtype), w.to(mm_dtype)
+            for b in range(B):
+                for s in range(0, T, rows):
+                    e = min(s + rows, T)
+                    v, lab = valid[b, s:e, None].float(), safe[b, s:e, None]
+                    x = (hm[b, s:e] @ wm.t()).float()
+                    m = x.amax(-1, keepdim=True)
+                    target = x.gather(1, lab)
+                    x.sub_(m).exp_()
+                    z = x.sum(-1, keepdim=True)
+                    lse[b, s:e] = (z.log() + m)[:, 0]
+                    out[b] += ((target - z.log() - m) * v).sum()
+                    if not eager:
+                        continue
+                    x.mul_(-v / z)  # −softmax (0 where ignored)
+                    x.scatter_add_(1, lab, v)  # + onehot: d log p(label) / d logits
+                    _head_grads(x, hm[b, s:e], wm, mm_dtype, dh[b, s:e] if dh is not None else None,
+                                dws[b] if dws is not None else None, first=s == 0)
+        if eager:
+            ctx.save_for_backward(*(t for t in (dh, dws) if t is not None))
+            ctx.has = (dh is not None, dws is not None)
+        else:
+            ctx.save_for_backward(h, w, safe, valid, lse)
+        ctx.eager, ctx.rows, ctx.mm_dtype, ctx.w_dtype, ctx.w_shape = eager, rows, mm_dtype, w.dtype, w.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g = grad.float()  # (B,)
+        if ctx.eager:
+            saved = list(ctx.saved_tensors)
+            dh = saved.pop(0) * g[:, None, None].to(saved[0].dtype) if ctx.has[0] else None
+            dw = (g @ saved.pop(0).flatten(1)).view(ctx.w_shape).to(ctx.w_dtype) if ctx.has[1] else None
+            return dh, dw, None, None, None
+        h, w, safe, valid, lse = ctx.saved_tensors
+        B, T, _ = h.shape
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        with torch.autocast(h.device.type, enabled=False):
+            hm, wm = h.to(ctx.mm_dtype), w.to(ctx.mm_dtype)
+            for b in range(B):
+                for s in range(0, T, ctx.rows):
+                    e = min(s + ctx.rows, T)
+                    gv = valid[b, s:e, None] * g[b]
+                    x = (hm[b, s:e] @ wm.t()).float()
+                    x.sub_(lse[b, s:e, None]).exp_().mul_(-gv)  # −g · softmax
+                    x.scatter_add_(1, safe[b, s:e, None], gv)  # + g · onehot
+                    _head_grads(x, hm[b, s:e], wm, ctx.mm_dtype, dh[b, s:e] if dh is not None else None, dw)
+        return dh, (dw.to(w.dtype) if dw is not None else None), None, None, None
+
+
+def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             ignore_index: int = -100, chunk_bytes: int | None = None) -> torch.Tensor:
+    """(B,) Σ_t log p(labels[b, t]) under `hidden @ weight.T` over labels != ignore_index — DPO's
+    sequence log-probs (`kubellm.dpo.loss.sequence_logprobs` of the logits) without materialising
+    them. hidden (B, T, D), labels (B, T)."""
+    if hidden.dim() != 3 or hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states "
+                         f"{tuple(hidden.shape[:-1])} (B, T, dim={hidden.shape[-1]})")
+    rows = chunk_rows(weight.shape[0], hidden.device, chunk_bytes)
+    return _LinearSequenceLogprobs.apply(hidden, weight, labels, ignore_index, rows)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, chunk_bytes: int | None = None) -> torch.Tensor:
     """`causal_lm_loss(hidden @ weight.T, labels)` without materialising the logits.

@@ -200,10 +200,14 @@ class VocabParallelOutput(nn.Module):
         local = _split(vocab_size, tp.size, "vocab_size")
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(local, dim)), 0)  # (V/tp, dim)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100,
+                sequence_logprobs: bool = False) -> torch.Tensor:
         logits = gather_from_tp(F.linear(copy_to_tp(x, self.tp), self.weight), self.tp)  # (…, V)
         if labels is None:
             return logits
+        if sequence_logprobs:  # same values as the dense LMHead's
+            return -F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                                    reduction="none").view_as(labels).sum(-1)
         return causal_lm_loss(logits, labels, ignore_index)  # same mean as the dense LMHead
 
 

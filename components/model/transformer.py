@@ -263,7 +263,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+                labels: torch.Tensor | None = None, ignore_index: int = -100,
+                sequence_logprobs: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). doc_ids (B, T): per-token document index of packed
         sequences (block-diagonal causal attention; positions restart per document unless
         position_ids is given). kv_cache: incremental decoding (see `new_kv_cache`).
@@ -271,7 +272,8 @@ class Transformer(nn.Module):
         labels (B, T), already shifted (labels[:, t] is the target of position t): return the mean
         cross-entropy over labels != ignore_index instead of logits, through the LM head's fused
         loss (`kubellm.model.loss.linear_cross_entropy`: same value as `causal_lm_loss(logits,
-        labels)` without building the (B, T, vocab) logits)."""
+        labels)` without building the (B, T, vocab) logits). With `sequence_logprobs=True`: (B,) Σ_t log
+        p(labels[b, t]) over non-ignored labels instead (`linear_sequence_logprobs`; DPO's log-probs)."""
         cos, sin, mask, is_causal = self.attention_inputs(input_ids, position_ids, doc_ids, kv_cache)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         for block in self.blocks:
@@ -282,7 +284,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.length += input_ids.shape[1]
         if labels is not None:
-            return self.output(self.norm(x), labels=labels, ignore_index=ignore_index)  # scalar loss
+            return self.output(self.norm(x), labels=labels, ignore_index=ignore_index,
+                               sequence_logprobs=sequence_logprobs)  # scalar loss, or (B,) log-probs
         return self.output(self.norm(x))  # (B, T, vocab)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

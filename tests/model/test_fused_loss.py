@@ -119,3 +119,42 @@ def test_no_grad_computes_only_the_loss() -> None:
         ref = causal_lm_loss(m(ids[:, :-1]), ids[:, 1:])
     assert not got.requires_grad
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stash", [True, False])  # per-sequence grads kept in forward, or logits recomputed
+@pytest.mark.parametrize("chunk_bytes", [16 * 97 * 4, 1 << 30])
+def test_sequence_logprobs_match_log_softmax_for_per_sequence_gradients(
+        chunk_bytes: int, stash: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.model import loss as L
+
+    monkeypatch.setattr(L, "SEQUENCE_GRAD_BYTES", 1 << 40 if stash else 0)
+    torch.manual_seed(0)
+    h = torch.randn(4, 21, 32, requires_grad=True)
+    w = (torch.randn(97, 32) * 0.5).requires_grad_()
+    labels = torch.randint(0, 97, (4, 21))
+    labels[1, :7] = -100
+    logp = torch.log_softmax(h @ w.t(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ref = torch.where(labels != -100, logp, 0.0).sum(-1)
+    got = L.linear_sequence_logprobs(h, w, labels, chunk_bytes=chunk_bytes)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(4)  # a different upstream gradient per sequence, as DPO's loss gives
+    for g, r in zip(_grads((got * weights).sum(), [h, w]), _grads((ref * weights).sum(), [h, w]), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_model_sequence_logprobs_match_dpo_sequence_logprobs_from_logits() -> None:
+    from kubellm.dpo.loss import sequence_logprobs
+
+    torch.manual_seed(0)
+    m = Transformer(TINY)
+    ids = torch.randint(0, TINY.vocab_size, (3, 17))
+    labels = ids[:, 1:].clone()
+    labels[:, :5] = -100
+    params = list(m.parameters())
+    ref = sequence_logprobs(m(ids[:, :-1]), labels)
+    got = m(ids[:, :-1], labels=labels, sequence_logprobs=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    loss = lambda lp: -torch.nn.functional.logsigmoid(lp[0] - lp[1]) + 0.3 * lp[2]  # noqa: E731
+    for g, r in zip(_grads(loss(got), params), _grads(loss(ref), params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
