@@ -16,6 +16,7 @@ Rounds alternate ours/hf so machine noise hits both; each round times `--steps` 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -31,8 +32,8 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> 
     from kubellm.model import Transformer
     from kubellm.model.config import get_preset
     from kubellm.training.config import ParallelConfig, TrainConfig
-    from kubellm.training.dsconfig import deepspeed_config
-    from kubellm.training.engine import build_engine, init_distributed
+    from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
+    from kubellm.training.engine import build_engine, clip_gradients, init_distributed
 
     cfg = get_preset(preset)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,
@@ -44,11 +45,14 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> 
         model.compile()  # as train() does with train.compile: true
     engine, _ = build_engine(model, tc, deepspeed_config(tc, ParallelConfig(), 1, "cpu"))  # as train() does
     amp = precision == "bf16"
+    own_clip = clips_in_kubellm(tc, ParallelConfig(), "cpu")
 
     def step(ids: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = engine(ids[:, :-1], labels=ids[:, 1:])  # the pretrain objective's call: fused LM-head loss
         engine.backward(loss)
+        if own_clip:  # as train() does: torch's foreach clip, DeepSpeed's gradient_clipping is 0
+            clip_gradients(engine, tc.optim.grad_clip)
         engine.step()
         return float(loss.detach())
 
@@ -93,19 +97,25 @@ def bench(preset: str, args: argparse.Namespace, compile_: bool) -> dict[str, fl
     ids = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
     steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_),
              "hf": _hf(preset, args.batch, seq, args.precision, compile_)}
+    fastest = float("inf")
     for fn in steps.values():
         for _ in range(args.warmup):
+            t0 = time.perf_counter()
             fn(ids)
+            fastest = min(fastest, time.perf_counter() - t0)
+    # each timed sample lasts ≥ min_sample_s (a 25 ms `debug` step × 5 is too short to time on a busy machine)
+    n_steps = max(args.steps, math.ceil(getattr(args, "min_sample_s", 1.0) / fastest))
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for name, fn in steps.items():  # alternate: ours, hf, ours, hf, ...
             t0 = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(n_steps):
                 fn(ids)
-            rates[name].append(args.batch * seq * args.steps / (time.perf_counter() - t0))
+            rates[name].append(args.batch * seq * n_steps / (time.perf_counter() - t0))
     out = {k: statistics.median(v) for k, v in rates.items()}
     out["ratio"] = out["ours"] / out["hf"]
     out["seq"] = seq
+    out["steps"] = n_steps
     return out
 
 
@@ -117,7 +127,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round (at least)")
+    ap.add_argument("--min-sample-s", type=float, default=1.0, help="each round's timed steps last at least this")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     args = ap.parse_args()

@@ -40,6 +40,14 @@ def data_parallel_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
     return parallel_cfg.dp
 
 
+def clips_in_kubellm(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, device: str = "cpu") -> bool:
+    """True where the training loop clips gradients itself instead of DeepSpeed: ZeRO 0, no TP/PP, and
+    the module's .grad are the fp32 gradients the optimizer uses (fp32, or bf16 autocast on CPU).
+    DeepSpeed's clip there recomputes the norm per parameter in Python (~1 ms of a `debug` step)."""
+    return (train_cfg.zero_stage == 0 and parallel_cfg.tp == 1 and parallel_cfg.pp == 1
+            and (train_cfg.precision == "fp32" or (train_cfg.precision == "bf16" and device != "cuda")))
+
+
 def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world_size: int,
                      device: str = "cpu") -> dict[str, Any]:
     dp = data_parallel_size(parallel_cfg, world_size)
@@ -74,7 +82,9 @@ def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "optimizer": {"type": "AdamW", "params": opt_params},
-        "gradient_clipping": o.grad_clip,
+        # dense ZeRO-0 fp32/CPU-autocast runs clip in kubellm (`engine.clip_gradients`: one foreach norm
+        # that is also the logged grad norm); everywhere else DeepSpeed clips (partitions, TP, scaling)
+        "gradient_clipping": 0.0 if clips_in_kubellm(train_cfg, parallel_cfg, device) else o.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # kubellm logs metrics itself
         "wall_clock_breakdown": False,

@@ -41,7 +41,7 @@ from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
 from kubellm.training.config import ParallelConfig, TrainConfig
-from kubellm.training.dsconfig import deepspeed_config
+from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups
 from kubellm.training.pipeline import PipelineBatches
@@ -198,6 +198,18 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
     return engine, scheduler
 
 
+def clip_gradients(engine: Any, max_norm: float) -> float:
+    """Global gradient norm of the module's .grad (before clipping), clipped to `max_norm` when > 0:
+    torch's foreach kernels, one norm for both the clip and the logged value. Used where
+    `dsconfig.clips_in_kubellm` holds (DeepSpeed's gradient_clipping is 0 there)."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+
+
 # -- the loop ----------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
           objective: Objective, run_dir: str, init_state_dict: dict[str, Tensor] | None = None,
@@ -211,6 +223,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     # dp × tp × pp against the world size and the model (numbers in the message); dp resolved
     parallel_cfg = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
     ds_cfg = deepspeed_config(train_cfg, parallel_cfg, world, device)
+    own_clip = clips_in_kubellm(train_cfg, parallel_cfg, device)
     accum = ds_cfg["gradient_accumulation_steps"]
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train_cfg.seq_len} exceeds model max_seq_len="
@@ -304,7 +317,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 else:
                     engine.backward(loss)  # DeepSpeed divides by `accum` itself
                     if micro == accum - 1 and train_cfg.zero_stage == 0:
-                        grad_norm = _grad_norm(engine)  # all-reduced grads, before clipping in step()
+                        # all-reduced grads, before clipping (here, or in DeepSpeed's step())
+                        grad_norm = (clip_gradients(engine, train_cfg.optim.grad_clip) if own_clip
+                                     else _grad_norm(engine))
                         skipped = guard.check_grad_norm(grad_norm, step + 1)  # same on every rank
                     if skipped:
                         skip_boundary_step(engine)

@@ -110,3 +110,17 @@ def test_metrics_plot_and_mfu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("KUBELLM_PEAK_TFLOPS", "1.5")
     assert peak_tflops("cpu", None) == (1.5, "$KUBELLM_PEAK_TFLOPS")
     assert peak_tflops("cpu", 2.0)[0] == 2.0
+
+
+def test_who_clips_gradients() -> None:
+    from kubellm.training.dsconfig import clips_in_kubellm
+
+    dense = ParallelConfig()
+    # dense ZeRO-0 with fp32 module grads: kubellm clips (foreach norm, also the logged norm)
+    assert clips_in_kubellm(TrainConfig(), dense) and deepspeed_config(TrainConfig(), dense, 1)["gradient_clipping"] == 0
+    assert clips_in_kubellm(TrainConfig(precision="bf16"), dense, "cpu")  # autocast over fp32 weights
+    # DeepSpeed clips wherever grads are partitioned, TP-split, loss-scaled or in its bf16 optimizer
+    for tc, pc, dev in [(TrainConfig(zero_stage=1), dense, "cpu"), (TrainConfig(), ParallelConfig(tp=2), "cpu"),
+                        (TrainConfig(precision="bf16"), dense, "cuda"), (TrainConfig(precision="fp16"), dense, "cuda")]:
+        assert not clips_in_kubellm(tc, pc, dev)
+    assert deepspeed_config(TrainConfig(zero_stage=1), dense, 1)["gradient_clipping"] == TrainConfig().optim.grad_clip
