@@ -34,7 +34,7 @@ def test_linear_cross_entropy_matches_unfused(chunk_bytes: int) -> None:
 
 def test_chunk_rows_fit_the_cache_budget() -> None:
     cpu = torch.device("cpu")
-    assert chunk_rows(2048, cpu) == 512 and chunk_rows(10000, cpu) == 128  # ≈ 4 MiB of fp32 logits
+    assert chunk_rows(2048, cpu) == 1024 and chunk_rows(10000, cpu) == 256  # ≈ 8 MiB of fp32 logits
     assert chunk_rows(10**7, cpu) == 16  # never below 16 rows
     assert chunk_rows(97, cpu, chunk_bytes=16 * 97 * 4) == 16
 
