@@ -46,6 +46,24 @@ def chunk_rows(vocab_size: int, device: torch.device, chunk_bytes: int | None = 
     return max(16, 1 << max(0, round(math.log2(rows))))
 
 
+def kept_rows(valid: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows whose label counts, or None to run the head over every row.
+
+    On CPU the head skips ignored rows (an SFT or DPO prompt, often half the tokens): their logits
+    add nothing to the loss or the gradients, and the head is ~half of a small model's step. Elsewhere
+    it never does: finding them needs the count on the host, a sync in the hot loop."""
+    if valid.device.type != "cpu" or bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def _scatter_rows(kept: torch.Tensor, idx: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(n, D) with `kept` at rows `idx` and zeros elsewhere (`kept` itself when idx is None)."""
+    if idx is None:
+        return kept
+    return kept.new_zeros(n, kept.shape[1]).index_copy_(0, idx, kept)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean CE of (h @ w.T) against labels, gradients computed chunk by chunk in forward.
 
@@ -59,32 +77,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dev = h.device.type
         # under autocast the matmuls run in the autocast dtype (as nn.Linear would), the softmax in fp32
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        hm, wm = h.to(mm_dtype), w.to(mm_dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
-        safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]  # (N, 1), ignored -> 0
-        weight = (valid.float() / count)[:, None]  # each token's share of the mean (0 if ignored)
-        dh = torch.empty_like(h) if want_h else None
+        idx = kept_rows(valid)
+        hk = h if idx is None else h.index_select(0, idx)
+        lk, vk = (labels, valid) if idx is None else (labels.index_select(0, idx), valid.index_select(0, idx))
+        hm, wm = hk.to(mm_dtype), w.to(mm_dtype)
+        safe = torch.where(vk, lk, torch.zeros_like(lk))[:, None]  # (N, 1), ignored -> 0
+        weight = (vk.float() / count)[:, None]  # each token's share of the mean (0 if ignored)
+        dh = torch.empty_like(hk) if want_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(dev, enabled=False):
-            for s in range(0, h.shape[0], rows):
-                e = min(s + rows, h.shape[0])
+            for s in range(0, hk.shape[0], rows):
+                e = min(s + rows, hk.shape[0])
                 x = (hm[s:e] @ wm.t()).float()  # (rows, V) logits of this chunk
                 m = x.amax(-1, keepdim=True)
                 lab, wt = safe[s:e], weight[s:e]
                 target = x.gather(1, lab)
                 x.sub_(m).exp_()  # e = unnormalised softmax, in place
                 z = x.sum(-1, keepdim=True)
-                total += ((z.log() + m - target) * valid[s:e, None]).sum()  # Σ (logsumexp − logit[label])
+                total += ((z.log() + m - target) * vk[s:e, None]).sum()  # Σ (logsumexp − logit[label])
                 if dh is None and dw is None:
                     continue
                 # d logits = wt·(e/z − onehot). The row scale wt/z and the onehot term are applied to
                 # the small (rows, D) operands instead of the (rows, V) chunk (two fewer passes over it):
                 #   dh = (wt/z)·(e @ W) − wt·W[label]      dw += eᵀ @ ((wt/z)·h) − scatter(wt·h at label)
                 scale = wt / z
-                em, hc = x.to(mm_dtype), h[s:e]
+                em, hc = x.to(mm_dtype), hk[s:e]
                 if dh is not None:
                     dh[s:e] = (em @ wm).float().mul_(scale).sub_(w[lab[:, 0]].float() * wt)
                 if dw is not None:
@@ -94,6 +115,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     else:  # low-precision product, fp32 accumulation across chunks
                         dw.add_(em.t() @ hs)
                     dw.index_add_(0, lab[:, 0], hc.float() * -wt)
+        if dh is not None:
+            dh = _scatter_rows(dh, idx, h.shape[0])
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (dh is not None, dw is not None)
         ctx.w_dtype = w.dtype
@@ -107,102 +130,96 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
-#: Largest per-sequence weight-gradient stash (B × vocab × dim fp32) `linear_sequence_logprobs` keeps
-#: to skip recomputing the logits in backward; above it, backward recomputes them (one more matmul).
-#: Small on purpose: a stash of tens of MB is a fresh mmap (page faults) every step, which cost as
-#: much as the matmul it saves on the `seed` DPO benchmark (bench/bench_dpo.py).
-SEQUENCE_GRAD_BYTES = 16 << 20
-
-
-def _head_grads(x: torch.Tensor, hm: torch.Tensor, wm: torch.Tensor, mm_dtype: torch.dtype,
-                dh: torch.Tensor | None, dw: torch.Tensor | None, first: bool = False) -> None:
-    """dh = x @ w, dw += x.T @ h (dw = x.T @ h when `first`: no zero-fill needed) for one chunk's
-    logit gradient x; dw accumulates in fp32."""
-    xm = x.to(mm_dtype)
-    if dh is not None:
-        dh.copy_(xm @ wm)
-    if dw is not None:
-        if first:
-            dw.copy_(xm.t() @ hm)
-        elif mm_dtype == torch.float32:
-            dw.addmm_(xm.t(), hm)
-        else:
-            dw.add_(xm.t() @ hm)
+#: Largest stash of logit gradients (kept rows × vocab, fp32) `linear_sequence_logprobs` keeps from
+#: forward so backward needs no second logits matmul; above it, backward recomputes them. On CPU it
+#: stays under glibc's largest dynamic mmap threshold (32 MiB), so the allocation is reused from the
+#: heap instead of being a fresh mmap whose page faults cost as much as the matmul it saves (measured
+#: on the `seed` DPO benchmark, bench/bench_dpo.py).
+SEQUENCE_STASH_BYTES = {"cpu": 30 << 20, "cuda": 256 << 20}
 
 
 class _LinearSequenceLogprobs(torch.autograd.Function):
-    """(B,) Σ_t log p(label_t) of (h @ w.T) per sequence, chunked within each sequence.
+    """(B,) Σ_t log p(label_t) of (h @ w.T) per sequence, chunked over the (kept) rows.
 
-    The upstream gradient g_b is per sequence (DPO's weights), so the weight gradient is
-    Σ_b g_b · DW_b with DW_b = Σ_{t∈b} (onehot − softmax)_tᵀ h_t. When B × vocab × dim fp32 fits
-    in `SEQUENCE_GRAD_BYTES`, forward folds each chunk into dh and DW_b right away (no logits kept,
-    no recompute); otherwise it keeps only each row's log-sum-exp and backward recomputes the
-    chunk's logits (one extra matmul)."""
+    The upstream gradient g_b is per sequence (DPO's weights), so it is only known in backward:
+    dh_t = g_b(t) · X_t @ W and dW = Xᵀ (g ⊙ h), with X = onehot − softmax the gradient of the
+    log-probs w.r.t. the logits. Forward keeps X when it fits `SEQUENCE_STASH_BYTES` (then the head
+    costs the same three matmuls as the mean cross-entropy's), else only each row's log-sum-exp,
+    and backward recomputes X chunk by chunk (one more matmul)."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                 rows: int) -> torch.Tensor:
-        B, T, _ = h.shape
+        B, T, D = h.shape
         dev = h.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        valid = labels != ignore_index  # (B, T)
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        eager = (want_h or want_w) and B * w.numel() * 4 <= SEQUENCE_GRAD_BYTES
-        out = torch.zeros(B, dtype=torch.float32, device=h.device)
-        lse = torch.empty(B, T, dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if eager and want_h else None
-        dws = torch.empty((B, *w.shape), dtype=torch.float32, device=w.device) if eager and want_w else None
+        flat_h, flat_l = h.reshape(B * T, D), labels.reshape(B * T)
+        valid = flat_l != ignore_index
+        idx = kept_rows(valid)
+        seq = torch.arange(B, device=h.device).repeat_interleave(T)  # the sequence of each row
+        if idx is not None:
+            flat_h, flat_l, valid, seq = (t.index_select(0, idx) for t in (flat_h, flat_l, valid, seq))
+        n, v = flat_h.shape[0], valid[:, None].float()
+        safe = torch.where(valid, flat_l, torch.zeros_like(flat_l))[:, None]
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        stash = want_grad and n * w.shape[0] * 4 <= SEQUENCE_STASH_BYTES.get(dev, SEQUENCE_STASH_BYTES["cuda"])
+        grads = torch.empty(n, w.shape[0], dtype=torch.float32, device=h.device) if stash else None
+        lse = torch.empty(n, 1, dtype=torch.float32, device=h.device)
+        tok = torch.empty(n, 1, dtype=torch.float32, device=h.device)
         with torch.autocast(dev, enabled=False):
-            hm, wm = h.to(mm_dtype), w.to(mm_dtype)
-            for b in range(B):
-                for s in range(0, T, rows):
-                    e = min(s + rows, T)
-                    v, lab = valid[b, s:e, None].float(), safe[b, s:e, None]
-                    x = (hm[b, s:e] @ wm.t()).float()
-                    m = x.amax(-1, keepdim=True)
-                    target = x.gather(1, lab)
-                    x.sub_(m).exp_()
-                    z = x.sum(-1, keepdim=True)
-                    lse[b, s:e] = (z.log() + m)[:, 0]
-                    out[b] += ((target - z.log() - m) * v).sum()
-                    if not eager:
-                        continue
-                    x.mul_(-v / z)  # −softmax (0 where ignored)
-                    x.scatter_add_(1, lab, v)  # + onehot: d log p(label) / d logits
-                    _head_grads(x, hm[b, s:e], wm, mm_dtype, dh[b, s:e] if dh is not None else None,
-                                dws[b] if dws is not None else None, first=s == 0)
-        if eager:
-            ctx.save_for_backward(*(t for t in (dh, dws) if t is not None))
-            ctx.has = (dh is not None, dws is not None)
-        else:
-            ctx.save_for_backward(h, w, safe, valid, lse)
-        ctx.eager, ctx.rows, ctx.mm_dtype, ctx.w_dtype, ctx.w_shape = eager, rows, mm_dtype, w.dtype, w.shape
+            hm, wm = flat_h.to(mm_dtype), w.to(mm_dtype)
+            for s in range(0, n, rows):
+                e = min(s + rows, n)
+                lab = safe[s:e]
+                if grads is not None and mm_dtype == torch.float32:
+                    x = torch.mm(hm[s:e], wm.t(), out=grads[s:e])
+                else:
+                    x = (hm[s:e] @ wm.t()).float()
+                m = x.amax(-1, keepdim=True)
+                target = x.gather(1, lab)
+                x.sub_(m).exp_()
+                z = x.sum(-1, keepdim=True)
+                lse[s:e] = z.log() + m
+                tok[s:e] = (target - lse[s:e]) * v[s:e]
+                if grads is not None:
+                    x.mul_(-v[s:e] / z).scatter_add_(1, lab, v[s:e])  # onehot − softmax (0 where ignored)
+                    if x.data_ptr() != grads[s:e].data_ptr():
+                        grads[s:e] = x
+        out = torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, seq, tok[:, 0])
+        ctx.save_for_backward(flat_h, w, safe, v, seq, lse if grads is None else grads)
+        ctx.idx, ctx.stash, ctx.rows, ctx.mm_dtype, ctx.shape = idx, grads is not None, rows, mm_dtype, h.shape
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g = grad.float()  # (B,)
-        if ctx.eager:
-            saved = list(ctx.saved_tensors)
-            dh = saved.pop(0) * g[:, None, None].to(saved[0].dtype) if ctx.has[0] else None
-            dw = (g @ saved.pop(0).flatten(1)).view(ctx.w_shape).to(ctx.w_dtype) if ctx.has[1] else None
-            return dh, dw, None, None, None
-        h, w, safe, valid, lse = ctx.saved_tensors
-        B, T, _ = h.shape
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
-        with torch.autocast(h.device.type, enabled=False):
-            hm, wm = h.to(ctx.mm_dtype), w.to(ctx.mm_dtype)
-            for b in range(B):
-                for s in range(0, T, ctx.rows):
-                    e = min(s + ctx.rows, T)
-                    gv = valid[b, s:e, None] * g[b]
-                    x = (hm[b, s:e] @ wm.t()).float()
-                    x.sub_(lse[b, s:e, None]).exp_().mul_(-gv)  # −g · softmax
-                    x.scatter_add_(1, safe[b, s:e, None], gv)  # + g · onehot
-                    _head_grads(x, hm[b, s:e], wm, ctx.mm_dtype, dh[b, s:e] if dh is not None else None, dw)
-        return dh, (dw.to(w.dtype) if dw is not None else None), None, None, None
+        flat_h, w, safe, v, seq, saved = ctx.saved_tensors
+        gk = grad.float()[seq][:, None]  # (n, 1): each row's sequence's upstream gradient
+        n = flat_h.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty(n, flat_h.shape[1], dtype=torch.float32, device=flat_h.device) if want_h else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        with torch.autocast(flat_h.device.type, enabled=False):
+            hm, wm = flat_h.to(ctx.mm_dtype), w.to(ctx.mm_dtype)
+            for s in range(0, n, ctx.rows):
+                e = min(s + ctx.rows, n)
+                if ctx.stash:
+                    x = saved[s:e]  # onehot − softmax; g is applied to the (rows, D) operands below
+                else:
+                    x = (hm[s:e] @ wm.t()).float()
+                    x.sub_(saved[s:e]).exp_().mul_(-v[s:e])
+                    x.scatter_add_(1, safe[s:e], v[s:e])
+                xm = x.to(ctx.mm_dtype)
+                if dh is not None:
+                    dh[s:e] = (xm @ wm).float().mul_(gk[s:e])
+                if dw is not None:
+                    hs = (hm[s:e].float() * gk[s:e]).to(ctx.mm_dtype)
+                    if ctx.mm_dtype == torch.float32:
+                        dw.addmm_(xm.t(), hs)
+                    else:  # low-precision product, fp32 accumulation across chunks
+                        dw.add_(xm.t() @ hs)
+        B, T, D = ctx.shape
+        dh_out = _scatter_rows(dh, ctx.idx, B * T).view(B, T, D).to(flat_h.dtype) if dh is not None else None
+        return dh_out, (dw.to(w.dtype) if dw is not None else None), None, None, None
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -121,18 +121,21 @@ def test_no_grad_computes_only_the_loss() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("stash", [True, False])  # per-sequence grads kept in forward, or logits recomputed
+@pytest.mark.parametrize("ignored", [True, False])  # rows skipped by the head, or every row computed
+@pytest.mark.parametrize("stash", [True, False])  # logit gradients kept from forward, or recomputed
 @pytest.mark.parametrize("chunk_bytes", [16 * 97 * 4, 1 << 30])
 def test_sequence_logprobs_match_log_softmax_for_per_sequence_gradients(
-        chunk_bytes: int, stash: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        chunk_bytes: int, stash: bool, ignored: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubellm.model import loss as L
 
-    monkeypatch.setattr(L, "SEQUENCE_GRAD_BYTES", 1 << 40 if stash else 0)
+    monkeypatch.setitem(L.SEQUENCE_STASH_BYTES, "cpu", 1 << 40 if stash else 0)
     torch.manual_seed(0)
     h = torch.randn(4, 21, 32, requires_grad=True)
     w = (torch.randn(97, 32) * 0.5).requires_grad_()
     labels = torch.randint(0, 97, (4, 21))
-    labels[1, :7] = -100
+    if ignored:
+        labels[1, :7] = -100
+        labels[3, 15:] = -100
     logp = torch.log_softmax(h @ w.t(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     ref = torch.where(labels != -100, logp, 0.0).sum(-1)
     got = L.linear_sequence_logprobs(h, w, labels, chunk_bytes=chunk_bytes)
@@ -158,3 +161,47 @@ def test_model_sequence_logprobs_match_dpo_sequence_logprobs_from_logits() -> No
     loss = lambda lp: -torch.nn.functional.logsigmoid(lp[0] - lp[1]) + 0.3 * lp[2]  # noqa: E731
     for g, r in zip(_grads(loss(got), params), _grads(loss(ref), params), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_logprobs_of_all_ignored_rows_are_zero_with_zero_grads() -> None:
+    from kubellm.model.loss import linear_sequence_logprobs
+
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    lp = linear_sequence_logprobs(h, w, torch.full((2, 5), -100))
+    assert lp.tolist() == [0.0, 0.0]
+    (lp * torch.tensor([1.0, -2.0])).sum().backward()
+    assert h.grad is not None and w.grad is not None
+    assert not h.grad.any() and not w.grad.any()
+
+
+def test_ignored_rows_never_reach_the_head() -> None:
+    """A prompt's rows (ignored labels) get no logits: the stash of logit gradients holds only the
+    kept rows, and the mean cross-entropy's head matmuls see only them."""
+    from kubellm.model import loss as L
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 32, 16, requires_grad=True)
+    w = torch.randn(4096, 16, requires_grad=True)
+    labels = torch.randint(0, 4096, (4, 32))
+    labels[:, :24] = -100  # a quarter of the rows count
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        L.linear_sequence_logprobs(h, w, labels)
+    assert max(saved) == 32 * 4096  # kept rows × vocab, not 128 × vocab
+    seen: list[int] = []
+    real_mm = torch.Tensor.__matmul__
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(a.shape[0])
+        return real_mm(a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__matmul__", spy)
+        L.linear_cross_entropy(h, w, labels)
+    assert seen and max(seen) <= 32
