@@ -31,7 +31,8 @@ from typing import Any
 from bench.common import Row, emit, load_avg, median, parser, within
 
 
-def measure_rank(m: int, steps: int, micro: int, seq: int) -> list[dict[str, Any]]:
+def measure_rank(m: int, steps: int, micro: int, seq: int, vocab: int = 512, dim: int = 512,
+                 partition: str = "parameters") -> list[dict[str, Any]]:
     """Runs on each rank (kubellm.training.spawn): returns per-step compute intervals."""
     import deepspeed
     import torch
@@ -43,11 +44,11 @@ def measure_rank(m: int, steps: int, micro: int, seq: int) -> list[dict[str, Any
     from kubellm.training.engine import init_distributed
     from kubellm.training.pipeline import build_pipeline
 
-    cfg = ModelConfig(vocab_size=512, dim=512, n_layers=8, n_heads=8, ffn_dim=1408, max_seq_len=seq)
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=8, n_heads=8, ffn_dim=dim * 11 // 4, max_seq_len=seq)
     tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * m, seq_len=seq)
     rank, _ = init_distributed("cpu")
     torch.manual_seed(0)
-    built = build_pipeline(cfg, tc, ParallelConfig(dp=1, tp=1, pp=2))  # pipeline_partition: parameters
+    built = build_pipeline(cfg, tc, ParallelConfig(dp=1, tp=1, pp=2), partition=partition)
     intervals: list[tuple[float, float]] = []
     comm: list[float] = []
     orig = dict(PipelineEngine._INSTRUCTION_MAP)
@@ -81,8 +82,10 @@ def measure_rank(m: int, steps: int, micro: int, seq: int) -> list[dict[str, Any
     for _ in range(steps):
         intervals.clear()
         comm.clear()
+        t0 = time.time()
         engine.train_batch(it)
-        out.append({"rank": rank, "intervals": list(intervals), "comm": list(comm)})
+        out.append({"rank": rank, "intervals": list(intervals), "comm": list(comm), "step_s": time.time() - t0,
+                    "layers": int(built.module.parts[rank + 1] - built.module.parts[rank])})
     PipelineEngine._INSTRUCTION_MAP = orig
     return out
 
@@ -121,7 +124,29 @@ def main(argv: list[str] | None = None) -> int:
                         f"({median(mean) / ideal:.2f}× the formula: it adds the faster stage's wait); stage compute "
                         f"ratio {median(ratio):.3f}; last stage's send/recv per instruction, median "
                         f"{median(comm) * 1e3:.2f} ms. {note}".strip(), load, len(crit)))
+    if not args.quick:
+        rows.append(partition_row(steps))
     return emit(rows, args)
+
+
+def partition_row(steps: int, m: int = 8, vocab: int = 16384, dim: int = 256) -> Row:
+    """pp = 2 step time with stages balanced by forward FLOPs (`pipeline_partition: compute`) against
+    DeepSpeed's parameter balancing, on a large-vocabulary shape: the 16k × 256 head costs ~4 blocks
+    of compute while the embedding, which holds as many parameters, costs none."""
+    from kubellm.training.spawn import spawn
+
+    load = load_avg()
+    times, layers = {}, {}
+    for method in ("parameters", "compute", "parameters", "compute"):  # alternate: drift hits both
+        per_rank = spawn(measure_rank, 2, m, steps, 4, 128, vocab, dim, method)
+        times.setdefault(method, []).extend(per_rank[0][s]["step_s"] for s in range(1, steps))
+        layers[method] = "+".join(str(per_rank[r][0]["layers"]) for r in range(2))
+    t_param, t_comp = median(times["parameters"]), median(times["compute"])
+    return Row(f"pp=2 step time, stages balanced by FLOPs vs by parameters (vocab {vocab}, dim {dim}, 8 blocks, "
+               f"m={m})", 1 / t_comp, 1 / t_param, "steps/s", t_param / t_comp, "> 1× (no issue target)",
+               t_param > t_comp, f"layers per stage (embedding, blocks, norm, head): compute {layers['compute']}, "
+               f"parameters {layers['parameters']}; median step {t_comp:.2f} s vs {t_param:.2f} s over "
+               f"{len(times['compute'])} steps from 2 alternating runs each.", load, len(times["compute"]))
 
 
 if __name__ == "__main__":

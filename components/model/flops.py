@@ -1,8 +1,9 @@
 """Parameter count and training FLOPs per token, from the config alone (no model built).
 
-    from kubellm.model.flops import num_params, flops_per_token
+    from kubellm.model.flops import num_params, flops_per_token, layer_forward_flops
     n = num_params(get_preset("1b"))
     mfu = flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops
+    emb, block, norm, head = layer_forward_flops(cfg, seq_len)   # per token, forward; balances pp stages
 """
 
 from __future__ import annotations
@@ -37,3 +38,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     element-wise work are ignored, as in both references."""
     n_matmul = num_params(cfg, include_embeddings=False) + cfg.vocab_size * cfg.dim
     return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def layer_forward_flops(cfg: ModelConfig, seq_len: int) -> tuple[int, int, int, int]:
+    """Forward FLOPs per token of (the embedding lookup, one block, the final norm, the LM head), in
+    `flops_per_token`'s convention: 3 × (emb + n_layers·block + norm + head) == flops_per_token.
+    The lookup does no matmul (0); the head does 2·V·d whether or not it is tied to the embedding."""
+    block = 2 * _block_params(cfg) + 4 * cfg.dim * seq_len
+    return 0, block, 2 * cfg.dim, 2 * cfg.vocab_size * cfg.dim

@@ -106,8 +106,10 @@ class ParallelConfig(StrictModel):
     """Tensor-parallel degree."""
     pp: int = Field(default=1, ge=1)
     """Pipeline-parallel degree."""
-    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
-    """How pipeline stages are balanced (pp > 1): by parameter count, or by layer count."""
+    pipeline_partition: Literal["parameters", "uniform", "compute"] = "parameters"
+    """How pipeline stages are balanced (pp > 1): by parameter count (DeepSpeed's default), by layer
+    count, or by forward FLOPs (`compute`: the embedding lookup weighs nothing and the LM head its
+    2·V·d, so a large-vocabulary model's last stage gets fewer blocks)."""
 
 
 class LaunchConfig(StrictModel):

@@ -18,7 +18,9 @@ Layer list (index: module; state-dict name inside the PipelineModule → `Transf
                              (tied: the "embed" TiedLayerSpec again, its table used as the head)
 
 Stages are balanced by parameter count (`parallel.pipeline_partition: parameters`, DeepSpeed's
-default) or by layer count (`uniform`). With tied embeddings the first and last stage each hold a
+default), by layer count (`uniform`), or by forward FLOPs (`compute`, `layer_costs`: the embedding
+lookup costs nothing though it holds V·d parameters, the head costs 2·V·d per token; with a large
+vocabulary, parameter balancing leaves the last stage the slowest). With tied embeddings the first and last stage each hold a
 copy of the table; DeepSpeed all-reduces its gradient over the two (`allreduce_tied_weight_gradients`).
 Activations between stages are `x` (B, T, dim), or `(x, position_ids, doc_ids)` when the batch
 carries packed-document masking (SFT, pretrain with doc masking); integer tensors get no gradient.
@@ -202,6 +204,28 @@ def layer_specs(cfg: ModelConfig, layers: LayerFactory, activation_checkpointing
     return [first, *blocks, LayerSpec(NormStage, cfg.dim, cfg.norm_eps), last]
 
 
+def layer_costs(cfg: ModelConfig, seq_len: int) -> list[int]:
+    """Forward FLOPs per token of each entry of `layer_specs` (embedding, blocks, norm, head)."""
+    from kubellm.model.flops import layer_forward_flops
+
+    emb, block, norm, head = layer_forward_flops(cfg, seq_len)
+    return [emb, *[block] * cfg.n_layers, norm, head]
+
+
+def _weighted_pipeline_module(weights: list[int]) -> type:
+    """A `PipelineModule` whose "parameters" partition balances `weights` instead of parameter counts
+    (DeepSpeed's `partition_balanced` over the per-layer weights `_count_layer_params` returns)."""
+    from deepspeed.pipe import PipelineModule
+
+    class WeightedPipelineModule(PipelineModule):  # type: ignore[misc]
+        def _count_layer_params(self) -> list[int]:
+            if len(weights) != len(self._layer_specs):
+                raise ValueError(f"{len(weights)} layer weights for {len(self._layer_specs)} pipeline layers")
+            return list(weights)
+
+    return WeightedPipelineModule
+
+
 def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
                    init_state_dict: dict[str, Tensor] | None = None, partition: str | None = None) -> ParallelModel:
     """The `PipelineModule` for this rank (collective), initialised from the dense weights."""
@@ -222,8 +246,12 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     layers: LayerFactory = TensorParallelLayers(tp) if tp.size > 1 else LayerFactory()
     full = dense_init(model_cfg, init_state_dict)
     method = partition or parallel_cfg.pipeline_partition
-    module = PipelineModule(layers=layer_specs(model_cfg, layers, train_cfg.activation_checkpointing),
-                            topology=topo, loss_fn=pipeline_loss, partition_method=method)
+    specs = layer_specs(model_cfg, layers, train_cfg.activation_checkpointing)
+    if method == "compute":
+        module: Any = _weighted_pipeline_module(layer_costs(model_cfg, train_cfg.seq_len))(
+            layers=specs, topology=topo, loss_fn=pipeline_loss, partition_method="parameters")
+    else:
+        module = PipelineModule(layers=specs, topology=topo, loss_fn=pipeline_loss, partition_method=method)
     grid = module.mpu()
     tp.group = grid.get_slice_parallel_group()
     n = model_cfg.n_layers

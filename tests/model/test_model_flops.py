@@ -47,3 +47,17 @@ def test_flops_per_token_formula() -> None:
     assert flops_per_token(cfg.with_(tie_embeddings=True), 256) == flops_per_token(cfg, 256)
     # Llama-2-7B has 6.74e9 parameters.
     assert num_params(get_preset("7b")) == 6_738_415_616
+
+
+@pytest.mark.parametrize("name", ["debug", "seed", "350m"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_forward_flops_add_up_to_flops_per_token(name: str, tied: bool) -> None:
+    from kubellm.model.flops import layer_forward_flops
+
+    cfg = get_preset(name).with_(tie_embeddings=tied)
+    emb, block, norm, head = layer_forward_flops(cfg, 512)
+    assert 3 * (emb + cfg.n_layers * block + norm + head) == flops_per_token(cfg, 512)
+    assert emb == 0 and head == 2 * cfg.vocab_size * cfg.dim  # a lookup; the head's matmul
+    # 350m: the 32k-vocabulary head costs ~2.4 blocks, though the embedding holds as many parameters
+    if name == "350m":
+        assert 2.3 < head / block < 2.6

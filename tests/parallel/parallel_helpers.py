@@ -22,8 +22,8 @@ def tiny_model(**overrides: Any) -> Any:
     """debug-like: 4 layers (so pp=2 has 2 blocks a stage), 4 heads / 2 KV heads (tp=2 splits both)."""
     from kubellm.model.config import get_preset
 
-    return get_preset("debug").with_(vocab_size=VOCAB, max_seq_len=64, dim=32, n_layers=4, ffn_dim=64,
-                                     **overrides)
+    return get_preset("debug").with_(**{"vocab_size": VOCAB, "max_seq_len": 64, "dim": 32, "n_layers": 4,
+                                        "ffn_dim": 64, **overrides})
 
 
 def run_training(shards: list[str], run_dir: str, layout: dict[str, int], zero_stage: int = 1, micro: int = 2,

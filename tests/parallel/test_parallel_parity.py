@@ -73,6 +73,35 @@ def test_pp2_tied_embeddings_activation_checkpointing_uniform_stages(shards: lis
                           load_weights(ranks[0]["weights"])["tok_embeddings.weight"])
 
 
+def stage_bounds(model: dict[str, Any], method: str) -> list[int]:
+    """Runs on each rank: the layer index where each pipeline stage starts (and the end)."""
+    from kubellm.training.config import ParallelConfig, TrainConfig
+    from kubellm.training.engine import init_distributed
+    from kubellm.training.pipeline import build_pipeline
+    from tests.parallel.parallel_helpers import SEQ, tiny_model
+
+    init_distributed("cpu")
+    built = build_pipeline(tiny_model(**model), TrainConfig(micro_batch_size=2, global_batch_size=4, seq_len=SEQ),
+                           ParallelConfig(dp=1, pp=2), partition=method)
+    return [int(x) for x in built.module.parts]
+
+
+@pytest.mark.integration
+def test_pp2_compute_balanced_stages_match_one_process(shards: list[str], tmp_path: Path) -> None:
+    """`pipeline_partition: compute` weighs layers by forward FLOPs: with a 1024-token vocabulary the
+    head costs ~3 blocks, so stage 0 takes 3 of the 4 blocks (by parameters it takes 2: the
+    embedding weighs as much as the head). Training through that split still gives the 1-process
+    losses and weights."""
+    model = {"vocab_size": 1024}
+    assert spawn(stage_bounds, 2, model, "parameters")[0] == [0, 3, 7]  # emb + 2 blocks | 2 + norm + head
+    assert spawn(stage_bounds, 2, model, "compute")[0] == [0, 4, 7]  # emb + 3 blocks | 1 + norm + head
+    ref = spawn(run_training, 1, shards, str(tmp_path / "ref"), {"dp": 1}, 1, 2, 8, STEPS, model, None, False,
+                True)[0]
+    ranks = spawn(run_training, 2, shards, str(tmp_path / "pp"), {"pp": 2, "pipeline_partition": "compute"}, 1, 2,
+                  8, STEPS, model, None, False, True)
+    _check(ranks, ref)
+
+
 @pytest.mark.integration
 def test_tp2_bf16_autocast_tracks_one_process(shards: list[str], tmp_path: Path) -> None:
     """bf16 (CPU autocast): the TP all-reduce sums bf16 partial products in another order than one
