@@ -46,6 +46,7 @@ from torch import nn
 from kubellm.model.config import ModelConfig
 from kubellm.model.layers import LayerFactory, shard_fused
 from kubellm.model.loss import causal_lm_loss
+from kubellm.model.loss import sequence_logprobs as summed_logprobs  # the keyword below shadows the name
 
 
 @dataclasses.dataclass
@@ -206,8 +207,7 @@ class VocabParallelOutput(nn.Module):
         if labels is None:
             return logits
         if sequence_logprobs:  # same values as the dense LMHead's
-            return -F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
-                                    reduction="none").view_as(labels).sum(-1)
+            return summed_logprobs(logits, labels, ignore_index)
         return causal_lm_loss(logits, labels, ignore_index)  # same mean as the dense LMHead
 
 
