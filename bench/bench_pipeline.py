@@ -49,15 +49,15 @@ def measure_rank(m: int, steps: int, micro: int, seq: int, vocab: int = 512, dim
     rank, _ = init_distributed("cpu")
     torch.manual_seed(0)
     built = build_pipeline(cfg, tc, ParallelConfig(dp=1, tp=1, pp=2), partition=partition)
-    intervals: list[tuple[float, float]] = []
-    comm: list[float] = []
+    intervals: list[tuple[float, float]] = []  # compute instructions: (start, end)
+    comm: list[tuple[float, float]] = []  # send/recv instructions
     orig = dict(PipelineEngine._INSTRUCTION_MAP)
 
-    def timed(fn: Any, into: list[Any]) -> Any:
+    def timed(fn: Any, into: list[tuple[float, float]]) -> Any:
         def wrapper(self: Any, *a: Any, **k: Any) -> Any:
             t0 = time.time()
             out = fn(self, *a, **k)
-            into.append((t0, time.time()) if into is intervals else time.time() - t0)
+            into.append((t0, time.time()))
             return out
         return wrapper
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             crit.append(1 - max(busy) / span)
             mean.append(sum(1 - c / span for c in busy) / 2)
             ratio.append(max(busy) / min(busy))
-            comm += per_rank[1][step]["comm"]  # the last stage's SendGrad/RecvActivation
+            comm += [b - a for a, b in per_rank[1][step]["comm"]]  # the last stage's SendGrad/RecvActivation
         b = median(crit)
         ok, note = within(b / ideal, 0.15)
         rows.append(Row(f"pipeline bubble, pp=2, m={m} (1F1B, micro {micro} × seq {seq})", b, ideal, "fraction",
