@@ -9,6 +9,8 @@ Both sides train the same shape (the preset's ModelConfig; LlamaForCausalLM buil
         (1 process, ZeRO 0, gradient clipping), loss through `model(ids, labels=...)` as the
         pretrain objective does (the LM head's fused, chunked cross-entropy) — the engine's step
   hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW + clip_grad_norm_, plain PyTorch
+`build_engine` keeps freed host memory for reuse (`train.host_memory_reuse`: glibc mallopt). That
+setting is process-wide, so the reference, built after it in the same process, runs under it too.
 Rounds alternate ours/hf so machine noise hits both; each round times `--steps` steps after
 `--warmup` untimed ones; the median over `--rounds` (≥ 5) is reported with the ratio ours/hf.
 """

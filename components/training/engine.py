@@ -42,6 +42,7 @@ from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
 from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
+from kubellm.training.hostmem import keep_freed_memory
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups
 from kubellm.training.pipeline import PipelineBatches
@@ -186,9 +187,12 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
     """`deepspeed.initialize` with kubellm's AdamW param groups and warmup+cosine schedule; returns
     (engine, scheduler). With one data-parallel replica and ZeRO 0 there is nothing to average, so
     DeepSpeed's per-backward gradient all-reduce (flatten, a 1-rank collective, copy back: ~4% of a
-    `debug` step on CPU) is switched off; every other layout keeps it."""
+    `debug` step on CPU) is switched off; every other layout keeps it. On CPU, freed host memory is
+    kept for reuse (`train.host_memory_reuse`, `kubellm.training.hostmem`)."""
     import deepspeed
 
+    if train_cfg.host_memory_reuse and resolve_device(train_cfg.device) == "cpu":
+        keep_freed_memory()
     schedule = lr_lambda(train_cfg.optim, train_cfg.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train_cfg.optim), config=ds_cfg,
