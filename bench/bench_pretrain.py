@@ -10,7 +10,8 @@ Both sides train the same shape (the preset's ModelConfig; LlamaForCausalLM buil
         pretrain objective does (the LM head's fused, chunked cross-entropy) — the engine's step
   hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW + clip_grad_norm_, plain PyTorch
 `build_engine` keeps freed host memory for reuse (`train.host_memory_reuse`: glibc mallopt). That
-setting is process-wide, so the reference, built after it in the same process, runs under it too.
+setting is process-wide, so the reference, built after it in the same process, runs under it too;
+`--no-host-memory-reuse` runs both sides with glibc's defaults instead.
 Rounds alternate ours/hf so machine noise hits both; each round times `--steps` steps after
 `--warmup` untimed ones; the median over `--rounds` (≥ 5) is reported with the ratio ours/hf.
 """
@@ -30,7 +31,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Callable[[torch.Tensor], float]:
+def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool,
+          host_memory_reuse: bool = True) -> Callable[[torch.Tensor], float]:
     from kubellm.model import Transformer
     from kubellm.model.config import get_preset
     from kubellm.training.config import ParallelConfig, TrainConfig
@@ -39,7 +41,7 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> 
 
     cfg = get_preset(preset)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,
-                     max_steps=10**6)
+                     max_steps=10**6, host_memory_reuse=host_memory_reuse)
     init_distributed("cpu")
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -97,7 +99,8 @@ def bench(preset: str, args: argparse.Namespace, compile_: bool) -> dict[str, fl
     cfg = get_preset(preset)
     seq = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_),
+    reuse = getattr(args, "host_memory_reuse", True)
+    steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_, reuse),
              "hf": _hf(preset, args.batch, seq, args.precision, compile_)}
     fastest = float("inf")
     for fn in steps.values():
@@ -133,6 +136,8 @@ def main() -> None:
     ap.add_argument("--min-sample-s", type=float, default=1.0, help="each round's timed steps last at least this")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    ap.add_argument("--no-host-memory-reuse", dest="host_memory_reuse", action="store_false",
+                    help="train.host_memory_reuse: false (both sides then run with glibc's malloc defaults)")
     args = ap.parse_args()
     if args.rounds < 5:
         ap.error("--rounds must be ≥ 5 (the median of fewer is noise)")
