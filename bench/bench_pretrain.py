@@ -99,8 +99,7 @@ def bench(preset: str, args: argparse.Namespace, compile_: bool) -> dict[str, fl
     cfg = get_preset(preset)
     seq = min(args.seq_len or cfg.max_seq_len, cfg.max_seq_len)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    reuse = getattr(args, "host_memory_reuse", True)
-    steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_, reuse),
+    steps = {"ours": _ours(preset, args.batch, seq, args.precision, compile_, args.host_memory_reuse),
              "hf": _hf(preset, args.batch, seq, args.precision, compile_)}
     fastest = float("inf")
     for fn in steps.values():

@@ -45,7 +45,6 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return tok.sum(-1)
 
 
-
 #: Bytes of fp32 logits per chunk. On the 2-core dev machine (EPYC, 32 MiB L3) 8 MiB was the fastest
 #: of 1–16 MiB for vocab 2k and 10k (1 MiB: +10–35%); the fused head + loss is 1.4–1.8× the unfused
 #: one there. On CUDA the point is memory, not cache, so chunks are much larger.

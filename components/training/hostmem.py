@@ -9,9 +9,9 @@ freed) with `mmap` and hands the top of the heap back to the kernel once more th
 free. Each step then faults its activations back in, one zero-filled 4 KiB page at a time (~2.5 µs
 per page on the benchmark machine). On the `seed` preset that is ~12,000 page faults, ~50 MB, per
 step. The two settings below stop it: every block up to glibc's 32 MiB cap comes from the heap, and
-the heap is not trimmed (below 2 GiB free), so the step reuses the pages it faulted in the first time (0–400 faults
-per step). The process keeps its peak heap for its whole life, which is what a training worker
-wants anyway.
+the heap is not trimmed (below 2 GiB free), so the step reuses the pages it faulted in the first
+time (0–400 faults per step). The process keeps its peak heap for its whole life, which is what a
+training worker wants anyway.
 
 Both settings are needed. Either one alone turns glibc's moving threshold off and pins it at
 128 KiB, which makes things far worse (measured on `seed`: 100,000–150,000 faults per step and

@@ -21,7 +21,8 @@ Stages are balanced by parameter count (`parallel.pipeline_partition: parameters
 default), by layer count (`uniform`), or by forward FLOPs (`compute`, `layer_costs`: the embedding
 lookup costs nothing though it holds V·d parameters, the head costs 2·V·d per token; with a large
 vocabulary, parameter balancing leaves the last stage the slowest). With tied embeddings the first
-and last stage each hold a copy of the table; DeepSpeed all-reduces its gradient over the two (`allreduce_tied_weight_gradients`).
+and last stage each hold a copy of the table; DeepSpeed all-reduces its gradient over the two
+(`allreduce_tied_weight_gradients`).
 Activations between stages are `x` (B, T, dim), or `(x, position_ids, doc_ids)` when the batch
 carries packed-document masking (SFT, pretrain with doc masking); integer tensors get no gradient.
 

@@ -4,6 +4,7 @@ switches it. Each case runs in its own process: malloc settings last for the lif
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -52,8 +53,6 @@ print(json.dumps({"applied": applied, "mmapped_mib": mmapped >> 20, "faults_per_
 
 
 def _run(arm: str, **env: str) -> dict:
-    import json
-
     out = subprocess.run([sys.executable, "-c", _STEP, arm], capture_output=True, text=True, check=True,
                          env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
