@@ -8,11 +8,13 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from kubellm.cli import main as cli_main
 from kubellm.core.errors import ConfigError
 from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig, get_preset
@@ -77,6 +79,20 @@ def test_cli_writes_a_fragment(tmp_path) -> None:  # noqa: ANN001
                         "--gpu-mem-gb", "8"], capture_output=True, text=True)
     assert r.returncode == 1 and "do not fit" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_readme_plan_example_is_what_the_planner_prints(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """The README's `kubellm plan` example is this planner's real output (it went stale once)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(readme) if line.startswith("$ kubellm plan "))
+    end = next(i for i in range(start, len(readme)) if readme[i].startswith("wrote "))
+    args = readme[start].split()[3:]  # after "$ kubellm plan"
+    assert args[-2] == "--output", args
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["plan", *args]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:-1] == readme[start + 1 : end]
+    assert printed[-1] == f"wrote {args[-1]}" and (tmp_path / args[-1]).is_file()
 
 # -- activations: the planner's count against what autograd saves (fp32, CPU) ----------------------------
 SHAPES = [  # MHA, GQA, MQA; ffn_dim not 4·dim
