@@ -17,6 +17,7 @@ sequence.
 
 # No `from __future__ import annotations`: kfp reads the test pipeline's annotations as types.
 
+import builtins
 import json
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,12 @@ def _assert_same(fan: Manifest, single: Manifest, tmp: Path) -> None:
     assert fan.config_hash == single.config_hash
 
 
-def test_fan_out_through_kfp_local_equals_single_step(corpus: Path, single_step: Manifest, tmp_path: Path) -> None:
+def test_fan_out_through_kfp_local_equals_single_step(corpus: Path, single_step: Manifest, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # kfp.local runs the ParallelFor's tasks on threads, and each swaps `builtins.print` for an indenting
+    # one and back (`logging_utils.indented_print`); two at once can leave the indenting one installed
+    # for the rest of the session (it indented a later test's captured output in CI). Put it back.
+    monkeypatch.setattr(builtins, "print", builtins.print)
     cfg = load_run_config(preset="debug")
     config = section_json(cfg, "data_prep")
     root = str(tmp_path / "artifacts")
