@@ -7,7 +7,8 @@ tokens each, half the micro-batch so both see the same tokens per step).
     python -m bench.bench_dpo --quick
 
 Targets (issue 12): DPO ≥ 0.7× SFT with the live reference, ≥ 0.9× with the cached one. The DPO
-live reference does an extra no-grad forward, so its ideal is ~0.75× of SFT (forward ≈ 1/3 of a step).
+live reference does an extra no-grad forward, so its ideal is ~0.8× of SFT (a forward is ~1/4 of a
+step here: ~31 of ~120 ms on `seed`).
 Warm-up: one untimed round of all three first (the first runs in a process were up to 30% slower
 for ~12 steps while the allocator settled), then the first 4 steps of every timed run are dropped.
 """

@@ -80,7 +80,6 @@ def test_cli_writes_a_fragment(tmp_path) -> None:  # noqa: ANN001
     assert r.returncode == 1 and "do not fit" in r.stderr and "Traceback" not in r.stderr
 
 
-
 def test_readme_plan_example_is_what_the_planner_prints(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
     """The README's `kubellm plan` example is this planner's real output (it went stale once)."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
@@ -93,6 +92,7 @@ def test_readme_plan_example_is_what_the_planner_prints(tmp_path, capsys, monkey
     printed = capsys.readouterr().out.splitlines()
     assert printed[:-1] == readme[start + 1 : end]
     assert printed[-1] == f"wrote {args[-1]}" and (tmp_path / args[-1]).is_file()
+
 
 # -- activations: the planner's count against what autograd saves (fp32, CPU) ----------------------------
 SHAPES = [  # MHA, GQA, MQA; ffn_dim not 4·dim
