@@ -35,12 +35,27 @@ class StorageConfig(StrictModel):
     S3 endpoint, region and credentials come from the environment, never from this file."""
 
 
+class SourcesConfig(StrictModel):
+    """Where the pipeline's input data lives: the defaults of its `raw_source`, `chat_source` and
+    `preferences_source` parameters (a `--param` or a run argument still wins). Each is a local
+    path/glob or an s3:// prefix or object; empty means "pass it when you run"."""
+
+    raw: str = ""
+    """Raw corpus (jsonl/json/parquet/text files or an s3:// prefix of them) for data prep."""
+    chat: str = ""
+    """SFT chat data (`messages` lists, jsonl)."""
+    preferences: str = ""
+    """DPO preference pairs (`prompt`, `chosen`, `rejected`, jsonl)."""
+
+
 class RunConfig(StrictModel):
     """The whole pipeline's configuration."""
 
     name: str = "kubellm"
     """A name for runs made from this config (KFP run names, report titles)."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    """The input data: raw corpus, chat data, preference pairs (the pipeline's source parameters)."""
     data_prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -61,11 +61,12 @@ class PipelineSettings:
     """ConfigMap with the S3 settings kubellm.core.storage reads (the Helm chart's `<release>-env`;
     optional, every key optional). Empty: no reference."""
     raw_source: str = ""
-    """Default of the `raw_source` parameter (raw corpus: local path/glob or s3:// prefix)."""
+    """Default of the `raw_source` parameter (raw corpus: local path/glob or s3:// prefix); empty:
+    the run-config's `sources.raw`."""
     chat_source: str = ""
-    """Default of the `chat_source` parameter (SFT chat data)."""
+    """Default of the `chat_source` parameter (SFT chat data); empty: `sources.chat`."""
     preferences_source: str = ""
-    """Default of the `preferences_source` parameter (DPO preference pairs)."""
+    """Default of the `preferences_source` parameter (DPO preference pairs); empty: `sources.preferences`."""
     params: tuple[tuple[str, Any], ...] = ()
     """Further parameter-default overrides (name, value), applied last (`data_prep_parallelism` among
     them is taken as the compile-time setting below)."""
@@ -110,9 +111,9 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
         report_eval["gate"]["promote"] = False
     full: dict[str, Any] = {
         "storage_root": root,
-        "raw_source": settings.raw_source,
-        "chat_source": settings.chat_source,
-        "preferences_source": settings.preferences_source,
+        "raw_source": settings.raw_source or cfg.sources.raw,
+        "chat_source": settings.chat_source or cfg.sources.chat,
+        "preferences_source": settings.preferences_source or cfg.sources.preferences,
         "promoted_pointer": pointer,
         **{f"{s}_config": section_json(cfg, s) for s in STAGES},
     }

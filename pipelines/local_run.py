@@ -48,9 +48,10 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     add_config_args(p)
     p.add_argument("--workdir", default=".kubellm/local",
                    help="local directory for KFP's task outputs, the demo world and (without --bucket) artifacts")
-    p.add_argument("--raw", help="raw corpus: local path/glob or s3:// prefix (default: the demo world's)")
-    p.add_argument("--chat", help="SFT chat data (default: the demo world's)")
-    p.add_argument("--preferences", help="DPO preference pairs (default: the demo world's)")
+    p.add_argument("--raw", help="raw corpus: local path/glob or s3:// prefix (default: the run-config's "
+                                 "sources.raw, else the demo world's)")
+    p.add_argument("--chat", help="SFT chat data (default: sources.chat, else the demo world's)")
+    p.add_argument("--preferences", help="DPO preference pairs (default: sources.preferences, else the demo world's)")
     p.add_argument("--models", action="append", default=[],
                    help="evaluation_report: model artifact prefixes (repeatable or comma separated; "
                         "default: the promoted model)")
@@ -135,11 +136,14 @@ def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: 
     arguments: dict[str, Any] = {"storage_root": root, "promoted_pointer": default_pointer(
         root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))}
     if args.pipeline == "llm_from_scratch":
-        if args.raw:
-            src = {"raw": args.raw, "chat": args.chat or "", "preferences": args.preferences or ""}
+        # --raw/--chat/--preferences, else the run-config's `sources`, else the demo world's data
+        sources = getattr(cfg, "sources", None)
+        given = {k: getattr(args, k) or getattr(sources, k, "") for k in ("raw", "chat", "preferences")}
+        if given["raw"]:
+            src = given
         else:
             src = _demo_world(workdir, root, args.demo_scale)
-            src.update({k: v for k, v in (("chat", args.chat), ("preferences", args.preferences)) if v})
+            src.update({k: v for k, v in given.items() if v})
         arguments.update(raw_source=src["raw"], chat_source=src["chat"], preferences_source=src["preferences"])
     else:
         arguments["model_uris"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]

@@ -35,7 +35,7 @@ from kubellm.pipelines.common import (
     parse_params,
     settings_from_args,
 )
-from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES
+from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES, parameter_defaults
 from kubellm.pipelines.kfp_api import FINAL_STATES, KfpApiError, api_errors, connect, eq_filter, run_url
 
 _SHA = re.compile(r"^[0-9a-f]{7,64}$")
@@ -96,6 +96,22 @@ def compile_for_submit(args: argparse.Namespace, out_dir: Path) -> tuple[Path, s
         d.pop("sdkVersion", None)
     digest = hashlib.sha256(yaml.safe_dump_all(spec, sort_keys=True).encode()).hexdigest()
     return path, digest, cfg
+
+
+SOURCE_PARAMS = {"raw_source": "sources.raw", "chat_source": "sources.chat",
+                 "preferences_source": "sources.preferences"}
+
+
+def check_sources(args: argparse.Namespace, cfg: Any, arguments: dict[str, Any]) -> None:
+    """Refuse, before anything reaches the cluster, an llm_from_scratch run with no data to read: its
+    first step would fail on an empty source (a GitOps merge has nobody to type it into the UI)."""
+    if args.pipeline != "llm_from_scratch":
+        return
+    defaults = parameter_defaults(cfg, settings_from_args(args))["llm_from_scratch"]
+    missing = [k for k in SOURCE_PARAMS if not str(arguments.get(k) or defaults[k]).strip()]
+    if missing:
+        how = "; ".join(f"{k}: set {SOURCE_PARAMS[k]} in the run-config, or --param {k}=s3://…" for k in missing)
+        raise ConfigError(f"llm_from_scratch needs its input data, and these are empty — {how}")
 
 
 def gitops_run_name(config_name: str, pipeline: str, sha: str) -> str:
@@ -171,6 +187,7 @@ def main(args: argparse.Namespace) -> int:
     arguments = parse_params(args.args)
     with tempfile.TemporaryDirectory(prefix="kubellm-submit-") as tmp:
         path, digest, cfg = compile_for_submit(args, Path(tmp))
+        check_sources(args, cfg, arguments)
         run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
                     else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")
         client = connect(args.endpoint, args.namespace)

@@ -154,3 +154,26 @@ def test_s3_credentials_by_reference_only(compiled: Path) -> None:
         assert ex["secretAsEnv"][0]["secretName"] == "kubellm-s3" and ex["configMapAsEnv"][0]["configMapName"] == "kubellm-env" and ex["secretAsEnv"][0]["optional"], name
     pre = platform["executors"]["exec-pretrain"]["fieldPathAsEnv"]
     assert {f["name"] for f in pre} >= {"KUBELLM_KFP_RUN_ID", "KUBELLM_POD_NAME", "KUBELLM_NAMESPACE"}
+
+
+def test_sources_default_from_the_run_config_and_flags_win(tmp_path: Path) -> None:
+    import argparse
+
+    from kubellm.pipelines.definitions import PipelineSettings, parameter_defaults
+    from kubellm.pipelines.local_run import pipeline_arguments
+
+    cfg = load_run_config(preset="debug", overrides=["sources.raw=s3://b/raw/", "sources.chat=s3://b/chat.jsonl",
+                                                     "sources.preferences=s3://b/prefs.jsonl"])
+    full = parameter_defaults(cfg, PipelineSettings())["llm_from_scratch"]
+    assert (full["raw_source"], full["chat_source"], full["preferences_source"]) == (
+        "s3://b/raw/", "s3://b/chat.jsonl", "s3://b/prefs.jsonl")
+    assert parameter_defaults(cfg, PipelineSettings(raw_source="/data/raw"))["llm_from_scratch"]["raw_source"] == "/data/raw"
+    # kubellm run --local: --raw/--chat/--preferences, else the run-config's sources (no demo world made)
+    args = argparse.Namespace(pipeline="llm_from_scratch", raw=None, chat="/mine/chat.jsonl", preferences=None,
+                              param=[], demo_scale=1.0)
+    got = pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)
+    assert (got["raw_source"], got["chat_source"], got["preferences_source"]) == (
+        "s3://b/raw/", "/mine/chat.jsonl", "s3://b/prefs.jsonl")
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(Exception, match="sources.raww"):
+        load_run_config(preset="debug", overrides=["sources.raww=x"])

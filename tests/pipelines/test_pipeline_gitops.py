@@ -40,3 +40,13 @@ def test_argocd_hook_job() -> None:
     args = _parse(c["args"])
     assert args.git_sha == "<SHA>" and args.run_config == "/etc/kubellm/run-config.yaml"
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_readme_run_config_example_is_valid_and_names_every_source(tmp_path: Path) -> None:
+    from kubellm.runconfig import load_run_config
+
+    text = (GITOPS / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "retrain.yaml").write_text(block)
+    cfg = load_run_config(tmp_path / "retrain.yaml")
+    assert all(getattr(cfg.sources, k).startswith("s3://") for k in ("raw", "chat", "preferences"))

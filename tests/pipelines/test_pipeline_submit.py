@@ -14,6 +14,9 @@ from kubellm.core.errors import ConfigError
 from kubellm.pipelines.schedule import validate_cron
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+# the llm_from_scratch run's input data, as a run-config kept in git names it
+SOURCES = ("--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
+           "--set", "sources.preferences=s3://b/prefs.jsonl")
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,8 @@ def kfp_api() -> Iterator[FakeKfp]:
 
 
 def submit(api: FakeKfp, *extra: str) -> int:
-    return cli_main(["submit", "--endpoint", api.url, "--preset", "debug", "--poll-interval", "0.01", *extra])
+    return cli_main(["submit", "--endpoint", api.url, "--preset", "debug", "--poll-interval", "0.01", *SOURCES,
+                     *extra])
 
 
 def _run_bodies(api: FakeKfp) -> list[dict]:
@@ -64,6 +68,25 @@ def test_wait_reports_failure(capsys: pytest.CaptureFixture[str]) -> None:
 def _spec(body: dict) -> dict:
     spec = body["pipeline_spec"]
     return spec.get("pipeline_spec", spec)
+
+
+def test_sources_come_from_the_run_config_and_an_empty_one_is_refused_before_submitting(
+        kfp_api: FakeKfp, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "retrain.yaml"
+    cfg.write_text("name: retrain\nsources:\n  raw: s3://b/raw/\n  chat: s3://b/chat.jsonl\n")
+    base = ["submit", "--endpoint", kfp_api.url, "--run-config", str(cfg), "--git-sha", SHA]
+    assert cli_main(base) == 1  # no preferences anywhere: refused, nothing sent
+    err = capsys.readouterr().err
+    assert "preferences_source: set sources.preferences in the run-config" in err and "raw_source" not in err
+    assert kfp_api.runs == {} and kfp_api.experiments == {}
+    assert cli_main([*base, "--param", "preferences_source=s3://b/prefs.jsonl"]) == 0
+    (body,) = _run_bodies(kfp_api)
+    params = _spec(body)["root"]["inputDefinitions"]["parameters"]
+    assert params["raw_source"]["defaultValue"] == "s3://b/raw/"  # the run-config's value is the default
+    assert params["chat_source"]["defaultValue"] == "s3://b/chat.jsonl"
+    assert params["preferences_source"]["defaultValue"] == "s3://b/prefs.jsonl"  # --param wins over nothing
+    assert cli_main(["submit", "--endpoint", kfp_api.url, "--pipeline", "evaluation_report", "--preset", "debug",
+                     "--arg", 'model_uris=["s3://b/m"]']) == 0  # the report reads no raw data
 
 
 def test_caching_default_and_no_cache(kfp_api: FakeKfp) -> None:
@@ -137,10 +160,10 @@ def test_unreachable_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    rc = cli_main(["submit", "--endpoint", f"http://127.0.0.1:{port}", "--preset", "debug"])
+    rc = cli_main(["submit", "--endpoint", f"http://127.0.0.1:{port}", "--preset", "debug", *SOURCES])
     err = capsys.readouterr().err
     assert rc == 1 and f"cannot reach KFP at http://127.0.0.1:{port}" in err
-    assert cli_main(["submit", "--preset", "debug"]) == 1
+    assert cli_main(["submit", "--preset", "debug", *SOURCES]) == 1
     assert "no KFP endpoint" in capsys.readouterr().err
 
 
