@@ -46,7 +46,7 @@ STAGES: dict[str, StageSpec] = {
                   "supervised fine-tuning on chat data with assistant-only loss"),
         StageSpec("dpo", "dpo", "kubellm.dpo.stage", ("model", "preferences"), (),
                   "align the SFT model with direct preference optimisation"),
-        StageSpec("evaluate", "evaluate", "kubellm.evaluate.stage", ("models",), ("tokens", "baseline"),
+        StageSpec("evaluate", "evaluate", "kubellm.evaluate.stage", ("models",), ("tokens", "baseline", "pointer"),
                   "lm-eval the exported models, write the report and apply the gate"),
     )
 }

@@ -53,7 +53,7 @@ def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(  # ty
     models, promoted = resolve_models([str(m) for m in model_uris], promoted_pointer)
     fp = fingerprint_models(models) + "|" + promoted.fingerprint
     print(f"[kubellm] models: {models}; baseline: {promoted.uri or '<none>'}")
-    # baseline = the pointer (what the evaluate stage reads), only when a model is promoted
+    # baseline = the pointer (what the evaluate stage reads, and moves unless the report never promotes)
     return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(  # type: ignore[call-arg]
         ",".join(models), promoted.pointer, fp)
 
@@ -61,8 +61,9 @@ def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(  # ty
 @dsl.component(base_image=_image("base"), install_kfp_package=False)
 def resolve_promoted(promoted_pointer: str) -> NamedTuple(  # type: ignore[valid-type]  # kfp's idiom
         "Promoted", pointer=str, uri=str, fingerprint=str):
-    """Resolve the promoted-model pointer to its target prefix (pointer and uri "" when none is
-    promoted yet). Runs uncached: the pointer moves under the same name."""
+    """Resolve the promoted-model pointer to its target prefix (uri "" when none is promoted yet; the
+    pointer is passed on either way, so the first promotion lands there). Runs uncached: the pointer
+    moves under the same name."""
     from collections import namedtuple
 
     from kubellm.pipelines.fingerprint import resolve_promoted as resolve
@@ -167,7 +168,7 @@ def evaluate(config: str, storage_root: str, base_model: Input[Model], sft_model
 
     models = ",".join([base_model.path, sft_model.path, dpo_model.path])
     run_component("evaluate", config, storage_root,
-                  {"models": models, "tokens": tokens.path, "baseline": baseline},
+                  {"models": models, "tokens": tokens.path, "pointer": baseline},
                   {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
                   {"baseline_fingerprint": baseline_fingerprint})
 
@@ -180,6 +181,6 @@ def evaluate_models(config: str, storage_root: str, models: str, baseline: str, 
     and publish the report (kubellm.evaluate.stage)."""
     from kubellm.pipelines.runtime import run_component
 
-    run_component("evaluate", config, storage_root, {"models": models, "tokens": tokens, "baseline": baseline},
+    run_component("evaluate", config, storage_root, {"models": models, "tokens": tokens, "pointer": baseline},
                   {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
                   {"models_fingerprint": models_fingerprint})

@@ -100,8 +100,8 @@ def fingerprint(source: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Promoted:
-    """What a promoted-model pointer resolved to: the pointer itself and its target ("" both when
-    nothing is promoted yet) and a fingerprint that changes whenever the pointer moves."""
+    """What a promoted-model pointer resolved to: the pointer itself, its target ("" when nothing is
+    promoted yet) and a fingerprint that changes whenever the pointer moves."""
 
     pointer: str
     uri: str
@@ -120,40 +120,27 @@ def strip_label(ref: str) -> str:
     return ref[m.end():] if m else ref
 
 
-def _pointer_target(data: object, pointer: str) -> str:
-    """The artifact prefix a pointer names. Accepts `{"uri": …}` (also `model_uri`/`target`), or a
-    full kubellm manifest (whose `uri` is the prefix)."""
-    if isinstance(data, dict):
-        for key in ("uri", "model_uri", "target"):
-            if isinstance(data.get(key), str) and data[key]:
-                return data[key]
-    if isinstance(data, str) and data.strip():
-        return data.strip()
-    raise InputDataError(f"{pointer}: not a model pointer (expected JSON with a \"uri\" field)")
-
-
 def resolve_promoted(pointer: str, *, required: bool = False) -> Promoted:
-    """Read the promoted-model pointer and fingerprint its target (the target's manifest digest).
+    """Read the promoted-model pointer (the JSON the evaluate stage's gate writes) and fingerprint its
+    target (the target's manifest digest).
 
-    A pointer that does not exist yet (no model promoted) gives Promoted("", "none") unless
-    `required`; a pointer to a prefix with no committed manifest is an error."""
+    A pointer that does not exist yet (no model promoted) gives Promoted(pointer, "", "none") — the
+    pointer is kept, so the first promotion lands where it names — unless `required`. A pointer that is
+    not the gate's JSON, or names a prefix with no committed manifest, is an error."""
+    from kubellm.evaluate.registry import Registry
+
     if not pointer:
         return Promoted("", "", "none")
-    st = storage_for(pointer)
-    if not st.exists(pointer):
+    current = Registry.from_pointer(pointer).current()
+    if current is None:
         if required:
             raise InputDataError(f"{pointer}: no promoted model yet (the gate has never promoted one)")
-        return Promoted("", "", "none")
-    raw = st.read_bytes(pointer).decode("utf-8", errors="replace")
-    try:
-        data: object = json.loads(raw)
-    except json.JSONDecodeError:
-        data = raw
-    target = _pointer_target(data, pointer)
+        return Promoted(pointer, "", "none")
+    target = current.entry.model_uri
     try:
         manifest = load_manifest_ref(target)
     except KubellmError as e:
-        raise InputDataError(f"{pointer}: points at {target}, which is not a committed artifact: {e}") from e
+        raise InputDataError(f"{pointer}: its model_uri {target} is not a committed artifact: {e}") from e
     return Promoted(pointer, manifest.uri, "sha256:" + hashlib.sha256(
         f"{manifest.uri}\n{manifest.digest()}".encode()).hexdigest())
 

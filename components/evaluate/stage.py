@@ -9,8 +9,12 @@ Inputs
             `model`, files = an HF LlamaForCausalLM export with its tokenizer) or a plain local HF
             export dir. Labels default to the producing stage (`…/sft/<hash>` -> `sft`) or the dir name.
   tokens    optional token-shard artifact (kind `token_shards`): held-out perplexity on validation/*.tok
-  baseline  optional promoted pointer (`<registry>/<name>/promoted.json`); default: the registry's
-            pointer under `evaluate.gate.registry` (or `<output>/registry`).
+  baseline  optional promoted pointer (`<registry>/<name>/promoted.json`) that must exist: the model
+            to compare against; default: the registry's pointer under `evaluate.gate.registry` (or
+            `<output>/registry`).
+  pointer   optional promoted pointer that may not exist yet (nothing promoted): compared against when
+            it exists, created by the first promotion otherwise. The pipelines pass their
+            `promoted_pointer` parameter this way.
 
 Output: an `eval` artifact with results.json (every score, each model's manifest digest, task
 versions, harness versions), report.md, report.html (self-contained) and headline numbers in
@@ -207,11 +211,15 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
             f = ddir / TASK_FILES[task]
             eval_data[task] = {"file": str(f), "sha256": sha256_file(f), "items": n}
 
-        reg = registry.Registry.from_pointer(inputs["baseline"]) if inputs.get("baseline") else \
+        pointer = inputs.get("baseline") or inputs.get("pointer")
+        reg = registry.Registry.from_pointer(pointer) if pointer else \
             registry.Registry(cfg.gate.registry or join(output, "registry"), cfg.gate.name)
         current = reg.current()
         if inputs.get("baseline") and current is None:
-            raise InputDataError(f"baseline {inputs['baseline']}: no promoted pointer there")
+            raise InputDataError(f"baseline {inputs['baseline']}: no promoted pointer there (to name where "
+                                 "the first promotion goes, pass it as --input pointer=… instead)")
+        if current is None:
+            log.info("no model promoted at %s yet: the gate applies its min/max rules only", reg.pointer_uri)
 
         for i, mi in enumerate(models):
             resolve_model(mi, work, i)
@@ -263,7 +271,10 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
             parents["tokens"] = tokens_digest
         if current:
             parents["baseline"] = current.entry.model_digest
-        config_hash = stable_hash({"settings": settings_hash, "gate": cfg.gate.model_dump(mode="json")})
+        gate_key: dict[str, Any] = {"settings": settings_hash, "gate": cfg.gate.model_dump(mode="json")}
+        if pointer:  # a registry named by the input, not the config: the report records which one
+            gate_key["pointer"] = reg.pointer_uri
+        config_hash = stable_hash(gate_key)
         prefix = content_prefix(output, "evaluate", config_hash, parents)
 
         results: dict[str, Any] = {

@@ -128,3 +128,13 @@ def test_stage_on_s3(hf_exports, s3_bucket: str) -> None:
     results = json.loads(storage_for(again.uri).read_bytes(again.file_uri("results.json")))
     assert results["deltas"] == {"dpo": {"kubellm_knowledge": 0.0}} and results["baseline"]["same_settings"]
     assert results["models"][0]["loss_curve"][:2] == [[1.0, 4.9], [2.0, 4.8]]  # from metrics/metrics.jsonl
+
+    # a pointer that does not exist yet (what the pipelines pass as `pointer`): the first promotion
+    # lands where it names, and the default registry is left alone
+    before = Registry(f"{root}/registry", "kubellm").current()
+    prod = f"{s3_bucket}/prod-registry/kubellm/promoted.json"
+    stage.run(cfg, {"models": model.uri, "pointer": prod}, root)
+    first = Registry.from_pointer(prod).current()
+    assert first is not None and first.entry.model_uri == model.uri
+    after = Registry(f"{root}/registry", "kubellm").current()
+    assert before is not None and after is not None and after.etag == before.etag

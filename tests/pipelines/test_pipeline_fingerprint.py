@@ -93,27 +93,35 @@ def _model(tmp_path: Path, root: str, name: str) -> str:
     return publish_dir(src, f"{root}/models/{name}", kind="model").uri
 
 
+def _point(pointer: str, model_uri: str) -> None:
+    """Write the pointer as the evaluate stage's gate does (kubellm.evaluate.registry)."""
+    entry = {"name": "kubellm", "model_uri": model_uri, "model_digest": "sha256:" + "0" * 64}
+    storage_for(pointer).write_bytes(pointer, json.dumps(entry).encode())
+
+
 def test_promoted_pointer(tmp_path: Path) -> None:
     root = str(tmp_path / "store")
     pointer = default_pointer(root)
     assert pointer == f"{root}/registry/kubellm/promoted.json"
-    assert resolve_promoted(pointer).pointer == ""  # nothing promoted yet: no baseline
+    nothing = resolve_promoted(pointer)  # nothing promoted yet: no baseline, but the pointer is passed on
+    assert (nothing.pointer, nothing.uri, nothing.fingerprint) == (pointer, "", "none")
     with pytest.raises(InputDataError, match="no promoted model yet"):
         resolve_promoted(pointer, required=True)
     m1, m2 = _model(tmp_path, root, "m1"), _model(tmp_path, root, "m2")
-    storage_for(pointer).write_bytes(pointer, json.dumps({"uri": m1}).encode())
+    _point(pointer, m1)
     p1 = resolve_promoted(pointer)
-    assert p1.uri == m1
-    # the evaluate stage's registry format
-    storage_for(pointer).write_bytes(pointer, json.dumps({"name": "kubellm", "model_uri": m2}).encode())
+    assert p1.uri == m1 and p1.pointer == pointer
+    _point(pointer, m2)
     p2 = resolve_promoted(pointer)
     assert p2.uri == m2 and p2.fingerprint != p1.fingerprint  # the pointer moved: re-evaluate
-    storage_for(pointer).write_bytes(pointer, json.dumps({"uri": str(tmp_path / "gone")}).encode())
-    with pytest.raises(InputDataError, match="not a committed artifact"):
+    _point(pointer, str(tmp_path / "gone"))
+    with pytest.raises(InputDataError, match="model_uri .*gone is not a committed artifact"):
         resolve_promoted(pointer)
-    storage_for(pointer).write_bytes(pointer, b"{}")
-    with pytest.raises(InputDataError, match='expected JSON with a "uri" field'):
-        resolve_promoted(pointer)
+    # anything but the gate's JSON fails here, naming the pointer, not later in the evaluate stage
+    for bad in (json.dumps({"uri": m1}), b'{"name": "kubellm", "model_u', b"{}", b""):
+        storage_for(pointer).write_bytes(pointer, bad.encode() if isinstance(bad, str) else bad)
+        with pytest.raises(InputDataError, match=f"{pointer}: not a kubellm promoted-model pointer"):
+            resolve_promoted(pointer)
 
 
 def test_resolve_models(tmp_path: Path) -> None:
@@ -122,7 +130,7 @@ def test_resolve_models(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match="no models to evaluate"):
         resolve_models([], pointer)
     m1, m2 = _model(tmp_path, root, "m1"), _model(tmp_path, root, "m2")
-    storage_for(pointer).write_bytes(pointer, json.dumps({"uri": m1}).encode())
+    _point(pointer, m1)
     models, promoted = resolve_models([], pointer)
     assert models == [m1] and promoted.uri == m1  # default: the promoted model
     models, promoted = resolve_models([f"candidate:{m2}", " "], pointer)
