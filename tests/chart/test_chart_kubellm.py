@@ -254,6 +254,16 @@ def test_gitops_without_a_commit_sha_fails_with_a_message() -> None:
         render_templates({"gitops": {"enabled": True}})
 
 
+def test_multi_user_without_namespaces_fails_with_a_message() -> None:
+    with pytest.raises(helm.HelmError, match="multiUser.enabled needs pipelineRunner.multiUser.namespaces"):
+        render_templates({"pipelineRunner": {"multiUser": {"enabled": True, "namespaces": []}}})
+
+
+def test_schedule_cron_forms_the_schema_accepts() -> None:
+    for cron in ("0 0 3 * * *", "@daily", "@every 6h"):
+        render_templates({"schedule": {"enabled": True, "cron": cron}})
+
+
 def test_upgrade_render_equals_install_render() -> None:
     values = load_values("multi-user")
     install = render_templates(values)
@@ -305,6 +315,7 @@ def test_values_schema_closes_every_chart_object() -> None:
         ({"jobs": {"runAsUser": 0}}, "runAsUser"),
         ({"images": {"digests": {"train": "sha256:abc"}}}, "train"),
         ({"kfpLauncher": {"defaultPipelineRoot": "/local/path"}}, "defaultPipelineRoot"),
+        ({"schedule": {"enabled": True, "cron": "0 3 * * *"}}, "cron"),  # five fields: KFP's has six
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict, where: str) -> None:

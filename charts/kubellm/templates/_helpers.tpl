@@ -27,6 +27,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* Namespaces that run pipelines: the profile namespaces (multi-user) or the release namespace. */}}
 {{- define "kubellm.pipelineNamespaces" -}}
 {{- if .Values.pipelineRunner.multiUser.enabled -}}
+{{- if not .Values.pipelineRunner.multiUser.namespaces -}}
+{{- fail "pipelineRunner.multiUser.enabled needs pipelineRunner.multiUser.namespaces: the profile namespaces whose pipeline runs launch training jobs (none listed would install no Role, RoleBinding or kfp-launcher config at all)" -}}
+{{- end -}}
 {{- toJson .Values.pipelineRunner.multiUser.namespaces -}}
 {{- else -}}
 {{- toJson (list .Release.Namespace) -}}
