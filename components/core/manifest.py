@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubellm import __version__
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
-from kubellm.core.storage import join, sha256_file, storage_for
+from kubellm.core.storage import is_s3, join, sha256_file, storage_for
 
 MANIFEST_NAME = "_manifest.json"
 SCHEMA_VERSION = 1
@@ -52,6 +52,16 @@ class FileEntry(BaseModel):
     path: str
     size: int
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_artifact(cls, v: str) -> str:
+        # fetch() writes each file to <local_dir>/<path>: '..', an absolute path or an empty segment
+        # would put it elsewhere
+        if not v or v.startswith("/") or "\\" in v or any(p in ("", ".", "..") for p in v.split("/")):
+            raise ValueError(f"file path {v!r}: expected a relative path inside the artifact "
+                             "(no leading '/', no '.' or '..' segments, '/' as separator)")
+        return v
 
 
 class Manifest(BaseModel):
@@ -98,22 +108,36 @@ class Manifest(BaseModel):
             raise IntegrityError(f"{source}: not a valid kubellm manifest: {e}") from e
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a local path made absolute (S3 URIs as they are, without a trailing '/'): what a
+    manifest records as its prefix, so a reader in another working directory finds the files."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def content_prefix(root: str, stage: str, config_hash: str, parents: Mapping[str, str] | None = None) -> str:
     """Content-addressed output prefix: hash of inputs' manifests + config + code version."""
     key = stable_hash({"stage": stage, "config": config_hash, "parents": dict(parents or {}),
                        "code": code_version()})
-    return join(root, stage, key[:20])
+    return join(absolute_uri(root), stage, key[:20])
 
 
 def read_manifest(prefix: str) -> Manifest:
-    """The committed manifest at `prefix`; refuses a prefix that has none."""
+    """The committed manifest at `prefix`; refuses a prefix that has none.
+
+    The manifest's `uri` is the prefix it was read from: an artifact copied or moved elsewhere
+    (a run directory copied to resume from, a bucket synced to another) reads, verifies and fetches
+    its own files, never those at the place it was first published."""
     st = storage_for(prefix)
     uri = join(prefix, MANIFEST_NAME)
     if not st.exists(uri):
         raise ManifestMissingError(
             f"{prefix}: no {MANIFEST_NAME} — not a committed artifact (an unfinished or crashed write?)"
         )
-    return Manifest.from_json(st.read_bytes(uri), source=uri)
+    m = Manifest.from_json(st.read_bytes(uri), source=uri)
+    here = absolute_uri(prefix)
+    return m if absolute_uri(m.uri) == here else m.model_copy(update={"uri": here})
 
 
 def commit_manifest(manifest: Manifest) -> Manifest:
@@ -145,6 +169,7 @@ def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int =
     """Upload every file under `local_dir` to `prefix` (in parallel), then commit the manifest."""
     local_dir = Path(local_dir)
     files = _walk(local_dir)
+    prefix = absolute_uri(prefix)
     st = storage_for(prefix)
     # Already committed: upload nothing. Re-uploading first would overwrite a *different* committed
     # artifact's files before the conditional put refuses its manifest (tests/reliability found it);

@@ -98,3 +98,37 @@ def test_manifest_name_reserved_and_refs(tmp_path: Path) -> None:
     assert load_manifest_ref(str(tmp_path / "y")).digest() == m.digest()
     with pytest.raises(IntegrityError, match="not a valid kubellm manifest"):
         Manifest.from_json("{\"kind\": 3}", source="bad.json")
+
+
+@pytest.mark.parametrize("bad", ["train/../../evil/x.parquet", "/etc/passwd", "a//b", "./a", "a\\b", ""])
+def test_file_paths_outside_the_artifact_are_refused(tmp_path: Path, bad: str) -> None:
+    prefix = tmp_path / "art"
+    prefix.mkdir()
+    body = Manifest(kind="dataset", uri=str(prefix)).model_dump(mode="json")
+    body["files"] = [{"path": bad, "size": 1, "sha256": "0" * 64}]
+    (prefix / MANIFEST_NAME).write_text(__import__("json").dumps(body))
+    with pytest.raises(IntegrityError, match=f"(?s){MANIFEST_NAME}: not a valid kubellm manifest.*files.0.path.*expected a relative path"):
+        read_manifest(str(prefix))
+    assert not (tmp_path / "evil").exists()
+
+
+def test_a_relative_output_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    m = publish_dir(_data(tmp_path), content_prefix("store", "data_prep", "cfg"), kind="dataset")
+    assert m.uri.startswith(str(tmp_path / "store") + "/")
+    monkeypatch.chdir("/")  # a reader elsewhere (the next stage run from another directory)
+    assert fetch(read_manifest(m.uri), tmp_path / "out").joinpath("meta.json").read_text() == "{}"
+
+
+def test_a_copied_artifact_reads_and_verifies_its_own_files(tmp_path: Path) -> None:
+    import shutil
+
+    m = publish_dir(_data(tmp_path), str(tmp_path / "store" / "art"), kind="dataset")
+    copy = tmp_path / "elsewhere" / "art"
+    shutil.copytree(m.uri, copy)
+    back = read_manifest(str(copy))
+    assert back.uri == str(copy) and back.files == m.files
+    (copy / "train" / "part-0.txt").write_text("tampered")  # the copy's file, not the original's
+    with pytest.raises(IntegrityError, match=f"{copy}/train/part-0.txt: size"):
+        fetch(back, tmp_path / "fetched")
+    assert read_manifest(m.uri).uri == m.uri  # the original is read in place, as before
