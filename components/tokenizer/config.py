@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubellm.core.config import StrictModel
+
+BASE_SPECIALS = ("bos_token", "eos_token", "pad_token", "system_token", "user_token", "assistant_token",
+                 "end_token")
 
 
 class TokenizerConfig(StrictModel):
@@ -37,3 +40,24 @@ class TokenizerConfig(StrictModel):
     """Encoder threads (RAYON_NUM_THREADS); None = the tokenizers library default (all cores)."""
     tokens_per_shard: int = Field(default=100_000_000, ge=1)
     """Start a new `.tok` shard once the current one holds this many tokens."""
+
+    @model_validator(mode="after")
+    def _check_specials(self) -> TokenizerConfig:
+        seen: dict[str, str] = {}
+        for name in BASE_SPECIALS:
+            tok = getattr(self, name)
+            if not tok.strip():
+                raise ValueError(f"{name} is empty: every special token needs a non-blank string "
+                                 "(documents and chats are built from them)")
+            if tok in seen:
+                raise ValueError(f"{name} and {seen[tok]} are both {tok!r}: the special tokens must differ "
+                                 "(each has its own id)")
+            seen[tok] = name
+        blank = [i for i, t in enumerate(self.extra_special_tokens) if not t.strip()]
+        if blank:
+            raise ValueError(f"extra_special_tokens[{blank[0]}] is blank: expected a non-blank string")
+        n = len(seen) + len(set(self.extra_special_tokens) - set(seen))
+        if self.vocab_size < 256 + n:
+            raise ValueError(f"vocab_size {self.vocab_size} is below 256 byte tokens + {n} special tokens = "
+                             f"{256 + n}: expected at least {256 + n}")
+        return self

@@ -187,7 +187,11 @@ def run(config: TokenizerConfig, inputs: Mapping[str, str], output: str) -> Mani
             counts[f"{s}_documents"] = stats[s]["documents"]
             counts[f"{s}_tokens"] = stats[s]["tokens"]
             counts[f"{s}_bytes"] = stats[s]["bytes"]
-        metrics = {"bytes_per_token": bpt_val, "bytes_per_token_train": stats["train"]["bytes_per_token"]}
+        metrics = {"bytes_per_token_train": stats["train"]["bytes_per_token"]}
+        if stats["validation"]["documents"]:
+            metrics["bytes_per_token"] = bpt_val
+        else:  # data prep made no validation split (validation_fraction 0): nothing to report
+            log.warning("tokenizer: the dataset has no validation documents; bytes/token is reported on train only")
         md = "\n".join([
             "## Tokenizer report", "",
             f"Byte-level BPE, vocab {vocab_size} (requested {config.vocab_size}), min frequency "
@@ -195,7 +199,8 @@ def run(config: TokenizerConfig, inputs: Mapping[str, str], output: str) -> Mani
             "| split | documents | tokens | bytes | bytes/token |", "|---|---:|---:|---:|---:|",
             *[f"| {s} | {stats[s]['documents']} | {stats[s]['tokens']:,} | {stats[s]['bytes']:,} | "
               f"{stats[s]['bytes_per_token']:.3f} |" for s in SPLITS],
-            "", f"**Validation bytes/token: {bpt_val:.3f}**", "",
+            "", (f"**Validation bytes/token: {bpt_val:.3f}**" if "bytes_per_token" in metrics
+                 else "**Validation bytes/token: n/a (the dataset has no validation documents)**"), "",
         ])
         metadata = {"vocab_size": vocab_size, "bos_id": bos, "eos_id": eos, "pad_id": pad,
                     "special_tokens": specials, "tokenizer_dir": "tokenizer",

@@ -92,6 +92,9 @@ def test_small_shards_and_non_ascii_round_trip(tmp_path: Path) -> None:
     m = run(TokenizerConfig(vocab_size=300, tokens_per_shard=100, batch_size=7), {"dataset": ds.uri},
             str(tmp_path / "art"))
     assert len(m.metadata["train_files"]) > 3 and m.metadata["validation_files"] == []
+    # no validation split: no validation bytes/token (it used to be published as 0.000)
+    assert "bytes_per_token" not in m.metrics and m.metrics["bytes_per_token_train"] > 1.0
+    assert "n/a (the dataset has no validation documents)" in (m.report_markdown or "")
     d = fetch(m, tmp_path / "f")
     from tokenizers import Tokenizer
 
@@ -167,3 +170,20 @@ def test_packed_write_names_the_document_with_a_bad_id(tmp_path: Path) -> None:
     # documents count from 0 in the shard: [1, 2] is 0, the packed [3, 4], [5, 6], [12, 7] are 1–3
     with pytest.raises(InputDataError, match=r"x\.tok: document 3 has token id 12 outside \[0, 10\)"):
         w.add_packed(np.array([3, 4, 5, 6, 12, 7]), np.array([2, 2, 2]))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"bos_token": ""}, "bos_token is empty"),
+    ({"end_token": "  "}, "end_token is empty"),
+    ({"pad_token": "<|eos|>"}, "eos_token and pad_token are both '<|eos|>'|pad_token and eos_token"),
+    ({"extra_special_tokens": ["<|tool|>", ""]}, r"extra_special_tokens\[1\] is blank"),
+    ({"vocab_size": 260}, "vocab_size 260 is below 256 byte tokens \\+ 7 special tokens = 263"),
+    ({"vocab_size": 263, "extra_special_tokens": ["<|tool|>"]}, "8 special tokens = 264"),
+])
+def test_special_tokens_and_vocab_size_are_checked_in_the_config(fields: dict, message: str) -> None:
+    from kubellm.core.config import validate
+    from kubellm.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate(TokenizerConfig, fields, "run.yaml", prefix="tokenizer")
+    assert TokenizerConfig(vocab_size=263).vocab_size == 263  # exactly bytes + specials is fine
