@@ -51,8 +51,11 @@ LABEL org.opencontainers.image.title="kubellm-train" \
       org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 # g++ lets torch's extension loader re-validate the prebuilt CPU ops (it runs ninja on every load).
+# It comes from the distribution release of the pinned base image; no version is stated here because
+# none can be checked from where this file was written. Pin one with --build-arg GXX_PACKAGE=g++=<version>.
+ARG GXX_PACKAGE=g++
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ \
+ && apt-get install -y --no-install-recommends "${GXX_PACKAGE}" \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kubellm/torch_extensions /opt/kubellm/torch_extensions
