@@ -14,8 +14,9 @@ from kubellm.core.config import StrictModel
 from kubellm.core.manifest import stable_hash
 
 # Fields that decide how the work is scheduled, not what it produces: left out of the config hash, so
-# a fanned-out pipeline run and a single-step run of the same sources publish the same artifact.
-EXECUTION_FIELDS = frozenset({"fan_out", "fan_out_parallelism"})
+# a fanned-out pipeline run, a single-step run and a run with any num_proc of the same sources publish
+# the same artifact (the map's results are gathered in shard order whatever the process count).
+EXECUTION_FIELDS = frozenset({"fan_out", "fan_out_parallelism", "num_proc"})
 
 
 class QualityFilters(StrictModel):

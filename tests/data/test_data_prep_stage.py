@@ -141,3 +141,15 @@ def test_hub_sources_stream_through_datasets(tmp_path: Path, monkeypatch: pytest
             {"raw": "hf:someorg/corpus:en"}, str(tmp_path))
     assert calls == [("someorg/corpus", "en", "train", True)]
     assert m.counts["documents_out"] == 2 and m.counts["removed_missing_field"] == 1
+
+
+def test_num_proc_is_left_out_of_the_config_hash(prepared: Manifest, small_world: dict[str, Path]) -> None:
+    """num_proc only schedules the map (outputs are byte-identical), like the fan-out settings: a run
+    with another process count finds the artifact already committed instead of rebuilding it."""
+    base = DataPrepConfig(validation_fraction=0.1)
+    assert DataPrepConfig(validation_fraction=0.1, num_proc=4).config_hash() == base.config_hash()
+    assert DataPrepConfig(validation_fraction=0.2, num_proc=4).config_hash() != base.config_hash()
+    root = str(Path(prepared.uri).parent.parent)
+    again = run(DataPrepConfig(validation_fraction=0.1, num_proc=4), {"raw": str(small_world["corpus"])}, root)
+    assert again.uri == prepared.uri and again.created_at == prepared.created_at
+    assert "num_proc" not in prepared.metadata["config"]
