@@ -9,15 +9,16 @@ launch.nnodes` processes — locally through torchrun/TorchX, or as a PyTorchJob
 `launch.backend: pytorchjob` — unless it already is one process of such a job (or the job has one
 process, which then trains in this process). Every rank runs `run_worker`; rank 0 exports the final
 weights (`kubellm.model.hf.export_hf`, tokenizer included) and metrics, and publishes a `model`
-artifact under a content-addressed prefix. Checkpoints live under `output/runs/<run-id>/checkpoints`.
+artifact under a content-addressed prefix. Checkpoints live under `output/runs/<run-id>/checkpoints`;
+the run id is `$KUBELLM_RUN_ID`, else `pretrain-kfp-<KFP run id>` inside a pipeline (every retry of
+the task resumes the same run dir and re-attaches to the same PyTorchJob), else a fresh timestamp id
+(`kubellm.training.job.new_run_id`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.core.manifest import Manifest, content_prefix, load_manifest_ref, read_manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.pretrain.config import PretrainConfig
-from kubellm.training.job import JobSpec, launch_job
+from kubellm.training.job import JobSpec, launch_job, run_dir_for
 
 STAGE = "pretrain"
 
@@ -68,9 +69,7 @@ def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manif
     prefix = content_prefix(output, STAGE, _hash(config), parents)
     if storage_for(prefix).exists(join(prefix, "_manifest.json")):
         return read_manifest(prefix)  # the same config on the same data is already trained
-    run_id = os.environ.get("KUBELLM_RUN_ID") or (
-        f"{STAGE}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-    run_dir = inputs.get("resume") or join(output, "runs", run_id)
+    run_id, run_dir = run_dir_for(STAGE, inputs, output)
     spec = JobSpec(stage=STAGE, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
                    run_dir=run_dir, prefix=prefix)
     world = config.launch.nproc_per_node * config.launch.nnodes

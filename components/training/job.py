@@ -1,29 +1,42 @@
 """A training job handed from a stage to its worker processes, and the launch that runs it.
 
+    run_id, run_dir = run_dir_for("pretrain", inputs, root)   # <root>/runs/<run id>, or inputs["resume"]
     spec = JobSpec(stage="pretrain", config=cfg.model_dump(mode="json"), inputs=inputs, output=root,
-                   run_dir=join(root, "runs", run_id), prefix=content_prefix(...))
+                   run_dir=run_dir, prefix=content_prefix(...))
     manifest = launch_job(spec, cfg.launch)    # writes run_dir/job.json, launches, waits, reads result
 
 Each worker (`python -m kubellm.training.worker --spec run_dir/job.json`) imports
 `kubellm.<stage>.stage` and calls its `run_worker(spec) -> Manifest | None`; rank 0 writes the
 stage's manifest to `run_dir/result.json`. A rank that fails writes its traceback to
 `run_dir/errors/rank<N>.txt`, which `launch_job` puts into the error it raises.
+
+The run id (`new_run_id`) is `$KUBELLM_RUN_ID`, else `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` in a KFP
+pipeline, else a fresh timestamp id; the cluster job's name derives from the same id, so a KFP retry
+of a training task resumes its run dir and re-attaches to its PyTorchJob.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubellm.core.errors import KubellmError
+from kubellm.core.errors import InputDataError, KubellmError
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.training.config import LaunchConfig
 
 JOB_FILE = "job.json"
+RUN_ID_ENV = "KUBELLM_RUN_ID"
+"""An explicit run id: the run dir is `<output>/runs/<id>` (tests, manual re-runs)."""
+KFP_RUN_ID_ENV = "KUBELLM_KFP_RUN_ID"
+"""The KFP run's id, injected into training tasks by the pipeline (downward API,
+`pipelines/definitions.py`); every attempt (retry) of one task sees the same value."""
 RESULT_FILE = "result.json"
 ERRORS_DIR = "errors"
 
@@ -52,6 +65,42 @@ class JobSpec(BaseModel):
     @classmethod
     def read(cls, uri: str) -> JobSpec:
         return cls.model_validate_json(storage_for(uri).read_bytes(uri))
+
+
+def env_run_id(stage: str) -> str | None:
+    """The run id the environment fixes for `stage`, or None: `$KUBELLM_RUN_ID` as given, else
+    `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` — the same for every attempt of one KFP task, so a retry
+    finds the same run dir (and resumes its checkpoints) and the same cluster job (re-attaches)."""
+    if explicit := os.environ.get(RUN_ID_ENV, "").strip():
+        return explicit
+    if kfp := os.environ.get(KFP_RUN_ID_ENV, "").strip():
+        return f"{stage}-kfp-{kfp}"
+    return None
+
+
+def new_run_id(stage: str) -> str:
+    """The run id of a new training run of `stage`: `env_run_id(stage)`, else a fresh
+    `<stage>-<UTC timestamp>-<random>`."""
+    return env_run_id(stage) or (
+        f"{stage}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def run_dir_for(stage: str, inputs: Mapping[str, str], output: str) -> tuple[str, str]:
+    """(run id, run dir) of a stage's training run: the run dir is `inputs["resume"]` when given —
+    which must hold a committed checkpoint, else this is an error rather than a silent fresh start —
+    or `<output>/runs/<new_run_id(stage)>`."""
+    run_id = new_run_id(stage)
+    resume = inputs.get("resume")
+    if not resume:
+        return run_id, join(output, "runs", run_id)
+    from kubellm.training.checkpoint import CheckpointManager
+
+    ckpts = join(resume, "checkpoints")
+    if CheckpointManager(ckpts).latest() is None:
+        raise InputDataError(
+            f"--input resume={resume}: no committed checkpoint under {ckpts} (a run dir to resume holds "
+            "checkpoints/step-<n>/_manifest.json); check the path, or leave out `resume` to train from scratch")
+    return run_id, resume
 
 
 def write_result(spec: JobSpec, manifest: Manifest) -> None:
@@ -103,7 +152,8 @@ def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) 
     if launch.backend == "pytorchjob":
         from kubellm.training.pytorchjob import run_appdef  # the cluster launcher; heavy, so lazy
 
-        run_id = os.environ.get("KUBELLM_RUN_ID") or os.environ.get("KFP_RUN_ID") or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
+        # the job name derives from it: the same for every attempt of one KFP task (re-attach)
+        run_id = env_run_id(spec.stage) or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
         try:
             run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=launch.cluster)
         except KubellmError as e:

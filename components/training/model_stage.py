@@ -12,10 +12,8 @@ The launch path is the pretrain stage's: a `JobSpec` handed to `kubellm.training
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from kubellm.core.errors import IntegrityError
 from kubellm.core.manifest import MANIFEST_NAME, Manifest, load_manifest_ref, publish_dir, read_manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.model.config import ModelConfig
-from kubellm.training.job import JobSpec, launch_job
+from kubellm.training.job import JobSpec, launch_job, run_dir_for
 
 
 @dataclasses.dataclass
@@ -90,11 +88,6 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
     return WorkerStart(rank, world, base, tokenizer, model, model_cfg)
 
 
-def new_run_id(stage: str) -> str:
-    return os.environ.get("KUBELLM_RUN_ID") or (
-        f"{stage}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-
-
 def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: str, prefix: str,
                   run_worker: Any) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
@@ -107,9 +100,9 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
     config.train.grad_accum_steps(data_parallel_size(config.parallel, world))
     if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
         return read_manifest(prefix)
-    run_id = new_run_id(stage)
+    run_id, run_dir = run_dir_for(stage, inputs, output)
     spec = JobSpec(stage=stage, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
-                   run_dir=inputs.get("resume") or join(output, "runs", run_id), prefix=prefix)
+                   run_dir=run_dir, prefix=prefix)
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
         manifest = run_worker(spec)
         assert manifest is not None
