@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from kubellm.core.config import StrictModel
 from kubellm.core.errors import ConfigError
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
+from kubellm.training.pytorchjob.translate import is_credential_env
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+"""An Adam beta: an exponential decay rate in [0, 1)."""
+
+
+def _not_a_credential(key: str) -> str:
+    # validates the env *key*: a refusal names `launch.env.<KEY>` and never echoes the value
+    if is_credential_env(key):
+        raise ValueError(
+            f"{key} looks like a credential; launch.env is written in plain text to the run dir's job.json "
+            "and the job spec. Reference it from a Kubernetes Secret instead (S3: "
+            "launch.cluster.s3_secret_name) or, for local runs, export it in the launching environment "
+            "(the workers inherit it)")
+    return key
+
+
+EnvKey = Annotated[str, AfterValidator(_not_a_credential)]
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     """Cosine decay floor as a fraction of `lr`."""
     warmup_steps: int = Field(default=10, ge=0)
     """Linear warm-up steps."""
-    weight_decay: float = Field(default=0.1, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0, allow_inf_nan=False)
     """Decoupled weight decay (AdamW); not applied to norms, biases or embeddings."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1)."""
+    eps: float = Field(default=1e-8, ge=0, allow_inf_nan=False)
+    """AdamW epsilon (≥ 0)."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Clip the global gradient norm to this (0 = off)."""
     decay_embeddings: bool = False
@@ -137,8 +155,11 @@ class LaunchConfig(StrictModel):
     """Memory requested per replica, MiB."""
     max_restarts: int = Field(default=0, ge=0)
     """torchrun worker-group restarts before the job fails."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment for every worker (no secrets: credentials come from a Secret)."""
+    env: dict[EnvKey, str] = Field(default_factory=dict)
+    """Extra environment for every worker. No secrets: a key that names a credential (SECRET,
+    PASSWORD, TOKEN, ACCESS_KEY, API_KEY, PRIVATE_KEY, CREDENTIAL; the PyTorchJob translator's rule,
+    `kubellm.training.pytorchjob.translate.is_credential_env`) is refused — credentials come from a
+    Kubernetes Secret or the launching environment."""
     cluster: ClusterLaunchSettings = Field(default_factory=ClusterLaunchSettings)
     """backend=pytorchjob: namespace, topology, resources, placement, S3 Secret reference, run policy
     (see `kubellm.training.pytorchjob.settings`)."""

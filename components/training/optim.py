@@ -36,6 +36,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def schedule_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """Why the schedule looks unintended, or None: a warm-up longer than the run never reaches the
+    peak lr (and never decays). Logged by the engine, not refused: a short trial run of a long
+    config can mean it."""
+    if cfg.warmup_steps > max_steps:
+        reached = max_steps / cfg.warmup_steps
+        return (f"train.optim.warmup_steps={cfg.warmup_steps} > train.max_steps={max_steps}: the lr only "
+                f"reaches {reached:.0%} of train.optim.lr={cfg.lr:g} and never decays; lower "
+                "train.optim.warmup_steps if that is not intended")
+    return None
+
+
 def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr after `step` optimizer steps: linear warm-up from lr/warmup to lr over
     `warmup_steps` (the first step already moves the weights), then cosine decay to

@@ -124,3 +124,46 @@ def test_who_clips_gradients() -> None:
                         (TrainConfig(precision="bf16"), dense, "cuda"), (TrainConfig(precision="fp16"), dense, "cuda")]:
         assert not clips_in_kubellm(tc, pc, dev)
     assert deepspeed_config(TrainConfig(zero_stage=1), dense, 1)["gradient_clipping"] == TrainConfig().optim.grad_clip
+
+
+def test_out_of_range_optimizer_values_name_the_field() -> None:
+    for optim, field, why in [({"betas": [0.9, 1.5]}, "pretrain.train.optim.betas.1", "less than 1"),
+                              ({"betas": [-0.1, 0.95]}, "pretrain.train.optim.betas.0", "greater than or equal to 0"),
+                              ({"eps": -1}, "pretrain.train.optim.eps", "greater than or equal to 0"),
+                              ({"lr": 0}, "pretrain.train.optim.lr", "greater than 0"),
+                              ({"weight_decay": -0.1}, "pretrain.train.optim.weight_decay", "greater than or equal"),
+                              ({"lr": float("nan")}, "pretrain.train.optim.lr", "finite")]:
+        with pytest.raises(ConfigError) as err:
+            validate(PretrainConfig, {"train": {"optim": optim}}, "run.yaml", "pretrain")
+        assert f"{field}: " in str(err.value) and why in str(err.value), str(err.value)
+    # the edges torch accepts are accepted
+    edge = validate(PretrainConfig, {"train": {"optim": {"betas": [0.0, 0.999], "eps": 0, "weight_decay": 0}}})
+    assert edge.train.optim.betas == (0.0, 0.999) and edge.train.optim.eps == 0
+
+
+def test_credentials_in_launch_env_are_refused_at_config_time() -> None:
+    from kubellm.training.pytorchjob.translate import is_credential_env
+
+    planted = "planted-value-7f3a"
+    for key in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "AWS_SESSION_TOKEN", "DB_PASSWORD", "GCP_CREDENTIALS",
+                "SSH_PRIVATE_KEY", "WANDB_API_KEY", "aws_access_key_id"):
+        assert is_credential_env(key)  # the rule the PyTorchJob translator refuses with
+        with pytest.raises(ConfigError) as err:
+            validate(PretrainConfig, {"launch": {"env": {"OMP_NUM_THREADS": "1", key: planted}}}, "run.yaml",
+                     "pretrain")
+        msg = str(err.value)
+        assert f"pretrain.launch.env.{key}" in msg and "Kubernetes Secret" in msg and "environment" in msg
+        assert planted not in msg  # the refusal never echoes the value
+    settings = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MAX_TOKENS": "64"}
+    assert not any(is_credential_env(k) for k in settings)
+    assert validate(PretrainConfig, {"launch": {"env": settings}}).launch.env == settings
+
+
+def test_warmup_longer_than_the_run_is_reported() -> None:
+    from kubellm.training.optim import schedule_warning
+
+    msg = schedule_warning(OptimConfig(lr=1e-3, warmup_steps=10), max_steps=4)
+    assert msg is not None and "train.optim.warmup_steps=10 > train.max_steps=4" in msg and "40%" in msg
+    assert schedule_warning(OptimConfig(warmup_steps=4), max_steps=4) is None  # peak reached at the last step
+    f = lr_lambda(OptimConfig(warmup_steps=4), max_steps=4)
+    assert f(3) == 1.0

@@ -42,8 +42,10 @@ PORT = 23456
 MAX_JOB_NAME = 48
 LABEL_PREFIX = "kubellm.dev"
 REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
-# Env keys that look like credentials: they may only come from a Secret reference.
-_CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+# Env keys that look like credentials: they may only come from a Secret reference. TOKEN only as a
+# word of its own (HF_TOKEN, AWS_SESSION_TOKEN), so TOKENIZERS_PARALLELISM or MAX_TOKENS are settings.
+_CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|PASSWD|(?<![A-Z])TOKEN(?![A-Z])|ACCESS_KEY|PRIVATE_KEY|API_?KEY|"
+                             r"CREDENTIAL)", re.I)
 _MACRO = re.compile(r"\$\$|\$\{([^}]*)\}")
 _SHELL_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-=][^}]*)?\}")
 _DEFINED_ENV = frozenset({"KUBELLM_RANK0_HOST", "KUBELLM_REPLICA_ID", "KUBELLM_JOB_NAME", "KUBELLM_RUN_ID"})
@@ -238,9 +240,17 @@ def _memory_mb(q: str) -> int | None:
     return int(int(m.group(1)) * _UNITS.get(m.group(2) or "", 1 / 2**20))
 
 
+def is_credential_env(key: str) -> bool:
+    """Whether an env var's name says it holds a credential (SECRET, PASSWORD, a TOKEN word,
+    ACCESS_KEY, PRIVATE_KEY, API_KEY, CREDENTIAL): its value may only come from a Secret reference,
+    never from config.
+    `LaunchConfig.env` refuses such keys at config time with the same rule."""
+    return bool(_CREDENTIAL_ENV.search(key))
+
+
 def _check_env(env: Mapping[str, str], where: str) -> None:
     for key in env:
-        if _CREDENTIAL_ENV.search(key):
+        if is_credential_env(key):
             raise ConfigError(
                 f"{where}: env {key} would put a credential value into the PyTorchJob; credentials are "
                 "referenced from a Secret instead (settings.s3_secret_name)"
