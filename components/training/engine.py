@@ -15,6 +15,7 @@ Order of set-up (each step refuses impossible input before any expensive work):
   3. seeding, model, activation checkpointing, AdamW param groups, LR schedule
   4. `deepspeed.initialize` (ZeRO partitions the model and optimizer here)
   5. the objective's loader for this data-parallel rank; resume from the last committed checkpoint
+     (refused when it is past `train.max_steps`; the run's tokens_seen and first loss carry over)
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
 from kubellm.training.hostmem import keep_freed_memory
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
-from kubellm.training.optim import lr_lambda, param_groups
+from kubellm.training.optim import lr_lambda, param_groups, schedule_warning
 from kubellm.training.pipeline import PipelineBatches
 from kubellm.training.pipeline import check_objective as check_pipeline_objective
 from kubellm.training.relayout import consolidated_resume
@@ -270,15 +271,33 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
     start_step = 0
+    # run totals carried across a resume, so the summary covers the whole run, not the resumed part
+    tokens_seen = 0.0
+    loss_start: float | None = None  # the first logged step's loss
+    loss_last: float | None = None
     if resume and ckpt is not None:
         client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
         if client_state:
             start_step = int(client_state["step"])
+            if start_step > train_cfg.max_steps:
+                raise ConfigError(
+                    f"{join(run_dir, 'checkpoints')}: checkpoint at step {start_step} > train.max_steps="
+                    f"{train_cfg.max_steps}: this run was already trained past the configured length, and "
+                    f"publishing it under this config would mislabel it; set train.max_steps ≥ {start_step} "
+                    "to continue it, or train in a new run dir (without `resume`, or another run id)")
             loader.load_state_dict(client_state["loader"])
             if "guard" in client_state:  # spike window + skip counts: a resumed run decides the same
                 guard.load_state_dict(client_state["guard"])
+            if "tokens_seen" in client_state:
+                tokens_seen = float(client_state["tokens_seen"])
+                loss_start, loss_last = client_state.get("loss_start"), client_state.get("loss_last")
+            elif rank == 0:
+                log.warning("the checkpoint at step %d records no tokens_seen (written by an older kubellm): "
+                            "tokens_seen counts from the resume", start_step)
             if rank == 0:
                 log.info("resumed from the checkpoint at step %d", start_step)
+    if rank == 0 and (warning := schedule_warning(train_cfg.optim, train_cfg.max_steps)):
+        log.warning("%s", warning)
 
     work = local_work_dir(run_dir)
     peak, peak_source = peak_tflops(device, train_cfg.peak_tflops)
@@ -286,7 +305,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     logger = MetricsLogger(work, train_cfg.max_steps, enabled=rank == 0, tensorboard=train_cfg.tensorboard,
                            progress_bar=train_cfg.progress_bar, initial_step=start_step)
     losses: list[float] = []
-    tokens_seen = 0.0
     checked = False
     try:
         for step in range(start_step, train_cfg.max_steps):
@@ -361,11 +379,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             values.update(skipped=float(bool(skipped)), **guard.metrics())
             if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.max_steps:
                 logger.log(step + 1, values)
+                loss_start = step_loss if loss_start is None else loss_start
+                loss_last = step_loss
             last = step + 1 == train_cfg.max_steps
             every = train_cfg.checkpoint_every
             if ckpt is not None and (last or (every and (step + 1) % every == 0)):
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
-                                             "guard": guard.state_dict()})
+                                             "guard": guard.state_dict(), "tokens_seen": tokens_seen,
+                                             "loss_start": loss_start, "loss_last": loss_last})
     finally:
         logger.close()
         close = getattr(loader, "close", None)
@@ -377,6 +398,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     final = (built.consolidate(engine) if built is not None
              else consolidated_state_dict(engine))  # fp32 (master weights), any ZeRO stage
     summary = {**logger.summary(), **guard.metrics()}
+    if rank == 0 and start_step:
+        # rank 0's metrics.jsonl of the part before the resume may be gone (a new node, an S3 run dir)
+        # and a run resumed from its final checkpoint logs no step at all: the checkpoint's totals hold
+        summary["tokens_seen"] = tokens_seen
+        summary.setdefault("steps", float(train_cfg.max_steps))
+        if loss_start is not None:
+            summary["loss_start"] = float(loss_start)
+        if loss_last is not None:
+            summary.setdefault("loss_final", float(loss_last))
     if world > 1:
         dist.barrier()
     return TrainResult(final_state_dict=final, metrics_path=logger.path if rank == 0 else None, losses=losses,

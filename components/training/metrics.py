@@ -3,6 +3,7 @@
     log = MetricsLogger(local_dir, total_steps=100, enabled=(rank == 0))
     log.log(step, {"loss": 2.3, "grad_norm": 0.9, "lr": 1e-3, "tokens_per_s": 5e4, ...})
     log.close(); summary = log.summary()
+    # MetricsLogger(..., initial_step=4) on a resume keeps rows 1-4 and drops later ones (re-trained)
     plot_loss_curve(local_dir / "metrics.jsonl", local_dir / "loss_curve.png")
 
 MFU = FLOPs/token (`kubellm.model.flops.flops_per_token`) × tokens/s ÷ (peak FLOP/s per device ×
@@ -66,6 +67,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows = self._keep_rows_up_to(initial_step)
         self._f = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -76,6 +78,26 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr)
+
+    def _keep_rows_up_to(self, step: int) -> list[dict[str, Any]]:
+        """A run resumed at `step` (0: started afresh) keeps its earlier rows and drops the ones after
+        `step` — steps about to be trained again — so each step appears once in metrics.jsonl and the
+        summary covers the whole run. The file is replaced atomically; a torn last line (a killed
+        process) is dropped."""
+        if not self.path.exists():
+            return []
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step:
+                kept.append(row)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return kept
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -89,6 +89,74 @@ def test_engine_trains_and_options_agree(tokens: str, tmp_path: Path) -> None:
     assert rows[-1]["tokens_seen"] == 8 * 4 * 32
 
 
+def resume_runs(shards: list[str], run_root: str) -> dict:
+    import os
+    import shutil
+
+    from kubellm.core.errors import ConfigError
+    from kubellm.model.config import get_preset
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.checkpoint import tag_for
+    from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
+    from kubellm.training.engine import train
+
+    cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
+
+    def run(name: str, max_steps: int = 6):  # noqa: ANN202
+        tc = TrainConfig(max_steps=max_steps, micro_batch_size=2, global_batch_size=4, seq_len=32,
+                         progress_bar=False, tensorboard=False, checkpoint_every=2,
+                         optim=OptimConfig(lr=3e-3, warmup_steps=2))
+        return train(cfg, tc, ParallelConfig(), PretrainObjective(shards, seq_len=32, vocab_size=256),
+                     f"{run_root}/{name}", resume=True)
+
+    def rows(name: str) -> list[dict]:
+        path = Path(run_root, name, "metrics.jsonl")
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    ref = run("ref")
+    out: dict = {"ref": {"summary": ref.summary, "rows": rows("ref")}}
+    # steps 5-6 trained and logged, then the process died before step 6's checkpoint committed; on
+    # "new_node" the resumed rank 0 also lacks the earlier metrics.jsonl (another pod, an S3 run dir)
+    for name, metrics_lost in (("crash", False), ("new_node", True)):
+        run(name)
+        shutil.rmtree(Path(run_root, name, "checkpoints", tag_for(6)))
+        if metrics_lost:
+            os.remove(Path(run_root, name, "metrics.jsonl"))
+        r = run(name)
+        out[name] = {"start": r.start_step, "summary": r.summary, "rows": rows(name), "losses": r.losses}
+    # resumed from its final checkpoint (e.g. the export failed): nothing left to train, same totals
+    r = run("crash")
+    out["final"] = {"start": r.start_step, "summary": r.summary, "losses": r.losses, "rows": rows("crash")}
+    try:  # a checkpoint beyond the configured length is refused, not published as this config's model
+        run("crash", max_steps=2)
+    except ConfigError as e:
+        out["too_far"] = str(e)
+    out["rows_after_refusal"] = rows("crash")
+    return out
+
+
+def test_resume_keeps_run_totals_and_logs_each_step_once(tokens: str, tmp_path: Path) -> None:
+    shards = [str(Path(tokens) / "train/part-00000.tok")]
+    out = spawn(resume_runs, 1, shards, str(tmp_path))[0]
+    ref, crash, new_node, final = out["ref"], out["crash"], out["new_node"], out["final"]
+    ref_losses = [r["loss"] for r in ref["rows"]]
+    assert crash["start"] == new_node["start"] == 4 and crash["losses"] == ref_losses[4:]  # exact resume
+    # each step once in metrics.jsonl: the rows of steps 5-6 from before the crash were replaced
+    assert [r["step"] for r in crash["rows"]] == list(range(1, 7))
+    assert [r["loss"] for r in crash["rows"]] == ref_losses
+    assert [r["tokens_seen"] for r in crash["rows"]] == [r["tokens_seen"] for r in ref["rows"]]
+    assert [r["step"] for r in new_node["rows"]] == [5, 6]
+    for resumed in (crash, new_node, final):  # the whole run's totals, as the uninterrupted run reports
+        s = resumed["summary"]
+        assert s["tokens_seen"] == ref["summary"]["tokens_seen"] == 6 * 4 * 32
+        assert s["loss_start"] == ref["summary"]["loss_start"] and s["loss_final"] == ref["summary"]["loss_final"]
+        assert s["steps"] == 6
+    assert final["start"] == 6 and final["losses"] == [] and final["rows"] == crash["rows"]
+    assert "checkpoint at step 6 > train.max_steps=2" in out["too_far"]
+    assert "checkpoints" in out["too_far"] and "train.max_steps ≥ 6" in out["too_far"]
+    assert out["rows_after_refusal"] == crash["rows"]
+
+
 def stage_in_process(tokens: str, output: str) -> dict:
     from kubellm.core.config import validate
     from kubellm.pretrain.config import PretrainConfig
