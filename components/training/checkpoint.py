@@ -23,7 +23,8 @@ barrier; rank 0 commits the manifest with a conditional put. A prefix without `_
 a crash mid-upload — does not exist for `latest()`/`load()`. Retention deletes the oldest committed
 checkpoints (manifest first, then files) only after the new one is committed.
 
-Load protocol: rank 0 picks the newest committed manifest and broadcasts it; each rank checks the
+Load protocol: rank 0 picks the newest committed manifest and broadcasts it (its files are read from
+where the manifest was found, not from the uri it records, so a copied run dir is self-contained); each rank checks the
 model shape and parallel layout against it, downloads the files it needs, verifies every sha256
 BEFORE anything is unpickled, then `engine.load_checkpoint` runs through
 `SafeTorchCheckpointEngine` (`weights_only=True`, explicit allow-list). Failures on any rank are
@@ -335,10 +336,13 @@ class CheckpointManager:
                 steps.append(int(m.group(1)))
         out = []
         for step in sorted(steps):
-            manifest = read_manifest(self.prefix_for(step))
+            prefix = self.prefix_for(step)
+            manifest = read_manifest(prefix)
             if manifest.kind != KIND:
-                raise CheckpointError(f"{manifest.uri}: manifest kind {manifest.kind!r}, expected {KIND!r}")
-            out.append(manifest)
+                raise CheckpointError(f"{prefix}: manifest kind {manifest.kind!r}, expected {KIND!r}")
+            # Where it was found, not the uri it records: a copied or moved run dir then loads (and
+            # retention deletes) its own files, never the original run's.
+            out.append(manifest.model_copy(update={"uri": prefix}))
         return out
 
     def latest(self) -> Manifest | None:

@@ -127,6 +127,23 @@ def test_latest_ignores_torn_and_retention_deletes_only_older(tmp_path: Path) ->
     assert torn_new.exists()  # newer than the newest commit: never touched by retention
 
 
+def test_a_copied_run_dir_uses_its_own_checkpoints(tmp_path: Path) -> None:
+    import shutil
+
+    original = tmp_path / "run"
+    for s in (1, 2, 3):
+        _commit(str(original), s)  # each manifest records the original's absolute prefix as its uri
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    mgr = CheckpointManager(str(copy), keep=1, local_dir=tmp_path / "staging")
+    assert [m.uri for m in mgr.committed()] == [join(str(copy), tag_for(s)) for s in (1, 2, 3)]
+    mgr._retain(mgr.latest())  # retention deletes the copy's old checkpoints, not the original's
+    assert [m.metadata["step"] for m in mgr.committed()] == [3]
+    assert not (copy / tag_for(1)).exists() and not (copy / tag_for(2)).exists()
+    assert all((original / tag_for(s) / MANIFEST_NAME).exists() for s in (1, 2, 3))
+    assert [m.metadata["step"] for m in CheckpointManager(str(original)).committed()] == [1, 2, 3]
+
+
 def test_save_refuses_to_overwrite_a_committed_step(tmp_path: Path) -> None:
     prefix = str(tmp_path / "run")
     committed = _commit(prefix, 7)
