@@ -135,7 +135,7 @@ def run_faulty(shards: list[str], run_dir: str, faults: dict[tuple[int, int], An
 
 
 def read_metrics(path: Path) -> dict[int, dict[str, float]]:
-    """metrics.jsonl -> {step: row}; a resumed run appends, so the last row of a step wins."""
+    """metrics.jsonl -> {step: row} (a resumed run drops the rows past its checkpoint and logs each step once)."""
     out: dict[int, dict[str, float]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
