@@ -8,16 +8,24 @@ A raw input is a comma-separated list of any of:
   * `hf:<name>[:<config>]` — a Hugging Face Hub dataset streamed with
     `datasets.load_dataset(name, config, split=..., streaming=True)` (needs a network)
 
-Formats by suffix (optionally `.gz`): `.jsonl`/`.ndjson`/`.json` (JSON lines, or one JSON array for
-`.json`), `.parquet`, `.txt`/`.text`/`.md`.
+Formats by suffix, any case (optionally `.gz`): `.jsonl`/`.ndjson`/`.json` (JSON lines, or one JSON
+array for `.json`), `.parquet`, `.txt`/`.text`/`.md`. A leading UTF-8 byte-order mark is ignored in JSON
+lines and text.
 
-How each is read, and why: JSON lines and text are read **here, streaming, line by line** — each
-line is decoded and parsed on its own so that one bad line (invalid UTF-8, a lone surrogate, a
-malformed JSON line, a NUL byte, a gigantic record, a truncated gzip) is skipped and reported with
-its file, line and byte offset; `datasets`' json/text builders abort the whole file on the first
-such line and cannot say where. Parquet, JSON arrays and hub datasets go through
-`datasets.load_dataset(..., streaming=True)`; an unreadable file (e.g. a truncated parquet footer)
-is reported as one bad record naming the file and the row it stopped at.
+How each is read, and why:
+  * JSON lines and text are read **here, line by line**: each line is decoded and parsed on its own so
+    that one bad line (invalid UTF-8, a lone surrogate, a malformed JSON line, a NUL byte, a gigantic
+    record) is skipped and reported with its file, line and byte offset; `datasets`' json/text
+    builders abort the whole file on the first such line and cannot say where. In text files a
+    document (line, paragraph or whole file, `text_sample_by`) with a bad line in it, or bigger than
+    `max_doc_bytes`, is skipped whole as one bad record: no part of it is kept.
+  * Parquet, JSON arrays and hub datasets go through `datasets.load_dataset(..., streaming=True)`;
+    an unreadable parquet file (e.g. a truncated footer) is reported as one bad record naming the file
+    and the row it stopped at.
+
+A JSON-lines or text file that cannot be read to its end (a truncated or corrupt gzip) raises
+`InputDataError` naming the file and where it broke: the records after that point cannot be
+counted, so it is never a skipped bad record.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
            ".txt": "text", ".text": "text", ".md": "text"}
 HUB_SCHEME = "hf:"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, ignored at the start of any file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +72,9 @@ class Record:
 
 
 def format_of(name: str) -> str | None:
-    base = name[:-3] if name.endswith(".gz") else name
-    return FORMATS.get(Path(base).suffix.lower())
+    """The format a file name's suffix says (any case, optionally `.gz`), or None."""
+    name = name.lower()
+    return FORMATS.get(Path(name.removesuffix(".gz")).suffix)
 
 
 def resolve_sources(raw: str) -> list[Source]:
@@ -117,23 +127,44 @@ def stage_local(source: Source, tmp_dir: Path) -> Path:
     return dest
 
 
-def _open_binary(path: Path) -> Any:
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+        return f.read(2) == b"\x1f\x8b"
 
 
-def _lines(path: Path, label: str, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:
-    """Yield (line_no, byte_offset, line, problem) without ever holding more than `max_bytes` + 1 of
-    one line; a truncated/corrupt gzip ends the stream with problem `truncated_file`."""
+def _open_binary(path: Path) -> Any:
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+
+
+# What a broken file raises while it is read (gzip, zlib, the OS); pyarrow raises ArrowException/OSError.
+_READ_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
+
+
+def _unreadable(label: str, where: str, e: BaseException, what: str = "the file is truncated or corrupt"
+                ) -> InputDataError:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return InputDataError(
+        f"{label}: cannot be read past {where} ({type(e).__name__}: {msg[:200]}); {what}, and the "
+        "records after that point cannot be counted, so they are not skipped as bad records. Re-create "
+        "or re-download it, or leave it out of the input.")
+
+
+def _too_large(nbytes: int, max_bytes: int) -> str:
+    return f"too_large: {nbytes} bytes, more than data_prep.max_doc_bytes={max_bytes}"
+
+
+def _lines(path: Path, label: str, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
+    """Yield (line_no, byte_offset, line, nbytes) without ever holding more than `max_bytes` + 1 of
+    one line; `line` is None for a line longer than `max_bytes` (`nbytes` is then its whole size).
+    A leading UTF-8 BOM is not part of line 1. A file that cannot be read to its end (a truncated or
+    corrupt gzip) raises InputDataError naming the line and byte where it broke."""
     offset, line_no = 0, 0
     with _open_binary(path) as f:
         while True:
             try:
                 line = f.readline(max_bytes + 1)
-            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-                yield line_no + 1, offset, None, f"truncated_file: {type(e).__name__}: {e}"
-                return
+            except _READ_ERRORS as e:
+                raise _unreadable(label, f"line {line_no} (byte {offset} of its uncompressed data)", e) from e
             if not line:
                 return
             line_no += 1
@@ -147,12 +178,14 @@ def _lines(path: Path, label: str, max_bytes: int) -> Iterator[tuple[int, int, b
                         offset += len(chunk)
                         if not chunk or chunk.endswith(b"\n"):
                             break
-                except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-                    yield line_no, start, None, f"truncated_file: {type(e).__name__}: {e}"
-                    return
-                yield line_no, start, None, f"too_large: more than {max_bytes} bytes"
+                except _READ_ERRORS as e:
+                    raise _unreadable(label, f"byte {offset} (inside line {line_no}, uncompressed)", e) from e
+                yield line_no, start, None, offset - start
                 continue
-            yield line_no, start, line, None
+            if line_no == 1 and line.startswith(_BOM):
+                line, start = line[len(_BOM):], start + len(_BOM)
+            yield line_no, start, line, len(line)
+
 
 
 def _check_text(text: Any, field: str) -> tuple[str | None, str | None]:
@@ -175,83 +208,89 @@ def _bad(where: str, n: int, reason: str) -> Record:
     return Record(None, where, n, kind, detail)
 
 
+def _object_record(obj: Any, where: str, nbytes: int, field: str) -> Record:
+    """The record for one parsed JSON value (a JSON line or an element of a JSON array)."""
+    if not isinstance(obj, dict):
+        return _bad(where, nbytes, f"not_text: expected a JSON object, got {type(obj).__name__}")
+    text, reason = _check_text(obj.get(field), field)
+    if reason:
+        detail = f"no string field {field!r}" if reason in ("missing_field", "not_text") else ""
+        return _bad(where, nbytes, f"{reason}: {detail}" if detail else reason)
+    return Record(text, where, nbytes)
+
+
 def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Record]:
-    for line_no, offset, line, problem in _lines(path, label, max_bytes):
+    for line_no, offset, line, nbytes in _lines(path, label, max_bytes):
         where = f"{label}:line {line_no} (byte {offset})"
-        if problem is not None:
-            yield _bad(where, 0, problem)
+        if line is None:
+            yield _bad(where, nbytes, _too_large(nbytes, max_bytes))
             continue
-        assert line is not None
         if not line.strip():
             continue  # blank lines between JSON records are not records
         try:
             s = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield _bad(f"{label}:line {line_no} (byte {offset + e.start})", len(line),
+            yield _bad(f"{label}:line {line_no} (byte {offset + e.start})", nbytes,
                        f"invalid_utf8: {e.reason}")
             continue
         try:
-            obj = json.loads(s)
+            obj = json.loads(s.rstrip("\r\n"))  # a line cut off inside a string: "Unterminated string"
         except json.JSONDecodeError as e:
-            yield _bad(where, len(line), f"malformed_json: {e.msg} at column {e.colno}")
+            yield _bad(where, nbytes, f"malformed_json: {e.msg}: column {e.colno}")
             continue
-        if not isinstance(obj, dict):
-            yield _bad(where, len(line), f"not_text: expected a JSON object, got {type(obj).__name__}")
-            continue
-        text, reason = _check_text(obj.get(field), field)
-        if reason:
-            detail = f"no string field {field!r}" if reason in ("missing_field", "not_text") else ""
-            yield _bad(where, len(line), f"{reason}: {detail}" if detail else reason)
-        else:
-            yield Record(text, where, len(line))
+        yield _object_record(obj, where, nbytes, field)
 
 
 def _text(path: Path, label: str, sample_by: str, max_bytes: int) -> Iterator[Record]:
-    buf: list[str] = []
-    buf_start, buf_bytes = (1, 0), 0
+    """Documents of a text file: each line, blank-line separated paragraphs, or the whole file.
 
-    def flush() -> Iterator[Record]:
-        nonlocal buf, buf_bytes
-        if buf:
-            text = "".join(buf)
-            where = f"{label}:line {buf_start[0]} (byte {buf_start[1]})"
-            if buf_bytes > max_bytes:
-                yield _bad(where, buf_bytes, f"too_large: more than {max_bytes} bytes")
+    A document is kept or skipped whole: one with a line that is not UTF-8 (or longer than
+    `max_bytes`), or bigger than `max_bytes` in all, is one bad record naming where it starts (the bad
+    byte, for invalid UTF-8) and its full size; it is not buffered past `max_bytes`."""
+    parts: list[str] = []
+    start, size = "", 0
+    problem: tuple[str, str] | None = None  # (where, reason) of the first thing wrong with the document
+
+    def end_document() -> Iterator[Record]:
+        nonlocal start, size, problem
+        if start:
+            if problem is not None and problem[1] == "too_large":
+                yield _bad(start, size, _too_large(size, max_bytes))
+            elif problem is not None:
+                yield _bad(problem[0], size, problem[1])
             else:
-                ok, reason = _check_text(text, "text")
-                yield Record(ok, where, buf_bytes) if reason is None else _bad(where, buf_bytes, reason)
-        buf, buf_bytes = [], 0
+                text = "".join(parts)
+                ok, reason = _check_text(text.rstrip("\r\n") if sample_by == "line" else text, "text")
+                yield Record(ok, start, size) if reason is None else _bad(start, size, reason)
+        parts.clear()
+        start, size, problem = "", 0, None
 
-    for line_no, offset, line, problem in _lines(path, label, max_bytes):
-        where = f"{label}:line {line_no} (byte {offset})"
-        if problem is not None:
-            yield from flush()
-            yield _bad(where, 0, problem)
+    for line_no, offset, line, nbytes in _lines(path, label, max_bytes):
+        s: str | None = None
+        line_problem: tuple[str, str] | None = None
+        if line is None:
+            line_problem = ("", "too_large")
+        else:
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line_problem = (f"{label}:line {line_no} (byte {offset + e.start})", f"invalid_utf8: {e.reason}")
+        if s is not None and not s.strip() and sample_by != "document":
+            yield from end_document()  # a blank line ends a paragraph; in line mode it is no document
             continue
-        assert line is not None
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield from flush()
-            yield _bad(f"{label}:line {line_no} (byte {offset + e.start})", len(line),
-                       f"invalid_utf8: {e.reason}")
-            continue
+        if not start:
+            start = f"{label}:line {line_no} (byte {offset})"
+        size += nbytes
+        if problem is None:
+            problem = line_problem or (("", "too_large") if size > max_bytes else None)
+        if problem is None:
+            assert s is not None
+            parts.append(s)
+        else:
+            parts.clear()  # skipped whole: stop buffering it, but read on to its end
         if sample_by == "line":
-            stripped = s.rstrip("\r\n")
-            if stripped.strip():
-                text, reason = _check_text(stripped, "text")
-                yield Record(text, where, len(line)) if reason is None else _bad(where, len(line), reason)
-            continue
-        if sample_by == "paragraph" and not s.strip():
-            yield from flush()
-            continue
-        if not buf:
-            buf_start = (line_no, offset)
-        buf.append(s)
-        buf_bytes += len(line)
-        if buf_bytes > max_bytes:  # a gigantic paragraph/document: stop buffering it
-            yield from flush()
-    yield from flush()
+            yield from end_document()
+    yield from end_document()
 
 
 def _via_datasets(builder: str, data_files: str | None, label: str, field: str,
@@ -298,6 +337,6 @@ def _is_json_array(path: Path) -> bool:
     try:
         with _open_binary(path) as f:
             head = f.read(4096).lstrip()
-    except (EOFError, OSError, zlib.error):
+    except _READ_ERRORS:
         return False
     return head.startswith(b"[")

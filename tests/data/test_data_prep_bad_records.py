@@ -1,4 +1,5 @@
-"""Every bad-record kind is skipped, counted and named (file + line/offset), or fails the stage."""
+"""Every bad-record kind is skipped, counted and named (file + line/offset), or fails the stage; a file
+that cannot be read to its end fails the stage naming where it broke, and nothing is published."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def bad_inputs(tmp_path: Path) -> Path:
     lines[13] = b'{"text": "this JSON line is cut off\n'
     lines[15] = b'{"body": "no text field here"}\n'
     (raw / "records.jsonl").write_bytes(b"".join(lines))
-    # a gzip cut in the middle: the records before the cut are kept
-    full = gzip.compress(b"".join(_good(100 + i) for i in range(200)))
-    (raw / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
+    # a gzip file, read whole
+    with gzip.open(raw / "more.jsonl.gz", "wb") as f:
+        f.write(b"".join(_good(100 + i) for i in range(20)))
     # a parquet file without its footer
     pq.write_table(pa.table({"text": [TEXT.format(i=300 + i) for i in range(20)]}), raw / "cut.parquet")
     data = (raw / "cut.parquet").read_bytes()
@@ -60,25 +61,25 @@ def test_bad_records_are_skipped_counted_and_named(bad_inputs: Path, tmp_path: P
     m = run(_cfg(max_bad_fraction=0.5), {"raw": str(bad_inputs)}, str(tmp_path / "out"))
     c = m.counts
     expected = {"invalid_utf8": 2, "lone_surrogate": 1, "nul_byte": 2, "empty": 1, "too_large": 1,
-                "malformed_json": 1, "missing_field": 1, "truncated_file": 1, "unreadable_file": 1}
+                "malformed_json": 1, "missing_field": 1, "unreadable_file": 1}
     for kind, n in expected.items():
         assert c[f"removed_{kind}"] == n, kind
     assert c["bad_records"] == sum(expected.values())
-    where = {e["reason"]: e["where"] for e in m.metadata["bad_records"]}
+    where = {(Path(e["where"].rpartition(":")[0]).name, e["reason"]): e["where"] for e in m.metadata["bad_records"]}
     rec = str(bad_inputs / "records.jsonl")
     lines = (bad_inputs / "records.jsonl").read_bytes().splitlines(keepends=True)
     start = [sum(len(x) for x in lines[:i]) for i in range(len(lines))]
     # invalid UTF-8: the byte offset of the first bad byte; others: the start of the line
     bad_byte = start[3] + lines[3].index(b"\xff")
-    assert where["invalid_utf8"] == f"{rec}:line 4 (byte {bad_byte})"
-    assert where["lone_surrogate"] == f"{rec}:line 6 (byte {start[5]})"
-    assert where["malformed_json"].startswith(f"{rec}:line 14 ")
-    assert where["too_large"].startswith(f"{rec}:line 12 ")
-    assert where["truncated_file"].startswith(str(bad_inputs / "cut.jsonl.gz"))
-    assert where["unreadable_file"].startswith(str(bad_inputs / "cut.parquet"))
-    # the good records survive: 32 from records.jsonl, the gzip's records before the cut, 2 text paragraphs
-    assert 32 + 2 + 20 < c["documents_out"] < 32 + 2 + 200
-    assert "truncated_file" in m.report_markdown and "records.jsonl:line 4" in m.report_markdown
+    assert where["records.jsonl", "invalid_utf8"] == f"{rec}:line 4 (byte {bad_byte})"
+    assert where["records.jsonl", "lone_surrogate"] == f"{rec}:line 6 (byte {start[5]})"
+    assert where["records.jsonl", "malformed_json"].startswith(f"{rec}:line 14 ")
+    assert where["records.jsonl", "too_large"].startswith(f"{rec}:line 12 ")
+    assert where["cut.parquet", "unreadable_file"].startswith(str(bad_inputs / "cut.parquet"))
+    # the good records survive: 33 from records.jsonl, 20 from the gzip, 2 text paragraphs
+    assert c["documents_in"] == 33 + 20 + 2
+    assert "| bad record | too_large | 1 | 5,013 |" in m.report_markdown  # its size, not 0
+    assert "records.jsonl:line 4" in m.report_markdown
 
 
 def test_too_many_bad_records_fail_with_the_names(bad_inputs: Path, tmp_path: Path) -> None:
