@@ -55,10 +55,10 @@ from kubellm.data_prep.sources import Source, read_records, resolve_sources, sta
 
 log = logging.getLogger(__name__)
 
-# Bad-record kinds: each is skipped and counted. A JSON-lines or text file that cannot be read to its end
-# (truncated gzip) is not among them: it raises InputDataError, since what it lost cannot be counted.
+# Bad-record kinds: each is skipped and counted. A file that cannot be read to its end (truncated gzip,
+# corrupt parquet) is not among them: it raises InputDataError, since what it lost cannot be counted.
 BAD_KINDS = ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large", "malformed_json",
-             "missing_field", "not_text", "unreadable_file")
+             "missing_field", "not_text")
 MAX_EXAMPLES = 50
 _BATCH = 4096
 

@@ -38,13 +38,14 @@ def bad_inputs(tmp_path: Path) -> Path:
     lines[13] = b'{"text": "this JSON line is cut off\n'
     lines[15] = b'{"body": "no text field here"}\n'
     (raw / "records.jsonl").write_bytes(b"".join(lines))
-    # a gzip file, read whole
+    # a gzip and a parquet file, read whole, a text (too large) and a JSON-array record among them
     with gzip.open(raw / "more.jsonl.gz", "wb") as f:
         f.write(b"".join(_good(100 + i) for i in range(20)))
-    # a parquet file without its footer
-    pq.write_table(pa.table({"text": [TEXT.format(i=300 + i) for i in range(20)]}), raw / "cut.parquet")
-    data = (raw / "cut.parquet").read_bytes()
-    (raw / "cut.parquet").write_bytes(data[: len(data) // 2])
+    rows = [TEXT.format(i=300 + i) for i in range(20)]
+    rows[4] = "huge " * 1000
+    pq.write_table(pa.table({"text": rows}), raw / "rows.parquet")
+    (raw / "array.json").write_text(json.dumps([{"text": TEXT.format(i=500 + i)} for i in range(9)]
+                                               + [{"text": 17}]))
     # a text file with a raw NUL byte in one paragraph and invalid UTF-8 in another
     (raw / "notes.txt").write_bytes(
         TEXT.format(i=400).encode() + b"\n\nbad \x00 paragraph here\n\n" + b"caf\xe9 latin-1\n\n"
@@ -60,8 +61,8 @@ def _cfg(**kw: object) -> DataPrepConfig:
 def test_bad_records_are_skipped_counted_and_named(bad_inputs: Path, tmp_path: Path) -> None:
     m = run(_cfg(max_bad_fraction=0.5), {"raw": str(bad_inputs)}, str(tmp_path / "out"))
     c = m.counts
-    expected = {"invalid_utf8": 2, "lone_surrogate": 1, "nul_byte": 2, "empty": 1, "too_large": 1,
-                "malformed_json": 1, "missing_field": 1, "unreadable_file": 1}
+    expected = {"invalid_utf8": 2, "lone_surrogate": 1, "nul_byte": 2, "empty": 1, "too_large": 2,
+                "malformed_json": 1, "missing_field": 1, "not_text": 1}
     for kind, n in expected.items():
         assert c[f"removed_{kind}"] == n, kind
     assert c["bad_records"] == sum(expected.values())
@@ -75,10 +76,11 @@ def test_bad_records_are_skipped_counted_and_named(bad_inputs: Path, tmp_path: P
     assert where["records.jsonl", "lone_surrogate"] == f"{rec}:line 6 (byte {start[5]})"
     assert where["records.jsonl", "malformed_json"].startswith(f"{rec}:line 14 ")
     assert where["records.jsonl", "too_large"].startswith(f"{rec}:line 12 ")
-    assert where["cut.parquet", "unreadable_file"].startswith(str(bad_inputs / "cut.parquet"))
-    # the good records survive: 33 from records.jsonl, 20 from the gzip, 2 text paragraphs
-    assert c["documents_in"] == 33 + 20 + 2
-    assert "| bad record | too_large | 1 | 5,013 |" in m.report_markdown  # its size, not 0
+    assert where["rows.parquet", "too_large"] == f"{bad_inputs / 'rows.parquet'}:row 4"
+    assert where["array.json", "not_text"] == f"{bad_inputs / 'array.json'}:element 9 (byte 1666)"
+    # the good records survive: 33 from records.jsonl, 20 from the gzip, 19 rows, 9 elements, 2 paragraphs
+    assert c["documents_in"] == 33 + 20 + 19 + 9 + 2
+    assert "| bad record | too_large | 2 | 10," in m.report_markdown  # 5,000 + 5,013 bytes, not 0
     assert "records.jsonl:line 4" in m.report_markdown
 
 

@@ -1,18 +1,23 @@
-"""How each raw format is read (kubellm.data_prep.sources): text documents kept or skipped whole, a
-leading BOM ignored, and a file that cannot be read to its end failing the stage (naming where it
-broke) instead of being counted as one bad record."""
+"""How each raw format is read (kubellm.data_prep.sources): documents kept or skipped whole, the size
+limit in every format, JSON arrays streamed in bounded memory, a leading BOM ignored, and a file that
+cannot be read to its end failing the stage (naming where it broke) instead of being counted as one
+bad record."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from kubellm.core.errors import InputDataError
 from kubellm.data_prep.config import DataPrepConfig
-from kubellm.data_prep.sources import Record, read_records, resolve_sources
+from kubellm.data_prep.sources import Record, Source, read_records, resolve_sources
 from kubellm.data_prep.stage import run
 
 TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "
@@ -62,6 +67,75 @@ def test_text_paragraph_with_a_gigantic_or_undecodable_line_is_skipped_whole(tmp
                                                                   "invalid_utf8", "ok", "ok"]
 
 
+# --- parquet and JSON arrays: the size limit, non-string values -----------------------
+
+def test_max_doc_bytes_applies_to_parquet_and_json_arrays(tmp_path: Path) -> None:
+    docs = [TEXT.format(i=i) for i in range(6)]
+    docs[2] = "word " * 2000
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
+    (tmp_path / "b.json").write_text(json.dumps([{"text": d} for d in docs]))
+    for name, where, nbytes in (("a.parquet", "row 2", 10000), ("b.json", "element 2 (byte ", 10012)):
+        recs = _read(tmp_path / name, max_bytes=2000)
+        assert _kinds(recs) == ["ok", "ok", "too_large", "ok", "ok", "ok"], name
+        assert recs[2].where.startswith(f"{tmp_path / name}:{where}") and recs[2].nbytes == nbytes
+        assert [r.text for r in recs if r.text] == docs[:2] + docs[3:]
+
+
+def test_json_array_non_string_text_is_one_bad_record_others_unchanged(tmp_path: Path) -> None:
+    items: list[dict[str, object]] = [{"text": TEXT.format(i=i)} for i in range(200)]
+    items[17] = {"text": 17}
+    items[30] = {"body": "no text here"}
+    text = json.dumps(items, indent=1)
+    (tmp_path / "arr.json").write_text(text)
+    recs = _read(tmp_path / "arr.json")
+    kinds = _kinds(recs)
+    assert len(recs) == 200 and kinds[17] == "not_text" and kinds[30] == "missing_field"
+    at = text.index('{\n  "text": 17')
+    assert recs[17].where == f"{tmp_path / 'arr.json'}:element 17 (byte {at})"
+    assert [r.text for r in recs if r.text] == [TEXT.format(i=i) for i in range(200) if i not in (17, 30)]
+    # a byte that is not UTF-8 inside one element: that element is the bad record, named at the byte
+    items[40] = {"text": "caf\udce9"}  # written as the raw byte 0xe9
+    raw = json.dumps(items, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    (tmp_path / "arr.json").write_bytes(raw)
+    recs = _read(tmp_path / "arr.json")
+    assert _kinds(recs)[40] == "invalid_utf8" and recs[40].where.endswith(f"(byte {raw.index(b'caf') + 3})")
+    assert _kinds(recs).count("ok") == 197
+
+
+def test_parquet_without_the_text_column_fails_naming_it_and_the_columns(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"content": [TEXT] * 50, "id": list(range(50))}), tmp_path / "a.parquet")
+    with pytest.raises(InputDataError, match=r"a\.parquet: no column 'text' .*\['content', 'id'\]"):
+        _read(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": list(range(5))}), tmp_path / "b.parquet")
+    with pytest.raises(InputDataError, match=r"b\.parquet: column 'text' .* holds int64, expected strings"):
+        _read(tmp_path / "b.parquet")
+
+
+# --- JSON arrays stream ----------------------------------------------------------------------
+
+def test_json_array_streams_in_bounded_memory(tmp_path: Path) -> None:
+    """2 MB of ordinary elements and one 16 MB element, read with max_doc_bytes 1 MB: the file is never
+    held whole (datasets' json builder loads it whole), nor is the gigantic element."""
+    p = tmp_path / "big.json"
+    with open(p, "w") as f:
+        f.write("[\n")
+        for i in range(1000):
+            f.write(json.dumps({"text": TEXT.format(i=i) * 11, "meta": {"i": i, "tags": ["a", "]}"]}}) + ",\n")
+        f.write('{"text": "' + 'a \\" quoted \\\\ word ' * ((16 << 20) // 20) + '"}\n]\n')
+    assert p.stat().st_size > 17 << 20
+    tracemalloc.start()
+    try:
+        n = bad = 0
+        for r in read_records(resolve_sources(str(p))[0], p, field="text", max_bytes=1 << 20):
+            n += 1
+            bad += r.reason == "too_large"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert (n, bad) == (1001, 1)
+
+
 # --- a file that cannot be read to its end fails the stage ----------------------------------
 
 def _good_lines(n: int, start: int = 0) -> bytes:
@@ -80,12 +154,57 @@ def test_truncated_gzip_fails_naming_the_file_and_where_nothing_published(tmp_pa
         run(DataPrepConfig(validation_fraction=0.0, max_bad_fraction=0.9), {"raw": str(raw)}, str(out))
     assert "cannot be counted" in str(e.value)
     assert not out.exists() or not list(out.rglob("*.parquet"))
+    # the same for a JSON array cut short, and for one with a malformed element
+    (raw / "cut.jsonl.gz").unlink()
+    arr = json.dumps([{"text": TEXT.format(i=i)} for i in range(30)])
+    (raw / "cut.json").write_text(arr[: len(arr) // 2])
+    with pytest.raises(InputDataError, match=r"cut\.json: cannot be read past element 1\d \(byte \d+\): the file ends inside it"):
+        run(DataPrepConfig(validation_fraction=0.0, max_bad_fraction=0.9), {"raw": str(raw)}, str(out))
+    (raw / "cut.json").write_text(arr.replace("document 7 tells", 'document 7" tells "'))
+    with pytest.raises(InputDataError, match=r"cut\.json: element 7 \(byte \d+\): malformed JSON"):
+        run(DataPrepConfig(validation_fraction=0.0, max_bad_fraction=0.9), {"raw": str(raw)}, str(out))
+    (raw / "cut.json").write_text(arr.replace("document 7 tells", 'document 7" tells'))  # quotes unbalanced
+    with pytest.raises(InputDataError, match=r"cut\.json: .*element 7 \(byte \d+\)"):
+        run(DataPrepConfig(validation_fraction=0.0, max_bad_fraction=0.9), {"raw": str(raw)}, str(out))
     assert not out.exists() or not list(out.rglob("*.parquet"))
+
+
+def test_corrupt_parquet_fails_naming_the_row_where_it_broke(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [TEXT.format(i=i) for i in range(500)]}), p, row_group_size=100)
+    col = pq.ParquetFile(p).metadata.row_group(3).column(0)
+    at = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(p.read_bytes())
+    data[at: at + 32] = b"\xff" * 32  # the page header of row group 3 (rows 300-399)
+    p.write_bytes(bytes(data))
+    with pytest.raises(InputDataError, match=r"a\.parquet: cannot be read past row 300 \(row group 3: rows "
+                                             r"300-399 of 500; rows before 300 were read\)"):
+        _read(p)
+    p.write_bytes(bytes(data[: len(data) // 2]))  # no footer
+    with pytest.raises(InputDataError, match=r"a\.parquet: cannot be read past its footer"):
+        run(DataPrepConfig(max_bad_fraction=0.9), {"raw": str(p)}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("_manifest.json"))
+
+
+def test_hub_stream_that_breaks_fails_naming_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def rows(*args: object, **kwargs: object) -> Iterator[dict[str, str]]:
+        yield {"text": TEXT}
+        yield {"text": "word " * 1000}
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(datasets, "load_dataset", rows)
+    it = read_records(Source("hf:org/corpus", "hub", "hf:org/corpus"), None, field="text", max_bytes=2000)
+    assert _kinds([next(it), next(it)]) == ["ok", "too_large"]
+    with pytest.raises(InputDataError, match=r"hf:org/corpus: cannot be read past row 2 \(ConnectionError: "
+                                             r"connection reset by peer\); the stream broke"):
+        next(it)
 
 
 # --- a leading UTF-8 BOM is ignored in every format -----------------------------------------
 
-@pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.jsonl.gz"])
+@pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.json", "a.jsonl.gz", "a.json.gz"])
 def test_a_leading_bom_is_ignored(tmp_path: Path, name: str) -> None:
     docs = [TEXT.format(i=i) for i in range(3)]
     if ".txt" in name:
