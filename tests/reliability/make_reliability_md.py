@@ -54,8 +54,9 @@ PROMISES: list[tuple[str, list[str]]] = [
      [f"{R}/test_rel_s3_faults.py::test_reader_refuses_a_prefix_whose_manifest_never_landed"]),
     ("4. S3: concurrent writers (same content-addressed artifact, different artifacts) never clobber",
      [f"{R}/test_rel_s3_faults.py::test_concurrent_writers_never_clobber"]),
-    ("5. Hostile corpus (invalid UTF-8, lone surrogate, NUL, empty/whitespace, 50 MB line, truncated "
-     "gzip/parquet, malformed jsonl): skipped+counted with file:line, or the stage fails naming them",
+    ("5. Hostile corpus (invalid UTF-8, lone surrogate, NUL, empty/whitespace, 50 MB line, malformed "
+     "jsonl): skipped+counted with file:line, or the stage fails naming them; a truncated gzip/parquet "
+     "fails the stage naming the file",
      [f"{R}/test_rel_hostile_inputs.py::test_data_prep_skips_and_counts_or_fails_naming_the_record"]),
     ("5. Torn upstream artifact (no manifest) refused by the next stage",
      [f"{R}/test_rel_hostile_inputs.py::test_tokenizer_refuses_a_prefix_without_manifest"]),

@@ -7,9 +7,9 @@ already published in the same output root changes by a single byte.
 Setup: a good demo corpus goes through data-prep and tokenizer into `out/`; the sha256 of every file
 under `out/` is the baseline. Then, into that same `out/`:
 * data-prep on a corpus with invalid UTF-8, a lone surrogate, NUL bytes, empty and whitespace-only
-  documents, a single 50 MB line, a truncated gzip, a truncated parquet and malformed JSON lines:
-  skipped and counted (a report naming file:line), or, under the default bad-record threshold, an
-  InputDataError naming them and nothing published;
+  documents, a single 50 MB line and malformed JSON lines: skipped and counted (a report naming
+  file:line), or, under the default bad-record threshold, an InputDataError naming them and nothing
+  published; a truncated gzip or parquet: an InputDataError naming the file, nothing published;
 * tokenizer on a prefix whose manifest never landed: refused;
 * pretrain on token shards with a wrong magic, a truncated body, out-of-range ids: each refused
   naming the shard, before any training;
@@ -112,12 +112,18 @@ def _hostile_corpus(raw: Path) -> Path:
     with open(raw / "huge.jsonl", "wb") as f:
         f.write(b'{"text": "' + b"lorem " * (50 * 1024 * 1024 // 6) + b'"}\n')
         f.write(good[0])
+    return raw
+
+
+def _cut_files(raw: Path) -> dict[str, Path]:
+    """A truncated gzip and a truncated parquet: their loss cannot be counted record by record."""
+    good = [(json.dumps({"text": TEXT.format(i=i)}) + "\n").encode() for i in range(60)]
     full = gzip.compress(b"".join(good))
     (raw / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
     buf = io.BytesIO()
     pq.write_table(pa.table({"text": [TEXT.format(i=i) for i in range(20)]}), buf)
     (raw / "cut.parquet").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return raw
+    return {"gzip": raw / "cut.jsonl.gz", "parquet": raw / "cut.parquet"}
 
 
 def test_data_prep_skips_and_counts_or_fails_naming_the_record(published: dict, untouched: None) -> None:
@@ -133,14 +139,22 @@ def test_data_prep_skips_and_counts_or_fails_naming_the_record(published: dict, 
     lenient = cfg.data_prep.model_copy(update={"max_bad_fraction": 0.5})
     m = run_stage("data_prep", lenient, {"raw": str(raw)}, str(out))
     c = m.counts
-    for kind in ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large", "malformed_json",
-                 "truncated_file", "unreadable_file"):
+    for kind in ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large", "malformed_json"):
         assert c.get(f"removed_{kind}", 0) >= 1, (kind, c)
     where = {e["reason"]: e["where"] for e in m.metadata["bad_records"]}
     assert where["too_large"].startswith(f"{raw / 'huge.jsonl'}:line 1")  # the 50 MB line, named
     assert where["invalid_utf8"].startswith(f"{raw / 'records.jsonl'}:line 3")
     assert "huge.jsonl:line 1" in m.report_markdown
     assert c["documents_out"] > 0
+
+    # a file cut short loses an unknown number of records: the stage fails naming it, whatever the
+    # threshold, and publishes nothing
+    for name, cut in _cut_files(raw).items():
+        before = _manifests(out)
+        with pytest.raises(InputDataError, match=str(cut)):
+            run_stage("data_prep", lenient, {"raw": str(raw)}, str(out))
+        assert _manifests(out) == before, name
+        cut.unlink()
 
 
 def test_tokenizer_refuses_a_prefix_without_manifest(published: dict, untouched: None) -> None:
