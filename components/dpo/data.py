@@ -2,8 +2,9 @@
 
 The prompt is plain text (one user turn) or a `messages` list; chosen/rejected are the assistant's
 reply text. Only the reply tokens carry labels, so sequence log-probabilities measure exactly
-log π(reply | prompt). Bad pairs (identical texts, empty prompt, too long) are skipped and counted or
-fail the stage, per `on_bad_record`.
+log π(reply | prompt). A messages prompt starts with system turns or a user turn and ends with a
+user (or system) turn, never an assistant one. Bad pairs (identical texts, empty or malformed prompt,
+too long) are skipped and counted or fail the stage, per `on_bad_record`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,20 @@ def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
         if not prompt.strip():
             raise InputDataError(f"{where}: empty prompt")
         messages = [{"role": "user", "content": prompt}]
-    else:
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise InputDataError(f"{where}: empty prompt (an empty messages list)")
+        if isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+            raise InputDataError(f"{where}: prompt ends with an assistant turn; the reply would be a second "
+                                 "assistant turn in a row (end the prompt with a user turn)")
+        if all(isinstance(m, dict) and m.get("role") == "system" for m in prompt):
+            raise InputDataError(f"{where}: prompt has no user turn (only system turns); the reply needs "
+                                 "a user turn to answer")
+        # the prompt is a conversation up to the reply: checked with a placeholder reply appended
         messages = validate_messages(prompt + [{"role": "assistant", "content": "x"}], where)[:-1]
+    else:
+        raise InputDataError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages, "
+                             f"got {type(prompt).__name__}")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(text, str) or not text.strip():
             raise InputDataError(f"{where}: '{name}' must be non-empty text")

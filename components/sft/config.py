@@ -17,8 +17,9 @@ def _train() -> TrainConfig:
 
 class SFTConfig(StrictModel):
     on_bad_record: Literal["skip", "fail"] = "skip"
-    """A conversation with no assistant turn, an unknown role, empty content or longer than
-    train.seq_len: skip it and count it in the report, or fail the stage naming file and line."""
+    """A conversation with no assistant turn, an assistant turn before any user turn, an unknown
+    role, empty or non-text content, or longer than train.seq_len: skip it and count it in the
+    report, or fail the stage naming file and line."""
     heldout_every: int = Field(default=10, ge=2)
     """Every N-th conversation is held out to measure assistant-token loss before and after SFT."""
     train: TrainConfig = Field(default_factory=_train)

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kubellm.core.errors import InputDataError
 
+log = logging.getLogger(__name__)
+
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 T = TypeVar("T")
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, ignored at the start of a file
 
 
 @dataclasses.dataclass
@@ -45,10 +49,14 @@ class SkipReport:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < 20:
-            self.examples.append(f"{where}: {reason}")
+            self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def summary(self) -> str:
+        """`reason: n, ...` sorted by reason, or `none`."""
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
 
     @property
     def total(self) -> int:
@@ -63,6 +71,9 @@ def _ids(out: Any) -> list[int]:
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """The messages list of one conversation, checked: each message is `{role, content}` with a known
+    role and non-empty text, a user turn comes before the first assistant turn (the chat template
+    masks an assistant turn by what precedes it), and there is an assistant turn to learn from."""
     if not isinstance(messages, list) or not messages:
         raise InputDataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     for j, m in enumerate(messages):
@@ -70,10 +81,17 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise InputDataError(f"{where}: message {j} must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise InputDataError(f"{where}: message {j} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        if not isinstance(m["content"], str):
+            raise InputDataError(f"{where}: message {j} ({m['role']}) content must be text, "
+                                 f"got {type(m['content']).__name__}")
+        if not m["content"].strip():
             raise InputDataError(f"{where}: message {j} ({m['role']}) has empty content")
     if not any(m["role"] == "assistant" for m in messages):
         raise InputDataError(f"{where}: conversation has no assistant turn (nothing to learn from)")
+    first = next(j for j, m in enumerate(messages) if m["role"] != "system")
+    if messages[first]["role"] == "assistant":
+        raise InputDataError(f"{where}: message {first} is an assistant turn before any user turn "
+                             "(nothing for it to reply to)")
     return messages
 
 
@@ -84,6 +102,9 @@ def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if i == 0:
+            raise InputDataError(f"{where}: message 0 is an assistant turn before any user turn "
+                                 "(nothing for it to reply to)")
         prefix = _ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True))
         upto = _ids(tok.apply_chat_template(messages[: i + 1], tokenize=True))
         if upto[: len(prefix)] != prefix or full[: len(upto)] != upto:
@@ -101,12 +122,16 @@ def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "
 def read_records(paths: Iterable[Path], parse: Callable[[Any, str], T], report: SkipReport,
                  on_bad_record: str = "skip") -> Iterator[T]:
     """Stream `parse(record, "file:line")` over JSON-lines files with one bad-record policy: a line
-    that is not UTF-8 or JSON, or that `parse` rejects with InputDataError, is skipped and counted in
-    `report` ("skip") or stops the stage naming the file and line ("fail")."""
+    that is not UTF-8 or JSON, or that `parse` rejects, is skipped and counted in `report` ("skip")
+    or stops the stage naming the file and line ("fail"). A UTF-8 byte-order mark at the start of a
+    file is ignored. Any other error while one record is parsed or rendered (e.g. from the chat
+    template) is that record's: skipped as `record_error` with the exception's text, or the failure."""
     for path in paths:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
+                if lineno == 1:
+                    raw = raw.removeprefix(_BOM)
                 try:
                     line = raw.decode("utf-8")
                     if not line.strip():
@@ -116,6 +141,15 @@ def read_records(paths: Iterable[Path], parse: Callable[[Any, str], T], report: 
                     if on_bad_record == "fail":
                         raise InputDataError(str(e) if isinstance(e, InputDataError) else f"{where}: {e}") from None
                     report.add(_reason(e), where)
+                    continue
+                except MemoryError:
+                    raise
+                except Exception as e:  # any other per-record failure names its record
+                    detail = f"{type(e).__name__}: {str(e)[:200]}"
+                    if on_bad_record == "fail":
+                        raise InputDataError(f"{where}: this record could not be processed ({detail})") from e
+                    log.warning("%s: record skipped (%s)", where, detail)
+                    report.add("record_error", where, detail)
                     continue
                 yield value
 
@@ -136,12 +170,23 @@ def read_chat_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipR
     return read_records(paths, parse, report, on_bad_record)
 
 
+# substring of an InputDataError's text -> the reason it is counted under in a SkipReport
+_REASONS = (
+    ("unknown role", "unknown_role"), ("no assistant turn", "no_assistant_turn"),
+    ("longer than the context", "longer_than_the_context"), ("empty content", "empty_content"),
+    ("content must be text", "content_not_text"), ("before any user turn", "assistant_before_user"),
+    ("identical pair", "identical_pair"), ("empty prompt", "empty_prompt"),
+    ("'prompt' must be text", "prompt_not_text_or_messages"),
+    ("prompt ends with an assistant turn", "prompt_ends_with_assistant"),
+    ("prompt has no user turn", "prompt_without_user_turn"),
+)
+
+
 def _reason(e: Exception) -> str:
     text = str(e)
-    for key in ("unknown role", "no assistant turn", "longer than the context", "empty content",
-                "identical pair", "empty prompt"):
+    for key, reason in _REASONS:
         if key in text:
-            return key.replace(" ", "_")
+            return reason
     return "malformed_record"
 
 

@@ -9,7 +9,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from kubellm.core.errors import InputDataError
-from kubellm.sft.data import IGNORE, SkipReport, pack_examples, read_chat_jsonl, render_conversation
+from kubellm.sft.data import (
+    IGNORE,
+    SkipReport,
+    pack_examples,
+    read_chat_jsonl,
+    read_records,
+    render_conversation,
+)
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -70,3 +77,64 @@ def test_bad_records_skipped_and_counted_or_fail(chat_tokenizer_dir: Path, tmp_p
     assert any("chat.jsonl:6" in e for e in rep.examples)
     with pytest.raises(InputDataError, match=r"chat.jsonl:2: conversation has no assistant turn"):
         list(read_chat_jsonl([f], tok, max_len=128, report=SkipReport(), on_bad_record="fail"))
+
+
+USER, ASSISTANT = {"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": "3"}
+
+
+def test_assistant_before_any_user_turn_is_a_bad_record(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    # the chat template cannot mask a turn with nothing before it: this crashed the whole stage
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [ASSISTANT, USER]}, {"messages": [ASSISTANT]},
+            {"messages": [{"role": "system", "content": "Be brief."}, ASSISTANT, USER, ASSISTANT]},
+            {"messages": [USER, ASSISTANT]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = SkipReport()
+    assert len(list(read_chat_jsonl([f], tok, max_len=128, report=rep))) == 1
+    assert rep.counts == {"assistant_before_user": 3}
+    with pytest.raises(InputDataError, match=r"chat.jsonl:1: message 0 is an assistant turn before any user turn"):
+        list(read_chat_jsonl([f], tok, max_len=128, report=SkipReport(), on_bad_record="fail"))
+    with pytest.raises(InputDataError, match="before any user turn"):
+        render_conversation(tok, [ASSISTANT])
+
+
+def test_content_that_is_not_text_has_its_own_reason(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": 5}, ASSISTANT]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, ASSISTANT]},
+            {"messages": [{"role": "user", "content": "  "}, ASSISTANT]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = SkipReport()
+    assert list(read_chat_jsonl([f], tok, max_len=128, report=rep)) == []
+    assert rep.counts == {"content_not_text": 2, "empty_content": 1}
+    with pytest.raises(InputDataError, match=r"chat.jsonl:1: message 0 \(user\) content must be text, got int"):
+        list(read_chat_jsonl([f], tok, max_len=128, report=SkipReport(), on_bad_record="fail"))
+
+
+def test_leading_bom_is_ignored(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    f = tmp_path / "chat.jsonl"
+    line = json.dumps({"messages": [USER, ASSISTANT]}) + "\n"
+    f.write_bytes(b"\xef\xbb\xbf" + (line * 2).encode())
+    rep = SkipReport()
+    assert len(list(read_chat_jsonl([f], tok, max_len=128, report=rep, on_bad_record="fail"))) == 2
+    assert rep.total == 0
+
+
+def test_unexpected_error_in_one_record_is_that_records(tmp_path: Path) -> None:
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"n": 1}\n{"n": 2}\n{"n": 3}\n')
+
+    def parse(rec: dict, where: str) -> int:
+        if rec["n"] == 2:
+            raise RuntimeError("template exploded")
+        return int(rec["n"])
+
+    rep = SkipReport()
+    assert list(read_records([f], parse, rep)) == [1, 3]
+    assert rep.counts == {"record_error": 1}
+    assert rep.examples == [f"{f}:2: record_error (RuntimeError: template exploded)"]
+    with pytest.raises(InputDataError, match=r"x.jsonl:2: .*RuntimeError: template exploded"):
+        list(read_records([f], parse, SkipReport(), "fail"))
