@@ -22,7 +22,8 @@ import numpy as np
 from kubellm.core.manifest import Manifest, content_prefix
 from kubellm.core.storage import join, storage_for
 from kubellm.dpo.config import DPOConfig
-from kubellm.sft.stage import config_hash, source_fingerprint, stage_jsonl
+from kubellm.sft.data import SkipReport
+from kubellm.sft.stage import check_seq_len, config_hash, no_usable_records, source_fingerprint, stage_jsonl
 from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
@@ -32,6 +33,7 @@ REF_FILE = "reference/ref_logps.npy"
 
 def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"])
+    check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "preferences": source_fingerprint(inputs["preferences"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
     return launch_or_run(STAGE, config, inputs, output, prefix, run_worker)
@@ -66,18 +68,20 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
-    from kubellm.sft.data import SkipReport
     from kubellm.training.engine import train
 
     config = DPOConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
     rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
     reference, model_cfg = w.model, w.model_config
+    check_seq_len(STAGE, config.train.seq_len, model_cfg, spec.inputs["model"])
     reference.eval().requires_grad_(False)
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:
         pairs = read_preferences_jsonl(stage_jsonl(spec.inputs["preferences"], Path(tmp)), tok,
                                        config.train.seq_len, report, config.on_bad_record)
+    if not pairs:
+        raise no_usable_records("preference pairs", spec.inputs["preferences"], report)
     arrays = to_arrays(pairs, config.train.seq_len, tok.pad_token_id)
     if config.reference == "cached":
         ref = _cached_reference(spec, reference, arrays, rank, world)
@@ -99,7 +103,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     with torch.no_grad():
         _, m = scorer.loss(policy, next(scorer.build_loader(0, 1, len(arrays), config.train.seed)))
     after = {f"final_{k}": float(v) for k, v in m.items()}
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) or "none"
+    skipped = report.summary()
     manifest = publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
         parents={"model": base.digest, "preferences": source_fingerprint(spec.inputs["preferences"])},

@@ -16,8 +16,11 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.core.manifest import Manifest, content_prefix, stable_hash
+from kubellm.model.config import ModelConfig
 from kubellm.sft.config import SFTConfig
+from kubellm.sft.data import SkipReport
 from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
@@ -42,8 +45,23 @@ def config_hash(config: SFTConfig | object) -> str:
     return stable_hash(config.model_dump(mode="json", exclude={"launch"}))  # type: ignore[union-attr]
 
 
+def check_seq_len(stage: str, seq_len: int, model_cfg: ModelConfig, model_ref: str) -> None:
+    """Refuse a `train.seq_len` the model cannot attend over, before any data is read."""
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"{stage}.train.seq_len={seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} "
+                          f"({model_ref}); lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
+
+
+def no_usable_records(what: str, source: str, report: SkipReport) -> InputDataError:
+    """The error for a source with nothing left to train on after the bad records were skipped."""
+    first = "".join(f"\n- {e}" for e in report.examples[:5])
+    return InputDataError(f"{source}: 0 usable {what} found ({report.total} record(s) skipped: "
+                          f"{report.summary()}){first}")
+
+
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"])
+    check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
     return launch_or_run(STAGE, config, inputs, output, prefix, run_worker)
@@ -57,12 +75,19 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
     rank, base, tok, model, model_cfg = w.rank, w.base, w.tokenizer, w.model, w.model_config
+    check_seq_len(STAGE, config.train.seq_len, model_cfg, spec.inputs["model"])
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
         examples = list(read_chat_jsonl(stage_jsonl(spec.inputs["chat"], Path(tmp)), tok,
                                         config.train.seq_len, report, config.on_bad_record))
+    if not examples:
+        raise no_usable_records("conversations", spec.inputs["chat"], report)
     held = [e for i, e in enumerate(examples) if i % config.heldout_every == 0]
     train_ex = [e for i, e in enumerate(examples) if i % config.heldout_every]
+    if not train_ex:
+        raise InputDataError(f"{spec.inputs['chat']}: only {len(examples)} usable conversation(s), all held out "
+                             f"(heldout_every={config.heldout_every}), none left to train on; add data "
+                             f"(skipped records: {report.summary()})")
     packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
     before = assistant_token_loss(model, held_packs) if rank == 0 else 0.0
@@ -73,7 +98,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     model.load_state_dict(result.final_state_dict)
     after = assistant_token_loss(model, held_packs)
     trained_tokens = sum(e.trainable_tokens for e in train_ex)
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items())) or "none"
+    skipped = report.summary()
     return publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
         parents={"model": base.digest, "chat": source_fingerprint(spec.inputs["chat"])},

@@ -83,6 +83,53 @@ def test_batch_that_does_not_divide_is_refused_before_launch(chat_tokenizer_dir:
     chat = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                         {"role": "assistant", "content": "a"}]}])
     cfg = load_run_config(preset="debug", overrides=["sft.launch.nproc_per_node=2", "sft.train.global_batch_size=4",
-                                                     "sft.train.micro_batch_size=4"])
+                                                     "sft.train.micro_batch_size=4", "sft.train.seq_len=64"])
     with pytest.raises(ConfigError, match=r"global_batch_size=4 is not divisible"):
+        run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, str(tmp_path / "art"))
+
+
+QA = [{"messages": [{"role": "user", "content": f"What is {a} plus 1?"}, {"role": "assistant", "content": f"{a + 1}"}]}
+      for a in range(8)]
+PAIRS = [{"prompt": f"What is {a} plus 1?", "chosen": f"{a + 1}", "rejected": f"{a + 3}"} for a in range(8)]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_seq_len_beyond_the_model_is_refused_before_data_is_read(chat_tokenizer_dir: Path, tmp_path: Path,
+                                                                 stage: str) -> None:
+    # before: a raw ValueError from assistant_token_loss / precompute_reference after the data was read
+    from kubellm.core.errors import ConfigError
+
+    base = _base(chat_tokenizer_dir, tmp_path)  # max_seq_len=64
+    data = _write(tmp_path / "d.jsonl", QA if stage == "sft" else PAIRS)
+    cfg = load_run_config(preset="debug", overrides=[o.format(s=stage) for o in FAST] + [f"{stage}.train.seq_len=128"])
+    inputs = {"model": str(base), ("chat" if stage == "sft" else "preferences"): str(data)}
+    with pytest.raises(ConfigError, match=rf"{stage}.train.seq_len=128 exceeds the model's max_seq_len=64"):
+        run_stage(stage, getattr(cfg, stage), inputs, str(tmp_path / "art"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_no_usable_records_names_the_source_and_the_skips(chat_tokenizer_dir: Path, tmp_path: Path,
+                                                          stage: str) -> None:
+    # before: "0 packed sequences cannot fill one micro-batch ... lower train.micro_batch_size"
+    base = _base(chat_tokenizer_dir, tmp_path)
+    rows = ([{"messages": [{"role": "user", "content": "no answer"}]}, {"messages": "x"}] if stage == "sft"
+            else [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": 5, "chosen": "a", "rejected": "b"}])
+    data = _write(tmp_path / "bad.jsonl", rows)
+    cfg = load_run_config(preset="debug", overrides=[o.format(s=stage) for o in FAST])
+    inputs = {"model": str(base), ("chat" if stage == "sft" else "preferences"): str(data)}
+    what = "conversations" if stage == "sft" else "preference pairs"
+    reasons = ("malformed_record: 1, no_assistant_turn: 1" if stage == "sft"
+               else "identical_pair: 1, prompt_not_text_or_messages: 1")
+    with pytest.raises(InputDataError, match=rf"bad.jsonl: 0 usable {what} found \(2 record\(s\) skipped: {reasons}\)"):
+        run_stage(stage, getattr(cfg, stage), inputs, str(tmp_path / "art"))
+    data.write_text("")  # an empty file
+    with pytest.raises(InputDataError, match=rf"bad.jsonl: 0 usable {what} found \(0 record\(s\) skipped: none\)"):
+        run_stage(stage, getattr(cfg, stage), inputs, str(tmp_path / "art"))
+
+
+def test_sft_with_every_conversation_held_out_says_so(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    base = _base(chat_tokenizer_dir, tmp_path)
+    chat = _write(tmp_path / "one.jsonl", QA[:1])
+    cfg = load_run_config(preset="debug", overrides=[o.format(s="sft") for o in FAST])
+    with pytest.raises(InputDataError, match=r"one.jsonl: only 1 usable conversation\(s\), all held out"):
         run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, str(tmp_path / "art"))
