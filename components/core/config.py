@@ -20,10 +20,12 @@ M = TypeVar("M", bound=BaseModel)
 
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are validated on assignment,
-    and each field's docstring (`use_attribute_docstrings`) is its documentation."""
+    a float must be finite (inf/nan are refused: JSON cannot carry them to the workers), and each
+    field's docstring (`use_attribute_docstrings`) is its documentation."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, frozen=False
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, frozen=False,
+        allow_inf_nan=False,
     )
 
     def config_hash(self) -> str:

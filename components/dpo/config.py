@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubellm.core.config import StrictModel
 from kubellm.training.config import LaunchConfig, OptimConfig, ParallelConfig, TrainConfig
@@ -21,16 +21,25 @@ class DPOConfig(StrictModel):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO (with label_smoothing > 0: conservative DPO); ipo: IPO."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
-    """cDPO: probability that a preference label is flipped."""
+    """cDPO: probability that a preference label is flipped (loss_type sigmoid only; refused with ipo)."""
     reference: Literal["cached", "live"] = "cached"
     """cached: reference log-probs computed once with the frozen starting model and stored beside the
     data (ref_logps.npy in the output); live: a frozen copy of the starting model scores every batch."""
     on_bad_record: Literal["skip", "fail"] = "skip"
-    """Identical chosen/rejected, empty prompt, malformed or longer than train.seq_len: skip and count,
-    or fail the stage naming file and line."""
+    """Identical chosen/rejected, empty prompt, a prompt that is not text or a messages list (or whose
+    messages start or end with an assistant turn), malformed or longer than train.seq_len: skip and
+    count, or fail the stage naming file and line."""
     train: TrainConfig = Field(default_factory=_train)
     """Optimisation, batch, precision, ZeRO, checkpoints."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     """dp × tp × pp layout."""
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Where and how many processes."""
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self) -> DPOConfig:
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError(f"label_smoothing={self.label_smoothing} has no effect with loss_type='ipo' "
+                             "(it is conservative DPO, for loss_type='sigmoid'); set label_smoothing=0 "
+                             "or loss_type=sigmoid")
+        return self
