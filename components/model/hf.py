@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kubellm.core.errors import ConfigError, IntegrityError
@@ -278,6 +278,11 @@ def _tensor_files(d: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def _unreadable_weights(path: Path, e: Exception) -> IntegrityError:
+    return IntegrityError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupt "
+                          "— re-export or re-download the model")
+
+
 def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
             ) -> tuple[Transformer, ModelConfig]:
     """Build our Transformer from a Llama directory (ours or third-party, safetensors only).
@@ -287,7 +292,10 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
     if not cfg_path.is_file():
         raise IntegrityError(f"{cfg_path}: missing (not a Hugging Face model directory)")
     cfg = config_from_hf(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    files = _tensor_files(d)
+    try:
+        files = _tensor_files(d)
+    except SafetensorError as e:
+        raise _unreadable_weights(d / WEIGHTS_NAME, e) from None
     expected = hf_tensor_names(cfg)
     default_file = d / (INDEX_NAME if (d / INDEX_NAME).is_file() else WEIGHTS_NAME)
     for name in expected:
@@ -306,12 +314,15 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
     for path, names in by_file.items():
         if not path.is_file():
             raise IntegrityError(f"{path}: missing shard (holds tensor {names[0]!r})")
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise IntegrityError(f"{path}: missing tensor {name!r}")
-                hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise IntegrityError(f"{path}: missing tensor {name!r}")
+                    hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise _unreadable_weights(path, e) from None
 
     sd = hf_to_state_dict(hf, cfg, source=str(default_file))
     with torch.device("meta"):  # no throwaway random init for a 7B model
