@@ -240,3 +240,30 @@ def test_too_large_and_malformed_json_lines_are_reported_with_size_and_readable_
     assert _kinds(recs) == ["too_large", "malformed_json", "ok"]
     assert recs[0].nbytes == len(huge) and str(len(huge)) in recs[0].detail
     assert recs[1].detail == "Unterminated string starting at: column 10"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_json_array_elements_read_in_chunks_equal_json_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             chunk: int) -> None:
+    """The chunked element scanner against `json.loads` of the whole array: strings with escaped quotes,
+    backslashes, brackets and braces, unicode (2-4 byte UTF-8 and \\u escapes), nested objects and
+    arrays and scalars beside the text, every chunk boundary landing in every kind of place."""
+    import random
+
+    import kubellm.data_prep.sources as sources
+
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    rng = random.Random(chunk)
+    pieces = ['\\"', "\\\\", "[", "]", "{", "}", ",", ":", " ", "\n", "é", "日本", "\U0001f600", "a\\", "x"]
+    items = []
+    for i in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) + f" doc {i} " + TEXT[:40]
+        items.append({"id": i, "meta": {"tags": ["a]", "{b", [1, 2.5, None, True]], "q": '"}'},
+                      "text": text, "score": -1.5e-3})
+    for name, dumped in (("ascii", json.dumps(items)), ("utf8", json.dumps(items, ensure_ascii=False)),
+                         ("indented", json.dumps(items, indent=2, ensure_ascii=False))):
+        p = tmp_path / f"{name}.json"
+        p.write_text(dumped, encoding="utf-8")
+        recs = _read(p)
+        assert _kinds(recs) == ["ok"] * len(items), name
+        assert [r.text for r in recs] == [x["text"] for x in json.loads(p.read_text(encoding="utf-8"))], name
