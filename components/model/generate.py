@@ -225,6 +225,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-p={args.top_p}: expected a value in (0, 1]")
     if args.temperature < 0:
         raise ConfigError(f"--temperature={args.temperature}: expected >= 0")
+    if args.chat is not None and not args.chat.strip():
+        raise ConfigError("--chat is empty: expected a user message (SFT never trains on an empty turn; "
+                          "use --prompt '' to generate from the start of a document)")
     bundle = load_for_generation(args.model)
     gen = torch.Generator().manual_seed(args.seed)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, generator=gen)

@@ -101,6 +101,8 @@ def test_cli_generate_from_dir(export_dir: Path, capsys: pytest.CaptureFixture[s
     assert cli_main(["generate", "--model", str(export_dir), "--prompt", "the cat", "--max-new-tokens", "6",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]) == 0
     assert capsys.readouterr().out == sampled and greedy.endswith("\n")
+    assert cli_main(["generate", "--model", str(export_dir), "--chat", "  "]) == 1
+    assert "--chat is empty: expected a user message" in capsys.readouterr().err
 
 
 def test_cli_generate_from_s3_artifact(export_dir: Path, s3_bucket: str,
