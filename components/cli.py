@@ -39,6 +39,11 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+#: Client libraries whose DEBUG logs print signed request headers and credentials (botocore: the access
+#: key id, the signature, the session token; kubernetes/kfp's REST clients: the bearer token).
+CLIENT_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes", "kfp_server_api")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubellm", description="Build an LLM from scratch on Kubeflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if known.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in CLIENT_LOGGERS:  # their DEBUG output carries request headers: never turned on by --verbose
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         module = importlib.import_module(known._module)
     except ModuleNotFoundError as e:
