@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubellm import __version__
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
-from kubellm.core.storage import is_s3, join, sha256_file, storage_for
+from kubellm.core.storage import is_s3, join, local_path, sha256_file, storage_for
 
 MANIFEST_NAME = "_manifest.json"
 SCHEMA_VERSION = 1
@@ -113,7 +113,7 @@ def absolute_uri(uri: str) -> str:
     manifest records as its prefix, so a reader in another working directory finds the files."""
     if is_s3(uri):
         return uri.rstrip("/")
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return os.path.abspath(local_path(uri))
 
 
 def content_prefix(root: str, stage: str, config_hash: str, parents: Mapping[str, str] | None = None) -> str:

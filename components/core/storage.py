@@ -9,6 +9,10 @@ parallel multipart transfers via boto3's TransferConfig (s3transfer aborts a fai
 upload itself), and `put_if_absent` — a conditional put (`IfNoneMatch="*"`) used to commit
 manifests so a committed artifact is never overwritten.
 
+URIs: `s3://BUCKET/KEY` — the key is everything after the first `/` following the bucket, taken
+verbatim (`#`, `?`, `%`, `+`, spaces and non-ASCII are part of the key, never a URL fragment, query or
+escape). `file:///abs/path` is the local path `/abs/path`, also verbatim.
+
 S3 settings come from the environment (never from pipeline YAML):
   KUBELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL   MinIO/Ceph endpoint (unset for AWS)
   AWS_REGION / AWS_DEFAULT_REGION              region (default us-east-1)
@@ -29,11 +33,20 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from kubellm.core.errors import StorageError
 
 CHUNK = 8 * 1024 * 1024
+
+# The local backend's own scratch files: `.<name>.<random>.kubellm-tmp` (a write in progress, renamed
+# onto <name> when complete) and `.<name>.kubellm-lock` (put_if_match's lock sidecar). Distinctive so
+# that listing hides exactly these and never a user's file (S3 lists every user object, `x.tmp` too).
+TMP_SUFFIX = ".kubellm-tmp"
+LOCK_SUFFIX = ".kubellm-lock"
+
+
+def _is_scratch(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(LOCK_SUFFIX))
 
 
 def _umask() -> int:
@@ -115,16 +128,25 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
-    p = urlparse(uri)
-    if p.scheme != "s3" or not p.netloc:
+    """`s3://bucket/a/b` -> (`bucket`, `a/b`). The key is everything after the first `/` that follows
+    the bucket, verbatim: `#`, `?`, `%`, `+`, spaces and non-ASCII are part of it (no URL parsing)."""
+    if not uri.startswith("s3://"):
         raise StorageError(f"not an S3 URI: {uri!r} (expected s3://bucket/key)")
-    return p.netloc, p.path.lstrip("/")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"not an S3 URI: {uri!r} (expected s3://bucket/key)")
+    return bucket, key
 
 
 def local_path(uri: str) -> Path:
+    """The local path a URI names: `file:///abs/path` (or `file://localhost/abs/path`) -> `/abs/path`,
+    verbatim (no URL decoding: `%20` stays `%20`, `#` and `?` are part of the name); anything else is
+    a path already."""
     if uri.startswith("file://"):
-        return Path(urlparse(uri).path)
+        rest = uri[len("file://"):]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        return Path(rest)
     return Path(uri)
 
 
@@ -162,8 +184,10 @@ class Storage(Protocol):
 
 
 class LocalStorage:
-    """Local filesystem backend. Writes go to a temp file in the same directory, then rename, so a
-    reader never sees half a file; `put_if_absent` uses an exclusive link, atomic on POSIX."""
+    """Local filesystem backend. Writes go to a temp file in the same directory
+    (`.<name>.<random>.kubellm-tmp`), then rename, so a reader never sees half a file; `put_if_absent`
+    uses an exclusive link, atomic on POSIX. `list` hides the backend's own scratch files (temp files
+    and put_if_match's `.<name>.kubellm-lock` sidecar) and nothing else."""
 
     def read_bytes(self, uri: str) -> bytes:
         p = local_path(uri)
@@ -174,7 +198,7 @@ class LocalStorage:
 
     def _atomic_write(self, dest: Path, writer: Any) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
@@ -190,7 +214,7 @@ class LocalStorage:
     def put_if_absent(self, uri: str, data: bytes) -> bool:
         dest = local_path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -215,7 +239,7 @@ class LocalStorage:
 
         dest = local_path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest.with_name(f".{dest.name}.lock"), "a") as lock:
+        with open(dest.with_name(f".{dest.name}{LOCK_SUFFIX}"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if not dest.is_file() or self.read_with_etag(uri)[1] != etag:
@@ -258,12 +282,12 @@ class LocalStorage:
         if not root.is_dir():
             return []
         out = []
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.name.endswith(".tmp"):
+        for p in root.rglob("*"):
+            if p.is_file() and not _is_scratch(p.name):
                 st = p.stat()
                 rel = p.relative_to(root).as_posix()
                 out.append(ObjectInfo(join(prefix, rel), rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
-        return out
+        return sorted(out, key=lambda o: o.relpath)  # by key string, as S3 lists
 
     def delete(self, uri: str) -> None:
         local_path(uri).unlink(missing_ok=True)
@@ -360,7 +384,7 @@ class S3Storage:
         bucket, key = split_s3(uri)
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{threading.get_ident()}.tmp")
+        tmp = local.with_name(f".{local.name}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
             self.client.download_file(bucket, key, str(tmp), Config=self._transfer_config())
             os.replace(tmp, local)
