@@ -13,13 +13,20 @@ URIs: `s3://BUCKET/KEY` — the key is everything after the first `/` following 
 verbatim (`#`, `?`, `%`, `+`, spaces and non-ASCII are part of the key, never a URL fragment, query or
 escape). `file:///abs/path` is the local path `/abs/path`, also verbatim.
 
-S3 settings come from the environment (never from pipeline YAML):
-  KUBELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL   MinIO/Ceph endpoint (unset for AWS)
+S3 settings come from the environment (never from pipeline YAML). Every value is checked in
+`S3Settings.from_env`; a bad one is a StorageError naming the variable, its value and what is allowed.
+An empty variable counts as unset.
+  KUBELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL   MinIO/Ceph endpoint, http(s)://host[:port] (unset for AWS)
   AWS_REGION / AWS_DEFAULT_REGION              region (default us-east-1)
   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY    credentials (or any boto3 credential source)
-  KUBELLM_S3_RETRY_MODE                        standard | adaptive (default standard)
-  KUBELLM_S3_MAX_ATTEMPTS                      total attempts per call (default 8)
+  KUBELLM_S3_RETRY_MODE                        standard | adaptive (default standard; botocore's old
+                                               `legacy` mode is refused: kubellm's retry behaviour is
+                                               specified and tested for these two only)
+  KUBELLM_S3_MAX_ATTEMPTS                      total attempts per call, integer >= 1 (default 8)
   KUBELLM_S3_ADDRESSING_STYLE                  path | virtual | auto (default path: MinIO/Ceph)
+  KUBELLM_S3_MULTIPART_THRESHOLD               bytes from which uploads are multipart, >= 1 (default 64 MiB)
+  KUBELLM_S3_MULTIPART_CHUNKSIZE               part size in bytes, 5 MiB..5 GiB (S3's limits; default 16 MiB)
+  KUBELLM_S3_MAX_CONCURRENCY                   parallel transfer threads, integer >= 1 (default 8)
 """
 
 from __future__ import annotations
@@ -27,16 +34,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from kubellm.core.errors import StorageError
 
 CHUNK = 8 * 1024 * 1024
+MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 # The local backend's own scratch files: `.<name>.<random>.kubellm-tmp` (a write in progress, renamed
 # onto <name> when complete) and `.<name>.kubellm-lock` (put_if_match's lock sidecar). Distinctive so
@@ -47,6 +58,15 @@ LOCK_SUFFIX = ".kubellm-lock"
 
 def _is_scratch(name: str) -> bool:
     return name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(LOCK_SUFFIX))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with any `user:password@` of a URL in it replaced by `***@` (endpoint URLs can carry
+    credentials; they never go into a log or an error)."""
+    return _USERINFO.sub("***@", text)
 
 
 def _umask() -> int:
@@ -77,28 +97,94 @@ class S3Settings:
     retry_mode: str = "standard"
     max_attempts: int = 8
     addressing_style: str = "path"
-    multipart_threshold: int = 64 * 1024 * 1024
-    multipart_chunksize: int = 16 * 1024 * 1024
+    multipart_threshold: int = 64 * MiB
+    multipart_chunksize: int = 16 * MiB
     max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        for name, (_, lo, hi) in _INT_SETTINGS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi and value > hi):
+                raise StorageError(f"S3Settings.{name}={value!r}: expected {_int_range(lo, hi)}")
+        for name, (_, allowed) in _ENUM_SETTINGS.items():
+            if getattr(self, name) not in allowed:
+                raise StorageError(f"S3Settings.{name}={getattr(self, name)!r}: expected one of "
+                                   f"{', '.join(allowed)}")
 
     @classmethod
     def from_env(cls) -> S3Settings:
+        """The settings the environment gives (see the module docstring); a bad value is a
+        StorageError naming the variable, its value and what is allowed."""
         env = os.environ
-        retry_mode = env.get("KUBELLM_S3_RETRY_MODE", "standard")
-        if retry_mode not in ("standard", "adaptive", "legacy"):
-            raise StorageError(
-                f"KUBELLM_S3_RETRY_MODE={retry_mode!r}: expected one of standard, adaptive, legacy"
-            )
-        return cls(
-            endpoint_url=env.get("KUBELLM_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            retry_mode=retry_mode,
-            max_attempts=int(env.get("KUBELLM_S3_MAX_ATTEMPTS", "8")),
-            addressing_style=env.get("KUBELLM_S3_ADDRESSING_STYLE", "path"),
-            multipart_threshold=int(env.get("KUBELLM_S3_MULTIPART_THRESHOLD", str(64 * 1024 * 1024))),
-            multipart_chunksize=int(env.get("KUBELLM_S3_MULTIPART_CHUNKSIZE", str(16 * 1024 * 1024))),
-            max_concurrency=int(env.get("KUBELLM_S3_MAX_CONCURRENCY", "8")),
-        )
+
+        def get(var: str) -> str | None:
+            value = env.get(var, "").strip()
+            return value or None
+
+        kw: dict[str, Any] = {}
+        for name, (var, allowed) in _ENUM_SETTINGS.items():
+            raw = get(var)
+            if raw is not None:
+                if raw.lower() not in allowed:
+                    extra = (" (botocore's old 'legacy' mode is not supported)"
+                             if name == "retry_mode" and raw.lower() == "legacy" else "")
+                    raise StorageError(f"{var}={raw!r}: expected one of {', '.join(allowed)}{extra}")
+                kw[name] = raw.lower()
+        for name, (var, lo, hi) in _INT_SETTINGS.items():
+            raw = get(var)
+            if raw is not None:
+                try:
+                    value = int(raw)
+                except ValueError:
+                    value = None
+                if value is None or value < lo or (hi and value > hi):
+                    raise StorageError(f"{var}={raw!r}: expected {_int_range(lo, hi)}")
+                kw[name] = value
+        endpoint_var = "KUBELLM_S3_ENDPOINT_URL" if get("KUBELLM_S3_ENDPOINT_URL") else "AWS_ENDPOINT_URL"
+        endpoint = get(endpoint_var)
+        if endpoint is not None:
+            try:
+                parts = urlsplit(endpoint)
+                _ = parts.port  # a port that is not a number raises ValueError
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) \
+                    and not any(c.isspace() for c in endpoint)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise StorageError(f"{endpoint_var}={redact(endpoint)!r}: expected an http:// or https:// "
+                                   "URL with a host, e.g. http://minio.minio.svc:9000")
+            kw["endpoint_url"] = endpoint
+        region_var = "AWS_REGION" if get("AWS_REGION") else "AWS_DEFAULT_REGION"
+        region = get(region_var)
+        if region is not None:
+            if not _REGION.fullmatch(region):
+                raise StorageError(f"{region_var}={region!r}: expected a region name such as us-east-1 "
+                                   "(letters, digits and '-')")
+            kw["region"] = region
+        return cls(**kw)
+
+
+# field -> (environment variable, minimum, maximum or 0 for none)
+_INT_SETTINGS: dict[str, tuple[str, int, int]] = {
+    "max_attempts": ("KUBELLM_S3_MAX_ATTEMPTS", 1, 0),
+    "multipart_threshold": ("KUBELLM_S3_MULTIPART_THRESHOLD", 1, 0),
+    # S3's part size limits (s3transfer would silently change a smaller one)
+    "multipart_chunksize": ("KUBELLM_S3_MULTIPART_CHUNKSIZE", 5 * MiB, 5 * GiB),
+    "max_concurrency": ("KUBELLM_S3_MAX_CONCURRENCY", 1, 0),
+}
+# field -> (environment variable, allowed values)
+_ENUM_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "retry_mode": ("KUBELLM_S3_RETRY_MODE", ("standard", "adaptive")),
+    "addressing_style": ("KUBELLM_S3_ADDRESSING_STYLE", ("path", "virtual", "auto")),
+}
+# botocore's own check for a region name (it raises InvalidRegionError on anything else)
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
+
+
+def _int_range(lo: int, hi: int) -> str:
+    if hi and lo >= MiB:
+        return f"an integer from {lo} to {hi} bytes ({lo // MiB} MiB to {hi // GiB} GiB)"
+    return f"an integer from {lo} to {hi}" if hi else f"an integer >= {lo}"
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
@@ -312,7 +398,7 @@ class S3Storage:
         )
 
     def _err(self, op: str, uri: str, e: Exception) -> StorageError:
-        return StorageError(f"S3 {op} {uri} failed: {e}")
+        return StorageError(redact(f"S3 {op} {uri} failed: {e}"))
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
