@@ -5,6 +5,18 @@ manifest is written last with a conditional put: a prefix without it does not ex
 writer leaves garbage but never a half-visible artifact, and a committed manifest is never
 overwritten. The same manifest JSON is what a KFP artifact (`Dataset`, `Model`, …) holds.
 
+Committing never puts over an existing manifest: `commit_manifest` first reads the manifest already
+at the prefix, if any, and returns it when it describes the same files, else raises
+ManifestConflictError; `publish_dir` uploads no data file to an already-committed prefix. The
+conditional put (`IfNoneMatch="*"`, kubellm.core.storage) is then only the guard against another
+writer committing between that check and the put. What that gives per store:
+  * AWS S3, current MinIO (conditional writes supported): sequential and concurrent writers are safe.
+  * A store answering HTTP 501 to a conditional put: storage falls back to check-then-put.
+  * A store that ignores `IfNoneMatch` (answers 200: older MinIO, some Ceph RGW): sequential writers
+    are safe (a second publish of different content is refused before anything is written), but
+    two writers racing between check and put can both write — concurrent writers of one prefix need
+    conditional-write support.
+
     m = publish_dir(local_dir, content_prefix(root, "tokenizer", cfg_hash, parents),
                     kind="tokenizer", config_hash=cfg_hash, parents=parents, counts={...})
     m = read_manifest(m.uri)            # refuses a prefix with no manifest
@@ -141,12 +153,16 @@ def read_manifest(prefix: str) -> Manifest:
 
 
 def commit_manifest(manifest: Manifest) -> Manifest:
-    """Commit `manifest` at its prefix with a conditional put. If an identical artifact is already
-    committed there (content-addressed prefixes make that the normal case for a re-run), return it;
-    a *different* committed manifest is never overwritten."""
+    """Commit `manifest` at its prefix. If an identical artifact is already committed there
+    (content-addressed prefixes make that the normal case for a re-run), return it; a *different*
+    committed manifest is never overwritten (ManifestConflictError).
+
+    An existing manifest is compared with, never put over — also on a store that ignores conditional
+    headers; the conditional put only guards against a writer committing in between (module
+    docstring)."""
     st = storage_for(manifest.uri)
     uri = join(manifest.uri, MANIFEST_NAME)
-    if st.put_if_absent(uri, manifest.to_json().encode()):
+    if not st.exists(uri) and st.put_if_absent(uri, manifest.to_json().encode()):
         return manifest
     existing = Manifest.from_json(st.read_bytes(uri), source=uri)
     if existing.digest() == manifest.digest() or (
@@ -173,7 +189,9 @@ def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int =
     st = storage_for(prefix)
     # Already committed: upload nothing. Re-uploading first would overwrite a *different* committed
     # artifact's files before the conditional put refuses its manifest (tests/reliability found it);
-    # commit_manifest returns the existing one if identical, else raises ManifestConflictError.
+    # commit_manifest returns the existing one if identical, else raises ManifestConflictError —
+    # without putting anything, so a store that ignores IfNoneMatch cannot end up with a new
+    # manifest over the old files.
     already = st.exists(join(prefix, MANIFEST_NAME))
 
     def put(p: Path) -> FileEntry:

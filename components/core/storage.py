@@ -13,6 +13,19 @@ URIs: `s3://BUCKET/KEY` — the key is everything after the first `/` following 
 verbatim (`#`, `?`, `%`, `+`, spaces and non-ASCII are part of the key, never a URL fragment, query or
 escape). `file:///abs/path` is the local path `/abs/path`, also verbatim.
 
+Conditional writes and what is guaranteed without them:
+  * `put_if_absent` and `put_if_match` first look at the object (HEAD) and refuse when it already
+    exists / its ETag is no longer the expected one; only then do they put with `IfNoneMatch="*"` /
+    `IfMatch`. On AWS S3 and current MinIO the conditional put is the guard against a writer racing
+    in between: concurrent writers are safe.
+  * A store that answers HTTP 501 NotImplemented to a conditional put gets a plain put after the
+    check (the fallback in `put_if_absent`).
+  * A store that silently ignores the conditional headers (answers 200: older MinIO, some Ceph RGW)
+    cannot be detected. There, writers that run one after the other are safe (the check refuses the
+    second one, and `kubellm.core.manifest.commit_manifest` never puts over an existing manifest), but
+    two writers racing between check and put can both "win" — concurrent writers of one object need
+    a store with conditional-write support.
+
 S3 settings come from the environment (never from pipeline YAML). Every value is checked in
 `S3Settings.from_env`; a bad one is a StorageError naming the variable, its value and what is allowed.
 An empty variable counts as unset.
@@ -415,9 +428,16 @@ class S3Storage:
             raise self._err("put", uri, e) from e
 
     def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """Create the object unless it exists. False when it already exists.
+
+        The HEAD first is what keeps a store that ignores `IfNoneMatch` (answers 200) from
+        overwriting an existing object; the conditional put then guards against a writer racing in
+        between, where the store supports it (module docstring)."""
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
+        if self.exists(uri):
+            return False
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
@@ -444,10 +464,22 @@ class S3Storage:
 
     def put_if_match(self, uri: str, data: bytes, etag: str) -> bool:
         """Replace the object only if its ETag is still `etag` (S3 `IfMatch` conditional write).
-        False when another writer got there first (412/409) or the object is gone (404)."""
+        False when another writer got there first (412/409) or the object is gone (404).
+
+        The HEAD first refuses a stale ETag also on a store that ignores `IfMatch`; the conditional
+        put guards against a writer racing in between, where the store supports it."""
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
+        etag = etag.strip('"')
+        try:
+            current = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise self._err("head", uri, e) from e
+        if current != etag:
+            return False
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
             return True
