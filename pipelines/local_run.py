@@ -86,21 +86,37 @@ class _HeadlineTee(io.TextIOBase):
 
 
 def _setup_s3(args: argparse.Namespace) -> str:
-    """Point kubellm (and the subprocesses, via env) at the S3 endpoint; make sure the bucket exists."""
-    from kubellm.core.storage import s3_client
+    """Point kubellm (and the subprocesses, via env) at the S3 endpoint; make sure the bucket exists.
+
+    A missing bucket is created in the configured region (AWS_REGION; outside us-east-1 S3 needs it
+    as the LocationConstraint). Failures are KubellmErrors naming the bucket and the endpoint, with
+    any credentials in the endpoint URL redacted."""
+    from kubellm.core.storage import redact, s3_client
 
     if args.s3_endpoint:
         os.environ["KUBELLM_S3_ENDPOINT_URL"] = args.s3_endpoint
         reset_clients()
     client = s3_client()
+    where = redact(args.s3_endpoint or client.meta.endpoint_url)  # the endpoint actually used
     try:
         client.head_bucket(Bucket=args.bucket)
     except Exception as e:  # noqa: BLE001 - botocore raises several types here
         code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
         if code not in ("404", "NoSuchBucket", "NotFound"):
-            raise KubellmError(f"S3 bucket {args.bucket!r} at {args.s3_endpoint or 'AWS'}: {e}") from e
-        print(f"{HEADLINE} creating bucket s3://{args.bucket}")
-        client.create_bucket(Bucket=args.bucket)
+            raise KubellmError(redact(f"S3 bucket {args.bucket!r} at {where}: {e}")) from e
+        region = client.meta.region_name or "us-east-1"
+        print(f"{HEADLINE} creating bucket s3://{args.bucket} (region {region})")
+        kwargs: dict[str, Any] = {"Bucket": args.bucket}
+        if region != "us-east-1":  # us-east-1 is the one region S3 refuses as a LocationConstraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            client.create_bucket(**kwargs)
+        except Exception as e:  # noqa: BLE001 - ClientError, ParamValidationError, connection errors
+            code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+            if code not in ("BucketAlreadyOwnedByYou",):  # created meanwhile by another run of ours
+                raise KubellmError(redact(
+                    f"S3 bucket {args.bucket!r} at {where}: could not create it in region {region}: {e}"
+                )) from e
     return join(f"s3://{args.bucket}", args.prefix)
 
 
