@@ -26,7 +26,7 @@ from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.core.manifest import Manifest, content_prefix, load_manifest_ref, read_manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.pretrain.config import PretrainConfig
-from kubellm.training.job import JobSpec, launch_job, run_dir_for
+from kubellm.training.job import JobSpec, check_before_launch, launch_job, run_dir_for
 
 STAGE = "pretrain"
 
@@ -43,11 +43,8 @@ def _check(config: PretrainConfig, tokens: Manifest) -> None:
     split = config.data.split
     if not any(f.path.startswith(f"{split}/") and f.path.endswith(".tok") for f in tokens.files):
         raise InputDataError(f"{tokens.uri}: no {split}/*.tok shards (pretrain.data.split={split!r})")
-    world = config.launch.nproc_per_node * config.launch.nnodes
-    from kubellm.training.dsconfig import data_parallel_size
-
-    dp = data_parallel_size(config.parallel, world)
-    config.train.grad_accum_steps(dp)
+    # the layout / ZeRO / precision checks the workers run at start-up, here, before any launch
+    check_before_launch(STAGE, model_cfg, config.train, config.parallel, config.launch)
     if config.train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"pretrain.train.seq_len={config.train.seq_len} exceeds the model's max_seq_len="
                           f"{model_cfg.max_seq_len}")

@@ -22,14 +22,17 @@ import json
 import os
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubellm.core.errors import InputDataError, KubellmError
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, storage_for
-from kubellm.training.config import LaunchConfig
+from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from kubellm.model.config import ModelConfig
 
 JOB_FILE = "job.json"
 RUN_ID_ENV = "KUBELLM_RUN_ID"
@@ -139,6 +142,42 @@ def clear_previous(spec: JobSpec) -> None:
     res = join(spec.run_dir, RESULT_FILE)
     if st.exists(res):
         st.delete(res)
+
+
+def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                        launch: LaunchConfig) -> None:
+    """Run the checks every worker runs at start-up (`topology.validate_layout`,
+    `dsconfig.deepspeed_config`) here, before any process is launched or anything is written, so a
+    layout / ZeRO / precision combination that cannot work is refused by the stage itself rather
+    than by N workers after start-up. Needs only the configs and the model's shape."""
+    from kubellm.training.dsconfig import data_parallel_size, deepspeed_config
+    from kubellm.training.topology import validate_layout
+
+    if train_cfg.device == "cpu" and launch.gpu > 0:
+        raise ConfigError(
+            f"{stage}: launch.gpu={launch.gpu} with train.device=cpu: every replica would hold GPUs it never "
+            "uses; set launch.gpu: 0 to train on CPU, or train.device: cuda (or auto) to train on the GPUs")
+    world = launch.nproc_per_node * launch.nnodes
+    try:
+        data_parallel_size(parallel_cfg, world)  # the clearer message for a dp × tp × pp mismatch
+        layout = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
+        deepspeed_config(train_cfg, layout, world, _worker_device(train_cfg, launch))
+    except ConfigError as e:
+        raise ConfigError(f"{stage}: {e}") from None
+
+
+def _worker_device(train_cfg: TrainConfig, launch: LaunchConfig) -> str:
+    """The device the workers will resolve `train.device` to, as far as the launcher can tell."""
+    if launch.backend == "local":
+        from kubellm.training.engine import resolve_device
+
+        return resolve_device(train_cfg.device)  # the workers run on this machine
+    if train_cfg.device == "cuda" and launch.gpu == 0:
+        raise ConfigError("train.device=cuda with launch.gpu=0: the pods get no GPU; set launch.gpu to the GPUs "
+                          "per pod (≥ launch.nproc_per_node), or train.device: cpu")
+    if train_cfg.device != "auto":
+        return train_cfg.device
+    return "cuda" if launch.gpu > 0 else "cpu"  # pods: auto is CUDA where the pod is given GPUs
 
 
 def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) -> Manifest:

@@ -22,7 +22,7 @@ from kubellm.core.errors import IntegrityError
 from kubellm.core.manifest import MANIFEST_NAME, Manifest, load_manifest_ref, publish_dir, read_manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.model.config import ModelConfig
-from kubellm.training.job import JobSpec, launch_job, run_dir_for
+from kubellm.training.job import JobSpec, check_before_launch, launch_job, run_dir_for
 
 
 @dataclasses.dataclass
@@ -55,6 +55,11 @@ def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool 
     root, _ = stage_artifact_files(manifest, [f"{export}/"], cache_dir, fetch_here=fetch_here)
     cfg = ModelConfig.model_validate(manifest.metadata["model_config"])
     return BaseModel(manifest, root / export, cfg)
+
+
+def model_config_of(ref: str) -> ModelConfig:
+    """The shape of a model input (`fetch_model`'s resolution) without fetching its weights."""
+    return fetch_model(ref, fetch_here=False).config
 
 
 @dataclasses.dataclass
@@ -92,12 +97,12 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
                   run_worker: Any) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
     process (or this already is a worker), otherwise through the stage's launch backend."""
-    from kubellm.training.dsconfig import data_parallel_size
     from kubellm.training.engine import in_distributed_worker
 
     world = config.launch.nproc_per_node * config.launch.nnodes
-    # refuse a layout or batch that cannot work before any process is launched
-    config.train.grad_accum_steps(data_parallel_size(config.parallel, world))
+    # refuse a layout, batch, ZeRO or precision setting that cannot work before any process is launched:
+    # the workers' own start-up checks, against the input model's shape (its config; no weights read)
+    check_before_launch(stage, model_config_of(inputs["model"]), config.train, config.parallel, config.launch)
     if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
         return read_manifest(prefix)
     run_id, run_dir = run_dir_for(stage, inputs, output)

@@ -81,11 +81,24 @@ def _attempt_pretrain(tokens: str, output: Path, **inputs: str) -> None:
         run(_pretrain_cfg(), {"tokens": tokens, **inputs}, str(output))
 
 
+def _base_model(root: Path) -> str:
+    """A local HF model directory (config.json is all the launcher reads of it)."""
+    import json
+
+    from kubellm.model import get_preset
+    from kubellm.model.hf import hf_config_dict
+
+    d = root / "base_model"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(hf_config_dict(get_preset("debug"))))
+    return str(d)
+
+
 def _attempt_sft(output: Path, **inputs: str) -> None:
     from kubellm.training.model_stage import launch_or_run
 
     with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
-        launch_or_run("sft", _sft_cfg(), {"model": "m", "chat": "c", **inputs}, str(output),
+        launch_or_run("sft", _sft_cfg(), {"model": _base_model(output), "chat": "c", **inputs}, str(output),
                       str(output / "sft" / "prefix"), run_worker=None)
 
 
@@ -134,8 +147,8 @@ def test_resume_of_a_run_dir_without_a_checkpoint_is_refused(tokens: str, tmp_pa
     with pytest.raises(InputDataError, match=r"resume=.*typo: no committed checkpoint under .*typo/checkpoints"):
         run(_pretrain_cfg(), {"tokens": tokens, "resume": str(missing)}, str(tmp_path))
     with pytest.raises(InputDataError, match="no committed checkpoint"):
-        launch_or_run("sft", _sft_cfg(), {"model": "m", "chat": "c", "resume": str(missing)}, str(tmp_path),
-                      str(tmp_path / "sft" / "prefix"), run_worker=None)
+        launch_or_run("sft", _sft_cfg(), {"model": _base_model(tmp_path), "chat": "c", "resume": str(missing)},
+                      str(tmp_path), str(tmp_path / "sft" / "prefix"), run_worker=None)
     assert not missing.exists() and attempts == []  # nothing created, nothing launched
 
     torn = tmp_path / "runs" / "torn"
