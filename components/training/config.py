@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from kubellm.core.config import StrictModel
 from kubellm.core.errors import ConfigError
@@ -140,7 +140,8 @@ class LaunchConfig(StrictModel):
     nproc_per_node: int = Field(default=1, ge=1)
     """Processes per node (GPUs per pod on a cluster)."""
     nnodes: int = Field(default=1, ge=1)
-    """Nodes (pods)."""
+    """Nodes (pods). More than one needs backend=pytorchjob, or the local backend's
+    scheduler=local_cwd (TorchX then runs each node as a local replica, rendezvousing on localhost)."""
     image: str | None = None
     """Container image of the workers on a cluster (None = the training image from the one image
     setting, KUBELLM_REGISTRY / KUBELLM_TAG: `kubellm.core.images.image_for`); the local backend runs
@@ -163,3 +164,15 @@ class LaunchConfig(StrictModel):
     cluster: ClusterLaunchSettings = Field(default_factory=ClusterLaunchSettings)
     """backend=pytorchjob: namespace, topology, resources, placement, S3 Secret reference, run policy
     (see `kubellm.training.pytorchjob.settings`)."""
+
+    @model_validator(mode="after")
+    def _nodes_need_a_multi_node_launcher(self) -> LaunchConfig:
+        # the local torchrun scheduler starts one torchrun agent (node 0) on this machine: with
+        # --nnodes > 1 it waits out the rendezvous timeout for nodes that never come
+        if self.backend == "local" and self.scheduler == "torchrun" and self.nnodes > 1:
+            raise ValueError(
+                f"launch.nnodes={self.nnodes} with launch.backend=local and launch.scheduler=torchrun: one torchrun "
+                "on this machine would wait for the other node(s) forever; multi-node runs need backend: "
+                "pytorchjob (or, to try a multi-node layout on one machine, scheduler: local_cwd), or use "
+                f"launch.nnodes: 1 with launch.nproc_per_node: {self.nnodes * self.nproc_per_node}")
+        return self

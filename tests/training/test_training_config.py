@@ -82,8 +82,9 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
 def test_appdef_is_a_torchrun_job_running_the_worker() -> None:
     from kubellm.training.appdef import build_appdef
 
-    app = build_appdef("s3://b/runs/r1/job.json", LaunchConfig(nproc_per_node=2, nnodes=3, cpu=4, memory_mb=2048,
-                                                                  env={"A": "1"}), name="Pretrain r1")
+    # several nodes: a cluster job (the local torchrun scheduler refuses nnodes > 1)
+    launch = LaunchConfig(backend="pytorchjob", nproc_per_node=2, nnodes=3, cpu=4, memory_mb=2048, env={"A": "1"})
+    app = build_appdef("s3://b/runs/r1/job.json", launch, name="Pretrain r1")
     role = app.roles[0]
     cmd = " ".join([role.entrypoint, *role.args])
     assert "torchrun" in cmd and "--nproc_per_node 2" in cmd and "--nnodes 3" in cmd
@@ -167,3 +168,11 @@ def test_warmup_longer_than_the_run_is_reported() -> None:
     assert schedule_warning(OptimConfig(warmup_steps=4), max_steps=4) is None  # peak reached at the last step
     f = lr_lambda(OptimConfig(warmup_steps=4), max_steps=4)
     assert f(3) == 1.0
+
+
+def test_local_torchrun_refuses_several_nodes_at_config_time() -> None:
+    with pytest.raises(ConfigError, match=r"pretrain.launch: .*launch.nnodes=2 .*backend: pytorchjob"):
+        validate(PretrainConfig, {"launch": {"nnodes": 2}}, "run.yaml", "pretrain")
+    # a cluster job, or TorchX's local_cwd (one local replica per node, rendezvous on localhost), is fine
+    assert LaunchConfig(backend="pytorchjob", nnodes=2).nnodes == 2
+    assert LaunchConfig(scheduler="local_cwd", nnodes=2).nnodes == 2
