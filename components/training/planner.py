@@ -41,6 +41,8 @@ from kubellm.core.errors import ConfigError
 from kubellm.model.config import PRESETS, ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params
 from kubellm.model.loss import chunk_rows
+from kubellm.training.config import ParallelConfig, TrainConfig
+from kubellm.training.topology import validate_layout
 
 GIB = 1024**3
 # Effective bandwidth (GB/s per GPU) of the link each collective crosses.
@@ -236,7 +238,20 @@ def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, m
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+def _layout_allowed(req: Request, dp: int, tp: int, pp: int, zero: int, micro: int) -> bool:
+    """Whether pretrain would start this layout: the worker's own check (`validate_layout`: tp divides
+    heads, KV heads, FFN and vocabulary; pp ≤ layers; ZeRO ≤ 1 with pp > 1; global = micro × accum × dp)."""
+    train = TrainConfig(zero_stage=zero, micro_batch_size=micro, global_batch_size=req.global_batch,
+                        seq_len=req.seq_len, precision=req.precision)
+    try:
+        validate_layout(req.model, train, ParallelConfig(dp=dp, tp=tp, pp=pp), req.gpus)
+    except ConfigError:
+        return False
+    return True
 
 
 def enumerate_layouts(req: Request) -> list[Layout]:
@@ -246,26 +261,20 @@ def enumerate_layouts(req: Request) -> list[Layout]:
     bw = INTERCONNECTS[req.interconnect] * 1e9
     nvlink = INTERCONNECTS["nvlink"] * 1e9
     out = []
-    for tp in _divisors(min(req.gpus, req.gpus_per_node)):
-        if cfg.n_heads % tp or cfg.kv_heads % tp:
-            continue
+    for tp in _divisors(min(req.gpus, req.gpus_per_node)):  # TP stays inside a node
         for pp in _divisors(req.gpus // tp):
-            if pp > cfg.n_layers or req.gpus % (tp * pp):
-                continue
             dp = req.gpus // (tp * pp)
-            if req.global_batch % dp:
-                continue
             psi = total / (tp * pp)
-            groups = param_group_sizes(cfg, tp)  # used for ZeRO-2, which needs pp = 1
+            groups = None  # used for ZeRO-2 (pp = 1); computed once the layout is allowed
             for zero in (0, 1, 2, 3):
-                if pp > 1 and zero > 1:
-                    continue  # DeepSpeed: ZeRO-2/3 do not combine with pipeline parallelism
                 for micro in (1, 2, 4, 8, 16):
-                    if (req.global_batch // dp) % micro:
+                    if not _layout_allowed(req, dp, tp, pp, zero, micro):
                         continue
                     m = req.global_batch // (dp * micro)
                     if pp > 1 and m < pp:
                         continue  # fewer micro-batches than stages leaves stages idle
+                    if groups is None:
+                        groups = param_group_sizes(cfg, tp)
                     for ckpt in (False, True):
                         pb, gb, ob = model_state_bytes(psi, zero, dp, req.precision, groups)
                         ab = activation_bytes(cfg, req.seq_len, micro, tp, pp, m, ckpt, req.precision)
@@ -298,8 +307,9 @@ def plan(req: Request, top: int = 5) -> list[Layout]:
     layouts = enumerate_layouts(req)
     if not layouts:
         raise ConfigError(f"no dp×tp×pp layout of {req.gpus} GPUs divides the model "
-                          f"(heads {req.model.n_heads}, kv heads {req.model.kv_heads}, "
-                          f"layers {req.model.n_layers}) and global batch {req.global_batch}")
+                          f"(heads {req.model.n_heads}, kv heads {req.model.kv_heads}, ffn_dim {req.model.ffn_dim}, "
+                          f"vocab_size {req.model.vocab_size}, layers {req.model.n_layers}) and global batch "
+                          f"{req.global_batch} (micro-batches of 1–16, at least pp of them per step)")
     cap = req.gpu_mem_gb * req.headroom
     # Fastest first; among layouts within 1% of each other (the estimate's resolution) the simplest
     # (least model parallelism), then the one with the most memory headroom.
