@@ -62,6 +62,8 @@ class Request:
     peak_tflops: float = 989.0
     mfu: float = 0.4
     headroom: float = 0.9
+    preset: str | None = None
+    """The preset `model` was made from (written as `pretrain.model.preset`); None = the nearest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,12 +328,26 @@ def plan(req: Request, top: int = 5) -> list[Layout]:
     return fit[:top]
 
 
+def model_spec(cfg: ModelConfig, preset: str | None = None) -> dict[str, Any]:
+    """`cfg` as a `pretrain.model` section: `preset` (default: the preset nearest in parameter count)
+    and, as `overrides`, every field where `cfg` differs from it — so `ModelSpec.build()` gives `cfg`."""
+    if preset is None:
+        n = num_params(cfg)
+        preset = min(PRESETS, key=lambda name: abs(math.log(num_params(get_preset(name)) / n)))
+    base = get_preset(preset).model_dump()
+    overrides = {k: v for k, v in cfg.model_dump().items() if base[k] != v}
+    return {"preset": preset, "overrides": overrides} if overrides else {"preset": preset}
+
+
 def to_fragment(req: Request, lay: Layout) -> dict[str, Any]:
-    """The chosen layout as a run-config fragment (valid `RunConfig` YAML: merge it into yours)."""
+    """The chosen layout as a run-config fragment (valid `RunConfig` YAML: merge it into yours): the
+    model it was planned for (`pretrain.model`), the batch, precision and ZeRO stage, the layout and
+    the pods."""
     nnodes = max(1, req.gpus // req.gpus_per_node)
     per_node = min(req.gpus, req.gpus_per_node)
     return {
         "pretrain": {
+            "model": model_spec(req.model, req.preset),
             "train": {
                 "zero_stage": lay.zero,
                 "micro_batch_size": lay.micro_batch,
@@ -360,7 +376,8 @@ def pytorchjob_shape(frag: dict[str, Any]) -> str:
 def configure(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", choices=sorted(PRESETS), help="a model preset")
-    g.add_argument("--params", type=float, help="a parameter count (e.g. 3e9); shape scaled like Llama")
+    g.add_argument("--params", type=float, help="a parameter count (e.g. 3e9); shape scaled like Llama, "
+                   "written out as the nearest preset with overrides")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (GB)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (pod)")
@@ -391,10 +408,11 @@ def model_for_params(n: float) -> ModelConfig:
 
 def main(args: argparse.Namespace) -> int:
     cfg = get_preset(args.model) if args.model else model_for_params(args.params)
+    # the context the estimate assumes; written into the fragment as model.overrides.max_seq_len
     cfg = cfg.with_(max_seq_len=max(cfg.max_seq_len, args.seq_len))
     req = Request(model=cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, gpus_per_node=args.gpus_per_node,
                   seq_len=args.seq_len, global_batch=args.global_batch, interconnect=args.interconnect,
-                  precision=args.precision, peak_tflops=args.peak_tflops)
+                  precision=args.precision, peak_tflops=args.peak_tflops, preset=args.model)
     layouts = plan(req, top=args.top)
     print(f"model: {num_params(cfg) / 1e9:.2f}B parameters ({cfg.n_layers} layers, dim {cfg.dim}, "
           f"{cfg.n_heads} heads / {cfg.kv_heads} kv); {req.gpus} × {req.gpu_mem_gb:g} GB GPUs")
