@@ -30,14 +30,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from kubellm.core.errors import ConfigError
+from kubellm.core.errors import ConfigError, StorageError
 from kubellm.model.config import PRESETS, ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params
 from kubellm.model.loss import chunk_rows
@@ -47,13 +49,47 @@ from kubellm.training.topology import validate_layout
 GIB = 1024**3
 # Effective bandwidth (GB/s per GPU) of the link each collective crosses.
 INTERCONNECTS = {"nvlink": 300.0, "ib": 40.0, "roce": 20.0, "ethernet": 3.0, "pcie": 25.0}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+# Ranges of the flags (checked in `Request.__post_init__` and `main`). The lower bounds are what a layout needs;
+# the upper ones keep the arithmetic finite and the search short, far beyond any real cluster.
+MAX_GPUS = 1 << 20
+SEQ_LEN_MIN = next(m.ge for m in TrainConfig.model_fields["seq_len"].metadata if hasattr(m, "ge"))
+"""The shortest sequence pretrain accepts (`train.seq_len`)."""
+MAX_SEQ_LEN = 1 << 24
+MAX_GLOBAL_BATCH = 1 << 24
+MAX_PEAK_TFLOPS = 1e5
+PARAMS_RANGE = (5e7, 1e13)
+"""`--params`: below 50M the Llama-shaped search (`model_for_params`: dim ≥ 256, 8–96 layers, a
+32000-token vocabulary) cannot come within 5% of the request."""
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def _check_int(flag: str, value: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"a whole number from {lo:,} to {hi:,}" if hi is not None else f"a whole number ≥ {lo:,}"
+        raise ConfigError(f"{flag} {_shown(value)}: must be {allowed}")
+
+
+def _check_positive(flag: str, value: object, hi: float | None = None) -> None:
+    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+          and (hi is None or value <= hi))
+    if not ok:
+        allowed = f"a number > 0 and ≤ {hi:g}" if hi is not None else "a finite number > 0"
+        raise ConfigError(f"{flag} {_shown(value)}: must be {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+    """What to plan for. Every value is checked on construction (ConfigError naming the flag)."""
+
     model: ModelConfig
     gpus: int
     gpu_mem_gb: float = 80.0
+    """Memory per GPU in GiB (what nvidia-smi reports in MiB, / 1024)."""
     gpus_per_node: int = 8
     seq_len: int = 2048
     global_batch: int = 256
@@ -65,9 +101,30 @@ class Request:
     preset: str | None = None
     """The preset `model` was made from (written as `pretrain.model.preset`); None = the nearest."""
 
+    def __post_init__(self) -> None:
+        _check_int("--gpus", self.gpus, 1, MAX_GPUS)
+        _check_int("--gpus-per-node", self.gpus_per_node, 1)
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ConfigError(f"--gpus {self.gpus} is not a multiple of --gpus-per-node {self.gpus_per_node}: "
+                              "a job larger than one node fills whole nodes")
+        _check_positive("--gpu-mem-gb", self.gpu_mem_gb)
+        _check_int("--seq-len", self.seq_len, SEQ_LEN_MIN, MAX_SEQ_LEN)
+        _check_int("--global-batch", self.global_batch, 1, MAX_GLOBAL_BATCH)
+        if self.interconnect not in INTERCONNECTS:
+            raise ConfigError(f"--interconnect {self.interconnect!r}: expected one of {', '.join(INTERCONNECTS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        _check_positive("--peak-tflops", self.peak_tflops, MAX_PEAK_TFLOPS)
+        _check_positive("Request.mfu", self.mfu, 1.0)
+        _check_positive("Request.headroom", self.headroom, 1.0)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"--model {self.preset!r}: expected one of {', '.join(PRESETS)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """One layout and its estimates: memory per GPU in GiB (2**30 bytes), communication in GB (1e9)."""
+
     dp: int
     tp: int
     pp: int
@@ -85,7 +142,7 @@ class Layout:
 
     def describe(self) -> str:
         return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} micro={self.micro_batch} "
-                f"ckpt={'on' if self.act_ckpt else 'off'}: {self.mem_total_gb:.1f} GB/GPU "
+                f"ckpt={'on' if self.act_ckpt else 'off'}: {self.mem_total_gb:.1f} GiB/GPU "
                 f"(params {self.mem_params_gb:.1f}, grads {self.mem_grads_gb:.1f}, "
                 f"optim {self.mem_optim_gb:.1f}, act {self.mem_act_gb:.1f}), bubble {self.bubble:.0%}, "
                 f"comm {self.comm_gb:.1f} GB/step, ~{self.step_s:.2f} s/step")
@@ -300,12 +357,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
 
 def plan(req: Request, top: int = 5) -> list[Layout]:
     """The layouts that fit, best first. Raises ConfigError (with numbers) when none does."""
-    if req.gpus < 1:
-        raise ConfigError(f"--gpus {req.gpus}: need at least one GPU")
-    if req.gpus > req.gpus_per_node and req.gpus % req.gpus_per_node:
-        raise ConfigError(f"--gpus {req.gpus} is not a multiple of --gpus-per-node {req.gpus_per_node}")
-    if req.interconnect not in INTERCONNECTS:
-        raise ConfigError(f"--interconnect {req.interconnect!r}: expected one of {', '.join(INTERCONNECTS)}")
+    _check_int("--top", top, 1)
     layouts = enumerate_layouts(req)
     if not layouts:
         raise ConfigError(f"no dp×tp×pp layout of {req.gpus} GPUs divides the model "
@@ -321,8 +373,8 @@ def plan(req: Request, top: int = 5) -> list[Layout]:
     if not fit:
         best = min(layouts, key=lambda lay: lay.mem_total_gb)
         raise ConfigError(
-            f"{num_params(req.model) / 1e9:.2f}B parameters do not fit {req.gpus} × {req.gpu_mem_gb:g} GB: "
-            f"the smallest layout needs {best.mem_total_gb:.1f} GB per GPU > {cap:.1f} GB usable "
+            f"{num_params(req.model) / 1e9:.2f}B parameters do not fit {req.gpus} × {req.gpu_mem_gb:g} GiB: "
+            f"the smallest layout needs {best.mem_total_gb:.1f} GiB per GPU > {cap:.1f} GiB usable "
             f"({best.describe()}). Add GPUs, use larger ones, or shorten the sequence."
         )
     return fit[:top]
@@ -376,22 +428,27 @@ def pytorchjob_shape(frag: dict[str, Any]) -> str:
 def configure(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", choices=sorted(PRESETS), help="a model preset")
-    g.add_argument("--params", type=float, help="a parameter count (e.g. 3e9); shape scaled like Llama, "
-                   "written out as the nearest preset with overrides")
-    p.add_argument("--gpus", type=int, required=True, help="total GPUs")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (GB)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (pod)")
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length")
-    p.add_argument("--global-batch", type=int, default=256, help="sequences per optimizer step")
+    g.add_argument("--params", type=float, help=f"a parameter count ({PARAMS_RANGE[0]:.0e} to {PARAMS_RANGE[1]:.0e}, "
+                   "e.g. 3e9); shape scaled like Llama, written out as the nearest preset with overrides")
+    p.add_argument("--gpus", type=int, required=True, help=f"total GPUs (1 to {MAX_GPUS:,})")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                   help="memory per GPU in GiB (nvidia-smi's MiB / 1024); every memory figure printed is GiB")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (pod), ≥ 1")
+    p.add_argument("--seq-len", type=int, default=2048, help=f"sequence length ({SEQ_LEN_MIN} to {MAX_SEQ_LEN:,})")
+    p.add_argument("--global-batch", type=int, default=256,
+                   help=f"sequences per optimizer step (1 to {MAX_GLOBAL_BATCH:,})")
     p.add_argument("--interconnect", default="ib", choices=sorted(INTERCONNECTS), help="inter-node link")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak per GPU (H100/H200 bf16: 989)")
-    p.add_argument("--top", type=int, default=5, help="how many ranked layouts to print")
-    p.add_argument("--output", help="write the chosen layout's run-config fragment (YAML) here")
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help=f"dense peak per GPU, > 0 and ≤ {MAX_PEAK_TFLOPS:g} (H100/H200 bf16: 989)")
+    p.add_argument("--top", type=int, default=5, help="how many ranked layouts to print (≥ 1)")
+    p.add_argument("--output", help="write the chosen layout's run-config fragment (YAML) to this file "
+                   "(its directory must exist)")
 
 
 def model_for_params(n: float) -> ModelConfig:
     """A Llama-shaped config with about `n` parameters (dim multiple of 128, 128-dim heads)."""
+    check_params(n)
     best = None
     for layers in range(8, 97, 2):
         dim = int(round(math.sqrt(n / (12 * layers)) / 128)) * 128
@@ -402,27 +459,67 @@ def model_for_params(n: float) -> ModelConfig:
         err = abs(num_params(cfg) - n)
         if best is None or err < best[0]:
             best = (err, cfg)
-    assert best is not None
+    assert best is not None  # n ≥ PARAMS_RANGE[0] gives dim ≥ 256 at 8 layers
     return best[1]
 
 
+def check_params(n: object) -> None:
+    lo, hi = PARAMS_RANGE
+    if not (isinstance(n, int | float) and not isinstance(n, bool) and math.isfinite(n) and lo <= n <= hi):
+        raise ConfigError(f"--params {_shown(n)}: must be a parameter count from {lo:.0e} to {hi:.0e} "
+                          "(smaller models: --model debug or seed)")
+
+
+def check_output(path: str | None) -> Path | None:
+    """`--output`: a file (new or to be replaced) in a directory that exists."""
+    if path is None:
+        return None
+    out = Path(path)
+    if not path or path.endswith(("/", os.sep)) or out.is_dir():
+        raise ConfigError(f"--output {path!r}: must name a file, not a directory")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--output {path!r}: {str(parent)!r} is not an existing directory; create it first")
+    return out
+
+
+def write_atomic(out: Path, text: str) -> None:
+    """Write `text` to `out` through a temporary file in the same directory and a rename: `out` is
+    either the whole plan or untouched. OSError becomes a StorageError naming the path."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StorageError(f"--output {str(out)!r}: could not write the plan there: {e.strerror or e}") from e
+
+
 def main(args: argparse.Namespace) -> int:
+    # every flag is checked before any work (Request checks the numbers); nothing is written on failure
+    _check_int("--top", args.top, 1)
+    out = check_output(args.output)
     cfg = get_preset(args.model) if args.model else model_for_params(args.params)
-    # the context the estimate assumes; written into the fragment as model.overrides.max_seq_len
-    cfg = cfg.with_(max_seq_len=max(cfg.max_seq_len, args.seq_len))
     req = Request(model=cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, gpus_per_node=args.gpus_per_node,
                   seq_len=args.seq_len, global_batch=args.global_batch, interconnect=args.interconnect,
                   precision=args.precision, peak_tflops=args.peak_tflops, preset=args.model)
+    # the context the estimate assumes; written into the fragment as model.overrides.max_seq_len
+    req = dataclasses.replace(req, model=cfg.with_(max_seq_len=max(cfg.max_seq_len, req.seq_len)))
     layouts = plan(req, top=args.top)
-    print(f"model: {num_params(cfg) / 1e9:.2f}B parameters ({cfg.n_layers} layers, dim {cfg.dim}, "
-          f"{cfg.n_heads} heads / {cfg.kv_heads} kv); {req.gpus} × {req.gpu_mem_gb:g} GB GPUs")
+    print(f"model: {num_params(req.model) / 1e9:.2f}B parameters ({cfg.n_layers} layers, dim {cfg.dim}, "
+          f"{cfg.n_heads} heads / {cfg.kv_heads} kv); {req.gpus} × {req.gpu_mem_gb:g} GiB GPUs")
     for i, lay in enumerate(layouts, 1):
         print(f"{i}. {lay.describe()}")
     fragment = to_fragment(req, layouts[0])
     frag = pytorchjob_shape(fragment) + yaml.safe_dump(fragment, sort_keys=False)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(frag)
+    if out is not None:
+        write_atomic(out, frag)
         print(f"wrote {args.output}")
     else:
         print("--- chosen layout (run-config fragment; the PyTorchJob shape in the comment) ---")

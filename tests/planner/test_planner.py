@@ -62,7 +62,7 @@ def test_7b_on_8x80gb_fits_and_respects_rules() -> None:
 
 def test_refuses_what_cannot_fit_with_numbers() -> None:
     req = Request(model=get_preset("7b"), gpus=1, gpu_mem_gb=16, seq_len=4096, global_batch=8)
-    with pytest.raises(ConfigError, match=r"do not fit 1 × 16 GB: the smallest layout needs \d+\.\d GB"):
+    with pytest.raises(ConfigError, match=r"do not fit 1 × 16 GiB: the smallest layout needs \d+\.\d GiB per GPU > 14\.4 GiB usable"):
         plan(req)
 
 
