@@ -26,7 +26,11 @@ files" contract):
                                                it matches `format_regex` and is correct when the
                                                captured value equals `value`.
     eval/preference.jsonl       {"prompt", "chosen", "rejected", "kind"}  as preferences/train.
-    world.json                  the universe itself (people, attributes, splits) for reports.
+    world.json                  the universe itself (people, attributes, splits) for reports;
+                                               written last, so it marks a complete world.
+
+Regenerating into the same `--output` replaces those files (and only those: any other file there is
+refused by name, never deleted).
 
 Held out, by construction (and checked by tests/data/test_demo_world.py):
   * knowledge: each fact is stated in the corpus with several cloze templates; one template per
@@ -43,15 +47,36 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
+import math
 import random
+import re
+import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubellm.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+MAX_SCALE = 1000.0
+"""The largest `scale`: ≈ 2.3 GB of corpus text (5.6 M documents, minutes to write). The world's
+facts are fixed (24 people, 100 sums) and scale 1 already states each many times, so larger scales
+only repeat them; beyond this a typo (1e9) would fill the disk for hours."""
+# What `generate` writes, and so may replace: subdir -> the file names it owns there; plus world.json
+OWNED_FILES: dict[str, re.Pattern[str]] = {
+    "corpus": re.compile(r"part-\d{5}\.jsonl"),
+    "chat": re.compile(r"train\.jsonl"),
+    "preferences": re.compile(r"train\.jsonl"),
+    "eval": re.compile(r"(knowledge|format|preference)\.jsonl"),
+}
+WORLD_FILE = "world.json"
+_SCRATCH = ".demo-world-tmp-"
 
 N_PEOPLE = 24
 ATTRIBUTES: dict[str, list[str]] = {
@@ -298,11 +323,90 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
     """Write the demo world under `out_dir`; returns name -> path of what was written.
 
-    `scale` multiplies the corpus, chat and preference sizes (1.0 ≈ 2 MB of corpus text); the eval
-    items do not depend on it, so scores stay comparable across scales."""
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    out = Path(out_dir)
+    `scale` multiplies the corpus, chat and preference sizes (1.0 ≈ 2 MB of corpus text; a finite
+    number in (0, MAX_SCALE]); the eval items do not depend on it, so scores stay comparable across
+    scales. A previous demo world in `out_dir` is replaced as a whole (no shard of a larger earlier
+    scale survives): the new one is written to a scratch folder inside `out_dir` and moved into place.
+    A file there that the demo world does not own is refused (ConfigError naming it), never deleted."""
+    scale = check_scale(scale)
+    final = Path(out_dir)
+    _refuse_foreign_files(final)  # before any work: nothing of the user's is ever replaced
+    final.mkdir(parents=True, exist_ok=True)
+    out = final / f"{_SCRATCH}{uuid.uuid4().hex[:12]}"  # written here, then moved into place
+    try:
+        paths, n_docs, n_chat, n_pref = _write_world(out, seed, scale)
+        _replace_world(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    paths = {name: final / p.relative_to(out) for name, p in paths.items()}
+    size = sum(p.stat().st_size for p in (final / "corpus").glob("*.jsonl"))
+    log.info("demo world (seed %d, scale %g) in %s: %d corpus documents (%.2f MB), %d chats, %d pairs",
+             seed, scale, final, n_docs, size / 1e6, n_chat, n_pref)
+    return paths
+
+
+def check_scale(scale: Any) -> float:
+    """`scale` as a float, or a ConfigError: a finite number in (0, MAX_SCALE]."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(scale, bool) or not math.isfinite(value) or not 0 < value <= MAX_SCALE:
+        raise ConfigError(f"scale must be a finite number in (0, {MAX_SCALE:g}] (1.0 ≈ 2 MB of "
+                          f"corpus text), got {scale!r}")
+    return value
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Entries under `out` that `generate` did not write (relative paths; a foreign folder once)."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        return ["."]
+    foreign: list[str] = []
+    for top in sorted(out.iterdir()):
+        if top.name.startswith(_SCRATCH) and top.is_dir() and not top.is_symlink():
+            continue  # an interrupted run's scratch dir: ours, removed on the next success
+        if top.name == WORLD_FILE and top.is_file() and not top.is_symlink():
+            continue
+        pattern = OWNED_FILES.get(top.name)
+        if pattern is None or not top.is_dir() or top.is_symlink():
+            foreign.append(top.name)
+            continue
+        foreign += [f"{top.name}/{f.name}" for f in sorted(top.iterdir())
+                    if not (pattern.fullmatch(f.name) and f.is_file() and not f.is_symlink())]
+    return foreign
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    foreign = _foreign_files(out)
+    if foreign == ["."]:
+        raise ConfigError(f"output {out} exists and is not a directory")
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise ConfigError(
+            f"output folder {out} holds files the demo world did not write ({shown}); regenerating "
+            "replaces the folder's corpus/, chat/, preferences/, eval/ and world.json, so move those files "
+            "away or choose an empty or new output folder")
+
+
+def _replace_world(new: Path, out: Path) -> None:
+    """Move the freshly written world from `new` into `out`, replacing a previous one (only files
+    `generate` owns: checked again here). world.json goes last, so an interrupted swap leaves no
+    world.json (the mark of a complete world) behind."""
+    _refuse_foreign_files(out)
+    (out / WORLD_FILE).unlink(missing_ok=True)
+    for sub in OWNED_FILES:
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        (new / sub).rename(out / sub)
+    (new / WORLD_FILE).rename(out / WORLD_FILE)
+    for stale in out.glob(f"{_SCRATCH}*"):
+        if stale != new:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_world(out: Path, seed: int, scale: float) -> tuple[dict[str, Path], int, int, int]:
     world = build_world(seed)
     qas = _qas(world)
     train = [q for q in qas if world["split"][q.key] == "train"]
@@ -310,11 +414,11 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> dict[str
     n_files = 4 if n_docs >= 400 else 1
     paths: dict[str, Path] = {}
 
-    docs = list(_documents(world, n_docs))
-    per_file = -(-len(docs) // n_files)
+    docs = _documents(world, n_docs)  # streamed: one document in memory at a time
+    per_file = -(-n_docs // n_files)
     for i in range(n_files):
         p = out / "corpus" / f"part-{i:05d}.jsonl"
-        _write_jsonl(p, ({"text": t} for t in docs[i * per_file : (i + 1) * per_file]))
+        _write_jsonl(p, ({"text": t} for t in itertools.islice(docs, per_file)))
     paths["corpus"] = out / "corpus"
 
     rng = _rng(seed, "chat")
@@ -351,23 +455,28 @@ def generate(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> dict[str
 
     paths["world"] = out / "world.json"
     paths["world"].write_text(json.dumps(world, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    size = sum(p.stat().st_size for p in (out / "corpus").glob("*.jsonl"))
-    log.info("demo world (seed %d, scale %g) in %s: %d corpus documents (%.2f MB), %d chats, %d pairs",
-             seed, scale, out, n_docs, size / 1e6, n_chat, n_pref)
-    return paths
+    return paths, n_docs, n_chat, n_pref
 
 
 def configure(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--output", required=True, help="directory to write the demo world into")
+    parser.add_argument("--output", required=True,
+                        help="directory to write the demo world into: new, empty, or a previous demo world "
+                             "(which is replaced); other files there are refused, never deleted")
     parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same files)")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="size multiplier for corpus/chat/preferences (1.0 ≈ 2 MB of text)")
+    parser.add_argument("--scale", type=_scale_arg, default=1.0,
+                        help=f"size multiplier for corpus/chat/preferences, a number in (0, {MAX_SCALE:g}] "
+                             "(1.0 ≈ 2 MB of corpus text, 5,600 documents; the facts are the same at every "
+                             f"scale, {MAX_SCALE:g} ≈ 2.3 GB)")
+
+
+def _scale_arg(text: str) -> float:
+    try:
+        return check_scale(text)
+    except ConfigError as e:  # argparse prints it with the usage line to stderr and exits 2
+        raise argparse.ArgumentTypeError(str(e).removeprefix("scale ")) from None
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.scale <= 0:
-        print(f"kubellm demo-world: --scale must be > 0, got {args.scale}")
-        return 2
     paths = generate(args.output, seed=args.seed, scale=args.scale)
     for name, path in paths.items():
         if path.is_dir():

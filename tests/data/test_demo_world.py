@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kubellm.core.errors import ConfigError
 from kubellm.data_prep import demo_world
 
 
@@ -108,3 +110,95 @@ def test_cli_writes_the_world(tmp_path: Path) -> None:
     ).stdout
     assert "eval_knowledge" in out and (tmp_path / "eval" / "format.jsonl").is_file()
     assert (tmp_path / "corpus" / "part-00000.jsonl").is_file()
+
+
+def _corpus_docs(root: Path) -> int:
+    return sum(len(_rows(f)) for f in (root / "corpus").glob("*.jsonl"))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_regenerating_replaces_the_previous_world(tmp_path: Path) -> None:
+    out = tmp_path / "world"
+    demo_world.generate(out, seed=0, scale=0.1)  # 560 documents in 4 shards
+    demo_world.generate(out, seed=0, scale=0.01)  # 56 documents in 1 shard: the old shards must go
+    assert _corpus_docs(out) == 56 and sorted(p.name for p in (out / "corpus").iterdir()) == ["part-00000.jsonl"]
+    assert _tree(out) == _tree(Path(demo_world.generate(tmp_path / "fresh", seed=0, scale=0.01)["world"]).parent)
+    assert sorted(p.name for p in out.iterdir()) == ["chat", "corpus", "eval", "preferences", "world.json"]
+
+
+def test_files_the_world_does_not_own_are_refused_and_kept(tmp_path: Path) -> None:
+    out = tmp_path / "world"
+    demo_world.generate(out, seed=0, scale=0.01)
+    (out / "notes.txt").write_text("mine")
+    (out / "corpus" / "extra.jsonl").write_text('{"text": "mine"}\n')
+    before = _tree(out)
+    with pytest.raises(ConfigError, match=r"corpus/extra.jsonl, notes.txt") as err:
+        demo_world.generate(out, seed=0, scale=0.1)
+    assert str(out) in str(err.value)
+    assert _tree(out) == before and not list(out.glob(".demo-world-tmp-*"))  # nothing replaced or written
+    user_dir = tmp_path / "project"
+    (user_dir / "src").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"\(src\)"):
+        demo_world.generate(user_dir, seed=0, scale=0.01)
+    assert [p.name for p in user_dir.iterdir()] == ["src"]
+
+
+def test_a_failed_regeneration_keeps_the_previous_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "world"
+    demo_world.generate(out, seed=0, scale=0.01)
+    (out / ".demo-world-tmp-0123456789ab").mkdir()  # an interrupted earlier run's scratch: ours
+    before = _tree(out)
+
+    def broken(*_: object) -> list[dict[str, str]]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo_world, "_conversation", broken)
+    with pytest.raises(OSError, match="disk full"):
+        demo_world.generate(out, seed=0, scale=0.1)
+    assert _tree(out) == before
+    monkeypatch.undo()
+    demo_world.generate(out, seed=0, scale=0.01)
+    assert not list(out.glob(".demo-world-tmp-*"))
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, 0.0, -1.0, 1e9, 1000.5])
+def test_scale_must_be_finite_and_bounded(tmp_path: Path, scale: float) -> None:
+    with pytest.raises(ConfigError, match=r"scale must be a finite number in \(0, 1000\]"):
+        demo_world.generate(tmp_path / "w", seed=0, scale=scale)
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_refuses_a_bad_scale_on_stderr(tmp_path: Path) -> None:
+    for scale in ("nan", "1e9", "0"):
+        res = subprocess.run([sys.executable, "-m", "kubellm.cli", "demo-world", "--output", str(tmp_path / "w"),
+                              "--scale", scale], capture_output=True, text=True)
+        assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
+        assert "argument --scale: must be a finite number in (0, 1000]" in res.stderr and repr(scale) in res.stderr
+    assert not (tmp_path / "w").exists()
+    helptext = subprocess.run([sys.executable, "-m", "kubellm.cli", "demo-world", "--help"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "(0, 1000]" in " ".join(helptext.split())
+
+
+def test_corpus_documents_are_streamed_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = 0
+    documents, write_jsonl = demo_world._documents, demo_world._write_jsonl
+    made_at_open: dict[str, int] = {}
+
+    def counting(world: dict, n_docs: int):  # noqa: ANN202
+        nonlocal made
+        for doc in documents(world, n_docs):
+            made += 1
+            yield doc
+
+    def recording(path: Path, rows):  # noqa: ANN001, ANN202
+        made_at_open[path.name] = made
+        return write_jsonl(path, rows)
+
+    monkeypatch.setattr(demo_world, "_documents", counting)
+    monkeypatch.setattr(demo_world, "_write_jsonl", recording)
+    demo_world.generate(tmp_path, seed=0, scale=0.1)  # 560 documents, 140 per shard
+    assert [made_at_open[f"part-{i:05d}.jsonl"] for i in range(4)] == [0, 140, 280, 420]
