@@ -32,7 +32,7 @@ REF_FILE = "reference/ref_logps.npy"
 
 
 def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
-    base = fetch_model(inputs["model"])
+    base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "preferences": source_fingerprint(inputs["preferences"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)

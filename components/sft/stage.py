@@ -60,7 +60,7 @@ def no_usable_records(what: str, source: str, report: SkipReport) -> InputDataEr
 
 
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
-    base = fetch_model(inputs["model"])
+    base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)

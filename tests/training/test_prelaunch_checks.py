@@ -169,3 +169,22 @@ def test_a_workable_layout_still_reaches_the_launcher(inputs: dict[str, str], tm
         with pytest.raises(Launched):
             _run(stage, _section(stage, ok), inputs, tmp_path / "out")
 
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_model_artifact_is_not_fetched_before_the_checks(stage: str, inputs: dict[str, str], tmp_path: Path,
+                                                           no_launch: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run()` reads the input model's shape and digest only; its weights are the workers' to fetch."""
+    import kubellm.training.data as data
+    from kubellm.core.manifest import publish_dir
+
+    model = publish_dir(Path(inputs["model"]).parent / "base_model", str(tmp_path / "store/pretrain/m"),
+                        kind="model", metadata={"export_path": "", "model_config": DEBUG.model_dump(mode="json")})
+    fetched: list[bool] = []
+    real = data.stage_artifact_files
+    monkeypatch.setattr(data, "stage_artifact_files", lambda *a, **k: (fetched.append(k.get("fetch_here", True)),
+                                                                        real(*a, **k))[1])
+    over, message = REFUSED["tp does not divide n_kv_heads"]
+    with pytest.raises(ConfigError, match=message):
+        _run(stage, _section(stage, over), {**inputs, "model": model.uri}, tmp_path / "out")
+    assert fetched and not any(fetched)
