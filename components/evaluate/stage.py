@@ -72,6 +72,11 @@ def parse_models(value: str) -> list[ModelInput]:
     for item in items:
         m = _LABELLED.match(item)
         out.append(ModelInput(m.group(1), m.group(2)) if m else ModelInput("", item))
+    labels = [mi.label for mi in out if mi.label]
+    dup = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
+    if dup:
+        raise ConfigError(f"input 'models': label(s) {dup} given to more than one model; each model needs its "
+                          "own label (it names the model's row, its parent entry and the gate candidate)")
     return out
 
 
@@ -140,13 +145,20 @@ def loss_curve(mi: ModelInput) -> list[list[float]]:
     return pts[::stride]
 
 
-def _unique_labels(models: list[ModelInput]) -> None:
-    seen: dict[str, int] = {}
-    for mi in models:
-        n = seen.get(mi.label, 0)
-        seen[mi.label] = n + 1
-        if n:
-            mi.label = f"{mi.label}-{n + 1}"
+def _unique_labels(models: list[ModelInput], explicit: set[int]) -> None:
+    """Make every label distinct. Explicit labels (`label:ref`) were checked unique by `parse_models`
+    and are kept; a default label that collides gets the first free `-2`, `-3`, … suffix (never one
+    that another model already uses, so every model keeps its own row, parent and gate identity)."""
+    taken = {models[i].label for i in explicit}
+    for i, mi in enumerate(models):
+        if i in explicit:
+            continue
+        label, n = mi.label, 1
+        while label in taken:
+            n += 1
+            label = f"{mi.label}-{n}"
+        mi.label = label
+        taken.add(label)
 
 
 def stage_eval_dir(cfg: EvaluateConfig, work: Path) -> Path:
@@ -221,9 +233,14 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         if current is None:
             log.info("no model promoted at %s yet: the gate applies its min/max rules only", reg.pointer_uri)
 
+        explicit = {i for i, mi in enumerate(models) if mi.label}
         for i, mi in enumerate(models):
             resolve_model(mi, work, i)
-        _unique_labels(models)
+        _unique_labels(models, explicit)
+        candidate = cfg.gate.candidate or models[-1].label
+        if candidate not in {m.label for m in models}:  # before any model is evaluated
+            raise ConfigError(f"evaluate.gate.candidate: {candidate!r} is not one of the models "
+                              f"{[m.label for m in models]}")
         shards, tokens_digest = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else ([], "")
 
         results_models: list[dict[str, Any]] = []
@@ -257,10 +274,6 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         headline = {t: m for t, m in columns}
         settings_hash = stable_hash({"cfg": cfg.model_dump(mode="json", exclude={"gate"}), "data": eval_data,
                                      "tokens": tokens_digest})
-        candidate = cfg.gate.candidate or models[-1].label
-        if candidate not in {m.label for m in models}:
-            raise ConfigError(f"evaluate.gate.candidate: {candidate!r} is not one of the models "
-                              f"{[m.label for m in models]}")
         cand = next(m for m in results_models if m["label"] == candidate)
         verdict = registry.judge(cand["scores"], current.entry if current else None, cfg.gate.rules,
                                  headline, current.uri if current else "") if cfg.gate.enabled else None
