@@ -58,7 +58,25 @@ def load_config(args: argparse.Namespace) -> RunConfig:
     return load_run_config(args.run_config, preset=args.preset, overrides=args.set)
 
 
+def check_image_flags(registry: str | None, tag: str | None) -> None:
+    """`--registry`/`--tag` checked as given, so a malformed one is refused naming the flag (image_for
+    names KUBELLM_REGISTRY/KUBELLM_TAG, which is right only when the value came from the environment)."""
+    from kubellm.core.images import image_for
+
+    for flag, value in (("--registry", registry), ("--tag", tag)):
+        if value is None:
+            continue
+        try:
+            image_for("base", registry=value if flag == "--registry" else "",
+                      tag=value if flag == "--tag" else "latest", digest="", env={})
+        except ConfigError as e:
+            # "KUBELLM_TAG='x y' is not an image tag: ..." -> "--tag 'x y' is not an image tag: ..."
+            _, sep, why = str(e).partition(" is not ")
+            raise ConfigError(f"{flag} {value!r} is not {why}" if sep else f"{flag} {value!r}: {e}") from None
+
+
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettings:
+    check_image_flags(getattr(args, "registry", None), getattr(args, "tag", None))
     params = parse_params(getattr(args, "param", []) or [])
     for key in ("raw_source", "chat_source", "preferences_source"):
         if key in params:
@@ -73,6 +91,15 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
                             params=tuple(params.items()), **extra)
 
 
+def check_output_dir(out: Path, flag: str = "--output") -> None:
+    """Refuse an output directory that is a file (or under one) before anything is written."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag} {str(out)!r}: {str(p)!r} exists and is not a directory")
+            return
+
+
 def compile_pipelines(cfg: RunConfig, settings: PipelineSettings, out_dir: Path | str,
                       names: tuple[str, ...] = PIPELINES) -> dict[str, Path]:
     """Write `<name>.yaml` (KFP IR) for each pipeline into `out_dir`."""
@@ -83,6 +110,7 @@ def compile_pipelines(cfg: RunConfig, settings: PipelineSettings, out_dir: Path 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out = Path(out_dir)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in names:

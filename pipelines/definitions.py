@@ -31,6 +31,7 @@ from typing import Any
 from kfp import dsl
 from kfp import kubernetes as k8s
 
+from kubellm.core.errors import ConfigError
 from kubellm.core.images import image_for
 from kubellm.pipelines import components as c
 from kubellm.pipelines.fingerprint import default_pointer
@@ -133,8 +134,32 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
             known = sorted(set(full) | set(report))
             raise ValueError(f"unknown pipeline parameter {name!r}: expected one of {', '.join(known)}")
         for p in hits:
-            p[name] = value
+            p[name] = check_param(name, value, p[name])
     return out
+
+
+def check_param(name: str, value: Any, default: Any) -> Any:
+    """A `--param NAME=VALUE` value in the parameter's type (that of its default), or a ConfigError
+    naming it: a `<stage>_config` given as a JSON object becomes its JSON string and is validated
+    like the component will (so a bad field fails here, not in a pod); a list parameter needs a list."""
+    from kubellm.pipelines.runtime import parse_section
+
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"--param {name}={value!r}: expected a JSON list, e.g. "
+                              f"--param '{name}=[\"s3://bucket/prefix\"]'")
+        return value
+    stage = name.removesuffix("_config")
+    if name.endswith("_config") and stage in STAGES:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        try:
+            parse_section(stage, text)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(f"pipeline parameter {name}", f"--param {name}", 1)) from None
+        return text
+    if not isinstance(value, str):
+        raise ConfigError(f"--param {name}={json.dumps(value)}: expected a string, not JSON")
+    return value
 
 
 def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *, display: str,

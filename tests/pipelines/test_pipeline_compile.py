@@ -177,3 +177,45 @@ def test_sources_default_from_the_run_config_and_flags_win(tmp_path: Path) -> No
     assert not (tmp_path / "work").exists()
     with pytest.raises(Exception, match="sources.raww"):
         load_run_config(preset="debug", overrides=["sources.raww=x"])
+
+
+def test_output_that_is_a_file_is_refused_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("mine")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert cli_main(["compile", "--preset", "debug", "--output", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "--output" in err and "is not a directory" in err and "Traceback" not in err
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "value", "var"), [("--tag", "bad tag!", "KUBELLM_TAG"),
+                                                   ("--registry", "Bad Reg", "KUBELLM_REGISTRY")])
+def test_bad_image_flag_is_named_not_the_env_var(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str,
+                                                 value: str, var: str) -> None:
+    assert cli_main(["compile", "--preset", "debug", flag, value, "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"{flag} {value!r} is not" in err and var not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_param_as_json_object_is_a_checked_string(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_run_config(preset="debug")
+    section = cfg.section("tokenizer").model_dump(mode="json")
+    assert cli_main(["compile", "--preset", "debug", "--pipeline", "llm_from_scratch", "--output", str(tmp_path),
+                     "--param", "tokenizer_config=" + json.dumps(section)]) == 0
+    got = _params(_docs(tmp_path / "llm_from_scratch.yaml")[0])["tokenizer_config"]["defaultValue"]
+    assert isinstance(got, str) and json.loads(got) == section
+    capsys.readouterr()
+    # a bad field is refused at compile time naming it (it used to be a TypeError traceback)
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "bad"),
+                     "--param", 'sft_config={"bogus": 1}']) == 1
+    err = capsys.readouterr().err
+    assert "--param sft_config" in err and "sft.bogus: unknown key" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_list_param_needs_a_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "o"),
+                     "--param", "model_uris=s3://b/m"]) == 1
+    assert "--param model_uris='s3://b/m': expected a JSON list" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
