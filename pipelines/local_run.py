@@ -33,9 +33,16 @@ from typing import Any, TextIO
 
 from kubellm.core.errors import ConfigError, KubellmError
 from kubellm.core.storage import is_s3, join, reset_clients, storage_for
-from kubellm.pipelines.common import add_config_args, load_config, parse_params
-from kubellm.pipelines.definitions import PIPELINES, PipelineSettings, build_pipelines
+from kubellm.pipelines.common import add_config_args, check_output_dir, load_config, parse_params
+from kubellm.pipelines.definitions import (
+    PIPELINES,
+    PipelineSettings,
+    build_pipelines,
+    check_param,
+    parameter_defaults,
+)
 from kubellm.pipelines.runtime import HEADLINE
+from kubellm.runconfig import load_run_config
 
 log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -163,16 +170,39 @@ def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: 
         arguments.update(raw_source=src["raw"], chat_source=src["chat"], preferences_source=src["preferences"])
     else:
         arguments["model_uris"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
-    arguments.update(parse_params(args.param))
+    arguments.update(param_arguments(args, cfg))
     return arguments
+
+
+def param_arguments(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]:
+    """The --param values, each checked against this pipeline's parameters (name and type)."""
+    defaults = parameter_defaults(cfg if cfg is not None else load_run_config(preset="debug"),
+                                  PipelineSettings())[args.pipeline]
+    out: dict[str, Any] = {}
+    for name, value in parse_params(args.param).items():
+        if name not in defaults:
+            raise ConfigError(f"--param {name}: not a parameter of {args.pipeline}: expected one of "
+                              f"{', '.join(sorted(defaults))}")
+        out[name] = check_param(name, value, defaults[name])
+    return out
 
 
 def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
     """Run the pipeline; returns (succeeded, the components' headline lines)."""
     from kfp import local
 
+    from kubellm.data_prep.demo_world import check_scale
+
     cfg = load_config(args)
+    param_arguments(args, cfg)  # refused before anything is written
     workdir = Path(args.workdir).resolve()
+    check_output_dir(workdir, "--workdir")
+    try:
+        check_scale(args.demo_scale)
+    except ConfigError as e:
+        raise ConfigError(f"--demo-scale: {e}") from None
+    if args.s3_endpoint and not args.bucket:
+        raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
     workdir.mkdir(parents=True, exist_ok=True)
     if args.bucket:
         root = _setup_s3(args)

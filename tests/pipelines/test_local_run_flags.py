@@ -1,0 +1,59 @@
+"""`kubellm run --local` flags refused up front (naming the flag, nothing written), without running
+a pipeline (the end-to-end runs are in test_local_run_e2e.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from kubellm.cli import main as cli_main
+from kubellm.pipelines.local_run import pipeline_arguments
+from kubellm.runconfig import load_run_config
+
+
+def _run(tmp_path: Path, *extra: str) -> int:
+    return cli_main(["run", "--local", "--preset", "debug", "--until", "data_prep",
+                     "--workdir", str(tmp_path / "work"), *extra])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--param", "nosuch=1"], "--param nosuch: not a parameter of llm_from_scratch"),
+    (["--param", "model_uris=x"], "--param model_uris: not a parameter of llm_from_scratch"),
+    (["--param", 'data_prep_config={"bogus": 1}'], "data_prep.bogus: unknown key"),
+    (["--param", "tokenizer_config=[1"], "--param tokenizer_config: value looks like JSON but does not parse"),
+    (["--param", "tokenizer_config=vocab_size: [1"], "--param tokenizer_config: not valid JSON/YAML"),
+    (["--param", 'raw_source={"a": 1}'], "--param raw_source="),
+    (["--demo-scale", "-1"], "--demo-scale"),
+    (["--s3-endpoint", "http://127.0.0.1:1"], "--s3-endpoint needs --bucket"),
+])
+def test_bad_flag_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     extra: list[str], message: str) -> None:
+    assert _run(tmp_path, *extra) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_workdir_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], sub: str) -> None:
+    f = tmp_path / "f"
+    f.write_text("mine")
+    workdir = f / sub if sub else f
+    assert cli_main(["run", "--local", "--preset", "debug", "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert "--workdir" in err and "is not a directory" in err and "Traceback" not in err
+    assert f.read_text() == "mine"
+
+
+def test_config_param_given_as_json_object_reaches_the_component_as_a_string(tmp_path: Path) -> None:
+    cfg = load_run_config(preset="debug")
+    args = argparse.Namespace(pipeline="llm_from_scratch", raw="/data/raw", chat=None, preferences=None,
+                              demo_scale=1.0, param=['tokenizer_config={"vocab_size": 4096}'])
+    got = pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)
+    assert got["tokenizer_config"] == '{"vocab_size":4096}' and got["raw_source"] == "/data/raw"
+    args = argparse.Namespace(pipeline="evaluation_report", models=[], demo_scale=1.0,
+                              param=['model_uris=["s3://b/x"]'])
+    assert pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)["model_uris"] == ["s3://b/x"]
+    assert not (tmp_path / "work").exists()
