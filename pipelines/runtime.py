@@ -76,11 +76,12 @@ def headline(stage: str, manifest: Manifest) -> str:
 def write_outputs(stage: str, manifest: Manifest, outputs: Mapping[str, Any],
                   extra_metadata: Mapping[str, str] | None = None) -> None:
     """Manifest JSON + metadata into the main artifact, metrics, Markdown and (if the stage wrote
-    one) the self-contained HTML report into theirs."""
+    one) the self-contained HTML report into theirs.
+
+    The main artifact is written last and atomically: if anything before it fails (fetching the
+    HTML report, say), its path holds no manifest a downstream step could take for a valid output."""
     md = _metadata(manifest, extra_metadata or {})
     main = outputs["manifest"]
-    write_manifest_file(manifest, main.path)
-    main.metadata.update(md)
     if "metrics" in outputs:
         m = outputs["metrics"]
         for k, v in {**manifest.metrics, **{k: float(v) for k, v in manifest.counts.items()}}.items():
@@ -102,18 +103,27 @@ def write_outputs(stage: str, manifest: Manifest, outputs: Mapping[str, Any],
         else:
             html_path.write_text(f"<html><body><p>{stage}: no HTML report in {manifest.uri}</p></body></html>")
         outputs["html"].metadata["uri"] = manifest.uri
+    path = Path(main.path)
+    part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    write_manifest_file(manifest, part)
+    os.replace(part, path)
+    main.metadata.update(md)
 
 
 @contextlib.contextmanager
-def _reported(stage: str) -> Iterator[None]:
-    """One clear line above the traceback, so the pod log / local output says what went wrong."""
-    from kubellm.core.errors import KubellmError
-
+def reported(stage: str) -> Iterator[None]:
+    """The error's message above its traceback, every line prefixed `[kubellm]`, so the pod log and
+    `kubellm run --local`'s summary (which keeps the `[kubellm]` lines) say what went wrong and where
+    (file, record, field) — for a KubellmError and for an unexpected error alike."""
     try:
         yield
-    except KubellmError as e:
-        print(f"{HEADLINE} {stage} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    except Exception as e:
+        first, *rest = (str(e) or "(no message)").splitlines() or [""]
+        lines = [f"{HEADLINE} {stage} failed: {type(e).__name__}: {first}"]
+        lines += [f"{HEADLINE}   {ln.strip()}" for ln in rest if ln.strip()]
+        print("\n".join(lines), file=sys.stderr, flush=True)
         raise
+
 
 
 def _require_root(storage_root: str) -> None:
@@ -127,7 +137,7 @@ def run_component(stage: str, config_text: str, storage_root: str, inputs: Mappi
     headline. Empty inputs ("" from an optional parameter) are dropped."""
     from kubellm.stages import run_stage
 
-    with _reported(stage):
+    with reported(stage):
         _require_root(storage_root)
         config = parse_section(stage, config_text)
         given = {k: v for k, v in inputs.items() if v}
@@ -147,7 +157,7 @@ def list_data_prep_shards(config_text: str, storage_root: str, raw: str) -> list
     from kubellm.core.errors import InputDataError
     from kubellm.data_prep.stage import fan_out_shards
 
-    with _reported("data_prep"):
+    with reported("data_prep"):
         _require_root(storage_root)
         config = parse_section("data_prep", config_text)
         run_key = os.environ.get("KUBELLM_KFP_RUN_ID") or uuid.uuid4().hex
@@ -173,7 +183,7 @@ def prepare_data_prep_shard(config_text: str, shard_text: str) -> str:
     """Fan-out map: clean, filter, hash and MinHash one input shard into the work prefix."""
     from kubellm.data_prep.stage import prepare_fan_out_shard
 
-    with _reported("data_prep"):
+    with reported("data_prep"):
         shard = _item(shard_text)
         summary = prepare_fan_out_shard(shard, parse_section("data_prep", config_text))
     print(f"{HEADLINE} data_prep prepare-shard {shard['index']} ({shard['uri']}): {summary}", flush=True)
@@ -186,7 +196,7 @@ def reduce_data_prep(config_text: str, storage_root: str, shard_texts: list[Any]
     from kubellm.core.errors import InputDataError
     from kubellm.data_prep.stage import reduce_fan_out
 
-    with _reported("data_prep"):
+    with reported("data_prep"):
         _require_root(storage_root)
         config = parse_section("data_prep", config_text)
         shards = [_item(t) for t in shard_texts]
