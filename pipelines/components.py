@@ -35,8 +35,10 @@ def fingerprint_source(source: str) -> str:
     """Fingerprint a raw source (local path/glob or s3:// prefix): sha256 over its sorted object keys,
     sizes and ETags. Runs uncached; its output is a parameter of the cached step that reads the source."""
     from kubellm.pipelines.fingerprint import fingerprint
+    from kubellm.pipelines.runtime import reported
 
-    fp = fingerprint(source)
+    with reported("fingerprint"):
+        fp = fingerprint(source)
     print(f"[kubellm] fingerprint {source}: {fp}")
     return fp
 
@@ -49,9 +51,11 @@ def resolve_models(model_uris: list, promoted_pointer: str) -> NamedTuple(  # ty
     from collections import namedtuple
 
     from kubellm.pipelines.fingerprint import fingerprint_models, resolve_models
+    from kubellm.pipelines.runtime import reported
 
-    models, promoted = resolve_models([str(m) for m in model_uris], promoted_pointer)
-    fp = fingerprint_models(models) + "|" + promoted.fingerprint
+    with reported("resolve models"):
+        models, promoted = resolve_models([str(m) for m in model_uris], promoted_pointer)
+        fp = fingerprint_models(models) + "|" + promoted.fingerprint
     print(f"[kubellm] models: {models}; baseline: {promoted.uri or '<none>'}")
     # baseline = the pointer (what the evaluate stage reads, and moves unless the report never promotes)
     return namedtuple("Resolved", ["models", "baseline", "fingerprint"])(  # type: ignore[call-arg]
@@ -67,8 +71,10 @@ def resolve_promoted(promoted_pointer: str) -> NamedTuple(  # type: ignore[valid
     from collections import namedtuple
 
     from kubellm.pipelines.fingerprint import resolve_promoted as resolve
+    from kubellm.pipelines.runtime import reported
 
-    p = resolve(promoted_pointer)
+    with reported("resolve promoted model"):
+        p = resolve(promoted_pointer)
     print(f"[kubellm] promoted model: {p.uri or '<none>'}")
     return namedtuple("Promoted", ["pointer", "uri", "fingerprint"])(  # type: ignore[call-arg]
         p.pointer, p.uri, p.fingerprint)

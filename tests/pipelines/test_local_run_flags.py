@@ -57,3 +57,13 @@ def test_config_param_given_as_json_object_reaches_the_component_as_a_string(tmp
                               param=['model_uris=["s3://b/x"]'])
     assert pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)["model_uris"] == ["s3://b/x"]
     assert not (tmp_path / "work").exists()
+
+
+def test_failed_step_error_in_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a missing --raw fails the uncached fingerprint step: the summary says why, not just which task
+    missing = tmp_path / "no-such-corpus"
+    assert _run(tmp_path, "--raw", str(missing)) == 1
+    summary = capsys.readouterr().out.rpartition("=" * 72)[2]
+    assert "FAILED" in summary
+    assert f"[kubellm] fingerprint failed: InputDataError: {missing}: matched no objects" in summary
+    assert "Inner task failed: 'fingerprint-source'" in summary
