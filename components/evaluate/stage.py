@@ -43,6 +43,7 @@ from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
 from kubellm.evaluate.perplexity import shard_perplexity
 from kubellm.evaluate.report import render_html, render_markdown
 from kubellm.evaluate.taskdata import TASK_FILES, data_dir, read_items
+from kubellm.tokenizer.shards import TokenShardReader
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +175,63 @@ def stage_eval_dir(cfg: EvaluateConfig, work: Path) -> Path:
     return data_dir(cfg.eval_dir)
 
 
-def validation_shards(ref: str, work: Path) -> tuple[list[Path], str]:
+@dataclasses.dataclass
+class ValidationTokens:
+    """The tokens input's validation shards and what their ids mean."""
+
+    paths: list[Path]
+    digest: str
+    uri: str
+    vocab_size: int
+    """Largest vocab_size among the shard headers."""
+    vocab: dict[str, int] | None
+    """The artifact's tokenizer vocabulary (token -> id), when the artifact ships its tokenizer."""
+
+
+def validation_shards(ref: str, work: Path) -> ValidationTokens:
     m = load_manifest_ref(ref)
     if m.kind != "token_shards":
         raise InputDataError(f"tokens input {ref}: artifact kind is {m.kind!r}, expected 'token_shards'")
     paths = [f.path for f in m.files if f.path.startswith("validation/") and f.path.endswith(".tok")]
     if not paths:
-        raise InputDataError(f"tokens input {m.uri}: no validation/*.tok shards for held-out perplexity")
-    fetch(m, work / "tokens", paths)
-    return [work / "tokens" / p for p in sorted(paths)], m.digest()
+        raise InputDataError(f"tokens input {m.uri}: no validation/*.tok shards for held-out perplexity "
+                             "(was the dataset made with validation_fraction 0?)")
+    tdir = str(m.metadata.get("tokenizer_dir") or "").strip("/")
+    tok_files = [f.path for f in m.files if tdir and f.path.startswith(tdir + "/")]
+    fetch(m, work / "tokens", paths + tok_files)
+    local = [work / "tokens" / p for p in sorted(paths)]
+    readers = [TokenShardReader(p, check_ids=False) for p in local]
+    if sum(r.token_count - r.doc_count for r in readers) <= 0:
+        raise InputDataError(f"tokens input {m.uri}: the validation shards {sorted(paths)} hold no predictable "
+                             "tokens (no documents); held-out perplexity needs a validation split")
+    vocab = None
+    if tok_files:
+        from transformers import AutoTokenizer
+
+        vocab = dict(AutoTokenizer.from_pretrained(str(work / "tokens" / tdir)).get_vocab())
+    return ValidationTokens(local, m.digest(), m.uri, max(r.vocab_size for r in readers), vocab)
+
+
+def check_same_tokenizer(mi: ModelInput, tokens: ValidationTokens) -> None:
+    """Refuse a model whose tokenizer is not the one the validation shards were encoded with: its
+    perplexity would be computed on ids that mean other tokens to it (a silently wrong number)."""
+    from transformers import AutoTokenizer
+
+    assert mi.local_dir is not None
+    mine = dict(AutoTokenizer.from_pretrained(str(mi.local_dir)).get_vocab())
+    where = f"model {mi.label} ({mi.uri})"
+    if tokens.vocab is not None:
+        if mine != tokens.vocab:
+            differ = len(set(mine.items()) ^ set(tokens.vocab.items()))
+            raise InputDataError(
+                f"{where}: its tokenizer ({len(mine)} tokens) is not the tokens input's tokenizer "
+                f"({len(tokens.vocab)} tokens, {tokens.uri}; {differ} token/id pairs differ): held-out "
+                "perplexity on those shards would score the wrong tokens")
+    elif len(mine) != tokens.vocab_size:
+        raise InputDataError(
+            f"{where}: its tokenizer has {len(mine)} tokens but the tokens input's validation shards "
+            f"({tokens.uri}) were encoded with a {tokens.vocab_size}-token vocabulary: held-out perplexity "
+            "would score the wrong tokens")
 
 
 def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -241,7 +290,11 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         if candidate not in {m.label for m in models}:  # before any model is evaluated
             raise ConfigError(f"evaluate.gate.candidate: {candidate!r} is not one of the models "
                               f"{[m.label for m in models]}")
-        shards, tokens_digest = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else ([], "")
+        val = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else None
+        if val is not None:  # before any model is evaluated
+            for mi in models:
+                check_same_tokenizer(mi, val)
+        shards, tokens_digest = (val.paths, val.digest) if val else ([], "")
 
         results_models: list[dict[str, Any]] = []
         task_info: dict[str, dict[str, Any]] = {}
@@ -334,7 +387,7 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         if will_promote:
             entry = registry.Promoted(
                 name=reg.name, model_uri=cand["uri"], model_digest=cand["digest"], label=candidate,
-                scores={t: {k: v for k, v in s.items()} for t, s in cand["scores"].items()},
+                scores={t: {k: v for k, v in s.items() } for t, s in cand["scores"].items()},
                 eval_uri=manifest.uri, eval_settings_hash=settings_hash,
                 previous_digest=current.entry.model_digest if current else None)
             reg.promote(entry, current)

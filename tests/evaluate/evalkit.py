@@ -97,8 +97,12 @@ def publish_model(export: Path, root: str, stage: str, loss_curve: list[list[flo
         return publish_dir(d, prefix, kind="model", metadata=meta | {"export_path": "hf", "stage": stage})
 
 
-def write_validation_shards(root: str, tok_dir: Path) -> object:
-    """A token_shards artifact whose validation shard holds two documents of the eval texts."""
+def write_validation_shards(root: str, tok_dir: Path, *, with_tokenizer: bool = False,
+                            texts: tuple[str, ...] | None = None, name: str = "val0") -> object:
+    """A token_shards artifact whose validation shard holds two documents of the eval texts (or
+    `texts`; none: an empty shard). `with_tokenizer`: also ship `tokenizer/` (as the tokenizer stage
+    does, `metadata.tokenizer_dir`)."""
+    import shutil
     import tempfile
 
     from transformers import AutoTokenizer
@@ -106,14 +110,22 @@ def write_validation_shards(root: str, tok_dir: Path) -> object:
     from kubellm.core.manifest import publish_dir
     from kubellm.tokenizer.shards import TokenShardWriter
 
+    if texts is None:
+        texts = ("The number 3 plus 4 is 7.", "What colour is the zorbel? The zorbel is blue. " * 8)
     tok = AutoTokenizer.from_pretrained(tok_dir)
+    meta: dict = {"vocab_size": len(tok)}
     with tempfile.TemporaryDirectory() as d:
         w = TokenShardWriter(Path(d) / "validation" / "00000.tok", vocab_size=len(tok))
-        for text in ("The number 3 plus 4 is 7.", "What colour is the zorbel? The zorbel is blue. " * 8):
+        for text in texts:
             w.add_document([tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
         w.close()
-        return publish_dir(d, f"{root}/tokenizer/val0", kind="token_shards",
-                           metadata={"vocab_size": len(tok)})
+        if with_tokenizer:
+            (Path(d) / "tokenizer").mkdir()
+            for p in Path(tok_dir).iterdir():
+                if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json" or p.name.endswith(".jinja"):
+                    shutil.copy(p, Path(d) / "tokenizer" / p.name)
+            meta["tokenizer_dir"] = "tokenizer"
+        return publish_dir(d, f"{root}/tokenizer/{name}", kind="token_shards", metadata=meta)
 
 
 def eval_config(**over: object):
