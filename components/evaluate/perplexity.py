@@ -86,4 +86,5 @@ def shard_perplexity(model: Any, paths: Sequence[Path], *, seq_len: int = 256, b
     if total_tok == 0:
         raise InputDataError(f"held-out perplexity: the shards {[str(p) for p in paths]} hold no predictable tokens")
     mean = total_nll / total_tok
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(total_tok)}
+    ppl = math.inf if mean > 700 else math.exp(mean)  # math.exp raises past ~709.78; nan stays nan
+    return {"perplexity": ppl, "nll": mean, "tokens": float(total_tok)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,7 +123,7 @@ class Registry:
 class Check:
     task: str
     metric: str
-    kind: str  # "max_drop" | "min" | "max"
+    kind: str  # "max_drop" | "min" | "max" | "finite"
     value: float
     bound: float
     baseline: float | None
@@ -134,6 +135,8 @@ class Check:
             change = abs(self.value - (self.baseline or 0.0))
             return (f"{self.task} {self.metric} {self.value:.4f} vs baseline {self.baseline:.4f}: "
                     f"{worse} by {change:.4f} (allowed {self.bound:.4f})")
+        if self.kind == "finite":
+            return f"{self.task} {self.metric} is {self.value}: a model with a non-finite score is never promoted"
         rel = "≥" if self.kind == "min" else "≤"
         return f"{self.task} {self.metric} {self.value:.4f} must be {rel} {self.bound:.4f}"
 
@@ -186,6 +189,11 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
             checks.append(Check(task, metric, "min", value, rule.min, None, value >= rule.min))
         if rule.max is not None:
             checks.append(Check(task, metric, "max", value, rule.max, None, value <= rule.max))
+    # A nan/inf score (diverged weights, overflowing logits) is no score: never promote it, ruled or not.
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            if not metric.endswith("_stderr") and not math.isfinite(value):
+                checks.append(Check(task, metric, "finite", value, 0.0, None, False))
     return GateVerdict(checks, baseline.model_digest if baseline else None)
 
 

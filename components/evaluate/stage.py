@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Mapping
@@ -248,6 +249,19 @@ def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[st
     return cols
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: strict JSON (results.json, manifest metrics, the
+    pointer) has no NaN/Infinity, and pydantic would write them as null into float fields it then
+    refuses to read back."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def print_summary(manifest: Manifest) -> str:
     """The score table and the HTML report's location for an eval artifact (for `kubellm run --local`)."""
     from kubellm.evaluate.report import summary
@@ -365,12 +379,14 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         md = render_markdown(results)
         out_dir = work / "out"
         out_dir.mkdir()
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, sort_keys=True,
+                                                         allow_nan=False))
         (out_dir / "report.md").write_text(md)
         (out_dir / "report.html").write_text(render_html(results))
 
-        metrics = {f"{m['label']}/{t}/{k}": float(m["scores"][t][k])
-                   for m in results_models for t, k in columns if k in m["scores"].get(t, {})}
+        metrics = {f"{m['label']}/{t}/{k}": float(m["scores"][t][k])  # a nan is in the report, not here
+                   for m in results_models for t, k in columns
+                   if k in m["scores"].get(t, {}) and math.isfinite(m["scores"][t][k])}
         if verdict:
             metrics["gate_passed"] = float(verdict.passed)
         manifest = publish_dir(
@@ -387,7 +403,7 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         if will_promote:
             entry = registry.Promoted(
                 name=reg.name, model_uri=cand["uri"], model_digest=cand["digest"], label=candidate,
-                scores={t: {k: v for k, v in s.items() } for t, s in cand["scores"].items()},
+                scores={t: {k: v for k, v in s.items() if math.isfinite(v)} for t, s in cand["scores"].items()},
                 eval_uri=manifest.uri, eval_settings_hash=settings_hash,
                 previous_digest=current.entry.model_digest if current else None)
             reg.promote(entry, current)
