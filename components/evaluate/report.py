@@ -15,6 +15,9 @@ import html
 import io
 from typing import Any
 
+UNLIKE_SETTINGS = ("Warning: the baseline's scores come from different evaluation settings or data (tasks, "
+                   "limit, few-shot, eval items, …): its Δ and any max_drop rule compare unlike numbers.")
+
 
 def _fmt(v: float | None, metric: str = "") -> str:
     if v is None:
@@ -52,26 +55,39 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _md(text: str) -> str:
+    """Text as literal Markdown: a `|` would split a table cell, `<…>` would be raw HTML to a renderer
+    (a model label is a directory name: it may hold either)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _mpl(text: str) -> str:
+    """Text as a literal matplotlib label: `$…$` would be parsed as mathtext (and can fail to parse)."""
+    return text.replace("$", r"\$")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     header, rows = table_rows(results)
-    out = [f"# Evaluation: {', '.join(m['label'] for m in results['models'])}", ""]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = [f"# Evaluation: {_md(', '.join(m['label'] for m in results['models']))}", ""]
+    out += ["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
     out.append("")
     base = results.get("baseline")
     if base:
         out.append(f"Baseline: promoted model `{base['label'] or base['model_uri']}` "
                    f"(digest `{base['model_digest'][:12]}`) from `{base['pointer']}`; Δ = model − baseline.")
+        if base.get("same_settings") is False:
+            out += ["", f"**{UNLIKE_SETTINGS}**"]
     else:
         out.append("Baseline: none promoted yet.")
     gate = results.get("gate")
     if gate:
         verdict = "PASSED" if gate["passed"] else "FAILED"
-        out += ["", f"## Gate ({gate['candidate']}): {verdict}" + (" — promoted" if gate.get("promoted") else "")]
+        out += ["", f"## Gate ({_md(gate['candidate'])}): {verdict}" + (" — promoted" if gate.get("promoted") else "")]
         out += [f"- {'✅' if c['passed'] else '❌'} {c['message']}" for c in gate["checks"]] or ["- no rules"]
     out += ["", "## Models", ""]
     for m in results["models"]:
-        out.append(f"- **{m['label']}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
+        out.append(f"- **{_md(m['label'])}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
     tasks = results["tasks"]
     out += ["", "## Tasks", ""]
     for t, info in tasks.items():
@@ -101,20 +117,20 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for label, curve in curves:
             if curve:
-                ax.plot([p[0] for p in curve], [p[1] for p in curve], label=label)
+                ax.plot([p[0] for p in curve], [p[1] for p in curve], label=_mpl(label))
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend()
         ax.grid(alpha=0.3)
         out["Training loss"] = _png(fig)
         plt.close(fig)
-    labels = [m["label"] for m in results["models"]]
+    labels = [_mpl(m["label"]) for m in results["models"]]
     columns = [(t, m) for t, m in results["columns"] if m not in ("perplexity", "nll")]
     if columns:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for task, metric in columns:
             ys = [m["scores"].get(task, {}).get(metric) for m in results["models"]]
-            ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=f"{task} ({metric})")
+            ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=_mpl(f"{task} ({metric})"))
             b = (results.get("baseline") or {}).get("scores", {}).get(task, {}).get(metric)
             if b is not None:
                 ax.axhline(b, linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
@@ -128,7 +144,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     ppl = [(m["label"], m["scores"].get("perplexity", {}).get("perplexity")) for m in results["models"]]
     if any(v is not None for _, v in ppl):
         fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([lbl for lbl, _ in ppl], [v or 0.0 for _, v in ppl])
+        ax.bar([_mpl(lbl) for lbl, _ in ppl], [v or 0.0 for _, v in ppl])
         ax.set_ylabel("held-out perplexity")
         out["Held-out perplexity"] = _png(fig)
         plt.close(fig)
@@ -151,6 +167,8 @@ def render_html(results: dict[str, Any], markdown_text: str | None = None) -> st
     base = results.get("baseline")
     parts.append(f"<p>Baseline: {e(base['label'] or base['model_uri'])} ({e(base['model_digest'][:12])})</p>"
                  if base else "<p>Baseline: none promoted yet.</p>")
+    if base and base.get("same_settings") is False:
+        parts.append(f"<p class='fail'><b>{e(UNLIKE_SETTINGS)}</b></p>")
     gate = results.get("gate")
     if gate:
         cls = "pass" if gate["passed"] else "fail"
@@ -174,6 +192,8 @@ def summary(results: dict[str, Any], html_uri: str) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if (results.get("baseline") or {}).get("same_settings") is False:
+        lines.append(UNLIKE_SETTINGS)
     gate = results.get("gate")
     if gate:
         lines.append(f"gate ({gate['candidate']}): {'PASSED' if gate['passed'] else 'FAILED'}"

@@ -168,10 +168,14 @@ def stage_eval_dir(cfg: EvaluateConfig, work: Path) -> Path:
     if cfg.eval_dir and is_s3(cfg.eval_dir):
         dest = work / "eval_data"
         st = storage_for(cfg.eval_dir)
-        for name in TASK_FILES.values():
-            uri = join(cfg.eval_dir, name)
-            if st.exists(uri):
-                st.download(uri, dest / name)
+        for task in cfg.tasks:
+            if task not in TASK_FILES:
+                continue
+            uri = join(cfg.eval_dir, TASK_FILES[task])
+            if not st.exists(uri):  # name the S3 object, not the local staging path
+                raise InputDataError(f"{uri}: eval data file for task {task} not found "
+                                     f"(evaluate.eval_dir {cfg.eval_dir})")
+            st.download(uri, dest / TASK_FILES[task])
         return dest
     return data_dir(cfg.eval_dir)
 

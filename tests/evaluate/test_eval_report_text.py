@@ -1,0 +1,64 @@
+"""The report with awkward model labels (a label is a directory name): literal in Markdown, escaped in
+HTML, and never parsed as matplotlib mathtext."""
+
+from __future__ import annotations
+
+import math
+
+from kubellm.evaluate.report import render_html, render_markdown
+
+
+def _results(labels: list[str], v: float = 0.5) -> dict:
+    return {"columns": [["kubellm_knowledge", "acc"], ["perplexity", "perplexity"]],
+            "models": [{"label": lbl, "uri": f"/m/{i}", "digest": "dir-abc",
+                        "scores": {"kubellm_knowledge": {"acc": v, "acc_stderr": 0.1}, "perplexity": {"perplexity": v}},
+                        "loss_curve": [[0, 2.0], [1, 1.0]]} for i, lbl in enumerate(labels)],
+            "tasks": {}, "harness": {"lm_eval": "x", "transformers": "y", "torch": "z"}, "baseline": None,
+            "gate": {"candidate": labels[-1], "passed": True, "promoted": False, "checks": []}}
+
+
+def test_labels_are_literal_in_markdown_and_html() -> None:
+    labels = ["<script>alert(1)<", "a|b", "cost$\\frac$"]
+    md = render_markdown(_results(labels))
+    row = next(line for line in md.splitlines() if line.startswith("| a"))
+    assert row.startswith("| a\\|b | 0.5000") and row.count(" | ") == 2  # still three cells
+    assert "<script" not in md and "&lt;script&gt;alert(1)&lt;" in md
+    html = render_html(_results(labels))  # before the fix: matplotlib ValueError on `$\frac$`
+    assert "<script" not in html and "&lt;script&gt;" in html and html.count("data:image/png;base64,") == 3
+
+
+def test_nan_score_shows_as_nan() -> None:
+    md = render_markdown(_results(["m"], math.nan))
+    assert "| m | nan ± 0.100 | nan |" in md
+    assert render_html(_results(["m"], math.nan)).count("data:image/png") == 3
+
+
+def test_baseline_from_other_settings_is_flagged(hf_exports, tmp_path) -> None:
+    """A baseline scored with other settings (here: limit 1 vs 2) is compared, but the report says so."""
+    from evalkit import eval_config
+
+    from kubellm.evaluate import stage
+
+    root = str(tmp_path / "art")
+    first = stage.run(eval_config(tasks=["kubellm_knowledge"], limit=1), {"models": str(hf_exports["a"])}, root)
+    assert "Warning: the baseline" not in (first.report_markdown or "")
+    same = stage.run(eval_config(tasks=["kubellm_knowledge"], limit=1), {"models": str(hf_exports["b"])}, root)
+    assert "Warning: the baseline" not in (same.report_markdown or "")
+    other = stage.run(eval_config(tasks=["kubellm_knowledge"], limit=2), {"models": str(hf_exports["a"])}, root)
+    assert "**Warning: the baseline's scores come from different evaluation settings" in (other.report_markdown or "")
+
+
+def test_missing_s3_eval_file_is_named_by_its_uri(hf_exports, s3_bucket: str) -> None:
+    import pytest
+    from evalkit import eval_config
+
+    from kubellm.core.errors import InputDataError
+    from kubellm.core.storage import storage_for
+    from kubellm.evaluate import stage
+    from kubellm.evaluate.taskdata import DEFAULT_DATA_DIR
+
+    ev = f"{s3_bucket}/evaldata"
+    storage_for(ev).write_bytes(f"{ev}/knowledge.jsonl", (DEFAULT_DATA_DIR / "knowledge.jsonl").read_bytes())
+    cfg = eval_config(tasks=["kubellm_knowledge", "kubellm_format"], eval_dir=ev)
+    with pytest.raises(InputDataError, match=rf"^{ev}/format.jsonl: eval data file for task kubellm_format not found"):
+        stage.run(cfg, {"models": str(hf_exports["a"])}, f"{s3_bucket}/art")
