@@ -138,7 +138,7 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
     return out
 
 
-def check_param(name: str, value: Any, default: Any) -> Any:
+def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> Any:
     """A `--param NAME=VALUE` value in the parameter's type (that of its default), or a ConfigError
     naming it: a `<stage>_config` given as a JSON object becomes its JSON string and is validated
     like the component will (so a bad field fails here, not in a pod); a list parameter needs a list."""
@@ -146,8 +146,8 @@ def check_param(name: str, value: Any, default: Any) -> Any:
 
     if isinstance(default, list):
         if not isinstance(value, list):
-            raise ConfigError(f"--param {name}={value!r}: expected a JSON list, e.g. "
-                              f"--param '{name}=[\"s3://bucket/prefix\"]'")
+            raise ConfigError(f"{flag} {name}={value!r}: expected a JSON list, e.g. "
+                              f"{flag} '{name}=[\"s3://bucket/prefix\"]'")
         return value
     stage = name.removesuffix("_config")
     if name.endswith("_config") and stage in STAGES:
@@ -155,11 +155,24 @@ def check_param(name: str, value: Any, default: Any) -> Any:
         try:
             parse_section(stage, text)
         except ConfigError as e:
-            raise ConfigError(str(e).replace(f"pipeline parameter {name}", f"--param {name}", 1)) from None
+            raise ConfigError(str(e).replace(f"pipeline parameter {name}", f"{flag} {name}", 1)) from None
         return text
     if not isinstance(value, str):
-        raise ConfigError(f"--param {name}={json.dumps(value)}: expected a string, not JSON")
+        raise ConfigError(f"{flag} {name}={json.dumps(value)}: expected a string, not JSON")
     return value
+
+
+def check_arguments(pipeline: str, values: dict[str, Any], defaults: dict[str, Any],
+                    flag: str = "--param") -> dict[str, Any]:
+    """Run arguments (`--param`/`--arg NAME=VALUE`) checked against the pipeline's parameters: each
+    name must be one of them and each value of its type (`check_param`)."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in defaults:
+            raise ConfigError(f"{flag} {name}: not a parameter of {pipeline}: expected one of "
+                              f"{', '.join(sorted(defaults))}")
+        out[name] = check_param(name, value, defaults[name], flag)
+    return out
 
 
 def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *, display: str,

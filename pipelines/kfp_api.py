@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kubellm.core.errors import KubellmError
+from kubellm.core.storage import redact
 
 TOKEN_ENV = "KUBELLM_KFP_TOKEN"
 COOKIE_ENV = "KUBELLM_KFP_COOKIE"
@@ -56,7 +57,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
         raise KfpApiError(f"no KFP endpoint: pass --endpoint URL or set {ENDPOINT_ENV} (e.g. "
                           "http://localhost:8080 after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)")
     if not ep.startswith(("http://", "https://")):
-        raise KfpApiError(f"--endpoint {ep!r}: expected an http:// or https:// URL")
+        raise KfpApiError(f"--endpoint {redact(ep)!r}: expected an http:// or https:// URL")
     return ep
 
 
@@ -64,6 +65,7 @@ def preflight(endpoint: str, timeout: float = 15.0) -> dict[str, Any]:
     """GET /apis/v2beta1/healthz once, so an unreachable endpoint or refused credentials fail fast
     with a clear message (kfp.Client would retry for half a minute and then print a traceback)."""
     url = f"{endpoint}/apis/v2beta1/healthz"
+    where, shown = redact(endpoint), redact(url)  # a user:password@ in the URL is never printed
     req = urllib.request.Request(url, headers={"Accept": "application/json", **auth_headers()})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -71,19 +73,19 @@ def preflight(endpoint: str, timeout: float = 15.0) -> dict[str, Any]:
             ctype = resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise KfpApiError(f"KFP at {endpoint} answered HTTP {e.code}: {_auth_hint()}") from None
-        raise KfpApiError(f"KFP at {endpoint} answered HTTP {e.code} on {url}: {e.reason}") from None
+            raise KfpApiError(f"KFP at {where} answered HTTP {e.code}: {_auth_hint()}") from None
+        raise KfpApiError(f"KFP at {where} answered HTTP {e.code} on {shown}: {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise KfpApiError(f"cannot reach KFP at {endpoint}: {reason} (check --endpoint, the port-forward "
+        raise KfpApiError(f"cannot reach KFP at {where}: {redact(str(reason))} (check --endpoint, the port-forward "
                           "or ingress, and the network)") from None
     if "json" not in ctype:
-        raise KfpApiError(f"KFP at {endpoint} returned {ctype or 'no content type'}, not JSON, for {url} — "
+        raise KfpApiError(f"KFP at {where} returned {ctype or 'no content type'}, not JSON, for {shown} — "
                           f"probably a login page: {_auth_hint()}")
     try:
         return json.loads(body or b"{}")
     except json.JSONDecodeError:
-        raise KfpApiError(f"KFP at {endpoint}: healthz returned invalid JSON") from None
+        raise KfpApiError(f"KFP at {where}: healthz returned invalid JSON") from None
 
 
 def connect(endpoint: str | None, namespace: str | None = None) -> Any:
@@ -119,7 +121,7 @@ def api_errors(what: str) -> Iterator[None]:
             raise KfpApiError(f"{what}: conflict (HTTP 409): {detail}") from None
         raise KfpApiError(f"{what}: HTTP {e.status} {detail}") from None
     except Urllib3Error as e:
-        raise KfpApiError(f"{what}: cannot reach the KFP API: {e}") from None
+        raise KfpApiError(redact(f"{what}: cannot reach the KFP API: {e}")) from None
 
 
 def _api_message(e: Any) -> str:
@@ -131,7 +133,7 @@ def _api_message(e: Any) -> str:
 
 
 def run_url(endpoint: str, run_id: str) -> str:
-    return f"{endpoint.rstrip('/')}/#/runs/details/{run_id}"
+    return redact(f"{endpoint.rstrip('/')}/#/runs/details/{run_id}")
 
 
 def eq_filter(key: str, value: str) -> str:

@@ -38,7 +38,7 @@ from kubellm.pipelines.definitions import (
     PIPELINES,
     PipelineSettings,
     build_pipelines,
-    check_param,
+    check_arguments,
     parameter_defaults,
 )
 from kubellm.pipelines.runtime import HEADLINE
@@ -178,13 +178,7 @@ def param_arguments(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]
     """The --param values, each checked against this pipeline's parameters (name and type)."""
     defaults = parameter_defaults(cfg if cfg is not None else load_run_config(preset="debug"),
                                   PipelineSettings())[args.pipeline]
-    out: dict[str, Any] = {}
-    for name, value in parse_params(args.param).items():
-        if name not in defaults:
-            raise ConfigError(f"--param {name}: not a parameter of {args.pipeline}: expected one of "
-                              f"{', '.join(sorted(defaults))}")
-        out[name] = check_param(name, value, defaults[name])
-    return out
+    return check_arguments(args.pipeline, parse_params(args.param), defaults)
 
 
 def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:

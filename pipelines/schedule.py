@@ -24,7 +24,8 @@ from typing import Any
 
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import stable_hash
-from kubellm.pipelines.common import add_config_args, add_image_args, parse_params
+from kubellm.pipelines.common import add_config_args, add_image_args, parse_params, settings_from_args
+from kubellm.pipelines.definitions import check_arguments, parameter_defaults
 from kubellm.pipelines.kfp_api import api_errors, connect, eq_filter
 from kubellm.pipelines.submit import add_endpoint_args, compile_for_submit
 
@@ -77,7 +78,9 @@ def _check_part(part: str, name: str, lo: int, hi: int, names: tuple[str, ...], 
         if rng == "?" and name not in ("day-of-month", "day-of-week"):
             raise ConfigError(f"--cron {expr!r}: '?' is only allowed in day-of-month or day-of-week")
         return
-    a, _, b = rng.partition("-")
+    a, dash, b = rng.partition("-")
+    if dash and not b:
+        raise ConfigError(f"--cron {expr!r}: {name} range {rng!r} has no end")
     start = value(a)
     if b and value(b) < start:
         raise ConfigError(f"--cron {expr!r}: {name} range {rng!r} runs backwards")
@@ -117,7 +120,9 @@ def main(args: argparse.Namespace) -> int:
     if models:
         arguments["model_uris"] = models
     with tempfile.TemporaryDirectory(prefix="kubellm-schedule-") as tmp:
-        path, digest, _ = compile_for_submit(args, Path(tmp))  # caching off for every step
+        path, digest, cfg = compile_for_submit(args, Path(tmp))  # caching off for every step
+        arguments = check_arguments(args.pipeline, arguments,
+                                    parameter_defaults(cfg, settings_from_args(args))[args.pipeline], "--arg")
         want = desired_hash(digest, args, cron, arguments)
         description = f"kubellm evaluation report; kubellm-schedule sha256:{want}"
         client = connect(args.endpoint, args.namespace)

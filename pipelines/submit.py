@@ -35,7 +35,7 @@ from kubellm.pipelines.common import (
     parse_params,
     settings_from_args,
 )
-from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES, parameter_defaults
+from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES, check_arguments, parameter_defaults
 from kubellm.pipelines.kfp_api import FINAL_STATES, KfpApiError, api_errors, connect, eq_filter, run_url
 
 _SHA = re.compile(r"^[0-9a-f]{7,64}$")
@@ -187,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
     arguments = parse_params(args.args)
     with tempfile.TemporaryDirectory(prefix="kubellm-submit-") as tmp:
         path, digest, cfg = compile_for_submit(args, Path(tmp))
+        arguments = check_arguments(args.pipeline, arguments,
+                                    parameter_defaults(cfg, settings_from_args(args))[args.pipeline], "--arg")
         check_sources(args, cfg, arguments)
         run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
                     else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -12,6 +12,7 @@ from fake_kfp_server import FakeKfp
 from kubellm.cli import main as cli_main
 from kubellm.core.errors import ConfigError
 from kubellm.pipelines.schedule import validate_cron
+from kubellm.runconfig import load_run_config
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 # the llm_from_scratch run's input data, as a run-config kept in git names it
@@ -218,7 +219,42 @@ def test_valid_crons(expr: str) -> None:
                                       ("0 0 0 * * funday", "day-of-week field has 'funday'"),
                                       ("0 0 0 * *", "5 fields"), ("* * * * * * *", "7 fields"),
                                       ("0 0 0 * * 5-1", "runs backwards"), ("0 */0 * * * *", "step"),
-                                      ("? * * * * *", "only allowed in day-of-month")])
+                                      ("? * * * * *", "only allowed in day-of-month"),
+                                      ("0 0 6 * * 1-", "has no end")])
 def test_invalid_crons(expr: str, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg.replace("*", r"\*").replace("?", r"\?")):
         validate_cron(expr)
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("nosuch=1", "--arg nosuch: not a parameter of evaluation_report"),
+    ("model_uris=s3://b/m", "--arg model_uris='s3://b/m': expected a JSON list"),
+    ('evaluate_config={"bogus": 1}', "evaluate.bogus: unknown key"),
+])
+def test_schedule_and_submit_check_arg_before_contacting_the_api(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str],
+                                                                 arg: str, message: str) -> None:
+    assert schedule(kfp_api, "--cron", "0 0 6 * * 1", "--arg", arg) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert submit(kfp_api, "--pipeline", "evaluation_report", "--arg", arg) == 1
+    assert message in capsys.readouterr().err
+    assert not kfp_api.requests  # refused before contacting the API
+
+
+def test_schedule_arg_config_as_json_object_is_sent_as_its_string(kfp_api: FakeKfp) -> None:
+    cfg = load_run_config(preset="debug").evaluate.model_dump(mode="json")
+    assert schedule(kfp_api, "--cron", "0 0 6 * * 1", "--arg", "evaluate_config=" + json.dumps(cfg)) == 0
+    (rr,) = kfp_api.recurring.values()
+    sent = rr["runtime_config"]["parameters"]["evaluate_config"]
+    assert isinstance(sent, str) and json.loads(sent) == cfg
+
+
+def test_endpoint_credentials_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    for endpoint in (f"http://user:s3cr3t@127.0.0.1:{port}", "ftp://user:s3cr3t@host"):
+        assert cli_main(["submit", "--endpoint", endpoint, "--preset", "debug", *SOURCES]) == 1
+        captured = capsys.readouterr()
+        assert "s3cr3t" not in captured.err + captured.out and "***@" in captured.err
