@@ -98,6 +98,9 @@ class EvaluateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _chat_tasks_listed(self) -> EvaluateConfig:
+        dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if dup:  # it would be one harness result shown (and sent to KFP) as two columns
+            raise ValueError(f"tasks lists {dup} more than once")
         # A chat task that is not in `tasks` is simply not run; a rule on an unknown task is a typo.
         known = set(self.tasks) | {"perplexity"}
         bad = sorted(set(self.gate.rules) - known)

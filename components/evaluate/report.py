@@ -44,7 +44,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for task, metric in columns:
             v = model["scores"].get(task, {}).get(metric)
             err = model["scores"].get(task, {}).get(f"{metric}_stderr")
-            cell = _fmt(v, metric) + (f" ± {err:.3f}" if err else "")
+            cell = _fmt(v, metric) + (f" ± {err:.3f}" if err is not None else "")  # a 0.0 stderr is shown
             b = base.get(task, {}).get(metric)
             if b is not None:
                 cell += f" (Δ {_delta(v, b)})"

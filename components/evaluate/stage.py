@@ -279,6 +279,9 @@ def print_summary(manifest: Manifest) -> str:
 def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     cfg = config
     models = parse_models(inputs["models"])
+    if cfg.gate.enabled and "perplexity" in cfg.gate.rules and not inputs.get("tokens"):
+        raise ConfigError("evaluate.gate.rules has a perplexity rule but no tokens input was given: held-out "
+                          "perplexity needs --input tokens=<token_shards artifact> (or drop the rule)")
 
     with tempfile.TemporaryDirectory(prefix="kubellm-eval-") as tmp:
         work = Path(tmp)

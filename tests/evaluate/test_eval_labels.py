@@ -46,3 +46,26 @@ def test_unknown_gate_candidate_is_refused_before_evaluating(hf_exports, tmp_pat
     with pytest.raises(ConfigError, match=r"evaluate.gate.candidate: 'nope' is not one of the models \['a', 'b'\]"):
         stage.run(eval_config(gate={"candidate": "nope"}),
                   {"models": f"{hf_exports['a']},{hf_exports['b']}"}, str(tmp_path / "art"))
+
+
+def test_task_listed_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"tasks lists \['kubellm_knowledge'\] more than once"):
+        eval_config(tasks=["kubellm_knowledge", "kubellm_format", "kubellm_knowledge"])
+
+
+def test_perplexity_rule_without_tokens_is_refused_before_evaluating(hf_exports, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "load_model", _no_eval)
+    cfg = eval_config(gate={"rules": {"perplexity": {"max": 100}}})
+    with pytest.raises(ConfigError, match=r"perplexity rule but no tokens input was given"):
+        stage.run(cfg, {"models": str(hf_exports["a"])}, str(tmp_path / "art"))
+    # with the gate off the rule is not applied, so nothing is refused for it
+    assert not eval_config(gate={"enabled": False, "rules": {"perplexity": {"max": 100}}}).gate.enabled
+
+
+def test_zero_stderr_is_shown() -> None:
+    from kubellm.evaluate.report import table_rows
+
+    results = {"columns": [["t", "acc"]], "baseline": None,
+               "models": [{"label": "m", "scores": {"t": {"acc": 1.0, "acc_stderr": 0.0}}}]}
+    assert table_rows(results)[1] == [["m", "1.0000 ± 0.000"]]
