@@ -19,6 +19,12 @@ UNLIKE_SETTINGS = ("Warning: the baseline's scores come from different evaluatio
                    "limit, few-shot, eval items, …): its Δ and any max_drop rule compare unlike numbers.")
 
 
+# The report is published before the pointer moves (a pointer never names an unpublished report), so
+# it cannot say "promoted": a concurrent gate may win the compare-and-swap (PromotionConflictError).
+PROMOTING = ("promoting: the pointer is moved after this report is published, unless another gate "
+             "moved it first (the run then fails with PromotionConflictError)")
+
+
 def _fmt(v: float | None, metric: str = "") -> str:
     if v is None:
         return "—"
@@ -83,7 +89,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     gate = results.get("gate")
     if gate:
         verdict = "PASSED" if gate["passed"] else "FAILED"
-        out += ["", f"## Gate ({_md(gate['candidate'])}): {verdict}" + (" — promoted" if gate.get("promoted") else "")]
+        out += ["", f"## Gate ({_md(gate['candidate'])}): {verdict}" + (f" — {PROMOTING}" if gate.get("promoted") else "")]
         out += [f"- {'✅' if c['passed'] else '❌'} {c['message']}" for c in gate["checks"]] or ["- no rules"]
     out += ["", "## Models", ""]
     for m in results["models"]:
@@ -173,7 +179,7 @@ def render_html(results: dict[str, Any], markdown_text: str | None = None) -> st
     if gate:
         cls = "pass" if gate["passed"] else "fail"
         parts.append(f"<h2 class='{cls}'>Gate ({e(gate['candidate'])}): {'PASSED' if gate['passed'] else 'FAILED'}"
-                     f"{' — promoted' if gate.get('promoted') else ''}</h2><ul>")
+                     f"{' — ' + e(PROMOTING) if gate.get('promoted') else ''}</h2><ul>")
         parts += [f"<li class='{'pass' if c['passed'] else 'fail'}'>{e(c['message'])}</li>" for c in gate["checks"]]
         parts.append("</ul>")
     for title, png in plots(results).items():

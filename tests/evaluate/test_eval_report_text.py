@@ -62,3 +62,21 @@ def test_missing_s3_eval_file_is_named_by_its_uri(hf_exports, s3_bucket: str) ->
     cfg = eval_config(tasks=["kubellm_knowledge", "kubellm_format"], eval_dir=ev)
     with pytest.raises(InputDataError, match=rf"^{ev}/format.jsonl: eval data file for task kubellm_format not found"):
         stage.run(cfg, {"models": str(hf_exports["a"])}, f"{s3_bucket}/art")
+
+
+def test_report_of_a_lost_promotion_race_does_not_claim_promoted(hf_exports, tmp_path, monkeypatch) -> None:
+    import pytest
+    from evalkit import eval_config
+
+    from kubellm.evaluate import registry, stage
+
+    def lose(self, entry, expected):  # noqa: ANN001, ANN202
+        raise registry.PromotionConflictError("another gate moved the pointer")
+
+    monkeypatch.setattr(registry.Registry, "promote", lose)
+    root = str(tmp_path / "art")
+    with pytest.raises(registry.PromotionConflictError):
+        stage.run(eval_config(tasks=["kubellm_knowledge"], limit=1), {"models": str(hf_exports["a"])}, root)
+    [md] = list((tmp_path / "art" / "evaluate").rglob("report.md"))
+    text = md.read_text()
+    assert "— promoted" not in text and "## Gate (a): PASSED — promoting: the pointer is moved after" in text
