@@ -187,6 +187,11 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
 
     from kubellm.data_prep.demo_world import check_scale
 
+    only = {"llm_from_scratch": ("until", "raw", "chat", "preferences"), "evaluation_report": ("models",)}
+    for pipeline, flags in only.items():
+        given = [f"--{f}" for f in flags if getattr(args, f, None)]
+        if given and args.pipeline != pipeline:
+            raise ConfigError(f"{', '.join(given)}: only for --pipeline {pipeline} (this run is {args.pipeline})")
     cfg = load_config(args)
     param_arguments(args, cfg)  # refused before anything is written
     workdir = Path(args.workdir).resolve()

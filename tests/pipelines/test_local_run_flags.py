@@ -27,6 +27,7 @@ def _run(tmp_path: Path, *extra: str) -> int:
     (["--param", 'raw_source={"a": 1}'], "--param raw_source="),
     (["--demo-scale", "-1"], "--demo-scale"),
     (["--s3-endpoint", "http://127.0.0.1:1"], "--s3-endpoint needs --bucket"),
+    (["--models", "s3://b/m"], "--models: only for --pipeline evaluation_report"),
 ])
 def test_bad_flag_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      extra: list[str], message: str) -> None:
@@ -67,3 +68,11 @@ def test_failed_step_error_in_the_summary(tmp_path: Path, capsys: pytest.Capture
     assert "FAILED" in summary
     assert f"[kubellm] fingerprint failed: InputDataError: {missing}: matched no objects" in summary
     assert "Inner task failed: 'fingerprint-source'" in summary
+
+
+def test_llm_from_scratch_flags_refused_for_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --until/--raw used to be ignored silently: the whole evaluation report ran
+    assert cli_main(["run", "--local", "--preset", "debug", "--pipeline", "evaluation_report", "--until", "tokenizer",
+                     "--raw", "/data/raw", "--workdir", str(tmp_path / "work")]) == 1
+    assert "--until, --raw: only for --pipeline llm_from_scratch" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
