@@ -22,6 +22,11 @@ BUNDLED_TASKS = ("kubellm_knowledge", "kubellm_format", "kubellm_preference")
 DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "format_ok", "kubellm_preference": "acc",
                     "perplexity": "perplexity"}
 
+# What each bundled task (its YAML metric_list) and held-out perplexity report: a rule or headline
+# naming anything else is a typo caught before any model is evaluated.
+BUNDLED_METRICS = {"kubellm_knowledge": ("acc", "acc_norm"), "kubellm_format": ("exact_match", "format_ok", "correct"),
+                   "kubellm_preference": ("acc", "acc_norm", "margin"), "perplexity": ("perplexity", "nll", "tokens")}
+
 
 class GateRule(StrictModel):
     """What a candidate must achieve on one task to be promoted. Values are in the metric's own units
@@ -106,6 +111,12 @@ class EvaluateConfig(StrictModel):
         bad = sorted(set(self.gate.rules) - known)
         if bad:
             raise ValueError(f"gate.rules names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")
+        named = [(f"gate.rules.{t}.metric", t, r.metric) for t, r in self.gate.rules.items()]
+        named += [(f"headline.{t}", t, m) for t, m in self.headline.items()]
+        for where, task, metric in named:
+            have = BUNDLED_METRICS.get(task)
+            if metric is not None and have is not None and metric not in have:
+                raise ValueError(f"{where}: {task} reports no metric {metric!r}; it reports {list(have)}")
         return self
 
     def headline_metric(self, task: str) -> str | None:

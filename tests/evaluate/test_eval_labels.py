@@ -69,3 +69,25 @@ def test_zero_stderr_is_shown() -> None:
     results = {"columns": [["t", "acc"]], "baseline": None,
                "models": [{"label": "m", "scores": {"t": {"acc": 1.0, "acc_stderr": 0.0}}}]}
     assert table_rows(results)[1] == [["m", "1.0000 ± 0.000"]]
+
+
+def test_rule_or_headline_on_a_metric_a_bundled_task_lacks_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"gate.rules.kubellm_knowledge.metric: kubellm_knowledge reports no metric "
+                                         r"'f1'; it reports \['acc', 'acc_norm'\]"):
+        eval_config(gate={"rules": {"kubellm_knowledge": {"metric": "f1", "min": 0.5}}})
+    with pytest.raises(ValueError, match=r"headline.perplexity: perplexity reports no metric 'ppl'"):
+        eval_config(headline={"perplexity": "ppl"})
+    eval_config(tasks=["kubellm_format", "arc_easy"], headline={"arc_easy": "acc_norm"},
+                gate={"rules": {"kubellm_format": {"metric": "correct", "min": 0.1}}})
+
+
+def test_bundled_metrics_match_the_task_yamls() -> None:
+    import yaml
+
+    from kubellm.evaluate.config import BUNDLED_METRICS
+    from kubellm.evaluate.taskdata import TASKS_DIR
+
+    for task, metrics in BUNDLED_METRICS.items():
+        if task != "perplexity":
+            spec = yaml.safe_load((TASKS_DIR / f"{task}.yaml").read_text().replace("!function", ""))
+            assert tuple(m["metric"] for m in spec["metric_list"]) == metrics
