@@ -217,12 +217,20 @@ def validation_shards(ref: str, work: Path) -> ValidationTokens:
     return ValidationTokens(local, m.digest(), m.uri, max(r.vocab_size for r in readers), vocab)
 
 
-def check_same_tokenizer(mi: ModelInput, tokens: ValidationTokens) -> None:
-    """Refuse a model whose tokenizer is not the one the validation shards were encoded with: its
-    perplexity would be computed on ids that mean other tokens to it (a silently wrong number)."""
+def check_same_tokenizer(mi: ModelInput, tokens: ValidationTokens, seq_len: int) -> None:
+    """Refuse a model whose tokenizer is not the one the validation shards were encoded with (its
+    perplexity would be computed on ids that mean other tokens to it: a silently wrong number), or
+    whose position range is shorter than the perplexity window."""
     from transformers import AutoTokenizer
 
     assert mi.local_dir is not None
+    conf = json.loads((mi.local_dir / "config.json").read_text())  # check_hf_export read it already
+    positions = conf.get("max_position_embeddings")
+    if isinstance(positions, int) and seq_len > positions:  # windows past the trained positions
+        raise ConfigError(
+            f"evaluate.perplexity_seq_len {seq_len} exceeds model {mi.label}'s max_position_embeddings "
+            f"{positions} ({mi.uri}): its perplexity would be scored on positions it was never trained on; "
+            f"set evaluate.perplexity_seq_len ≤ {positions}")
     mine = dict(AutoTokenizer.from_pretrained(str(mi.local_dir)).get_vocab())
     where = f"model {mi.label} ({mi.uri})"
     if tokens.vocab is not None:
@@ -314,7 +322,7 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         val = validation_shards(inputs["tokens"], work) if inputs.get("tokens") else None
         if val is not None:  # before any model is evaluated
             for mi in models:
-                check_same_tokenizer(mi, val)
+                check_same_tokenizer(mi, val, cfg.perplexity_seq_len)
         shards, tokens_digest = (val.paths, val.digest) if val else ([], "")
 
         results_models: list[dict[str, Any]] = []

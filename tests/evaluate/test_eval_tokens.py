@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from evalkit import build_tokenizer, eval_config, write_validation_shards
 
-from kubellm.core.errors import InputDataError
+from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.core.storage import storage_for
 from kubellm.evaluate import harness, stage
 
@@ -63,4 +63,15 @@ def test_empty_validation_shards_are_refused_before_evaluating(hf_exports, tmp_p
     with pytest.raises(InputDataError, match=r"tokens input .*val0: the validation shards \['validation/00000.tok'\] "
                                              r"hold no predictable tokens"):
         stage.run(eval_config(), {"models": str(hf_exports["a"]), "tokens": empty.uri}, root)
+    assert not Path(root, "evaluate").exists()
+
+
+def test_perplexity_window_longer_than_the_model_positions_is_refused(hf_exports, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root = str(tmp_path / "art")
+    monkeypatch.setattr(harness, "load_model", _no_eval)
+    tokens = write_validation_shards(root, hf_exports["a"])
+    with pytest.raises(ConfigError, match=r"evaluate.perplexity_seq_len 512 exceeds model a's "
+                                          r"max_position_embeddings 256 .*set evaluate.perplexity_seq_len ≤ 256"):
+        stage.run(eval_config(perplexity_seq_len=512), {"models": str(hf_exports["a"]), "tokens": tokens.uri}, root)
     assert not Path(root, "evaluate").exists()
