@@ -111,6 +111,9 @@ def compile_pipelines(cfg: RunConfig, settings: PipelineSettings, out_dir: Path 
         raise ConfigError(str(e)) from None
     out = Path(out_dir)
     check_output_dir(out)
+    blocked = [str(out / f"{n}.yaml") for n in names if (out / f"{n}.yaml").is_dir()]
+    if blocked:  # checked before any file is written
+        raise ConfigError(f"--output {str(out)!r}: {', '.join(blocked)} is a directory, not a file")
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in names:

@@ -186,6 +186,10 @@ def test_output_that_is_a_file_is_refused_naming_the_flag(tmp_path: Path, capsys
         err = capsys.readouterr().err
         assert "--output" in err and "is not a directory" in err and "Traceback" not in err
     assert (tmp_path / "f").read_text() == "mine"
+    (tmp_path / "o" / "evaluation_report.yaml").mkdir(parents=True)
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "o")]) == 1
+    assert "evaluation_report.yaml is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "llm_from_scratch.yaml").exists()  # nothing written
 
 
 @pytest.mark.parametrize(("flag", "value", "var"), [("--tag", "bad tag!", "KUBELLM_TAG"),
