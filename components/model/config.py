@@ -31,13 +31,13 @@ class ModelConfig(StrictModel):
     """Hidden width of the SwiGLU feed-forward."""
     max_seq_len: int = Field(default=256, ge=8)
     """Longest sequence (context length) the model trains and runs on."""
-    rope_theta: float = 10000.0
+    rope_theta: float = Field(default=10000.0, gt=0)
     """RoPE base frequency."""
-    norm_eps: float = 1e-5
+    norm_eps: float = Field(default=1e-5, gt=0)
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the token embedding and output projection weights."""
-    init_std: float = 0.02
+    init_std: float = Field(default=0.02, gt=0)
     """Standard deviation of the normal initialisation of linear and embedding weights."""
 
     @model_validator(mode="after")

@@ -156,6 +156,17 @@ def test_bad_shapes_fail_in_config(bad: dict, match: str) -> None:
         TINY.with_(**bad)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("rope_theta", 0.0), ("rope_theta", -10000.0), ("norm_eps", 0.0), ("norm_eps", -1e-5), ("init_std", -0.02),
+])
+def test_nonpositive_rope_theta_norm_eps_init_std_refused_naming_the_field(field: str, value: float) -> None:
+    # rope_theta <= 0 gave NaN/inf rotary frequencies, norm_eps <= 0 divides by zero on a zero row
+    from kubellm.model.config import ModelSpec
+
+    with pytest.raises(ValueError, match=f"{field}[\\s\\S]*greater than 0"):
+        ModelSpec(preset="debug", overrides={field: value})
+
+
 def test_shard_fused_takes_each_part_per_rank() -> None:
     cfg = TINY  # 4 q heads, 2 kv heads, head_dim 8
     hd = cfg.head_dim
