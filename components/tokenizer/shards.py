@@ -140,8 +140,27 @@ class TokenShardReader:
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_SIZE, shape=(ntok,))
         self.doc_offsets = np.memmap(self.path, dtype="<u8", mode="r",
                                      offset=HEADER_SIZE + ntok * self.dtype.itemsize, shape=(ndoc + 1,))
+        self._check_offsets()
         if check_ids:
             self.check_ids(expected_vocab_size or self.vocab_size)
+
+    def _check_offsets(self) -> None:
+        """Document offsets must run 0 … token_count without going back (doc-masking positions and
+        `document()` slice by them)."""
+        offs = np.asarray(self.doc_offsets)
+        if int(offs[0]) != 0 or int(offs[-1]) != self.token_count:
+            raise InputDataError(
+                f"{self.path}: document offsets run {int(offs[0])} … {int(offs[-1])}, expected 0 … "
+                f"token_count={self.token_count} (corrupt offset table)"
+            )
+        if offs.size > 1:
+            back = np.flatnonzero(offs[1:] < offs[:-1])
+            if back.size:
+                i = int(back[0]) + 1
+                raise InputDataError(
+                    f"{self.path}: document offset {i} is {int(offs[i])}, below offset {i - 1} = "
+                    f"{int(offs[i - 1])} (corrupt offset table)"
+                )
 
     def check_ids(self, vocab_size: int, block: int = 1 << 22) -> None:
         for start in range(0, self.token_count, block):

@@ -123,6 +123,26 @@ def test_bad_shards_fail_at_open_naming_the_file(tmp_path: Path) -> None:
         open_shards([], 512)
 
 
+def test_corrupt_document_offsets_fail_at_open_naming_the_file(tmp_path: Path) -> None:
+    import struct
+
+    from kubellm.tokenizer.shards import HEADER_SIZE
+
+    good = write_shard(tmp_path / "g.tok", [list(range(100)), list(range(50)), list(range(30))])
+    data = bytearray(Path(good).read_bytes())
+    table = HEADER_SIZE + 180 * 2  # uint16 tokens, then offsets 0, 100, 150, 180
+    last = bytearray(data)
+    last[table + 24: table + 32] = struct.pack("<Q", 999)  # was accepted: doc masking read past the end
+    (tmp_path / "last.tok").write_bytes(bytes(last))
+    with pytest.raises(InputDataError, match=r"last\.tok: document offsets run 0 … 999, expected 0 … token_count=180"):
+        open_shards([tmp_path / "last.tok"], 512)
+    back = bytearray(data)
+    back[table + 16: table + 24] = struct.pack("<Q", 20)  # 0, 100, 20, 180
+    (tmp_path / "back.tok").write_bytes(bytes(back))
+    with pytest.raises(InputDataError, match=r"back\.tok: document offset 2 is 20, below offset 1 = 100"):
+        open_shards([tmp_path / "back.tok"], 512)
+
+
 def test_too_little_data_for_the_batch_names_the_numbers(shards: list[str]) -> None:
     with pytest.raises(InputDataError, match="need at least 64"):
         loader(shards, 0, 2, micro_batch_size=32)
