@@ -64,6 +64,7 @@ class PackedWindowLoader:
                 f"windows of seq_len+1={seq_len + 1} tokens; {dp_size} rank(s) × micro_batch_size="
                 f"{micro_batch_size} need at least {dp_size * micro_batch_size}"
             )
+        self.shard_fingerprint = _fingerprint(self.shards)
         self._pos = (0, 0)  # (epoch, items of this rank consumed in that epoch)
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._thread: threading.Thread | None = None
@@ -150,7 +151,9 @@ class PackedWindowLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._pos[0], "offset": self._pos[1], "seed": self.seed, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "num_windows": self.num_windows, "seq_len": self.seq_len}
+                "dp_size": self.dp_size, "num_windows": self.num_windows, "seq_len": self.seq_len,
+                "shard_count": len(self.shards), "shard_tokens": sum(sh.token_count for sh in self.shards),
+                "shard_fingerprint": self.shard_fingerprint}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for key in ("seed", "dp_size", "num_windows", "seq_len"):
@@ -159,8 +162,30 @@ class PackedWindowLoader:
                     f"loader state has {key}={sd[key]} but this run has {key}={getattr(self, key)}; "
                     "the data position cannot be resumed exactly with different data or layout"
                 )
+        # Window indices are positions in the shards' concatenated order: the same number of windows
+        # over other shards (one swapped, added or removed) would resume at a silently shifted position.
+        if "shard_fingerprint" in sd and sd["shard_fingerprint"] != self.shard_fingerprint:
+            raise InputDataError(
+                f"loader state was saved over {sd.get('shard_count', '?')} token shard(s) holding "
+                f"{sd.get('shard_tokens', '?')} tokens (fingerprint {sd['shard_fingerprint']}) but this run "
+                f"reads {len(self.shards)} shard(s) holding {sum(sh.token_count for sh in self.shards)} "
+                f"tokens (fingerprint {self.shard_fingerprint}); shards were added, removed or changed, so "
+                "the data position cannot be resumed exactly — resume with the original shards, or train "
+                "in a new run"
+            )
         self.close()
         self._pos = (int(sd["epoch"]), int(sd["offset"]))
+
+
+def _fingerprint(shards: Sequence[TokenShardReader]) -> str:
+    """Digest of the shards' order, file names and token counts (what window indices depend on); file
+    names only, so the same data staged under another directory (an S3 cache) resumes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sh in shards:
+        h.update(f"{sh.path.name}\0{sh.token_count}\0{sh.doc_count}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:

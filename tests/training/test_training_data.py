@@ -99,6 +99,37 @@ def test_resume_refuses_other_layout(shards: list[str]) -> None:
         loader(shards, 0, 2).load_state_dict(state)
 
 
+def test_resume_refuses_shards_added_removed_or_swapped(shards: list[str], tmp_path: Path) -> None:
+    ld = loader(shards)
+    take(ld, 3)
+    state = ld.state_dict()
+    # b.tok (169 windows-worth) replaced by c.tok with the same window count: num_windows agrees, so
+    # this used to resume silently at a position in other data
+    c = write_shard(tmp_path / "train/c.tok", [list(range(100, 270))])
+    swapped = loader([shards[0], c])
+    assert swapped.num_windows == ld.num_windows
+    with pytest.raises(InputDataError, match=r"saved over 2 token shard\(s\) holding 500 tokens .* shards were "
+                                             r"added, removed or changed"):
+        swapped.load_state_dict(state)
+    # a shard split in two with the same windows in all: also refused
+    d1 = write_shard(tmp_path / "train/d1.tok", [list(range(330, 400))])
+    d2 = write_shard(tmp_path / "train/d2.tok", [list(range(400, 500))])
+    with pytest.raises(InputDataError, match="added, removed or changed"):
+        loader([shards[0], d1, d2]).load_state_dict(state)
+    # the same shards staged under another directory (an S3 cache) resume
+    moved = tmp_path / "cache/train"
+    moved.mkdir(parents=True)
+    for p in shards:
+        (moved / Path(p).name).write_bytes(Path(p).read_bytes())
+    again = loader([str(moved / Path(p).name) for p in shards])
+    again.load_state_dict(state)
+    assert window_starts(take(again, 2)) == window_starts([next(ld) for _ in range(2)])
+    ld.close()
+    # a state saved before the fingerprint existed still loads
+    old = {k: v for k, v in state.items() if not k.startswith("shard_")}
+    loader(shards).load_state_dict(old)
+
+
 def test_doc_masking_supplies_doc_ids_and_restarted_positions(tmp_path: Path) -> None:
     p = write_shard(tmp_path / "d.tok", [[1, 5, 6, 2], [1, 7, 8, 9, 2], [1, 3, 2]] * 10)
     b = take(PackedWindowLoader(open_shards([p], 512), seq_len=8, micro_batch_size=1, dp_rank=0, dp_size=1,
