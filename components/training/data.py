@@ -47,6 +47,8 @@ class PackedWindowLoader:
                  prefetch: int = 4) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"seq_len={seq_len} and micro_batch_size={micro_batch_size} must both be ≥ 1")
         self.shards = list(shards)
         self.seq_len, self.micro, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size

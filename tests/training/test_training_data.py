@@ -179,6 +179,14 @@ def test_too_little_data_for_the_batch_names_the_numbers(shards: list[str]) -> N
         loader(shards, 0, 2, micro_batch_size=32)
 
 
+def test_zero_seq_len_or_micro_batch_is_refused_naming_it(shards: list[str]) -> None:
+    # seq_len=0 was a ZeroDivisionError; micro_batch_size=0 built a loader whose first batch crashed
+    with pytest.raises(ValueError, match="seq_len=0"):
+        loader(shards, seq_len=0)
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        loader(shards, micro_batch_size=0)
+
+
 def test_s3_shards_are_fetched_to_a_local_cache(tmp_path: Path, s3_bucket: str) -> None:
     from kubellm.core.manifest import publish_dir
 
