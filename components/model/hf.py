@@ -179,7 +179,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     if model_type != "llama":
         raise refuse("model_type", model_type, "'llama'")
     act = d.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN maps both to SiLU
         raise refuse("hidden_act", act, "'silu' (SwiGLU)")
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
@@ -194,6 +194,8 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     if head_dim is not None and head_dim * heads != d["hidden_size"]:
         raise refuse("head_dim", head_dim, f"hidden_size/num_attention_heads = {d['hidden_size'] // heads}")
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise refuse("rope_theta", theta, "a number > 0")
     kv = d.get("num_key_value_heads") or heads
     try:
         return ModelConfig(

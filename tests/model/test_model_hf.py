@@ -115,6 +115,32 @@ def test_unsupported_features_are_refused(key: str, value: object, tmp_path: Pat
         load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("theta", [None, "10000", -5.0])
+def test_bad_rope_theta_is_refused_naming_it(theta: object, tmp_path: Path) -> None:
+    # rope_theta: null was a bare TypeError from float(None); a negative one loaded (NaN frequencies)
+    export_hf(_model(BASE), BASE, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf.pop("rope_parameters", None)
+    conf["rope_theta"] = theta
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=r"config\.json: [\s\S]*rope_theta"):
+        load_hf(tmp_path)
+
+
+def test_swish_activation_is_silu(tmp_path: Path) -> None:
+    # transformers maps hidden_act "swish" to SiLU: the same model, so it loads (was refused)
+    model = _model(BASE)
+    export_hf(model, BASE, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["hidden_act"] = "swish"
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    back, cfg = load_hf(tmp_path)
+    assert cfg == BASE
+    x = torch.randint(0, BASE.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
 def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
     export_hf(_model(BASE), BASE, tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
