@@ -95,7 +95,10 @@ class PackedWindowLoader:
             pos = np.arange(start, start + self.seq_len)
             doc = np.searchsorted(offs, pos, side="right") - 1
             out["doc_ids"] = doc - doc[0]
-            out["position_ids"] = pos - offs[doc]
+            # a document that began before this window counts from the window's start (as the model's
+            # own `positions_from_doc_ids` does): its offset within the document is unbounded and
+            # indexed past the RoPE table (max_seq_len) once a document outgrew it
+            out["position_ids"] = pos - np.maximum(offs[doc], start)
         return out
 
     def _make_batch(self, pos: tuple[int, int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:

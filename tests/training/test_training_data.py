@@ -138,6 +138,31 @@ def test_doc_masking_supplies_doc_ids_and_restarted_positions(tmp_path: Path) ->
     np.testing.assert_array_equal(b["position_ids"][0].numpy(), [0, 1, 2, 3, 0, 1, 2, 3])
 
 
+def test_doc_masking_positions_stay_inside_the_window_for_long_documents(tmp_path: Path) -> None:
+    import torch
+
+    from kubellm.model import Transformer
+    from kubellm.model.config import get_preset
+    from kubellm.model.transformer import positions_from_doc_ids
+
+    # a 1900-token document then a short one: windows deep inside the long document gave positions
+    # up to ~1900, an IndexError into the RoPE table (a device assert on CUDA) for max_seq_len=128
+    p = write_shard(tmp_path / "long.tok", [[i % 500 for i in range(1900)], list(range(100))])
+    ld = PackedWindowLoader(open_shards([p], 512), seq_len=128, micro_batch_size=1, dp_rank=0, dp_size=1,
+                            seed=0, shuffle=False, doc_masking=True)
+    batches = [next(ld) for _ in range(ld.per_rank)]
+    ld.close()
+    for b in batches:
+        assert int(b["position_ids"].max()) < 128
+        torch.testing.assert_close(b["position_ids"], positions_from_doc_ids(b["doc_ids"]))
+    last = batches[-1]  # tokens 1792…1919: the end of the long document, then the short one from 0
+    assert int(last["doc_ids"].max()) == 1 and int(last["position_ids"][0, -1]) == 19
+    model = Transformer(get_preset("debug").with_(vocab_size=512, max_seq_len=128))
+    loss = model(last["input_ids"], position_ids=last["position_ids"], doc_ids=last["doc_ids"],
+                 labels=last["labels"])
+    assert torch.isfinite(loss)
+
+
 def test_bad_shards_fail_at_open_naming_the_file(tmp_path: Path) -> None:
     good = write_shard(tmp_path / "g.tok", [list(range(100))], vocab=512)
     data = Path(good).read_bytes()
