@@ -99,6 +99,31 @@ def state_dict_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -
     return out
 
 
+def check_exportable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Refuse (`IntegrityError`, naming the tensor) a state dict that is not exactly `cfg`'s model: a
+    missing tensor (transformers would load the export with that weight randomly initialised, with
+    only a warning), a shape `cfg` does not imply, or an output head that differs from the embedding
+    under `tie_embeddings` (the export would drop it)."""
+    sd = _strip(state_dict)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise IntegrityError(f"state dict to export is missing {len(missing)} tensor(s) of the model "
+                             f"(first {missing[0]!r}); an exported directory needs every weight")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise IntegrityError(f"state dict tensor {k!r} has shape {tuple(sd[k].shape)} but the model "
+                                 f"config implies {shape} (export with the config the weights were trained with)")
+    if cfg.tie_embeddings and "output.weight" in sd:
+        out, emb = sd["output.weight"], sd["tok_embeddings.weight"]
+        if out is not emb and (out.shape != emb.shape or not torch.equal(out.detach().cpu(), emb.detach().cpu())):
+            raise IntegrityError("state dict's 'output.weight' differs from 'tok_embeddings.weight' but the "
+                                 "config has tie_embeddings=True; the export would drop the output head")
+
+
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
     """Every tensor a `LlamaForCausalLM` with this shape must contain."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -229,10 +254,11 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
     The generation config's eos list also holds `<|end|>` when the tokenizer has it, so chat
     generation stops at the end of the assistant's turn. Returns `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
         else model_or_state_dict
+    check_exportable(sd, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     # clone: tied/fused views share storage, which safetensors refuses; contiguous for the split views
     tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict_to_hf(sd, cfg).items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -150,6 +150,29 @@ def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
         load_hf(tmp_path)
 
 
+def test_export_refuses_a_state_dict_that_is_not_the_configs_model(tmp_path: Path) -> None:
+    # each of these used to export: transformers then loaded a missing weight randomly initialised
+    # (a warning only), and a tied config silently dropped an untied model's output head
+    sd = dict(_model(BASE).state_dict())
+    partial = {k: v for k, v in sd.items() if k != "blocks.1.ffn.down.weight"}
+    with pytest.raises(IntegrityError, match=r"missing 1 tensor\(s\) of the model \(first 'blocks\.1\.ffn\.down"):
+        export_hf(partial, BASE, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    with pytest.raises(IntegrityError, match="missing"):
+        export_hf({}, BASE, tmp_path / "empty")
+    with pytest.raises(IntegrityError, match=r"'blocks\.0\.ffn\.gate_up\.weight' has shape \(96, 32\) but the "
+                                             r"model config implies \(80, 32\)"):
+        export_hf(sd, BASE.with_(ffn_dim=40), tmp_path / "shape")
+    with pytest.raises(IntegrityError, match="differs from 'tok_embeddings.weight' but the config has tie_embeddings"):
+        export_hf(sd, BASE.with_(tie_embeddings=True), tmp_path / "tied")
+    # a DeepSpeed-wrapped state dict of a tied model, with or without the shared head, still exports
+    tied = BASE.with_(tie_embeddings=True)
+    tsd = {"module." + k: v for k, v in _model(tied).state_dict().items()}
+    export_hf(tsd, tied, tmp_path / "ok1")
+    export_hf({k: v for k, v in tsd.items() if k != "module.output.weight"}, tied, tmp_path / "ok2")
+    assert load_file(tmp_path / "ok1" / "model.safetensors").keys() == load_file(tmp_path / "ok2" / "model.safetensors").keys()
+
+
 def test_no_safetensors_is_refused(tmp_path: Path) -> None:
     export_hf(_model(BASE), BASE, tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
