@@ -352,6 +352,21 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
         except SafetensorError as e:
             raise _unreadable_weights(path, e) from None
 
+    if cfg.tie_embeddings and "lm_head.weight" in files:
+        # transformers then unties and uses this head while vLLM uses the embedding: the same
+        # directory would be two different models, so only an lm_head equal to the embedding is accepted
+        head_path = files["lm_head.weight"]
+        try:
+            with safe_open(str(head_path), framework="pt") as f:
+                head = f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise _unreadable_weights(head_path, e) from None
+        emb = hf["model.embed_tokens.weight"]
+        if head.shape != emb.shape or not torch.equal(head, emb):
+            raise ConfigError(f"{cfg_path}: tie_word_embeddings=true but {head_path.name} holds an "
+                              "'lm_head.weight' that differs from 'model.embed_tokens.weight' (transformers "
+                              "would use the head, vLLM the embedding); set tie_word_embeddings to false "
+                              "if the head is meant to be separate")
     sd = hf_to_state_dict(hf, cfg, source=str(default_file))
     with torch.device("meta"):  # no throwaway random init for a 7B model
         model = Transformer(cfg)

@@ -141,6 +141,24 @@ def test_swish_activation_is_silu(tmp_path: Path) -> None:
         assert torch.equal(back(x), model(x))
 
 
+def test_tied_config_with_a_different_lm_head_is_refused(tmp_path: Path) -> None:
+    # was loaded with the embedding as the head, while transformers unties and uses lm_head.weight:
+    # logits differed from transformers' for the same directory
+    export_hf(_model(BASE), BASE, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=r"config\.json: tie_word_embeddings=true but model\.safetensors holds an "
+                                          r"'lm_head\.weight' that differs"):
+        load_hf(tmp_path)
+    # an lm_head equal to the embedding (some exporters write both) is the tied model
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, tmp_path / "model.safetensors")
+    model, cfg = load_hf(tmp_path)
+    assert cfg.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+
+
 def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
     export_hf(_model(BASE), BASE, tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
