@@ -227,3 +227,48 @@ def test_retry_after_success_reports_success_without_a_new_job(fake):
     result = launch(fake)
     assert result.reattached and result.phase == "Succeeded"
     assert fake.count("POST", "/pytorchjobs") == 0 and fake.deletes == []
+
+
+def _existing(run_id: str = RUN_ID, **settings) -> dict:
+    s = ClusterLaunchSettings(**{**FAST, **settings})
+    return build_pytorchjob(app(), name=NAME, namespace="default", settings=s, ctx=JobContext(run_id, TASK))
+
+
+def _steps(phase: str) -> list[str]:
+    return ["Running", "Succeeded"] if phase == "Running" else [phase]  # ends even when (wrongly) attached
+
+
+@pytest.mark.parametrize("phase", ["Running", "Succeeded", "Failed"])
+def test_job_of_another_run_with_the_same_name_is_not_touched(fake, phase):
+    from kubellm.core.errors import KubellmError
+
+    fake.preload(_existing(run_id="another-run"), _steps(phase))
+    with pytest.raises(KubellmError, match="belongs to another run"):
+        launch(fake, job_name=NAME)
+    assert fake.count("POST", "/pytorchjobs") == 0 and fake.deletes == []
+
+
+@pytest.mark.parametrize("phase", ["Running", "Succeeded"])
+def test_live_or_succeeded_job_with_a_different_spec_is_not_attached(fake, phase):
+    from kubellm.core.errors import KubellmError
+
+    fake.preload(_existing(termination_grace_s=5), _steps(phase))
+    with pytest.raises(KubellmError, match="runs a different spec"):
+        launch(fake)
+    assert fake.count("POST", "/pytorchjobs") == 0 and fake.deletes == []
+
+
+def test_conflict_on_create_with_a_different_spec_is_not_attached(fake):
+    from kubellm.core.errors import KubellmError
+
+    fake.inject("GET", f"/pytorchjobs/{NAME}", 404, times=1)
+    fake.preload(_existing(termination_grace_s=5), ["Running", "Succeeded"])
+    with pytest.raises(KubellmError, match="runs a different spec"):
+        launch(fake)
+    assert fake.created == [] and fake.deletes == []
+
+
+def test_failed_job_of_this_run_with_a_different_spec_is_recreated(fake):
+    fake.preload(_existing(termination_grace_s=5), ["Failed"])
+    result = launch(fake)
+    assert result.phase == "Succeeded" and result.recreated == 1 and fake.deletes == [NAME]

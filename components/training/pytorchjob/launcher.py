@@ -9,6 +9,8 @@ From a KFP component (the pod has the downward-API env KUBELLM_POD_NAME/KUBELLM_
 Lifecycle (the job name is derived from run ID + task, so every attempt of one KFP task finds the same job):
   * no job            -> create it (409 = a concurrent attempt created it -> attach);
   * job running       -> re-attach (a KFP retry never creates a second job);
+  * job of another run, or live/Succeeded with a different spec-hash -> refuse (never attach to,
+                         delete or report the success of a job this attempt would not have created);
   * job Succeeded     -> report success;
   * job Failed        -> delete it, wait until it is gone, create it again (same args, same run
                          prefix: training resumes from the last committed checkpoint);
@@ -200,6 +202,8 @@ class JobLauncher:
                 return job
             st = b.status(existing)
             prev_attempt = _attempt(existing)
+            if not st.deleting:
+                self._check_same_job(obj, existing, st)
             if st.deleting:
                 self._say(f"{b.kind} {b.namespace}/{name} is being deleted; waiting to create it again")
                 self._wait_gone(name)
@@ -213,16 +217,38 @@ class JobLauncher:
                 result.recreated += 1
                 obj = self._rebuild(appdef, ctx, name, prev_attempt + 1)
                 continue
-            mine = obj["metadata"]["annotations"].get(f"{translate.LABEL_PREFIX}/spec-hash")
-            theirs = (existing.get("metadata", {}).get("annotations") or {}).get(f"{translate.LABEL_PREFIX}/spec-hash")
-            if mine != theirs:
-                log.warning("%s %s: existing job's spec differs from this attempt's (spec-hash %s != %s); "
-                            "attaching to the running job anyway", b.kind, name, theirs, mine)
             result.reattached = True
             self._note_job(existing, result)
             self._say(f"re-attached to existing {b.kind} {b.namespace}/{name} (attempt {result.attempt}, {st.describe()})")
             return existing
         raise KubellmError(f"{b.kind} {b.namespace}/{name}: could not create or attach after repeated conflicts")
+
+    def _check_same_job(self, obj: Mapping[str, Any], existing: Mapping[str, Any], st: JobStatus) -> None:
+        """Refuse to attach to (or delete, or report the success of) a job with this name that another
+        run created, or that runs a different spec than this attempt would create. A Failed job of this
+        same run is ours to recreate even when its spec differs."""
+        b, name = self.backend, obj["metadata"]["name"]
+        mine = obj["metadata"].get("annotations") or {}
+        theirs = existing.get("metadata", {}).get("annotations") or {}
+        run_key, hash_key = f"{translate.LABEL_PREFIX}/run-id", f"{translate.LABEL_PREFIX}/spec-hash"
+        what = f"{b.kind} {b.namespace}/{name}"
+        if run_key not in theirs:
+            raise KubellmError(
+                f"{what} exists but was not created by kubellm (no {run_key} annotation); refusing to attach to, "
+                "delete or report it; delete it or set settings.job_name to another name"
+            )
+        if theirs.get(run_key) != mine.get(run_key):
+            raise KubellmError(
+                f"{what} belongs to another run ({run_key}={theirs.get(run_key)!r}, this run is "
+                f"{mine.get(run_key)!r}); refusing to attach to, delete or report it; set settings.job_name "
+                "to another name"
+            )
+        if st.phase != FAILED and hash_key in theirs and theirs.get(hash_key) != mine.get(hash_key):
+            raise KubellmError(
+                f"{what} ({st.describe()}) runs a different spec than this attempt would create (spec-hash "
+                f"{theirs.get(hash_key)} != {mine.get(hash_key)}: the image, command, resources or settings "
+                "changed); refusing to attach to it. Delete the job to start again with the new spec"
+            )
 
     def _recreate(self, name: str, appdef: Any, ctx: translate.JobContext, result: LaunchResult) -> dict[str, Any]:
         self._delete_and_wait(name)
