@@ -13,7 +13,8 @@ It serves what the launcher uses, with the real paths and JSON shapes:
 Status is scripted: `fake.script(name, [step, ...])` queues one script per creation of that job; each
 GET of the job advances one step (deterministic, no wall clock). A step is a phase name or a dict
 {"phase", "reason", "message", "exit_code", "termination_message", "waiting": (reason, message),
-"log": [lines], "event": (reason, message)}. Faults: `fake.inject("GET", "/pytorchjobs/", 500, times=2)`.
+"log": [lines], "event": (reason, message),
+"unschedulable": message (pods Pending with PodScheduled=False)}. Faults: `fake.inject("GET", "/pytorchjobs/", 500, times=2)`.
 
     with FakeKubeApi() as fake:
         fake.script("job-a", ["Created", "Running", "Succeeded"])
@@ -160,6 +161,8 @@ class FakeKubeApi:
             st: dict[str, Any] = {"phase": pod_phase}
             if "waiting" in step:
                 st = {"phase": "Pending", "waiting": step["waiting"]}
+            if "unschedulable" in step:
+                st = {"phase": "Pending", "unschedulable": step["unschedulable"]}
             if "exit_code" in step and pod.endswith("-0") and (phase == "Failed"):
                 st["terminated"] = {"exitCode": step["exit_code"], "reason": "Error",
                                     "message": step.get("termination_message", "")}
@@ -184,11 +187,16 @@ class FakeKubeApi:
             cstatus["state"] = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
         else:
             cstatus["state"] = {"waiting": {"reason": "ContainerCreating"}}
+        pstatus: dict[str, Any] = {"phase": st["phase"], "containerStatuses": [cstatus]}
+        if "unschedulable" in st:
+            pstatus["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": st["unschedulable"]}]
+            del pstatus["containerStatuses"]
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod, "namespace": ns, "labels": {
                     "training.kubeflow.org/job-name": job["metadata"]["name"],
                     "training.kubeflow.org/replica-type": rtype, "training.kubeflow.org/replica-index": idx}},
-                "status": {"phase": st["phase"], "containerStatuses": [cstatus]}}
+                "status": pstatus}
 
     # --- HTTP ---
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -272,3 +272,18 @@ def test_failed_job_of_this_run_with_a_different_spec_is_recreated(fake):
     fake.preload(_existing(termination_grace_s=5), ["Failed"])
     result = launch(fake)
     assert result.phase == "Succeeded" and result.recreated == 1 and fake.deletes == [NAME]
+
+
+def test_unschedulable_job_times_out_with_the_scheduler_reason_and_is_deleted(fake):
+    msg = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    fake.script(NAME, ["Created", {"phase": "Created", "unschedulable": msg}])
+    with pytest.raises(JobFailedError, match=r"cannot be scheduled(.|\n)*Insufficient nvidia.com/gpu"):
+        launch(fake, unschedulable_timeout_s=0.05)
+    assert fake.deletes == [NAME]
+
+
+def test_unschedulable_timeout_none_keeps_waiting(fake):
+    fake.script(NAME, ["Created"] + [{"phase": "Created", "unschedulable": "0/3 nodes are available"}] * 20
+                + ["Running", "Succeeded"])
+    result = launch(fake, unschedulable_timeout_s=None)
+    assert result.phase == "Succeeded" and fake.deletes == []

@@ -15,7 +15,8 @@ Lifecycle (the job name is derived from run ID + task, so every attempt of one K
   * job Failed        -> delete it, wait until it is gone, create it again (same args, same run
                          prefix: training resumes from the last committed checkpoint);
   * while waiting     -> report phase transitions, stream rank 0's log, fail fast on pods stuck in
-                         CreateContainerConfigError/ImagePullBackOff, and on SIGTERM/SIGINT (pipeline
+                         CreateContainerConfigError/ImagePullBackOff, time out (with the scheduler's
+                         reason) on pods unschedulable for settings.unschedulable_timeout_s, and on SIGTERM/SIGINT (pipeline
                          cancel) delete the job exactly once and raise LaunchCancelledError.
 """
 
@@ -324,6 +325,25 @@ class JobLauncher:
                     self._delete_once(name)
                     raise JobFailedError(
                         f"training job cannot start (a missing Secret/ConfigMap or image?):\n{details}", result
+                    )
+        timeout = self.settings.unschedulable_timeout_s
+        for pod in pods:
+            for cond in (pod.get("status") or {}).get("conditions") or []:
+                if cond.get("type") != "PodScheduled" or cond.get("status") != "False":
+                    continue
+                key = (pod.get("metadata", {}).get("name", ""), "Unschedulable")
+                current.add(key)
+                since.setdefault(key, now)
+                if timeout is not None and now - since[key] >= timeout:
+                    details = "\n".join(self.backend.failure_details(job, pods))
+                    result.failure = details
+                    result.phase = FAILED
+                    self._say(f"{self.backend.kind} {self.backend.namespace}/{name}: pod {key[0]} unschedulable "
+                              f"for {now - since[key]:.0f}s; deleting the job")
+                    self._delete_once(name)
+                    raise JobFailedError(
+                        f"training job cannot be scheduled within settings.unschedulable_timeout_s={timeout:.0f}s "
+                        f"(no node fits its resources, node selector or tolerations?):\n{details}", result
                     )
         for key in set(since) - current:
             del since[key]

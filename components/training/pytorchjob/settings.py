@@ -186,6 +186,9 @@ class ClusterLaunchSettings(StrictModel):
     """Fail when a pod stays in CreateContainerConfigError (e.g. a missing Secret) this long."""
     image_pull_grace_s: float = Field(default=300.0, ge=0)
     """Fail when a pod cannot pull its image (ImagePullBackOff/ErrImagePull) this long."""
+    unschedulable_timeout_s: float | None = Field(default=1800.0, gt=0)
+    """Fail when a pod stays unschedulable (PodScheduled=False: no node fits its GPUs/CPU/memory,
+    selector or tolerations) this long; long enough for a cluster autoscaler. None = wait forever."""
     delete_timeout_s: float = Field(default=300.0, gt=0)
     """How long to wait for a deleted Failed job to disappear before recreating it."""
     torchrun: list[str] = Field(default_factory=lambda: ["torchrun"])
