@@ -51,6 +51,8 @@ class FakeKubeApi:
         self.crd_installed = crd_installed
         self.admission = admission
         self.delete_delay = delete_delay
+        self.namespaces: set[str] | None = None
+        """When set, the namespaces that exist (job requests elsewhere answer 404 namespaces not found)."""
         self.lock = threading.RLock()
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.scripts: dict[str, list[list[Any]]] = defaultdict(list)
@@ -263,6 +265,9 @@ class FakeKubeApi:
             if not self.crd_installed:
                 return 404, "404 page not found\n", "text/plain"
             ns, name, _ = m.groups()
+            if self.namespaces is not None and ns not in self.namespaces:
+                return 404, _status(404, "NotFound", f'namespaces "{ns}" not found',
+                                    {"name": ns, "kind": "namespaces"}), js
             if name is None and method == "GET":
                 items = [j for (n, _), j in self.jobs.items() if n == ns]
                 return 200, {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJobList", "items": items}, js

@@ -287,3 +287,13 @@ def test_unschedulable_timeout_none_keeps_waiting(fake):
                 + ["Running", "Succeeded"])
     result = launch(fake, unschedulable_timeout_s=None)
     assert result.phase == "Succeeded" and fake.deletes == []
+
+
+def test_missing_namespace_is_named_not_reported_as_operator_missing(fake):
+    from kubellm.core.errors import ConfigError
+
+    fake.namespaces = {"default"}
+    with pytest.raises(ConfigError, match="namespace 'no-such-ns' does not exist"):
+        run_appdef(app(), run_id=RUN_ID, task_name=TASK, namespace="no-such-ns",
+                   settings={**FAST, "api_host": fake.url})
+    assert fake.created == []

@@ -9,6 +9,7 @@ and the launcher do not change (`settings.backend: trainjob` selects it).
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +218,9 @@ class PyTorchJobBackend(LaunchBackend):
             if e.status == 409:
                 raise JobExistsError(f"{self.kind} {self.namespace}/{name} already exists") from None
             if e.status == 404:
+                if _not_found_kind(e) == "namespaces":
+                    raise ConfigError(f"namespace {self.namespace!r} does not exist ({_describe(e)}); create it or "
+                                      "pass another namespace") from None
                 raise self._not_installed() from None
             if e.status in (400, 422):
                 raise ConfigError(f"{self.kind} {self.namespace}/{name} refused by the API server: {_describe(e)}") from None
@@ -254,6 +258,15 @@ class PyTorchJobBackend(LaunchBackend):
         replicas = (obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}
         role = "master" if "Master" in replicas else "worker"
         return f"{name}-{role}-0", translate.CONTAINER
+
+
+def _not_found_kind(e: ApiException) -> str:
+    """The `details.kind` of a 404 Status body ("namespaces" when the namespace is missing)."""
+    body = e.body.decode() if isinstance(e.body, bytes) else (e.body or "")
+    try:
+        return str((json.loads(body).get("details") or {}).get("kind") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 # settings.backend -> backend class. A Kubeflow Trainer v2 backend registers "trainjob" here.
