@@ -317,15 +317,8 @@ class JobLauncher:
                 since.setdefault(key, now)
                 grace = self.settings.config_error_grace_s if reason in CONFIG_ERRORS else self.settings.image_pull_grace_s
                 if reason in CONFIG_ERRORS | PULL_ERRORS and now - since[key] >= grace:
-                    details = "\n".join(self.backend.failure_details(job, pods))
-                    result.failure = details
-                    result.phase = FAILED
-                    self._say(f"{self.backend.kind} {self.backend.namespace}/{name}: pod {key[0]} stuck in {reason} "
-                              f"for {now - since[key]:.0f}s; deleting the job")
-                    self._delete_once(name)
-                    raise JobFailedError(
-                        f"training job cannot start (a missing Secret/ConfigMap or image?):\n{details}", result
-                    )
+                    self._give_up(name, job, pods, result, f"pod {key[0]} stuck in {reason} for {now - since[key]:.0f}s",
+                                  "training job cannot start (a missing Secret/ConfigMap or image?)")
         timeout = self.settings.unschedulable_timeout_s
         for pod in pods:
             for cond in (pod.get("status") or {}).get("conditions") or []:
@@ -335,18 +328,21 @@ class JobLauncher:
                 current.add(key)
                 since.setdefault(key, now)
                 if timeout is not None and now - since[key] >= timeout:
-                    details = "\n".join(self.backend.failure_details(job, pods))
-                    result.failure = details
-                    result.phase = FAILED
-                    self._say(f"{self.backend.kind} {self.backend.namespace}/{name}: pod {key[0]} unschedulable "
-                              f"for {now - since[key]:.0f}s; deleting the job")
-                    self._delete_once(name)
-                    raise JobFailedError(
-                        f"training job cannot be scheduled within settings.unschedulable_timeout_s={timeout:.0f}s "
-                        f"(no node fits its resources, node selector or tolerations?):\n{details}", result
-                    )
+                    self._give_up(name, job, pods, result, f"pod {key[0]} unschedulable for {now - since[key]:.0f}s",
+                                  f"training job cannot be scheduled within settings.unschedulable_timeout_s="
+                                  f"{timeout:.0f}s (no node fits its resources, node selector or tolerations?)")
         for key in set(since) - current:
             del since[key]
+
+    def _give_up(self, name: str, job: Mapping[str, Any], pods: list[dict[str, Any]], result: LaunchResult,
+                 what: str, why: str) -> None:
+        """A pod will not start: record the failure details, delete the job, raise JobFailedError."""
+        details = "\n".join(self.backend.failure_details(job, pods))
+        result.failure = details
+        result.phase = FAILED
+        self._say(f"{self.backend.kind} {self.backend.namespace}/{name}: {what}; deleting the job")
+        self._delete_once(name)
+        raise JobFailedError(f"{why}:\n{details}", result)
 
     # --- deletion and cancel ---
     def _delete_once(self, name: str) -> None:
