@@ -23,7 +23,7 @@ from kubellm.core.manifest import Manifest, content_prefix
 from kubellm.core.storage import join, storage_for
 from kubellm.dpo.config import DPOConfig
 from kubellm.sft.data import SkipReport
-from kubellm.sft.stage import check_seq_len, config_hash, no_usable_records, source_fingerprint, stage_jsonl
+from kubellm.sft.stage import config_hash, no_usable_records, source_fingerprint, stage_jsonl
 from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
@@ -33,10 +33,9 @@ REF_FILE = "reference/ref_logps.npy"
 
 def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
-    check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "preferences": source_fingerprint(inputs["preferences"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
-    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker)
+    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config)
 
 
 def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, np.ndarray]], rank: int,
@@ -74,7 +73,6 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     w = start_worker(spec, config.train)
     rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
     reference, model_cfg = w.model, w.model_config
-    check_seq_len(STAGE, config.train.seq_len, model_cfg, spec.inputs["model"])
     reference.eval().requires_grad_(False)
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:

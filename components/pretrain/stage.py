@@ -45,9 +45,6 @@ def _check(config: PretrainConfig, tokens: Manifest) -> None:
         raise InputDataError(f"{tokens.uri}: no {split}/*.tok shards (pretrain.data.split={split!r})")
     # the layout / ZeRO / precision checks the workers run at start-up, here, before any launch
     check_before_launch(STAGE, model_cfg, config.train, config.parallel, config.launch)
-    if config.train.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"pretrain.train.seq_len={config.train.seq_len} exceeds the model's max_seq_len="
-                          f"{model_cfg.max_seq_len}")
 
 
 def _hash(config: PretrainConfig) -> str:

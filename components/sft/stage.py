@@ -16,9 +16,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from kubellm.core.errors import ConfigError, InputDataError
+from kubellm.core.errors import InputDataError
 from kubellm.core.manifest import Manifest, content_prefix, stable_hash
-from kubellm.model.config import ModelConfig
 from kubellm.sft.config import SFTConfig
 from kubellm.sft.data import SkipReport
 from kubellm.training.job import JobSpec
@@ -45,13 +44,6 @@ def config_hash(config: SFTConfig | object) -> str:
     return stable_hash(config.model_dump(mode="json", exclude={"launch"}))  # type: ignore[union-attr]
 
 
-def check_seq_len(stage: str, seq_len: int, model_cfg: ModelConfig, model_ref: str) -> None:
-    """Refuse a `train.seq_len` the model cannot attend over, before any data is read."""
-    if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"{stage}.train.seq_len={seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} "
-                          f"({model_ref}); lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
-
-
 def no_usable_records(what: str, source: str, report: SkipReport) -> InputDataError:
     """The error for a source with nothing left to train on after the bad records were skipped."""
     first = "".join(f"\n- {e}" for e in report.examples[:5])
@@ -61,10 +53,9 @@ def no_usable_records(what: str, source: str, report: SkipReport) -> InputDataEr
 
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
-    check_seq_len(STAGE, config.train.seq_len, base.config, inputs["model"])
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
-    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker)
+    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config)
 
 
 def run_worker(spec: JobSpec) -> Manifest | None:
@@ -75,7 +66,6 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
     rank, base, tok, model, model_cfg = w.rank, w.base, w.tokenizer, w.model, w.model_config
-    check_seq_len(STAGE, config.train.seq_len, model_cfg, spec.inputs["model"])
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
         examples = list(read_chat_jsonl(stage_jsonl(spec.inputs["chat"], Path(tmp)), tok,

@@ -146,8 +146,8 @@ def clear_previous(spec: JobSpec) -> None:
 
 def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
                         launch: LaunchConfig) -> None:
-    """Run the checks every worker runs at start-up (`topology.validate_layout`,
-    `dsconfig.deepspeed_config`) here, before any process is launched or anything is written, so a
+    """Run the checks every worker runs at start-up (`train.seq_len` within the model's positions,
+    `topology.validate_layout`, `dsconfig.deepspeed_config`) here, before any process is launched or anything is written, so a
     layout / ZeRO / precision combination that cannot work is refused by the stage itself rather
     than by N workers after start-up. Needs only the configs and the model's shape."""
     from kubellm.training.dsconfig import data_parallel_size, deepspeed_config
@@ -157,6 +157,9 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(
             f"{stage}: launch.gpu={launch.gpu} with train.device=cpu: every replica would hold GPUs it never "
             "uses; set launch.gpu: 0 to train on CPU, or train.device: cuda (or auto) to train on the GPUs")
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"{stage}: {stage}.train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
+                          f"{model_cfg.max_seq_len}; lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
     world = launch.nproc_per_node * launch.nnodes
     try:
         data_parallel_size(parallel_cfg, world)  # the clearer message for a dp × tp × pp mismatch

@@ -1,7 +1,7 @@
 """What the post-training stages (SFT, DPO) share: start from a model artifact, launch, publish.
 
     base = fetch_model(inputs["model"])            # manifest, local HF dir, ModelConfig
-    manifest = launch_or_run("sft", config, inputs, output, prefix)   # torchrun/PyTorchJob or in-process
+    manifest = launch_or_run("sft", config, inputs, output, prefix, run_worker, model_cfg=base.config)
     ... in run_worker (rank 0): publish_model(spec, ...)
 
 The launch path is the pretrain stage's: a `JobSpec` handed to `kubellm.training.job.launch_job`
@@ -57,11 +57,6 @@ def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool 
     return BaseModel(manifest, root / export, cfg)
 
 
-def model_config_of(ref: str) -> ModelConfig:
-    """The shape of a model input (`fetch_model`'s resolution) without fetching its weights."""
-    return fetch_model(ref, fetch_here=False).config
-
-
 @dataclasses.dataclass
 class WorkerStart:
     """What a post-training worker has after start-up: its place in the job and the starting model."""
@@ -94,15 +89,15 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
 
 
 def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: str, prefix: str,
-                  run_worker: Any) -> Manifest:
+                  run_worker: Any, *, model_cfg: ModelConfig) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
     process (or this already is a worker), otherwise through the stage's launch backend."""
     from kubellm.training.engine import in_distributed_worker
 
     world = config.launch.nproc_per_node * config.launch.nnodes
     # refuse a layout, batch, ZeRO or precision setting that cannot work before any process is launched:
-    # the workers' own start-up checks, against the input model's shape (its config; no weights read)
-    check_before_launch(stage, model_config_of(inputs["model"]), config.train, config.parallel, config.launch)
+    # the workers' own start-up checks, against the input model's shape (`model_cfg`: its config)
+    check_before_launch(stage, model_cfg, config.train, config.parallel, config.launch)
     if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
         return read_manifest(prefix)
     run_id, run_dir = run_dir_for(stage, inputs, output)

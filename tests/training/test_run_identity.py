@@ -17,6 +17,7 @@ import pytest
 
 from kubellm.core.errors import InputDataError, KubellmError
 from kubellm.core.manifest import Manifest, commit_manifest, publish_dir
+from kubellm.model import get_preset
 from kubellm.training.checkpoint import tag_for
 from kubellm.training.job import TrainingFailedError
 
@@ -85,7 +86,6 @@ def _base_model(root: Path) -> str:
     """A local HF model directory (config.json is all the launcher reads of it)."""
     import json
 
-    from kubellm.model import get_preset
     from kubellm.model.hf import hf_config_dict
 
     d = root / "base_model"
@@ -99,7 +99,8 @@ def _attempt_sft(output: Path, **inputs: str) -> None:
 
     with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
         launch_or_run("sft", _sft_cfg(), {"model": _base_model(output), "chat": "c", **inputs}, str(output),
-                      str(output / "sft" / "prefix"), run_worker=None)
+                      str(output / "sft" / "prefix"), run_worker=None,
+                      model_cfg=get_preset("debug"))
 
 
 def test_kfp_retry_reuses_the_run_dir_and_the_job(tokens: str, tmp_path: Path, attempts: list,
@@ -148,7 +149,8 @@ def test_resume_of_a_run_dir_without_a_checkpoint_is_refused(tokens: str, tmp_pa
         run(_pretrain_cfg(), {"tokens": tokens, "resume": str(missing)}, str(tmp_path))
     with pytest.raises(InputDataError, match="no committed checkpoint"):
         launch_or_run("sft", _sft_cfg(), {"model": _base_model(tmp_path), "chat": "c", "resume": str(missing)},
-                      str(tmp_path), str(tmp_path / "sft" / "prefix"), run_worker=None)
+                      str(tmp_path), str(tmp_path / "sft" / "prefix"), run_worker=None,
+                      model_cfg=get_preset("debug"))
     assert not missing.exists() and attempts == []  # nothing created, nothing launched
 
     torn = tmp_path / "runs" / "torn"
