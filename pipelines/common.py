@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import ConfigError
-from kubellm.pipelines.definitions import PIPELINES, PipelineSettings, build_pipelines
+from kubellm.pipelines.definitions import PIPELINES, SOURCE_PARAMS, PipelineSettings, build_pipelines
 from kubellm.runconfig import PRESETS, RunConfig, load_run_config
 
 
@@ -78,7 +78,7 @@ def check_image_flags(registry: str | None, tag: str | None) -> None:
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettings:
     check_image_flags(getattr(args, "registry", None), getattr(args, "tag", None))
     params = parse_params(getattr(args, "param", []) or [])
-    for key in ("raw_source", "chat_source", "preferences_source"):
+    for key in SOURCE_PARAMS.values():
         if key in params:
             extra.setdefault(key, str(params.pop(key)))
     env = os.environ

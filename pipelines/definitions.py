@@ -77,6 +77,9 @@ class PipelineSettings:
     Compile-time: it shapes the DAG, so it is not a run parameter."""
 
 
+#: Run-config `sources` field -> the pipeline parameter it is the default of.
+SOURCE_PARAMS = {"raw": "raw_source", "chat": "chat_source", "preferences": "preferences_source"}
+
 FAN_OUT_SETTING = "data_prep_parallelism"
 
 
@@ -112,9 +115,7 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
         report_eval["gate"]["promote"] = False
     full: dict[str, Any] = {
         "storage_root": root,
-        "raw_source": settings.raw_source or cfg.sources.raw,
-        "chat_source": settings.chat_source or cfg.sources.chat,
-        "preferences_source": settings.preferences_source or cfg.sources.preferences,
+        **{p: getattr(settings, p) or getattr(cfg.sources, k) for k, p in SOURCE_PARAMS.items()},
         "promoted_pointer": pointer,
         **{f"{s}_config": section_json(cfg, s) for s in STAGES},
     }

@@ -36,6 +36,7 @@ from kubellm.core.storage import is_s3, join, reset_clients, storage_for
 from kubellm.pipelines.common import add_config_args, check_output_dir, load_config, parse_params
 from kubellm.pipelines.definitions import (
     PIPELINES,
+    SOURCE_PARAMS,
     PipelineSettings,
     build_pipelines,
     check_arguments,
@@ -161,13 +162,13 @@ def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: 
     if args.pipeline == "llm_from_scratch":
         # --raw/--chat/--preferences, else the run-config's `sources`, else the demo world's data
         sources = getattr(cfg, "sources", None)
-        given = {k: getattr(args, k) or getattr(sources, k, "") for k in ("raw", "chat", "preferences")}
+        given = {k: getattr(args, k) or getattr(sources, k, "") for k in SOURCE_PARAMS}
         if given["raw"]:
             src = given
         else:
             src = _demo_world(workdir, root, args.demo_scale)
             src.update({k: v for k, v in given.items() if v})
-        arguments.update(raw_source=src["raw"], chat_source=src["chat"], preferences_source=src["preferences"])
+        arguments.update({p: src[k] for k, p in SOURCE_PARAMS.items()})
     else:
         arguments["model_uris"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
     arguments.update(param_arguments(args, cfg))

@@ -35,7 +35,13 @@ from kubellm.pipelines.common import (
     parse_params,
     settings_from_args,
 )
-from kubellm.pipelines.definitions import PIPELINE_NAMES, PIPELINES, check_arguments, parameter_defaults
+from kubellm.pipelines.definitions import (
+    PIPELINE_NAMES,
+    PIPELINES,
+    SOURCE_PARAMS,
+    check_arguments,
+    parameter_defaults,
+)
 from kubellm.pipelines.kfp_api import FINAL_STATES, KfpApiError, api_errors, connect, eq_filter, run_url
 
 _SHA = re.compile(r"^[0-9a-f]{7,64}$")
@@ -98,19 +104,15 @@ def compile_for_submit(args: argparse.Namespace, out_dir: Path) -> tuple[Path, s
     return path, digest, cfg
 
 
-SOURCE_PARAMS = {"raw_source": "sources.raw", "chat_source": "sources.chat",
-                 "preferences_source": "sources.preferences"}
-
-
 def check_sources(args: argparse.Namespace, cfg: Any, arguments: dict[str, Any]) -> None:
     """Refuse, before anything reaches the cluster, an llm_from_scratch run with no data to read: its
     first step would fail on an empty source (a GitOps merge has nobody to type it into the UI)."""
     if args.pipeline != "llm_from_scratch":
         return
     defaults = parameter_defaults(cfg, settings_from_args(args))["llm_from_scratch"]
-    missing = [k for k in SOURCE_PARAMS if not str(arguments.get(k) or defaults[k]).strip()]
+    missing = [(k, p) for k, p in SOURCE_PARAMS.items() if not str(arguments.get(p) or defaults[p]).strip()]
     if missing:
-        how = "; ".join(f"{k}: set {SOURCE_PARAMS[k]} in the run-config, or --param {k}=s3://…" for k in missing)
+        how = "; ".join(f"{p}: set sources.{k} in the run-config, or --param {p}=s3://…" for k, p in missing)
         raise ConfigError(f"llm_from_scratch needs its input data, and these are empty — {how}")
 
 

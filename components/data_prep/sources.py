@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
            ".txt": "text", ".text": "text", ".md": "text"}
 HUB_SCHEME = "hf:"
-_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, ignored at the start of any file
+_BOM = codecs.BOM_UTF8  # a UTF-8 byte-order mark, ignored at the start of any file
 
 
 @dataclasses.dataclass(frozen=True)

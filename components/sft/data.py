@@ -13,6 +13,7 @@ attention nor loss crosses between them.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 T = TypeVar("T")
-_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, ignored at the start of a file
+_BOM = codecs.BOM_UTF8  # a UTF-8 byte-order mark, ignored at the start of a file
 
 
 @dataclasses.dataclass
