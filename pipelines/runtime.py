@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 
 from kubellm.core.errors import ConfigError
-from kubellm.core.manifest import Manifest, fetch, write_manifest_file
+from kubellm.core.manifest import Manifest, fetch
+from kubellm.core.storage import storage_for
 
 HEADLINE = "[kubellm]"
 
@@ -103,10 +104,7 @@ def write_outputs(stage: str, manifest: Manifest, outputs: Mapping[str, Any],
         else:
             html_path.write_text(f"<html><body><p>{stage}: no HTML report in {manifest.uri}</p></body></html>")
         outputs["html"].metadata["uri"] = manifest.uri
-    path = Path(main.path)
-    part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    write_manifest_file(manifest, part)
-    os.replace(part, path)
+    storage_for(main.path).write_bytes(main.path, manifest.to_json().encode())  # atomic: temp file + rename
     main.metadata.update(md)
 
 

@@ -94,9 +94,10 @@ class MetricsLogger:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step:
                 kept.append(row)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        from kubellm.core.storage import storage_for
+
+        storage_for(str(self.path)).write_bytes(str(self.path),  # atomic: temp file + rename
+                                                "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -484,20 +484,14 @@ def check_output(path: str | None) -> Path | None:
 
 
 def write_atomic(out: Path, text: str) -> None:
-    """Write `text` to `out` through a temporary file in the same directory and a rename: `out` is
-    either the whole plan or untouched. OSError becomes a StorageError naming the path."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    """Write `text` to `out` through the storage layer's atomic local write (a temporary file in the
+    same directory, then a rename): `out` is either the whole plan or untouched. OSError becomes a
+    StorageError naming the path."""
+    from kubellm.core.storage import storage_for
+
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        storage_for(str(out)).write_bytes(str(out), text.encode())
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise StorageError(f"--output {str(out)!r}: could not write the plan there: {e.strerror or e}") from e
 
 
