@@ -72,7 +72,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            # purge_step: TensorBoard drops the earlier files' events from this step on (the steps
+            # about to be trained again), as metrics.jsonl drops its rows
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=initial_step + 1)
         if progress_bar:
             from tqdm import tqdm
 

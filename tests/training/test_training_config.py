@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -111,6 +112,27 @@ def test_metrics_plot_and_mfu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("KUBELLM_PEAK_TFLOPS", "1.5")
     assert peak_tflops("cpu", None) == (1.5, "$KUBELLM_PEAK_TFLOPS")
     assert peak_tflops("cpu", 2.0)[0] == 2.0
+
+
+def test_resumed_logger_keeps_each_step_once_in_tensorboard(tmp_path: Path) -> None:
+    """A run resumed at step 2 after logging 1-4 re-trains 3-4: TensorBoard shows each step once,
+    with the re-trained values (purge_step), as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kubellm.training.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, 4, progress_bar=False)
+    for s in range(1, 5):
+        first.log(s, {"loss": 10.0 + s})
+    first.close()
+    resumed = MetricsLogger(tmp_path, 4, progress_bar=False, initial_step=2)
+    for s in range(3, 5):
+        resumed.log(s, {"loss": 20.0 + s})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_who_clips_gradients() -> None:
