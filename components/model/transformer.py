@@ -74,6 +74,18 @@ class RotaryEmbedding(nn.Module):
         return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]  # (B, T, 1, hd/2)
 
 
+def _check_positions(position_ids: torch.Tensor, max_seq_len: int) -> None:
+    """Positions index the RoPE tables: a negative one would wrap around silently, one past the table
+    would fail deep in indexing. Checked eagerly on CPU; on an accelerator without a host sync (the
+    device raises at its next synchronisation)."""
+    msg = f"position_ids must lie in [0, max_seq_len={max_seq_len})"
+    if position_ids.device.type == "cpu":
+        if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_seq_len):
+            raise ValueError(f"{msg}; got values from {int(position_ids.min())} to {int(position_ids.max())}")
+    elif position_ids.numel():
+        torch._assert_async(((position_ids >= 0) & (position_ids < max_seq_len)).all(), msg)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + head_dim/2) — HF's `x*cos + rotate_half(x)*sin`, written on the halves
     with half-width tables (one cat, no negation: fewer kernels and less memory traffic)."""
@@ -258,6 +270,8 @@ class Transformer(nn.Module):
             is_causal = False
             if T > 1:  # new token i (absolute start+i) sees cached keys and new keys up to itself
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        if position_ids is not None:
+            _check_positions(position_ids, self.cfg.max_seq_len)
         cos, sin = self.rope(position_ids, T)
         return cos, sin, mask, is_causal
 

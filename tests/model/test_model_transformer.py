@@ -62,6 +62,14 @@ def test_explicit_position_ids_override() -> None:
     assert not torch.allclose(m(x, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])), m(x))
 
 
+@pytest.mark.parametrize("positions", [[0, 1, 2, -1], [0, 1, 2, TINY.max_seq_len]])
+def test_out_of_range_position_ids_are_refused(positions: list[int]) -> None:
+    """-1 would silently rotate by the table's last row, max_seq_len would fail inside indexing."""
+    x = torch.randint(0, TINY.vocab_size, (1, 4))
+    with pytest.raises(ValueError, match=r"position_ids must lie in \[0, max_seq_len=64\); got values from"):
+        _model()(x, position_ids=torch.tensor([positions]))
+
+
 def test_kv_cache_matches_full_forward() -> None:
     m = _model().eval()
     x = torch.randint(0, TINY.vocab_size, (2, 20))
