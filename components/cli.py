@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from kubellm.core.errors import KubellmError
@@ -83,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_args(argv[idx + 1 :])
     args.command = known.command
     try:
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except KubellmError as e:
         print(f"kubellm {known.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`kubellm plan ... | head`): stop quietly, as Unix tools do, and point
+        # stdout at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

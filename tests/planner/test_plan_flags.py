@@ -97,3 +97,18 @@ def test_memory_is_labelled_gib(capsys) -> None:  # noqa: ANN001
     # 1 GiB = 2**30 bytes: the printed total is the estimate in GiB
     lay = plan(Request(model=get_preset("125m"), gpus=8), top=1)[0]
     assert f"{lay.mem_total_gb:.1f} GiB/GPU" in lines[1]
+
+
+def test_a_closed_stdout_pipe_ends_quietly() -> None:
+    """`kubellm plan ... | head -1`: the reader closing the pipe is not an error to report with a
+    traceback; the command stops with the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kubellm.cli", "plan", "--model", "7b", "--gpus", "64",
+                             "--top", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
