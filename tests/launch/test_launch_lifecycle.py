@@ -134,6 +134,18 @@ def test_transient_errors_give_up_with_a_clear_message(fake):
         launch(fake, api_retries=2)
 
 
+@pytest.mark.parametrize("status, hint", [(403, r"lacks RBAC permission: the kubellm Helm chart's launcher Role"),
+                                          (401, r"did not accept the credentials")])
+def test_refused_credentials_say_where_permission_comes_from(fake, status, hint):
+    """403/401 are answers, not faults: no retry, and the error says what to fix."""
+    from kubellm.training.pytorchjob.kube import KubeApiError
+
+    fake.inject("POST", "/pytorchjobs", status, times=1)
+    with pytest.raises(KubeApiError, match=rf"create PyTorchJob default/{NAME}: HTTP {status} .*{hint}"):
+        launch(fake)
+    assert fake.count("POST", "/pytorchjobs") == 1
+
+
 def test_conflict_on_create_attaches_to_the_concurrent_job(fake):
     ctx = JobContext(RUN_ID, TASK)
     job = build_pytorchjob(app(), name=NAME, namespace="default", settings=ClusterLaunchSettings(**FAST), ctx=ctx)

@@ -47,7 +47,19 @@ def _describe(e: ApiException) -> str:
         msg = json.loads(body).get("message") or body
     except (ValueError, AttributeError):
         msg = body
-    return f"HTTP {e.status} {e.reason}: {str(msg).strip()[:500]}"
+    return f"HTTP {e.status} {e.reason}: {str(msg).strip()[:500]}{_AUTH_HINTS.get(e.status or 0, '')}"
+
+
+#: What to do about the two answers that mean "not this caller": the API server's message names the
+#: account and the verb, not where the permission comes from.
+_AUTH_HINTS = {
+    401: (" (the API server did not accept the credentials: the pod's service-account token, or the"
+          " kubeconfig user outside a cluster, is missing or expired)"),
+    403: (" (the account this step runs as lacks RBAC permission: the kubellm Helm chart's launcher Role"
+          " grants it; install the chart with rbac.create=true for this namespace (multi-user Kubeflow:"
+          " list it in pipelineRunner.multiUser.namespaces) and check with `kubectl auth can-i create"
+          " pytorchjobs.kubeflow.org -n <namespace> --as system:serviceaccount:<namespace>:<account>`)"),
+}
 
 
 @dataclass
