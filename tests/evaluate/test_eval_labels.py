@@ -25,6 +25,17 @@ def test_explicit_duplicate_labels_are_refused(hf_exports, tmp_path: Path) -> No
     assert not (tmp_path / "art" / "evaluate").exists()
 
 
+@pytest.mark.parametrize("name", ["run,1", "a,b,c"])
+def test_a_model_path_with_a_comma_is_named(hf_exports, tmp_path: Path, name: str) -> None:
+    """Commas separate the models of the input: a path holding one is refused by its whole name, not
+    reported as a missing `/…/run` artifact."""
+    model = tmp_path / name
+    model.symlink_to(hf_exports["a"], target_is_directory=True)
+    with pytest.raises(ConfigError, match=rf"'{model}' contains a comma, which separates models"):
+        stage.run(eval_config(), {"models": f"base:{model},sft:{hf_exports['b']}"}, str(tmp_path / "art"))
+    assert not (tmp_path / "art" / "evaluate").exists()
+
+
 def test_default_labels_never_collide_with_another_model(hf_exports, tmp_path: Path) -> None:
     # two exports whose default label (the dir name) is "a", plus one explicitly labelled "a-2":
     # the old suffixing gave ['a-2', 'a-2', ...] and dropped a model from the parents
