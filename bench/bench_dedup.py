@@ -4,9 +4,12 @@ kubellm's near-dedup *is* datasketch (`MinHash` signatures in the map step, `Min
 reduce step), so this measures our end-to-end dedup step — `prepare_shard` (read jsonl, normalise,
 exact key + MinHash signature, write parquet + signatures; quality filters switched off) followed by
 `global_dedup` (exact + LSH, first occurrence wins) — against plain datasketch usage with the same
-parameters (threshold, num_perm, seed, 5-word shingles): `MinHash.bulk` over in-memory texts, then
-`MinHashLSH` query/insert. The corpus is random-word documents with planted near-duplicates (a copy
-of an earlier document with 2 words substituted: true 5-gram Jaccard ≈ 0.9 > threshold 0.8).
+parameters (threshold, num_perm, seed, 5-word shingles, the shingle hash `data_prep.dedup.hash`, the
+LSH's band weights `LSH_WEIGHTS`): `MinHash.bulk` over in-memory texts, then `MinHashLSH`
+query/insert. Ours also checks each LSH candidate against the kept document's signature; the
+reference takes every candidate as a duplicate, as plain datasketch usage does. The corpus is
+random-word documents with planted near-duplicates (a copy of an earlier document with 2 of its 150
+words substituted: true 5-gram Jaccard ≈ 0.87 > threshold 0.8), all after the originals.
 
     python -m bench.bench_dedup            # 4000 documents + 1000 planted near-duplicates
     python -m bench.bench_dedup --quick
@@ -42,7 +45,6 @@ def planted_corpus(n_base: int, n_dup: int, words: int = 150, seed: int = 0) -> 
             w[rng.randrange(len(w))] = rng.choice(vocab)
         docs.append(" ".join(w))
         dups.add(len(docs) - 1)
-    # shuffle the duplicates among the later half so originals still come first
     return docs, dups
 
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from datasketch import MinHash, MinHashLSH
 
     from kubellm.data_prep.config import DataPrepConfig, QualityFilters
-    from kubellm.data_prep.stage import global_dedup, prepare_shard
+    from kubellm.data_prep.filters import shingle_hash
+    from kubellm.data_prep.stage import LSH_WEIGHTS, global_dedup, prepare_shard
 
     load = load_avg()
     n_base, n_dup = (400, 100) if args.quick else (4000, 1000)
@@ -86,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             for x in texts:
                 w = _PUNCT.sub(" ", x.lower()).split()
                 shingle_sets.append({" ".join(w[i : i + d.ngram]).encode() for i in range(len(w) - d.ngram + 1)})
-            sigs = MinHash.bulk(shingle_sets, num_perm=d.num_perm, seed=d.seed)
-            lsh = MinHashLSH(threshold=d.threshold, num_perm=d.num_perm)
+            sigs = MinHash.bulk(shingle_sets, num_perm=d.num_perm, seed=d.seed, hashfunc=shingle_hash(d.hash))
+            lsh = MinHashLSH(threshold=d.threshold, num_perm=d.num_perm, weights=LSH_WEIGHTS)
             removed = set()
             for i, m in enumerate(sigs):
                 if lsh.query(m):
@@ -107,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     return emit([
         Row("near-dedup throughput (prepare_shard + global_dedup) vs datasketch MinHash.bulk + LSH",
             n / t_ours, n / t_ref, "docs/s", ratio, "≥ 1.0×", met,
-            f"{n} docs; ours includes jsonl read, NFC, exact key, parquet + signature writes. {note}".strip(),
+            f"{n} docs, {d.hash} shingle hash both; ours includes jsonl read, NFC, exact key, parquet + "
+            f"signature writes, candidate checks. {note}".strip(),
             load, k),
-        Row("near-dedup recall on planted pairs", rec, rrec, "fraction", rec, "≥ 0.95", rec >= 0.95,
-            f"{n_dup} planted; reference recall {rrec:.3f}", load, k),
-        Row("near-dedup precision on planted pairs", prec, rprec, "fraction", prec, "≥ 0.99", prec >= 0.99,
-            f"removed {len(results['ours'])}; reference precision {rprec:.3f}", load, k),
+        Row("near-dedup recall on planted pairs", rec, rrec, "fraction", rec / rrec, "ours ≥ 0.95", rec >= 0.95,
+            f"{n_dup} planted; the target applies to ours, the ratio is ours / reference", load, k),
+        Row("near-dedup precision on planted pairs", prec, rprec, "fraction", prec / rprec, "ours ≥ 0.99",
+            prec >= 0.99, f"removed: ours {len(results['ours'])}, reference {len(results['reference'])}", load, k),
     ], args)
 
 

@@ -8,6 +8,7 @@ and the keys used for dedup (exact hash, MinHash signature).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 from collections import Counter
@@ -129,7 +130,7 @@ def shingles(text: str, n: int) -> list[bytes]:
     return list({" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)})
 
 
-def _hashfunc(name: str) -> Callable[[bytes], int]:
+def shingle_hash(name: str) -> Callable[[bytes], int]:
     """The shingle hash `DedupConfig.hash` names; both give 32-bit ints for datasketch's affine32 scheme."""
     if name == "xxh32":
         import xxhash
@@ -144,20 +145,57 @@ def _hashfunc(name: str) -> Callable[[bytes], int]:
 def _template(num_perm: int, seed: int, hash_name: str):  # type: ignore[no-untyped-def]
     from datasketch import MinHash
 
-    return MinHash(num_perm=num_perm, seed=seed, hashfunc=_hashfunc(hash_name))
+    return MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash(hash_name))
+
+
+def shingle_hashes(text: str, n: int, hashfunc: Callable[[bytes], int]) -> list[int]:
+    """`hashfunc` of each of `shingles(text, n)`, built from one encode of the text (words hold no
+    whitespace, and UTF-8 never puts a 0x20 byte inside a character, so splitting the encoded words on
+    b" " gives each word's bytes). Repeated shingles are hashed again rather than removed: a MinHash
+    is a minimum, which they do not change."""
+    words = _WORD_PUNCT.sub(" ", text.lower()).split()
+    if len(words) < n:
+        return [hashfunc(" ".join(words).encode("utf-8"))]
+    bw = " ".join(words).encode("utf-8").split(b" ")
+    return [hashfunc(b" ".join(bw[i : i + n])) for i in range(len(bw) - n + 1)]
+
+
+#: shingles per (num_perm × shingles) uint32 block of `minhash_signatures` (8 MiB at 128 permutations)
+_SIG_ROWS = 16384
+
+
+def minhash_signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
+    """(len(texts), num_perm) datasketch MinHash signatures — each row what `MinHash.update_batch` of
+    the text's shingles gives (affine32 scheme, shingles hashed with `cfg.hash`), computed for the
+    whole batch at once: one murmur finaliser and one affine permutation over all the batch's shingle
+    hashes, in blocks, and a segmented minimum per document, instead of a MinHash object and a dozen
+    small numpy calls per document. All shards share `cfg.seed` and `cfg.hash`, so signatures are
+    comparable in the global reduce."""
+    from datasketch.minhash import _fmix  # the finaliser datasketch's affine32 scheme applies
+
+    t = _template(cfg.num_perm, cfg.seed, cfg.hash)
+    if t.scheme != "affine32":  # pragma: no cover - datasketch's default scheme is pinned in _template
+        raise RuntimeError(f"datasketch MinHash scheme {t.scheme!r}: kubellm computes affine32 signatures")
+    per_doc = [shingle_hashes(x, cfg.ngram, t.hashfunc) for x in texts]
+    counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(per_doc))
+    hv = _fmix(np.fromiter(itertools.chain.from_iterable(per_doc), dtype=np.uint32, count=int(counts.sum())), 32)
+    doc_of_row = np.repeat(np.arange(len(texts)), counts)
+    a, b = t.permutations
+    out = np.full((len(texts), cfg.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    for r0 in range(0, len(hv), _SIG_ROWS):
+        docs = doc_of_row[r0 : r0 + _SIG_ROWS]
+        # (num_perm, rows): each permutation's values of one document lie contiguous for the
+        # segmented minimum (6× faster than reducing down the columns of a (rows, num_perm) block)
+        phv = a[:, None] * hv[None, r0 : r0 + _SIG_ROWS] + b[:, None]  # uint32 wraps, as datasketch's does
+        starts = np.concatenate(([0], np.flatnonzero(docs[1:] != docs[:-1]) + 1))
+        ids = docs[starts]  # a document cut by a block boundary is finished by the next block
+        out[ids] = np.minimum(out[ids], np.minimum.reduceat(phv, starts, axis=1).T)
+    return out
 
 
 def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
-    """The datasketch MinHash signature (affine32 scheme, uint32[num_perm]) of `text`'s shingles,
-    each hashed with `cfg.hash`. All shards share `cfg.seed` and `cfg.hash`, so signatures are
-    comparable in the global reduce."""
-    from datasketch import MinHash
-
-    t = _template(cfg.num_perm, cfg.seed, cfg.hash)
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=t.permutations, scheme=t.scheme,
-                hashfunc=t.hashfunc)
-    m.update_batch(shingles(text, cfg.ngram))
-    return np.asarray(m.hashvalues)
+    """The signature of one text (`minhash_signatures` of a batch of one)."""
+    return minhash_signatures([text], cfg)[0]
 
 
 def signature_dtype(cfg: DedupConfig) -> np.dtype:

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kubellm.core.errors import InputDataError, KubellmError, ManifestMissingError
@@ -61,6 +62,9 @@ BAD_KINDS = ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large",
              "missing_field", "not_text")
 MAX_EXAMPLES = 50
 _BATCH = 4096
+#: MinHashLSH's (false-positive, false-negative) weights when it picks bands and rows: recall-weighted,
+#: because every candidate is then checked against the kept document's signature (see global_dedup)
+LSH_WEIGHTS = (0.1, 0.9)
 
 
 def list_sources(raw: str) -> list[Source]:
@@ -126,7 +130,6 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
     sig_dtype = F.signature_dtype(config.dedup)
     texts: list[str] = []
     keys: list[bytes] = []
-    sigs: list[np.ndarray] = []
     n_logged = 0
     with tempfile.TemporaryDirectory(prefix="kubellm-raw-") as tmp:
         local = None if source.format == "hub" else stage_local(source, Path(tmp))
@@ -136,10 +139,11 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
             def flush() -> None:
                 if texts:
                     writer.write_table(pa.table({"text": texts, "key": keys}, schema=schema))
-                    sig_file.write(np.stack(sigs).astype(sig_dtype).tobytes())
+                    sigs = (F.minhash_signatures(texts, config.dedup) if config.dedup.near  # the whole batch at once
+                            else np.zeros((len(texts), config.dedup.num_perm), sig_dtype))
+                    sig_file.write(sigs.astype(sig_dtype).tobytes())
                     texts.clear()
                     keys.clear()
-                    sigs.clear()
 
             for rec in read_records(source, local, field=config.text_field, max_bytes=config.max_doc_bytes,
                                     sample_by=config.text_sample_by, hub_split=config.hub_split):
@@ -171,8 +175,6 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
                 stats["kept_bytes"] += len(text.encode("utf-8"))
                 texts.append(text)
                 keys.append(F.dedup_key(text))
-                sigs.append(F.minhash_signature(text, config.dedup) if config.dedup.near
-                            else np.zeros(config.dedup.num_perm, sig_dtype))
                 if len(texts) >= min(_BATCH, config.docs_per_shard):
                     flush()
             flush()
@@ -218,7 +220,7 @@ def global_dedup(work: str, config: DataPrepConfig, n_shards: int) -> dict[str, 
     # verified against the kept document's stored signature (estimated Jaccard ≥ threshold), so precision
     # stays that of the threshold. Equal weights catch only ~80% of pairs at Jaccard 0.87 with 128
     # permutations; these catch ~99% (bench/bench_dedup.py).
-    lsh = MinHashLSH(threshold=d.threshold, num_perm=d.num_perm, weights=(0.1, 0.9)) if d.near else None
+    lsh = MinHashLSH(threshold=d.threshold, num_perm=d.num_perm, weights=LSH_WEIGHTS) if d.near else None
     shard_sigs: list[np.ndarray] = []  # memmaps of the shards walked so far, for candidate checks
     seen: set[bytes] = set()
     removed: dict[str, dict[str, int]] = {}
@@ -236,7 +238,7 @@ def global_dedup(work: str, config: DataPrepConfig, n_shards: int) -> dict[str, 
         row = 0
         for batch in pf.iter_batches(batch_size=_BATCH, columns=["key", "text"]):
             keys = batch.column("key").to_pylist()
-            lens = [len(t.encode("utf-8")) for t in batch.column("text").to_pylist()]
+            lens = pc.binary_length(batch.column("text")).to_pylist()  # UTF-8 bytes, no Python strings
             for key, nbytes in zip(keys, lens, strict=True):
                 if d.exact and key in seen:
                     _add(removed, "exact_duplicate", nbytes)

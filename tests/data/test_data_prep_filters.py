@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from kubellm.data_prep import filters as F
 from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
@@ -80,6 +81,29 @@ def test_minhash_base_hash_option_is_datasketch_with_that_hashfunc() -> None:
     near = GOOD.replace("warm", "fresh")
     est = {c.hash: np.mean(F.minhash_signature(GOOD, c) == F.minhash_signature(near, c)) for c in (xx, sha1)}
     assert 0.5 < est["xxh32"] < 1 and abs(est["xxh32"] - est["sha1"]) < 0.15  # both estimate the same Jaccard
+
+
+@pytest.mark.parametrize("rows", [16384, 7, 1])  # blocks that cut documents apart, and one shingle a block
+@pytest.mark.parametrize("hash_name", ["xxh32", "sha1"])
+def test_batched_signatures_are_datasketchs(monkeypatch: pytest.MonkeyPatch, rows: int, hash_name: str) -> None:
+    """The batch's signatures equal datasketch `MinHash.update_batch` over each text's shingle set:
+    Unicode whitespace and letters, punctuation, repeated shingles, texts shorter than a shingle."""
+    import random
+
+    from datasketch import MinHash
+
+    monkeypatch.setattr(F, "_SIG_ROWS", rows)
+    rng = random.Random(rows)
+    alphabet = "ab cd, éß\u00a0\u3000x!y\n日本 z\u2003."
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(60)]
+    texts += ["", "one", "a b c d e", "the the the the the the the", GOOD]
+    cfg = DedupConfig(hash=hash_name)
+    sigs = F.minhash_signatures(texts, cfg)
+    assert sigs.shape == (len(texts), cfg.num_perm) and sigs.dtype == np.uint32
+    for text, sig in zip(texts, sigs, strict=True):
+        plain = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, hashfunc=F.shingle_hash(hash_name))
+        plain.update_batch(F.shingles(text, cfg.ngram))
+        assert np.array_equal(sig, plain.hashvalues), text
 
 
 def test_split_is_deterministic_and_roughly_proportional() -> None:
