@@ -39,7 +39,7 @@ lint: setup
 	$(BIN)/mypy components pipelines
 
 bench: setup
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all --with-demo
 
 compile: setup
 	$(BIN)/kubellm compile --output pipelines/compiled

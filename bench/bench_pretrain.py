@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool,
-          host_memory_reuse: bool = True) -> Callable[[torch.Tensor], float]:
+          host_memory_reuse: bool = True, device: str = "cpu") -> Callable[[torch.Tensor], float]:
+    """kubellm's training step as `train()` builds it on `device` (bench.bench_mfu_gpu uses "cuda")."""
     from kubellm.model import Transformer
     from kubellm.model.config import get_preset
     from kubellm.training.config import ParallelConfig, TrainConfig
@@ -41,15 +42,17 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool,
 
     cfg = get_preset(preset)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,
-                     max_steps=10**6, host_memory_reuse=host_memory_reuse)
-    init_distributed("cpu")
+                     max_steps=10**6, host_memory_reuse=host_memory_reuse, device=device)
+    init_distributed(device)
     torch.manual_seed(0)
     model = Transformer(cfg)
     if compile_:
         model.compile()  # as train() does with train.compile: true
-    engine, _ = build_engine(model, tc, deepspeed_config(tc, ParallelConfig(), 1, "cpu"))  # as train() does
-    amp = precision == "bf16"
-    own_clip = clips_in_kubellm(tc, ParallelConfig(), "cpu")
+    if device == "cuda":
+        model = model.cuda()
+    engine, _ = build_engine(model, tc, deepspeed_config(tc, ParallelConfig(), 1, device))  # as train() does
+    amp = precision == "bf16" and device == "cpu"  # CUDA: DeepSpeed's bf16 mode (dsconfig), as train() does
+    own_clip = clips_in_kubellm(tc, ParallelConfig(), device)
 
     def step(ids: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -74,6 +77,7 @@ def _hf(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Ca
     o = OptimConfig()
     torch.manual_seed(0)
     hcfg = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")}
+    hcfg["use_cache"] = False  # a training step: no KV cache built in forward (ours builds none either)
     model = LlamaForCausalLM(LlamaConfig(**hcfg, attn_implementation="sdpa"))
     model.train()
     fwd = torch.compile(model) if compile_ else model

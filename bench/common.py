@@ -128,10 +128,18 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+#: the fewest timed repeats a reported median may come from (issue 12: "median of ≥ 5 runs")
+MIN_REPEATS = 5
+
+
 def repeats(args: argparse.Namespace) -> int:
-    if args.repeats:
+    """Timed repeats after warm-up: `--repeats`, else 5 (1 with --quick, whose numbers are smoke)."""
+    if args.repeats is not None:
+        if args.repeats < (1 if args.quick else MIN_REPEATS):
+            raise SystemExit(f"--repeats {args.repeats}: must be ≥ {MIN_REPEATS} (the median of fewer is noise; "
+                             "--quick allows 1 for smoke runs)")
         return int(args.repeats)
-    return 1 if args.quick else 5
+    return 1 if args.quick else MIN_REPEATS
 
 
 def emit(rows: list[Row], args: argparse.Namespace) -> int:

@@ -1,9 +1,12 @@
-"""Keeps the benchmarks from rotting: two of them run with --quick and produce well-formed rows.
-(Benchmarks are not timed here; their numbers are meaningless at --quick sizes.)"""
+"""Keeps the benchmarks from rotting: some run with --quick through `bench.run_all` and produce
+well-formed rows whose ratios point the right way, and the GPU MFU script's training step (kubellm's
+engine) runs and learns on the CPU. Benchmarks are not timed here; their numbers are meaningless at
+--quick sizes."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,19 +14,66 @@ import pytest
 pytest.importorskip("datasketch")
 
 
-def test_dedup_and_gpu_benchmarks_quick(tmp_path: Path) -> None:
-    from bench import bench_dedup, bench_mfu_gpu, run_all
+def test_run_all_quick_writes_rows_whose_ratios_point_the_right_way(tmp_path: Path) -> None:
+    from bench import run_all
 
-    out = tmp_path / "dedup.json"
-    assert bench_dedup.main(["--quick", "--json", str(out)]) == 0
-    rows = {r["benchmark"]: r for r in json.loads(out.read_text())}
+    out = tmp_path / "B.md"
+    assert run_all.main(["--quick", "--only", "bench_dedup", "bench_tokenize", "--output", str(out),
+                         "--append-notes", str(tmp_path / "none.md")]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["benchmark"]: r for r in data["rows"]}
+    assert not any("benchmark failed" in r["note"] for r in rows.values()), rows
+    for name, r in rows.items():
+        assert r["ours"] is not None and r["reference"] is not None and math.isfinite(r["ratio"]), name
+    dedup = next(r for k, r in rows.items() if k.startswith("near-dedup throughput"))
+    tok = next(r for k, r in rows.items() if "ceiling" in k)
+    for r in (dedup, tok):  # rates: ours / reference
+        assert r["ratio"] == pytest.approx(r["ours"] / r["reference"], rel=1e-9)
     recall = next(r for k, r in rows.items() if "recall" in k)
     precision = next(r for k, r in rows.items() if "precision" in k)
     # planted near-duplicates (Jaccard ≈ 0.87) are found and nothing else is removed
     assert recall["ours"] >= 0.9 and precision["ours"] >= 0.99
-    gpu = tmp_path / "gpu.json"
-    assert bench_mfu_gpu.main(["--quick", "--json", str(gpu)]) == 0  # no CUDA here: a "not measured" row
-    (row,) = json.loads(gpu.read_text())
-    assert row["met"] is None or row["ours"] is not None
-    md = run_all.render([("bench_dedup", run_all.Row(**r)) for r in rows.values()], run_all.machine(), "x", {})
-    assert "| near-dedup recall" in md and "Machine:" in md
+    assert recall["ratio"] == pytest.approx(recall["ours"] / recall["reference"])
+    md = out.read_text()
+    assert "A --quick smoke run" in md and "| near-dedup recall" in md and "Machine:" in md
+
+
+def test_quick_runs_never_overwrite_benchmarks_md(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import run_all
+
+    monkeypatch.setattr(run_all, "REPO", tmp_path)
+    monkeypatch.setattr(run_all, "run_one", lambda name, quick, extra: ([], 0.0, name))
+    assert run_all.main(["--quick", "--only", "bench_dedup"]) == 0
+    assert (tmp_path / ".kubellm" / "bench-quick" / "BENCHMARKS.md").exists()
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_fewer_than_five_repeats_are_refused() -> None:
+    from bench import bench_dedup
+
+    with pytest.raises(SystemExit, match="--repeats 2: must be ≥ 5"):
+        bench_dedup.main(["--repeats", "2"])
+
+
+def test_gpu_mfu_step_is_kubellms_training_step_and_learns() -> None:
+    """The MFU script times `train()`'s step (DeepSpeed engine, fused LM-head loss); on CPU here, on
+    CUDA on a GPU machine. Same batch every step: the loss must fall."""
+    from bench import bench_mfu_gpu
+
+    tps, seq, times, losses = bench_mfu_gpu.measure("debug", 2, 32, False, "cpu", warmup=1, steps=5)
+    assert seq == 32 and len(times) == 5 and tps > 0
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_gpu_mfu_without_cuda_is_a_not_measured_row(tmp_path: Path) -> None:
+    import torch
+
+    from bench import bench_mfu_gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script measures instead")
+    out = tmp_path / "gpu.json"
+    assert bench_mfu_gpu.main(["--quick", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["met"] is None and row["ours"] is None and row["ratio"] is None
+    assert row["unit"] == "MFU" and row["reference"] == bench_mfu_gpu.TARGET
