@@ -151,12 +151,18 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
     layout / ZeRO / precision combination that cannot work is refused by the stage itself rather
     than by N workers after start-up. Needs only the configs and the model's shape."""
     from kubellm.training.dsconfig import data_parallel_size, deepspeed_config
+    from kubellm.training.pipeline import PIPELINE_STAGES, no_pipeline_error
     from kubellm.training.topology import validate_layout
 
     if train_cfg.device == "cpu" and launch.gpu > 0:
         raise ConfigError(
             f"{stage}: launch.gpu={launch.gpu} with train.device=cpu: every replica would hold GPUs it never "
             "uses; set launch.gpu: 0 to train on CPU, or train.device: cuda (or auto) to train on the GPUs")
+    if launch.backend == "local" and launch.gpu > 0 and _worker_device(train_cfg, launch) == "cpu":
+        raise ConfigError(
+            f"{stage}: launch.gpu={launch.gpu}, but this machine has no CUDA device and the local launcher's "
+            "workers run here: they would train on CPU; set launch.gpu: 0, or launch.backend: pytorchjob "
+            "to train on a cluster's GPUs")
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"{stage}: {stage}.train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                           f"{model_cfg.max_seq_len}; lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
@@ -167,6 +173,8 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
         deepspeed_config(train_cfg, layout, world, _worker_device(train_cfg, launch))
     except ConfigError as e:
         raise ConfigError(f"{stage}: {e}") from None
+    if parallel_cfg.pp > 1 and stage not in PIPELINE_STAGES:
+        raise ConfigError(f"{stage}: {no_pipeline_error(stage)}")
 
 
 def _worker_device(train_cfg: TrainConfig, launch: LaunchConfig) -> str:

@@ -178,17 +178,25 @@ class PipelineBatches:
         return ids, batch["labels"]
 
 
+#: the stages whose objective a pipeline schedule can run (a causal-LM loss on the last stage)
+PIPELINE_STAGES = ("pretrain", "sft")
+
+
+def no_pipeline_error(what: str) -> ConfigError:
+    return ConfigError(
+        f"parallel.pp > 1 is not supported for {what}: the pipeline computes the loss on "
+        "its last stage from logits and labels (the causal-LM loss of pretrain and SFT); DPO scores "
+        "chosen/rejected pairs against a reference model, which that schedule cannot express. "
+        "Use parallel.pp=1 with tp, dp and ZeRO for DPO")
+
+
 def check_objective(objective: Any) -> None:
     """Pipeline parallelism runs causal-LM objectives only (the last stage owns the loss)."""
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.sft.objective import SFTObjective
 
     if not isinstance(objective, PretrainObjective | SFTObjective):
-        raise ConfigError(
-            f"parallel.pp > 1 is not supported for {type(objective).__name__}: the pipeline computes the loss on "
-            "its last stage from logits and labels (the causal-LM loss of pretrain and SFT); DPO scores "
-            "chosen/rejected pairs against a reference model, which that schedule cannot express. "
-            "Use parallel.pp=1 with tp, dp and ZeRO for DPO")
+        raise no_pipeline_error(type(objective).__name__)
 
 
 # -- building -------------------------------------------------------------------------------------------------

@@ -188,3 +188,28 @@ def test_a_model_artifact_is_not_fetched_before_the_checks(stage: str, inputs: d
     with pytest.raises(ConfigError, match=message):
         _run(stage, _section(stage, over), {**inputs, "model": model.uri}, tmp_path / "out")
     assert fetched and not any(fetched)
+
+
+def test_dpo_with_pipeline_parallelism_is_refused_before_launch(inputs: dict[str, str], tmp_path: Path,
+                                                                no_launch: None) -> None:
+    """The pipeline schedule runs causal-LM losses only: DPO with pp > 1 was refused by every worker
+    after start-up; the stage refuses it now (pretrain and SFT with the same layout are workable)."""
+    pp2 = {"parallel": {"pp": 2}, "launch": {"nproc_per_node": 2}}
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"^dpo: parallel.pp > 1 is not supported for dpo: .*Use parallel.pp=1"):
+        _run("dpo", _section("dpo", pp2), inputs, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_gpus_requested_from_the_local_launcher_on_a_machine_without_cuda(stage: str, inputs: dict[str, str],
+                                                                         tmp_path: Path, no_launch: None) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the local workers would use the GPU")
+    out = tmp_path / "out"
+    config = _section(stage, {"launch": {"nproc_per_node": 2, "gpu": 1}})  # train.device: auto
+    with pytest.raises(ConfigError, match=rf"^{stage}: launch.gpu=1, but this machine has no CUDA device"):
+        _run(stage, config, inputs, out)
+    assert not out.exists()
