@@ -23,7 +23,7 @@ BY_COMMAND = {s.command: s for s in STAGES.values()}
 
 def configure(p: argparse.ArgumentParser, command: str) -> None:
     spec = BY_COMMAND[command]
-    p.add_argument("--config", help="run-config YAML (default: the preset's values)")
+    p.add_argument("--config", help="run-config YAML (default: --preset's values, else the built-in defaults)")
     p.add_argument("--preset", choices=["debug", "seed"], help="start from a shipped preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config value, e.g. --set pretrain.train.max_steps=10")

@@ -34,7 +34,8 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                         "identity). Default: $KUBELLM_S3_SECRET_NAME (set by the Helm chart), else kubellm-s3")
     p.add_argument("--s3-config-map", default=os.environ.get("KUBELLM_S3_CONFIG_MAP", "kubellm-env"),
                    help="ConfigMap with KUBELLM_S3_ENDPOINT_URL, AWS_REGION, ... for the steps (the chart's "
-                        "<release>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP, else kubellm-env")
+                        "<fullname>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP (set by the Helm chart), "
+                        "else kubellm-env")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a pipeline parameter's default, e.g. --param raw_source=s3://b/raw/ "
                         "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")

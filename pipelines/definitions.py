@@ -59,7 +59,7 @@ class PipelineSettings:
     s3_secret_keys: tuple[str, str] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     """Keys in that Secret holding the access key id and the secret access key."""
     s3_config_map: str = "kubellm-env"
-    """ConfigMap with the S3 settings kubellm.core.storage reads (the Helm chart's `<release>-env`;
+    """ConfigMap with the S3 settings kubellm.core.storage reads (the Helm chart's `<fullname>-env`;
     optional, every key optional). Empty: no reference."""
     raw_source: str = ""
     """Default of the `raw_source` parameter (raw corpus: local path/glob or s3:// prefix); empty:

@@ -62,7 +62,7 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     add_config_args(p)
     add_endpoint_args(p)
     add_image_args(p)
-    p.add_argument("--run-name", help="display name of the run (default: <config name>-<time>)")
+    p.add_argument("--run-name", help="display name of the run (default: <config name>-<pipeline>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
                    help="a pipeline argument for this run only (the compiled defaults stay)")
     cache = p.add_mutually_exclusive_group()
@@ -76,7 +76,8 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--upload", action="store_true", help="register the compiled pipeline as a version in the UI")
     p.add_argument("--pipeline-name", help="pipeline name in the UI for --upload (default: the pipeline's)")
     p.add_argument("--version-name", help="pipeline version name for --upload (default: git sha or content hash)")
-    p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeded")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish: exit 0 if it succeeded, 1 if it failed or was "
+                   "cancelled, 2 if --timeout passed first")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="--wait limit in seconds")
     p.add_argument("--poll-interval", type=float, default=15.0, help="--wait polling interval in seconds")
 

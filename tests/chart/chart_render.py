@@ -26,19 +26,19 @@ def load_values(name: str) -> dict[str, Any]:
     return data or {}
 
 
-def render_templates(values: dict[str, Any], *, upgrade: bool = False) -> dict[str, str]:
+def render_templates(values: dict[str, Any], *, upgrade: bool = False, release: str = RELEASE) -> dict[str, str]:
     """Template path -> rendered text (NOTES.txt included), offline, as an install or upgrade."""
     with helm.Chart.load(CHART) as chart:
         return chart.render(
-            values=values, name=RELEASE, namespace=NAMESPACE, revision=2 if upgrade else 1,
+            values=values, name=release, namespace=NAMESPACE, revision=2 if upgrade else 1,
             is_install=not upgrade, is_upgrade=upgrade,
         )
 
 
-def render_chart(values: dict[str, Any]) -> str:
+def render_chart(values: dict[str, Any], release: str = RELEASE) -> str:
     """All manifests in template-path order with `# Source:` headers (stable: golden files diff it)."""
     parts = []
-    for path, text in sorted(render_templates(values).items()):
+    for path, text in sorted(render_templates(values, release=release).items()):
         if path.endswith("NOTES.txt"):
             continue
         for doc in text.split("\n---"):
@@ -48,5 +48,5 @@ def render_chart(values: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def render_objects(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(render_chart(values)) if d]
+def render_objects(values: dict[str, Any], release: str = RELEASE) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(render_chart(values, release)) if d]

@@ -201,6 +201,22 @@ def test_env_configmap_matches_what_storage_and_images_read(rendered: tuple[str,
                 assert c["image"] == image_for("base", env=env), f"{name}: {where}"
 
 
+@pytest.mark.parametrize("release", ["kubellm", "ml"])
+def test_jobs_compile_pipelines_against_the_env_configmap_this_release_made(release: str) -> None:
+    """`kubellm compile/submit/schedule` wire tasks to $KUBELLM_S3_CONFIG_MAP (else "kubellm-env"): the
+    chart's ConfigMap carries its own name, so a release not called kubellm points tasks at one that exists."""
+    objects = render_objects(load_values("gitops-enabled"), release=release)
+    envs = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-env")}
+    assert len(envs) == 1
+    ((name, data),) = envs.items()
+    assert data["KUBELLM_S3_CONFIG_MAP"] == name == ("kubellm-env" if release == "kubellm" else "ml-kubellm-env")
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    assert jobs
+    for job in jobs:
+        for c in job["spec"]["template"]["spec"]["containers"]:
+            assert {"configMapRef": {"name": name}} in c["envFrom"], job["metadata"]["name"]
+
+
 def test_jobs_reference_credentials_only_through_the_secret(rendered: tuple[str, dict, list[dict]]) -> None:
     name, values, objects = rendered
     secret = values.get("s3", {}).get("credentials", {}).get("existingSecret")
