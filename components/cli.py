@@ -91,10 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubellm {known.command}: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a pipe or socket of the command's own broke: that is an error to report
         # the reader went away (`kubellm plan ... | head`): stop quietly, as Unix tools do, and point
         # stdout at /dev/null so the interpreter's final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports POLLERR on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll on this platform
+        return False
 
 
 if __name__ == "__main__":

@@ -162,15 +162,28 @@ def shingle_hashes(text: str, n: int, hashfunc: Callable[[bytes], int]) -> list[
 
 #: shingles per (num_perm × shingles) uint32 block of `minhash_signatures` (8 MiB at 128 permutations)
 _SIG_ROWS = 16384
+#: characters of text whose shingle hashes are held at once (~10 bytes each: Python ints, then arrays)
+_SIG_TEXT_CHARS = 4 << 20
 
 
 def minhash_signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     """(len(texts), num_perm) datasketch MinHash signatures — each row what `MinHash.update_batch` of
-    the text's shingles gives (affine32 scheme, shingles hashed with `cfg.hash`), computed for the
-    whole batch at once: one murmur finaliser and one affine permutation over all the batch's shingle
+    the text's shingles gives (affine32 scheme, shingles hashed with `cfg.hash`), computed for a group
+    of documents at once: one murmur finaliser and one affine permutation over all the group's shingle
     hashes, in blocks, and a segmented minimum per document, instead of a MinHash object and a dozen
-    small numpy calls per document. All shards share `cfg.seed` and `cfg.hash`, so signatures are
-    comparable in the global reduce."""
+    small numpy calls per document. Groups hold ~4 MiB of text, so memory stays bounded whatever the
+    batch. All shards share `cfg.seed` and `cfg.hash`, so signatures are comparable in the global reduce."""
+    out = np.full((len(texts), cfg.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    start, chars = 0, 0
+    for i, text in enumerate(texts):
+        chars += len(text)
+        if chars >= _SIG_TEXT_CHARS or i == len(texts) - 1:
+            _signatures_into(out[start : i + 1], texts[start : i + 1], cfg)
+            start, chars = i + 1, 0
+    return out
+
+
+def _signatures_into(out: np.ndarray, texts: list[str], cfg: DedupConfig) -> None:
     from datasketch.minhash import _fmix  # the finaliser datasketch's affine32 scheme applies
 
     t = _template(cfg.num_perm, cfg.seed, cfg.hash)
@@ -179,9 +192,9 @@ def minhash_signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     per_doc = [shingle_hashes(x, cfg.ngram, t.hashfunc) for x in texts]
     counts = np.fromiter(map(len, per_doc), dtype=np.int64, count=len(per_doc))
     hv = _fmix(np.fromiter(itertools.chain.from_iterable(per_doc), dtype=np.uint32, count=int(counts.sum())), 32)
+    del per_doc
     doc_of_row = np.repeat(np.arange(len(texts)), counts)
     a, b = t.permutations
-    out = np.full((len(texts), cfg.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     for r0 in range(0, len(hv), _SIG_ROWS):
         docs = doc_of_row[r0 : r0 + _SIG_ROWS]
         # (num_perm, rows): each permutation's values of one document lie contiguous for the
@@ -190,7 +203,6 @@ def minhash_signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
         starts = np.concatenate(([0], np.flatnonzero(docs[1:] != docs[:-1]) + 1))
         ids = docs[starts]  # a document cut by a block boundary is finished by the next block
         out[ids] = np.minimum(out[ids], np.minimum.reduceat(phv, starts, axis=1).T)
-    return out
 
 
 def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:

@@ -74,10 +74,13 @@ def parse_models(value: str) -> list[ModelInput]:
     for item in items:
         m = _LABELLED.match(item)
         out.append(ModelInput(m.group(1), m.group(2)) if m else ModelInput("", item))
-    for i, first in enumerate(out):  # "base:/m/run,1/hf" splits into refs that do not exist
-        for j in range(i + 1, len(out)):
-            joined = ",".join([first.ref, *items[i + 1 : j + 1]])
-            if not is_s3(joined) and not Path(first.ref).exists() and Path(joined).exists():
+    parts = value.split(",")  # "base:/m/run,1/hf" splits into refs that do not exist
+    for i in range(len(parts)):
+        m = _LABELLED.match(parts[i].strip())
+        first = (m.group(2) if m else parts[i]).lstrip()
+        for j in range(i + 1, len(parts)):
+            joined = ",".join([first, *parts[i + 1 : j + 1]]).rstrip()
+            if not is_s3(joined) and not Path(first.strip()).exists() and Path(joined).exists():
                 raise ConfigError(f"input 'models': {joined!r} contains a comma, which separates models in this "
                                   "input; give the model a path without one (rename it or point a symlink at it)")
     labels = [mi.label for mi in out if mi.label]

@@ -69,6 +69,7 @@ class RotaryEmbedding(nn.Module):
         before the heads are transposed, so q and k heads rotate in one go."""
         if position_ids is None:
             return self.cos[:seq_len][None, :, None], self.sin[:seq_len][None, :, None]  # (1, T, 1, hd/2)
+        _check_positions(position_ids, self.max_seq_len)  # here: the model and pipeline stages both index
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]  # (B, T, 1, hd/2)
@@ -76,10 +77,11 @@ class RotaryEmbedding(nn.Module):
 
 def _check_positions(position_ids: torch.Tensor, max_seq_len: int) -> None:
     """Positions index the RoPE tables: a negative one would wrap around silently, one past the table
-    would fail deep in indexing. Checked eagerly on CPU; on an accelerator without a host sync (the
-    device raises at its next synchronisation)."""
+    would fail deep in indexing. Checked eagerly on CPU; on an accelerator, and inside torch.compile
+    (where reading the values would break the graph every call), without a host sync: the device or
+    the compiled graph raises when it runs the check."""
     msg = f"position_ids must lie in [0, max_seq_len={max_seq_len})"
-    if position_ids.device.type == "cpu":
+    if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
         if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_seq_len):
             raise ValueError(f"{msg}; got values from {int(position_ids.min())} to {int(position_ids.max())}")
     elif position_ids.numel():
@@ -270,8 +272,6 @@ class Transformer(nn.Module):
             is_causal = False
             if T > 1:  # new token i (absolute start+i) sees cached keys and new keys up to itself
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
-        if position_ids is not None:
-            _check_positions(position_ids, self.cfg.max_seq_len)
         cos, sin = self.rope(position_ids, T)
         return cos, sin, mask, is_causal
 

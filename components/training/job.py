@@ -158,19 +158,20 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(
             f"{stage}: launch.gpu={launch.gpu} with train.device=cpu: every replica would hold GPUs it never "
             "uses; set launch.gpu: 0 to train on CPU, or train.device: cuda (or auto) to train on the GPUs")
-    if launch.backend == "local" and launch.gpu > 0 and _worker_device(train_cfg, launch) == "cpu":
-        raise ConfigError(
-            f"{stage}: launch.gpu={launch.gpu}, but this machine has no CUDA device and the local launcher's "
-            "workers run here: they would train on CPU; set launch.gpu: 0, or launch.backend: pytorchjob "
-            "to train on a cluster's GPUs")
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"{stage}: {stage}.train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                           f"{model_cfg.max_seq_len}; lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
     world = launch.nproc_per_node * launch.nnodes
     try:
+        device = _worker_device(train_cfg, launch)
+        if launch.backend == "local" and launch.gpu > 0 and device == "cpu":
+            raise ConfigError(
+                f"launch.gpu={launch.gpu}, but this machine has no CUDA device and the local launcher's "
+                "workers run here: they would train on CPU; set launch.gpu: 0, or launch.backend: pytorchjob "
+                "to train on a cluster's GPUs")
         data_parallel_size(parallel_cfg, world)  # the clearer message for a dp × tp × pp mismatch
         layout = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
-        deepspeed_config(train_cfg, layout, world, _worker_device(train_cfg, launch))
+        deepspeed_config(train_cfg, layout, world, device)
     except ConfigError as e:
         raise ConfigError(f"{stage}: {e}") from None
     if parallel_cfg.pp > 1 and stage not in PIPELINE_STAGES:

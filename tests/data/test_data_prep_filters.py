@@ -83,9 +83,11 @@ def test_minhash_base_hash_option_is_datasketch_with_that_hashfunc() -> None:
     assert 0.5 < est["xxh32"] < 1 and abs(est["xxh32"] - est["sha1"]) < 0.15  # both estimate the same Jaccard
 
 
-@pytest.mark.parametrize("rows", [16384, 7, 1])  # blocks that cut documents apart, and one shingle a block
+# blocks that cut documents apart, one shingle a block; groups of a few documents, one document a group
+@pytest.mark.parametrize("rows, chars", [(16384, 4 << 20), (7, 4 << 20), (1, 4 << 20), (16384, 300), (7, 1)])
 @pytest.mark.parametrize("hash_name", ["xxh32", "sha1"])
-def test_batched_signatures_are_datasketchs(monkeypatch: pytest.MonkeyPatch, rows: int, hash_name: str) -> None:
+def test_batched_signatures_are_datasketchs(monkeypatch: pytest.MonkeyPatch, rows: int, chars: int,
+                                            hash_name: str) -> None:
     """The batch's signatures equal datasketch `MinHash.update_batch` over each text's shingle set:
     Unicode whitespace and letters, punctuation, repeated shingles, texts shorter than a shingle."""
     import random
@@ -93,6 +95,7 @@ def test_batched_signatures_are_datasketchs(monkeypatch: pytest.MonkeyPatch, row
     from datasketch import MinHash
 
     monkeypatch.setattr(F, "_SIG_ROWS", rows)
+    monkeypatch.setattr(F, "_SIG_TEXT_CHARS", chars)
     rng = random.Random(rows)
     alphabet = "ab cd, éß\u00a0\u3000x!y\n日本 z\u2003."
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(60)]

@@ -25,7 +25,7 @@ def test_explicit_duplicate_labels_are_refused(hf_exports, tmp_path: Path) -> No
     assert not (tmp_path / "art" / "evaluate").exists()
 
 
-@pytest.mark.parametrize("name", ["run,1", "a,b,c"])
+@pytest.mark.parametrize("name", ["run,1", "a,b,c", "run, 1", "a,,b"])
 def test_a_model_path_with_a_comma_is_named(hf_exports, tmp_path: Path, name: str) -> None:
     """Commas separate the models of the input: a path holding one is refused by its whole name, not
     reported as a missing `/…/run` artifact."""

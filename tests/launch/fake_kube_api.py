@@ -86,11 +86,13 @@ class FakeKubeApi:
         with self.lock:
             self.scripts[name].append(list(steps))
 
-    def inject(self, method: str, path_part: str, status: int, times: int = 1, retry_after: float | None = None) -> None:
-        """The next `times` requests whose method matches and whose path contains `path_part` fail with `status`."""
+    def inject(self, method: str, path_part: str, status: int, times: int = 1, retry_after: float | None = None,
+               message: str = "injected fault") -> None:
+        """The next `times` requests whose method matches and whose path contains `path_part` fail with `status`
+        (a Status body carrying `message`)."""
         with self.lock:
             self.faults.append({"method": method, "part": path_part, "status": status, "times": times,
-                                "retry_after": retry_after})
+                                "retry_after": retry_after, "message": message})
 
     def preload(self, job: dict[str, Any], steps: list[Any]) -> None:
         """Put an existing job (from an 'earlier attempt') in place, at the first step of `steps`."""
@@ -235,7 +237,7 @@ class FakeKubeApi:
                         if f["times"] > 0 and f["method"] == method and f["part"] in url.path:
                             f["times"] -= 1
                             hdr = {"Retry-After": str(f["retry_after"])} if f["retry_after"] is not None else {}
-                            return self._send(f["status"], _status(f["status"], "InternalError", "injected fault"),
+                            return self._send(f["status"], _status(f["status"], "InternalError", f["message"]),
                                               headers=hdr)
                     code, out, ctype = fake._route(method, url.path, q, body)
                 self._send(code, out, ctype)

@@ -134,16 +134,31 @@ def test_transient_errors_give_up_with_a_clear_message(fake):
         launch(fake, api_retries=2)
 
 
-@pytest.mark.parametrize("status, hint", [(403, r"lacks RBAC permission: the kubellm Helm chart's launcher Role"),
-                                          (401, r"did not accept the credentials")])
-def test_refused_credentials_say_where_permission_comes_from(fake, status, hint):
+RBAC_DENIED = ('pytorchjobs.kubeflow.org is forbidden: User "system:serviceaccount:default:pipeline-runner" '
+               'cannot create resource "pytorchjobs" in API group "kubeflow.org" in the namespace "default"')
+
+
+@pytest.mark.parametrize("status, message, hint", [
+    (403, RBAC_DENIED, r"lacks RBAC permission: the kubellm Helm chart's launcher Role"),
+    (401, "Unauthorized", r"did not accept the credentials")])
+def test_refused_credentials_say_where_permission_comes_from(fake, status, message, hint):
     """403/401 are answers, not faults: no retry, and the error says what to fix."""
     from kubellm.training.pytorchjob.kube import KubeApiError
 
-    fake.inject("POST", "/pytorchjobs", status, times=1)
+    fake.inject("POST", "/pytorchjobs", status, times=1, message=message)
     with pytest.raises(KubeApiError, match=rf"create PyTorchJob default/{NAME}: HTTP {status} .*{hint}"):
         launch(fake)
     assert fake.count("POST", "/pytorchjobs") == 1
+
+
+def test_a_403_that_is_not_rbac_gets_no_rbac_hint(fake):
+    from kubellm.training.pytorchjob.kube import KubeApiError
+
+    quota = 'pytorchjobs.kubeflow.org "x" is forbidden: exceeded quota: compute, requested: nvidia.com/gpu=8'
+    fake.inject("POST", "/pytorchjobs", 403, times=1, message=quota)
+    with pytest.raises(KubeApiError, match="exceeded quota") as err:
+        launch(fake)
+    assert "RBAC" not in str(err.value)
 
 
 def test_conflict_on_create_attaches_to_the_concurrent_job(fake):

@@ -68,6 +68,11 @@ def test_out_of_range_position_ids_are_refused(positions: list[int]) -> None:
     x = torch.randint(0, TINY.vocab_size, (1, 4))
     with pytest.raises(ValueError, match=r"position_ids must lie in \[0, max_seq_len=64\); got values from"):
         _model()(x, position_ids=torch.tensor([positions]))
+    # pipeline-parallel stages index the tables through the same module
+    from kubellm.model.transformer import RotaryEmbedding
+
+    with pytest.raises(ValueError, match=r"position_ids must lie in"):
+        RotaryEmbedding(TINY.head_dim, TINY.max_seq_len, TINY.rope_theta)(torch.tensor([positions]), 4)
 
 
 def test_kv_cache_matches_full_forward() -> None:

@@ -112,3 +112,13 @@ def test_a_closed_stdout_pipe_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a closed stdout ends quietly: a command's own pipe or socket breaking is reported."""
+    def broken(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe (a child process's stdin)")
+
+    monkeypatch.setattr(planner, "main", broken)
+    with pytest.raises(BrokenPipeError, match="child process"):
+        cli_main(["plan", "--model", "7b", "--gpus", "8"])

@@ -202,14 +202,16 @@ def test_dpo_with_pipeline_parallelism_is_refused_before_launch(inputs: dict[str
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
-def test_gpus_requested_from_the_local_launcher_on_a_machine_without_cuda(stage: str, inputs: dict[str, str],
-                                                                         tmp_path: Path, no_launch: None) -> None:
+@pytest.mark.parametrize("device, message", [("auto", r"launch.gpu=1, but this machine has no CUDA device"),
+                                             ("cuda", r"train.device=cuda but no CUDA device is visible")])
+def test_gpus_requested_from_the_local_launcher_on_a_machine_without_cuda(
+        stage: str, device: str, message: str, inputs: dict[str, str], tmp_path: Path, no_launch: None) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the local workers would use the GPU")
     out = tmp_path / "out"
-    config = _section(stage, {"launch": {"nproc_per_node": 2, "gpu": 1}})  # train.device: auto
-    with pytest.raises(ConfigError, match=rf"^{stage}: launch.gpu=1, but this machine has no CUDA device"):
+    config = _section(stage, {"launch": {"nproc_per_node": 2, "gpu": 1}, "train": {"device": device}})
+    with pytest.raises(ConfigError, match=rf"^{stage}: {message}"):
         _run(stage, config, inputs, out)
     assert not out.exists()

@@ -47,7 +47,10 @@ def _describe(e: ApiException) -> str:
         msg = json.loads(body).get("message") or body
     except (ValueError, AttributeError):
         msg = body
-    return f"HTTP {e.status} {e.reason}: {str(msg).strip()[:500]}{_AUTH_HINTS.get(e.status or 0, '')}"
+    msg = str(msg).strip()
+    # 403 is also quota and terminating-namespace refusals; RBAC's says 'User "..." cannot <verb> ...'
+    hint = _AUTH_HINTS[403] if e.status == 403 and " cannot " in msg else _AUTH_HINTS.get(401 if e.status == 401 else 0, "")
+    return f"HTTP {e.status} {e.reason}: {msg[:500]}{hint}"
 
 
 #: What to do about the two answers that mean "not this caller": the API server's message names the
@@ -57,8 +60,8 @@ _AUTH_HINTS = {
           " kubeconfig user outside a cluster, is missing or expired)"),
     403: (" (the account this step runs as lacks RBAC permission: the kubellm Helm chart's launcher Role"
           " grants it; install the chart with rbac.create=true for this namespace (multi-user Kubeflow:"
-          " list it in pipelineRunner.multiUser.namespaces) and check with `kubectl auth can-i create"
-          " pytorchjobs.kubeflow.org -n <namespace> --as system:serviceaccount:<namespace>:<account>`)"),
+          " list it in pipelineRunner.multiUser.namespaces) and check with `kubectl auth can-i <verb>"
+          " <resource> -n <namespace> --as system:serviceaccount:<namespace>:<account>`)"),
 }
 
 
