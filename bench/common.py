@@ -135,9 +135,10 @@ MIN_REPEATS = 5
 def repeats(args: argparse.Namespace) -> int:
     """Timed repeats after warm-up: `--repeats`, else 5 (1 with --quick, whose numbers are smoke)."""
     if args.repeats is not None:
-        if args.repeats < (1 if args.quick else MIN_REPEATS):
-            raise SystemExit(f"--repeats {args.repeats}: must be ≥ {MIN_REPEATS} (the median of fewer is noise; "
-                             "--quick allows 1 for smoke runs)")
+        least = 1 if args.quick else MIN_REPEATS
+        if args.repeats < least:
+            raise SystemExit(f"--repeats {args.repeats}: must be ≥ {least} (" + ("a smoke run needs one)" if args.quick
+                             else "the median of fewer is noise; --quick allows 1 for smoke runs)"))
         return int(args.repeats)
     return 1 if args.quick else MIN_REPEATS
 

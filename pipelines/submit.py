@@ -62,7 +62,8 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     add_config_args(p)
     add_endpoint_args(p)
     add_image_args(p)
-    p.add_argument("--run-name", help="display name of the run (default: <config name>-<pipeline>-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--run-name", help="display name of the run (default: <config name>-<pipeline>-<YYYYmmdd-HHMMSS>; "
+                   "with --git-sha: <config name>-<pipeline>-<sha12>, and --run-name is ignored)")
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
                    help="a pipeline argument for this run only (the compiled defaults stay)")
     cache = p.add_mutually_exclusive_group()
