@@ -81,7 +81,11 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
     params = parse_params(getattr(args, "param", []) or [])
     for key in SOURCE_PARAMS.values():
         if key in params:
-            extra.setdefault(key, str(params.pop(key)))
+            value = params.pop(key)
+            if not isinstance(value, str):  # str() of a JSON list would compile its Python repr
+                raise ConfigError(f"--param {key}={json.dumps(value)}: expected a string, not JSON (several "
+                                  f"sources: one comma-separated string, --param '{key}=s3://b/a/,s3://b/b/')")
+            extra.setdefault(key, value)
     env = os.environ
     return PipelineSettings(registry=getattr(args, "registry", None), tag=getattr(args, "tag", None),
                             s3_secret=getattr(args, "s3_secret", "kubellm-s3"),

@@ -189,4 +189,4 @@ def evaluate_models(config: str, storage_root: str, models: str, baseline: str, 
 
     run_component("evaluate", config, storage_root, {"models": models, "tokens": tokens, "pointer": baseline},
                   {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
-                  {"models_fingerprint": models_fingerprint})
+                  {"models_fingerprint": models_fingerprint}, never_promote=True)

@@ -109,10 +109,6 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
     root = cfg.storage.root
     gate = getattr(cfg.evaluate, "gate", None)
     pointer = default_pointer(root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))
-    # A scheduled report judges but never moves the pointer (it may evaluate arbitrary models).
-    report_eval = cfg.evaluate.model_dump(mode="json")
-    if isinstance(report_eval.get("gate"), dict) and "promote" in report_eval["gate"]:
-        report_eval["gate"]["promote"] = False
     full: dict[str, Any] = {
         "storage_root": root,
         **{p: getattr(settings, p) or getattr(cfg.sources, k) for k, p in SOURCE_PARAMS.items()},
@@ -124,7 +120,7 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
         "model_uris": [],
         "promoted_pointer": pointer,
         "tokens": "",
-        "evaluate_config": json.dumps(report_eval, sort_keys=True, separators=(",", ":")),
+        "evaluate_config": report_only(section_json(cfg, "evaluate")),
     }
     out = {"llm_from_scratch": full, "evaluation_report": report}
     for name, value in settings.params:
@@ -136,7 +132,24 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
             raise ValueError(f"unknown pipeline parameter {name!r}: expected one of {', '.join(known)}")
         for p in hits:
             p[name] = check_param(name, value, p[name])
+    report["evaluate_config"] = report_only(report["evaluate_config"])  # a --param evaluate_config too
     return out
+
+
+def _promotes(evaluate_config: str) -> bool:
+    from kubellm.pipelines.runtime import parse_section
+
+    return bool(parse_section("evaluate", evaluate_config).gate.promote)
+
+
+def report_only(evaluate_config: str) -> str:
+    """The evaluation_report pipeline's evaluate section with `gate.promote` false: a scheduled report
+    judges but never moves the pointer (it may evaluate arbitrary models)."""
+    from kubellm.pipelines.runtime import parse_section
+
+    data = parse_section("evaluate", evaluate_config).model_dump(mode="json")
+    data["gate"]["promote"] = False
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> Any:
@@ -173,6 +186,10 @@ def check_arguments(pipeline: str, values: dict[str, Any], defaults: dict[str, A
             raise ConfigError(f"{flag} {name}: not a parameter of {pipeline}: expected one of "
                               f"{', '.join(sorted(defaults))}")
         out[name] = check_param(name, value, defaults[name], flag)
+        if pipeline == "evaluation_report" and name == "evaluate_config" and _promotes(out[name]):
+            raise ConfigError(f"{flag} evaluate_config: the evaluation_report pipeline never promotes (it may "
+                              "evaluate arbitrary models); set gate.promote: false in it, or promote through "
+                              "llm_from_scratch")
     return out
 
 
@@ -298,6 +315,6 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
         _configure(c.evaluate_models(config=evaluate_config, storage_root=storage_root,
                                      models=resolved.outputs["models"], baseline=resolved.outputs["baseline"],
                                      models_fingerprint=resolved.outputs["fingerprint"], tokens=tokens),
-                   "evaluate", s, display="evaluation report")
+                   "evaluate", s, display="evaluation report", cache=False)  # a report re-evaluates
 
     return {"llm_from_scratch": llm_from_scratch, "evaluation_report": evaluation_report}

@@ -130,14 +130,20 @@ def _require_root(storage_root: str) -> None:
 
 
 def run_component(stage: str, config_text: str, storage_root: str, inputs: Mapping[str, str],
-                  outputs: Mapping[str, Any], extra_metadata: Mapping[str, str] | None = None) -> Manifest:
+                  outputs: Mapping[str, Any], extra_metadata: Mapping[str, str] | None = None, *,
+                  never_promote: bool = False) -> Manifest:
     """Validate the section, run the stage through the registry, write the artifacts, print the
-    headline. Empty inputs ("" from an optional parameter) are dropped."""
+    headline. Empty inputs ("" from an optional parameter) are dropped. `never_promote` (the
+    evaluation report) turns the gate's promotion off whatever the parameter says — it may have been
+    edited in the UI, past the CLI's checks."""
     from kubellm.stages import run_stage
 
     with reported(stage):
         _require_root(storage_root)
         config = parse_section(stage, config_text)
+        if never_promote and config.gate.promote:
+            print(f"[kubellm] {stage}: gate.promote ignored: this pipeline reports and never promotes", flush=True)
+            config = config.model_copy(update={"gate": config.gate.model_copy(update={"promote": False})})
         given = {k: v for k, v in inputs.items() if v}
         manifest = run_stage(stage, config, given, storage_root)
         write_outputs(stage, manifest, outputs, extra_metadata)

@@ -146,6 +146,8 @@ def test_caching_fingerprints_uncached_stages_cached(compiled: Path) -> None:
         assert cfg_param == n.replace("-", "_") + "_config"
     report = _docs(compiled / "evaluation_report.yaml")[0]["root"]["dag"]["tasks"]
     assert report["resolve-models"].get("cachingOptions", {}).get("enableCache", False) is False
+    # a report re-evaluates: a recurring run made from the UI (not `kubellm schedule`) gets no cache hit
+    assert report["evaluate-models"].get("cachingOptions", {}).get("enableCache", False) is False
 
 
 def test_s3_credentials_by_reference_only(compiled: Path) -> None:
