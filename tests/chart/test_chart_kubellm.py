@@ -217,6 +217,19 @@ def test_jobs_compile_pipelines_against_the_env_configmap_this_release_made(rele
             assert {"configMapRef": {"name": name}} in c["envFrom"], job["metadata"]["name"]
 
 
+def test_pipelines_compiled_by_the_jobs_reference_the_credentials_secret_only_when_there_is_one() -> None:
+    """`kubellm compile` falls back to a `kubellm-s3` Secret reference when KUBELLM_S3_SECRET_NAME is
+    unset; with workload identity the chart sets it empty, so no task references a Secret."""
+    for values, want in (("workload-identity", ""), ("gitops-enabled", None)):
+        v = load_values(values)
+        (cm,) = [o for o in render_objects(v) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kubellm-env"
+                 and o["metadata"]["namespace"] == NAMESPACE]
+        secret = v.get("s3", {}).get("credentials", {}).get("existingSecret", "")
+        assert cm["data"]["KUBELLM_S3_SECRET_NAME"] == (want if want is not None else secret), values
+        if want == "":
+            assert v["s3"]["workloadIdentity"]["enabled"]
+
+
 def test_jobs_reference_credentials_only_through_the_secret(rendered: tuple[str, dict, list[dict]]) -> None:
     name, values, objects = rendered
     secret = values.get("s3", {}).get("credentials", {}).get("existingSecret")
