@@ -26,6 +26,7 @@ ParallelFor but not a step after one in the same DAG, so `kubellm run --local` k
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from kfp import dsl
@@ -133,7 +134,27 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
         for p in hits:
             p[name] = check_param(name, value, p[name])
     report["evaluate_config"] = report_only(report["evaluate_config"])  # a --param evaluate_config too
+    for params in out.values():
+        for name, value in params.items():
+            _refuse_url_credentials(name, value)
     return out
+
+
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][\w+.-]*://[^/@\s\"',]*:[^/@\s\"',]*@[^/\s\"',]*")
+
+
+def _refuse_url_credentials(name: str, value: Any) -> None:
+    """Parameter defaults are shown in the KFP UI and stored in the pipeline YAML: a URL carrying
+    `user:password@` (an endpoint, a storage root, a source) would publish the password."""
+    from kubellm.core.storage import redact
+
+    text = value if isinstance(value, str) else json.dumps(value)
+    urls = sorted(set(_URL_WITH_PASSWORD.findall(text)))
+    if urls:
+        raise ConfigError(f"pipeline parameter {name}: a URL carries credentials ({', '.join(redact(u) for u in urls)}): "
+                          "parameters are stored in the pipeline YAML and shown in the KFP UI; give credentials "
+                          "through the environment or a Kubernetes Secret (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                          "--s3-secret) and the URL without them")
 
 
 def _promotes(evaluate_config: str) -> bool:
