@@ -36,8 +36,20 @@ from kubellm.model.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# Files of a model directory that are not the tokenizer's (not copied from tokenizer_dir).
-_MODEL_FILES = {"config.json", "generation_config.json", WEIGHTS_NAME, INDEX_NAME, "_manifest.json"}
+# Files of a model directory that are not the tokenizer's (never copied from tokenizer_dir, which for
+# SFT/DPO is the base model's own directory): its configs and manifest, and every weight file or weight
+# index in any format (single or sharded safetensors, pickle, TF/Flax, GGUF, ONNX, ...). Copying them
+# would put the base's stale weights — or a pickle — beside the new model.safetensors.
+_MODEL_FILES = {"config.json", "generation_config.json", "_manifest.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".ggml",
+                    ".onnx", ".pkl", ".pickle", ".npz", ".npy", ".index.json")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a model directory may be copied as part of its tokenizer (not a config,
+    manifest, weight file or weight index)."""
+    return name not in _MODEL_FILES and not name.lower().endswith(_WEIGHT_SUFFIXES)
+
 # Extra stop token: the chat template ends each turn with it (see the tokenizer artifact contract).
 END_OF_TURN = "<|end|>"
 
@@ -252,6 +264,8 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
               dtype: torch.dtype = torch.float32) -> Path:
     """Write a `LlamaForCausalLM` directory: model.safetensors, config.json, generation_config.json
     and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
+    `tokenizer_dir` may be a model directory (SFT/DPO pass the base's): its configs, manifest and
+    weight files or indexes (any format, see `is_tokenizer_file`) are never copied.
     The generation config's eos list also holds `<|end|>` when the tokenizer has it, so chat
     generation stops at the end of the assistant's turn. Returns `out_dir`."""
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
@@ -272,7 +286,7 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
             raise ConfigError(f"{tdir}: tokenizer has {n_tok} tokens but the model's vocab_size is "
                               f"{cfg.vocab_size}; ids beyond it have no embedding")
         for f in sorted(tdir.iterdir()):
-            if f.is_file() and f.name not in _MODEL_FILES:
+            if f.is_file() and is_tokenizer_file(f.name):
                 shutil.copy2(f, out / f.name)
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **ids), indent=2) + "\n")
     gen: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
@@ -289,15 +303,32 @@ def _transformers_version() -> str:
     return version("transformers")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from None
+
+
 def _tensor_files(d: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file that should hold it (single file or sharded index)."""
+    """tensor name -> the safetensors file that should hold it (single file or sharded index).
+
+    A directory with both model.safetensors and an index naming other files is refused: transformers
+    loads model.safetensors first, vLLM the index's shards, so the directory would be two models."""
     index = d / INDEX_NAME
+    single = d / WEIGHTS_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise IntegrityError(f"{index}: no 'weight_map' object")
+        others = sorted({str(f) for f in weight_map.values()} - {WEIGHTS_NAME})
+        if single.is_file() and others:
+            raise IntegrityError(
+                f"{d}: holds both {WEIGHTS_NAME} and {INDEX_NAME} (which maps tensors to {others[:3]}"
+                f"{' …' if len(others) > 3 else ''}); transformers would load {WEIGHTS_NAME} and vLLM the "
+                "index's shards — remove the one that is not this model's weights")
         return {name: d / fname for name, fname in weight_map.items()}
-    single = d / WEIGHTS_NAME
     if not single.is_file():
         found = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
         hint = f" (found {found}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""
@@ -319,7 +350,10 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise IntegrityError(f"{cfg_path}: missing (not a Hugging Face model directory)")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    cfg_data = _read_json(cfg_path)
+    if not isinstance(cfg_data, dict):
+        raise IntegrityError(f"{cfg_path}: expected a JSON object")
+    cfg = config_from_hf(cfg_data, source=str(cfg_path))
     try:
         files = _tensor_files(d)
     except SafetensorError as e:

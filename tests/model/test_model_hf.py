@@ -202,3 +202,61 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path: Path, tokenizer_dir: P
     small = BASE.with_(vocab_size=200)
     with pytest.raises(ConfigError, match="tokenizer has 300 tokens but the model's vocab_size is 200"):
         export_hf(_model(small), small, tmp_path, tokenizer_dir=tokenizer_dir)
+
+
+def test_export_copies_no_weight_file_from_a_model_tokenizer_dir(tmp_path: Path, tokenizer_dir: Path) -> None:
+    # SFT/DPO pass the base model's directory as tokenizer_dir: a base saved sharded (transformers'
+    # save_pretrained) or with pickle weights had its shards/pytorch_model.bin copied into the new export
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    export_hf(_model(BASE), BASE, tmp_path / "single", tokenizer_dir=tokenizer_dir)
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "single")).save_pretrained(str(base), max_shard_size="20KB")
+    for f in tokenizer_dir.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.00.pth", "model.pt",
+                 "training_args.bin", "_manifest.json"):
+        (base / name).write_bytes(b"{}")
+    shards = sorted(p.name for p in base.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (base / "model.safetensors.index.json").is_file()
+    loaded, cfg = load_hf(base)
+
+    tuned = _model(BASE)
+    with torch.no_grad():
+        tuned.norm.weight.add_(1.0)  # a different model from the base
+    out = export_hf(tuned, cfg, tmp_path / "sft", tokenizer_dir=base)
+    tokenizer_files = {p.name for p in tokenizer_dir.iterdir()}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "generation_config.json"} \
+        | tokenizer_files
+    back, _ = load_hf(out)
+    assert torch.equal(back.norm.weight, tuned.norm.weight)
+    assert not torch.equal(back.norm.weight, loaded.norm.weight)
+
+
+def test_single_file_beside_an_index_of_other_shards_is_refused(tmp_path: Path) -> None:
+    # transformers loads model.safetensors first, vLLM (and kubellm, before) the index's shards:
+    # the same directory was two different models
+    export_hf(_model(BASE), BASE, tmp_path)
+    other = _model(BASE).state_dict()
+    with torch.no_grad():
+        for v in other.values():
+            v.add_(0.5)
+    tensors = {k: v.contiguous().clone() for k, v in state_dict_to_hf(other, BASE).items()}
+    save_file(tensors, tmp_path / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in tensors}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(IntegrityError, match=r"holds both model\.safetensors and model\.safetensors\.index\.json "
+                                             r"\(which maps tensors to \['model-00001-of-00001\.safetensors'\]"):
+        load_hf(tmp_path)
+    # an index that maps every tensor to model.safetensors itself describes the same model: accepted
+    index["weight_map"] = {k: "model.safetensors" for k in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = load_hf(tmp_path)
+    assert torch.equal(model.norm.weight, _model(BASE).norm.weight)
+
+
+def test_unreadable_config_json_is_an_integrity_error(tmp_path: Path) -> None:
+    export_hf(_model(BASE), BASE, tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(IntegrityError, match=r"config\.json: not valid JSON"):
+        load_hf(tmp_path)
