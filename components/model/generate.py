@@ -5,7 +5,8 @@
 
 `--model` is a plain local Hugging Face directory or an artifact (an S3/local prefix with a
 `_manifest.json`, or a manifest JSON file); an artifact is downloaded and sha256-verified into a
-temporary directory first. Python:
+temporary directory first — also a local directory whose HF files sit beside its `_manifest.json`
+(a directory with a manifest is never read as a plain one). Python:
 
     from kubellm.model.generate import load_for_generation, chat
     bundle = load_for_generation("out/hf")
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import numbers
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kubellm.core.errors import ConfigError, KubellmError
+from kubellm.core.errors import ConfigError, InputDataError, IntegrityError, KubellmError
 from kubellm.model.checks import check_token_ids
 from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME
 from kubellm.model.transformer import Transformer
@@ -33,13 +36,28 @@ from kubellm.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 
+def check_sampling(temperature: float, top_p: float, names: tuple[str, str] = ("temperature", "top_p")
+                   ) -> None:
+    """Raise `ConfigError` (naming the parameter as `names` spells it) unless temperature is a finite
+    number >= 0 and 0 < top_p <= 1 (NaN fails both)."""
+    t_name, p_name = names
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"{t_name}={temperature!r}: expected a finite number >= 0 (0 = greedy)")
+    if not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise ConfigError(f"{p_name}={top_p!r}: expected a number in (0, 1] (1 = no nucleus cut)")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of `logits` (B, V): greedy when temperature <= 0, else sampling from the
-    smallest set of tokens whose probability reaches top_p (nucleus), at least one token kept."""
-    if temperature <= 0:
+    """Next token per row of `logits` (B, V): greedy when temperature == 0, else sampling from the
+    smallest set of tokens whose probability reaches top_p (nucleus), at least one token kept.
+    `ConfigError` unless temperature is finite and >= 0 and 0 < top_p <= 1."""
+    check_sampling(temperature, top_p)
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shift by the row max first: a tiny temperature then gives -inf (probability 0), never inf/nan
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass *before* it already reaches top_p (so the top token always stays)
@@ -55,7 +73,10 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_ne
              generator: torch.Generator | None = None) -> list[list[int]]:
     """Continue each row of `input_ids` ((B, T) or one list of ids; rows of equal length) with
     incremental decoding through a KV cache: one prefill pass, then one token per step. Returns the
-    new tokens per row, cut before the first stop token. Stops early when every row has stopped."""
+    new tokens per row, cut before the first stop token. Stops early when every row has stopped.
+    A prompt that is empty or leaves no room in the context raises `InputDataError`; bad sampling
+    parameters `ConfigError` (see `check_sampling`)."""
+    check_sampling(temperature, top_p)
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
@@ -64,10 +85,11 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_ne
     ids = ids.to(device)
     B, T = ids.shape
     if T == 0:
-        raise ValueError("empty prompt: generation needs at least one token (e.g. bos)")
+        raise InputDataError("prompt: empty; generation needs at least one token (e.g. bos)")
     check_token_ids(ids, cfg.vocab_size, where="prompt")
     if T >= cfg.max_seq_len:
-        raise ValueError(f"prompt of {T} tokens leaves no room in the context (max_seq_len={cfg.max_seq_len})")
+        raise InputDataError(f"prompt: {T} tokens leave no room in the context (the model's max_seq_len is "
+                             f"{cfg.max_seq_len}); shorten it to at most {cfg.max_seq_len - 1} tokens")
     budget = min(max_new_tokens, cfg.max_seq_len - T)
     if budget < max_new_tokens:
         log.warning("max_new_tokens=%d capped to %d by max_seq_len=%d", max_new_tokens, budget, cfg.max_seq_len)
@@ -112,17 +134,29 @@ class GenerationBundle:
     _tmp: Any = field(default=None, repr=False)  # keeps a downloaded artifact's temp dir alive
 
 
-def resolve_model_dir(uri: str, workdir: Path) -> Path:
-    """A local HF directory as is; otherwise an artifact (prefix/manifest file) fetched into `workdir`.
-    The HF directory is the artifact's folder holding config.json and the safetensors weights."""
+def _is_plain_hf_dir(uri: str) -> bool:
+    """A local directory with config.json and no manifest. One with `_manifest.json` is a committed
+    artifact even when its HF files sit at its root: it is fetched and sha256-verified, never read as is."""
+    from kubellm.core.manifest import MANIFEST_NAME
+
     p = Path(uri)
-    if not uri.startswith("s3://") and (p / "config.json").is_file():
-        return p
+    return not uri.startswith("s3://") and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists()
+
+
+def resolve_model_dir(uri: str, workdir: Path) -> Path:
+    """A plain local HF directory (no `_manifest.json`) as is; otherwise an artifact (prefix/manifest
+    file) fetched into `workdir` with every file's sha256 checked. The HF directory is the artifact's
+    folder holding config.json and the safetensors weights."""
+    if _is_plain_hf_dir(uri):
+        return Path(uri)
     from kubellm.core.manifest import fetch, load_manifest_ref
 
     try:
         manifest = load_manifest_ref(uri)
     except KubellmError as e:
+        if not uri.startswith("s3://") and (Path(uri) / "config.json").is_file():
+            raise ConfigError(f"--model {uri}: has a _manifest.json, so it is an artifact to verify, but "
+                              f"the manifest cannot be read ({e})") from None
         raise ConfigError(f"--model {uri}: neither a Hugging Face model directory (no config.json) nor an "
                           f"artifact with a manifest ({e})") from None
     files = {f.path for f in manifest.files}
@@ -151,7 +185,7 @@ def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> Generat
 
     tmp = None
     p = Path(uri)
-    if uri.startswith("s3://") or not (p / "config.json").is_file():
+    if not _is_plain_hf_dir(uri):
         tmp = tempfile.TemporaryDirectory(prefix="kubellm-generate-")
     model_dir = resolve_model_dir(uri, Path(tmp.name) if tmp else p)
     model, _ = load_hf(model_dir, dtype=dtype)
@@ -164,7 +198,11 @@ def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> Generat
     stops: list[int] = []
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
-        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        try:
+            gen_cfg = json.loads(gen_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IntegrityError(f"{gen_path}: not valid JSON ({e})") from None
+        eos = gen_cfg.get("eos_token_id") if isinstance(gen_cfg, dict) else None
         stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tok.eos_token_id is not None:
         stops.append(tok.eos_token_id)
@@ -221,10 +259,7 @@ def configure(parser: argparse.ArgumentParser, command: str = "generate") -> Non
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ConfigError(f"--top-p={args.top_p}: expected a value in (0, 1]")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature={args.temperature}: expected >= 0")
+    check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))
     if args.chat is not None and not args.chat.strip():
         raise ConfigError("--chat is empty: expected a user message (SFT never trains on an empty turn; "
                           "use --prompt '' to generate from the start of a document)")

@@ -9,7 +9,7 @@ import torch
 from model_tokenizer_util import build_tokenizer
 
 from kubellm.cli import main as cli_main
-from kubellm.core.errors import ConfigError
+from kubellm.core.errors import ConfigError, InputDataError, IntegrityError
 from kubellm.core.manifest import publish_dir
 from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig
@@ -60,8 +60,11 @@ def test_stops_at_eos_and_respects_context() -> None:
         assert generate(m, prompt, max_new_tokens=10, eos_token_ids=[second]) == [[first]]
     # capped by max_seq_len (48): 45 tokens of prompt leave room for 3
     assert len(generate(m, [1] * 45, max_new_tokens=10)[0]) == 3
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(InputDataError, match=r"prompt: 48 tokens leave no room in the context \(the model's "
+                                             r"max_seq_len is 48\); shorten it to at most 47 tokens"):
         generate(m, [1] * 48, max_new_tokens=1)
+    with pytest.raises(InputDataError, match="prompt: empty"):
+        generate(m, [], max_new_tokens=1)
 
 
 def test_sampling_controls() -> None:
@@ -125,3 +128,103 @@ def test_cli_bad_model_uri_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither a Hugging Face model directory"):
         load_for_generation(str(tmp_path))
     assert cli_main(["generate", "--model", str(tmp_path), "--chat", "hi"]) == 1
+
+
+def test_cli_prompt_longer_than_the_context_is_a_one_line_error(export_dir: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # was a ValueError traceback out of `kubellm generate` (only KubellmError is printed as one line)
+    long_text = "the cat sat on the mat " * 40  # far more than max_seq_len=48 tokens
+    assert cli_main(["generate", "--model", str(export_dir), "--prompt", long_text]) == 1
+    err = capsys.readouterr().err
+    assert "kubellm generate: error: prompt: " in err and "leave no room in the context" in err
+    assert "Traceback" not in err
+    assert cli_main(["generate", "--model", str(export_dir), "--chat", long_text]) == 1
+    assert "max_seq_len is 48" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": float("nan")}, "temperature=nan: expected a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature=inf: expected a finite number >= 0"),
+    ({"temperature": -0.5}, r"temperature=-0\.5: expected a finite number >= 0"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"top_p=0\.0: expected a number in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": -1.0}, r"top_p=-1\.0: expected a number in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": 1.5}, r"top_p=1\.5: expected a number in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": float("nan")}, r"top_p=nan: expected a number in \(0, 1\]"),
+])
+def test_bad_sampling_parameters_are_refused(kwargs: dict[str, float], match: str) -> None:
+    # NaN temperature, top_p <= 0 or > 1 used to reach torch.multinomial ("invalid multinomial
+    # distribution") or, for a negative temperature, silently decode greedily
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    with pytest.raises(ConfigError, match=match):
+        sample_next(logits, generator=torch.Generator().manual_seed(0), **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        generate(_model(), [0, 5], 4, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_tiny_temperature_samples_the_top_token() -> None:
+    # logits / 1e-45 overflowed to inf and softmax gave NaN probabilities
+    logits = torch.tensor([[20.0, 10.0, -5.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, temperature=1e-45, generator=g).item() for _ in range(20)} == {0}
+    assert sample_next(logits, temperature=1e-45, top_p=0.5, generator=g).item() == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "--temperature=nan: expected a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature=inf: expected a finite number >= 0"),
+    (["--temperature", "0.8", "--top-p", "0"], r"--top-p=0.0: expected a number in (0, 1]"),
+])
+def test_cli_bad_sampling_parameters(export_dir: Path, args: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["generate", "--model", str(export_dir), "--prompt", "the cat", "--max-new-tokens", "3",
+                     *args]) == 1
+    err = capsys.readouterr().err
+    assert f"kubellm generate: error: {message}" in err and "Traceback" not in err
+
+
+def _published_root_artifact(export_dir: Path, prefix: Path) -> Path:
+    """A committed local artifact whose HF files sit at its root, beside _manifest.json."""
+    prefix.mkdir(parents=True)
+    for f in export_dir.iterdir():
+        (prefix / f.name).write_bytes(f.read_bytes())
+    publish_dir(prefix, str(prefix), kind="model")
+    assert (prefix / "_manifest.json").is_file() and (prefix / "config.json").is_file()
+    return prefix
+
+
+def test_artifact_with_hf_files_at_its_root_is_verified(export_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # a directory with config.json was read as a plain HF dir even with a _manifest.json: a tampered
+    # weight file of a committed artifact was loaded without a sha256 check
+    art = _published_root_artifact(export_dir, tmp_path / "art")
+    bundle = load_for_generation(str(art))
+    assert generate(bundle.model, [0, 5], 4) == generate(load_for_generation(str(export_dir)).model, [0, 5], 4)
+
+    weights = art / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one byte of tensor data, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"model\.safetensors: sha256 .* but the manifest records"):
+        load_for_generation(str(art))
+    assert cli_main(["generate", "--model", str(art), "--prompt", "the cat", "--max-new-tokens", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "kubellm generate: error: " in err and "model.safetensors: sha256" in err
+
+
+def test_unreadable_manifest_beside_hf_files_is_named(export_dir: Path, tmp_path: Path) -> None:
+    art = _published_root_artifact(export_dir, tmp_path / "art")
+    (art / "_manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="has a _manifest.json, so it is an artifact to verify, but the "
+                                          "manifest cannot be read"):
+        load_for_generation(str(art))
+
+
+def test_unreadable_generation_config_is_named(export_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "hf"
+    d.mkdir()
+    for f in export_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "generation_config.json").write_text('{"eos_token_id": [1, ')
+    assert cli_main(["generate", "--model", str(d), "--prompt", "the cat", "--max-new-tokens", "3"]) == 1
+    assert "generation_config.json: not valid JSON" in capsys.readouterr().err
