@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import ConfigError
-from kubellm.pipelines.definitions import PIPELINES, SOURCE_PARAMS, PipelineSettings, build_pipelines
+from kubellm.pipelines.definitions import (
+    DEFAULT_RETRIES,
+    MAX_RETRIES,
+    PIPELINES,
+    SOURCE_PARAMS,
+    PipelineSettings,
+    build_pipelines,
+)
 from kubellm.runconfig import PRESETS, RunConfig, load_run_config
 
 
@@ -36,6 +43,12 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                    help="ConfigMap with KUBELLM_S3_ENDPOINT_URL, AWS_REGION, ... for the steps (the chart's "
                         "<fullname>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP (set by the Helm chart), "
                         "else kubellm-env")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                   help="KFP retries of every step that fails (pod evicted or lost, S3/API errors): stages "
+                        "are idempotent and a training step re-attaches to its PyTorchJob and resumes from its "
+                        "checkpoint; backoff 30 s doubling. KFP retries only within an hour of a step's start "
+                        "(it caps backoff_max_duration at 3600 s): a training step that fails later resumes "
+                        f"when the run is retried or re-submitted. 0: none (default {DEFAULT_RETRIES})")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a pipeline parameter's default, e.g. --param raw_source=s3://b/raw/ "
                         "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")
@@ -87,7 +100,11 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
                                   f"sources: one comma-separated string, --param '{key}=s3://b/a/,s3://b/b/')")
             extra.setdefault(key, value)
     env = os.environ
+    retries = getattr(args, "retries", DEFAULT_RETRIES)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ConfigError(f"--retries {retries}: must be a whole number from 0 to {MAX_RETRIES}")
     return PipelineSettings(registry=getattr(args, "registry", None), tag=getattr(args, "tag", None),
+                            retries=retries,
                             s3_secret=getattr(args, "s3_secret", "kubellm-s3"),
                             s3_config_map=getattr(args, "s3_config_map", "kubellm-env"),
                             s3_secret_keys=(env.get("KUBELLM_S3_SECRET_ACCESS_KEY_ID_KEY", "AWS_ACCESS_KEY_ID"),

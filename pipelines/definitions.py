@@ -72,11 +72,16 @@ class PipelineSettings:
     params: tuple[tuple[str, Any], ...] = ()
     """Further parameter-default overrides (name, value), applied last (`data_prep_parallelism` among
     them is taken as the compile-time setting below)."""
+    retries: int = 2
+    """KFP retries per task (`set_retry`, backoff 30 s doubling, within an hour); 0: none."""
     data_prep_parallelism: int | None = None
     """Data-prep fan-out: > 1 fans the per-shard work out over that many concurrent pods, 1 forces the
     single step, None follows the run-config (`data_prep.fan_out`, `data_prep.fan_out_parallelism`).
     Compile-time: it shapes the DAG, so it is not a run parameter."""
 
+
+DEFAULT_RETRIES = PipelineSettings.retries
+MAX_RETRIES = 10
 
 #: Run-config `sources` field -> the pipeline parameter it is the default of.
 SOURCE_PARAMS = {"raw": "raw_source", "chat": "chat_source", "preferences": "preferences_source"}
@@ -220,6 +225,8 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     task.set_container_image(image_for(stage, registry=settings.registry, tag=settings.tag))
     task.set_display_name(display)
     task.set_caching_options(cache)
+    if settings.retries:  # every step is idempotent: content-addressed outputs, re-attaching training jobs
+        task.set_retry(settings.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="3600s")
     if settings.s3_secret:
         key_id, secret_key = settings.s3_secret_keys
         k8s.use_secret_as_env(task, settings.s3_secret, {key_id: "AWS_ACCESS_KEY_ID",

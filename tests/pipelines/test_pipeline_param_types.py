@@ -34,3 +34,37 @@ def test_a_url_with_a_password_never_reaches_the_pipeline_yaml(flags: list[str],
     assert rc == 1 and f"pipeline parameter {param}: a URL carries credentials" in err, err
     assert "minio123" not in err and "***@" in err
     assert not (tmp_path / "out").exists()
+
+
+def _tasks(path: Path) -> dict:
+    import yaml
+
+    spec = next(yaml.safe_load_all(path.read_text()))
+    out = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():  # tasks inside a ParallelFor live in its sub-DAG
+        out.update(comp.get("dag", {}).get("tasks", {}))
+    return out
+
+
+@pytest.mark.parametrize("flags, expected", [([], 2), (["--retries", "5"], 5), (["--retries", "0"], None)])
+def test_every_step_retries_with_backoff(flags: list[str], expected: int | None, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cli_main(["compile", "--preset", "debug", "--output", str(out), "--param", "data_prep_parallelism=4",
+                     *flags]) == 0
+    for pipeline in ("llm_from_scratch", "evaluation_report"):
+        tasks = _tasks(out / f"{pipeline}.yaml")
+        for name, task in tasks.items():
+            if "componentRef" not in task or name.startswith("for-loop"):
+                continue
+            policy = task.get("retryPolicy")
+            if expected is None:
+                assert policy is None, name
+            else:
+                assert policy == {"maxRetryCount": expected, "backoffDuration": "30s", "backoffFactor": 2.0,
+                                  "backoffMaxDuration": "3600s"}, name
+        assert expected is None or "prepare-shard" in tasks or pipeline == "evaluation_report"
+
+
+def test_retries_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "o"), "--retries", "-1"]) == 1
+    assert "--retries -1: must be a whole number from 0 to 10" in capsys.readouterr().err
