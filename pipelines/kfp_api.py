@@ -8,6 +8,10 @@ Authentication for multi-user Kubeflow comes from the environment only — never
                        --audience=pipelines.kubeflow.org`, or an OIDC id token for the gateway)
   KUBELLM_KFP_COOKIE   a session cookie, e.g. `authservice_session=...` or `oauth2_proxy_kubeflow=...`
   KUBELLM_KFP_ENDPOINT the endpoint when --endpoint is not given
+  KF_PIPELINES_SA_TOKEN_PATH  a file holding a projected ServiceAccount token (audience pipelines.kubeflow.org),
+                       as the Helm chart's jobs mount it; without KUBELLM_KFP_TOKEN that token is sent, re-read
+                       before every request (the kubelet rotates it). With neither variable set, kfp's default
+                       path /var/run/secrets/kubeflow/pipelines/token is used when that file exists.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from kubellm.core.storage import redact
 TOKEN_ENV = "KUBELLM_KFP_TOKEN"
 COOKIE_ENV = "KUBELLM_KFP_COOKIE"
 ENDPOINT_ENV = "KUBELLM_KFP_ENDPOINT"
+SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp.client.KF_PIPELINES_SA_TOKEN_ENV
+SA_TOKEN_DEFAULT_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # kfp.client.KF_PIPELINES_SA_TOKEN_PATH
 FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
 
 
@@ -34,10 +40,35 @@ class KfpApiError(KubellmError):
     """The KFP API refused or failed a request; the message says which and what to do."""
 
 
+def sa_token_path() -> str | None:
+    """The ServiceAccount token file to authenticate with, or None: only when KUBELLM_KFP_TOKEN is not set;
+    $KF_PIPELINES_SA_TOKEN_PATH when set, else kfp's default path if that file exists."""
+    if os.environ.get(TOKEN_ENV):
+        return None
+    path = os.environ.get(SA_TOKEN_ENV)
+    if path:
+        return path
+    return SA_TOKEN_DEFAULT_PATH if os.path.isfile(SA_TOKEN_DEFAULT_PATH) else None
+
+
+def _read_sa_token(path: str) -> str:
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise KfpApiError(f"cannot read the KFP ServiceAccount token file {path!r} ({e.strerror or e}): "
+                          f"check the projected token volume, or unset {SA_TOKEN_ENV}") from None
+    if not token:
+        raise KfpApiError(f"the KFP ServiceAccount token file {path!r} is empty")
+    return token
+
+
 def auth_headers() -> dict[str, str]:
     headers = {}
     if os.environ.get(TOKEN_ENV):
         headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
+    elif (path := sa_token_path()) is not None:
+        headers["Authorization"] = f"Bearer {_read_sa_token(path)}"
     if os.environ.get(COOKIE_ENV):
         headers["Cookie"] = os.environ[COOKIE_ENV]
     return headers
@@ -45,10 +76,13 @@ def auth_headers() -> dict[str, str]:
 
 def _auth_hint() -> str:
     have = [v for v in (TOKEN_ENV, COOKIE_ENV) if os.environ.get(v)]
+    if (path := sa_token_path()) is not None:
+        have.insert(0, f"the ServiceAccount token file {path}")
     if have:
         return f"the credentials in {' and '.join(have)} were refused (expired? wrong namespace/profile?)"
     return (f"multi-user Kubeflow needs credentials: set {TOKEN_ENV} (bearer token) or {COOKIE_ENV} "
-            "(session cookie) in the environment")
+            f"(session cookie) in the environment, or mount a projected ServiceAccount token "
+            f"(audience pipelines.kubeflow.org) and set {SA_TOKEN_ENV} to its path")
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -89,16 +123,23 @@ def preflight(endpoint: str, timeout: float = 15.0) -> dict[str, Any]:
 
 
 def connect(endpoint: str | None, namespace: str | None = None) -> Any:
-    """A `kfp.Client` for `endpoint` with the environment's credentials, after a preflight check."""
+    """A `kfp.Client` for `endpoint` with the environment's credentials, after a preflight check.
+
+    KUBELLM_KFP_TOKEN wins; else a ServiceAccount token file (see `sa_token_path`) is sent through kfp's
+    own ServiceAccountTokenVolumeCredentials, which re-reads it before every request. (kfp.Client loads
+    those credentials by itself only when no host is given; we always give one.)"""
     import kfp
+    from kfp.client import ServiceAccountTokenVolumeCredentials
 
     ep = resolve_endpoint(endpoint)
-    preflight(ep)
+    preflight(ep)  # also fails clearly when the token file cannot be read
+    token = os.environ.get(TOKEN_ENV) or None
+    path = sa_token_path()
+    credentials = ServiceAccountTokenVolumeCredentials(path) if token is None and path is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with KFP v2.0.0-beta.2+"
-        client = kfp.Client(host=ep, namespace=namespace or "kubeflow",
-                            existing_token=os.environ.get(TOKEN_ENV) or None,
-                            cookies=os.environ.get(COOKIE_ENV) or None)
+        client = kfp.Client(host=ep, namespace=namespace or "kubeflow", existing_token=token,
+                            credentials=credentials, cookies=os.environ.get(COOKIE_ENV) or None)
     if namespace:
         # kfp.Client only records a namespace other than "kubeflow"; be explicit for every call.
         client._context_setting["namespace"] = namespace

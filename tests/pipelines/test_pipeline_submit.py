@@ -11,6 +11,7 @@ from fake_kfp_server import FakeKfp
 
 from kubellm.cli import main as cli_main
 from kubellm.core.errors import ConfigError
+from kubellm.pipelines import kfp_api as kfp_api_module
 from kubellm.pipelines.schedule import validate_cron
 from kubellm.runconfig import load_run_config
 
@@ -23,9 +24,13 @@ SOURCES = ("--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/cha
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
-              "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME", "KUBELLM_S3_CONFIG_MAP"):
+              "KF_PIPELINES_SA_TOKEN_PATH", "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME",
+              "KUBELLM_S3_CONFIG_MAP"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
+    # no ServiceAccount token either, even where kfp's default path exists (a test run inside a KFP pod)
+    monkeypatch.setattr(kfp_api_module, "SA_TOKEN_DEFAULT_PATH", str(tmp_path_factory.mktemp("none") / "token"),
+                        raising=False)
 
 
 @pytest.fixture
