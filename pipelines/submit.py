@@ -11,7 +11,8 @@ The pipeline is compiled from the run-config right here (its values become the p
 so the run shows them in the UI); `--param NAME=VALUE` overrides a parameter for this run only.
 `--upload` also registers the compiled pipeline as a version of a named pipeline in the UI (version
 name: the git sha, else a content hash); re-uploading identical content reuses the version, different
-content under the same version name is a conflict and is refused.
+content under the same version name is a conflict and is refused. With --namespace the pipeline lives in
+that profile namespace (looked up and created there), else it is a shared pipeline.
 """
 
 from __future__ import annotations
@@ -134,17 +135,43 @@ def find_run(client: Any, experiment_id: str, name: str) -> Any | None:
     return runs[0] if runs else None
 
 
+def find_pipeline(client: Any, name: str, namespace: str | None) -> str | None:
+    """The id of the pipeline named `name` in `namespace` (multi-user: a profile namespace), or among the
+    shared pipelines when no namespace is given; None if there is none. (`kfp.Client.get_pipeline_id` lists
+    without a namespace, which in multi-user KFP sees only shared pipelines, never the profile's own.)"""
+    page_token = ""
+    with api_errors(f"look up pipeline {name!r}" + (f" in namespace {namespace!r}" if namespace else "")):
+        while True:
+            resp = client.list_pipelines(page_token=page_token, page_size=100, namespace=namespace or None,
+                                         filter=eq_filter("display_name", name))
+            hits = [p for p in (resp.pipelines or []) if p.display_name == name]
+            if hits:
+                return hits[0].pipeline_id
+            page_token = resp.next_page_token or ""
+            if not page_token:
+                return None
+
+
 def ensure_version(client: Any, path: Path, pipeline_name: str, version_name: str, digest: str,
                    namespace: str | None) -> tuple[str, str]:
-    """(pipeline_id, version_id) of `version_name` holding exactly this content; uploads it if absent."""
+    """(pipeline_id, version_id) of `version_name` holding exactly this content; uploads it if absent.
+    The pipeline is looked up, and created if absent, in `namespace` (shared when None)."""
     description = f"kubellm spec sha256:{digest}"
-    with api_errors(f"look up pipeline {pipeline_name!r}"):
-        pid = client.get_pipeline_id(pipeline_name)
+    pid = find_pipeline(client, pipeline_name, namespace)
     if pid is None:
-        with api_errors(f"upload pipeline {pipeline_name!r}"):
-            pid = client.upload_pipeline(str(path), pipeline_name=pipeline_name, namespace=namespace,
-                                         description="kubellm pipeline (versions uploaded by kubellm submit)"
-                                         ).pipeline_id
+        try:
+            with api_errors(f"upload pipeline {pipeline_name!r}"):
+                pid = client.upload_pipeline(str(path), pipeline_name=pipeline_name, namespace=namespace,
+                                             description="kubellm pipeline (versions uploaded by kubellm submit)"
+                                             ).pipeline_id
+        except KfpApiError:
+            # 409 (or 500 "already exists" on older KFP): it exists after all — another submit created it
+            # meanwhile, or the server keeps it where the lookup did not see it. Use that one.
+            pid = find_pipeline(client, pipeline_name, namespace)
+            if pid is None and namespace:
+                pid = find_pipeline(client, pipeline_name, None)
+            if pid is None:
+                raise
     try:
         with api_errors(f"upload version {version_name!r} of pipeline {pipeline_name!r}"):
             v = client.upload_pipeline_version(str(path), version_name, pipeline_id=pid, description=description)
