@@ -248,6 +248,7 @@ def test_schedule_and_submit_check_arg_before_contacting_the_api(kfp_api: FakeKf
 
 def test_schedule_arg_config_as_json_object_is_sent_as_its_string(kfp_api: FakeKfp) -> None:
     cfg = load_run_config(preset="debug").evaluate.model_dump(mode="json")
+    cfg["gate"]["promote"] = False  # the evaluation report never promotes; asking it to is refused
     assert schedule(kfp_api, "--cron", "0 0 6 * * 1", "--arg", "evaluate_config=" + json.dumps(cfg)) == 0
     (rr,) = kfp_api.recurring.values()
     sent = rr["runtime_config"]["parameters"]["evaluate_config"]
