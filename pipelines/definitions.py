@@ -72,6 +72,9 @@ class PipelineSettings:
     params: tuple[tuple[str, Any], ...] = ()
     """Further parameter-default overrides (name, value), applied last (`data_prep_parallelism` among
     them is taken as the compile-time setting below)."""
+    resources: Any = None
+    """The run-config's `pipeline` section (`PipelineConfig`): each kind of step's pod resources;
+    set by build_pipelines from the run-config."""
     retries: int = 2
     """KFP retries per task (`set_retry`, backoff 30 s doubling, within an hour); 0: none."""
     data_prep_parallelism: int | None = None
@@ -225,6 +228,7 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     task.set_container_image(image_for(stage, registry=settings.registry, tag=settings.tag))
     task.set_display_name(display)
     task.set_caching_options(cache)
+    _apply_resources(task, getattr(settings.resources, stage, None))
     if settings.retries:  # every step is idempotent: content-addressed outputs, re-attaching training jobs
         task.set_retry(settings.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="3600s")
     if settings.s3_secret:
@@ -243,6 +247,24 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
         k8s.use_field_path_as_env(task, "KUBELLM_POD_UID", "metadata.uid")
         k8s.use_field_path_as_env(task, "KUBELLM_NAMESPACE", "metadata.namespace")
     return task
+
+
+def _apply_resources(task: dsl.PipelineTask, r: Any) -> None:
+    """A `StepResources` onto the task's pod (nothing set: the cluster's defaults)."""
+    if r is None:
+        return
+    for value, setter in ((r.cpu_request, task.set_cpu_request), (r.cpu_limit, task.set_cpu_limit),
+                          (r.memory_request, task.set_memory_request), (r.memory_limit, task.set_memory_limit)):
+        if value:
+            setter(value)
+    if r.accelerator_limit:
+        task.set_accelerator_type(r.accelerator_type)
+        task.set_accelerator_limit(r.accelerator_limit)
+    for key, value in sorted(r.node_selector.items()):
+        k8s.add_node_selector(task, key, value)
+    for t in r.tolerations:
+        k8s.add_toleration(task, key=t.key or None, operator=t.operator, value=t.value or None,
+                           effect=t.effect or None)
 
 
 def _data_prep_fan_out(s: PipelineSettings, parallelism: int, config: Any, storage_root: Any, raw: Any,
@@ -267,7 +289,7 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
     `until` ends llm_from_scratch after that stage (e.g. iterate on data prep without training)."""
     if until is not None and until not in STAGES:
         raise ValueError(f"unknown stage {until!r} for until: expected one of {', '.join(STAGES)}")
-    s = settings or PipelineSettings()
+    s = dataclasses.replace(settings or PipelineSettings(), resources=cfg.pipeline)
     d = parameter_defaults(cfg, s)
     fan_out = data_prep_fan_out(cfg, s)
     f, r = d["llm_from_scratch"], d["evaluation_report"]
