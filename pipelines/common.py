@@ -113,6 +113,31 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
                             params=tuple(params.items()), **extra)
 
 
+#: parameters that name data every step must reach: on a cluster, object storage (or the hub)
+CLUSTER_PATH_PARAMS = ("storage_root", "promoted_pointer", "tokens", "model_uris", *SOURCE_PARAMS.values())
+
+
+def check_cluster_paths(pipeline: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse, before a run reaches the cluster, a local path where every step must read or write:
+    on Kubeflow each step runs in its own pod, so a directory on this machine (or in one pod) is
+    not shared — the tokenizer would not find data prep's output, a promotion would vanish with its pod."""
+    bad = []
+    for name in CLUSTER_PATH_PARAMS:
+        if name not in defaults:
+            continue
+        value = arguments.get(name, defaults[name])
+        for item in (value if isinstance(value, list) else str(value).split(",")):
+            item = str(item).strip()
+            if item and not item.startswith(("s3://", "hf:")):
+                bad.append(f"{name}={item!r}")
+    if bad:
+        raise ConfigError(
+            f"{pipeline}: {', '.join(bad)} "
+            f"{'is a local path' if len(bad) == 1 else 'are local paths'}: on Kubeflow every step runs in its own pod "
+            "and shares no filesystem with the others; use s3://bucket/prefix (storage.root and sources.* in the "
+            "run-config, or --param/--arg NAME=s3://…)")
+
+
 def check_output_dir(out: Path, flag: str = "--output") -> None:
     """Refuse an output directory that is a file (or under one) before anything is written."""
     for p in (out, *out.parents):

@@ -24,7 +24,13 @@ from typing import Any
 
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import stable_hash
-from kubellm.pipelines.common import add_config_args, add_image_args, parse_params, settings_from_args
+from kubellm.pipelines.common import (
+    add_config_args,
+    add_image_args,
+    check_cluster_paths,
+    parse_params,
+    settings_from_args,
+)
 from kubellm.pipelines.definitions import check_arguments, parameter_defaults
 from kubellm.pipelines.kfp_api import api_errors, connect, eq_filter
 from kubellm.pipelines.submit import add_endpoint_args, compile_for_submit
@@ -121,8 +127,9 @@ def main(args: argparse.Namespace) -> int:
         arguments["model_uris"] = models
     with tempfile.TemporaryDirectory(prefix="kubellm-schedule-") as tmp:
         path, digest, cfg = compile_for_submit(args, Path(tmp))  # caching off for every step
-        arguments = check_arguments(args.pipeline, arguments,
-                                    parameter_defaults(cfg, settings_from_args(args))[args.pipeline], "--arg")
+        defaults = parameter_defaults(cfg, settings_from_args(args))[args.pipeline]
+        arguments = check_arguments(args.pipeline, arguments, defaults, "--arg")
+        check_cluster_paths(args.pipeline, arguments, defaults)
         want = desired_hash(digest, args, cron, arguments)
         description = f"kubellm evaluation report; kubellm-schedule sha256:{want}"
         client = connect(args.endpoint, args.namespace)

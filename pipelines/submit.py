@@ -31,6 +31,7 @@ from kubellm.core.errors import ConfigError
 from kubellm.pipelines.common import (
     add_config_args,
     add_image_args,
+    check_cluster_paths,
     compile_pipelines,
     load_config,
     parse_params,
@@ -221,6 +222,8 @@ def main(args: argparse.Namespace) -> int:
         arguments = check_arguments(args.pipeline, arguments,
                                     parameter_defaults(cfg, settings_from_args(args))[args.pipeline], "--arg")
         check_sources(args, cfg, arguments)
+        check_cluster_paths(args.pipeline, arguments,
+                            parameter_defaults(cfg, settings_from_args(args))[args.pipeline])
         run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
                     else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")
         client = connect(args.endpoint, args.namespace)

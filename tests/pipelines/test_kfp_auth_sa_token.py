@@ -16,7 +16,7 @@ from kubellm.cli import main as cli_main
 from kubellm.pipelines import kfp_api
 from kubellm.pipelines.kfp_api import KfpApiError, connect
 
-SOURCES = ("--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
+SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
            "--set", "sources.preferences=s3://b/prefs.jsonl")
 
 
@@ -66,7 +66,7 @@ def test_submit_sends_the_projected_token(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_schedule_sends_the_projected_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(_token_file(tmp_path, "sa-tok-sched")))
     with FakeKfp(token="sa-tok-sched", multi_user=True) as api:
-        assert cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--name", "weekly",
+        assert cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--set", "storage.root=s3://b/kubellm", "--name", "weekly",
                          "--cron", "0 0 6 * * 1", "--namespace", "team-ml"]) == 0
         assert len(api.recurring) == 1
         assert all(r.headers.get("authorization") == "Bearer sa-tok-sched" for r in api.requests)

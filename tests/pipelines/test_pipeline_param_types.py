@@ -68,3 +68,19 @@ def test_every_step_retries_with_backoff(flags: list[str], expected: int | None,
 def test_retries_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "o"), "--retries", "-1"]) == 1
     assert "--retries -1: must be a whole number from 0 to 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["submit", "--preset", "debug", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/c.jsonl",
+      "--set", "sources.preferences=s3://b/p.jsonl"], "storage_root='.kubellm/artifacts'"),
+    (["submit", "--preset", "debug", "--set", "storage.root=s3://b/k", "--set", "sources.raw=./corpus",
+      "--set", "sources.chat=s3://b/c.jsonl", "--set", "sources.preferences=s3://b/p.jsonl"], "raw_source='./corpus'"),
+    (["schedule", "--preset", "debug", "--set", "storage.root=s3://b/k", "--name", "weekly", "--cron", "0 0 3 * * 1",
+      "--models", "s3://b/k/sft/ab,/home/me/model"], "model_uris='/home/me/model'"),
+])
+def test_a_cluster_run_with_a_local_path_is_refused_before_reaching_kfp(argv: list[str], named: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every step runs in its own pod: a path on this machine is shared by none of them."""
+    rc = cli_main([argv[0], "--endpoint", "http://127.0.0.1:9", *argv[1:]])  # nothing listens: not contacted
+    err = capsys.readouterr().err
+    assert rc == 1 and named in err and "on Kubeflow every step runs in its own pod" in err, err

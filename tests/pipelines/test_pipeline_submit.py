@@ -17,7 +17,7 @@ from kubellm.runconfig import load_run_config
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 # the llm_from_scratch run's input data, as a run-config kept in git names it
-SOURCES = ("--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
+SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
            "--set", "sources.preferences=s3://b/prefs.jsonl")
 
 
@@ -79,7 +79,7 @@ def _spec(body: dict) -> dict:
 def test_sources_come_from_the_run_config_and_an_empty_one_is_refused_before_submitting(
         kfp_api: FakeKfp, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "retrain.yaml"
-    cfg.write_text("name: retrain\nsources:\n  raw: s3://b/raw/\n  chat: s3://b/chat.jsonl\n")
+    cfg.write_text("name: retrain\nstorage:\n  root: s3://b/kubellm\nsources:\n  raw: s3://b/raw/\n  chat: s3://b/chat.jsonl\n")
     base = ["submit", "--endpoint", kfp_api.url, "--run-config", str(cfg), "--git-sha", SHA]
     assert cli_main(base) == 1  # no preferences anywhere: refused, nothing sent
     err = capsys.readouterr().err
@@ -92,6 +92,7 @@ def test_sources_come_from_the_run_config_and_an_empty_one_is_refused_before_sub
     assert params["chat_source"]["defaultValue"] == "s3://b/chat.jsonl"
     assert params["preferences_source"]["defaultValue"] == "s3://b/prefs.jsonl"  # --param wins over nothing
     assert cli_main(["submit", "--endpoint", kfp_api.url, "--pipeline", "evaluation_report", "--preset", "debug",
+                     "--set", "storage.root=s3://b/kubellm",
                      "--arg", 'model_uris=["s3://b/m"]']) == 0  # the report reads no raw data
 
 
@@ -176,7 +177,8 @@ def test_unreachable_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
 # ----------------------------------------------------------------------------- schedule
 
 def schedule(api: FakeKfp, *extra: str) -> int:
-    return cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--name", "weekly-report", *extra])
+    return cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--name", "weekly-report",
+                     "--set", "storage.root=s3://b/kubellm", *extra])
 
 
 def test_schedule_create_then_update_idempotently(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ from kubellm.pipelines import kfp_api
 
 SHA1 = "0123456789abcdef0123456789abcdef01234567"
 SHA2 = "89abcdef0123456789abcdef0123456789abcdef"
-SOURCES = ("--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
+SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
            "--set", "sources.preferences=s3://b/prefs.jsonl")
 
 
