@@ -20,6 +20,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+#: the run-config values a cluster run needs (an s3:// storage root and the input data), as --set flags
+SUBMIT_SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/",
+                  "--set", "sources.chat=s3://b/chat.jsonl", "--set", "sources.preferences=s3://b/prefs.jsonl")
+
+
+def isolate_kfp_env(monkeypatch: Any, tmp_path_factory: Any) -> None:
+    """No KFP endpoint, credentials, image or S3 settings from the machine running the tests: no
+    environment variables, no ~/.config/kfp/context.json, no ServiceAccount token at kfp's default path."""
+    from kubellm.pipelines import kfp_api
+
+    for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
+              "KF_PIPELINES_SA_TOKEN_PATH", "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME",
+              "KUBELLM_S3_CONFIG_MAP"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setattr(kfp_api, "SA_TOKEN_DEFAULT_PATH", str(tmp_path_factory.mktemp("none") / "token"),
+                        raising=False)
+
+
 API = "/apis/v2beta1"
 
 

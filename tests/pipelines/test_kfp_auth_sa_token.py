@@ -10,27 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fake_kfp_server import FakeKfp
+from fake_kfp_server import SUBMIT_SOURCES, FakeKfp, isolate_kfp_env
 
 from kubellm.cli import main as cli_main
 from kubellm.pipelines import kfp_api
 from kubellm.pipelines.kfp_api import KfpApiError, connect
 
-SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
-           "--set", "sources.preferences=s3://b/prefs.jsonl")
+SOURCES = SUBMIT_SOURCES
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
-              "KF_PIPELINES_SA_TOKEN_PATH", "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME",
-              "KUBELLM_S3_CONFIG_MAP"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
-    # kfp's default path never exists here unless a test says so
-    monkeypatch.setattr(kfp_api, "SA_TOKEN_DEFAULT_PATH", str(tmp_path_factory.mktemp("none") / "token"),
-                        raising=False)
-
+    isolate_kfp_env(monkeypatch, tmp_path_factory)
 
 def _token_file(tmp_path: Path, token: str) -> Path:
     path = tmp_path / "kfp-token" / "token"

@@ -7,31 +7,21 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from fake_kfp_server import FakeKfp
+from fake_kfp_server import SUBMIT_SOURCES, FakeKfp, isolate_kfp_env
 
 from kubellm.cli import main as cli_main
 from kubellm.core.errors import ConfigError
-from kubellm.pipelines import kfp_api as kfp_api_module
 from kubellm.pipelines.schedule import validate_cron
 from kubellm.runconfig import load_run_config
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 # the llm_from_scratch run's input data, as a run-config kept in git names it
-SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
-           "--set", "sources.preferences=s3://b/prefs.jsonl")
+SOURCES = SUBMIT_SOURCES
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
-              "KF_PIPELINES_SA_TOKEN_PATH", "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME",
-              "KUBELLM_S3_CONFIG_MAP"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
-    # no ServiceAccount token either, even where kfp's default path exists (a test run inside a KFP pod)
-    monkeypatch.setattr(kfp_api_module, "SA_TOKEN_DEFAULT_PATH", str(tmp_path_factory.mktemp("none") / "token"),
-                        raising=False)
-
+    isolate_kfp_env(monkeypatch, tmp_path_factory)
 
 @pytest.fixture
 def kfp_api() -> Iterator[FakeKfp]:

@@ -14,15 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fake_kfp_server import FakeKfp, _match_filter
+from fake_kfp_server import SUBMIT_SOURCES, FakeKfp, _match_filter, isolate_kfp_env
 
 from kubellm.cli import main as cli_main
-from kubellm.pipelines import kfp_api
 
 SHA1 = "0123456789abcdef0123456789abcdef01234567"
 SHA2 = "89abcdef0123456789abcdef0123456789abcdef"
-SOURCES = ("--set", "storage.root=s3://b/kubellm", "--set", "sources.raw=s3://b/raw/", "--set", "sources.chat=s3://b/chat.jsonl",
-           "--set", "sources.preferences=s3://b/prefs.jsonl")
+SOURCES = SUBMIT_SOURCES
 
 
 class NamespacedPipelinesKfp(FakeKfp):
@@ -63,13 +61,7 @@ class NamespacedPipelinesKfp(FakeKfp):
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for k in ("KUBELLM_KFP_TOKEN", "KUBELLM_KFP_COOKIE", "KUBELLM_KFP_ENDPOINT", "KF_PIPELINES_ENDPOINT",
-              "KF_PIPELINES_SA_TOKEN_PATH", "KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_S3_SECRET_NAME",
-              "KUBELLM_S3_CONFIG_MAP"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # no ~/.config/kfp/context.json
-    monkeypatch.setattr(kfp_api, "SA_TOKEN_DEFAULT_PATH", str(tmp_path_factory.mktemp("none") / "token"),
-                        raising=False)
+    isolate_kfp_env(monkeypatch, tmp_path_factory)
 
 
 @pytest.fixture
