@@ -53,11 +53,12 @@ def test_compiled_yaml_has_no_secrets(planted: None, tmp_path: Path) -> None:
 def test_submit_and_schedule_bodies_have_no_secrets(planted: None, capsys: pytest.CaptureFixture[str]) -> None:
     with FakeKfp(token=SECRETS["KUBELLM_KFP_TOKEN"]) as api:
         assert cli_main(["submit", "--endpoint", api.url, "--preset", "debug", "--git-sha", "a" * 40,
-                         "--upload", "--pipeline-root", "s3://b/kfp", "--set", "sources.raw=s3://b/raw/",
+                         "--upload", "--pipeline-root", "s3://b/kfp", "--set", "storage.root=s3://b/kubellm",
+                         "--set", "sources.raw=s3://b/raw/",
                          "--set", "sources.chat=s3://b/chat.jsonl",
                          "--set", "sources.preferences=s3://b/prefs.jsonl"]) == 0
         assert cli_main(["schedule", "--endpoint", api.url, "--preset", "debug", "--name", "report",
-                         "--cron", "0 0 6 * * *"]) == 0
+                         "--set", "storage.root=s3://b/kubellm", "--cron", "0 0 6 * * *"]) == 0
         assert api.requests
         for r in api.requests:
             _scan(r.body, f"{r.method} {r.path} body")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,21 @@ def test_fewer_than_five_repeats_are_refused() -> None:
         bench_dedup.main(["--repeats", "2"])
 
 
-def test_gpu_mfu_step_is_kubellms_training_step_and_learns() -> None:
+@pytest.fixture
+def own_process_group() -> Iterator[None]:
+    """The engine's 1-rank group sets RANK/WORLD_SIZE/MASTER_* in os.environ: left there, every later
+    test's subprocess (lm_eval, `kubellm run --local`) would take itself for a torchrun worker."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_gpu_mfu_step_is_kubellms_training_step_and_learns(own_process_group: None) -> None:
     """The MFU script times `train()`'s step (DeepSpeed engine, fused LM-head loss); on CPU here, on
     CUDA on a GPU machine. Same batch every step: the loss must fall."""
     from bench import bench_mfu_gpu
