@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,26 +55,20 @@ def test_fewer_than_five_repeats_are_refused() -> None:
         bench_dedup.main(["--repeats", "2"])
 
 
-@pytest.fixture
-def own_process_group() -> Iterator[None]:
-    """The engine's 1-rank group sets RANK/WORLD_SIZE/MASTER_* in os.environ: left there, every later
-    test's subprocess (lm_eval, `kubellm run --local`) would take itself for a torchrun worker."""
-    saved = dict(os.environ)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_gpu_mfu_step_is_kubellms_training_step_and_learns(own_process_group: None) -> None:
+def test_gpu_mfu_step_is_kubellms_training_step_and_learns() -> None:
     """The MFU script times `train()`'s step (DeepSpeed engine, fused LM-head loss); on CPU here, on
-    CUDA on a GPU machine. Same batch every step: the loss must fall."""
-    from bench import bench_mfu_gpu
+    CUDA on a GPU machine. Same batch every step: the loss must fall. In its own process: the engine's
+    1-rank group would otherwise stay in this one (RANK/MASTER_* in os.environ, DeepSpeed's cached
+    group), and later tests' subprocesses would take themselves for torchrun workers."""
+    import subprocess
+    import sys
 
-    tps, seq, times, losses = bench_mfu_gpu.measure("debug", 2, 32, False, "cpu", warmup=1, steps=5)
+    code = ("import json; from bench import bench_mfu_gpu; "
+            "print(json.dumps(bench_mfu_gpu.measure('debug', 2, 32, False, 'cpu', warmup=1, steps=5)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tps, seq, times, losses = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seq == 32 and len(times) == 5 and tps > 0
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
