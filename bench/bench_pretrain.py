@@ -30,6 +30,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import MIN_REPEATS  # noqa: E402
+
 
 def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool,
           host_memory_reuse: bool = True, device: str = "cpu") -> Callable[[torch.Tensor], float]:
@@ -142,8 +144,8 @@ def main() -> None:
     ap.add_argument("--no-host-memory-reuse", dest="host_memory_reuse", action="store_false",
                     help="train.host_memory_reuse: false (both sides then run with glibc's malloc defaults)")
     args = ap.parse_args()
-    if args.rounds < 5:
-        ap.error("--rounds must be ≥ 5 (the median of fewer is noise)")
+    if args.rounds < MIN_REPEATS:
+        ap.error(f"--rounds must be ≥ {MIN_REPEATS} (the median of fewer is noise)")
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} precision={args.precision} batch={args.batch} torch={torch.__version__}")
     print(f"{'preset':8} {'mode':8} {'seq':>4} {'ours tok/s':>11} {'hf tok/s':>11} {'ours/hf':>8}")

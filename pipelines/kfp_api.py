@@ -134,8 +134,8 @@ def connect(endpoint: str | None, namespace: str | None = None) -> Any:
     ep = resolve_endpoint(endpoint)
     preflight(ep)  # also fails clearly when the token file cannot be read
     token = os.environ.get(TOKEN_ENV) or None
-    path = sa_token_path()
-    credentials = ServiceAccountTokenVolumeCredentials(path) if token is None and path is not None else None
+    path = sa_token_path()  # None whenever the token above is set
+    credentials = ServiceAccountTokenVolumeCredentials(path) if path is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "This client only works with KFP v2.0.0-beta.2+"
         client = kfp.Client(host=ep, namespace=namespace or "kubeflow", existing_token=token,

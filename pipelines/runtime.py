@@ -123,7 +123,6 @@ def reported(stage: str) -> Iterator[None]:
         raise
 
 
-
 def _require_root(storage_root: str) -> None:
     if not storage_root:
         raise ConfigError("pipeline parameter storage_root is empty: expected a local dir or s3://bucket/prefix")
@@ -142,7 +141,7 @@ def run_component(stage: str, config_text: str, storage_root: str, inputs: Mappi
         _require_root(storage_root)
         config = parse_section(stage, config_text)
         if never_promote and config.gate.promote:
-            print(f"[kubellm] {stage}: gate.promote ignored: this pipeline reports and never promotes", flush=True)
+            print(f"{HEADLINE} {stage}: gate.promote ignored: this pipeline reports and never promotes", flush=True)
             config = config.model_copy(update={"gate": config.gate.model_copy(update={"promote": False})})
         given = {k: v for k, v in inputs.items() if v}
         manifest = run_stage(stage, config, given, storage_root)

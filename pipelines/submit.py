@@ -108,12 +108,11 @@ def compile_for_submit(args: argparse.Namespace, out_dir: Path) -> tuple[Path, s
     return path, digest, cfg
 
 
-def check_sources(args: argparse.Namespace, cfg: Any, arguments: dict[str, Any]) -> None:
+def check_sources(pipeline: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Refuse, before anything reaches the cluster, an llm_from_scratch run with no data to read: its
     first step would fail on an empty source (a GitOps merge has nobody to type it into the UI)."""
-    if args.pipeline != "llm_from_scratch":
+    if pipeline != "llm_from_scratch":
         return
-    defaults = parameter_defaults(cfg, settings_from_args(args))["llm_from_scratch"]
     missing = [(k, p) for k, p in SOURCE_PARAMS.items() if not str(arguments.get(p) or defaults[p]).strip()]
     if missing:
         how = "; ".join(f"{p}: set sources.{k} in the run-config, or --param {p}=s3://…" for k, p in missing)
@@ -219,11 +218,10 @@ def main(args: argparse.Namespace) -> int:
     arguments = parse_params(args.args)
     with tempfile.TemporaryDirectory(prefix="kubellm-submit-") as tmp:
         path, digest, cfg = compile_for_submit(args, Path(tmp))
-        arguments = check_arguments(args.pipeline, arguments,
-                                    parameter_defaults(cfg, settings_from_args(args))[args.pipeline], "--arg")
-        check_sources(args, cfg, arguments)
-        check_cluster_paths(args.pipeline, arguments,
-                            parameter_defaults(cfg, settings_from_args(args))[args.pipeline])
+        defaults = parameter_defaults(cfg, settings_from_args(args))[args.pipeline]
+        arguments = check_arguments(args.pipeline, arguments, defaults, "--arg")
+        check_sources(args.pipeline, arguments, defaults)
+        check_cluster_paths(args.pipeline, arguments, defaults)
         run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
                     else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")
         client = connect(args.endpoint, args.namespace)

@@ -78,9 +78,11 @@ def parse_models(value: str) -> list[ModelInput]:
     for i in range(len(parts)):
         m = _LABELLED.match(parts[i].strip())
         first = (m.group(2) if m else parts[i]).lstrip()
+        if Path(first.strip()).exists():
+            continue  # the part names a path as it is
         for j in range(i + 1, len(parts)):
             joined = ",".join([first, *parts[i + 1 : j + 1]]).rstrip()
-            if not is_s3(joined) and not Path(first.strip()).exists() and Path(joined).exists():
+            if not is_s3(joined) and Path(joined).exists():
                 raise ConfigError(f"input 'models': {joined!r} contains a comma, which separates models in this "
                                   "input; give the model a path without one (rename it or point a symlink at it)")
     labels = [mi.label for mi in out if mi.label]

@@ -16,7 +16,6 @@ temporary directory first — also a local directory whose HF files sit beside i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import numbers
@@ -28,9 +27,9 @@ from typing import Any
 
 import torch
 
-from kubellm.core.errors import ConfigError, InputDataError, IntegrityError, KubellmError
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.model.checks import check_token_ids
-from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME
+from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME, read_json
 from kubellm.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -198,10 +197,7 @@ def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> Generat
     stops: list[int] = []
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
-        try:
-            gen_cfg = json.loads(gen_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IntegrityError(f"{gen_path}: not valid JSON ({e})") from None
+        gen_cfg = read_json(gen_path)
         eos = gen_cfg.get("eos_token_id") if isinstance(gen_cfg, dict) else None
         stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tok.eos_token_id is not None:

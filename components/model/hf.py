@@ -303,7 +303,9 @@ def _transformers_version() -> str:
     return version("transformers")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A model directory's JSON file (config, index, generation config); IntegrityError naming it
+    when it does not parse."""
     try:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -318,7 +320,7 @@ def _tensor_files(d: Path) -> dict[str, Path]:
     index = d / INDEX_NAME
     single = d / WEIGHTS_NAME
     if index.is_file():
-        data = _read_json(index)
+        data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise IntegrityError(f"{index}: no 'weight_map' object")
@@ -350,7 +352,7 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise IntegrityError(f"{cfg_path}: missing (not a Hugging Face model directory)")
-    cfg_data = _read_json(cfg_path)
+    cfg_data = read_json(cfg_path)
     if not isinstance(cfg_data, dict):
         raise IntegrityError(f"{cfg_path}: expected a JSON object")
     cfg = config_from_hf(cfg_data, source=str(cfg_path))

@@ -82,8 +82,10 @@ def _check_positions(position_ids: torch.Tensor, max_seq_len: int) -> None:
     the compiled graph raises when it runs the check."""
     msg = f"position_ids must lie in [0, max_seq_len={max_seq_len})"
     if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_seq_len):
-            raise ValueError(f"{msg}; got values from {int(position_ids.min())} to {int(position_ids.max())}")
+        if position_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(position_ids))  # one pass for both ends
+            if lo < 0 or hi >= max_seq_len:
+                raise ValueError(f"{msg}; got values from {lo} to {hi}")
     elif position_ids.numel():
         torch._assert_async(((position_ids >= 0) & (position_ids < max_seq_len)).all(), msg)
 

@@ -49,7 +49,8 @@ def _describe(e: ApiException) -> str:
         msg = body
     msg = str(msg).strip()
     # 403 is also quota and terminating-namespace refusals; RBAC's says 'User "..." cannot <verb> ...'
-    hint = _AUTH_HINTS[403] if e.status == 403 and " cannot " in msg else _AUTH_HINTS.get(401 if e.status == 401 else 0, "")
+    rbac_or_auth = e.status == 401 or (e.status == 403 and " cannot " in msg)
+    hint = _AUTH_HINTS[e.status] if rbac_or_auth else ""
     return f"HTTP {e.status} {e.reason}: {msg[:500]}{hint}"
 
 
