@@ -118,9 +118,12 @@ _SELF_MADE = "KUBELLM_SINGLE_PROCESS_GROUP"
 
 def in_distributed_worker() -> bool:
     """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
-    # A 1-process group that init_distributed made for itself (in this very process: the marker
-    # holds its pid, so child processes that inherit it are not fooled) is not a launcher's worker.
-    self_made = os.environ.get(_SELF_MADE) == str(os.getpid())
+    # init_distributed gives a plain `python` process a 1-rank group and marks it with the port it
+    # chose. Those variables stay in os.environ (DeepSpeed reads LOCAL_RANK while it builds engines),
+    # so child processes inherit them; while MASTER_PORT is still the marked port they describe that
+    # group (this process's or a parent's), not a launcher's: a launcher sets a port of its own.
+    marker = os.environ.get(_SELF_MADE)
+    self_made = marker is not None and marker == os.environ.get("MASTER_PORT")
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not self_made
 
 
@@ -129,8 +132,9 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if not dist.is_initialized():
         if not in_distributed_worker():
             # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: str(os.getpid()),
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+            port = str(_free_port())
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: port,
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         import deepspeed
 
         if device == "cuda":

@@ -29,6 +29,7 @@ def _free_port() -> int:
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...],
            env: dict[str, str], results: Any) -> None:
+    os.environ.pop("KUBELLM_SINGLE_PROCESS_GROUP", None)  # a parent's own 1-rank group, not ours
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "OMP_NUM_THREADS": "1", **env})
