@@ -5,9 +5,14 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from kubellm.core.config import StrictModel
+from kubellm.core.manifest import stable_hash
 
 BASE_SPECIALS = ("bos_token", "eos_token", "pad_token", "system_token", "user_token", "assistant_token",
                  "end_token")
+
+# Fields that decide how the work is scheduled, not what it produces: left out of the config hash, so
+# changing them reuses the published tokenizer and shards (and everything downstream of them).
+EXECUTION_FIELDS = frozenset({"batch_size", "num_threads"})
 
 
 class TokenizerConfig(StrictModel):
@@ -33,13 +38,21 @@ class TokenizerConfig(StrictModel):
     extra_special_tokens: list[str] = Field(default_factory=list)
     """More special tokens (never split, ids after the ones above)."""
     max_train_bytes: int | None = Field(default=None, ge=1)
-    """Train BPE on at most this many bytes of the train split (None = all of it)."""
+    """Train BPE on at most this many UTF-8 bytes of the train split (None = all of it): whole documents
+    in order, stopping before the one that would go over; if the first document alone is over, BPE is
+    trained on it (the report says so). `counts.bpe_train_bytes` is what was used."""
     batch_size: int = Field(default=1000, ge=1)
-    """Documents per `encode_batch` call (the Rust encoder parallelises within a batch)."""
+    """Documents per `encode_batch` call (the Rust encoder parallelises within a batch). Scheduling
+    only: not part of the config hash."""
     num_threads: int | None = Field(default=None, ge=1)
-    """Encoder threads (RAYON_NUM_THREADS); None = the tokenizers library default (all cores)."""
+    """Encoder threads (RAYON_NUM_THREADS, set for the stage's duration only; the Rust thread pool reads
+    it when it first starts in the process); None = the tokenizers library default (all cores).
+    Scheduling only: not part of the config hash."""
     tokens_per_shard: int = Field(default=100_000_000, ge=1)
     """Start a new `.tok` shard once the current one holds this many tokens."""
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))
 
     @model_validator(mode="after")
     def _check_specials(self) -> TokenizerConfig:
