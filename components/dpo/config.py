@@ -23,8 +23,9 @@ class DPOConfig(StrictModel):
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     """cDPO: probability that a preference label is flipped (loss_type sigmoid only; refused with ipo)."""
     reference: Literal["cached", "live"] = "cached"
-    """cached: reference log-probs computed once with the frozen starting model and stored beside the
-    data (ref_logps.npy in the output); live: a frozen copy of the starting model scores every batch."""
+    """cached: reference log-probs computed once with the frozen starting model (on the training device,
+    in the training precision) and stored in the run dir (`reference/ref_logps-<key>.npy`, keyed on
+    model, tokenized pairs, device and precision); live: a frozen copy scores every batch."""
     on_bad_record: Literal["skip", "fail"] = "skip"
     """Identical chosen/rejected, empty prompt, a prompt that is not text or a messages list (or whose
     messages start or end with an assistant turn), malformed or longer than train.seq_len: skip and

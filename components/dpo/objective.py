@@ -46,9 +46,10 @@ def precompute_reference(reference: torch.nn.Module, arrays: Sequence[dict[str, 
                          batch_size: int = 16) -> None:
     """Add `ref_logps` (chosen, rejected) to every example, computed once with the frozen model."""
     reference.eval()
+    device = next(reference.parameters()).device
     for i in range(0, len(arrays), batch_size):
         rows = arrays[i : i + batch_size]
-        b = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("input_ids", "labels")}
+        b = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in ("input_ids", "labels")}
         c, r = reference_logprobs(reference, b)
         for j, row in enumerate(rows):
             row["ref_logps"] = np.asarray([c[j].item(), r[j].item()], dtype=np.float64)

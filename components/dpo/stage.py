@@ -5,13 +5,16 @@
 
 `preferences` is JSON lines of `{"prompt", "chosen", "rejected"}` (prompt: text or a messages list).
 The starting model is also the frozen reference. With `reference: cached` its log-probabilities are
-computed once (rank 0), stored in the run dir (`reference/ref_logps.npy`, reused on resume) and
-named in the model manifest's metadata; with `reference: live` a frozen copy scores every batch. Reports reward
-accuracy and margin before (0.5 / 0 by construction) and after training.
+computed once (rank 0, on the training device and in the training precision), stored in the run dir
+(`reference/ref_logps-<key>.npy`, keyed on the model, the tokenized pairs, device and precision;
+reused on resume) and named in the model manifest's metadata; with `reference: live` a frozen copy
+scores every batch. Reports reward accuracy and margin after training over all pairs (both are 0 at
+the start, where the policy is the reference).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kubellm.core.manifest import Manifest, content_prefix
+from kubellm.core.errors import IntegrityError
+from kubellm.core.manifest import Manifest, content_prefix, stable_hash
 from kubellm.core.storage import join, storage_for
 from kubellm.dpo.config import DPOConfig
 from kubellm.sft.data import SkipReport
@@ -28,27 +32,45 @@ from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
 STAGE = "dpo"
-REF_FILE = "reference/ref_logps.npy"
+SCORE_BATCH = 16
 
 
 def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     parents = {"model": base.digest, "preferences": source_fingerprint(inputs["preferences"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
-    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config)
+    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config, parents=parents)
+
+
+def reference_uri(spec: JobSpec, arrays: list[dict[str, np.ndarray]], config: DPOConfig, device: str) -> str:
+    """Where the cached reference log-probs of these pairs live in the run dir: keyed on the starting
+    model, the tokenized pairs themselves, and the device and precision that score them, so a run dir
+    reused with other data, another model or another precision never reads stale values."""
+    h = hashlib.sha256()
+    for a in arrays:
+        for k in ("input_ids", "labels"):
+            h.update(str(a[k].shape).encode())
+            h.update(np.ascontiguousarray(a[k]).tobytes())
+    key = stable_hash({"model": spec.parents.get("model", ""), "pairs": h.hexdigest(),
+                       "precision": config.train.precision, "device": device})
+    return join(spec.run_dir, f"reference/ref_logps-{key}.npy")
 
 
 def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, np.ndarray]], rank: int,
-                      world: int) -> np.ndarray:
-    """(N, 2) reference log-probs: computed once by rank 0 into the run dir, read by every rank."""
+                      world: int, config: DPOConfig, device: str) -> tuple[np.ndarray, str]:
+    """(N, 2) reference log-probs and their file: computed once by rank 0 into the run dir (on the
+    training device, in the training precision), read by every rank."""
     import torch.distributed as dist
 
     from kubellm.dpo.objective import precompute_reference
+    from kubellm.training.engine import train_autocast
 
-    uri = join(spec.run_dir, REF_FILE)
+    uri = reference_uri(spec, arrays, config, device)
     st = storage_for(uri)
     if rank == 0 and not st.exists(uri):
-        precompute_reference(reference, arrays)  # type: ignore[arg-type]
+        with train_autocast(config.train, device):
+            precompute_reference(reference.to(device), arrays)  # type: ignore[attr-defined]
+        reference.to("cpu")  # type: ignore[attr-defined]
         buf = io.BytesIO()
         np.save(buf, np.stack([a["ref_logps"] for a in arrays]), allow_pickle=False)
         st.write_bytes(uri, buf.getvalue())
@@ -56,20 +78,44 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
         dist.barrier()
     ref = np.load(io.BytesIO(st.read_bytes(uri)), allow_pickle=False)
     if ref.shape != (len(arrays), 2):
-        raise ValueError(f"{uri}: reference log-probs have shape {ref.shape}, expected ({len(arrays)}, 2) "
-                         "— the preference data changed since they were computed; use a new run dir")
-    return ref
+        raise IntegrityError(f"{uri}: reference log-probs have shape {ref.shape}, expected ({len(arrays)}, 2); "
+                             "the file is damaged: delete it to recompute")
+    return ref, uri
+
+
+def _score(policy: object, reference: object, arrays: list[dict[str, np.ndarray]], config: DPOConfig,
+           device: str) -> dict[str, float]:
+    """Reward metrics of `policy` over all pairs, in batches (one batch of every pair would hold the
+    activations of 2N sequences at once), on the training device and precision; means over pairs."""
+    import torch
+
+    from kubellm.dpo.objective import DPOObjective
+    from kubellm.training.engine import train_autocast
+
+    scorer = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type,
+                          reference=reference)  # unused with cached log-probs; else moved to the batch's device
+    policy.to(device).eval()  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+    with torch.no_grad(), train_autocast(config.train, device):
+        for i in range(0, len(arrays), SCORE_BATCH):
+            rows = arrays[i : i + SCORE_BATCH]
+            batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in rows[0]
+                     if k in ("input_ids", "labels", "ref_logps")}  # cached log-probs stand in for the reference
+            _, m = scorer.loss(policy, batch)
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(rows)
+    return {k: v / len(arrays) for k, v in totals.items()}
 
 
 def run_worker(spec: JobSpec) -> Manifest | None:
-    import torch
 
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
-    from kubellm.training.engine import train
+    from kubellm.training.engine import resolve_device, train
 
     config = DPOConfig.model_validate(spec.config)
+    device = resolve_device(config.train.device)
     w = start_worker(spec, config.train)
     rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
     reference, model_cfg = w.model, w.model_config
@@ -81,8 +127,9 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     if not pairs:
         raise no_usable_records("preference pairs", spec.inputs["preferences"], report)
     arrays = to_arrays(pairs, config.train.seq_len, tok.pad_token_id)
+    ref_uri = None
     if config.reference == "cached":
-        ref = _cached_reference(spec, reference, arrays, rank, world)
+        ref, ref_uri = _cached_reference(spec, reference, arrays, rank, world, config, device)
         for a, r in zip(arrays, ref, strict=True):
             a["ref_logps"] = r
         objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type)
@@ -90,30 +137,27 @@ def run_worker(spec: JobSpec) -> Manifest | None:
         objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=start,
-                   resume=True)
+                   resume=True, identity=spec.identity)
     if rank != 0:
         return None
     # reward accuracy / margin of the trained policy over all pairs, against the same reference
     policy, _ = load_hf(base.hf_dir)
     policy.load_state_dict(result.final_state_dict)
-    policy.eval()
-    scorer = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference)
-    with torch.no_grad():
-        _, m = scorer.loss(policy, next(scorer.build_loader(0, 1, len(arrays), config.train.seed)))
-    after = {f"final_{k}": float(v) for k, v in m.items()}
+    after = {f"final_{k}": v for k, v in _score(policy, reference, arrays, config, device).items()}
     skipped = report.summary()
     manifest = publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
-        parents={"model": base.digest, "preferences": source_fingerprint(spec.inputs["preferences"])},
+        parents=spec.parents,
         config_hash=config_hash(config),
         title=f"DPO ({config.loss_type}, beta {config.beta}, reference {config.reference}): {len(pairs)} pairs",
         counts={"pairs": len(pairs), "skipped_records": report.total},
         metrics=after,
-        report_lines=[f"Reward accuracy 0.50 → {after['final_reward_accuracy']:.2f}, margin 0.00 → "
-                      f"{after['final_reward_margin']:.3f} (all {len(pairs)} pairs).", "",
+        report_lines=[f"Reward accuracy {after['final_reward_accuracy']:.2f}, margin "
+                      f"{after['final_reward_margin']:.3f} after training over all {len(pairs)} pairs (both "
+                      "are 0 at the start, where the policy is the reference).", "",
                       f"Skipped records: {skipped}.", *(f"- {e}" for e in report.examples[:5])],
         metadata={"base_model": base.manifest.uri if base.manifest else str(base.hf_dir),
                   "reference": config.reference, "skipped": report.counts,
-                  "reference_logps": join(spec.run_dir, REF_FILE) if config.reference == "cached" else None},
+                  "reference_logps": ref_uri if config.reference == "cached" else None},
     )
     return manifest

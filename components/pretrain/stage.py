@@ -65,7 +65,7 @@ def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manif
         return read_manifest(prefix)  # the same config on the same data is already trained
     run_id, run_dir = run_dir_for(STAGE, inputs, output)
     spec = JobSpec(stage=STAGE, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
-                   run_dir=run_dir, prefix=prefix)
+                   run_dir=run_dir, prefix=prefix, parents=parents)
     world = config.launch.nproc_per_node * config.launch.nnodes
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
         manifest = run_worker(spec)
@@ -96,7 +96,8 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     objective = PretrainObjective(shards, seq_len=config.train.seq_len, vocab_size=model_cfg.vocab_size,
                                   doc_masking=config.data.doc_masking, shuffle=config.data.shuffle,
                                   prefetch=config.train.prefetch_batches)
-    result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, resume=True)
+    result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, resume=True,
+                   identity=spec.identity)
     if rank != 0:
         return None
     assert result.final_state_dict is not None and result.metrics_path is not None

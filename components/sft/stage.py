@@ -55,7 +55,7 @@ def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
     prefix = content_prefix(output, STAGE, config_hash(config), parents)
-    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config)
+    return launch_or_run(STAGE, config, inputs, output, prefix, run_worker, model_cfg=base.config, parents=parents)
 
 
 def run_worker(spec: JobSpec) -> Manifest | None:
@@ -82,7 +82,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
     before = assistant_token_loss(model, held_packs) if rank == 0 else 0.0
     result = train(model_cfg, config.train, config.parallel, SFTObjective(packs), spec.run_dir,
-                   init_state_dict=model.state_dict(), resume=True)
+                   init_state_dict=model.state_dict(), resume=True, identity=spec.identity)
     if rank != 0:
         return None
     model.load_state_dict(result.final_state_dict)
@@ -91,7 +91,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     skipped = report.summary()
     return publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
-        parents={"model": base.digest, "chat": source_fingerprint(spec.inputs["chat"])},
+        parents=spec.parents,
         config_hash=config_hash(config), title=f"SFT: {len(train_ex)} conversations in {len(packs)} packed sequences",
         counts={"conversations": len(train_ex), "heldout_conversations": len(held), "packed_sequences": len(packs),
                 "assistant_tokens": trained_tokens, "skipped_records": report.total},

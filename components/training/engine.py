@@ -28,7 +28,7 @@ import random
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -143,6 +143,29 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def train_autocast(train_cfg: TrainConfig, device: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast the training step runs under: bf16 on CPU is autocast over fp32 weights
+    (DeepSpeed's bf16 mode is used on CUDA; see dsconfig). Frozen models that score alongside the
+    policy (DPO's reference) use it too, so both compute in the same precision."""
+    if train_cfg.precision == "bf16" and device == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_identity(run_dir: str, have: Any, want: Mapping[str, str] | None) -> None:
+    """Refuse to resume a checkpoint trained by another stage or on other inputs (a reused run id, or
+    `resume=` pointing at another run): it would publish that run's weights under these inputs."""
+    if not want or not have:  # an older checkpoint records none: nothing to compare
+        return
+    diff = [f"{k}: checkpoint={have.get(k, '<none>')}, this run={want.get(k, '<none>')}"
+            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diff:
+        raise ConfigError(f"{join(run_dir, 'checkpoints')}: the checkpoints in this run dir were trained by "
+                          f"another stage or on other inputs ({'; '.join(diff)}); resuming them would publish "
+                          "that run's weights as this one's. Train in a new run dir (another run id, or "
+                          "without `resume`)")
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -222,8 +245,11 @@ def clip_gradients(engine: Any, max_norm: float) -> float:
 # -- the loop ----------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
           objective: Objective, run_dir: str, init_state_dict: dict[str, Tensor] | None = None,
-          resume: bool = True) -> TrainResult:
-    """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring."""
+          resume: bool = True, identity: Mapping[str, str] | None = None) -> TrainResult:
+    """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring.
+
+    `identity` (the stage and its inputs' digests, `JobSpec.identity`) is saved with every checkpoint;
+    a checkpoint recorded with another identity is refused rather than resumed."""
     from kubellm.model import Transformer, check_token_ids
     from kubellm.model.flops import flops_per_token
 
@@ -263,9 +289,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         model = model.cuda()
     engine, scheduler = build_engine(model, train_cfg, ds_cfg,
                                      mpu=built.mpu if built is not None else None)  # TP groups; PP brings its grid
-    # bf16 on CPU: autocast over fp32 weights (DeepSpeed's bf16 mode is used on CUDA; see dsconfig)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if train_cfg.precision == "bf16" and device == "cpu"
-                else contextlib.nullcontext())
+    autocast = train_autocast(train_cfg, device)
 
     # every TP rank / pipeline stage of one data-parallel replica reads the same micro-batches
     dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (rank, world)
@@ -283,6 +307,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
         if client_state:
             start_step = int(client_state["step"])
+            _check_identity(run_dir, client_state.get("identity"), identity)
             if start_step > train_cfg.max_steps:
                 raise ConfigError(
                     f"{join(run_dir, 'checkpoints')}: checkpoint at step {start_step} > train.max_steps="
@@ -390,7 +415,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             if ckpt is not None and (last or (every and (step + 1) % every == 0)):
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
                                              "guard": guard.state_dict(), "tokens_seen": tokens_seen,
-                                             "loss_start": loss_start, "loss_last": loss_last})
+                                             "loss_start": loss_start, "loss_last": loss_last,
+                                             "identity": dict(identity or {})})
     finally:
         logger.close()
         close = getattr(loader, "close", None)

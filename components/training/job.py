@@ -10,8 +10,8 @@ Each worker (`python -m kubellm.training.worker --spec run_dir/job.json`) import
 stage's manifest to `run_dir/result.json`. A rank that fails writes its traceback to
 `run_dir/errors/rank<N>.txt`, which `launch_job` puts into the error it raises.
 
-The run id (`new_run_id`) is `$KUBELLM_RUN_ID`, else `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` in a KFP
-pipeline, else a fresh timestamp id; the cluster job's name derives from the same id, so a KFP retry
+The run id (`new_run_id`) is `<stage>-<$KUBELLM_RUN_ID>`, else `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` in
+a KFP pipeline, else a fresh timestamp id (each stage has its own run dir under one id); the cluster job's name derives from the same id, so a KFP retry
 of a training task resumes its run dir and re-attaches to its PyTorchJob.
 """
 
@@ -56,6 +56,14 @@ class JobSpec(BaseModel):
     output: str = Field(description="the storage root the stage publishes under")
     run_dir: str = Field(description="run-scoped prefix: checkpoints, metrics, job files")
     prefix: str = Field(default="", description="content-addressed prefix of the stage's artifact")
+    parents: dict[str, str] = Field(default_factory=dict,
+                                    description="the inputs' content digests (the artifact's parents)")
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint in the run dir must have been trained on to be resumed: the stage and
+        its inputs (the config may change, e.g. a larger train.max_steps to continue a run)."""
+        return {"stage": self.stage, **{f"input:{k}": v for k, v in sorted(self.parents.items())}}
 
     @property
     def uri(self) -> str:
@@ -71,11 +79,12 @@ class JobSpec(BaseModel):
 
 
 def env_run_id(stage: str) -> str | None:
-    """The run id the environment fixes for `stage`, or None: `$KUBELLM_RUN_ID` as given, else
+    """The run id the environment fixes for `stage`, or None: `<stage>-<$KUBELLM_RUN_ID>`, else
     `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` — the same for every attempt of one KFP task, so a retry
-    finds the same run dir (and resumes its checkpoints) and the same cluster job (re-attaches)."""
+    finds the same run dir (and resumes its checkpoints) and the same cluster job (re-attaches).
+    Scoped by stage: SFT and DPO run under one `$KUBELLM_RUN_ID` never share a run dir."""
     if explicit := os.environ.get(RUN_ID_ENV, "").strip():
-        return explicit
+        return f"{stage}-{explicit}"
     if kfp := os.environ.get(KFP_RUN_ID_ENV, "").strip():
         return f"{stage}-kfp-{kfp}"
     return None

@@ -35,7 +35,15 @@ class BaseModel:
 
     @property
     def digest(self) -> str:
-        return self.manifest.digest() if self.manifest else str(self.hf_dir)
+        """The artifact's content digest; for a plain HF directory, its files' resolved paths, sizes and
+        mtimes (as for local data sources), so re-exporting another model into the same directory
+        is a new input, not a reuse of what was trained on the old one."""
+        if self.manifest:
+            return self.manifest.digest()
+        from kubellm.core.manifest import stable_hash
+
+        return stable_hash([f"{f.resolve()}@{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                            for f in sorted(self.hf_dir.rglob("*")) if f.is_file()])
 
 
 def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool = True) -> BaseModel:
@@ -89,7 +97,7 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
 
 
 def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: str, prefix: str,
-                  run_worker: Any, *, model_cfg: ModelConfig) -> Manifest:
+                  run_worker: Any, *, model_cfg: ModelConfig, parents: Mapping[str, str]) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
     process (or this already is a worker), otherwise through the stage's launch backend."""
     from kubellm.training.engine import in_distributed_worker
@@ -102,7 +110,7 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
         return read_manifest(prefix)
     run_id, run_dir = run_dir_for(stage, inputs, output)
     spec = JobSpec(stage=stage, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
-                   run_dir=run_dir, prefix=prefix)
+                   run_dir=run_dir, prefix=prefix, parents=dict(parents))
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
         manifest = run_worker(spec)
         assert manifest is not None

@@ -100,7 +100,7 @@ def _attempt_sft(output: Path, **inputs: str) -> None:
     with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
         launch_or_run("sft", _sft_cfg(), {"model": _base_model(output), "chat": "c", **inputs}, str(output),
                       str(output / "sft" / "prefix"), run_worker=None,
-                      model_cfg=get_preset("debug"))
+                      model_cfg=get_preset("debug"), parents={"model": "m", "chat": "c"})
 
 
 def test_kfp_retry_reuses_the_run_dir_and_the_job(tokens: str, tmp_path: Path, attempts: list,
@@ -123,7 +123,7 @@ def test_kfp_retry_reuses_the_run_dir_and_the_job(tokens: str, tmp_path: Path, a
 
     monkeypatch.setenv("KUBELLM_RUN_ID", "chosen")  # an explicit run id wins
     _attempt_pretrain(tokens, tmp_path)
-    assert attempts[-1]["run_dir"] == str(tmp_path / "runs" / "chosen")
+    assert attempts[-1]["run_dir"] == str(tmp_path / "runs" / "pretrain-chosen")  # scoped by stage
 
 
 def test_without_any_run_id_every_attempt_is_a_new_run(tokens: str, tmp_path: Path, attempts: list) -> None:
@@ -150,7 +150,7 @@ def test_resume_of_a_run_dir_without_a_checkpoint_is_refused(tokens: str, tmp_pa
     with pytest.raises(InputDataError, match="no committed checkpoint"):
         launch_or_run("sft", _sft_cfg(), {"model": _base_model(tmp_path), "chat": "c", "resume": str(missing)},
                       str(tmp_path), str(tmp_path / "sft" / "prefix"), run_worker=None,
-                      model_cfg=get_preset("debug"))
+                      model_cfg=get_preset("debug"), parents={"model": "m", "chat": "c"})
     assert not missing.exists() and attempts == []  # nothing created, nothing launched
 
     torn = tmp_path / "runs" / "torn"
