@@ -4,20 +4,22 @@ The prompt is plain text (one user turn) or a `messages` list; chosen/rejected a
 reply text. Only the reply tokens carry labels, so sequence log-probabilities measure exactly
 log π(reply | prompt). A messages prompt starts with system turns or a user turn and ends with a
 user (or system) turn, never an assistant one. Bad pairs (identical texts, empty or malformed prompt,
-too long) are skipped and counted or fail the stage, per `on_bad_record`.
+too long) are skipped and counted or fail the stage, per `on_bad_record`. Files and messages are read as
+for SFT (`kubellm.sft.data.read_records`, `validate_messages`, `encode_chat`): JSON lines, gzipped or not;
+content, replies included, is encoded as text, so a special-token string in it is never a control token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kubellm.core.errors import InputDataError
-from kubellm.sft.data import IGNORE, SkipReport, _ids, read_records, validate_messages
+from kubellm.sft.data import IGNORE, SkipReport, encode_chat, read_records, validate_messages
 
 
 @dataclasses.dataclass
@@ -29,8 +31,8 @@ class PreferenceExample:
 
 
 def render_reply(tok: Any, prompt: list[dict[str, str]], reply: str, where: str) -> tuple[list[int], list[int]]:
-    prefix = _ids(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
-    full = _ids(tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True))
+    prefix = encode_chat(tok, prompt, add_generation_prompt=True, where=where)
+    full = encode_chat(tok, prompt + [{"role": "assistant", "content": reply}], where=where)
     if full[: len(prefix)] != prefix:
         raise InputDataError(f"{where}: the chat template is not prefix-stable for the reply")
     labels = [full[t + 1] if t + 1 >= len(prefix) else IGNORE for t in range(len(full) - 1)] + [IGNORE]
@@ -39,7 +41,9 @@ def render_reply(tok: Any, prompt: list[dict[str, str]], reply: str, where: str)
 
 def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
     if not isinstance(rec, dict) or not {"prompt", "chosen", "rejected"} <= set(rec):
-        raise InputDataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+        got = (f"an object with keys {', '.join(map(repr, sorted(rec)[:10]))}" if isinstance(rec, dict)
+               else type(rec).__name__)
+        raise InputDataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected', got {got}")
     prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -60,15 +64,21 @@ def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
         raise InputDataError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages, "
                              f"got {type(prompt).__name__}")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(text, str) or not text.strip():
-            raise InputDataError(f"{where}: '{name}' must be non-empty text")
+        if not isinstance(text, str):
+            raise InputDataError(f"{where}: '{name}' must be non-empty text, got {type(text).__name__}")
+        if not text.strip():
+            raise InputDataError(f"{where}: '{name}' must be non-empty text, got blank text")
     if chosen.strip() == rejected.strip():
         raise InputDataError(f"{where}: identical pair: chosen equals rejected (no preference to learn)")
     return messages, chosen, rejected
 
 
 def read_preferences_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report: SkipReport,
-                           on_bad_record: str = "skip") -> list[PreferenceExample]:
+                           on_bad_record: str = "skip",
+                           labels: Mapping[Path, str] | None = None) -> list[PreferenceExample]:
+    """Rendered preference pairs; bad records are skipped and counted or raise (policy). `labels`: the
+    names files are given in messages, e.g. the s3:// URI a staged file came from (see `read_records`)."""
+
     def parse(rec: Any, where: str) -> PreferenceExample:
         messages, chosen, rejected = parse_record(rec, where)
         c_ids, c_lab = render_reply(tok, messages, chosen, where)
@@ -79,7 +89,7 @@ def read_preferences_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report
                                  "it is not truncated")
         return PreferenceExample(c_ids, c_lab, r_ids, r_lab)
 
-    return list(read_records(paths, parse, report, on_bad_record))
+    return list(read_records(paths, parse, report, on_bad_record, labels))
 
 
 def to_arrays(examples: Iterable[PreferenceExample], seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
