@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# kubellm training image: CUDA PyTorch 2.13.0 + DeepSpeed 0.19.8 with its ops compiled ahead of time.
+# kubellm training image: CUDA PyTorch 2.13.0 + DeepSpeed 0.19.8 with its host-independent ops compiled
+# ahead of time (CPU Adam is JIT-compiled on the node: see the DS_BUILD_* comment below).
 # Runs pretrain/SFT/DPO workers inside the PyTorchJob and the launcher step that creates it.
 #
 #   docker build -f images/train.Dockerfile -t kubellm-train:dev .      (from the repo root)
@@ -30,17 +31,29 @@ COPY pyproject.toml README.md /opt/kubellm/src/
 COPY components /opt/kubellm/src/components
 COPY pipelines /opt/kubellm/src/pipelines
 # DS_BUILD_*=1 compiles the ops DeepSpeed would otherwise JIT-compile on first use (needs nvcc and a
-# writable cache at run time): fused Adam (GPU), CPU Adam (ZeRO offload), the flatten utils (ZeRO).
+# writable cache at run time): fused Adam (GPU) and the flatten utils (ZeRO). Their host flags are
+# fixed (-O3 -std=..., CUDA archs from TORCH_CUDA_ARCH_LIST), so the result runs on any node.
+# CPU Adam (ZeRO offload) is deliberately NOT prebuilt: DeepSpeed's CPU op builder
+# (deepspeed/ops/op_builder/cpu/builder.py, CPUOpBuilder.cxx_args) compiles it with -march=native and
+# a SIMD width (-D__AVX512__/-D__AVX256__) detected on the BUILD host, and DeepSpeed 0.19.8 has no
+# setting to choose them (cpu_arch()/simd_width() read only the host CPU). An image built on an
+# AVX-512 host would then die with SIGILL on nodes without AVX-512. It is JIT-compiled instead, on the
+# node that uses it, the first time a run offloads the optimizer (~30 s, g++ and ninja are in the
+# image, the build goes to the writable $TORCH_EXTENSIONS_DIR). The same holds for the CPU
+# accelerator's fused_adam/cpu_adam, so the CPU-op prebuild below keeps only the shared-memory comm op,
+# whose builder uses fixed flags (-O2 -fopenmp).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c /opt/kubellm/src/images/build-constraints.txt -c /opt/kubellm/src/requirements/constraints.txt pip setuptools wheel ninja \
- && DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 DS_ACCELERATOR=cuda \
+ && DS_BUILD_OPS=0 DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1 DS_ACCELERATOR=cuda \
     pip install --no-build-isolation --no-binary deepspeed -c /opt/kubellm/src/requirements/constraints.txt \
         /opt/kubellm/src \
  && pip check \
- && python -c "import deepspeed.git_version_info as g; assert g.installed_ops['fused_adam'] and g.installed_ops['cpu_adam'], g.installed_ops"
-# The CPU ops (shm comm, fused_adam, cpu_adam for DS_ACCELERATOR=cpu) are JIT extensions: prebuild
-# them with the project's own builder into a read-only location the runtime stage seeds from.
-RUN TORCH_EXTENSIONS_DIR=/opt/kubellm/torch_extensions DS_ACCELERATOR=cpu python -m kubellm.training.ops --build \
+ && python -c "import deepspeed.git_version_info as g; assert g.installed_ops['fused_adam'] and not g.installed_ops['cpu_adam'], g.installed_ops"
+# The CPU shared-memory comm op (DS_ACCELERATOR=cpu) is a JIT extension: prebuild it into a read-only
+# location that kubellm.training.worker (and the ENTRYPOINT, where it runs) copies into the writable
+# $TORCH_EXTENSIONS_DIR. `import kubellm.training` first puts the venv's pinned ninja on PATH.
+RUN TORCH_EXTENSIONS_DIR=/opt/kubellm/torch_extensions DS_ACCELERATOR=cpu \
+    python -c "import kubellm.training; from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
  && rm -rf /opt/kubellm/src \
  && chmod -R a+rX,go-w /opt/venv /opt/kubellm
 
@@ -50,7 +63,8 @@ LABEL org.opencontainers.image.title="kubellm-train" \
       org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
       org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-# g++ lets torch's extension loader re-validate the prebuilt CPU ops (it runs ninja on every load).
+# g++ compiles the ops DeepSpeed JIT-builds on the node (cpu_adam, see above) and lets torch's
+# extension loader re-validate the prebuilt shm comm op (it runs ninja on every load).
 # It comes from the distribution release of the pinned base image; no version is stated here because
 # none can be checked from where this file was written. Pin one with --build-arg GXX_PACKAGE=g++=<version>.
 ARG GXX_PACKAGE=g++

@@ -7,6 +7,11 @@ Reads the job spec the launcher wrote (stage, config, inputs, run dir), runs
 `kubellm.<stage>.stage.run_worker(spec)` on every rank, and rank 0 writes the stage's manifest to
 `run_dir/result.json`. On failure the rank writes its traceback to `run_dir/errors/rank<N>.txt`
 (so the launching stage can show it) and exits non-zero.
+
+Before anything loads a DeepSpeed op, each worker seeds the writable $TORCH_EXTENSIONS_DIR with the
+ops the training image prebuilt ($KUBELLM_PREBUILT_TORCH_EXTENSIONS, see images/train.Dockerfile).
+This happens here, not in the image's ENTRYPOINT: a Kubernetes `command:` (torchrun in PyTorchJob
+pods, `sh -c` in KFP pods) replaces the ENTRYPOINT, so a shell entrypoint never runs on a cluster.
 """
 
 from __future__ import annotations
@@ -14,10 +19,56 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+import tempfile
 import traceback
+from collections.abc import Mapping
 
 from kubellm.training.job import JobSpec, write_error, write_result
+
+PREBUILT_EXTENSIONS_ENV = "KUBELLM_PREBUILT_TORCH_EXTENSIONS"
+
+
+def seed_torch_extensions(environ: Mapping[str, str] | None = None) -> bool:
+    """Copy the image's prebuilt torch extensions into $TORCH_EXTENSIONS_DIR; True when copied.
+
+    torch's extension loader takes a lock file inside the extension's directory on every load, so
+    the prebuilt ops cannot be used from the read-only image layer; a copy with mtimes kept (ninja
+    then finds them up to date and compiles nothing) into the writable cache is cheap. Best-effort:
+    nothing happens unless the prebuilt dir exists and the target is missing or empty, and any error
+    only prints a warning (the op is then JIT-compiled on first use, as without an image). Several
+    local ranks may race here: each copies into a private sibling directory and renames it onto the
+    target, which succeeds for one of them (rename onto a non-empty directory fails); the others
+    drop their copy.
+    """
+    env = os.environ if environ is None else environ
+    src, dst = env.get(PREBUILT_EXTENSIONS_ENV), env.get("TORCH_EXTENSIONS_DIR")
+    if not src or not dst or not os.path.isdir(src):
+        return False
+    tmp = None
+    try:
+        if os.path.isdir(dst) and os.listdir(dst):
+            return False
+        parent = os.path.dirname(os.path.abspath(dst))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".kubellm-seed-", dir=parent)
+        shutil.copytree(src, tmp, symlinks=True, dirs_exist_ok=True)  # copy2: mtimes kept; mode from src
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if os.path.isdir(dst) and os.listdir(dst):
+                return False  # another rank seeded it first
+            raise
+        tmp = None
+        return True
+    except OSError as e:
+        print(f"kubellm launch-worker: warning: could not seed {dst} from {src} ({e}); "
+              "DeepSpeed will compile its ops on first use", file=sys.stderr)
+        return False
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def configure(p: argparse.ArgumentParser, command: str = "launch-worker") -> None:
@@ -25,6 +76,7 @@ def configure(p: argparse.ArgumentParser, command: str = "launch-worker") -> Non
 
 
 def main(args: argparse.Namespace) -> int:
+    seed_torch_extensions()  # before the stage module imports DeepSpeed and loads its ops
     spec = JobSpec.read(args.spec)
     rank = int(os.environ.get("RANK", "0"))
     try:

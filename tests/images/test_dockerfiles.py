@@ -151,9 +151,77 @@ def test_home_and_caches_point_at_the_writable_volume(path: Path) -> None:
 
 def test_training_image_prebuilds_deepspeed_ops() -> None:
     runs = " ".join(args for op, args in instructions(IMAGES / "train.Dockerfile") if op == "RUN")
-    assert "python -m kubellm.training.ops --build" in runs
-    assert "DS_BUILD_FUSED_ADAM=1" in runs and "DS_BUILD_CPU_ADAM=1" in runs
+    assert "DS_BUILD_FUSED_ADAM=1" in runs and "ShareMemCommBuilder().load()" in runs
     assert "TORCH_CUDA_ARCH_LIST" in (IMAGES / "train.Dockerfile").read_text()
+
+
+# Compiler flags DeepSpeed's op builders derive from the CPU of the machine that runs the build
+# (OpBuilder.cpu_arch / simd_width): a binary built with them may not run on another node.
+HOST_DETECTED_FLAG = re.compile(r"^-m(arch|cpu|tune)=native$|^-D__(AVX512|AVX256|SVE|NEON)__$")
+
+
+def _prebuilt_op_builders() -> list[tuple[str, type]]:
+    """(how, builder class) for every DeepSpeed op train.Dockerfile compiles at build time: the
+    DS_BUILD_<OP>=1 variables of the pip install (resolved like DeepSpeed's setup.py does, through the
+    RUN's DS_ACCELERATOR) and the builders a RUN loads itself (JIT prebuilds)."""
+    import deepspeed.ops.op_builder as op_builder
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    # candidate class names; each accelerator maps a name to its own builder class (or None)
+    builder_names = [n for n in dir(op_builder) if n.endswith("Builder")]
+    builder_names += ["CPUAdamBuilder", "CPUAdagradBuilder", "CPULionBuilder"]
+    accelerators = {"cuda": CUDA_Accelerator, "cpu": CPU_Accelerator}
+    ops_source = (ROOT / "components" / "training" / "ops.py").read_text()
+    found: list[tuple[str, type]] = []
+    for op, args in instructions(IMAGES / "train.Dockerfile"):
+        if op != "RUN":
+            continue
+        m = re.search(r"\bDS_ACCELERATOR=(\w+)", args)
+        accel = accelerators[m.group(1) if m else "cuda"]()
+        for var in re.findall(r"\b(DS_BUILD_\w+)=1\b", args):
+            if var == "DS_BUILD_OPS":
+                continue
+            classes = {accel.get_op_builder(n) for n in builder_names} - {None}
+            match = [c for c in classes if getattr(c, "BUILD_VAR", None) == var]
+            assert len(match) == 1, f"{var}: no single DeepSpeed builder for it ({match})"
+            found.append((f"{var}=1", match[0]))
+        names = set(re.findall(r"\b(\w+Builder)\b", args))
+        if "kubellm.training.ops --build" in args:  # builds what components/training/ops.py imports
+            names |= set(re.findall(r"\b(\w+Builder)\b", ops_source))
+        for name in sorted(names):
+            cls = accel.get_op_builder(name)
+            assert cls is not None, f"{name} is not a DeepSpeed op builder"
+            found.append((f"{name}().load()", cls))
+    return found
+
+
+def test_training_image_prebuilds_only_host_independent_ops() -> None:
+    """A prebuilt op compiled with -march=native or a SIMD width of the build host SIGILLs on nodes
+    whose CPU lacks those instructions; such ops must be JIT-compiled on the node instead."""
+    prebuilt = _prebuilt_op_builders()
+    assert {how for how, _ in prebuilt} >= {"DS_BUILD_FUSED_ADAM=1", "ShareMemCommBuilder().load()"}
+    for how, cls in prebuilt:
+        flags = cls().cxx_args()
+        bad = [f for f in flags if HOST_DETECTED_FLAG.match(f)]
+        assert not bad, f"train.Dockerfile prebuilds {cls.__module__}.{cls.__name__} ({how}) with build-host flags {bad}"
+
+
+def test_training_image_can_jit_compile_ops_on_the_node() -> None:
+    """cpu_adam is left to DeepSpeed's JIT build: the final stage needs a C++ compiler and ninja, and
+    the prebuilt ops dir the worker seeds from must be the one the build stage filled."""
+    ins = instructions(IMAGES / "train.Dockerfile")
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    final = ins[last_from:]
+    assert arg_defaults(final).get("GXX_PACKAGE", "").startswith("g++")
+    assert any(op == "RUN" and "apt-get install" in a and "GXX_PACKAGE" in a for op, a in final)
+    env: dict[str, str] = {}
+    for op, args in final:
+        if op == "ENV":
+            env.update(env_pairs(args))
+    prebuilt = env["KUBELLM_PREBUILT_TORCH_EXTENSIONS"]
+    assert any(op == "COPY" and a.split()[-1] == prebuilt for op, a in final)
+    assert any(op == "RUN" and f"TORCH_EXTENSIONS_DIR={prebuilt} " in a for op, a in ins[:last_from])
 
 
 def test_build_script_uses_the_one_registry_tag_setting() -> None:
