@@ -6,7 +6,7 @@ demo world's short, template-made documents would otherwise be dropped (min_word
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -40,8 +40,10 @@ class QualityFilters(StrictModel):
     demo world's arithmetic lessons are number-heavy)."""
     max_duplicate_line_fraction: float | None = Field(default=0.3, ge=0, le=1)
     """Drop documents where more than this fraction of (non-empty) lines are repeats of another line."""
-    max_top_ngram_fraction: dict[int, float] = Field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    """n -> maximum fraction of characters covered by the single most frequent word n-gram."""
+    max_top_ngram_fraction: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    """n -> maximum fraction of characters covered by the single most frequent word n-gram; each n
+    is at least 1 and each fraction in [0, 1] ({} disables the filter)."""
 
 
 class DedupConfig(StrictModel):
@@ -93,7 +95,8 @@ class DataPrepConfig(StrictModel):
     """How plain-text files split into documents: each line, blank-line separated paragraphs, or
     the whole file."""
     hub_split: str = "train"
-    """Split to stream when a source is a Hugging Face Hub dataset (`hf:<name>[:<config>]`)."""
+    """Split to stream when a source is a Hugging Face Hub dataset (`hf:<name>[:<config>]`), and the
+    split read from a local or S3 `datasets` save_to_disk DatasetDict."""
     docs_per_shard: int = Field(default=50_000, ge=1)
     """Documents per output parquet shard (also the write batch: bounds memory)."""
     num_proc: int = Field(default=1, ge=1)

@@ -4,12 +4,23 @@ A raw input is a comma-separated list of any of:
   * a local file, directory (searched recursively) or glob (`data/**/*.jsonl.gz`)
   * an `s3://bucket/prefix` (every object under it) or `s3://bucket/key` (one object) — staged
     through kubellm's storage layer (`storage_for(uri).download`) into a temp dir, one shard at a
-    time; never `datasets`' s3fs path (its aiobotocore pin fights boto3's)
+    time, each in a directory of its own (two objects with one base name never share a local file);
+    never `datasets`' s3fs path (its aiobotocore pin fights boto3's)
   * `hf:<name>[:<config>]` — a Hugging Face Hub dataset streamed with
     `datasets.load_dataset(name, config, split=..., streaming=True)` (needs a network)
 
 Formats by suffix, any case (optionally `.gz`): `.jsonl`/`.ndjson`/`.json` (JSON lines, or one JSON
-array for `.json`), `.parquet`, `.txt`/`.text`/`.md`. A leading UTF-8 byte-order mark is ignored.
+array for `.json`), `.parquet`, `.txt`/`.text`/`.md`. A leading UTF-8 byte-order mark is ignored. A
+directory written by `datasets`' `save_to_disk` (`state.json` + `dataset_info.json` + `*.arrow`, or a
+DatasetDict's `dataset_dict.json` + one such directory per split) is one shard, read with
+`datasets.load_from_disk` (a DatasetDict at `data_prep.hub_split`), wherever a scan finds it.
+
+Directory and S3-prefix scans follow the same rules: paths with a part starting with `_` or `.`
+(`_manifest.json`, `.hidden/`, `_tmp/`) are not inputs, and a file no reader knows the format of
+(`.csv`, `.jsonl.zst`, a loose `.arrow`) is skipped with a warning naming it (data prep lists the
+skipped files in its manifest and report); a glob skips such files the same way. A file named on its
+own with an unknown format is an error, and so is an item with nothing readable ("no readable files
+(skipped: ...)").
 
 How each is read, and why — every reader streams, holding one record (at most `max_doc_bytes`) plus
 one read chunk or batch:
@@ -25,7 +36,10 @@ one read chunk or batch:
     larger than `max_doc_bytes` is skipped without being held. A malformed element is a hard error:
     past it the array's structure cannot be trusted, so what is lost could not be counted.
   * Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches` over the text column only; a
-    missing or non-string text column fails at once, naming the columns present.
+    missing or non-string text column fails at once, naming the columns present. So does a
+    save_to_disk directory's. A JSON file in which no object has the text field (it holds `content`
+    where `text` was configured) fails at its end naming the keys its objects have: a wrong
+    `data_prep.text_field` is not a file of bad records.
   * Hub datasets stream through `datasets.load_dataset(..., streaming=True)`.
 
 A file that cannot be read to its end (a truncated or corrupt gzip, a parquet file without its footer
@@ -40,22 +54,26 @@ import contextlib
 import dataclasses
 import glob
 import gzip
+import hashlib
 import json
 import logging
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubellm.core.errors import ConfigError, InputDataError
-from kubellm.core.storage import is_s3, storage_for
+from kubellm.core.storage import ObjectInfo, Storage, is_s3, storage_for
 
 log = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
            ".txt": "text", ".text": "text", ".md": "text"}
 HUB_SCHEME = "hf:"
+ARROW = "arrow"  # the format of a `datasets` save_to_disk directory (a Dataset or a DatasetDict)
+_DATASET_STATE, _DATASET_INFO, _DATASET_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
+_SHOWN = 5  # names of skipped files shown in a warning or an error
 _BOM = codecs.BOM_UTF8  # a UTF-8 byte-order mark, ignored at the start of any file
 
 
@@ -85,53 +103,251 @@ def format_of(name: str) -> str | None:
     return FORMATS.get(Path(name.removesuffix(".gz")).suffix)
 
 
-def resolve_sources(raw: str) -> list[Source]:
-    """Expand the raw input into an ordered list of shards (sorted within each item)."""
+class SourceScan(NamedTuple):
+    """What a raw input names: the shards to read, and the files a directory, glob or S3-prefix scan
+    left out because no reader knows their format (see `scan_sources`)."""
+
+    sources: list[Source]
+    skipped: list[str]
+
+
+def _ignored(parts: Sequence[str]) -> bool:
+    """A path with a part starting with `.` or `_` (`_manifest.json`, `.hidden/`, `_tmp/`) found by a
+    directory or S3-prefix scan is not an input."""
+    return any(part.startswith((".", "_")) for part in parts)
+
+
+def _under(rel: str, root: str) -> bool:
+    """Whether the '/'-separated relative path `rel` is `root` or inside it ('' is the scanned root)."""
+    return not root or rel == root or rel.startswith(root + "/")
+
+
+def _dataset_roots(rels: Iterable[str]) -> list[str]:
+    """The `datasets` save_to_disk directories among '/'-separated relative file paths: a directory
+    holding `dataset_dict.json` (a DatasetDict), or `state.json` beside `dataset_info.json` (a
+    Dataset). Outermost only: a DatasetDict's split directories are part of it."""
+    files = set(rels)
+    roots = set()
+    for rel in files:
+        parent, _, name = rel.rpartition("/")
+        if name == _DATASET_DICT or (name == _DATASET_STATE
+                                     and (f"{parent}/{_DATASET_INFO}" if parent else _DATASET_INFO) in files):
+            roots.add(parent)
+    return sorted(r for r in roots if not any(o != r and _under(r, o) for o in roots))
+
+
+def _classify(rels: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(relative path, format)], skipped) for the files a scan found: files by suffix, each save_to_disk
+    directory as one `ARROW` entry (its own files are part of it), and the files of no known format."""
+    roots = _dataset_roots(rels)
+    entries: list[tuple[str, str]] = [(r, ARROW) for r in roots]
+    skipped: list[str] = []
+    for rel in rels:
+        if any(_under(rel, r) for r in roots):
+            continue
+        fmt = format_of(rel)
+        if fmt is None:
+            skipped.append(rel)
+        else:
+            entries.append((rel, fmt))
+    return entries, skipped
+
+
+def _local_dataset_root(path: Path) -> Path | None:
+    """The save_to_disk directory a file (or directory) found by a glob belongs to, or None."""
+    d = path if path.is_dir() else path.parent
+    if (d / _DATASET_DICT).is_file():
+        return d
+    if (d / _DATASET_STATE).is_file() and (d / _DATASET_INFO).is_file():
+        return d.parent if (d.parent / _DATASET_DICT).is_file() else d
+    return None
+
+
+def _digest(items: Any) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+def _local_source(path: Path, fmt: str) -> Source:
+    if fmt == ARROW:  # a directory: its files' names, sizes and mtimes
+        files = []
+        for f in sorted(path.rglob("*")):
+            rel = f.relative_to(path)
+            if f.is_file() and not _ignored(rel.parts):
+                st = f.stat()
+                files.append([rel.as_posix(), st.st_size, st.st_mtime_ns])
+        return Source(str(path), fmt, f"{path.resolve()}@{_digest(files)}")
+    st = path.stat()
+    return Source(str(path), fmt, f"{path.resolve()}@{st.st_size}:{st.st_mtime_ns}")
+
+
+def _s3_dataset_objects(st: Storage, root: str) -> list[ObjectInfo]:
+    """The objects of a save_to_disk directory on S3 (its `_`/`.` paths and folder markers left out)."""
+    return [o for o in st.list(root) if o.relpath and not o.relpath.endswith("/")
+            and not _ignored(o.relpath.split("/"))]
+
+
+def _s3_source(st: Storage, uri: str, fmt: str, obj: ObjectInfo | None) -> Source:
+    if fmt == ARROW:
+        objs = _s3_dataset_objects(st, uri)
+        return Source(uri, fmt, f"{uri}@{_digest([[o.relpath, o.etag, o.size] for o in objs])}")
+    assert obj is not None
+    return Source(obj.uri, fmt, f"{obj.uri}@{obj.etag}:{obj.size}")
+
+
+def _shown(names: Sequence[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+_EXPECTED = f"expected suffixes {sorted(FORMATS)}, optionally .gz, or a `datasets` save_to_disk directory"
+
+
+def _resolve_item(item: str, skipped: list[str]) -> list[Source]:
+    """The shards one comma-separated item names (sorted); files a scan leaves out are added to `skipped`."""
+    if item.startswith(HUB_SCHEME):
+        return [Source(item, "hub", item)]
+    if is_s3(item):
+        st = storage_for(item)
+        listed = st.list(item)
+        key_name = item[len("s3://"):].rstrip("/").partition("/")[2].rpartition("/")[2]
+        if not listed and "." in key_name:  # a file name: one object named by its key, not a prefix?
+            objs = [o for o in st.list(item.rsplit("/", 1)[0]) if o.uri == item]
+            if objs:
+                fmt = format_of(item)
+                if fmt is None:  # named on its own: an error, not a skip (as a local file)
+                    raise ConfigError(f"{item}: unknown format; {_EXPECTED}")
+                return [_s3_source(st, item, fmt, objs[0])]
+        # the local scan's rules: folder markers (`dir/`) are no files; `_`/`.` paths are no inputs
+        visible = [o for o in listed if o.relpath and not o.relpath.endswith("/")
+                   and not _ignored(o.relpath.split("/"))]
+        entries, unknown = _classify([o.relpath for o in visible])
+        by_rel = {o.relpath: o for o in visible}
+        unknown_uris = [by_rel[r].uri for r in unknown]
+        skipped += unknown_uris
+        if not entries:
+            why = ("no such object, and nothing is stored under it" if not listed else
+                   f"skipped, no reader for their format: {_shown(unknown_uris)}" if unknown else
+                   f"its {len(listed)} object(s) are folder markers or under `_`/`.` paths, never inputs")
+            raise InputDataError(f"{item}: no readable objects under this S3 prefix ({why}); {_EXPECTED}")
+        base = item.rstrip("/")
+        return [_s3_source(st, f"{base}/{rel}" if rel else base, fmt, by_rel.get(rel))
+                for rel, fmt in sorted(entries)]  # S3's order: by key string
+    p = Path(item)
+    if p.is_file():
+        fmt = format_of(p.name)
+        if fmt is None:  # named on its own: an error, not a skip
+            root = _local_dataset_root(p)
+            hint = f"; it is part of the `datasets` save_to_disk directory {root}: name that" if root else ""
+            raise ConfigError(f"{p}: unknown format; {_EXPECTED}{hint}")
+        return [_local_source(p, fmt)]
+    found: dict[Path, str] = {}
+    left_out: list[str] = []
+    if p.is_dir():
+        rels = sorted(f.relative_to(p) for f in p.rglob("*") if f.is_file())
+        entries, names = _classify([r.as_posix() for r in rels if not _ignored(r.parts)])
+        found = {p / rel: fmt for rel, fmt in entries}
+        left_out = [str(p / n) for n in names]
+    else:
+        for m in sorted(Path(f) for f in glob.glob(item, recursive=True)):
+            root = _local_dataset_root(m)
+            if root is not None:
+                found[root] = ARROW
+            elif m.is_file():
+                fmt = format_of(m.name)
+                if fmt is None:
+                    left_out.append(str(m))
+                else:
+                    found[m] = fmt
+    skipped += left_out
+    if not found:
+        if left_out:
+            raise InputDataError(f"{item}: no readable files (skipped, no reader for their format: "
+                                 f"{_shown(left_out)}); {_EXPECTED}")
+        if p.is_dir():
+            raise InputDataError(f"{item}: no readable files in this directory (it holds none outside "
+                                 f"`_`/`.` paths); {_EXPECTED}")
+        raise InputDataError(f"{item}: no such file, directory or glob match ({_EXPECTED})")
+    return [_local_source(f, fmt) for f, fmt in sorted(found.items())]
+
+
+def scan_sources(raw: str, *, warn: bool = True) -> SourceScan:
+    """Expand the raw input into an ordered list of shards (sorted within each item), and the files
+    that directory, glob and S3-prefix scans left out because no reader knows their format (logged
+    as a warning with the first few names; data prep records them in its manifest and report). A
+    file named on its own with an unknown format is an error; an item with nothing readable is one
+    too, naming what it skipped."""
     out: list[Source] = []
+    skipped: list[str] = []
     for item in (s.strip() for s in raw.split(",")):
         if not item:
             continue
-        if item.startswith(HUB_SCHEME):
-            out.append(Source(item, "hub", item))
-        elif is_s3(item):
-            st = storage_for(item)
-            objs = [o for o in st.list(item) if format_of(o.relpath)]
-            if not objs and format_of(item):  # one object, not a prefix
-                objs = [o for o in st.list(item.rsplit("/", 1)[0]) if o.uri == item]
-            if not objs:
-                raise InputDataError(f"{item}: no readable objects under this S3 prefix "
-                                     f"(expected suffixes {sorted(FORMATS)}, optionally .gz)")
-            out += [Source(o.uri, format_of(o.relpath) or "", f"{o.uri}@{o.etag}:{o.size}") for o in objs]
-        else:
-            p = Path(item)
-            if p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.is_file() and format_of(f.name)
-                               and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
-            elif p.is_file():
-                files = [p]
-            else:
-                files = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
-            if not files:
-                raise InputDataError(f"{item}: no such file, directory or glob match "
-                                     f"(expected suffixes {sorted(FORMATS)}, optionally .gz)")
-            for f in files:
-                fmt = format_of(f.name)
-                if fmt is None:
-                    raise ConfigError(f"{f}: unknown format; expected one of {sorted(FORMATS)} "
-                                      "(optionally .gz)")
-                st = f.stat()
-                out.append(Source(str(f), fmt, f"{f.resolve()}@{st.st_size}:{st.st_mtime_ns}"))
+        before = len(skipped)
+        out += _resolve_item(item, skipped)
+        if warn and len(skipped) > before:
+            log.warning("%s: skipping %d file(s) that no reader knows the format of: %s (%s)", item,
+                        len(skipped) - before, _shown(skipped[before:]), _EXPECTED)
     if not out:
         raise ConfigError(f"raw input {raw!r} names no sources")
-    return out
+    return SourceScan(out, skipped)
+
+
+def resolve_sources(raw: str) -> list[Source]:
+    """Expand the raw input into an ordered list of shards (sorted within each item); see `scan_sources`."""
+    return scan_sources(raw).sources
+
+
+def resolve_uri(uri: str) -> list[Source]:
+    """The shards one source URI names (a `Source.uri`, taken whole: a comma in it is part of the name)."""
+    return _resolve_item(uri, [])
+
+
+def current_fingerprint(source: Source) -> str | None:
+    """The fingerprint `source` has now (None when it is gone or no longer one shard), to compare with
+    the one recorded when the input was listed."""
+    if source.format == "hub":
+        return source.fingerprint
+    try:
+        found = resolve_uri(source.uri)
+    except (InputDataError, ConfigError):
+        return None
+    return found[0].fingerprint if len(found) == 1 and found[0].format == source.format else None
+
+
+def check_unchanged(source: Source, recorded: str, when: str, *, now: str | None = "") -> None:
+    """Raise InputDataError naming the file when its fingerprint is no longer `recorded` (the one the
+    artifact's address was computed from, `when`). `now`: the current fingerprint when the caller has
+    just resolved it (None: gone); looked up by default."""
+    if now == "":
+        now = current_fingerprint(source)
+    if now != recorded:
+        state = "is gone" if now is None else f"fingerprint {now!r} now"
+        raise InputDataError(
+            f"{source.uri}: changed since {when} (fingerprint {recorded!r} then, {state}); what was read "
+            "would be published under the address of the old content. Re-run so that the input is "
+            "listed again, and leave the input unchanged while data prep reads it.")
 
 
 def stage_local(source: Source, tmp_dir: Path) -> Path:
-    """A local path for the source: S3 objects are downloaded through kubellm's storage layer."""
+    """A local path for the source: S3 objects (and save_to_disk directories) are downloaded through
+    kubellm's storage layer. Each S3 source gets its own directory under `tmp_dir`, named by a hash of
+    its URI, and keeps its base name there (`<tmp_dir>/<hash>/train.jsonl`): `s3://b/en/train.jsonl` and
+    `s3://b/fr/train.jsonl` never land on the same file, and a file's suffix still says its format."""
     if not is_s3(source.uri):
         return Path(source.uri)
-    dest = tmp_dir / Path(source.uri.split("://", 1)[1]).name
-    storage_for(source.uri).download(source.uri, dest)
+    name = Path(source.uri.split("://", 1)[1].rstrip("/")).name
+    dest = tmp_dir / hashlib.sha256(source.uri.encode("utf-8")).hexdigest()[:20] / (
+        name if name not in ("", ".", "..") else "object")
+    st = storage_for(source.uri)
+    if source.format != ARROW:
+        st.download(source.uri, dest)
+        return dest
+    for o in _s3_dataset_objects(st, source.uri):
+        parts = o.relpath.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise InputDataError(f"{o.uri}: key part {o.relpath!r} cannot be a local path; the "
+                                 f"save_to_disk directory {source.uri} cannot be staged")
+        st.download(o.uri, dest.joinpath(*parts))
+    log.debug("staged %s -> %s", source.uri, dest)
     return dest
 
 
@@ -227,7 +443,40 @@ def _object_record(obj: Any, where: str, nbytes: int, field: str) -> Record:
     return Record(text, where, nbytes)
 
 
+class _FieldSeen:
+    """Whether any JSON object of a file has the text field, and which keys its objects have: a file
+    whose every object lacks the field (`content` where `text` was configured) is a wrong
+    `data_prep.text_field`, not a file of bad records, and fails as a parquet file without the column does."""
+
+    _MAX_KEYS = 50
+
+    def __init__(self, field: str) -> None:
+        self.field, self.objects, self.with_field = field, 0, 0
+        self.keys: dict[str, int] = {}
+
+    def note(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        self.objects += 1
+        if self.field in obj:
+            self.with_field += 1
+        elif not self.with_field:
+            for k in obj:
+                if k in self.keys or len(self.keys) < self._MAX_KEYS:
+                    self.keys[k] = self.keys.get(k, 0) + 1
+
+    def check(self, label: str) -> None:
+        if self.objects and not self.with_field:
+            keys = sorted(self.keys, key=lambda k: -self.keys[k])
+            shown = ", ".join(f"{k!r} ({self.keys[k]})" for k in keys[:20]) or "none (all are {})"
+            raise InputDataError(
+                f"{label}: none of its {self.objects} JSON object(s) has the field {self.field!r} "
+                f"(data_prep.text_field); the keys they have (objects with each): {shown}. Set "
+                "data_prep.text_field to the key that holds the text, or leave this file out of the input.")
+
+
 def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Record]:
+    seen = _FieldSeen(field)
     for line_no, offset, line, nbytes in _lines(path, label, max_bytes):
         where = f"{label}:line {line_no} (byte {offset})"
         if line is None:
@@ -246,7 +495,9 @@ def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Recor
         except json.JSONDecodeError as e:
             yield _bad(where, nbytes, f"malformed_json: {e.msg}: column {e.colno}")
             continue
+        seen.note(obj)
         yield _object_record(obj, where, nbytes, field)
+    seen.check(label)
 
 
 def _text(path: Path, label: str, sample_by: str, max_bytes: int) -> Iterator[Record]:
@@ -433,6 +684,7 @@ def _json_array(path: Path, label: str, field: str, max_bytes: int) -> Iterator[
                               "so the file is not used (fix it, or write it as JSON lines, where one bad "
                               "line is skipped and counted)")
 
+    seen = _FieldSeen(field)
     with _open_binary(path) as f:
         src = _Chars(f, label)
         if src.peek() == "\ufeff":
@@ -447,6 +699,7 @@ def _json_array(path: Path, label: str, field: str, max_bytes: int) -> Iterator[
                 src.take()
                 if src.peek():
                     raise broken(f"byte {src.offset}", "unexpected data after the closing ']'")
+                seen.check(label)
                 return
             if index:
                 if c != ",":
@@ -473,6 +726,7 @@ def _json_array(path: Path, label: str, field: str, max_bytes: int) -> Iterator[
             except json.JSONDecodeError as e:
                 raise broken(f"element {index - 1} (byte {start})", f"malformed JSON ({e.msg}: char {e.pos} "
                              "of the element)") from e
+            seen.note(obj)
             yield _object_record(obj, where, size, field)
 
 
@@ -544,6 +798,46 @@ def _parquet(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Rec
             raise InputDataError(f"{label}: {row} rows read, but its footer says {total}; the file is corrupt")
 
 
+def _arrow_dataset(path: Path, label: str, field: str, max_bytes: int, split: str) -> Iterator[Record]:
+    """A `datasets` save_to_disk directory, through `datasets.load_from_disk` (its arrow files are
+    memory-mapped; the text column is read a batch at a time). A DatasetDict is read at `split`."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, JSONDecodeError, ArrowInvalid, ...
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise InputDataError(f"{label}: not a readable `datasets` save_to_disk directory ({type(e).__name__}: "
+                             f"{msg[:200]}); re-save it with save_to_disk, or leave it out of the input") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputDataError(f"{label}: this DatasetDict has no split {split!r} (data_prep.hub_split); "
+                                 f"its splits are {list(ds)}")
+        ds, label = ds[split], f"{label}[{split}]"
+    if field not in ds.column_names:
+        raise InputDataError(f"{label}: no column {field!r} (data_prep.text_field); the columns are "
+                             f"{ds.column_names}")
+    kind = ds.features[field]
+    if not (isinstance(kind, datasets.Value)
+            and kind.dtype in ("string", "large_string", "binary", "large_binary")):
+        raise InputDataError(f"{label}: column {field!r} (data_prep.text_field) holds {kind}, expected strings")
+    row, total = 0, len(ds)
+    batches = ds.select_columns([field]).iter(batch_size=_PARQUET_BATCH)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (pa.ArrowException, *_READ_ERRORS) as e:
+            raise _unreadable(label, f"row {row} (of {total}; rows before {row} were read)", e) from e
+        for value in batch[field]:
+            yield _value_record(value, f"{label}:row {row}", field, max_bytes)
+            row += 1
+    if row != total:
+        raise InputDataError(f"{label}: {row} rows read, but it says it has {total}; it is corrupt")
+
+
 def _hub(name: str, config_name: str | None, split: str, label: str, field: str,
          max_bytes: int) -> Iterator[Record]:
     import datasets
@@ -579,6 +873,8 @@ def read_records(source: Source, local: Path | None, *, field: str, max_bytes: i
         yield from _parquet(local, label, field, max_bytes)
     elif source.format == "text":
         yield from _text(local, label, sample_by, max_bytes)
+    elif source.format == ARROW:
+        yield from _arrow_dataset(local, label, field, max_bytes, hub_split)
     elif source.format == "json" and _is_json_array(local):
         yield from _json_array(local, label, field, max_bytes)
     else:

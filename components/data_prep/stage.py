@@ -7,12 +7,17 @@
 Output (manifest kind `dataset`, under `content_prefix(output, "data_prep", ...)`):
 `train/part-00000.parquet`, `validation/part-00000.parquet`, … — one column `text`. The manifest's
 `counts` and `metadata["report"]` (and the Markdown table in `report_markdown`) say how many documents
-and bytes each step removed: bad records by kind, each quality filter, exact and near duplicates.
+and bytes each step removed: bad records by kind, each quality filter, PII scrubbing (bytes only; it
+removes no document) and exact and near duplicates, so that `bytes_in` minus every row but the bad
+records' is `bytes_out`. Input files a scan skipped (unknown format) are named in `skipped_inputs`.
 
 Map / reduce — `run()` calls these in order on one machine; a pipeline can fan the map out over pods
 (`dsl.ParallelFor` over `list_sources(raw)`) and run the reduce and the write once:
 
-1. `list_sources(raw) -> list[Source]` — the input shards (one per file/object/hub dataset).
+1. `list_sources(raw) -> list[Source]` — the input shards (one per file/object/save_to_disk
+   directory/hub dataset), each with the fingerprint the artifact's address is computed from: a shard
+   whose fingerprint changed by the time it was read fails the stage (run() re-lists the input after
+   the map; a fanned-out map compares before and after reading its shard).
 2. `prepare_shard(source, index, config, work) -> dict` (map, one input shard): streams the records
    (see `kubellm.data_prep.sources` for how each format is read and why), skips and names bad
    records, NFC-normalises, applies the quality filters and optional PII scrubbing, and writes under
@@ -52,7 +57,15 @@ from kubellm.core.manifest import Manifest, content_prefix, publish_dir, read_ma
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.data_prep import filters as F
 from kubellm.data_prep.config import EXECUTION_FIELDS, DataPrepConfig
-from kubellm.data_prep.sources import Source, read_records, resolve_sources, stage_local
+from kubellm.data_prep.sources import (
+    Source,
+    check_unchanged,
+    current_fingerprint,
+    read_records,
+    resolve_uri,
+    scan_sources,
+    stage_local,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,7 @@ log = logging.getLogger(__name__)
 BAD_KINDS = ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large", "malformed_json",
              "missing_field", "not_text")
 MAX_EXAMPLES = 50
+MAX_SKIPPED_NAMES = 50  # input files a scan skipped (unknown format), named in the manifest
 _BATCH = 4096
 #: MinHashLSH's (false-positive, false-negative) weights when it picks bands and rows: recall-weighted,
 #: because every candidate is then checked against the kept document's signature (see global_dedup)
@@ -69,7 +83,7 @@ LSH_WEIGHTS = (0.1, 0.9)
 
 def list_sources(raw: str) -> list[Source]:
     """The input shards named by a raw input (comma-separated files, dirs, globs, s3 prefixes, hf:)."""
-    return resolve_sources(raw)
+    return scan_sources(raw).sources
 
 
 def _shard_dir(index: int) -> str:
@@ -110,12 +124,15 @@ def _add(table: dict[str, dict[str, int]], name: str, nbytes: int) -> None:
     row["bytes"] += nbytes
 
 
-def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work: str) -> dict[str, Any]:
+def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work: str, *,
+                  recheck: bool = False) -> dict[str, Any]:
     """Map step for one input shard (see the module docstring). Returns its stats dict.
 
-    `source` is a `Source` or the URI of one shard (`Source.uri`, e.g. a ParallelFor item)."""
+    `source` is a `Source` or the URI of one shard (`Source.uri`, e.g. a ParallelFor item). With
+    `recheck`, the shard's fingerprint is compared with `source.fingerprint` after it was read and
+    before anything is written under `work`: InputDataError naming the file when it changed."""
     if isinstance(source, str):
-        found = resolve_sources(source)
+        found = resolve_uri(source)
         if len(found) != 1:
             raise InputDataError(f"{source}: names {len(found)} shards; prepare_shard takes one "
                                  "(use list_sources() to split the input)")
@@ -125,7 +142,8 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
     (wd.local / rel).mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"source": source.uri, "index": index, "records": 0, "documents_in": 0,
                              "bytes_in": 0, "bad": {}, "bad_examples": [], "filtered": {},
-                             "pii": {"documents": 0, "replacements": 0}, "kept": 0, "kept_bytes": 0}
+                             "pii": {"documents": 0, "replacements": 0, "bytes_removed": 0},
+                             "kept": 0, "kept_bytes": 0}
     schema = pa.schema([("text", pa.string()), ("key", pa.binary(16))])
     sig_dtype = F.signature_dtype(config.dedup)
     texts: list[str] = []
@@ -168,16 +186,21 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
                     continue
                 if config.pii.enabled:
                     text, k = F.scrub_pii(text, config.pii)
+                    scrubbed = len(text.encode("utf-8"))
+                    stats["pii"]["bytes_removed"] += nbytes - scrubbed  # < 0 where placeholders are longer
+                    nbytes = scrubbed
                     if k:
                         stats["pii"]["documents"] += 1
                         stats["pii"]["replacements"] += k
                 stats["kept"] += 1
-                stats["kept_bytes"] += len(text.encode("utf-8"))
+                stats["kept_bytes"] += nbytes
                 texts.append(text)
                 keys.append(F.dedup_key(text))
                 if len(texts) >= min(_BATCH, config.docs_per_shard):
                     flush()
             flush()
+            if recheck:
+                check_unchanged(source, source.fingerprint, "the input was listed")
     if n_logged >= 20:
         log.warning("%s: %d bad records in all (first 20 logged)", source.uri,
                     sum(v["documents"] for v in stats["bad"].values()))
@@ -303,8 +326,17 @@ def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path
 
 
 def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict[str, Any],
-                 splits: dict[str, Any]) -> tuple[dict[str, int], list[dict[str, Any]], str]:
-    """(counts, report rows, Markdown) from the map, reduce and write results."""
+                 splits: dict[str, Any], skipped: list[str] | None = None, n_skipped: int | None = None
+                 ) -> tuple[dict[str, int], list[dict[str, Any]], str]:
+    """(counts, report rows, Markdown) from the map, reduce and write results.
+
+    The rows balance: `bytes_in` minus the bytes of every quality-filter, PII and dedup row is
+    `bytes_out` (documents likewise; the PII row removes no document, and its bytes are what scrubbing
+    took out, negative where the placeholders are longer than what they replace). Bad records are
+    not part of `bytes_in`. `skipped`: input files the scan left out (unknown format), the first
+    `n_skipped` of them when there were more."""
+    skipped = skipped or []
+    n_skipped = len(skipped) if n_skipped is None else n_skipped
     rows: list[dict[str, Any]] = []
     merged: dict[str, dict[str, int]] = {}
     for s in stats:
@@ -317,6 +349,10 @@ def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict
     for name, step in order:
         v = merged.get(name, {"documents": 0, "bytes": 0})
         rows.append({"step": step, "name": name, **v})
+    pii_docs = sum(s["pii"]["documents"] for s in stats)
+    pii_bytes = sum(s["pii"].get("bytes_removed", 0) for s in stats)
+    if pii_docs or pii_bytes:  # measured after scrubbing from here on
+        rows.append({"step": "pii", "name": "pii_scrubbed", "documents": 0, "bytes": pii_bytes})
     for name in ("exact_duplicate", "near_duplicate"):
         v = dedup["removed"].get(name, {"documents": 0, "bytes": 0})
         rows.append({"step": "dedup", "name": name, **v})
@@ -331,11 +367,13 @@ def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict
               "train_documents": splits["train"]["documents"], "train_bytes": splits["train"]["bytes"],
               "validation_documents": splits["validation"]["documents"],
               "validation_bytes": splits["validation"]["bytes"],
-              "pii_documents": sum(s["pii"]["documents"] for s in stats),
-              "pii_replacements": sum(s["pii"]["replacements"] for s in stats)}
+              "pii_documents": pii_docs,
+              "pii_replacements": sum(s["pii"]["replacements"] for s in stats),
+              "pii_bytes_removed": pii_bytes, "skipped_inputs": n_skipped}
     for r in rows:
-        counts[f"removed_{r['name']}"] = r["documents"]
-        counts[f"removed_bytes_{r['name']}"] = r["bytes"]
+        if r["step"] != "pii":  # counted as pii_bytes_removed: scrubbing removes no document
+            counts[f"removed_{r['name']}"] = r["documents"]
+            counts[f"removed_bytes_{r['name']}"] = r["bytes"]
     md = ["## Data prep report", "",
           f"{len(sources)} source shard(s), {records} records read, {bad} bad, {docs_in} documents "
           f"({bytes_in:,} bytes) after decoding; **{out_docs} documents ({out_bytes:,} bytes) kept**: "
@@ -345,7 +383,10 @@ def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict
            if r["documents"] or r["step"] != "bad record"]
     if counts["pii_documents"]:
         md += ["", f"PII scrubbed: {counts['pii_replacements']} replacements in "
-                   f"{counts['pii_documents']} documents."]
+                   f"{counts['pii_documents']} documents ({pii_bytes:,} bytes fewer; the pii row)."]
+    if n_skipped:
+        shown = ", ".join(f"`{n}`" for n in skipped[:20]) + (", ..." if n_skipped > min(20, len(skipped)) else "")
+        md += ["", f"**{n_skipped} input file(s) skipped**, no reader for their format: {shown}."]
     examples = [e for s in stats for e in s["bad_examples"]]
     if examples:
         md += ["", "Bad records (first 20):", ""]
@@ -354,18 +395,21 @@ def build_report(sources: list[Source], stats: list[dict[str, Any]], dedup: dict
 
 
 def _finish(sources: list[str], stats: list[dict[str, Any]], config: DataPrepConfig, work: str, raw: str,
-            tmp: Path, prefix: str, parents: dict[str, str]) -> Manifest:
+            tmp: Path, prefix: str, parents: dict[str, str], skipped: list[str],
+            n_skipped: int | None = None) -> Manifest:
     """Reduce + write + publish, after the map wrote every shard under `work` (run() and the fan-out)."""
     cfg_hash = config.config_hash()
     dedup = global_dedup(work, config, len(sources))
     out_dir = tmp / "out"
     splits = write_splits(work, config, len(sources), out_dir)
-    counts, rows, md = build_report(sources, stats, dedup, splits)  # type: ignore[arg-type]
+    counts, rows, md = build_report(sources, stats, dedup, splits, skipped[:MAX_SKIPPED_NAMES],  # type: ignore[arg-type]
+                                    len(skipped) if n_skipped is None else n_skipped)
     if counts["documents_out"] == 0:
         raise InputDataError(f"{raw}: no document survived decoding, filters and dedup:\n{md}")
     metadata = {"text_field": "text", "report": rows,
                 "bad_records": [e for s in stats for e in s["bad_examples"]][:200],
                 "sources": list(sources),
+                "skipped_inputs": skipped[:MAX_SKIPPED_NAMES],
                 "train_files": splits["train"]["files"],
                 "validation_files": splits["validation"]["files"],
                 "config": config.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))}
@@ -387,9 +431,21 @@ def _existing(prefix: str) -> Manifest | None:
     return existing
 
 
+def _check_sources_unchanged(raw: str, sources: list[Source]) -> None:
+    """After the map: every shard still has the fingerprint the artifact's address was computed from
+    (one listing of the input, not one per shard); InputDataError naming the first changed file."""
+    try:
+        now = {s.uri: s.fingerprint for s in scan_sources(raw, warn=False).sources}
+    except InputDataError:  # an item is gone: name the first shard that went with it
+        now = {s.uri: current_fingerprint(s) for s in sources}
+    for s in sources:
+        if now.get(s.uri) != s.fingerprint:
+            check_unchanged(s, s.fingerprint, "data prep listed the input", now=now.get(s.uri))
+
+
 def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     """Stage entry point: input `raw` (see `kubellm.data_prep.sources`), output storage root."""
-    sources = list_sources(inputs["raw"])
+    sources, skipped = scan_sources(inputs["raw"])
     parents = {"raw": stable_hash([s.fingerprint for s in sources])}
     prefix = content_prefix(output, "data_prep", config.config_hash(), parents)
     existing = _existing(prefix)
@@ -405,7 +461,9 @@ def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manif
                                       [config] * len(sources), [work] * len(sources)))
         else:
             stats = [prepare_shard(s, i, config, work) for i, s in enumerate(sources)]
-        return _finish([s.uri for s in sources], stats, config, work, inputs["raw"], Path(tmp), prefix, parents)
+        _check_sources_unchanged(inputs["raw"], sources)
+        return _finish([s.uri for s in sources], stats, config, work, inputs["raw"], Path(tmp), prefix, parents,
+                       skipped)
 
 
 # --- Pipeline fan-out (kubellm.pipelines: list-shards -> ParallelFor prepare-shard -> dedup-reduce) ---
@@ -416,20 +474,35 @@ def fan_out_shards(raw: str, config: DataPrepConfig, output: str, run_key: str) 
 
     `work` is a run-scoped prefix under the storage root (`<output>/_work/data_prep/<run_key>`) that
     every pod reads and writes through kubellm.core.storage; `done` is true when the artifact for these
-    sources and config is already committed (the map then skips, the reduce returns it)."""
-    sources = list_sources(raw)
+    sources and config is already committed (the map then skips, the reduce returns it). When the scan
+    skipped files of unknown format, item 0 also carries `skipped_inputs`: `{"count", "names"}` (the
+    first MAX_SKIPPED_NAMES), for the reduce's manifest and report."""
+    sources, skipped = scan_sources(raw)
     parents = {"raw": stable_hash([s.fingerprint for s in sources])}
     done = _existing(content_prefix(output, "data_prep", config.config_hash(), parents)) is not None
     work = join(output, "_work", "data_prep", run_key)
-    return [{"index": i, "uri": s.uri, "fingerprint": s.fingerprint, "work": work, "done": done}
-            for i, s in enumerate(sources)]
+    items: list[dict[str, Any]] = [{"index": i, "uri": s.uri, "fingerprint": s.fingerprint, "work": work,
+                                    "done": done} for i, s in enumerate(sources)]
+    if skipped:
+        items[0]["skipped_inputs"] = {"count": len(skipped), "names": skipped[:MAX_SKIPPED_NAMES]}
+    return items
 
 
 def prepare_fan_out_shard(shard: Mapping[str, Any], config: DataPrepConfig) -> dict[str, Any]:
-    """Map step for one `fan_out_shards` item; returns a short summary (the stats stay under `work`)."""
+    """Map step for one `fan_out_shards` item; returns a short summary (the stats stay under `work`).
+
+    The shard must still be what list-shards listed: its fingerprint is compared with the item's before
+    it is read and again after (InputDataError naming the file when it changed), since the artifact is
+    published under an address computed from the listed fingerprints."""
     if shard.get("done"):
         return {"index": shard["index"], "skipped": True}
-    stats = prepare_shard(str(shard["uri"]), int(shard["index"]), config, str(shard["work"]))
+    uri, recorded = str(shard["uri"]), str(shard["fingerprint"])
+    found = resolve_uri(uri)
+    if len(found) != 1:
+        raise InputDataError(f"{uri}: names {len(found)} shards now; list-shards listed it as one (the input "
+                             "changed since; re-run the pipeline so that list-shards lists it again)")
+    check_unchanged(found[0], recorded, "list-shards listed it", now=found[0].fingerprint)
+    stats = prepare_shard(found[0], int(shard["index"]), config, str(shard["work"]), recheck=True)
     return {"index": shard["index"], "records": stats["records"], "kept": stats["kept"]}
 
 
@@ -455,9 +528,11 @@ def reduce_fan_out(shards: list[Mapping[str, Any]], config: DataPrepConfig, outp
                              "pipeline (with caching off if the prepare-shard steps were cached)") from e
     finally:
         wd.close()
+    skipped = shards[0].get("skipped_inputs") or {"count": 0, "names": []}
     with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
         manifest = _finish([str(s["uri"]) for s in shards], stats, config, work,
-                           ",".join(str(s["uri"]) for s in shards), Path(tmp), prefix, parents)
+                           ",".join(str(s["uri"]) for s in shards), Path(tmp), prefix, parents,
+                           list(skipped["names"]), int(skipped["count"]))
     _delete_prefix(work)
     return manifest
 
