@@ -33,7 +33,7 @@ from kfp import dsl
 from kfp import kubernetes as k8s
 
 from kubellm.core.errors import ConfigError
-from kubellm.core.images import image_for
+from kubellm.core.images import TRAIN_IMAGE_ENV, image_for
 from kubellm.pipelines import components as c
 from kubellm.pipelines.fingerprint import default_pointer
 from kubellm.runconfig import STAGES, RunConfig
@@ -237,6 +237,13 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
                                                          secret_key: "AWS_SECRET_ACCESS_KEY"}, optional=True)
     if settings.s3_config_map:
         k8s.use_config_map_as_env(task, settings.s3_config_map, {k: k for k in S3_ENV_KEYS}, optional=True)
+    if stage in TRAINING_STAGES:
+        # What the step's PyTorchJob needs from this compile (kubellm.training.job.cluster_defaults):
+        # the workers run this very image, and reach S3 through the same Secret and ConfigMap (names only).
+        task.set_env_variable(TRAIN_IMAGE_ENV, image_for(stage, registry=settings.registry, tag=settings.tag))
+        task.set_env_variable("KUBELLM_S3_SECRET_NAME", settings.s3_secret)
+        task.set_env_variable("KUBELLM_S3_SECRET_KEYS", ",".join(settings.s3_secret_keys))
+        task.set_env_variable("KUBELLM_S3_CONFIG_MAP", settings.s3_config_map)
     if stage in TRAINING_STAGES or run_identity:
         # The launcher derives run-scoped checkpoint prefixes and idempotent PyTorchJob names from
         # these; env (not parameters) so they do not enter the cache key.

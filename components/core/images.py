@@ -25,6 +25,9 @@ from importlib import metadata
 from kubellm.core.errors import ConfigError
 
 IMAGES = ("base", "train", "eval")
+TRAIN_IMAGE_ENV = "KUBELLM_TRAIN_IMAGE"
+"""Set by the compiled pipeline on its training steps: the exact image reference (registry, tag,
+digest) the step itself runs, which its PyTorchJob's workers run too."""
 
 # Stage (or step) name -> image. Stages not listed here run on the base image.
 STAGE_IMAGES: dict[str, str] = {

@@ -12,13 +12,14 @@ translators that prefer not to parse them, in `metadata["kubellm/nproc_per_node"
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 
 from torchx import specs
 from torchx.components.dist import torchrun
 
-from kubellm.core.images import image_for
+from kubellm.core.images import TRAIN_IMAGE_ENV, image_for
 from kubellm.training.config import LaunchConfig
 
 WORKER_MODULE = "kubellm.training.worker"
@@ -36,7 +37,8 @@ def build_appdef(spec_uri: str, launch: LaunchConfig, *, name: str = "kubellm-tr
     app = torchrun(
         "--spec", spec_uri,
         m=WORKER_MODULE,
-        image=launch.image or image_for("pretrain"),  # the training image (pretrain/SFT/DPO share it)
+        # the training image (pretrain/SFT/DPO share it): the one this pipeline step runs, as compiled
+        image=launch.image or os.environ.get(TRAIN_IMAGE_ENV) or image_for("pretrain"),
         name=safe,
         cpu=launch.cpu,
         gpu=launch.gpu,

@@ -30,6 +30,7 @@ from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, storage_for
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
 
 if TYPE_CHECKING:
     from kubellm.model.config import ModelConfig
@@ -201,6 +202,28 @@ def _worker_device(train_cfg: TrainConfig, launch: LaunchConfig) -> str:
     return "cuda" if launch.gpu > 0 else "cpu"  # pods: auto is CUDA where the pod is given GPUs
 
 
+def cluster_defaults(cluster: ClusterLaunchSettings, env: Mapping[str, str] | None = None) -> ClusterLaunchSettings:
+    """`cluster` with what the compiled pipeline told its training step (`KUBELLM_S3_SECRET_NAME`,
+    `KUBELLM_S3_SECRET_KEYS`, `KUBELLM_S3_CONFIG_MAP`, the names its own pod uses) filling the S3
+    settings the run config leaves unset, so the PyTorchJob's workers reach the same bucket the same
+    way. Values set in `launch.cluster` win; an empty name means none."""
+    env = os.environ if env is None else env
+    update: dict[str, Any] = {}
+    if cluster.s3_secret_name is None and not cluster.s3_workload_identity and env.get("KUBELLM_S3_SECRET_NAME"):
+        update["s3_secret_name"] = env["KUBELLM_S3_SECRET_NAME"]
+        keys = [k.strip() for k in env.get("KUBELLM_S3_SECRET_KEYS", "").split(",")]
+        if len(keys) == 2 and all(keys):
+            update["s3_access_key_key"], update["s3_secret_key_key"] = keys
+    if cluster.s3_config_map is None and env.get("KUBELLM_S3_CONFIG_MAP"):
+        update["s3_config_map"] = env["KUBELLM_S3_CONFIG_MAP"]
+    if not update:
+        return cluster
+    from kubellm.core.config import validate
+
+    return validate(type(cluster), {**cluster.model_dump(), **update},
+                    "launch.cluster with KUBELLM_S3_SECRET_NAME / KUBELLM_S3_CONFIG_MAP from the pipeline step")
+
+
 def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) -> Manifest:
     """Launch `spec` with `launch.nproc_per_node × launch.nnodes` processes and wait for the result."""
     from kubellm.training.appdef import build_appdef
@@ -215,7 +238,7 @@ def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) 
         # the job name derives from it: the same for every attempt of one KFP task (re-attach)
         run_id = env_run_id(spec.stage) or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
         try:
-            run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=launch.cluster)
+            run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=cluster_defaults(launch.cluster))
         except KubellmError as e:
             raise TrainingFailedError(failure_message(spec, f"{header}: {e}")) from e
     else:

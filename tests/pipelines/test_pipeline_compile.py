@@ -118,6 +118,15 @@ def test_images_from_one_setting(tmp_path: Path) -> None:
     assert images["exec-evaluate"] == "reg.example.com/ml/kubellm-eval:abc123"
     assert all(i.startswith("reg.example.com/ml/") for i in images.values())
     assert not (tmp_path / "evaluation_report.yaml").exists()
+    # a training step's PyTorchJob runs the image the step runs (inside the pod nothing else knows the
+    # registry and tag: the workers used to get `kubellm-train:<version>` from Docker Hub) and reaches
+    # S3 through the same Secret and ConfigMap, named (never their contents)
+    for name in ("exec-pretrain", "exec-sft", "exec-dpo"):
+        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][name]["container"]["env"]}
+        assert env == {**env, "KUBELLM_TRAIN_IMAGE": images[name], "KUBELLM_S3_SECRET_NAME": "kubellm-s3",
+                       "KUBELLM_S3_SECRET_KEYS": "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY",
+                       "KUBELLM_S3_CONFIG_MAP": "kubellm-env"}, name
+    assert "env" not in spec["deploymentSpec"]["executors"]["exec-data-prep"]["container"]
 
 
 def test_components_are_thin_lightweight_and_never_pip_install(compiled: Path) -> None:

@@ -95,6 +95,35 @@ def test_appdef_is_a_torchrun_job_running_the_worker() -> None:
     assert app.name == "pretrain-r1"
 
 
+def test_cluster_job_runs_the_image_and_s3_names_the_pipeline_step_was_compiled_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.training.appdef import build_appdef
+    from kubellm.training.job import cluster_defaults
+    from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
+
+    for k in ("KUBELLM_REGISTRY", "KUBELLM_TAG", "KUBELLM_TRAIN_IMAGE"):
+        monkeypatch.delenv(k, raising=False)
+    launch = LaunchConfig(backend="pytorchjob", nproc_per_node=2)
+    assert build_appdef("s3://b/j.json", launch).roles[0].image.startswith("kubellm-train:")  # no pipeline
+    monkeypatch.setenv("KUBELLM_TRAIN_IMAGE", "reg.example.com/ml/kubellm-train:abc@sha256:" + "0" * 64)
+    assert build_appdef("s3://b/j.json", launch).roles[0].image == "reg.example.com/ml/kubellm-train:abc@sha256:" + "0" * 64
+    assert build_appdef("s3://b/j.json", launch.model_copy(update={"image": "mine:1"})).roles[0].image == "mine:1"
+
+    env = {"KUBELLM_S3_SECRET_NAME": "team-s3", "KUBELLM_S3_SECRET_KEYS": "key,secret",
+           "KUBELLM_S3_CONFIG_MAP": "ml-kubellm-env"}
+    filled = cluster_defaults(ClusterLaunchSettings(), env)
+    assert (filled.s3_secret_name, filled.s3_access_key_key, filled.s3_secret_key_key, filled.s3_config_map) == (
+        "team-s3", "key", "secret", "ml-kubellm-env")
+    mine = cluster_defaults(ClusterLaunchSettings(s3_secret_name="own", s3_config_map="own-env"), env)
+    assert (mine.s3_secret_name, mine.s3_access_key_key, mine.s3_config_map) == ("own", "AWS_ACCESS_KEY_ID", "own-env")
+    wi = cluster_defaults(ClusterLaunchSettings(s3_workload_identity=True), env)
+    assert wi.s3_secret_name is None and wi.s3_config_map == "ml-kubellm-env"
+    none = cluster_defaults(ClusterLaunchSettings(), {"KUBELLM_S3_SECRET_NAME": "", "KUBELLM_S3_CONFIG_MAP": ""})
+    assert none.s3_secret_name is None and none.s3_config_map is None
+    with pytest.raises(ConfigError):
+        cluster_defaults(ClusterLaunchSettings(), {"KUBELLM_S3_SECRET_NAME": "Not_A_Name"})
+
+
 def test_metrics_plot_and_mfu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubellm.training.metrics import MetricsLogger, peak_tflops, plot_loss_curve
 
