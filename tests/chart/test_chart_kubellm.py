@@ -288,6 +288,92 @@ def test_multi_user_without_namespaces_fails_with_a_message() -> None:
         render_templates({"pipelineRunner": {"multiUser": {"enabled": True, "namespaces": []}}})
 
 
+def _jobs(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] == "Job"]
+
+
+def test_multi_user_hook_jobs_need_an_account_that_exists_in_the_release_namespace() -> None:
+    """default-editor exists only in profile namespaces: a hook Job in another namespace running as it
+    could never create its pod, so the chart refuses that at render time."""
+    multi = {"enabled": True, "namespaces": ["team-a", "team-b"]}
+    base = {"pipelineRunner": {"multiUser": multi}, "schedule": {"enabled": True}}
+    for jobs in ({}, {"serviceAccountName": "default-editor"}):
+        with pytest.raises(helm.HelmError, match=r'release namespace "kubeflow", where the ServiceAccount "default-editor" does not exist'):
+            render_templates({**base, "jobs": jobs})
+    with pytest.raises(helm.HelmError, match="serviceAccount.create=true"):
+        render_templates({**base, "schedule": {"enabled": False}, "gitops": {"enabled": True, "gitSha": "abcdef0"}})
+
+    def job_account(values: dict) -> str:
+        (job,) = _jobs(render_objects(values))
+        return job["spec"]["template"]["spec"]["serviceAccountName"]
+
+    assert job_account({**base, "serviceAccount": {"create": True}}) == "kubellm"
+    assert job_account({**base, "jobs": {"serviceAccountName": "kubellm-scheduler"}}) == "kubellm-scheduler"
+    # released into a profile namespace: the account is there
+    inside = {"pipelineRunner": {"multiUser": {**multi, "namespaces": ["kubeflow", "team-b"]}}, "schedule": {"enabled": True}}
+    assert job_account(inside) == "default-editor"
+    # no hook job, nothing to refuse
+    assert not _jobs(render_objects({"pipelineRunner": {"multiUser": multi}}))
+
+
+def test_numbers_from_values_render_as_integers() -> None:
+    """Helm reads numbers in values as float64; printed bare, 1000650000 (an OpenShift-range UID)
+    would become 1.00065e+09, which the API server rejects."""
+    values = {
+        "schedule": {"enabled": True},
+        "jobs": {"runAsUser": 1000650000, "runAsGroup": 1000650000,
+                 "activeDeadlineSeconds": 2592000, "ttlSecondsAfterFinished": 31536000, "backoffLimit": 1000000},
+        "trainingOperator": {"initContainerTemplate": {"create": True, "runAsUser": 1000650000}},
+    }
+    objects = render_objects(values)
+    (job,) = _jobs(objects)
+    assert job["spec"]["activeDeadlineSeconds"] == 2592000 and job["spec"]["ttlSecondsAfterFinished"] == 31536000
+    assert job["spec"]["backoffLimit"] == 1000000
+    spec = job["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["runAsGroup"] == 1000650000
+    big_fs_group = render_objects({**values, "jobs": {"fsGroup": 1000650000}})
+    assert _jobs(big_fs_group)[0]["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 1000650000
+    assert spec["containers"][0]["securityContext"]["runAsUser"] == 1000650000
+    (init_cm,) = [o for o in objects if o["metadata"]["name"].endswith("pytorch-init-container")]
+    (init,) = yaml.safe_load(init_cm["data"]["initContainer.yaml"].replace("{{.", "x").replace("}}", "x"))
+    assert init["securityContext"]["runAsUser"] == 1000650000
+
+
+def test_uid_gid_and_fsgroup_can_be_left_to_the_platform() -> None:
+    """OpenShift restricted-v2 assigns the UID and fsGroup and refuses fixed ones outside the
+    namespace's range: null values leave them out, runAsNonRoot stays."""
+    objects = render_objects(load_values("openshift"))
+    (job,) = _jobs(objects)
+    spec = job["spec"]["template"]["spec"]
+    assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    sc = spec["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] is True and "runAsUser" not in sc and "runAsGroup" not in sc
+    (init_cm,) = [o for o in objects if o["metadata"]["name"].endswith("pytorch-init-container")]
+    (init,) = yaml.safe_load(init_cm["data"]["initContainer.yaml"].replace("{{.", "x").replace("}}", "x"))
+    assert init["securityContext"]["runAsNonRoot"] is True and "runAsUser" not in init["securityContext"]
+    # the defaults are unchanged
+    (job,) = _jobs(render_objects({"schedule": {"enabled": True}}))
+    assert job["spec"]["template"]["spec"]["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 0, "fsGroup": 0,
+        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_templated_args_stay_one_string_each() -> None:
+    """Unquoted, `--experiment=team: retrain #2` would be a YAML map (': ') cut at a comment (' #')."""
+    values = {
+        "kfp": {"endpoint": "https://kfp.example.com/pipeline #x"},
+        "gitops": {"enabled": True, "gitSha": "abcdef0", "experiment": "team: retrain #2", "namespace": "team-a"},
+        "schedule": {"enabled": True, "cron": "@every 6h", "namespace": "team-a"},
+    }
+    jobs = {j["metadata"]["annotations"]["helm.sh/hook-weight"]: j for j in _jobs(render_objects(values))}
+    submit = jobs["10"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert submit == ["--endpoint=https://kfp.example.com/pipeline #x", "--namespace=team-a",
+                      "--experiment=team: retrain #2", "--run-config=/etc/kubellm/run-config.yaml", "--git-sha=abcdef0"]
+    schedule = jobs["5"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert schedule == ["--endpoint=https://kfp.example.com/pipeline #x", "--namespace=team-a",
+                        "--name=kubellm-evaluation-report", "--cron=@every 6h", "--run-config=/etc/kubellm/run-config.yaml"]
+
+
 def test_schedule_cron_forms_the_schema_accepts() -> None:
     for cron in ("0 0 3 * * *", "@daily", "@every 6h"):
         render_templates({"schedule": {"enabled": True, "cron": cron}})

@@ -49,15 +49,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default (include "kubellm.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{/* The account the chart's jobs run as. */}}
+{{/* The account the chart's jobs (schedule and GitOps hooks) run as, in the release namespace.
+Multi-user Kubeflow: the runner account (default-editor) exists only in profile namespaces, so a
+release outside them must name an account that exists there (jobs.serviceAccountName) or create one
+(serviceAccount.create); anything else would render a Job whose pod can never be created. */}}
 {{- define "kubellm.jobServiceAccount" -}}
+{{- $sa := "" -}}
 {{- if .Values.jobs.serviceAccountName -}}
-{{- .Values.jobs.serviceAccountName -}}
+{{- $sa = .Values.jobs.serviceAccountName -}}
 {{- else if .Values.serviceAccount.create -}}
-{{- include "kubellm.serviceAccountName" . -}}
+{{- $sa = include "kubellm.serviceAccountName" . -}}
 {{- else -}}
-{{- include "kubellm.runnerServiceAccount" . -}}
+{{- $sa = include "kubellm.runnerServiceAccount" . -}}
 {{- end -}}
+{{- $mu := .Values.pipelineRunner.multiUser -}}
+{{- $created := and .Values.serviceAccount.create (eq $sa (include "kubellm.serviceAccountName" .)) -}}
+{{- if and $mu.enabled (eq $sa $mu.serviceAccount) (not $created) (not (has .Release.Namespace $mu.namespaces)) -}}
+{{- fail (printf "pipelineRunner.multiUser.enabled: the schedule/GitOps jobs run in the release namespace %q, where the ServiceAccount %q does not exist (Kubeflow's profile controller creates it only in the profile namespaces %s). Set serviceAccount.create=true (a kubellm account in %q, which also carries workload-identity annotations) or jobs.serviceAccountName to an existing account there, or install the release into one of the profile namespaces" .Release.Namespace $sa (join ", " $mu.namespaces) .Release.Namespace) -}}
+{{- end -}}
+{{- $sa -}}
 {{- end -}}
 
 {{/* Image reference, built exactly like kubellm.core.images.image_for. Argument: (list $ "base"). */}}
@@ -75,12 +85,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $ref -}}
 {{- end -}}
 
-{{/* Pod-level securityContext: Pod Security "restricted". */}}
+{{/* Pod-level securityContext: Pod Security "restricted". A null jobs.runAsUser / runAsGroup /
+fsGroup leaves the field out, for platforms that assign them (OpenShift restricted-v2 gives each
+namespace a UID range and refuses a fixed UID or fsGroup outside it). `int64`: Helm reads numbers
+in values as float64, which would print a large UID as 1.00065e+09. */}}
 {{- define "kubellm.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.jobs.runAsUser }}
-runAsGroup: {{ .Values.jobs.runAsGroup }}
-fsGroup: {{ .Values.jobs.runAsGroup }}
+{{- if not (kindIs "invalid" .Values.jobs.runAsUser) }}
+runAsUser: {{ .Values.jobs.runAsUser | int64 }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.jobs.runAsGroup) }}
+runAsGroup: {{ .Values.jobs.runAsGroup | int64 }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.jobs.fsGroup) }}
+fsGroup: {{ .Values.jobs.fsGroup | int64 }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
@@ -88,7 +107,9 @@ seccompProfile:
 {{/* Container-level securityContext: Pod Security "restricted" plus a read-only root filesystem. */}}
 {{- define "kubellm.containerSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.jobs.runAsUser }}
+{{- if not (kindIs "invalid" .Values.jobs.runAsUser) }}
+runAsUser: {{ .Values.jobs.runAsUser | int64 }}
+{{- end }}
 allowPrivilegeEscalation: false
 privileged: false
 readOnlyRootFilesystem: true
