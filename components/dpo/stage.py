@@ -122,8 +122,9 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     reference.eval().requires_grad_(False)
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:
-        pairs = read_preferences_jsonl(stage_jsonl(spec.inputs["preferences"], Path(tmp)), tok,
-                                       config.train.seq_len, report, config.on_bad_record)
+        staged = stage_jsonl(spec.inputs["preferences"], Path(tmp))
+        pairs = read_preferences_jsonl(list(staged), tok, config.train.seq_len, report, config.on_bad_record,
+                                       labels=staged)
     if not pairs:
         raise no_usable_records("preference pairs", spec.inputs["preferences"], report)
     arrays = to_arrays(pairs, config.train.seq_len, tok.pad_token_id)

@@ -33,10 +33,12 @@ def source_fingerprint(raw: str) -> str:
     return stable_hash([s.fingerprint for s in resolve_sources(raw)])
 
 
-def stage_jsonl(raw: str, tmp: Path) -> list[Path]:
+def stage_jsonl(raw: str, tmp: Path) -> dict[Path, str]:
+    """Each source of `raw` as a local file (S3 objects downloaded under `tmp`), in order, mapped to
+    the URI messages name it by."""
     from kubellm.data_prep.sources import resolve_sources, stage_local
 
-    return [stage_local(s, tmp) for s in resolve_sources(raw)]
+    return {stage_local(s, tmp): s.uri for s in resolve_sources(raw)}
 
 
 def config_hash(config: SFTConfig | object) -> str:
@@ -68,8 +70,9 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     rank, base, tok, model, model_cfg = w.rank, w.base, w.tokenizer, w.model, w.model_config
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
-        examples = list(read_chat_jsonl(stage_jsonl(spec.inputs["chat"], Path(tmp)), tok,
-                                        config.train.seq_len, report, config.on_bad_record))
+        staged = stage_jsonl(spec.inputs["chat"], Path(tmp))
+        examples = list(read_chat_jsonl(list(staged), tok, config.train.seq_len, report, config.on_bad_record,
+                                        labels=staged))
     if not examples:
         raise no_usable_records("conversations", spec.inputs["chat"], report)
     held = [e for i, e in enumerate(examples) if i % config.heldout_every == 0]

@@ -125,3 +125,22 @@ def test_final_scores_in_batches_equal_one_batch(chat_tokenizer_dir: Path, tmp_p
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(float(want[k]), rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_bad_record_in_s3_data_is_named_by_its_s3_uri(chat_tokenizer_dir: Path, tmp_path: Path, s3_bucket: str,
+                                                      stage: str) -> None:
+    # before: the message named the downloaded copy (/tmp/kubellm-sft-…/train.jsonl:2)
+    import json
+
+    from kubellm.core.errors import InputDataError
+    from kubellm.core.storage import storage_for
+
+    base = _base(chat_tokenizer_dir, tmp_path)
+    rows = CHAT[:3] if stage == "sft" else PREFS[:3]
+    uri = f"{s3_bucket}/{stage}/en/train.jsonl"
+    storage_for(uri).write_bytes(uri, ("\n".join([json.dumps(rows[0]), "{not json", json.dumps(rows[1])]) + "\n").encode())
+    cfg = _cfg(f"{stage}.on_bad_record=fail")
+    key = "chat" if stage == "sft" else "preferences"
+    with pytest.raises(InputDataError, match=rf"{uri}:2\b"):
+        run_stage(stage, getattr(cfg, stage), {"model": str(base), key: uri}, str(tmp_path / "art"))
