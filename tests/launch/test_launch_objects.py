@@ -44,6 +44,7 @@ MATRIX = {
          "active_deadline_seconds": 3600, "backoff_limit": 0, "shm_size": "32Gi", "cpu_limit": False},
         {"image": "registry.example/kubellm-train@sha256:" + "a" * 64, "staging": {"kind": "emptyDir", "size": None},
          "s3_config_map": "kubellm-s3", "run_as_user": 65532, "run_as_group": 65532, "fs_group": 65532},
+        {"run_as_user": None, "run_as_group": None, "fs_group": None},  # OpenShift assigns them
     ],
     "owner": [False, True],
 }
@@ -63,7 +64,7 @@ JOBS = dict(matrix())
 
 
 def test_matrix_is_broad():
-    assert len(JOBS) == 4 * 2 * 4 * 2
+    assert len(JOBS) == 4 * 2 * 5 * 2
     kinds = {tuple(sorted(j["spec"]["pytorchReplicaSpecs"])) for j in JOBS.values()}
     assert kinds == {("Master",), ("Master", "Worker"), ("Worker",)}
 

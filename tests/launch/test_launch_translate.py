@@ -200,6 +200,35 @@ def test_job_name_is_stable_dns1035_and_short():
     assert job_name(RUN_ID, long_task) != job_name(RUN_ID, long_task + "y")
 
 
+def _pod_and_container_security(job: dict) -> tuple[dict, dict]:
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return pod["securityContext"], pod["containers"][0]["securityContext"]
+
+
+def test_security_context_defaults_to_the_images_uid():
+    pod, c = _pod_and_container_security(build(app()))
+    assert pod == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 0, "fsGroup": 0,
+                   "seccompProfile": {"type": "RuntimeDefault"}}
+    assert (c["runAsNonRoot"], c["runAsUser"], c["runAsGroup"]) == (True, 10001, 0)
+
+
+def test_uid_gid_and_fs_group_can_be_left_to_the_platform():
+    """OpenShift restricted-v2 assigns the UID and fsGroup from the namespace's range and refuses
+    fixed ones outside it: None leaves them out, runAsNonRoot stays, Pod Security `restricted` holds."""
+    from kubellm.core.podsecurity import check_restricted
+
+    job = build(app(), run_as_user=None, run_as_group=None, fs_group=None)
+    pod, c = _pod_and_container_security(job)
+    assert pod == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(c)
+    for rspec in job["spec"]["pytorchReplicaSpecs"].values():
+        assert check_restricted(rspec["template"]["spec"], "pytorchjob") == []
+    pod, c = _pod_and_container_security(build(app(), run_as_user=None, fs_group=None))
+    assert "runAsUser" not in pod and "fsGroup" not in pod and pod["runAsGroup"] == c["runAsGroup"] == 0
+    with pytest.raises(Exception, match="run_as_user"):
+        ClusterLaunchSettings(run_as_user=0)
+
+
 # --- bad input: refused before any request, naming the field ---
 
 def test_more_gpus_than_node_type_has():

@@ -94,12 +94,15 @@ class ClusterLaunchSettings(StrictModel):
     """Names of Secrets with registry credentials."""
     service_account: str | None = None
     """ServiceAccount of the training pods (they need no API access: the token is not mounted)."""
-    run_as_user: int = Field(default=10001, ge=1)
-    """Numeric non-root UID of the training container (the image's USER)."""
-    run_as_group: int = Field(default=0, ge=0)
-    """Numeric GID."""
-    fs_group: int = Field(default=0, ge=0)
-    """fsGroup so mounted volumes are writable by the UID."""
+    run_as_user: int | None = Field(default=10001, ge=1)
+    """Numeric non-root UID of the training container (the image's USER). None leaves runAsUser out,
+    for platforms that assign one (OpenShift restricted-v2 refuses a fixed UID outside the
+    namespace's range); runAsNonRoot stays true, and the image works for any UID in group 0."""
+    run_as_group: int | None = Field(default=0, ge=0)
+    """Numeric GID; None leaves runAsGroup out."""
+    fs_group: int | None = Field(default=0, ge=0)
+    """fsGroup so mounted volumes are writable by the UID; None leaves it out (OpenShift
+    restricted-v2 assigns one from the namespace's range)."""
     home_dir: str = "/home/kubellm"
     """HOME in the container; a writable emptyDir (the root filesystem is read-only)."""
 

@@ -330,18 +330,17 @@ def _env(
 
 
 def _security_context(settings: ClusterLaunchSettings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pod, container) security contexts that pass Pod Security `restricted`."""
-    pod = {
-        "runAsNonRoot": True,
-        "runAsUser": settings.run_as_user,
-        "runAsGroup": settings.run_as_group,
-        "fsGroup": settings.fs_group,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    """(pod, container) security contexts that pass Pod Security `restricted`. A UID, GID or fsGroup
+    set to None in the settings is left out, for the platform to assign (OpenShift restricted-v2)."""
+    ids = {k: v for k, v in (("runAsUser", settings.run_as_user), ("runAsGroup", settings.run_as_group))
+           if v is not None}
+    pod: dict[str, Any] = {"runAsNonRoot": True, **ids}
+    if settings.fs_group is not None:
+        pod["fsGroup"] = settings.fs_group
+    pod["seccompProfile"] = {"type": "RuntimeDefault"}
     container = {
         "runAsNonRoot": True,
-        "runAsUser": settings.run_as_user,
-        "runAsGroup": settings.run_as_group,
+        **ids,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
