@@ -81,6 +81,11 @@ class SFTObjective:
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["input_ids"].numel())
 
+    def target_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Assistant tokens (labels set): the loss is their mean, so the engine weights each
+        micro-batch by them and a step's loss is the mean over every assistant token in the step."""
+        return int((batch["labels"] != IGNORE).sum())
+
 
 def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence], batch_size: int = 16) -> float:
     """Mean loss over assistant tokens of held-out packs (token-weighted), for SFT's before/after."""

@@ -91,7 +91,8 @@ class TrainConfig(StrictModel):
     deterministic: bool = False
     """Ask torch for deterministic kernels (`torch.use_deterministic_algorithms`); slower on GPU."""
     prefetch_batches: int = Field(default=4, ge=1)
-    """Micro-batches the loader's background thread prepares ahead of the training step."""
+    """Micro-batches the loader's background thread prepares ahead of the training step (pretrain's
+    token-shard loader; SFT and DPO hold their examples in memory and do not use it)."""
     peak_tflops: float | None = Field(default=None, gt=0)
     """Per-device peak TFLOP/s used for MFU. None = a table for known GPUs, or on CPU the env var
     KUBELLM_PEAK_TFLOPS (no CPU peak is guessed; MFU is then not reported)."""

@@ -79,6 +79,11 @@ class Objective(Protocol):
         """Tokens this micro-batch trains on (for tokens/s and MFU)."""
         ...
 
+    # Optional: `target_tokens(batch) -> int`, the loss terms in a micro-batch whose `loss` is their
+    # mean (SFT: assistant tokens). Then each step's loss is the mean over every target token of the
+    # step (all micro-batches, all data-parallel ranks), not a mean of per-micro-batch means, so the
+    # gradient does not depend on how the global batch is split (micro-batches, accumulation, dp).
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -150,6 +155,20 @@ def train_autocast(train_cfg: TrainConfig, device: str) -> contextlib.AbstractCo
     if train_cfg.precision == "bf16" and device == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _token_weights(counts: list[int], accum: int, world: int, dp_size: int) -> list[float]:
+    """Per-micro-batch factors that turn each micro-batch's mean loss into its share of the step's
+    token mean: loss_m * n_m * dp * accum / N, N = target tokens of the whole step on every replica.
+    DeepSpeed then divides by `accum` and averages gradients over the dp ranks, which leaves
+    sum(token losses) / N. One all-reduce per step; TP ranks of a replica hold the same batches."""
+    total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    n = float(total) / (world // dp_size)
+    if n <= 0:
+        raise ConfigError("a training step has no target tokens on any rank (every label is ignored)")
+    return [c * dp_size * accum / n for c in counts]
 
 
 def _check_identity(run_dir: str, have: Any, want: Mapping[str, str] | None) -> None:
@@ -335,6 +354,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                            progress_bar=train_cfg.progress_bar, initial_step=start_step)
     losses: list[float] = []
     checked = False
+    target_tokens = getattr(objective, "target_tokens", None) if pipe_batches is None else None
     try:
         for step in range(start_step, train_cfg.max_steps):
             faults.maybe_kill(step + 1, rank)  # no-op unless KUBELLM_FAULT_KILL_AT_STEP is set (tests)
@@ -350,14 +370,20 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 with autocast:
                     loss_sum += float(engine.train_batch(data_iter=pipe_batches)) * accum
                 n_tokens = pipe_batches.tokens - before
+            step_batches: list[dict[str, Tensor]] = []
+            if target_tokens is not None:
+                step_batches = [next(loader) for _ in range(accum)]
+                weights = _token_weights([target_tokens(b) for b in step_batches], accum, world, dp_size)
             for micro in range(0 if pipe_batches is not None else accum):
-                batch = next(loader)
+                batch = step_batches[micro] if step_batches else next(loader)
                 if not checked:
                     check_token_ids(batch["input_ids"], model_cfg.vocab_size, where="training batch")
                     checked = True
                 batch = _to_device(batch, device)
                 with autocast:
                     loss, metrics = objective.loss(engine, batch)
+                if step_batches:
+                    loss = loss * weights[micro]
                 loss_sum += loss.detach().double().cpu()
                 if micro == accum - 1:
                     # before the boundary's backward: every rank sees a NaN/Inf or spiking step loss

@@ -115,3 +115,67 @@ def test_sft_lowers_heldout_assistant_loss(chat_tokenizer_dir: Path, tmp_path: P
     after_model.load_state_dict(res.final_state_dict)
     after = assistant_token_loss(after_model, held)
     assert after < before - 0.5, (before, after)
+
+
+def test_sft_step_is_the_mean_over_assistant_tokens_however_the_batch_is_split(
+        chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    # Packs with very different numbers of assistant tokens. A mean of per-micro-batch means (the old
+    # loss) weights a pack with 3 assistant tokens like one with 40, so 1 x 4 and 4 x 1 micro-batches
+    # gave different gradients; the token mean over the step does not depend on the split.
+    from kubellm.sft.data import IGNORE
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    packs = _uneven_sft_packs(tok)  # one conversation each
+    counts = sorted(sum(1 for x in p.labels if x != IGNORE) for p in packs)
+    assert counts[-1] > 3 * counts[0], counts
+    cfg = _cfg(len(tok))
+    torch.manual_seed(5)
+    start = Transformer(cfg).state_dict()
+    runs = {}
+    for micro in (4, 2, 1):
+        tc = _train_cfg(2).model_copy(update={"micro_batch_size": micro, "global_batch_size": 4})
+        res = train(cfg, tc, ParallelConfig(), SFTObjective(packs), str(tmp_path / f"m{micro}"),
+                    init_state_dict={k: v.clone() for k, v in start.items()}, resume=False)
+        runs[micro] = res
+    for micro in (2, 1):
+        assert runs[micro].losses == pytest.approx(runs[4].losses, rel=1e-5), micro
+        for k, v in runs[4].final_state_dict.items():
+            torch.testing.assert_close(runs[micro].final_state_dict[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(runs[4].final_state_dict[k], start[k]) for k in start)  # it trained
+
+
+def _uneven_sft_packs(tok: object) -> list:
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ok " * (1 + 9 * (i % 3))}]
+             for i in range(8)]
+    return [pack_examples([render_conversation(tok, c)], 64, tok.pad_token_id)[0] for c in convs]  # type: ignore[attr-defined]
+
+
+def _sft_rank(tok_dir: str, run_dir: str, micro: int) -> tuple[list[float], str | None]:
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = _cfg(len(tok))
+    torch.manual_seed(5)
+    start = Transformer(cfg).state_dict()
+    tc = _train_cfg(2).model_copy(update={"micro_batch_size": micro, "global_batch_size": 4})
+    res = train(cfg, tc, ParallelConfig(), SFTObjective(_uneven_sft_packs(tok)), run_dir, init_state_dict=start,
+                resume=False)
+    if res.final_state_dict is None:
+        return res.losses, None
+    from safetensors.torch import save_file
+
+    path = f"{run_dir}/final.safetensors"  # a file, not the result queue: a large result blocks the child's put
+    save_file({k: v.contiguous() for k, v in res.final_state_dict.items()}, path)
+    return res.losses, path
+
+
+def test_sft_two_ranks_match_one_process_on_uneven_packs(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from kubellm.training.spawn import spawn
+
+    (ref_losses, ref_state), = spawn(_sft_rank, 1, str(chat_tokenizer_dir), str(tmp_path / "one"), 4)
+    ranks = spawn(_sft_rank, 2, str(chat_tokenizer_dir), str(tmp_path / "two"), 2)
+    for losses, _ in ranks:
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+    from safetensors.torch import load_file
+
+    ref, two = load_file(ref_state), load_file(ranks[0][1])
+    for k, v in ref.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
