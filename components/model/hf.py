@@ -221,8 +221,10 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
             raise refuse(key, d[key], "false")
-    if d.get("rope_scaling"):
-        raise refuse("rope_scaling", d["rope_scaling"], "null (plain RoPE)")
+    scaling = d.get("rope_scaling")
+    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+                        and set(scaling) <= {"rope_type", "type", "rope_theta"}):
+        raise refuse("rope_scaling", scaling, "null or {'rope_type': 'default'} (plain RoPE)")
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise refuse("rope_parameters.rope_type", rope["rope_type"], "'default'")

@@ -111,7 +111,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hm, wm = hk.to(mm_dtype), w.to(mm_dtype)
         safe = torch.where(vk, lk, torch.zeros_like(lk))[:, None]  # (N, 1), ignored -> 0
         weight = (vk.float() / count)[:, None]  # each token's share of the mean (0 if ignored)
-        dh = torch.empty_like(hk) if want_h else None
+        # fp16 cannot hold these gradients before backward's upstream gradient (DeepSpeed's loss scale)
+        # multiplies them: ~1/(count·z) per logit is far below its smallest normal (6e-5), so they are
+        # kept, and the dw product taken, in fp32. bf16 has fp32's range and keeps the fast path.
+        fp16 = mm_dtype == torch.float16
+        dh = torch.empty(hk.shape, dtype=torch.float32 if fp16 else hk.dtype, device=hk.device) if want_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(dev, enabled=False):
@@ -134,19 +138,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if dh is not None:
                     dh[s:e] = (em @ wm).float().mul_(scale).sub_(w[lab[:, 0]].float() * wt)
                 if dw is not None:
-                    _add_product(dw, em.t(), (hc.float() * scale).to(mm_dtype))
+                    if fp16:
+                        dw.addmm_(x.t(), hc.float() * scale)
+                    else:
+                        _add_product(dw, em.t(), (hc.float() * scale).to(mm_dtype))
                     dw.index_add_(0, lab[:, 0], hc.float() * -wt)
         if dh is not None:
             dh = _scatter_rows(dh, idx, h.shape[0])
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (dh is not None, dw is not None)
-        ctx.w_dtype = w.dtype
+        ctx.w_dtype, ctx.h_dtype = w.dtype, h.dtype
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = list(ctx.saved_tensors)
-        dh = saved.pop(0) * grad if ctx.has[0] else None
+        dh = (saved.pop(0) * grad).to(ctx.h_dtype) if ctx.has[0] else None
         dw = (saved.pop(0) * grad).to(ctx.w_dtype) if ctx.has[1] else None
         return dh, dw, None, None, None
 

@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -84,6 +85,8 @@ RESHARD_ROUTES = (
     "or (b) start a new run initialised from kubellm's consolidated export of this checkpoint "
     "(weights only; optimizer and data position restart)."
 )
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(KubellmError):
@@ -405,9 +408,14 @@ class CheckpointManager:
         if rank == 0:
             try:
                 manifest = self._commit(engine, step, prefix, per_rank, states)
-                self._retain(manifest)
             except BaseException as e:
                 error = e
+            if manifest is not None:
+                try:  # the new checkpoint is committed: failing to delete old ones must not stop training
+                    self._retain(manifest)
+                except Exception as e:
+                    log.warning("checkpoint %s committed, but removing older checkpoints failed (they stay): %s",
+                                prefix, e)
         _raise_if_any_failed(error, f"checkpoint commit {prefix}")
         manifest = _broadcast(manifest)
         shutil.rmtree(staging, ignore_errors=True)  # uploaded and committed: free node-local disk

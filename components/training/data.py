@@ -7,12 +7,15 @@
 
 Each window is `seq_len + 1` consecutive tokens of one shard (inputs = window[:-1], labels =
 window[1:]); windows start every `seq_len` tokens, so consecutive windows share one token (the
-last target of one is the first input of the next) and no token is skipped.
+last target of one is the first input of the next). Windows never cross a shard boundary: the last
+`(tokens − 1) % seq_len` tokens of each shard are not trained on (negligible at the default shard size).
 
 Order: epoch `e` is a permutation of all windows drawn from `(seed, e)`. That global order is dealt
 round-robin to data-parallel ranks (rank r gets items r, r+dp, r+2dp, …), so ranks never overlap, and
-any dp × micro × accum with the same global batch consumes the same windows per optimizer step —
-which is what makes the multi-process loss-parity tests possible.
+any dp × micro × accum with the same global batch consumes the same windows per optimizer step
+within an epoch — which is what makes the multi-process loss-parity tests possible. Each epoch drops
+the windows left over after whole rounds of dp, so past the first epoch boundary the windows depend
+on dp when the window count is not a multiple of it.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ class PackedWindowLoader:
         assert self._queue is not None
         item = self._queue.get()
         if isinstance(item, BaseException):
+            self._thread = None  # the producer has exited: a later next() starts a fresh one, never waits forever
             raise item
         batch, self._pos = item
         return batch

@@ -74,6 +74,34 @@ def test_bf16_autocast_is_as_close_to_fp32_as_the_unfused_head() -> None:
     assert e_fused <= 1.5 * e_unfused + 1e-4
 
 
+def test_fp16_head_gradients_survive_until_the_loss_scale() -> None:
+    # DeepSpeed's fp16 multiplies the loss by its scale before backward; the fused head computes its
+    # gradients in forward, before that. Folded into fp16 operands, each logit's share ~1/(count·z)
+    # flushed to zero, and the softmax part of dW was lost (18% error on rows never a label; 1e-3 here
+    # at fp16 like the unfused head).
+    torch.manual_seed(0)
+    n, d, v, loss_scale = 2048, 64, 8000, 65536.0
+    h0, w0 = torch.randn(n, d), torch.randn(v, d) * 0.02
+    y = torch.randint(0, v, (n,))
+
+    def grads(dtype: torch.dtype, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = h0.to(dtype).detach().clone().requires_grad_(), w0.to(dtype).detach().clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, y) if fused else causal_lm_loss(h @ w.t(), y)
+        (loss * loss_scale).backward()
+        assert h.grad.dtype == w.grad.dtype == dtype
+        return h.grad.float() / loss_scale, w.grad.float() / loss_scale
+
+    ref_h, ref_w = grads(torch.float32, False)
+    never = torch.ones(v, dtype=torch.bool)
+    never[y] = False
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    plain_h, plain_w = grads(torch.float16, False)
+    fused_h, fused_w = grads(torch.float16, True)
+    assert rel(fused_w[never], ref_w[never]) <= 2 * rel(plain_w[never], ref_w[never]) + 1e-3
+    assert rel(fused_w, ref_w) <= 2 * rel(plain_w, ref_w) + 1e-3
+    assert rel(fused_h, ref_h) <= 2 * rel(plain_h, ref_h) + 1e-3
+
+
 def test_all_ignored_gives_zero_loss_with_zero_grads() -> None:
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)

@@ -127,6 +127,20 @@ def test_bad_rope_theta_is_refused_naming_it(theta: object, tmp_path: Path) -> N
         load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}])
+def test_default_rope_scaling_is_plain_rope(scaling: dict, tmp_path: Path) -> None:
+    # `{"rope_type": "default"}` is how some exports spell "no scaling": it loads (was refused)
+    model = _model(BASE)
+    export_hf(model, BASE, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["rope_scaling"] = scaling
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    loaded, cfg = load_hf(tmp_path)
+    assert cfg == BASE
+    ids = torch.randint(0, BASE.vocab_size, (1, 9))
+    torch.testing.assert_close(loaded(ids), model(ids))
+
+
 def test_swish_activation_is_silu(tmp_path: Path) -> None:
     # transformers maps hidden_act "swish" to SiLU: the same model, so it loads (was refused)
     model = _model(BASE)

@@ -93,6 +93,26 @@ def test_state_dict_resumes_exactly_despite_prefetch(shards: list[str]) -> None:
     assert len(first) == 17
 
 
+def test_a_loader_error_is_raised_and_the_next_call_does_not_hang(shards: list[str]) -> None:
+    # before: the producer thread exited after reporting the error but stayed "started", so the next
+    # next() waited forever on its empty queue
+    ld = loader(shards, prefetch=2)
+    real, calls = ld._make_batch, []
+
+    def flaky(pos):  # noqa: ANN001, ANN202
+        calls.append(pos)
+        if len(calls) == 1:
+            raise OSError("simulated read error")
+        return real(pos)
+
+    ld._make_batch = flaky  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="simulated read error"):
+        next(ld)
+    again = next(ld)  # a fresh producer from the same position
+    ld.close()
+    assert window_starts([again]) == window_starts(take(loader(shards), 1))
+
+
 def test_resume_refuses_other_layout(shards: list[str]) -> None:
     state = loader(shards).state_dict()
     with pytest.raises(InputDataError, match="dp_size"):

@@ -222,3 +222,30 @@ def test_failing_rank_fails_the_stage_with_its_traceback(tmp_path: Path) -> None
     msg = str(e.value)
     assert "pretrain training failed" in msg and "rank" in msg
     assert "part-00000.tok: shard vocab_size 300 exceeds the model's vocab_size 256" in msg
+
+
+def retention_fails(shards: list[str], run_root: str) -> dict:
+    from kubellm.model.config import get_preset
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.checkpoint import CheckpointManager
+    from kubellm.training.config import ParallelConfig, TrainConfig
+    from kubellm.training.engine import train
+
+    def broken(self: object, manifest: object) -> None:
+        raise OSError("simulated: cannot delete an old checkpoint")
+
+    CheckpointManager._retain = broken  # type: ignore[method-assign]  # this process only (spawned)
+    cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
+    tc = TrainConfig(max_steps=3, micro_batch_size=2, global_batch_size=2, seq_len=32, progress_bar=False,
+                     tensorboard=False, checkpoint_every=1, keep_checkpoints=1)
+    r = train(cfg, tc, ParallelConfig(), PretrainObjective(shards, seq_len=32, vocab_size=256), run_root,
+              resume=False)
+    return {"steps": len(r.losses),
+            "committed": [m.metadata["step"] for m in CheckpointManager(f"{run_root}/checkpoints").committed()]}
+
+
+def test_a_failed_cleanup_of_old_checkpoints_does_not_stop_training(tokens: str, tmp_path: Path) -> None:
+    # before: the retention error was raised as "checkpoint commit ... failed" on every rank, after the
+    # new checkpoint had been committed
+    out = spawn(retention_fails, 1, [str(Path(tokens) / "train/part-00000.tok")], str(tmp_path / "run"))[0]
+    assert out == {"steps": 3, "committed": [1, 2, 3]}
