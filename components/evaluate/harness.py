@@ -19,6 +19,7 @@ from typing import Any
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
+from kubellm.evaluate.metrics import harness_name
 from kubellm.evaluate.taskdata import METADATA_KEY, TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @dataclasses.dataclass
 class HarnessResult:
-    """Scores of one model: task -> {metric: value} (stderr as `<metric>_stderr`), plus per-task facts."""
+    """Scores of one model: task -> {metric: value} (stderr as `<metric>_stderr`, a filtered metric as
+    `<metric>/<filter>`), plus per-task facts."""
 
     scores: dict[str, dict[str, float]]
     versions: dict[str, Any]
     n_shot: dict[str, int]
     n_samples: dict[str, int]
     chat: dict[str, bool]
-    higher_is_better: dict[str, dict[str, bool]]
+    higher_is_better: dict[str, dict[str, bool | None]]
+    """lm-eval's direction per task and metric (keyed by the metric name without its filter)."""
+    configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """lm-eval's dumped config of each task as it ran (num_fewshot, splits, prompts, hook sources)."""
 
 
 def harness_version() -> dict[str, str]:
@@ -124,7 +129,9 @@ def _run(lm: Any, tm: Any, tasks: list[str], cfg: EvaluateConfig, chat: bool) ->
 
 
 def parse_results(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
-    """`{"acc,none": 0.5, "acc_stderr,none": 0.1}` -> `{"acc": 0.5, "acc_stderr": 0.1}` per task."""
+    """`{"acc,none": 0.5, "acc_stderr,none": 0.1}` -> `{"acc": 0.5, "acc_stderr": 0.1}` per task; a
+    filtered metric keeps its filter: `exact_match,strict-match` -> `exact_match/strict-match`, its
+    `exact_match_stderr,strict-match` -> `exact_match/strict-match_stderr` (kubellm.evaluate.metrics)."""
     scores: dict[str, dict[str, float]] = {}
     for task in tasks:
         res = out["results"].get(task)
@@ -132,18 +139,20 @@ def parse_results(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, 
             raise KubellmError(f"lm-eval returned no result for task {task}")
         metrics: dict[str, float] = {}
         for key, value in res.items():
-            if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            name, filt = key.split(",", 1)
-            metrics[name if filt == "none" else f"{name}/{filt}"] = float(value)
+            name = harness_name(key)
+            if name is None or not isinstance(value, int | float) or isinstance(value, bool):
+                continue  # "N/A" stderr (one item), alias, sample_len
+            metrics[name] = float(value)
         scores[task] = metrics
     return scores
 
 
-def evaluate_lm(lm: Any, cfg: EvaluateConfig, tm: Any) -> HarnessResult:
-    """Every task of `cfg.tasks` on one loaded model; `tm` from `task_manager` (built once per run)."""
+def evaluate_lm(lm: Any, cfg: EvaluateConfig, tm: Any, tasks: list[str] | None = None) -> HarnessResult:
+    """Every task of `cfg.tasks` (or the subset `tasks`) on one loaded model; `tm` from `task_manager`
+    (built once per run)."""
     chat_set = set(cfg.chat_tasks)
-    groups = [(False, [t for t in cfg.tasks if t not in chat_set]), (True, [t for t in cfg.tasks if t in chat_set])]
+    wanted = [t for t in cfg.tasks if tasks is None or t in tasks]
+    groups = [(False, [t for t in wanted if t not in chat_set]), (True, [t for t in wanted if t in chat_set])]
     res = HarnessResult({}, {}, {}, {}, {}, {})
     for chat, tasks in groups:
         if not tasks:
@@ -156,4 +165,5 @@ def evaluate_lm(lm: Any, cfg: EvaluateConfig, tm: Any) -> HarnessResult:
             res.n_samples[t] = int(out.get("n-samples", {}).get(t, {}).get("effective", 0))
             res.chat[t] = chat
             res.higher_is_better[t] = dict(out.get("higher_is_better", {}).get(t, {}))
+            res.configs[t] = dict(out.get("configs", {}).get(t, {}))
     return res

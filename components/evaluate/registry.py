@@ -18,16 +18,17 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubellm.core.errors import InputDataError, KubellmError, StorageError
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError, StorageError
 from kubellm.core.storage import join, storage_for
 from kubellm.evaluate.config import GateRule
+from kubellm.evaluate.metrics import base_metric, higher_is_better, is_stderr
 
 POINTER_NAME = "promoted.json"
-LOWER_IS_BETTER = {"perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
 class GateFailedError(KubellmError):
@@ -123,20 +124,33 @@ class Registry:
 class Check:
     task: str
     metric: str
-    kind: str  # "max_drop" | "min" | "max" | "finite"
+    kind: str  # "max_drop" | "min" | "max" | "finite" | "settings"
     value: float
     bound: float
     baseline: float | None
     passed: bool
+    higher_is_better: bool | None = None
+    """The metric's direction (max_drop checks; from lm-eval, or kubellm's own for perplexity)."""
+    detail: str = ""
+    """settings checks: what differs between this run's and the baseline's settings."""
 
     def describe(self) -> str:
         if self.kind == "max_drop":
-            worse = "rose" if self.metric in LOWER_IS_BETTER else "dropped"
-            change = abs(self.value - (self.baseline or 0.0))
-            return (f"{self.task} {self.metric} {self.value:.4f} vs baseline {self.baseline:.4f}: "
-                    f"{worse} by {change:.4f} (allowed {self.bound:.4f})")
+            b = self.baseline if self.baseline is not None else math.nan
+            change = self.value - b
+            worsening = -change if self.higher_is_better else change
+            moved = ("dropped" if change < 0 else "rose") + (" (worse)" if worsening > 0 else " (better)")
+            if change == 0 or not math.isfinite(change):
+                moved = "unchanged" if change == 0 else "not comparable"
+            return (f"{self.task} {self.metric} {self.value:.4f} vs baseline {b:.4f}: {moved}"
+                    + (f" by {abs(change):.4f}" if change else "")
+                    + f" (allowed worsening {self.bound:.4f}; {'higher' if self.higher_is_better else 'lower'} is better)")
         if self.kind == "finite":
             return f"{self.task} {self.metric} is {self.value}: a model with a non-finite score is never promoted"
+        if self.kind == "settings":
+            return (f"{self.task} {self.metric}: the baseline's score comes from other evaluation settings "
+                    f"({self.detail}); max_drop cannot compare them — re-score the promoted model under this "
+                    "run's settings (evaluate it in this run) or drop the max_drop rule")
         rel = "≥" if self.kind == "min" else "≤"
         return f"{self.task} {self.metric} {self.value:.4f} must be {rel} {self.bound:.4f}"
 
@@ -160,8 +174,23 @@ class GateVerdict:
 
 
 def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules: dict[str, GateRule],
-          headline: dict[str, str | None], baseline_uri: str = "") -> GateVerdict:
-    """Apply every rule to the candidate's `scores` (task -> metric -> value)."""
+          headline: dict[str, str | None], baseline_uri: str = "", *,
+          directions: Mapping[str, Mapping[str, bool | None]] | None = None,
+          baseline_scores: Mapping[str, Mapping[str, float]] | None = None,
+          unlike: Mapping[str, str] | None = None) -> GateVerdict:
+    """Apply every rule to the candidate's `scores` (task -> metric -> value).
+
+    directions       task -> metric (without filter) -> lm-eval's `higher_is_better` (results.json
+                     `tasks.<task>.higher_is_better`); held-out perplexity's is kubellm's own. A
+                     max_drop rule on a metric whose direction is unknown is refused.
+    baseline_scores  what max_drop compares against (default: the pointer's scores); the stage passes
+                     the promoted model's scores re-measured in this run where the pointer's came from
+                     other settings.
+    unlike           task -> what differs, for tasks whose `baseline_scores` still come from other
+                     settings: a max_drop rule on one fails (unlike numbers are not compared)."""
+    directions = directions or {}
+    unlike = unlike or {}
+    base_scores = baseline_scores if baseline_scores is not None else (baseline.scores if baseline else {})
     checks: list[Check] = []
     for task, rule in rules.items():
         metric = rule.metric or headline.get(task)
@@ -169,22 +198,32 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
             raise InputDataError(f"gate rule for task {task}: the candidate has no score for it")
         if metric is None or metric not in scores[task]:
             raise InputDataError(f"gate rule for task {task}: metric {metric!r} not among its scores "
-                                 f"{sorted(k for k in scores[task] if not k.endswith('_stderr'))}")
+                                 f"{sorted(k for k in scores[task] if not is_stderr(k))}")
         value = scores[task][metric]
-        lower_better = metric in LOWER_IS_BETTER
+        if rule.max_drop is not None:
+            higher = higher_is_better(task, metric, directions)
+            if higher is None:
+                raise ConfigError(
+                    f"evaluate.gate.rules.{task}: max_drop on metric {metric!r}, but lm-eval reports no "
+                    f"direction for it (higher_is_better of {task}/{base_metric(metric)} is "
+                    f"{directions.get(task, {}).get(base_metric(metric))!r}): a drop cannot be told from a rise; "
+                    "use an absolute min or max bound for this metric instead")
         if rule.max_drop is not None and baseline is not None:
-            base = baseline.scores.get(task, {})
+            base = base_scores.get(task, {})
             if metric not in base:
-                have = sorted(baseline.scores) if task not in baseline.scores else sorted(base)
-                what = f"task {task}" if task not in baseline.scores else f"metric {task}/{metric}"
+                have = sorted(base_scores) if task not in base_scores else sorted(base)
+                what = f"task {task}" if task not in base_scores else f"metric {task}/{metric}"
                 raise InputDataError(
                     f"baseline {baseline_uri or baseline.model_uri} lacks {what} (it has {have}); the gate "
                     f"rule on {task} cannot compare — promote a model evaluated on {task} or drop max_drop"
                 )
             b = base[metric]
-            worsening = (value - b) if lower_better else (b - value)
-            checks.append(Check(task, metric, "max_drop", value, rule.max_drop, b,
-                                worsening <= rule.max_drop + 1e-12))
+            if task in unlike:
+                checks.append(Check(task, metric, "settings", value, rule.max_drop, b, False, higher, unlike[task]))
+            else:
+                worsening = (b - value) if higher else (value - b)
+                checks.append(Check(task, metric, "max_drop", value, rule.max_drop, b,
+                                    worsening <= rule.max_drop + 1e-12, higher))
         if rule.min is not None:
             checks.append(Check(task, metric, "min", value, rule.min, None, value >= rule.min))
         if rule.max is not None:
@@ -192,7 +231,7 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
     # A nan/inf score (diverged weights, overflowing logits) is no score: never promote it, ruled or not.
     for task, metrics in scores.items():
         for metric, value in metrics.items():
-            if not metric.endswith("_stderr") and not math.isfinite(value):
+            if not is_stderr(metric) and not math.isfinite(value):
                 checks.append(Check(task, metric, "finite", value, 0.0, None, False))
     return GateVerdict(checks, baseline.model_digest if baseline else None)
 

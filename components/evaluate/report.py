@@ -15,6 +15,8 @@ import html
 import io
 from typing import Any
 
+from kubellm.evaluate.metrics import stderr_name
+
 UNLIKE_SETTINGS = ("Warning: the baseline's scores come from different evaluation settings or data (tasks, "
                    "limit, few-shot, eval items, …): its Δ and any max_drop rule compare unlike numbers.")
 
@@ -49,7 +51,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [model["label"]]
         for task, metric in columns:
             v = model["scores"].get(task, {}).get(metric)
-            err = model["scores"].get(task, {}).get(f"{metric}_stderr")
+            err = model["scores"].get(task, {}).get(stderr_name(metric))
             cell = _fmt(v, metric) + (f" ± {err:.3f}" if err is not None else "")  # a 0.0 stderr is shown
             b = base.get(task, {}).get(metric)
             if b is not None:

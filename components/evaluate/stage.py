@@ -41,6 +41,7 @@ from kubellm.core.manifest import Manifest, content_prefix, fetch, load_manifest
 from kubellm.core.storage import is_s3, join, sha256_file, storage_for
 from kubellm.evaluate import harness, registry
 from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
+from kubellm.evaluate.metrics import PERPLEXITY_DIRECTIONS, is_stderr
 from kubellm.evaluate.perplexity import shard_perplexity
 from kubellm.evaluate.report import render_html, render_markdown
 from kubellm.evaluate.taskdata import TASK_FILES, data_dir, read_items
@@ -267,7 +268,7 @@ def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[st
             continue
         if metric is None or metric not in have:
             metric = next((k for k in ("acc_norm", "acc", "exact_match", "f1") if k in have),
-                          next(k for k in have if not k.endswith("_stderr")))
+                          next(k for k in have if not is_stderr(k)))
         cols.append((task, metric))
     return cols
 
@@ -361,15 +362,17 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         if shards:
             task_info["perplexity"] = {"version": 1, "n_shot": 0, "chat": False,
                                        "n_samples": int(results_models[0]["scores"]["perplexity"]["tokens"]),
-                                       "higher_is_better": {"perplexity": False}, "tokens_digest": tokens_digest}
+                                       "higher_is_better": dict(PERPLEXITY_DIRECTIONS), "tokens_digest": tokens_digest}
 
         columns = _columns(cfg, results_models)
         headline = {t: m for t, m in columns}
         settings_hash = stable_hash({"cfg": cfg.model_dump(mode="json", exclude={"gate"}), "data": eval_data,
                                      "tokens": tokens_digest})
         cand = next(m for m in results_models if m["label"] == candidate)
+        directions = {t: info.get("higher_is_better", {}) for t, info in task_info.items()}
         verdict = registry.judge(cand["scores"], current.entry if current else None, cfg.gate.rules,
-                                 headline, current.uri if current else "") if cfg.gate.enabled else None
+                                 headline, current.uri if current else "",
+                                 directions=directions) if cfg.gate.enabled else None
         will_promote = bool(verdict and verdict.passed and cfg.gate.promote)
 
         parents = {f"model:{m.label}": m.digest for m in models}

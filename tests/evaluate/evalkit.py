@@ -140,3 +140,41 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
+
+
+class FakeHarness:
+    """Stands in for lm-eval in stage tests that are about the stage's own logic (gate direction,
+    settings, reports): `load_model` returns the export dir, `evaluate_lm` returns the scores given
+    for that dir's name (`scores[name]`: task -> metric -> value), with `directions` as lm-eval's
+    `higher_is_better`, `versions` and `configs` (lm-eval's dumped task configs). Every call is recorded."""
+
+    def __init__(self, scores: dict, directions: dict | None = None, versions: dict | None = None,
+                 configs: dict | None = None) -> None:
+        self.scores, self.directions = scores, directions or {}
+        self.versions, self.configs = versions or {}, configs or {}
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def install(self, monkeypatch) -> FakeHarness:  # noqa: ANN001
+        from kubellm.evaluate import harness
+
+        monkeypatch.setattr(harness, "task_manager", lambda tasks, data_dir: None)
+        monkeypatch.setattr(harness, "load_model", lambda model_dir, cfg: Path(model_dir))
+        monkeypatch.setattr(harness, "evaluate_lm", self.evaluate_lm)
+        return self
+
+    def evaluate_lm(self, lm, cfg, tm, tasks=None):  # noqa: ANN001, ANN201
+        from kubellm.evaluate.harness import HarnessResult
+
+        tasks = list(tasks if tasks is not None else cfg.tasks)
+        self.calls.append((Path(lm).name, tasks))
+        mine = self.scores[Path(lm).name]
+        chat = set(cfg.chat_tasks)
+        return HarnessResult(
+            scores={t: dict(mine[t]) for t in tasks},
+            versions={t: self.versions.get(t, 1.0) for t in tasks},
+            n_shot={t: cfg.num_fewshot or 0 for t in tasks},
+            n_samples={t: cfg.limit or 10 for t in tasks},
+            chat={t: t in chat for t in tasks},
+            higher_is_better={t: dict(self.directions.get(t, {})) for t in tasks},
+            configs={t: dict(self.configs.get(t, {"task": t})) for t in tasks},
+        )

@@ -92,7 +92,7 @@ def test_baseline_that_lacks_a_task(tmp_path: Path) -> None:
     rules = eval_config(gate={"rules": {"kubellm_preference": {"max_drop": 0.1}}}).gate.rules
     with pytest.raises(InputDataError, match=r"baseline .*promoted.json lacks task kubellm_preference \(it has \['kubellm_knowledge'\]\)"):
         judge({"kubellm_preference": {"acc": 0.7}}, base, rules, {"kubellm_preference": "acc"},
-              str(tmp_path / "registry/kubellm/promoted.json"))
+              str(tmp_path / "registry/kubellm/promoted.json"), directions={"kubellm_preference": {"acc": True}})
 
 
 def test_baseline_lacking_a_task_fails_the_stage_before_publishing(model_artifacts, tmp_path: Path) -> None:

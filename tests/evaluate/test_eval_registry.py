@@ -80,13 +80,19 @@ def test_rules() -> None:
     base = entry("base", 0.60)
     head = {"kubellm_knowledge": "acc", "perplexity": "perplexity"}
     rules = {"kubellm_knowledge": GateRule(max_drop=0.05, min=0.3), "perplexity": GateRule(max_drop=5.0, max=100)}
-    ok = judge({"kubellm_knowledge": {"acc": 0.56}, "perplexity": {"perplexity": 44.0}}, base, rules, head)
+    hib = {"kubellm_knowledge": {"acc": True, "acc_norm": True}}  # lm-eval's higher_is_better
+    ok = judge({"kubellm_knowledge": {"acc": 0.56}, "perplexity": {"perplexity": 44.0}}, base, rules, head,
+               directions=hib)
     assert ok.passed and len(ok.checks) == 4
-    bad = judge({"kubellm_knowledge": {"acc": 0.50}, "perplexity": {"perplexity": 46.0}}, base, rules, head)
+    bad = judge({"kubellm_knowledge": {"acc": 0.50}, "perplexity": {"perplexity": 46.0}}, base, rules, head,
+                directions=hib)
     assert not bad.passed
     msgs = [c.describe() for c in bad.failures]
-    assert msgs == ["kubellm_knowledge acc 0.5000 vs baseline 0.6000: dropped by 0.1000 (allowed 0.0500)",
-                    "perplexity perplexity 46.0000 vs baseline 40.0000: rose by 6.0000 (allowed 5.0000)"]
+    assert msgs == ["kubellm_knowledge acc 0.5000 vs baseline 0.6000: dropped (worse) by 0.1000 "
+                    "(allowed worsening 0.0500; higher is better)",
+                    "perplexity perplexity 46.0000 vs baseline 40.0000: rose (worse) by 6.0000 "
+                    "(allowed worsening 5.0000; lower is better)"]
     # first promotion: no baseline, so only the absolute bounds apply
-    first = judge({"kubellm_knowledge": {"acc": 0.2}, "perplexity": {"perplexity": 50.0}}, None, rules, head)
+    first = judge({"kubellm_knowledge": {"acc": 0.2}, "perplexity": {"perplexity": 50.0}}, None, rules, head,
+                  directions=hib)
     assert [c.kind for c in first.checks] == ["min", "max"] and [c.passed for c in first.checks] == [False, True]
