@@ -12,11 +12,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from kubellm.core.config import StrictModel
 
 BUNDLED_TASKS = ("kubellm_knowledge", "kubellm_format", "kubellm_preference")
+# The bundled tasks run with the chat template unless `chat_tasks` says otherwise.
+DEFAULT_CHAT_TASKS = ("kubellm_format", "kubellm_preference")
+# Devices lm-eval's `hf` model takes as given on one process; it ignores any other name (logging
+# "Device not specified") and picks cuda-or-cpu itself.
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 
 # The number the report, the KFP Metrics artifact and the gate use for a task when none is named.
 DEFAULT_HEADLINE = {"kubellm_knowledge": "acc", "kubellm_format": "format_ok", "kubellm_preference": "acc",
@@ -71,10 +79,11 @@ class EvaluateConfig(StrictModel):
     tasks: list[str] = Field(default_factory=lambda: list(BUNDLED_TASKS), min_length=1)
     """lm-eval task names: the bundled kubellm_* tasks and any standard harness task (its data must be
     reachable: a Hub dataset needs network or a populated HF cache)."""
-    chat_tasks: list[str] = Field(default_factory=lambda: ["kubellm_format", "kubellm_preference"])
+    chat_tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_CHAT_TASKS))
     """Tasks run with the tokenizer's chat template (their own harness call: `apply_chat_template`
     applies to a whole call). The format task measures the chat format; preference prompts are
-    chat-formatted in DPO training."""
+    chat-formatted in DPO training. Each entry must be one of `tasks` (a typo would run the task
+    without the template); left unset, the defaults that are in `tasks`."""
     eval_dir: str | None = None
     """Directory (local or s3://…) with knowledge.jsonl, format.jsonl, preference.jsonl for the bundled
     tasks, e.g. a demo-world `eval/` dir. Default: the small files shipped in kubellm/evaluate/tasks/data."""
@@ -83,15 +92,18 @@ class EvaluateConfig(StrictModel):
     limit: int | None = Field(default=None, ge=1)
     """Evaluate at most this many items per task (None = all)."""
     num_fewshot: int | None = Field(default=None, ge=0)
-    """Few-shot examples per item (None = each task's default, 0 for the bundled tasks)."""
+    """Few-shot examples per item (None = each task's default, 0 for the bundled tasks). The bundled
+    tasks have no few-shot split (their only split is the test items, several of which state the same
+    fact), so num_fewshot > 0 is refused while any of them is in `tasks`."""
     seed: int = 1234
     """Seed for lm-eval's python/numpy/torch RNGs and few-shot selection."""
     bootstrap_iters: int = Field(default=1000, ge=0)
     """Bootstrap resamples for standard errors (0 = none; keep small in tests)."""
     device: str | None = None
-    """Torch device for the models (default: cuda when available, else cpu)."""
-    dtype: str = "auto"
-    """Weights dtype for evaluation (auto = as exported; float32 | bfloat16 | float16)."""
+    """Torch device for the models: cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for evaluation (auto = as exported; float32 | bfloat16 | float16: the torch dtype
+    names lm-eval's `hf` model takes)."""
     headline: dict[str, str] = Field(default_factory=dict)
     """Task -> metric shown in the table/plots and sent to KFP Metrics (defaults in DEFAULT_HEADLINE)."""
     perplexity_seq_len: int = Field(default=256, ge=2)
@@ -101,12 +113,34 @@ class EvaluateConfig(StrictModel):
     gate: GateConfig = Field(default_factory=GateConfig)
     """Promotion gate and registry."""
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and not DEVICE_PATTERN.match(v):
+            raise ValueError(f"{v!r} is not a device lm-eval takes: expected cpu, cuda, cuda:N or mps "
+                             "(or leave it unset: cuda when available, else cpu)")
+        return v
+
     @model_validator(mode="after")
     def _chat_tasks_listed(self) -> EvaluateConfig:
         dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if dup:  # it would be one harness result shown (and sent to KFP) as two columns
             raise ValueError(f"tasks lists {dup} more than once")
-        # A chat task that is not in `tasks` is simply not run; a rule on an unknown task is a typo.
+        if "chat_tasks" in self.model_fields_set:
+            stray = [t for t in self.chat_tasks if t not in self.tasks]
+            if stray:  # a typo would run the intended task without the chat template
+                raise ValueError(f"chat_tasks names {stray}, which {'is' if len(stray) == 1 else 'are'} not in "
+                                 f"tasks {self.tasks}; every chat task must be one of the evaluated tasks")
+        else:  # the default: the bundled chat tasks that are evaluated
+            self.chat_tasks = [t for t in self.chat_tasks if t in self.tasks]
+        bundled = [t for t in self.tasks if t in BUNDLED_TASKS]
+        if self.num_fewshot and bundled:
+            raise ValueError(
+                f"num_fewshot {self.num_fewshot}: the bundled task(s) {bundled} have no few-shot split (their "
+                "few-shot examples would be drawn from the test items themselves, which state the same facts "
+                "in other words and would hand the model the answer); use num_fewshot 0 or unset, and run "
+                "few-shot standard tasks in an evaluation without the bundled ones")
+        # A rule on a task that is not evaluated is a typo.
         known = set(self.tasks) | {"perplexity"}
         bad = sorted(set(self.gate.rules) - known)
         if bad:

@@ -89,6 +89,23 @@ def task_manager(tasks: list[str], data_dir: Path | None) -> Any:
     return tm
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, naming evaluate.device (lm-eval would fail inside the
+    model load, or fall back to another device without saying so)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"evaluate.device {device!r}: no CUDA device is visible here "
+                              "(torch.cuda.is_available() is False); use cpu, or leave it unset")
+        if index and int(index) >= n:
+            raise ConfigError(f"evaluate.device {device!r}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"evaluate.device {device!r}: MPS is not available here; use cpu, or leave it unset")
+
+
 def load_model(model_dir: Path, cfg: EvaluateConfig) -> Any:
     """lm-eval's `hf` model on `model_dir` (what `simple_evaluate(model="hf", ...)` builds)."""
     import lm_eval.api.registry
@@ -96,6 +113,7 @@ def load_model(model_dir: Path, cfg: EvaluateConfig) -> Any:
 
     check_hf_export(model_dir)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     args = {"pretrained": str(model_dir), "dtype": cfg.dtype, "trust_remote_code": False}
     try:
         return lm_eval.api.registry.get_model("hf").create_from_arg_obj(

@@ -303,6 +303,9 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         raise ConfigError("evaluate.gate.rules has a perplexity rule but no tokens input was given: held-out "
                           "perplexity needs --input tokens=<token_shards artifact> (or drop the rule)")
 
+    import torch
+
+    harness.check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any fetch
     with tempfile.TemporaryDirectory(prefix="kubellm-eval-") as tmp:
         work = Path(tmp)
         ddir = stage_eval_dir(cfg, work)
