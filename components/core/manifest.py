@@ -29,6 +29,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -241,8 +242,18 @@ def fetch(manifest: Manifest, local_dir: Path | str, paths: Iterable[str] | None
         src = manifest.file_uri(e.path)
         if not st.exists(src):
             raise IntegrityError(f"{src}: listed in the manifest but missing from storage")
-        st.download(src, dest)
-        verify_file(manifest, e, dest)
+        if not is_s3(src) and local_path(src).resolve() == dest.resolve():  # the artifact itself
+            verify_file(manifest, e, dest)
+            return
+        # verified under a temporary name, then renamed: a file that fails verification never sits at
+        # its final path, where a cache that checks only sizes would take it for fetched
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            st.download(src, tmp)
+            verify_file(manifest, e, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(get, entries))

@@ -19,7 +19,10 @@ Conditional writes and what is guaranteed without them:
     `IfMatch`. On AWS S3 and current MinIO the conditional put is the guard against a writer racing
     in between: concurrent writers are safe.
   * A store that answers HTTP 501 NotImplemented to a conditional put gets a plain put after the
-    check (the fallback in `put_if_absent`).
+    check (both `put_if_absent` and `put_if_match`).
+  * A conditional put that fails its precondition is ours when the object now holds exactly our bytes:
+    botocore retries a put whose response was lost (timeout, reset) though the store applied it, and
+    the retry then fails the condition the first attempt satisfied.
   * A store that silently ignores the conditional headers (answers 200: older MinIO, some Ceph RGW)
     cannot be detected. There, writers that run one after the other are safe (the check refuses the
     second one, and `kubellm.core.manifest.commit_manifest` never puts over an existing manifest), but
@@ -411,6 +414,9 @@ class S3Storage:
         )
 
     def _err(self, op: str, uri: str, e: Exception) -> StorageError:
+        """The error to raise `from None`: its message carries `e` redacted, while botocore's own
+        exception (kept as the cause, it would be printed in every traceback) can hold the endpoint
+        URL with its `user:password@`."""
         return StorageError(redact(f"S3 {op} {uri} failed: {e}"))
 
     def read_bytes(self, uri: str) -> bytes:
@@ -418,14 +424,14 @@ class S3Storage:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as e:
-            raise self._err("get", uri, e) from e
+            raise self._err("get", uri, e) from None
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as e:
-            raise self._err("put", uri, e) from e
+            raise self._err("put", uri, e) from None
 
     def put_if_absent(self, uri: str, data: bytes) -> bool:
         """Create the object unless it exists. False when it already exists.
@@ -445,14 +451,14 @@ class S3Storage:
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                return False
+                return self._holds(uri, data)  # a retried put whose first attempt was applied: ours
             if code in ("NotImplemented",) or status == 501:
                 # A store without conditional writes: check-then-put is the best it allows.
                 if self.exists(uri):
                     return False
                 self.write_bytes(uri, data)
                 return True
-            raise self._err("conditional put", uri, e) from e
+            raise self._err("conditional put", uri, e) from None
 
     def read_with_etag(self, uri: str) -> tuple[bytes, str]:
         bucket, key = split_s3(uri)
@@ -460,7 +466,7 @@ class S3Storage:
             resp = self.client.get_object(Bucket=bucket, Key=key)
             return resp["Body"].read(), resp["ETag"].strip('"')
         except Exception as e:
-            raise self._err("get", uri, e) from e
+            raise self._err("get", uri, e) from None
 
     def put_if_match(self, uri: str, data: bytes, etag: str) -> bool:
         """Replace the object only if its ETag is still `etag` (S3 `IfMatch` conditional write).
@@ -477,7 +483,7 @@ class S3Storage:
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
-            raise self._err("head", uri, e) from e
+            raise self._err("head", uri, e) from None
         if current != etag:
             return False
         try:
@@ -488,15 +494,28 @@ class S3Storage:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") \
                     or status in (404, 409, 412):
-                return False
-            raise self._err("conditional put (If-Match)", uri, e) from e
+                # botocore retries a put whose response was lost (timeout, reset) although the store
+                # applied it; the retry then fails its own precondition. Ours if it holds our bytes.
+                return self._holds(uri, data)
+            if code == "NotImplemented" or status == 501:
+                # a store without If-Match: the HEAD above was the check (racing writers are not
+                # excluded there, as for put_if_absent's fallback)
+                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+                return True
+            raise self._err("conditional put (If-Match)", uri, e) from None
+
+    def _holds(self, uri: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(uri) == data
+        except StorageError:
+            return False
 
     def upload(self, local: Path, uri: str) -> None:
         bucket, key = split_s3(uri)
         try:
             self.client.upload_file(str(local), bucket, key, Config=self._transfer_config())
         except Exception as e:
-            raise self._err("upload", uri, e) from e
+            raise self._err("upload", uri, e) from None
 
     def download(self, uri: str, local: Path) -> None:
         bucket, key = split_s3(uri)
@@ -508,7 +527,7 @@ class S3Storage:
             os.replace(tmp, local)
         except Exception as e:
             tmp.unlink(missing_ok=True)
-            raise self._err("download", uri, e) from e
+            raise self._err("download", uri, e) from None
 
     def exists(self, uri: str) -> bool:
         from botocore.exceptions import ClientError
@@ -520,7 +539,7 @@ class S3Storage:
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
-            raise self._err("head", uri, e) from e
+            raise self._err("head", uri, e) from None
 
     def _iter(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key = split_s3(prefix)
@@ -535,14 +554,14 @@ class S3Storage:
         try:
             return sorted(self._iter(prefix), key=lambda o: o.relpath)
         except Exception as e:
-            raise self._err("list", prefix, e) from e
+            raise self._err("list", prefix, e) from None
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
         try:
             self.client.delete_object(Bucket=bucket, Key=key)
         except Exception as e:
-            raise self._err("delete", uri, e) from e
+            raise self._err("delete", uri, e) from None
 
 
 _S3_LOCK = threading.Lock()

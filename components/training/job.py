@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import Manifest
-from kubellm.core.storage import join, storage_for
+from kubellm.core.storage import join, redact, storage_for
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
 
@@ -123,8 +123,8 @@ def write_result(spec: JobSpec, manifest: Manifest) -> None:
 
 def write_error(spec: JobSpec, rank: int, text: str) -> None:
     uri = join(spec.run_dir, ERRORS_DIR, f"rank{rank}.txt")
-    try:
-        storage_for(uri).write_bytes(uri, text.encode())
+    try:  # a traceback can quote an endpoint URL with user:password@ (botocore's own messages)
+        storage_for(uri).write_bytes(uri, redact(text).encode())
     except Exception:  # reporting must never hide the original error
         pass
 
@@ -140,7 +140,7 @@ def failure_message(spec: JobSpec, header: str, log_tail: str = "", lines: int =
     if found:
         text = st.read_bytes(found[0].uri).decode(errors="replace").rstrip().splitlines()
         return f"{header} — {found[0].relpath.removesuffix('.txt')}:\n" + "\n".join(text[-lines:])
-    tail = "\n".join(log_tail.rstrip().splitlines()[-lines:])
+    tail = redact("\n".join(log_tail.rstrip().splitlines()[-lines:]))
     return f"{header}; last output:\n{tail}" if tail else header
 
 
