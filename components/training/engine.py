@@ -123,12 +123,12 @@ _SELF_MADE = "KUBELLM_SINGLE_PROCESS_GROUP"
 
 def in_distributed_worker() -> bool:
     """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
-    # init_distributed gives a plain `python` process a 1-rank group and marks it with the port it
-    # chose. Those variables stay in os.environ (DeepSpeed reads LOCAL_RANK while it builds engines),
-    # so child processes inherit them; while MASTER_PORT is still the marked port they describe that
-    # group (this process's or a parent's), not a launcher's: a launcher sets a port of its own.
-    marker = os.environ.get(_SELF_MADE)
-    self_made = marker is not None and marker == os.environ.get("MASTER_PORT")
+    # init_distributed gives a plain `python` process a 1-rank group and marks it `<pid>:<port>`.
+    # Those variables stay in os.environ (DeepSpeed reads LOCAL_RANK while it builds engines), so child
+    # processes inherit them: in the process that made the group, or in a child while MASTER_PORT is
+    # still that port, they describe that group, not a launcher's (a launcher sets a port of its own).
+    pid, _, port = os.environ.get(_SELF_MADE, "").partition(":")
+    self_made = bool(port) and (pid == str(os.getpid()) or port == os.environ.get("MASTER_PORT"))
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not self_made
 
 
@@ -138,7 +138,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
         if not in_distributed_worker():
             # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
             port = str(_free_port())
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: port,
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: f"{os.getpid()}:{port}",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         import deepspeed
 

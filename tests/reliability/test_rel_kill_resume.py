@@ -65,7 +65,7 @@ def reference(tokens: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KUBELLM_RUN_ID", "reference")
         manifest = run_stage("pretrain", _config(), {"tokens": tokens}, str(out))
-    return read_metrics(out / "runs" / "reference" / "metrics.jsonl"), manifest
+    return read_metrics(out / "runs" / "pretrain-reference" / "metrics.jsonl"), manifest
 
 
 def _weights_sha(manifest: object) -> str:
@@ -81,7 +81,7 @@ def test_rank_killed_mid_run_restarts_and_resumes_exactly(tokens: str, reference
     monkeypatch.setenv("KUBELLM_RUN_ID", "killed-rank")
     cfg = _config(max_restarts=1, env={"OMP_NUM_THREADS": "1", "KUBELLM_FAULT_KILL_AT_STEP": "6:1"})
     manifest = run_stage("pretrain", cfg, {"tokens": tokens}, str(tmp_path))
-    run_dir = tmp_path / "runs" / "killed-rank"
+    run_dir = tmp_path / "runs" / "pretrain-killed-rank"  # <stage>-$KUBELLM_RUN_ID
     text = (run_dir / "metrics.jsonl").read_text()
     steps = [json.loads(line)["step"] for line in text.splitlines()]
     assert steps == list(range(1, STEPS + 1))  # step 5, re-trained after the restart, logged once
@@ -100,7 +100,7 @@ def test_whole_job_killed_then_rerun_resumes_from_the_same_run_dir(tokens: str, 
 
     ref_rows, ref_manifest = reference
     monkeypatch.setenv("KUBELLM_RUN_ID", "killed-job")
-    run_dir = tmp_path / "runs" / "killed-job"
+    run_dir = tmp_path / "runs" / "pretrain-killed-job"
     killed = _config(env={"OMP_NUM_THREADS": "1", "KUBELLM_FAULT_KILL_AT_STEP": "6:*"})
     with pytest.raises(TrainingFailedError, match="exit code"):
         run_stage("pretrain", killed, {"tokens": tokens}, str(tmp_path))

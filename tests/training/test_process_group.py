@@ -46,9 +46,11 @@ def test_child_of_a_self_made_group_makes_its_own() -> None:
 @pytest.mark.parametrize(("env", "worker"), [
     ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, True),                    # torchrun
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500",
-      "KUBELLM_SINGLE_PROCESS_GROUP": "41234"}, True),          # a launch started under a self-made group
+      "KUBELLM_SINGLE_PROCESS_GROUP": "1:41234"}, True),        # a launch started under a self-made group
     ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "41234",
-      "KUBELLM_SINGLE_PROCESS_GROUP": "41234"}, False),         # the self-made group itself, or inherited
+      "KUBELLM_SINGLE_PROCESS_GROUP": "1:41234"}, False),       # a self-made group, inherited
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "5",
+      "KUBELLM_SINGLE_PROCESS_GROUP": f"{os.getpid()}:41234"}, False),  # this process's own (env edited since)
     ({"WORLD_SIZE": "2", "MASTER_PORT": "29500"}, False),                                # no RANK
 ])
 def test_in_distributed_worker(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], worker: bool) -> None:
