@@ -29,6 +29,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -181,19 +183,108 @@ def _walk(local_dir: Path) -> list[Path]:
     return sorted(p for p in local_dir.rglob("*") if p.is_file())
 
 
+LEASE_NAME = "_publishing.lease"
+LEASE_TTL_S = 120.0
+"""A publisher that has not renewed its lease for this long is taken for dead (renewed every third)."""
+
+
+class _PublishLease:
+    """Who is uploading an artifact's files: one publisher per prefix at a time.
+
+    Two runs of one stage on the same inputs publish to the same content address, and their files
+    differ byte for byte (timings in metrics, event files). Without a lease the second one's uploads
+    land on the files of the artifact the first has just committed, and it then fails verification
+    forever. The lease is a small object beside the manifest, taken with a conditional put, renewed by
+    a thread while files upload, taken over only once it has expired (its publisher died), and
+    removed after the commit. A publisher that finds it held waits for the manifest (then uploads
+    nothing) or for the lease to expire. On a store that ignores conditional headers, two publishers
+    racing for the lease can both take it (module docstring of kubellm.core.storage)."""
+
+    def __init__(self, prefix: str, ttl: float = LEASE_TTL_S) -> None:
+        self.uri, self.ttl = join(prefix, LEASE_NAME), ttl
+        self.manifest_uri = join(prefix, MANIFEST_NAME)
+        self.st = storage_for(prefix)
+        self.owner = uuid.uuid4().hex
+        self.etag = ""
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.ttl}).encode()
+
+    def acquire(self) -> bool:
+        """True once this publisher holds the lease; False when the artifact got committed meanwhile."""
+        while True:
+            if self.st.exists(self.manifest_uri):
+                return False
+            if self.st.put_if_absent(self.uri, self._body()):
+                break
+            try:
+                data, etag = self.st.read_with_etag(self.uri)
+            except Exception:  # released between our put and this read: try again
+                continue
+            try:
+                expires = float(json.loads(data)["expires"])
+            except (ValueError, KeyError, TypeError):
+                expires = 0.0  # unreadable: as good as expired
+            if time.time() >= expires and self.st.put_if_match(self.uri, self._body(), etag):
+                break
+            time.sleep(min(5.0, max(0.2, expires - time.time())))
+        self.etag = self.st.read_with_etag(self.uri)[1]
+        self._thread = threading.Thread(target=self._renew, name="kubellm-publish-lease", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            body = self._body()
+            try:
+                ok = self.st.put_if_match(self.uri, body, self.etag)
+                if ok:
+                    self.etag = self.st.read_with_etag(self.uri)[1]
+            except Exception:  # a failed renewal is retried; the lease lasts `ttl`
+                continue
+            if not ok:
+                self.lost.set()
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            data, _ = self.st.read_with_etag(self.uri)
+            if json.loads(data).get("owner") == self.owner:
+                self.st.delete(self.uri)
+        except Exception:  # best effort: an expired lease is harmless
+            pass
+
+
 def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int = 8,
                 **fields: Any) -> Manifest:
-    """Upload every file under `local_dir` to `prefix` (in parallel), then commit the manifest."""
+    """Upload every file under `local_dir` to `prefix` (in parallel), then commit the manifest.
+    One publisher uploads to a prefix at a time (`_PublishLease`)."""
     local_dir = Path(local_dir)
     files = _walk(local_dir)
     prefix = absolute_uri(prefix)
-    st = storage_for(prefix)
     # Already committed: upload nothing. Re-uploading first would overwrite a *different* committed
     # artifact's files before the conditional put refuses its manifest (tests/reliability found it);
     # commit_manifest returns the existing one if identical, else raises ManifestConflictError —
     # without putting anything, so a store that ignores IfNoneMatch cannot end up with a new
     # manifest over the old files.
-    already = st.exists(join(prefix, MANIFEST_NAME))
+    lease = _PublishLease(prefix)
+    already = not lease.acquire()
+    try:
+        return _upload_and_commit(local_dir, files, prefix, already, lease, kind, workers, fields)
+    finally:
+        if not already:
+            lease.release()
+
+
+def _upload_and_commit(local_dir: Path, files: list[Path], prefix: str, already: bool, lease: _PublishLease,
+                       kind: str, workers: int, fields: dict[str, Any]) -> Manifest:
+    st = storage_for(prefix)
 
     def put(p: Path) -> FileEntry:
         rel = p.relative_to(local_dir).as_posix()
@@ -205,6 +296,10 @@ def publish_dir(local_dir: Path | str, prefix: str, *, kind: str, workers: int =
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = list(pool.map(put, files))
+    if lease.lost.is_set():
+        raise ManifestConflictError(f"{prefix}: another publisher took over this artifact's publishing lease "
+                                    f"({LEASE_NAME}) while this one uploaded (stalled > {lease.ttl:.0f}s); "
+                                    "not committing")
     manifest = Manifest(kind=kind, uri=prefix, files=entries, **fields)
     return commit_manifest(manifest)
 
