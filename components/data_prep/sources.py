@@ -777,16 +777,10 @@ def _parquet(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Rec
         total, row = pf.metadata.num_rows, 0
         for group in range(pf.num_row_groups):
             first = row
-            batches = pf.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=[field])
-            while True:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except (pa.ArrowException, *_READ_ERRORS) as e:
-                    rows = pf.metadata.row_group(group).num_rows
-                    raise _unreadable(label, f"row {row} (row group {group}: rows {first}-{first + rows - 1} "
-                                      f"of {total}; rows before {row} were read)", e) from e
+            rows = pf.metadata.row_group(group).num_rows
+            for batch in _read_guarded(
+                    pf.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=[field]), label,
+                    first, f"row group {group}: rows {first}-{first + rows - 1} of {total}", len):
                 col = batch.column(0)
                 # the values as UTF-8 bytes, decoded per row so that bad bytes are one bad record
                 values = (col.view(pa.large_binary() if pa.types.is_large_string(kind) else pa.binary())
@@ -798,11 +792,26 @@ def _parquet(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Rec
             raise InputDataError(f"{label}: {row} rows read, but its footer says {total}; the file is corrupt")
 
 
+def _read_guarded(batches: Iterator[Any], label: str, row: int, context: str, size: Any) -> Iterator[Any]:
+    """`batches` (the first holding row `row`; `size(batch)` rows each), with a read error (Arrow, I/O,
+    decompression) raised as an InputDataError naming the row reading stopped at and `context`."""
+    import pyarrow as pa
+
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, *_READ_ERRORS) as e:
+            raise _unreadable(label, f"row {row} ({context}; rows before {row} were read)", e) from e
+        yield batch
+        row += size(batch)
+
+
 def _arrow_dataset(path: Path, label: str, field: str, max_bytes: int, split: str) -> Iterator[Record]:
     """A `datasets` save_to_disk directory, through `datasets.load_from_disk` (its arrow files are
     memory-mapped; the text column is read a batch at a time). A DatasetDict is read at `split`."""
     import datasets
-    import pyarrow as pa
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -823,14 +832,8 @@ def _arrow_dataset(path: Path, label: str, field: str, max_bytes: int, split: st
             and kind.dtype in ("string", "large_string", "binary", "large_binary")):
         raise InputDataError(f"{label}: column {field!r} (data_prep.text_field) holds {kind}, expected strings")
     row, total = 0, len(ds)
-    batches = ds.select_columns([field]).iter(batch_size=_PARQUET_BATCH)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        except (pa.ArrowException, *_READ_ERRORS) as e:
-            raise _unreadable(label, f"row {row} (of {total}; rows before {row} were read)", e) from e
+    for batch in _read_guarded(ds.select_columns([field]).iter(batch_size=_PARQUET_BATCH), label, 0, f"of {total}",
+                               lambda b: len(b[field])):
         for value in batch[field]:
             yield _value_record(value, f"{label}:row {row}", field, max_bytes)
             row += 1

@@ -33,13 +33,17 @@ def _applied_then_lost(st: S3Storage, monkeypatch: pytest.MonkeyPatch, code: str
     monkeypatch.setattr(st.client, "put_object", put)
 
 
-def test_a_swap_applied_before_a_lost_response_is_reported_as_done(s3_bucket: str,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def _pointer(s3_bucket: str) -> tuple[S3Storage, str, str]:
     st = storage_for(s3_bucket)
     assert isinstance(st, S3Storage)
     uri = join(s3_bucket, "pointer.json")
     st.write_bytes(uri, b"one")
-    _, etag = st.read_with_etag(uri)
+    return st, uri, st.read_with_etag(uri)[1]
+
+
+def test_a_swap_applied_before_a_lost_response_is_reported_as_done(s3_bucket: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    st, uri, etag = _pointer(s3_bucket)
     _applied_then_lost(st, monkeypatch, "PreconditionFailed", 412)
     assert st.put_if_match(uri, b"two", etag) is True  # before: False, "two was NOT promoted"
     assert st.read_bytes(uri) == b"two"
@@ -53,11 +57,7 @@ def test_a_swap_applied_before_a_lost_response_is_reported_as_done(s3_bucket: st
 
 def test_put_if_match_falls_back_where_the_store_has_no_if_match(s3_bucket: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    st = storage_for(s3_bucket)
-    assert isinstance(st, S3Storage)
-    uri = join(s3_bucket, "pointer.json")
-    st.write_bytes(uri, b"one")
-    _, etag = st.read_with_etag(uri)
+    st, uri, etag = _pointer(s3_bucket)
     real = st.client.put_object
 
     def put(**kw: Any) -> Any:
