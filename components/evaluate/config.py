@@ -43,8 +43,12 @@ class GateRule(StrictModel):
     metric: str | None = None
     """Metric to judge (default: the task's headline metric: acc, format_ok, acc, perplexity)."""
     max_drop: float | None = Field(default=None, ge=0)
-    """Largest allowed worsening against the promoted baseline (a drop for higher-is-better metrics,
-    a rise for perplexity). Needs a baseline; ignored for the first promotion."""
+    """Largest allowed worsening against the promoted baseline: a drop for a metric lm-eval reports
+    as higher_is_better, a rise for one it reports lower-is-better (and for held-out perplexity/nll);
+    refused for a metric whose direction lm-eval does not report. The baseline's score must come
+    from this run's settings for the task: where the pointer's came from other settings (task
+    version or config, data, limit, n-shot, …) the promoted model is re-scored in this run. Needs a
+    baseline; ignored for the first promotion."""
     min: float | None = None
     """Absolute floor the candidate must reach (higher-is-better metrics)."""
     max: float | None = None
@@ -72,7 +76,9 @@ class GateConfig(StrictModel):
     promote: bool = True
     """Move the pointer to the candidate when it passes (off: judge only)."""
     rules: dict[str, GateRule] = Field(default_factory=dict)
-    """Task name (or `perplexity`) -> rule. Every rule must pass to promote."""
+    """Task name (or `perplexity`) -> rule. Every rule must pass to promote. A perplexity rule needs a
+    tokens input; a run that never promotes (promote false: the scheduled report) skips it when it has
+    none, and its report says so."""
 
 
 class EvaluateConfig(StrictModel):

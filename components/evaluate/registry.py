@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,8 @@ from kubellm.core.errors import ConfigError, InputDataError, KubellmError, Stora
 from kubellm.core.storage import join, storage_for
 from kubellm.evaluate.config import GateRule
 from kubellm.evaluate.metrics import base_metric, higher_is_better, is_stderr
+
+log = logging.getLogger(__name__)
 
 POINTER_NAME = "promoted.json"
 
@@ -50,6 +53,12 @@ class Promoted(BaseModel):
     scores: dict[str, dict[str, float]] = Field(default_factory=dict, description="task -> metric -> value")
     eval_uri: str = Field(default="", description="the eval artifact that justified the promotion")
     eval_settings_hash: str = Field(default="", description="hash of the settings the scores came from")
+    eval_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task -> the settings its score came from (task version, task "
+        "config hash, eval data sha256, limit, n-shot, chat, seed, dtype, lm-eval version; for perplexity "
+        "the tokens digest and window): a later gate compares only like with like")
+    task_versions: dict[str, Any] = Field(default_factory=dict, description="task -> lm-eval task version")
+    lm_eval_version: str = ""
     previous_digest: str | None = None
     promoted_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
 
@@ -239,11 +248,63 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
 def raise_if_failed(verdict: GateVerdict, label: str, pointer_uri: str, report_uri: str) -> None:
     if verdict.passed:
         return
-    lines = "; ".join(c.describe() for c in verdict.failures)
+    _fail(label, [c.describe() for c in verdict.failures], pointer_uri, report_uri)
+
+
+def _fail(label: str, messages: list[str], pointer_uri: str, report_uri: str) -> None:
     raise GateFailedError(
-        f"promotion gate FAILED for {label}: {lines}. The promoted pointer {pointer_uri} was not moved; "
-        f"report: {report_uri}"
+        f"promotion gate FAILED for {label}: {'; '.join(messages)}. The promoted pointer {pointer_uri} was not "
+        f"moved; report: {report_uri}"
     )
+
+
+def apply_gate(manifest: Any, *, promote: bool = True) -> Promoted | None:
+    """Apply the verdict an evaluate artifact (`kind: eval`) records: raise GateFailedError naming the
+    failed checks, or — when the gate passed and the evaluation asked to promote (and `promote`) —
+    move the pointer to the candidate. Returns the entry written, None when nothing moved.
+
+    The pointer moves only if it still names the model the evaluation compared against (else
+    PromotionConflictError: re-evaluate against the new one); the write itself is conditional on the
+    ETag just read. If it already names this evaluation's candidate from this very artifact (a
+    retried gate step), that is success. The evaluate stage calls this right after publishing; the
+    pipelines run it as their own gate step, so the report reaches the UI when the gate fails."""
+    results = json.loads(storage_for(manifest.uri).read_bytes(manifest.file_uri("results.json")))
+    gate = results.get("gate")
+    if not gate:
+        return None
+    report_uri = manifest.file_uri("report.html")
+    if not gate["passed"]:
+        _fail(gate["candidate"], [c["message"] for c in gate["checks"] if not c["passed"]], gate["pointer"], report_uri)
+    if not (gate.get("promoted") and promote):
+        return None
+    reg = Registry.from_pointer(gate["pointer"])
+    current = reg.current()
+    cand = next(m for m in results["models"] if m["label"] == gate["candidate"])
+    seen = current.entry.model_digest if current else None
+    if current is not None and seen == cand["digest"] and current.entry.eval_uri == manifest.uri:
+        return current.entry  # this evaluation's promotion already happened (a retried step)
+    if seen != gate.get("baseline_digest"):
+        raise PromotionConflictError(
+            f"{reg.pointer_uri}: the promoted pointer moved after this evaluation read it (it was judged "
+            f"against {_short(gate.get('baseline_digest'))}, the pointer now names {_short(seen)}); "
+            f"{gate['candidate']} was NOT promoted — re-run the evaluation against the new baseline")
+    tasks = results.get("tasks", {})
+    entry = Promoted(
+        name=reg.name, model_uri=cand["uri"], model_digest=cand["digest"], label=gate["candidate"],
+        scores={t: {k: float(v) for k, v in s.items() if isinstance(v, int | float) and math.isfinite(v)}
+                for t, s in cand["scores"].items()},
+        eval_uri=manifest.uri, eval_settings_hash=results.get("settings_hash", ""),
+        eval_settings=results.get("task_settings", {}),
+        task_versions={t: info.get("version") for t, info in tasks.items()},
+        lm_eval_version=results.get("harness", {}).get("lm_eval", ""),
+        previous_digest=seen)
+    reg.promote(entry, current)
+    log.info("promoted %s -> %s", gate["candidate"], reg.pointer_uri)
+    return entry
+
+
+def _short(digest: str | None) -> str:
+    return f"model {digest[:12]}" if digest else "no model"
 
 
 def dumps(obj: Any) -> str:

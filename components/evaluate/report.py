@@ -18,7 +18,22 @@ from typing import Any
 from kubellm.evaluate.metrics import stderr_name
 
 UNLIKE_SETTINGS = ("Warning: the baseline's scores come from different evaluation settings or data (tasks, "
-                   "limit, few-shot, eval items, …): its Δ and any max_drop rule compare unlike numbers.")
+                   "limit, few-shot, eval items, …): its Δ compares unlike numbers.")
+
+
+def baseline_notes(results: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(warnings, notes) about where the baseline's numbers come from: tasks whose pointer scores were
+    measured under other settings (Δ compares unlike numbers), and tasks on which the promoted model
+    was re-scored in this run (Δ and max_drop use those)."""
+    base = results.get("baseline") or {}
+    unlike = base.get("unlike")
+    warnings = [f"Warning: the baseline's {t} score comes from different evaluation settings ({d}): its Δ "
+                "compares unlike numbers." for t, d in sorted((unlike or {}).items())]
+    if unlike is None and base.get("same_settings") is False:  # results written before per-task settings
+        warnings = [UNLIKE_SETTINGS]
+    notes = [f"Baseline {t}: {how}; Δ and max_drop use this run's number."
+             for t, how in sorted((base.get("rescored") or {}).items())]
+    return warnings, notes
 
 
 # The report is published before the pointer moves (a pointer never names an unpublished report), so
@@ -84,15 +99,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     if base:
         out.append(f"Baseline: promoted model `{base['label'] or base['model_uri']}` "
                    f"(digest `{base['model_digest'][:12]}`) from `{base['pointer']}`; Δ = model − baseline.")
-        if base.get("same_settings") is False:
-            out += ["", f"**{UNLIKE_SETTINGS}**"]
+        warnings, notes = baseline_notes(results)
+        out += [x for w in warnings for x in ("", f"**{_md(w)}**")]
+        out += [x for n in notes for x in ("", _md(n))]
     else:
         out.append("Baseline: none promoted yet.")
     gate = results.get("gate")
     if gate:
         verdict = "PASSED" if gate["passed"] else "FAILED"
         out += ["", f"## Gate ({_md(gate['candidate'])}): {verdict}" + (f" — {PROMOTING}" if gate.get("promoted") else "")]
-        out += [f"- {'✅' if c['passed'] else '❌'} {c['message']}" for c in gate["checks"]] or ["- no rules"]
+        lines = [f"- {'✅' if c['passed'] else '❌'} {_md(c['message'])}" for c in gate["checks"]]
+        lines += [f"- ⏭ {_md(t)} rule {_md(why)}" for t, why in sorted((gate.get("skipped") or {}).items())]
+        out += lines or ["- no rules"]
     out += ["", "## Models", ""]
     for m in results["models"]:
         out.append(f"- **{_md(m['label'])}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
@@ -175,14 +193,17 @@ def render_html(results: dict[str, Any], markdown_text: str | None = None) -> st
     base = results.get("baseline")
     parts.append(f"<p>Baseline: {e(base['label'] or base['model_uri'])} ({e(base['model_digest'][:12])})</p>"
                  if base else "<p>Baseline: none promoted yet.</p>")
-    if base and base.get("same_settings") is False:
-        parts.append(f"<p class='fail'><b>{e(UNLIKE_SETTINGS)}</b></p>")
+    if base:
+        warnings, notes = baseline_notes(results)
+        parts += [f"<p class='fail'><b>{e(w)}</b></p>" for w in warnings]
+        parts += [f"<p>{e(n)}</p>" for n in notes]
     gate = results.get("gate")
     if gate:
         cls = "pass" if gate["passed"] else "fail"
         parts.append(f"<h2 class='{cls}'>Gate ({e(gate['candidate'])}): {'PASSED' if gate['passed'] else 'FAILED'}"
                      f"{' — ' + e(PROMOTING) if gate.get('promoted') else ''}</h2><ul>")
         parts += [f"<li class='{'pass' if c['passed'] else 'fail'}'>{e(c['message'])}</li>" for c in gate["checks"]]
+        parts += [f"<li>⏭ {e(t)} rule {e(why)}</li>" for t, why in sorted((gate.get("skipped") or {}).items())]
         parts.append("</ul>")
     for title, png in plots(results).items():
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>")
@@ -200,8 +221,7 @@ def summary(results: dict[str, Any], html_uri: str) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if (results.get("baseline") or {}).get("same_settings") is False:
-        lines.append(UNLIKE_SETTINGS)
+    lines += baseline_notes(results)[0]
     gate = results.get("gate")
     if gate:
         lines.append(f"gate ({gate['candidate']}): {'PASSED' if gate['passed'] else 'FAILED'}"

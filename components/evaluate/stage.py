@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kubellm.core.errors import ConfigError, InputDataError
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import Manifest, content_prefix, fetch, load_manifest_ref, publish_dir, stable_hash
 from kubellm.core.storage import is_s3, join, sha256_file, storage_for
 from kubellm.evaluate import harness, registry
@@ -44,7 +44,7 @@ from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
 from kubellm.evaluate.metrics import PERPLEXITY_DIRECTIONS, is_stderr
 from kubellm.evaluate.perplexity import shard_perplexity
 from kubellm.evaluate.report import render_html, render_markdown
-from kubellm.evaluate.taskdata import TASK_FILES, data_dir, read_items
+from kubellm.evaluate.taskdata import METADATA_KEY, TASK_FILES, data_dir, read_items
 from kubellm.tokenizer.shards import TokenShardReader
 
 log = logging.getLogger(__name__)
@@ -296,12 +296,76 @@ def print_summary(manifest: Manifest) -> str:
     return text
 
 
-def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manifest:
-    cfg = config
-    models = parse_models(inputs["models"])
-    if cfg.gate.enabled and "perplexity" in cfg.gate.rules and not inputs.get("tokens"):
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+PERPLEXITY_VERSION = 1
+"""Version of kubellm's held-out perplexity (kubellm.evaluate.perplexity); bump when its numbers change."""
+
+
+def _scrub(obj: Any) -> Any:
+    """A dumped lm-eval task config without what varies between runs of the same settings: the eval
+    data's local directory (a temp dir for an s3:// eval_dir; the content is hashed on its own), the
+    YAML's path, and object addresses in the repr of a callable."""
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items() if k not in (METADATA_KEY, "config_source")}
+    if isinstance(obj, list | tuple):
+        return [_scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return _ADDRESS.sub("", obj)
+    return obj
+
+
+def task_settings(cfg: EvaluateConfig, task: str, res: harness.HarnessResult, data: dict[str, Any] | None,
+                  lm_eval: str) -> dict[str, Any]:
+    """What shapes one lm-eval task's numbers: task version, a hash of its config as lm-eval ran it (the
+    YAML with its prompts, splits, metrics, n-shot and hook sources), the items' content, limit,
+    n-shot, chat template, seed, dtype and the lm-eval version. Two runs whose settings are equal
+    score a model alike on this task; batch size, device and bootstrap_iters only add float noise or
+    change the stderr, and are left out."""
+    return {"lm_eval": lm_eval, "version": res.versions.get(task), "config": stable_hash(_scrub(res.configs.get(task, {}))),
+            "data": data["sha256"] if data else None, "items": data["items"] if data else None,
+            "limit": cfg.limit, "n_shot": res.n_shot.get(task), "chat": res.chat.get(task), "seed": cfg.seed,
+            "dtype": cfg.dtype}
+
+
+def perplexity_settings(cfg: EvaluateConfig, tokens_digest: str) -> dict[str, Any]:
+    """What shapes held-out perplexity: the validation shards' content, the window, the token cap, dtype."""
+    return {"version": PERPLEXITY_VERSION, "tokens": tokens_digest, "seq_len": cfg.perplexity_seq_len,
+            "max_tokens": cfg.perplexity_max_tokens, "dtype": cfg.dtype}
+
+
+def _show(key: str, v: Any) -> str:
+    return f"{v[:12]}…" if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def settings_diff(mine: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> str:
+    """'' when equal, else what differs (`limit 2 → 4; version 1.0 → 2.0`: the baseline's → this run's)."""
+    if theirs is None:
+        return "the promoted pointer records no settings for it (promoted before kubellm recorded them)"
+    return "; ".join(f"{k} {_show(k, theirs.get(k))} → {_show(k, mine.get(k))}"
+                     for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+
+
+def _skip_perplexity_rule(cfg: EvaluateConfig, inputs: Mapping[str, str]) -> dict[str, str]:
+    """A perplexity rule without a tokens input: an error for a run that may promote; skipped (and said
+    so in the report) for one that never does — the scheduled report has no tokens input."""
+    if not (cfg.gate.enabled and "perplexity" in cfg.gate.rules and not inputs.get("tokens")):
+        return {}
+    if cfg.gate.promote:
         raise ConfigError("evaluate.gate.rules has a perplexity rule but no tokens input was given: held-out "
                           "perplexity needs --input tokens=<token_shards artifact> (or drop the rule)")
+    return {"perplexity": "skipped: no tokens input, so held-out perplexity was not measured; this run never "
+                          "promotes (gate.promote false), so its perplexity rule is not applied"}
+
+
+def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str, *, apply_gate: bool = True) -> Manifest:
+    """Evaluate, publish the eval artifact, then apply its gate verdict (`registry.apply_gate`): fail ->
+    GateFailedError, pass -> the pointer moves. `apply_gate=False` (the pipelines' evaluate step) stops
+    after publishing: the verdict is in the artifact and a separate gate step applies it, so the report
+    reaches the KFP UI whether or not the gate passes."""
+    cfg = config
+    models = parse_models(inputs["models"])
+    skipped = _skip_perplexity_rule(cfg, inputs)
+    rules = {t: r for t, r in cfg.gate.rules.items() if t not in skipped}
 
     import torch
 
@@ -314,7 +378,9 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
         for task in (t for t in cfg.tasks if t in BUNDLED_TASKS):
             n = len(read_items(task, ddir))  # a malformed row fails here, naming file and line
             f = ddir / TASK_FILES[task]
-            eval_data[task] = {"file": str(f), "sha256": sha256_file(f), "items": n}
+            # content, not the path: with an s3:// eval_dir the local copy is in a fresh temp dir
+            uri = join(cfg.eval_dir, TASK_FILES[task]) if cfg.eval_dir and is_s3(cfg.eval_dir) else str(f)
+            eval_data[task] = {"uri": uri, "sha256": sha256_file(f), "items": n}
 
         pointer = inputs.get("baseline") or inputs.get("pointer")
         reg = registry.Registry.from_pointer(pointer) if pointer else \
@@ -339,43 +405,40 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
             for mi in models:
                 check_same_tokenizer(mi, val, cfg.perplexity_seq_len)
         shards, tokens_digest = (val.paths, val.digest) if val else ([], "")
+        lm_eval_version = harness.harness_version()["lm_eval"]
 
         results_models: list[dict[str, Any]] = []
         task_info: dict[str, dict[str, Any]] = {}
+        settings: dict[str, dict[str, Any]] = {}
         for mi in models:
             assert mi.local_dir is not None
             log.info("evaluating %s (%s)", mi.label, mi.uri)
-            lm = harness.load_model(mi.local_dir, cfg)
-            res = harness.evaluate_lm(lm, cfg, tm)
-            scores = dict(res.scores)
-            if shards:
-                scores["perplexity"] = shard_perplexity(
-                    lm.model, shards, seq_len=cfg.perplexity_seq_len, batch_size=cfg.batch_size,
-                    max_tokens=cfg.perplexity_max_tokens)
-            del lm
-            gc.collect()
+            scores, res = _score(mi, cfg, tm, None, shards)
             for t in res.scores:
                 task_info[t] = {"version": res.versions[t], "n_shot": res.n_shot[t],
                                 "n_samples": res.n_samples[t], "chat": res.chat[t],
                                 "higher_is_better": res.higher_is_better[t]} | (
                     {"data": eval_data[t]} if t in eval_data else {})
+                settings.setdefault(t, task_settings(cfg, t, res, eval_data.get(t), lm_eval_version))
             results_models.append({"label": mi.label, "ref": mi.ref, "uri": mi.uri, "digest": mi.digest,
                                    "kind": mi.manifest.kind if mi.manifest else "hf_dir",
                                    "scores": scores, "loss_curve": loss_curve(mi)})
         if shards:
-            task_info["perplexity"] = {"version": 1, "n_shot": 0, "chat": False,
+            task_info["perplexity"] = {"version": PERPLEXITY_VERSION, "n_shot": 0, "chat": False,
                                        "n_samples": int(results_models[0]["scores"]["perplexity"]["tokens"]),
                                        "higher_is_better": dict(PERPLEXITY_DIRECTIONS), "tokens_digest": tokens_digest}
+            settings["perplexity"] = perplexity_settings(cfg, tokens_digest)
 
         columns = _columns(cfg, results_models)
         headline = {t: m for t, m in columns}
-        settings_hash = stable_hash({"cfg": cfg.model_dump(mode="json", exclude={"gate"}), "data": eval_data,
-                                     "tokens": tokens_digest})
-        cand = next(m for m in results_models if m["label"] == candidate)
+        settings_hash = stable_hash(settings)
         directions = {t: info.get("higher_is_better", {}) for t, info in task_info.items()}
-        verdict = registry.judge(cand["scores"], current.entry if current else None, cfg.gate.rules,
-                                 headline, current.uri if current else "",
-                                 directions=directions) if cfg.gate.enabled else None
+        base = _baseline(cfg, current, rules, models, results_models, settings, work, tm, val) if current else None
+        cand = next(m for m in results_models if m["label"] == candidate)
+        verdict = registry.judge(cand["scores"], current.entry if current else None, rules, headline,
+                                 current.uri if current else "", directions=directions,
+                                 baseline_scores=base["scores"] if base else None,
+                                 unlike=base["unlike"] if base else None) if cfg.gate.enabled else None
         will_promote = bool(verdict and verdict.passed and cfg.gate.promote)
 
         parents = {f"model:{m.label}": m.digest for m in models}
@@ -383,31 +446,33 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
             parents["tokens"] = tokens_digest
         if current:
             parents["baseline"] = current.entry.model_digest
-        gate_key: dict[str, Any] = {"settings": settings_hash, "gate": cfg.gate.model_dump(mode="json")}
+        results: dict[str, Any] = {
+            "harness": harness.harness_version(),
+            "settings": cfg.model_dump(mode="json"),
+            "settings_hash": settings_hash,
+            "task_settings": settings,
+            "columns": columns,
+            "tasks": task_info,
+            "models": results_models,
+            "baseline": ({"pointer": current.uri, "label": current.entry.label,
+                          "model_uri": current.entry.model_uri, "model_digest": current.entry.model_digest}
+                         | base if current and base else None),
+            "deltas": ({m["label"]: {t: m["scores"][t][k] - base["scores"][t][k]
+                                     for t, k in columns if k in base["scores"].get(t, {})
+                                     and k in m["scores"].get(t, {})}
+                        for m in results_models} if base else {}),
+            "gate": ({"candidate": candidate, "pointer": reg.pointer_uri, "promote": cfg.gate.promote,
+                      "promoted": will_promote, "skipped": skipped} | verdict.to_json()) if verdict else None,
+        }
+        # Content-addressed by everything that shapes the artifact — and by its content, so a re-run
+        # whose numbers differ (nondeterministic kernels) gets its own prefix instead of a conflict.
+        gate_key: dict[str, Any] = {"cfg": cfg.model_dump(mode="json"), "settings": settings_hash,
+                                    "results": stable_hash(json_safe(results))}
         if pointer:  # a registry named by the input, not the config: the report records which one
             gate_key["pointer"] = reg.pointer_uri
         config_hash = stable_hash(gate_key)
         prefix = content_prefix(output, "evaluate", config_hash, parents)
 
-        results: dict[str, Any] = {
-            "harness": harness.harness_version(),
-            "settings": cfg.model_dump(mode="json"),
-            "settings_hash": settings_hash,
-            "columns": columns,
-            "tasks": task_info,
-            "models": results_models,
-            "baseline": ({"pointer": current.uri, "label": current.entry.label,
-                          "model_uri": current.entry.model_uri, "model_digest": current.entry.model_digest,
-                          "scores": current.entry.scores,
-                          "same_settings": current.entry.eval_settings_hash == settings_hash}
-                         if current else None),
-            "deltas": ({m["label"]: {t: m["scores"][t][k] - current.entry.scores[t][k]
-                                     for t, k in columns if k in current.entry.scores.get(t, {})
-                                     and k in m["scores"].get(t, {})}
-                        for m in results_models} if current else {}),
-            "gate": ({"candidate": candidate, "pointer": reg.pointer_uri, "promoted": will_promote}
-                     | verdict.to_json()) if verdict else None,
-        }
         md = render_markdown(results)
         out_dir = work / "out"
         out_dir.mkdir()
@@ -430,14 +495,83 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str) -> Manif
             report_markdown=md,
         )
 
-    if verdict is not None:
-        registry.raise_if_failed(verdict, candidate, reg.pointer_uri, manifest.file_uri("report.html"))
-        if will_promote:
-            entry = registry.Promoted(
-                name=reg.name, model_uri=cand["uri"], model_digest=cand["digest"], label=candidate,
-                scores={t: {k: v for k, v in s.items() if math.isfinite(v)} for t, s in cand["scores"].items()},
-                eval_uri=manifest.uri, eval_settings_hash=settings_hash,
-                previous_digest=current.entry.model_digest if current else None)
-            reg.promote(entry, current)
-            log.info("promoted %s -> %s", candidate, reg.pointer_uri)
+    if apply_gate:
+        registry.apply_gate(manifest)
     return manifest
+
+
+def _score(mi: ModelInput, cfg: EvaluateConfig, tm: Any, tasks: list[str] | None,
+           shards: list[Path]) -> tuple[dict[str, dict[str, float]], harness.HarnessResult]:
+    """One model's scores on `tasks` (None: every task) and, with `shards`, held-out perplexity."""
+    assert mi.local_dir is not None
+    lm = harness.load_model(mi.local_dir, cfg)
+    res = harness.evaluate_lm(lm, cfg, tm, tasks) if tasks is None or tasks else \
+        harness.HarnessResult({}, {}, {}, {}, {}, {})
+    scores = dict(res.scores)
+    if shards:
+        scores["perplexity"] = shard_perplexity(
+            lm.model, shards, seq_len=cfg.perplexity_seq_len, batch_size=cfg.batch_size,
+            max_tokens=cfg.perplexity_max_tokens)
+    del lm
+    gc.collect()
+    return scores, res
+
+
+def _baseline(cfg: EvaluateConfig, current: registry.Current, rules: Mapping[str, Any], models: list[ModelInput],
+              results_models: list[dict[str, Any]], settings: dict[str, dict[str, Any]], work: Path, tm: Any,
+              val: ValidationTokens | None) -> dict[str, Any]:
+    """The baseline's scores to compare against, and where they come from.
+
+    The pointer's scores are used for every task whose recorded settings equal this run's. Where they
+    differ and a max_drop rule needs the task, the promoted model is re-scored in this run under this
+    run's settings (taken from this run's results when the promoted model is one of the models
+    evaluated, else fetched and evaluated on those tasks): a drop is only measured between numbers
+    scored alike. Tasks that differ but no max_drop rule needs keep the pointer's scores, flagged."""
+    entry = current.entry
+    unlike = {t: d for t in settings if t in entry.scores and (d := settings_diff(settings[t], entry.eval_settings.get(t)))}
+    scores = {t: dict(v) for t, v in entry.scores.items()}
+    needed = sorted(t for t, r in rules.items() if r.max_drop is not None and t in unlike) if cfg.gate.enabled else []
+    rescored: dict[str, str] = {}
+    if needed:
+        same = next((m for m in results_models if m["digest"] == entry.model_digest), None)
+        if same is not None:
+            fresh, how = same["scores"], f"scored in this run as model {same['label']}"
+        else:
+            fresh, how = _rescore(cfg, current, sorted(unlike), needed, models, work, tm, val), \
+                "re-scored in this run"
+        for t in sorted(unlike):
+            if t in fresh:
+                scores[t] = dict(fresh[t])
+                rescored[t] = f"{how} (the pointer's score came from other settings: {unlike.pop(t)})"
+    return {"scores": scores, "unlike": unlike, "rescored": rescored, "same_settings": not unlike,
+            "settings": entry.eval_settings}
+
+
+def _rescore(cfg: EvaluateConfig, current: registry.Current, tasks: list[str], needed: list[str],
+             models: list[ModelInput], work: Path, tm: Any, val: ValidationTokens | None) -> dict[str, dict[str, float]]:
+    """The promoted model's scores on `tasks` under this run's settings (`needed`: the max_drop tasks
+    that cannot be judged without them)."""
+    entry = current.entry
+    why = (f"the gate's max_drop rule(s) on {needed} compare against the promoted model {entry.label or '?'} "
+           f"({entry.model_uri}, pointer {current.uri}), whose recorded scores came from other evaluation "
+           "settings, so kubellm re-scores it in this run")
+    mi = ModelInput("promoted", entry.model_uri)
+    try:
+        resolve_model(mi, work, len(models))
+    except (InputDataError, KubellmError) as e:
+        raise InputDataError(f"{why}; it could not be read: {e}") from e
+    if mi.digest != entry.model_digest:
+        raise InputDataError(f"{why}; but {entry.model_uri} now holds other content (digest {mi.digest[:12]}, "
+                             f"the pointer records {entry.model_digest[:12]})")
+    shards: list[Path] = []
+    if val is not None and "perplexity" in tasks:
+        try:
+            check_same_tokenizer(mi, val, cfg.perplexity_seq_len)
+            shards = val.paths
+        except (InputDataError, ConfigError) as e:
+            if "perplexity" in needed:
+                raise InputDataError(f"{why}; its held-out perplexity cannot be measured on this run's "
+                                     f"tokens: {e}") from e
+    log.info("re-scoring the promoted model %s (%s) on %s under this run's settings", entry.label, mi.uri, tasks)
+    scores, _ = _score(mi, cfg, tm, [t for t in tasks if t != "perplexity"], shards)
+    return scores

@@ -144,7 +144,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 class FakeHarness:
     """Stands in for lm-eval in stage tests that are about the stage's own logic (gate direction,
-    settings, reports): `load_model` returns the export dir, `evaluate_lm` returns the scores given
+    settings, reports): `load_model` returns the export dir (`.path`), `evaluate_lm` returns the scores given
     for that dir's name (`scores[name]`: task -> metric -> value), with `directions` as lm-eval's
     `higher_is_better`, `versions` and `configs` (lm-eval's dumped task configs). Every call is recorded."""
 
@@ -158,7 +158,9 @@ class FakeHarness:
         from kubellm.evaluate import harness
 
         monkeypatch.setattr(harness, "task_manager", lambda tasks, data_dir: None)
-        monkeypatch.setattr(harness, "load_model", lambda model_dir, cfg: Path(model_dir))
+        from types import SimpleNamespace
+
+        monkeypatch.setattr(harness, "load_model", lambda model_dir, cfg: SimpleNamespace(path=Path(model_dir), model=None))
         monkeypatch.setattr(harness, "evaluate_lm", self.evaluate_lm)
         return self
 
@@ -166,8 +168,8 @@ class FakeHarness:
         from kubellm.evaluate.harness import HarnessResult
 
         tasks = list(tasks if tasks is not None else cfg.tasks)
-        self.calls.append((Path(lm).name, tasks))
-        mine = self.scores[Path(lm).name]
+        self.calls.append((lm.path.name, tasks))
+        mine = self.scores[lm.path.name]
         chat = set(cfg.chat_tasks)
         return HarnessResult(
             scores={t: dict(mine[t]) for t in tasks},

@@ -45,7 +45,8 @@ def test_baseline_from_other_settings_is_flagged(hf_exports, tmp_path) -> None:
     same = stage.run(eval_config(tasks=["kubellm_knowledge"], limit=1), {"models": str(hf_exports["b"])}, root)
     assert "Warning: the baseline" not in (same.report_markdown or "")
     other = stage.run(eval_config(tasks=["kubellm_knowledge"], limit=2), {"models": str(hf_exports["a"])}, root)
-    assert "**Warning: the baseline's scores come from different evaluation settings" in (other.report_markdown or "")
+    assert ("**Warning: the baseline's kubellm_knowledge score comes from different evaluation settings "
+            "(limit 1 → 2): its Δ compares unlike numbers.**") in (other.report_markdown or "")
 
 
 def test_missing_s3_eval_file_is_named_by_its_uri(hf_exports, s3_bucket: str) -> None:
