@@ -168,15 +168,16 @@ def evaluate(config: str, storage_root: str, base_model: Input[Model], sft_model
              dpo_model: Input[Model], tokens: Input[Dataset], baseline: str, baseline_fingerprint: str,
              results: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown],
              report_html: Output[HTML]):
-    """lm-eval the base, SFT and DPO models side by side against the promoted baseline, write the
-    report and apply the promotion gate (kubellm.evaluate.stage)."""
+    """lm-eval the base, SFT and DPO models side by side against the promoted baseline and write the
+    report with the gate's verdict (kubellm.evaluate.stage). Succeeds whatever the verdict, so the
+    report reaches the UI; the `gate` step after it applies the verdict."""
     from kubellm.pipelines.runtime import run_component
 
     models = ",".join([base_model.path, sft_model.path, dpo_model.path])
     run_component("evaluate", config, storage_root,
                   {"models": models, "tokens": tokens.path, "pointer": baseline},
                   {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
-                  {"baseline_fingerprint": baseline_fingerprint})
+                  {"baseline_fingerprint": baseline_fingerprint}, defer_gate=True)
 
 
 @dsl.component(base_image=_image("evaluate"), install_kfp_package=False)
@@ -184,9 +185,20 @@ def evaluate_models(config: str, storage_root: str, models: str, baseline: str, 
                     tokens: str, results: Output[Dataset], metrics: Output[Metrics],
                     report: Output[Markdown], report_html: Output[HTML]):
     """lm-eval registered models (comma-separated artifact prefixes) against the promoted baseline
-    and publish the report (kubellm.evaluate.stage)."""
+    and publish the report with the gate's verdict (kubellm.evaluate.stage); never promotes."""
     from kubellm.pipelines.runtime import run_component
 
     run_component("evaluate", config, storage_root, {"models": models, "tokens": tokens, "pointer": baseline},
                   {"manifest": results, "metrics": metrics, "report": report, "html": report_html},
-                  {"models_fingerprint": models_fingerprint}, never_promote=True)
+                  {"models_fingerprint": models_fingerprint}, never_promote=True, defer_gate=True)
+
+
+@dsl.component(base_image=_image("base"), install_kfp_package=False)
+def gate(results: Input[Dataset], promote: bool):
+    """Apply the evaluation's promotion gate: fail the run naming each failed rule (the evaluate step
+    has already published its report), else — with `promote` and gate.promote — move the promoted
+    pointer to the candidate (conditional write; refused if the pointer moved since the evaluation).
+    Runs uncached: the pointer moves under the same name."""
+    from kubellm.pipelines.runtime import run_gate
+
+    run_gate(results.path, promote=promote)

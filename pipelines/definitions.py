@@ -350,12 +350,16 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
             return
         promoted = _configure(c.resolve_promoted(promoted_pointer=promoted_pointer), "base", s,
                               display="resolve promoted model", cache=False)
-        _configure(c.evaluate(config=evaluate_config, storage_root=storage_root,
-                              base_model=base.outputs["model"], sft_model=tuned.outputs["sft_model"],
-                              dpo_model=aligned.outputs["dpo_model"], tokens=tok.outputs["tokens"],
-                              baseline=promoted.outputs["pointer"],
-                              baseline_fingerprint=promoted.outputs["fingerprint"]),
-                   "evaluate", s, display="evaluate and gate")
+        evaluated = _configure(c.evaluate(config=evaluate_config, storage_root=storage_root,
+                                          base_model=base.outputs["model"], sft_model=tuned.outputs["sft_model"],
+                                          dpo_model=aligned.outputs["dpo_model"], tokens=tok.outputs["tokens"],
+                                          baseline=promoted.outputs["pointer"],
+                                          baseline_fingerprint=promoted.outputs["fingerprint"]),
+                               "evaluate", s, display="evaluate")
+        # evaluate always succeeds and publishes its report (KFP uploads no outputs of a failed task);
+        # this step fails the run when the gate failed, and is the one that moves the pointer
+        _configure(c.gate(results=evaluated.outputs["results"], promote=True), "base", s,
+                   display="promotion gate", cache=False)
 
     @dsl.pipeline(name=PIPELINE_NAMES["evaluation_report"],
                   description="kubellm: evaluate registered models (default: the promoted one) and publish "
@@ -369,9 +373,13 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
     ) -> None:
         resolved = _configure(c.resolve_models(model_uris=model_uris, promoted_pointer=promoted_pointer),
                               "base", s, display="resolve models", cache=False)
-        _configure(c.evaluate_models(config=evaluate_config, storage_root=storage_root,
-                                     models=resolved.outputs["models"], baseline=resolved.outputs["baseline"],
-                                     models_fingerprint=resolved.outputs["fingerprint"], tokens=tokens),
-                   "evaluate", s, display="evaluation report", cache=False)  # a report re-evaluates
+        evaluated = _configure(c.evaluate_models(config=evaluate_config, storage_root=storage_root,
+                                                 models=resolved.outputs["models"],
+                                                 baseline=resolved.outputs["baseline"],
+                                                 models_fingerprint=resolved.outputs["fingerprint"], tokens=tokens),
+                               "evaluate", s, display="evaluation report", cache=False)  # a report re-evaluates
+        # the report is in the UI either way; a failed gate still fails the run (it never promotes)
+        _configure(c.gate(results=evaluated.outputs["results"], promote=False), "base", s,
+                   display="gate verdict", cache=False)
 
     return {"llm_from_scratch": llm_from_scratch, "evaluation_report": evaluation_report}

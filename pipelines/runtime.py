@@ -130,12 +130,14 @@ def _require_root(storage_root: str) -> None:
 
 def run_component(stage: str, config_text: str, storage_root: str, inputs: Mapping[str, str],
                   outputs: Mapping[str, Any], extra_metadata: Mapping[str, str] | None = None, *,
-                  never_promote: bool = False) -> Manifest:
+                  never_promote: bool = False, defer_gate: bool = False) -> Manifest:
     """Validate the section, run the stage through the registry, write the artifacts, print the
     headline. Empty inputs ("" from an optional parameter) are dropped. `never_promote` (the
     evaluation report) turns the gate's promotion off whatever the parameter says — it may have been
-    edited in the UI, past the CLI's checks."""
-    from kubellm.stages import run_stage
+    edited in the UI, past the CLI's checks. `defer_gate` (evaluate): publish the report and the
+    verdict without applying it, so this step succeeds and its Metrics/Markdown/HTML reach the KFP UI
+    (KFP uploads no outputs of a failed task); the pipeline's gate step (`run_gate`) applies it."""
+    from kubellm.stages import STAGES, run_stage
 
     with reported(stage):
         _require_root(storage_root)
@@ -144,10 +146,43 @@ def run_component(stage: str, config_text: str, storage_root: str, inputs: Mappi
             print(f"{HEADLINE} {stage}: gate.promote ignored: this pipeline reports and never promotes", flush=True)
             config = config.model_copy(update={"gate": config.gate.model_copy(update={"promote": False})})
         given = {k: v for k, v in inputs.items() if v}
-        manifest = run_stage(stage, config, given, storage_root)
+        if defer_gate:
+            from kubellm.evaluate.stage import run as evaluate
+
+            spec = STAGES["evaluate"]
+            unknown = sorted(set(given) - set(spec.inputs) - set(spec.optional_inputs))
+            if stage != "evaluate" or unknown:
+                raise ConfigError(f"defer_gate is for the evaluate stage with its inputs (got {stage}, {unknown})")
+            manifest = evaluate(config, given, storage_root, apply_gate=False)
+        else:
+            manifest = run_stage(stage, config, given, storage_root)
         write_outputs(stage, manifest, outputs, extra_metadata)
     print(headline(stage, manifest), flush=True)
+    if defer_gate and manifest.metadata.get("gate_passed") is False:
+        print(f"{HEADLINE} {stage}: the promotion gate FAILED (see the report); the gate step fails the run",
+              flush=True)
     return manifest
+
+
+def run_gate(results: str, *, promote: bool = True) -> None:
+    """The pipelines' gate step: apply the verdict an evaluate artifact records
+    (`kubellm.evaluate.registry.apply_gate`). Fails (GateFailedError naming each failed rule, and the
+    report) when the gate failed; otherwise moves the promoted pointer to the candidate when the
+    evaluation asked to promote and `promote` is true (the evaluation report passes false)."""
+    from kubellm.core.manifest import load_manifest_ref
+    from kubellm.evaluate.registry import apply_gate
+
+    with reported("gate"):
+        manifest = load_manifest_ref(results)
+        entry = apply_gate(manifest, promote=promote)
+    passed = manifest.metadata.get("gate_passed")
+    pointer = manifest.metadata.get("pointer", "")
+    if passed is None:
+        print(f"{HEADLINE} gate: disabled (evaluate.gate.enabled false); nothing to apply", flush=True)
+    elif entry is not None:
+        print(f"{HEADLINE} gate: PASSED; promoted {entry.label} ({entry.model_uri}) -> {pointer}", flush=True)
+    else:
+        print(f"{HEADLINE} gate: PASSED; the pointer {pointer} was not moved (this run does not promote)", flush=True)
 
 
 def list_data_prep_shards(config_text: str, storage_root: str, raw: str) -> list[str]:

@@ -4,6 +4,7 @@
     current = reg.current()                                       # Promoted | None (+ its ETag)
     verdict = judge(candidate_scores, current, rules)             # GateVerdict; .failures name task + numbers
     reg.promote(entry, expected=current)                          # conditional write: compare-and-swap
+    apply_gate(eval_manifest)             # what the stage / the pipelines' gate step do with a verdict
 
 The pointer is a small JSON object (model manifest URI + digest + the scores it was promoted with).
 It is moved with a conditional write — S3 `IfNoneMatch="*"` for the first promotion and `IfMatch`

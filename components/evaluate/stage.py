@@ -17,10 +17,16 @@ Inputs
             `promoted_pointer` parameter this way.
 
 Output: an `eval` artifact with results.json (every score, each model's manifest digest, task
-versions, harness versions), report.md, report.html (self-contained) and headline numbers in
-`metrics`. Nothing is published unless every model and task was evaluated. Then the gate judges the
-candidate (last model, or `gate.candidate`): pass -> the pointer is moved (conditional write); fail ->
-GateFailedError naming task and numbers, the report stays published, the pointer stays put.
+versions and settings, harness versions, the gate's verdict), report.md, report.html (self-contained)
+and headline numbers in `metrics`. Nothing is published unless every model and task was evaluated.
+The gate judges the candidate (last model, or `gate.candidate`) before publishing; its verdict is then
+applied (`registry.apply_gate`): pass -> the pointer is moved (conditional write); fail ->
+GateFailedError naming task and numbers, the report stays published, the pointer stays put. The
+pipelines call `run(..., apply_gate=False)` and apply the verdict in a gate step of their own, so the
+evaluate step succeeds and its report reaches the KFP UI either way.
+
+Like with like: each task's settings (`task_settings`, `perplexity_settings`) are recorded; a max_drop
+rule whose baseline score came from other settings has the promoted model re-scored in this run.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def test_pointer_records_task_versions_and_settings(hf_exports, tmp_path: Path, 
     entry = _promote_a(hf_exports, str(tmp_path / "art"), monkeypatch)
     assert entry.task_versions == {"wmt": 1.0} and entry.lm_eval_version == "0.4.13"
     s = entry.eval_settings["wmt"]
-    assert {s["version"], s["limit"], s["n_shot"], s["chat"], s["lm_eval"], s["dtype"]} == {1.0, 4, 0, False, "0.4.13", "float32"}
+    assert (s["version"], s["limit"], s["n_shot"], s["chat"], s["lm_eval"], s["dtype"]) == \
+        (1.0, 4, 0, False, "0.4.13", "float32")
     assert len(s["config"]) == 64 and entry.eval_settings_hash
 
 
