@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from typing import Any
 
 from kubellm.evaluate.metrics import stderr_name
@@ -89,6 +90,12 @@ def _mpl(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def task_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, `v1.0: 4 items, 0-shot, chat template off`) for each task run: the report's Tasks section."""
+    return [(t, f"v{info.get('version')}: {info.get('n_samples')} items, {info.get('n_shot')}-shot, "
+                f"chat template {'on' if info.get('chat') else 'off'}") for t, info in results["tasks"].items()]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     header, rows = table_rows(results)
     out = [f"# Evaluation: {_md(', '.join(m['label'] for m in results['models']))}", ""]
@@ -114,11 +121,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     out += ["", "## Models", ""]
     for m in results["models"]:
         out.append(f"- **{_md(m['label'])}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
-    tasks = results["tasks"]
     out += ["", "## Tasks", ""]
-    for t, info in tasks.items():
-        out.append(f"- `{t}` v{info.get('version')}: {info.get('n_samples')} items, {info.get('n_shot')}-shot, "
-                   f"chat template {'on' if info.get('chat') else 'off'}")
+    out += [f"- `{t}` {_md(line)}" for t, line in task_lines(results)]
     h = results["harness"]
     out += ["", f"lm-eval {h['lm_eval']}, transformers {h['transformers']}, torch {h['torch']}."]
     return "\n".join(out) + "\n"
@@ -154,14 +158,18 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     columns = [(t, m) for t, m in results["columns"] if m not in ("perplexity", "nll")]
     if columns:
         fig, ax = plt.subplots(figsize=(6, 3.5))
+        plotted: list[float] = []
         for task, metric in columns:
             ys = [m["scores"].get(task, {}).get(metric) for m in results["models"]]
             ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=_mpl(f"{task} ({metric})"))
             b = (results.get("baseline") or {}).get("scores", {}).get(task, {}).get(metric)
             if b is not None:
                 ax.axhline(b, linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
+            plotted += [v for v in [*ys, b] if isinstance(v, int | float) and math.isfinite(v)]
         ax.set_ylabel("score")
-        ax.set_ylim(-0.02, 1.02)
+        if plotted and all(0.0 <= v <= 1.0 for v in plotted):
+            ax.set_ylim(-0.02, 1.02)  # accuracies: the whole 0..1 range; unbounded scores (a margin in
+            # nats, ter, bits_per_byte) keep matplotlib's own limits, or they would be drawn off the plot
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax.set_title("score per model (dotted: promoted baseline)")
@@ -209,6 +217,8 @@ def render_html(results: dict[str, Any], markdown_text: str | None = None) -> st
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>")
     parts.append("<h2>Models</h2><ul>")
     parts += [f"<li><b>{e(m['label'])}</b>: {e(m['uri'])} (digest {e(m['digest'][:12])})</li>" for m in results["models"]]
+    parts.append("</ul><h2>Tasks</h2><ul>")
+    parts += [f"<li><code>{e(t)}</code> {e(line)}</li>" for t, line in task_lines(results)]
     h = results["harness"]
     parts.append(f"</ul><p>lm-eval {e(h['lm_eval'])}, transformers {e(h['transformers'])}, torch {e(h['torch'])}</p>")
     parts.append("</body></html>")

@@ -81,3 +81,37 @@ def test_report_of_a_lost_promotion_race_does_not_claim_promoted(hf_exports, tmp
     [md] = list((tmp_path / "art" / "evaluate").rglob("report.md"))
     text = md.read_text()
     assert "— promoted" not in text and "## Gate (a): PASSED — promoting: the pointer is moved after" in text
+
+
+def _score_plot_ylim(monkeypatch, results: dict) -> tuple[float, float]:  # noqa: ANN001
+    """The y-limits of the report's score plot (the second figure: loss curves come first)."""
+    from kubellm.evaluate import report
+
+    seen: list = []
+    real = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: seen.append(fig.axes[0].get_ylim()) or real(fig))
+    report.plots(results)
+    return seen[1]
+
+
+def test_score_plot_is_not_clipped_to_0_1_for_unbounded_scores(monkeypatch) -> None:  # noqa: ANN001
+    """The debug preset's headline for preference is `margin` (nats, ~24 after DPO): the 0..1 limits
+    drew it off the plot. Accuracies alone keep the full 0..1 range."""
+    res = _results(["sft", "dpo"])
+    res["columns"] = [["kubellm_knowledge", "acc"], ["kubellm_preference", "margin"]]
+    for m, margin in zip(res["models"], (10.5, 24.1), strict=True):
+        m["scores"]["kubellm_preference"] = {"margin": margin}
+    low, high = _score_plot_ylim(monkeypatch, res)
+    assert high >= 24.1 and low <= 0.5  # before the fix: (-0.02, 1.02)
+    assert _score_plot_ylim(monkeypatch, _results(["a", "b"])) == (-0.02, 1.02)
+
+
+def test_html_report_lists_the_tasks() -> None:
+    res = _results(["m"])
+    res["tasks"] = {"kubellm_knowledge": {"version": 1.0, "n_samples": 4, "n_shot": 0, "chat": False},
+                    "kubellm_format": {"version": 1.0, "n_samples": 58, "n_shot": 0, "chat": True}}
+    html = render_html(res)
+    assert "<h2>Tasks</h2>" in html
+    assert "<li><code>kubellm_knowledge</code> v1.0: 4 items, 0-shot, chat template off</li>" in html
+    assert "<li><code>kubellm_format</code> v1.0: 58 items, 0-shot, chat template on</li>" in html
+    assert "- `kubellm_format` v1.0: 58 items, 0-shot, chat template on" in render_markdown(res)
