@@ -44,14 +44,22 @@ def test_the_report_component_never_promotes(monkeypatch: pytest.MonkeyPatch, tm
         pass
 
     def fake_run_stage(stage: str, config: Any, inputs: Any, root: str) -> Any:
-        seen.append(config)
+        seen.append(("run_stage", config))
         raise Done
 
+    def fake_evaluate(config: Any, inputs: Any, root: str, *, apply_gate: bool = True) -> Any:
+        seen.append((f"evaluate(apply_gate={apply_gate})", config))
+        raise Done
+
+    import kubellm.evaluate.stage
     import kubellm.stages
 
     monkeypatch.setattr(kubellm.stages, "run_stage", fake_run_stage)
+    monkeypatch.setattr(kubellm.evaluate.stage, "run", fake_evaluate)
     text = json.dumps({"gate": {"promote": True}})
-    for never, expected in ((True, False), (False, True)):
-        with pytest.raises(Done):
-            runtime.run_component("evaluate", text, str(tmp_path), {}, {}, never_promote=never)
-        assert seen[-1].gate.promote is expected
+    for defer in (False, True):  # the components run with defer_gate=True
+        for never, expected in ((True, False), (False, True)):
+            with pytest.raises(Done):
+                runtime.run_component("evaluate", text, str(tmp_path), {}, {}, never_promote=never, defer_gate=defer)
+            assert seen[-1][0] == ("evaluate(apply_gate=False)" if defer else "run_stage")
+            assert seen[-1][1].gate.promote is expected
