@@ -167,15 +167,21 @@ def _digest(items: Any) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
+def directory_fingerprint(path: Path, skip: Any = None) -> str:
+    """What a local directory holds, by its resolved path and its files' names, sizes and mtimes
+    (`skip(parts)`: leave a file out by its relative path's parts). Changes when any file does."""
+    files = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and not (skip and skip(rel.parts)):
+            st = f.stat()
+            files.append([rel.as_posix(), st.st_size, st.st_mtime_ns])
+    return f"{path.resolve()}@{_digest(files)}"
+
+
 def _local_source(path: Path, fmt: str) -> Source:
-    if fmt == ARROW:  # a directory: its files' names, sizes and mtimes
-        files = []
-        for f in sorted(path.rglob("*")):
-            rel = f.relative_to(path)
-            if f.is_file() and not _ignored(rel.parts):
-                st = f.stat()
-                files.append([rel.as_posix(), st.st_size, st.st_mtime_ns])
-        return Source(str(path), fmt, f"{path.resolve()}@{_digest(files)}")
+    if fmt == ARROW:  # a save_to_disk directory
+        return Source(str(path), fmt, directory_fingerprint(path, _ignored))
     st = path.stat()
     return Source(str(path), fmt, f"{path.resolve()}@{st.st_size}:{st.st_mtime_ns}")
 

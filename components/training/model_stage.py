@@ -40,10 +40,9 @@ class BaseModel:
         is a new input, not a reuse of what was trained on the old one."""
         if self.manifest:
             return self.manifest.digest()
-        from kubellm.core.manifest import stable_hash
+        from kubellm.data_prep.sources import directory_fingerprint
 
-        return stable_hash([f"{f.resolve()}@{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                            for f in sorted(self.hf_dir.rglob("*")) if f.is_file()])
+        return directory_fingerprint(self.hf_dir)
 
 
 def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool = True) -> BaseModel:
