@@ -19,9 +19,9 @@ Map / reduce — `run()` calls these in order on one machine; a pipeline can fan
    whose fingerprint changed by the time it was read fails the stage (run() re-lists the input after
    the map; a fanned-out map compares before and after reading its shard).
 2. `prepare_shard(source, index, config, work) -> dict` (map, one input shard): streams the records
-   (see `kubellm.data_prep.sources` for how each format is read and why), skips and names bad
-   records, NFC-normalises, applies the quality filters and optional PII scrubbing, and writes under
-   `work/shard-<index>/`: `docs.parquet` (text + exact-dedup key), `minhash.bin` (uint32 MinHash
+   (`kubellm.data_prep.sources` says what names the shards, `kubellm.data_prep.readers` how each
+   format is read and why), skips and names bad records, NFC-normalises, applies the quality
+   filters and optional PII scrubbing, and writes under `work/shard-<index>/`: `docs.parquet` (text + exact-dedup key), `minhash.bin` (uint32 MinHash
    signatures, one row per doc) and `stats.json`. Memory: one record plus one write batch.
 3. `global_dedup(work, config, n_shards) -> dict` (reduce): checks the bad-record fraction (raises
    `InputDataError` naming the first bad records when it exceeds `max_bad_fraction`), then walks the
@@ -57,11 +57,11 @@ from kubellm.core.manifest import Manifest, content_prefix, publish_dir, read_ma
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.data_prep import filters as F
 from kubellm.data_prep.config import EXECUTION_FIELDS, DataPrepConfig
+from kubellm.data_prep.readers import read_records
 from kubellm.data_prep.sources import (
     Source,
     check_unchanged,
     current_fingerprint,
-    read_records,
     resolve_uri,
     scan_sources,
     stage_local,

@@ -31,14 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kubellm.core.errors import InputDataError
-from kubellm.data_prep.sources import (
-    _READ_ERRORS,
-    HUB_SCHEME,
-    _is_json_array,
-    _open_binary,
-    _unreadable,
-    format_of,
-)
+from kubellm.data_prep.records import READ_ERRORS, is_json_array, open_binary, unreadable
+from kubellm.data_prep.sources import HUB_SCHEME, format_of
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +220,7 @@ def check_input_file(path: Path, label: str) -> None:
                              f"({ACCEPTED_FORMATS}), local or s3://. Export it, e.g. "
                              "`load_dataset(name, split='train').to_json('chat.jsonl')`, and name that file")
     fmt = format_of(path.name)
-    if fmt == "json" and path.is_file() and _is_json_array(path):
+    if fmt == "json" and path.is_file() and is_json_array(path):
         raise InputDataError(f"{label}: a JSON array; SFT and DPO read {ACCEPTED_FORMATS}. Write one record "
                              f"per line, e.g. `jq -c '.[]' {path.name} > {path.name.split('.')[0]}.jsonl`")
     if fmt not in ("jsonl", "json"):
@@ -270,13 +264,13 @@ def read_records(paths: Iterable[Path], parse: Callable[[Any, str], T], report: 
 def _read_lines(files: list[tuple[Path, str]], parse: Callable[[Any, str], T], report: SkipReport,
                 on_bad_record: str) -> Iterator[T]:
     for path, label in files:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             lineno = 0
             while True:
                 try:
                     raw = f.readline()
-                except _READ_ERRORS as e:
-                    raise _unreadable(label, f"line {lineno}", e) from e
+                except READ_ERRORS as e:
+                    raise unreadable(label, f"line {lineno}", e) from e
                 if not raw:
                     break
                 lineno += 1

@@ -17,7 +17,9 @@ import pytest
 
 from kubellm.core.errors import InputDataError
 from kubellm.data_prep.config import DataPrepConfig
-from kubellm.data_prep.sources import Record, Source, read_records, resolve_sources
+from kubellm.data_prep.readers import read_records
+from kubellm.data_prep.records import Record
+from kubellm.data_prep.sources import Source, resolve_sources
 from kubellm.data_prep.stage import run
 
 TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "
@@ -250,9 +252,9 @@ def test_json_array_elements_read_in_chunks_equal_json_loads(tmp_path: Path, mon
     arrays and scalars beside the text, every chunk boundary landing in every kind of place."""
     import random
 
-    import kubellm.data_prep.sources as sources
+    import kubellm.data_prep.json_array as json_array
 
-    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    monkeypatch.setattr(json_array, "_CHUNK", chunk)
     rng = random.Random(chunk)
     pieces = ['\\"', "\\\\", "[", "]", "{", "}", ",", ":", " ", "\n", "é", "日本", "\U0001f600", "a\\", "x"]
     items = []

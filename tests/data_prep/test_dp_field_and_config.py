@@ -14,7 +14,9 @@ from pydantic import ValidationError
 from kubellm.core.config import format_validation_error
 from kubellm.core.errors import InputDataError
 from kubellm.data_prep.config import DataPrepConfig, QualityFilters
-from kubellm.data_prep.sources import Record, read_records, resolve_sources
+from kubellm.data_prep.readers import read_records
+from kubellm.data_prep.records import Record
+from kubellm.data_prep.sources import resolve_sources
 from kubellm.data_prep.stage import run
 
 TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "

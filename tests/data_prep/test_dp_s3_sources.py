@@ -12,7 +12,8 @@ import pytest
 from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.core.storage import storage_for
 from kubellm.data_prep.config import DataPrepConfig
-from kubellm.data_prep.sources import ARROW, read_records, resolve_sources, scan_sources, stage_local
+from kubellm.data_prep.readers import read_records
+from kubellm.data_prep.sources import ARROW, resolve_sources, scan_sources, stage_local
 from kubellm.data_prep.stage import run
 
 TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "

@@ -12,7 +12,8 @@ import pytest
 
 from kubellm.core.errors import ConfigError, InputDataError
 from kubellm.data_prep.config import DataPrepConfig
-from kubellm.data_prep.sources import ARROW, read_records, resolve_sources, scan_sources
+from kubellm.data_prep.readers import read_records
+from kubellm.data_prep.sources import ARROW, resolve_sources, scan_sources
 from kubellm.data_prep.stage import fan_out_shards, prepare_fan_out_shard, reduce_fan_out, run
 
 TEXT = ("Velmora is a quiet city with old stone bridges, a busy market and a harbour where the "
