@@ -3,8 +3,10 @@
     python -m kubellm.training.ops --build
 
 DeepSpeed JIT-compiles `deepspeed_shm_comm` (CPU collectives), `fused_adam` and `cpu_adam` (ZeRO
-offload) the first time each is used. `make setup` and the training image run this once so tests
-and training processes load the cached .so instead of each paying ~30 s of compilation.
+offload) the first time each is used. `make setup` runs this once so tests and local training
+processes load the cached .so instead of each paying ~30 s of compilation. The training image does
+not run it: it prebuilds only the shared-memory comm op (`images/train.Dockerfile`), since cpu_adam and
+the CPU fused_adam compile with -march=native and must be built on the node that runs them.
 """
 
 from __future__ import annotations
