@@ -285,11 +285,27 @@ class Storage(Protocol):
     def delete(self, uri: str) -> None: ...
 
 
+def _sync_dir(d: Path) -> None:
+    """Make a rename or link in directory `d` survive a crash (where the OS can sync a directory)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory; the file itself was synced
+    finally:
+        os.close(fd)
+
+
 class LocalStorage:
     """Local filesystem backend. Writes go to a temp file in the same directory
-    (`.<name>.<random>.kubellm-tmp`), then rename, so a reader never sees half a file; `put_if_absent`
-    uses an exclusive link, atomic on POSIX. `list` hides the backend's own scratch files (temp files
-    and put_if_match's `.<name>.kubellm-lock` sidecar) and nothing else."""
+    (`.<name>.<random>.kubellm-tmp`), synced to disk, then renamed (and the directory synced), so a
+    reader never sees half a file, and a crash or power loss never leaves a published name (a
+    manifest above all) pointing at data that was still in the page cache; `put_if_absent` uses an
+    exclusive link, atomic on POSIX. `list` hides the backend's own scratch files (temp files and
+    put_if_match's `.<name>.kubellm-lock` sidecar) and nothing else."""
 
     def read_bytes(self, uri: str) -> bytes:
         p = local_path(uri)
@@ -304,8 +320,11 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
+                f.flush()
+                os.fsync(f.fileno())
             os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; published files are readable like any file
             os.replace(tmp, dest)
+            _sync_dir(dest.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -320,11 +339,14 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.chmod(tmp, _FILE_MODE)
             try:
                 os.link(tmp, dest)  # fails if dest exists: the conditional put
             except FileExistsError:
                 return False
+            _sync_dir(dest.parent)
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)

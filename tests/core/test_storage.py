@@ -115,3 +115,47 @@ def test_local_files_are_published_readable(tmp_path: Path) -> None:
     os.umask(mask)
     for name in ("a.txt", "b.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+
+
+def test_local_writes_reach_the_disk_before_their_name_is_published(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after a rename must not leave a published name (a manifest) pointing at data still in
+    the page cache: the temp file is fsync'ed before it is renamed or linked to its name, and the
+    directory after."""
+    import os
+
+    import kubellm.core.storage as storage
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", "dir" if os.path.isdir(target) else Path(target).name))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("publish", Path(src).name))
+        real_replace(src, dst)
+
+    def link(src: str, dst: str) -> None:
+        events.append(("publish", Path(src).name))
+        real_link(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    monkeypatch.setattr(storage.os, "link", link)
+    st = storage_for(str(tmp_path))
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"z" * 1000)
+    for write in (lambda: st.write_bytes(str(tmp_path / "a.txt"), b"x"),
+                  lambda: st.put_if_absent(str(tmp_path / "b.txt"), b"y"),
+                  lambda: st.upload(src, str(tmp_path / "up" / "c.bin")),
+                  lambda: st.download(str(tmp_path / "up" / "c.bin"), tmp_path / "down" / "d.bin")):
+        events.clear()
+        write()
+        assert [kind for kind, _ in events] == ["fsync", "publish", "fsync"], events
+        synced, published = events[0][1], events[1][1]
+        assert synced == published and synced.endswith(".kubellm-tmp"), events  # the temp file itself
+        assert events[2] == ("fsync", "dir"), events
+    assert (tmp_path / "down" / "d.bin").read_bytes() == b"z" * 1000
