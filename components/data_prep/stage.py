@@ -509,7 +509,9 @@ def prepare_fan_out_shard(shard: Mapping[str, Any], config: DataPrepConfig) -> d
 def reduce_fan_out(shards: list[Mapping[str, Any]], config: DataPrepConfig, output: str) -> Manifest:
     """Reduce step: global exact + near dedup over every shard's signatures, the deterministic split,
     parquet shards and the report, published where `run()` would publish the same sources and config.
-    Deletes the run's work prefix afterwards (it is scratch; a retried reduce finds the artifact)."""
+    Deletes the run's work prefix afterwards (it is scratch; a retried reduce finds the artifact). A
+    reduce whose work prefix a concurrent run of the same sources and config deleted mid-read returns
+    the artifact that run published."""
     shards = sorted(shards, key=lambda s: int(s["index"]))
     if [int(s["index"]) for s in shards] != list(range(len(shards))) or not shards:
         raise InputDataError(f"dedup-reduce: expected shards 0..n-1 from list-shards, got indexes "
@@ -529,10 +531,21 @@ def reduce_fan_out(shards: list[Mapping[str, Any]], config: DataPrepConfig, outp
     finally:
         wd.close()
     skipped = shards[0].get("skipped_inputs") or {"count": 0, "names": []}
-    with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
-        manifest = _finish([str(s["uri"]) for s in shards], stats, config, work,
-                           ",".join(str(s["uri"]) for s in shards), Path(tmp), prefix, parents,
-                           list(skipped["names"]), int(skipped["count"]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubellm-dataprep-") as tmp:
+            manifest = _finish([str(s["uri"]) for s in shards], stats, config, work,
+                               ",".join(str(s["uri"]) for s in shards), Path(tmp), prefix, parents,
+                               list(skipped["names"]), int(skipped["count"]))
+    except (OSError, KubellmError) as e:
+        # Two runs of the same sources and config share this work prefix (the second one's cached
+        # list-shards gives it the first one's): the first reduce may have published the artifact and
+        # deleted the prefix while this one read it. That artifact is the one this reduce would publish.
+        existing = _existing(prefix)
+        if existing is None:
+            raise
+        log.warning("dedup-reduce: reading %s failed (%s: %s), but a concurrent run of the same sources and "
+                    "config has published the artifact meanwhile; using it", work, type(e).__name__, e)
+        return existing
     _delete_prefix(work)
     return manifest
 

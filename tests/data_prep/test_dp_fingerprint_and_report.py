@@ -112,3 +112,43 @@ def test_report_bytes_balance_with_pii_scrubbing(tmp_path: Path) -> None:
     assert not [r for r in m2.metadata["report"] if r["step"] == "pii"]
     assert m2.counts["bytes_in"] - sum(r["bytes"] for r in m2.metadata["report"]
                                        if r["step"] != "bad record") == m2.counts["bytes_out"]
+
+
+def test_a_reduce_that_loses_the_race_to_a_concurrent_run_returns_its_artifact(
+        raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of the same sources and config share one work prefix (the second one's list-shards is a
+    cache hit). When the first reduce publishes and deletes the prefix while the second is reading it,
+    the second returns the artifact the first published instead of failing."""
+    cfg = DataPrepConfig(validation_fraction=0.0)
+    out = str(tmp_path / "out")
+    shards = [json.loads(json.dumps(s)) for s in fan_out_shards(str(raw), cfg, out, "run1")]
+    for s in shards:
+        prepare_fan_out_shard(s, cfg)
+    real = stage.write_splits
+    winner: dict[str, Any] = {}
+
+    def concurrent_run_finishes_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(stage, "write_splits", real)
+        winner["manifest"] = reduce_fan_out(shards, cfg, out)  # publishes, then deletes the work prefix
+        assert not Path(shards[0]["work"]).exists()
+        return real(*args, **kwargs)  # the loser reads a work prefix that is gone
+
+    monkeypatch.setattr(stage, "write_splits", concurrent_run_finishes_first)
+    loser = reduce_fan_out(shards, cfg, out)
+    assert loser.to_json() == winner["manifest"].to_json()
+
+
+def test_a_reduce_failure_with_nothing_published_still_fails(raw: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = DataPrepConfig(validation_fraction=0.0)
+    out = str(tmp_path / "out")
+    shards = [json.loads(json.dumps(s)) for s in fan_out_shards(str(raw), cfg, out, "run1")]
+    for s in shards:
+        prepare_fan_out_shard(s, cfg)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stage, "write_splits", broken)
+    with pytest.raises(OSError, match="disk full"):
+        reduce_fan_out(shards, cfg, out)
