@@ -19,6 +19,7 @@ def test_chart_readme_names_the_objects_the_chart_renders() -> None:
     sha = "9fceb02d0ae598e95dc970b74767f19372d61af8"
     values = {
         "serviceAccount": {"create": True},
+        "pipelineRunner": {"multiUser": {"enabled": True, "namespaces": ["team-a"]}},
         "schedule": {"enabled": True},
         "gitops": {"enabled": True, "gitSha": sha},
         "trainingOperator": {"initContainerTemplate": {"create": True}},

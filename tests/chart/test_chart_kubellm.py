@@ -124,7 +124,7 @@ def test_launcher_role_grants_exactly_the_launcher_needs(rendered: tuple[str, di
     name, values, objects = rendered
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"{name}: no cluster-wide RBAC"
-    roles = [o for o in objects if o["kind"] == "Role"]
+    roles = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "kubellm-launcher"]
     multi = values.get("pipelineRunner", {}).get("multiUser", {})
     namespaces = multi["namespaces"] if multi.get("enabled") else [NAMESPACE]
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
@@ -141,7 +141,7 @@ def test_launcher_role_grants_exactly_the_launcher_needs(rendered: tuple[str, di
 
 def test_role_is_bound_to_the_account_kfp_runs_pipelines_as(rendered: tuple[str, dict, list[dict]]) -> None:
     name, values, objects = rendered
-    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    bindings = [o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "kubellm-launcher"]
     multi = values.get("pipelineRunner", {}).get("multiUser", {})
     for b in bindings:
         ns = b["metadata"]["namespace"]
@@ -314,6 +314,63 @@ def test_multi_user_hook_jobs_need_an_account_that_exists_in_the_release_namespa
     assert job_account(inside) == "default-editor"
     # no hook job, nothing to refuse
     assert not _jobs(render_objects({"pipelineRunner": {"multiUser": multi}}))
+
+
+KFP_CLIENT_GRANTS = {("pipelines.kubeflow.org", r): {"get", "list", "create"}
+                     for r in ("experiments", "runs", "pipelines", "pipelines/versions")}
+KFP_CLIENT_GRANTS[("pipelines.kubeflow.org", "jobs")] = {"get", "list", "create", "delete"}
+
+
+def _kfp_client_rbac(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """namespace -> (Role, RoleBinding) of the hook jobs' KFP API access."""
+    out: dict[str, list[dict]] = {}
+    for o in objects:
+        if o["kind"] in ("Role", "RoleBinding") and o["metadata"]["name"] == "kubellm-kfp-client":
+            out.setdefault(o["metadata"]["namespace"], []).append(o)
+    pairs = {}
+    for ns, objs in out.items():
+        (role,) = [o for o in objs if o["kind"] == "Role"]
+        (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+        pairs[ns] = (role, binding)
+    return pairs
+
+
+def test_multi_user_hook_jobs_may_call_kfp_in_the_namespace_they_target() -> None:
+    """Multi-user KFP runs a SubjectAccessReview on pipelines.kubeflow.org for every API call: the hook
+    jobs' own account gets exactly the calls `kubellm schedule` / `kubellm submit --upload` make, bound in
+    each namespace a job targets and nowhere else; single-user KFP and no hook job render none."""
+    multi = {"enabled": True, "namespaces": ["team-a", "team-b"]}
+    values = {"pipelineRunner": {"multiUser": multi}, "jobs": {"serviceAccountName": "kubellm-scheduler"},
+              "schedule": {"enabled": True, "namespace": "team-a"},
+              "gitops": {"enabled": True, "gitSha": "abcdef0", "namespace": "team-b"}}
+    objects = render_objects(values)
+    pairs = _kfp_client_rbac(objects)
+    assert sorted(pairs) == ["team-a", "team-b"]
+    accounts = {j["spec"]["template"]["spec"]["serviceAccountName"] for j in _jobs(objects)}
+    assert accounts == {"kubellm-scheduler"}
+    for ns, (role, binding) in pairs.items():
+        granted: dict[tuple[str, str], set[str]] = {}
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for res in rule["resources"]:
+                    granted.setdefault((group, res), set()).update(rule["verbs"])
+        assert granted == KFP_CLIENT_GRANTS, ns
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "kubellm-kfp-client"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubellm-scheduler",
+                                        "namespace": NAMESPACE}], ns
+    # both jobs at one namespace (the release's, by default): one Role there
+    both_here = {**values, "schedule": {"enabled": True}, "gitops": {"enabled": True, "gitSha": "abcdef0"}}
+    assert sorted(_kfp_client_rbac(render_objects(both_here))) == [NAMESPACE]
+    # the chart's own account, when it creates one
+    own = {**values, "jobs": {}, "serviceAccount": {"create": True}}
+    assert {b["subjects"][0]["name"] for _, b in _kfp_client_rbac(render_objects(own)).values()} == {"kubellm"}
+    # nothing to grant: single-user KFP, no hook job, or switched off
+    single = {k: v for k, v in values.items() if k != "pipelineRunner"}
+    assert not _kfp_client_rbac(render_objects(single))
+    assert not _kfp_client_rbac(render_objects({"pipelineRunner": {"multiUser": multi}}))
+    assert not _kfp_client_rbac(render_objects({**values, "rbac": {"kfpClient": False}}))
+    assert not _kfp_client_rbac(render_objects({**values, "rbac": {"create": False}}))
 
 
 def test_numbers_from_values_render_as_integers() -> None:
