@@ -202,13 +202,12 @@ def local_work_dir(run_dir: str) -> Path:
     return base / "runs" / run_dir.replace("s3://", "").replace("/", "_")
 
 
-def _checkpoint_manager(run_dir: str, keep: int) -> Any:
-    try:
-        from kubellm.training.checkpoint import CheckpointManager
-    except ImportError:  # the checkpoint module is a separate piece; train without it if absent
-        log.warning("kubellm.training.checkpoint is not available: training without checkpoints")
-        return None
-    return CheckpointManager(join(run_dir, "checkpoints"), keep=keep)
+def _checkpoint_manager(run_dir: str, keep: int, model_cfg: ModelConfig) -> Any:
+    """The run's checkpoints, recording (and on resume comparing) the model config itself: a pipeline
+    stage module carries no config of its own, and its parameter names cover one stage only."""
+    from kubellm.training.checkpoint import CheckpointManager
+
+    return CheckpointManager(join(run_dir, "checkpoints"), keep=keep, model_config=model_cfg)
 
 
 def _grad_norm(engine: Any) -> float:
@@ -314,7 +313,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (rank, world)
     loader = objective.build_loader(dp_rank, dp_size, train_cfg.micro_batch_size, train_cfg.seed)
     pipe_batches = PipelineBatches(loader, objective.tokens) if built is not None and built.pipeline else None
-    ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints)
+    ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints, model_cfg)
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
     start_step = 0
@@ -322,7 +321,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     tokens_seen = 0.0
     loss_start: float | None = None  # the first logged step's loss
     loss_last: float | None = None
-    if resume and ckpt is not None:
+    if resume:
         client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
         if client_state:
             start_step = int(client_state["step"])
@@ -438,7 +437,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 loss_last = step_loss
             last = step + 1 == train_cfg.max_steps
             every = train_cfg.checkpoint_every
-            if ckpt is not None and (last or (every and (step + 1) % every == 0)):
+            if last or (every and (step + 1) % every == 0):
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
                                              "guard": guard.state_dict(), "tokens_seen": tokens_seen,
                                              "loss_start": loss_start, "loss_last": loss_last,

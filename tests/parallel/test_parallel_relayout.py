@@ -95,3 +95,12 @@ def test_pp2_checkpoint_resumes_exactly_with_pp2(shards: list[str], one_process_
     resumed = _run(2, shards, tmp_path, {"pp": 2}, True)[0]
     assert resumed["start_step"] == STOP
     np.testing.assert_allclose(resumed["losses"], reference[STOP:], rtol=1e-5)
+    # the pp=2 manifest records the model config itself (a pipeline stage module carries none), so a
+    # resume with another model is refused naming what differs, before any stage loads its files
+    from kubellm.training.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(str(tmp_path / "checkpoints")).latest()
+    assert latest is not None and latest.metadata["model_config"]["n_layers"] == 4
+    with pytest.raises(RuntimeError, match=r"checkpoint is from a different model: model config differs — "
+                                           r"n_layers: checkpoint=4, this run=6"):
+        spawn(run_training, 2, shards, str(tmp_path), {"pp": 2}, 1, 2, 8, TOTAL, {"n_layers": 6}, CKPT, True, False)
