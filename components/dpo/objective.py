@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kubellm.dpo.loss import preference_loss
-from kubellm.sft.objective import ExampleLoader
+from kubellm.sft.objective import ExampleLoader, real_tokens
 
 
 def _flat(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -57,11 +57,14 @@ def precompute_reference(reference: torch.nn.Module, arrays: Sequence[dict[str, 
 
 class DPOObjective:
     def __init__(self, arrays: Sequence[dict[str, np.ndarray]], beta: float, label_smoothing: float = 0.0,
-                 loss_type: str = "sigmoid", reference: torch.nn.Module | None = None) -> None:
+                 loss_type: str = "sigmoid", reference: torch.nn.Module | None = None,
+                 pad_id: int | None = None) -> None:
+        """`pad_id`: the id pairs are padded with; padding is not counted in tokens/s, `tokens_seen` or MFU."""
         cached = all("ref_logps" in a for a in arrays)
         if reference is None and not cached:
             raise ValueError("DPO needs a live reference model or precomputed reference log-probs")
         self.examples, self.beta, self.ls, self.loss_type = arrays, beta, label_smoothing, loss_type
+        self.pad_id = pad_id
         self.reference = None if cached else reference
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
@@ -83,4 +86,4 @@ class DPOObjective:
                                loss_type=self.loss_type)  # type: ignore[arg-type]
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        return int(batch["input_ids"].numel())
+        return real_tokens(batch["input_ids"], self.pad_id)

@@ -133,9 +133,11 @@ def run_worker(spec: JobSpec) -> Manifest | None:
         ref, ref_uri = _cached_reference(spec, reference, arrays, rank, world, config, device)
         for a, r in zip(arrays, ref, strict=True):
             a["ref_logps"] = r
-        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type)
+        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type,
+                                 pad_id=tok.pad_token_id)
     else:
-        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference)
+        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference,
+                                 pad_id=tok.pad_token_id)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=start,
                    resume=True, identity=spec.identity)

@@ -66,9 +66,18 @@ def packs_to_arrays(packs: Sequence[PackedSequence]) -> list[dict[str, np.ndarra
              "position_ids": np.asarray(p.position_ids, dtype=np.int64)} for p in packs]
 
 
+def real_tokens(input_ids: Tensor, pad_id: int | None) -> int:
+    """Positions that hold a token rather than padding (`pad_id` None: there is no padding). Special-
+    token strings in chat text are encoded as plain text, so the pad id appears only as padding."""
+    return int(input_ids.numel() if pad_id is None else (input_ids != pad_id).sum())
+
+
 class SFTObjective:
-    def __init__(self, packs: Sequence[PackedSequence]) -> None:
+    """`pad_id`: the id packs are padded with; padding is not counted in tokens/s, `tokens_seen` or MFU."""
+
+    def __init__(self, packs: Sequence[PackedSequence], pad_id: int | None = None) -> None:
         self.examples = packs_to_arrays(packs)
+        self.pad_id = pad_id
 
     def build_loader(self, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int) -> ExampleLoader:
         return ExampleLoader(self.examples, dp_rank, dp_size, micro_batch_size, seed, "packed sequences")
@@ -79,7 +88,7 @@ class SFTObjective:
         return loss, {}
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        return int(batch["input_ids"].numel())
+        return real_tokens(batch["input_ids"], self.pad_id)
 
     def target_tokens(self, batch: dict[str, Tensor]) -> int:
         """Assistant tokens (labels set): the loss is their mean, so the engine weights each

@@ -84,7 +84,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
     before = assistant_token_loss(model, held_packs) if rank == 0 else 0.0
-    result = train(model_cfg, config.train, config.parallel, SFTObjective(packs), spec.run_dir,
+    result = train(model_cfg, config.train, config.parallel, SFTObjective(packs, tok.pad_token_id), spec.run_dir,
                    init_state_dict=model.state_dict(), resume=True, identity=spec.identity)
     if rank != 0:
         return None

@@ -76,7 +76,8 @@ class Objective(Protocol):
         ...
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        """Tokens this micro-batch trains on (for tokens/s and MFU)."""
+        """Tokens this micro-batch trains on, padding excluded (for tokens/s, tokens_seen and MFU);
+        called on the host batch, before it moves to the device."""
         ...
 
     # Optional: `target_tokens(batch) -> int`, the loss terms in a micro-batch whose `loss` is their
@@ -378,6 +379,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 if not checked:
                     check_token_ids(batch["input_ids"], model_cfg.vocab_size, where="training batch")
                     checked = True
+                n_tokens += objective.tokens(batch)  # on the host batch: no device sync
                 batch = _to_device(batch, device)
                 with autocast:
                     loss, metrics = objective.loss(engine, batch)
@@ -403,7 +405,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                         engine.step()
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v.detach().double().cpu() / accum
-                n_tokens += objective.tokens(batch)
             if train_cfg.zero_stage > 0:
                 grad_norm = _grad_norm(engine)
                 if not skipped and int(getattr(engine, "skipped_steps", 0)) > skips_before:

@@ -179,3 +179,28 @@ def test_sft_two_ranks_match_one_process_on_uneven_packs(chat_tokenizer_dir: Pat
     ref, two = load_file(ref_state), load_file(ranks[0][1])
     for k, v in ref.items():
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_padding_is_not_counted_as_trained_tokens(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """tokens/s, tokens_seen and MFU count the tokens SFT and DPO train on, not the padding that fills
+    each pack or pair up to seq_len: one epoch's tokens_seen is the data's non-pad token count."""
+    from kubellm.training.metrics import read_metrics
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    pad = tok.pad_token_id
+    cfg = _cfg(len(tok))
+    packs = _uneven_sft_packs(tok)  # 8 packs, one short conversation each: mostly padding
+    real = sum(sum(1 for t in p.input_ids if t != pad) for p in packs)
+    assert real < len(packs) * 64 - 200  # hundreds of pad positions
+    pairs = to_arrays(read_preferences_jsonl([_pairs(tmp_path)], tok, 64, SkipReport()), 64, pad)[:8]
+    ref = Transformer(cfg)
+    precompute_reference(ref, pairs)
+    real_pairs = sum(int((a["input_ids"] != pad).sum()) for a in pairs)
+    for name, objective, want in (("sft", SFTObjective(packs, pad), real),
+                                  ("dpo", DPOObjective(pairs, beta=0.1, pad_id=pad), real_pairs)):
+        torch.manual_seed(0)
+        tc = _train_cfg(2)  # 2 steps x 4 = the 8 examples once
+        res = train(cfg, tc, ParallelConfig(), objective, str(tmp_path / name),
+                    init_state_dict=Transformer(cfg).state_dict(), resume=False)
+        assert res.metrics_path is not None
+        assert read_metrics(res.metrics_path)[-1]["tokens_seen"] == want, name
