@@ -46,6 +46,13 @@ def check_sampling(temperature: float, top_p: float, names: tuple[str, str] = ("
         raise ConfigError(f"{p_name}={top_p!r}: expected a number in (0, 1] (1 = no nucleus cut)")
 
 
+def check_max_new_tokens(max_new_tokens: int, name: str = "max_new_tokens") -> None:
+    """Raise `ConfigError` (naming the parameter as `name` spells it) unless max_new_tokens is an
+    integer >= 0."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ConfigError(f"{name}={max_new_tokens!r}: expected an integer >= 0")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of `logits` (B, V): greedy when temperature == 0, else sampling from the
@@ -74,7 +81,9 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_ne
     incremental decoding through a KV cache: one prefill pass, then one token per step. Returns the
     new tokens per row, cut before the first stop token. Stops early when every row has stopped.
     A prompt that is empty or leaves no room in the context raises `InputDataError`; bad sampling
-    parameters `ConfigError` (see `check_sampling`)."""
+    parameters or a negative `max_new_tokens` `ConfigError` (see `check_sampling`,
+    `check_max_new_tokens`)."""
+    check_max_new_tokens(max_new_tokens)
     check_sampling(temperature, top_p)
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 1:
@@ -253,8 +262,8 @@ def configure(parser: argparse.ArgumentParser, command: str = "generate") -> Non
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: expected >= 1")
+    # the checks `generate` makes, before the model is loaded, naming the flags
+    check_max_new_tokens(args.max_new_tokens, name="--max-new-tokens")
     check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))
     if args.chat is not None and not args.chat.strip():
         raise ConfigError("--chat is empty: expected a user message (SFT never trains on an empty turn; "

@@ -20,9 +20,10 @@ config key named, rather than silently producing a different model.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from safetensors.torch import save_file
 from kubellm.core.errors import ConfigError, IntegrityError
 from kubellm.model.config import ModelConfig
 from kubellm.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,8 +53,9 @@ def is_tokenizer_file(name: str) -> bool:
     manifest, weight file or weight index)."""
     return name not in _MODEL_FILES and not name.lower().endswith(_WEIGHT_SUFFIXES)
 
-# Extra stop token: the chat template ends each turn with it (see the tokenizer artifact contract).
-END_OF_TURN = "<|end|>"
+# Reply rendered through the tokenizer's chat template to find the token that ends a turn
+# (`end_of_turn_id`): plain letters, so no template trims or escapes it.
+_PROBE_REPLY = "kubellmEndOfTurnProbe"
 
 _PER_LAYER = {  # our suffix -> HF suffix, for unfused tensors
     "attn_norm.weight": "input_layernorm.weight",
@@ -205,12 +209,53 @@ def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_tok
     }
 
 
+_DEFAULT_ROPE_THETA = 10000.0  # transformers' Llama default when no config key sets it
+
+
+def _rope_theta(d: Mapping[str, Any], rope: Mapping[str, Any], scaling: Mapping[str, Any], source: str,
+                refuse: Callable[[str, Any, str], ConfigError]) -> float:
+    """The RoPE base a config.json gives, read from `rope_parameters` (transformers >= 5),
+    `rope_scaling` (its old name, which transformers >= 5 reads instead of `rope_parameters` when set)
+    and the top-level `rope_theta` (older transformers, vLLM). Every one that is set must be a number
+    > 0, and they must agree: readers differ on which one wins, so a config whose values disagree
+    would be a different model in each of them and is refused naming the keys."""
+    found: dict[str, Any] = {}
+    for key, block in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if "rope_theta" in block:
+            found[f"{key}.rope_theta"] = block["rope_theta"]
+    if "rope_theta" in d:
+        found["rope_theta"] = d["rope_theta"]
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise refuse(key, value, "a number > 0")
+    # what transformers >= 5 uses: rope_scaling, when set, replaces rope_parameters; the top-level
+    # key only fills in a theta that dict lacks
+    hf5 = (scaling or rope).get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA))
+    values = {float(v) for v in found.values()} | {float(hf5)}
+    if len(values) > 1:
+        listed = ", ".join(f"{k}={v!r}" for k, v in found.items())
+        raise ConfigError(f"{source}: the RoPE base is set to different values ({listed}); transformers >= 5 "
+                          f"would use {float(hf5)!r}, other readers another value — set them all to the "
+                          "value the model was trained with")
+    return values.pop()
+
+
 def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Llama config.json; refuses what our model cannot reproduce, naming the key."""
 
     def refuse(key: str, value: Any, expected: str) -> ConfigError:
         return ConfigError(f"{source}: {key}={value!r} is not supported by kubellm's Transformer "
                            f"(expected {expected})")
+
+    def required(key: str) -> Any:
+        if key not in d:
+            raise ConfigError(f"{source}: required key {key!r} is missing")
+        return d[key]
+
+    def positive_int(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise refuse(key, value, "a positive integer")
+        return value
 
     model_type = d.get("model_type")
     if model_type != "llama":
@@ -226,21 +271,22 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
                         and set(scaling) <= {"rope_type", "type", "rope_theta"}):
         raise refuse("rope_scaling", scaling, "null or {'rope_type': 'default'} (plain RoPE)")
     rope = d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise refuse("rope_parameters", rope, "null or an object like {'rope_type': 'default', 'rope_theta': 10000.0}")
     if rope.get("rope_type", "default") != "default":
         raise refuse("rope_parameters.rope_type", rope["rope_type"], "'default'")
-    heads = d["num_attention_heads"]
+    heads = positive_int("num_attention_heads", required("num_attention_heads"))
+    hidden = positive_int("hidden_size", required("hidden_size"))
     head_dim = d.get("head_dim")
-    if head_dim is not None and head_dim * heads != d["hidden_size"]:
-        raise refuse("head_dim", head_dim, f"hidden_size/num_attention_heads = {d['hidden_size'] // heads}")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise refuse("rope_theta", theta, "a number > 0")
+    if head_dim is not None and (positive_int("head_dim", head_dim) * heads != hidden):
+        raise refuse("head_dim", head_dim, f"hidden_size/num_attention_heads = {hidden // heads}")
+    theta = _rope_theta(d, rope, scaling or {}, source, refuse)
     kv = d.get("num_key_value_heads") or heads
     try:
         return ModelConfig(
-            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=heads,
+            vocab_size=d["vocab_size"], dim=hidden, n_layers=d["num_hidden_layers"], n_heads=heads,
             n_kv_heads=None if kv == heads else kv, ffn_dim=d["intermediate_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(theta),
+            max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=theta,
             norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             init_std=d.get("initializer_range", 0.02),
         )
@@ -255,10 +301,33 @@ def _tokenizer_ids(tokenizer_dir: Path) -> tuple[dict[str, int | None], list[int
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    stops = [int(i) for i in (tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN)) if isinstance(i, int)]
-    if tok.unk_token_id is not None:  # convert_tokens_to_ids maps an absent token to unk
-        stops = [i for i in stops if i != tok.unk_token_id or i == tok.eos_token_id]
+    stops = [int(i) for i in (tok.eos_token_id, end_of_turn_id(tok, str(tokenizer_dir))) if isinstance(i, int)]
     return ids, list(dict.fromkeys(stops)), len(tok)
+
+
+def end_of_turn_id(tok: Any, where: str = "tokenizer") -> int | None:
+    """The id of the token the tokenizer's chat template closes an assistant turn with (the tokenizer
+    stage's `end_token`, `<|end|>` by default; `<|im_end|>`, `<|eot_id|>` in other families): the first
+    special token after the reply in a rendered user/assistant exchange. None when the tokenizer has
+    no chat template, or its template puts no special token after a reply or refuses the exchange
+    (logged)."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # a template may refuse any exchange it was not written for (raise_exception)
+        log.warning("%s: the chat template cannot render a user/assistant exchange (%s); the generation "
+                    "config will stop at eos only", where, e)
+        return None
+    at = text.rfind(_PROBE_REPLY) if isinstance(text, str) else -1
+    if at < 0:
+        log.warning("%s: the chat template does not show the assistant's reply; the generation config "
+                    "will stop at eos only", where)
+        return None
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    tail = tok(text[at + len(_PROBE_REPLY):], add_special_tokens=False)["input_ids"]
+    return next((int(i) for i in tail if i in special), None)
 
 
 def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -268,8 +337,8 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
     `tokenizer_dir` may be a model directory (SFT/DPO pass the base's): its configs, manifest and
     weight files or indexes (any format, see `is_tokenizer_file`) are never copied.
-    The generation config's eos list also holds `<|end|>` when the tokenizer has it, so chat
-    generation stops at the end of the assistant's turn. Returns `out_dir`."""
+    The generation config's eos list also holds the token the chat template ends a turn with
+    (`end_of_turn_id`), so chat generation stops at the end of the assistant's turn. Returns `out_dir`."""
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
         else model_or_state_dict
     check_exportable(sd, cfg)

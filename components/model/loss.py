@@ -95,14 +95,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The loss is a scalar mean, so its gradient w.r.t. each chunk's logits is known in forward up to
     the scalar upstream gradient g: (softmax − onehot) · valid / count. Forward computes it, folds it
-    into dh (N, D) and dw (V, D) and saves only those; backward scales them by g."""
+    into dh (N, D) and dw (V, D) and saves only those; backward scales them by g. `grad_enabled` is
+    the caller's grad mode (forward itself always runs with grad disabled): without it, as under
+    `torch.no_grad()`, no gradient is computed even for inputs that require one."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                rows: int) -> torch.Tensor:
+                rows: int, grad_enabled: bool) -> torch.Tensor:
         dev = h.device.type
         mm_dtype = _matmul_dtype(h)  # the softmax runs in fp32 either way
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
         idx = kept_rows(valid)
@@ -155,7 +157,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         dh = (saved.pop(0) * grad).to(ctx.h_dtype) if ctx.has[0] else None
         dw = (saved.pop(0) * grad).to(ctx.w_dtype) if ctx.has[1] else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 #: Largest stash of logit gradients (kept rows × vocab, fp32) `linear_sequence_logprobs` keeps from
@@ -173,11 +175,12 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
     dh_t = g_b(t) · X_t @ W and dW = Xᵀ (g ⊙ h), with X = onehot − softmax the gradient of the
     log-probs w.r.t. the logits. Forward keeps X when it fits `SEQUENCE_STASH_BYTES` (then the head
     costs the same three matmuls as the mean cross-entropy's), else only each row's log-sum-exp,
-    and backward recomputes X chunk by chunk (one more matmul)."""
+    and backward recomputes X chunk by chunk (one more matmul). Under the caller's
+    `grad_enabled=False` (`torch.no_grad()`: DPO's reference scoring) X is never built."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                rows: int) -> torch.Tensor:
+                rows: int, grad_enabled: bool) -> torch.Tensor:
         B, T, D = h.shape
         dev = h.device.type
         mm_dtype = _matmul_dtype(h)
@@ -189,7 +192,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
             flat_h, flat_l, valid, seq = (t.index_select(0, idx) for t in (flat_h, flat_l, valid, seq))
         n, v = flat_h.shape[0], valid[:, None].float()
         safe = torch.where(valid, flat_l, torch.zeros_like(flat_l))[:, None]
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         stash = want_grad and n * w.shape[0] * 4 <= SEQUENCE_STASH_BYTES.get(dev, SEQUENCE_STASH_BYTES["cuda"])
         grads = torch.empty(n, w.shape[0], dtype=torch.float32, device=h.device) if stash else None
         lse = torch.empty(n, 1, dtype=torch.float32, device=h.device)
@@ -244,7 +247,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
                     _add_product(dw, xm.t(), (hm[s:e].float() * gk[s:e]).to(ctx.mm_dtype))
         B, T, D = ctx.shape
         dh_out = _scatter_rows(dh, ctx.idx, B * T).view(B, T, D).to(flat_h.dtype) if dh is not None else None
-        return dh_out, (dw.to(w.dtype) if dw is not None else None), None, None, None
+        return dh_out, (dw.to(w.dtype) if dw is not None else None), None, None, None, None
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -256,7 +259,8 @@ def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states "
                          f"{tuple(hidden.shape[:-1])} (B, T, dim={hidden.shape[-1]})")
     rows = chunk_rows(weight.shape[0], hidden.device, chunk_bytes)
-    return _LinearSequenceLogprobs.apply(hidden, weight, labels, ignore_index, rows)
+    # the grad mode is read here: inside forward it is always off
+    return _LinearSequenceLogprobs.apply(hidden, weight, labels, ignore_index, rows, torch.is_grad_enabled())
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -271,4 +275,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"{tuple(hidden.shape[:-1])} (…, dim={hidden.shape[-1]})")
     flat = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk_rows(weight.shape[0], hidden.device, chunk_bytes)
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), ignore_index, rows)
+    # the grad mode is read here: inside forward it is always off
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), ignore_index, rows, torch.is_grad_enabled())
