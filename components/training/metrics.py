@@ -8,7 +8,8 @@
 
 MFU = FLOPs/token (`kubellm.model.flops.flops_per_token`) × tokens/s ÷ (peak FLOP/s per device ×
 devices). The peak comes from `train.peak_tflops`, else a table of known GPUs (dense bf16/fp16
-tensor-core peaks from the vendors' data sheets), else on CPU from $KUBELLM_PEAK_TFLOPS; with no
+tensor-core peaks from the vendors' data sheets, matched on the exact model and form factor: an H100
+PCIe is not an H100 SXM, an L40 not an L4), else on CPU from $KUBELLM_PEAK_TFLOPS; with no
 stated peak MFU is left out rather than guessed.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -23,10 +25,37 @@ from typing import Any
 
 import torch
 
-# dense (no sparsity) bf16 TFLOP/s per device, vendors' data sheets; fp32 runs use the same number,
-# which is the convention of MFU reports (it is the hardware's peak, not the precision's).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-                   "L4": 121.0, "V100": 125.0, "T4": 65.0}
+# dense (no sparsity) bf16/fp16 tensor-core TFLOP/s per device, vendors' data sheets (half the "with
+# sparsity" figure); fp32 runs use the same number, which is the convention of MFU reports (it is the
+# hardware's peak, not the precision's). Keys are model names with their form factor, as
+# `gpu_model` normalises what CUDA reports: the H100 SXM5 reports "NVIDIA H100 80GB HBM3" → "H100",
+# the PCIe card "NVIDIA H100 PCIe" → "H100 PCIe", "NVIDIA A100-SXM4-80GB" → "A100 SXM4". A name not
+# here (another form factor, a MIG slice, a new GPU) has no peak: MFU is left out, not guessed. The
+# AWS A10G is not listed: NVIDIA publishes no data sheet for it and its tensor rate is not the A10's.
+GPU_PEAK_TFLOPS = {
+    "H100": 989.4, "H100 SXM": 989.4, "H100 SXM5": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+    "H200": 989.4, "H200 SXM": 989.4,
+    "A100": 312.0, "A100 SXM": 312.0, "A100 SXM4": 312.0, "A100 PCIe": 312.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "V100 SXM2": 125.0, "V100 PCIe": 112.0, "T4": 65.0,
+}
+_VENDOR_PREFIXES = ("nvidia", "tesla")
+
+
+def gpu_model(device_name: str) -> str:
+    """The model and form factor in a CUDA device name, for `GPU_PEAK_TFLOPS`: vendor words
+    ("NVIDIA", "Tesla") and memory size/type words ("80GB", "HBM3", "HBM3e") dropped, words split at
+    spaces, '-' and '_' and joined by one space ("Tesla V100-SXM2-16GB" → "V100 SXM2")."""
+    words = [w for w in re.split(r"[\s_-]+", device_name) if w]
+    while words and words[0].lower() in _VENDOR_PREFIXES:
+        words.pop(0)
+    return " ".join(w for w in words if not re.fullmatch(r"\d+GB|HBM\d\w*", w, flags=re.IGNORECASE))
+
+
+def lookup_peak(device_name: str) -> float | None:
+    """The data-sheet peak of a GPU by its exact model and form factor (case-insensitive), or None."""
+    table = {k.lower(): v for k, v in GPU_PEAK_TFLOPS.items()}
+    return table.get(gpu_model(device_name).lower())
 
 
 def peak_tflops(device: str, configured: float | None) -> tuple[float | None, str]:
@@ -35,9 +64,9 @@ def peak_tflops(device: str, configured: float | None) -> tuple[float | None, st
         return configured, "train.peak_tflops"
     if device == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, value in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value, f"data sheet peak of {name}"
+        value = lookup_peak(name)
+        if value is not None:
+            return value, f"data sheet peak of {name}"
         return None, f"unknown GPU {name}: set train.peak_tflops"
     env = os.environ.get("KUBELLM_PEAK_TFLOPS")
     if env:

@@ -18,7 +18,14 @@ micro-batch that the model allows:
     stage holds min(pp, m) micro-batches in flight (1F1B); plus the LM head and loss (`head_bytes`:
     the fused chunked head at tp = pp = 1, full fp32 log-probs otherwise).
   * communication per step: DP gradient all-reduce (2·(n−1)/n·bytes; ZeRO-3 adds a parameter
-    all-gather: ×1.5), TP all-reduces (4 per layer per micro-batch), PP activation sends.
+    all-gather: ×1.5), TP all-reduces (4 per layer per micro-batch), PP activation sends. Each is
+    timed at the bandwidth of the link it crosses (`collective_spans_nodes`): ranks are placed in
+    the worker's order (`kubellm.training.topology`: axes pipe, data, model; model fastest) onto
+    nodes of `gpus_per_node` consecutive ranks; a collective whose group (DP) or neighbour pair (PP)
+    lies inside one node runs at the intra-node NVLink speed, one that spans nodes at
+    `--interconnect`'s (the slowest group or hop sets the pace: no hierarchical all-reduce modelled).
+    TP groups are always inside a node (tp divides gpus_per_node). A single-node job never uses
+    `--interconnect`.
   * the pipeline bubble (p−1)/(m+p−1).
 Layouts that fit (≤ `headroom` of GPU memory) are ranked by estimated step time; the best is written
 as a run-config fragment (launch: replicas, GPUs, CPU, memory per pod) and the PyTorchJob shape. A request that cannot fit
@@ -313,18 +320,36 @@ def _layout_allowed(req: Request, dp: int, tp: int, pp: int, zero: int, micro: i
     return True
 
 
+def collective_spans_nodes(gpus_per_node: int, dp: int, tp: int, pp: int) -> tuple[bool, bool]:
+    """(whether some DP group spans nodes, whether some pair of neighbouring pipeline stages does).
+
+    Global rank = stage·dp·tp + dp_rank·tp + tp_rank (DeepSpeed's `PipeModelDataParallelTopology`,
+    as `kubellm.training.topology` builds it) and node = rank // gpus_per_node. Stage s holds the
+    block [s·B, (s+1)·B) with B = dp·tp, and its DP groups (stride tp) cover the block from end to
+    end; a node boundary inside the block therefore splits one of them (boundaries are multiples of
+    tp, as tp divides gpus_per_node). Stage s sends rank r to r + B, so a hop s → s+1 crosses nodes
+    when a node boundary lies in (s·B, s·B + 2B − 1]."""
+    block = dp * tp
+    dp_spans = dp > 1 and any(s * block // gpus_per_node != ((s + 1) * block - 1) // gpus_per_node
+                              for s in range(pp))
+    pp_spans = any(s * block // gpus_per_node != (s * block + 2 * block - 1) // gpus_per_node
+                   for s in range(pp - 1))
+    return dp_spans, pp_spans
+
+
 def enumerate_layouts(req: Request) -> list[Layout]:
     cfg = req.model
     total = num_params(cfg)
     flops_tok = flops_per_token(cfg, req.seq_len)
-    bw = INTERCONNECTS[req.interconnect] * 1e9
-    nvlink = INTERCONNECTS["nvlink"] * 1e9
+    inter = INTERCONNECTS[req.interconnect] * 1e9
+    nvlink = INTERCONNECTS["nvlink"] * 1e9  # within a node
     out = []
     for tp in _divisors(min(req.gpus, req.gpus_per_node)):  # TP stays inside a node
         for pp in _divisors(req.gpus // tp):
             dp = req.gpus // (tp * pp)
             psi = total / (tp * pp)
             groups = None  # used for ZeRO-2 (pp = 1); computed once the layout is allowed
+            dp_bw = pp_bw = nvlink  # likewise: the links the DP and PP traffic cross
             for zero in (0, 1, 2, 3):
                 for micro in (1, 2, 4, 8, 16):
                     if not _layout_allowed(req, dp, tp, pp, zero, micro):
@@ -334,6 +359,9 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         continue  # fewer micro-batches than stages leaves stages idle
                     if groups is None:
                         groups = param_group_sizes(cfg, tp)
+                        dp_spans, pp_spans = collective_spans_nodes(req.gpus_per_node, dp, tp, pp)
+                        dp_bw = inter if dp_spans else nvlink
+                        pp_bw = inter if pp_spans else nvlink
                     for ckpt in (False, True):
                         pb, gb, ob = model_state_bytes(psi, zero, dp, req.precision, groups)
                         ab = activation_bytes(cfg, req.seq_len, micro, tp, pp, m, ckpt, req.precision)
@@ -347,8 +375,8 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         tokens = req.global_batch * req.seq_len
                         compute = tokens * flops_tok * (4 / 3 if ckpt else 1) / (
                             req.gpus * req.peak_tflops * 1e12 * req.mfu)
-                        tp_bw = nvlink if tp <= req.gpus_per_node else bw
-                        step = compute / (1 - bubble) + dp_comm / bw + tp_comm / tp_bw + pp_comm / bw
+                        # TP groups are tp consecutive ranks and tp divides gpus_per_node: one node
+                        step = compute / (1 - bubble) + dp_comm / dp_bw + tp_comm / nvlink + pp_comm / pp_bw
                         out.append(Layout(dp, tp, pp, zero, micro, ckpt, pb / GIB, gb / GIB, ob / GIB,
                                           ab / GIB, totb / GIB, (dp_comm + tp_comm + pp_comm) / 1e9,
                                           bubble, step))
@@ -437,10 +465,11 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help=f"sequence length ({SEQ_LEN_MIN} to {MAX_SEQ_LEN:,})")
     p.add_argument("--global-batch", type=int, default=256,
                    help=f"sequences per optimizer step (1 to {MAX_GLOBAL_BATCH:,})")
-    p.add_argument("--interconnect", default="ib", choices=sorted(INTERCONNECTS), help="inter-node link")
+    p.add_argument("--interconnect", default="ib", choices=sorted(INTERCONNECTS),
+                   help="the link between nodes (DP/PP traffic that stays inside a node is timed at NVLink speed)")
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help=f"dense peak per GPU, > 0 and ≤ {MAX_PEAK_TFLOPS:g} (H100/H200 bf16: 989)")
+                   help=f"dense peak per GPU, > 0 and ≤ {MAX_PEAK_TFLOPS:g} (bf16: H100 SXM/H200 989, H100 PCIe 756)")
     p.add_argument("--top", type=int, default=5, help="how many ranked layouts to print (≥ 1)")
     p.add_argument("--output", help="write the chosen layout's run-config fragment (YAML) to this file "
                    "(its directory must exist)")

@@ -44,14 +44,17 @@ def validate_layout(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg
     """Refuse a layout that cannot run, at start-up, naming the numbers and a layout that works.
     Returns the layout with `dp` resolved (None = world / (tp × pp))."""
     tp, pp = parallel_cfg.tp, parallel_cfg.pp
-    if parallel_cfg.dp is None and world_size % (tp * pp) == 0:
+    if world_size % (tp * pp):
+        raise ConfigError(_world_not_divisible(model_cfg, train_cfg, parallel_cfg, world_size))
+    if parallel_cfg.dp is None:
         parallel_cfg = parallel_cfg.model_copy(update={"dp": world_size // (tp * pp)})
-    dp = parallel_cfg.dp or 0
+    dp = parallel_cfg.dp
+    assert dp is not None
     if dp * tp * pp != world_size:
         raise ConfigError(
             f"parallel.dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} but the job has {world_size} process(es) "
-            f"(launch.nproc_per_node × launch.nnodes); make them equal, e.g. parallel.dp="
-            f"{max(1, world_size // (tp * pp))} when {world_size} is a multiple of tp × pp = {tp * pp}")
+            f"(launch.nproc_per_node × launch.nnodes); make them equal: parallel.dp={world_size // (tp * pp)}, "
+            "or leave parallel.dp unset (it is then the processes left over, world size / (tp × pp))")
     if tp > 1:
         bad = [f"{what}={n}" for what, n in [("n_heads", model_cfg.n_heads), ("n_kv_heads", model_cfg.kv_heads),
                                              ("ffn_dim", model_cfg.ffn_dim), ("vocab_size", model_cfg.vocab_size)]
@@ -79,6 +82,51 @@ def validate_layout(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg
     # global = micro × accum × dp: a micro-batch count per step that does not divide is refused here
     train_cfg.grad_accum_steps(dp)
     return parallel_cfg
+
+
+def _world_not_divisible(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+                         world_size: int) -> str:
+    """The refusal for a world size that tp × pp does not divide: no parallel.dp fits. It names what
+    would work, each checked by `validate_layout` itself (tp divides the model, pp ≤ layers, ZeRO with
+    pp, the global batch over dp): the nearest process counts below and above that are multiples of
+    tp × pp, and the tp (pp kept) or pp (tp kept) values that divide this world size."""
+    tp, pp, n, dp = parallel_cfg.tp, parallel_cfg.pp, world_size, parallel_cfg.dp
+    mp = tp * pp
+
+    def runs(layout: ParallelConfig, world: int) -> bool:
+        try:
+            validate_layout(model_cfg, train_cfg, layout, world)
+        except ConfigError:
+            return False
+        return True
+
+    unset = parallel_cfg.model_copy(update={"dp": None})
+    below = next((k * mp for k in range(n // mp, 0, -1) if runs(unset, k * mp)), None)
+    above = next((k * mp for k in range(n // mp + 1, n // mp + 65) if runs(unset, k * mp)), None)
+    worlds = " or ".join(str(w) for w in (below, above) if w is not None)
+    fixes = []
+    if dp is not None and runs(parallel_cfg, dp * mp):
+        fixes.append(f"launch {dp * mp} processes (parallel.dp={dp} × tp × pp)")
+    if worlds:
+        fixes.append(f"{'leave parallel.dp unset and ' if dp is not None else ''}launch a multiple of {mp} "
+                     f"processes ({worlds})")
+    regrid = []
+    if n % pp == 0:
+        tps = [t for t in range(1, n // pp + 1) if (n // pp) % t == 0 and runs(ParallelConfig(tp=t, pp=pp), n)]
+        if tps:
+            regrid.append(f"parallel.tp in {{{', '.join(map(str, tps))}}} with pp={pp}")
+    if n % tp == 0:
+        pps = [q for q in range(1, min(n // tp, model_cfg.n_layers) + 1)
+               if (n // tp) % q == 0 and runs(ParallelConfig(tp=tp, pp=q), n)]
+        if pps:
+            regrid.append(f"parallel.pp in {{{', '.join(map(str, pps))}}} with tp={tp}")
+    if regrid:
+        fixes.append(f"{' or '.join(regrid)}, for {n} processes ("
+                     + ("leave parallel.dp unset: it is then" if dp is not None else "parallel.dp, unset, is then")
+                     + " world size / (tp × pp))")
+    msg = (f"{n} process(es) (launch.nproc_per_node × launch.nnodes) is not a multiple of tp × pp = {mp} "
+           f"(parallel.tp={tp} × pp={pp}), so no parallel.dp fits")
+    return f"{msg}; {'; or '.join(fixes)}" if fixes else msg
 
 
 @dataclasses.dataclass
