@@ -145,7 +145,8 @@ def failure_message(spec: JobSpec, header: str, log_tail: str = "", lines: int =
 
 
 def clear_previous(spec: JobSpec) -> None:
-    """Remove a previous attempt's result and error files (checkpoints are kept for resume)."""
+    """Remove a previous attempt's result and error files (checkpoints are kept for resume). Run before
+    a new job starts, never when a retry re-attaches to the job that wrote them."""
     st = storage_for(spec.run_dir)
     for o in st.list(join(spec.run_dir, ERRORS_DIR)):
         st.delete(o.uri)
@@ -228,7 +229,6 @@ def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) 
     """Launch `spec` with `launch.nproc_per_node × launch.nnodes` processes and wait for the result."""
     from kubellm.training.appdef import build_appdef
 
-    clear_previous(spec)
     uri = spec.write()
     appdef = build_appdef(uri, launch, name=name or f"{spec.stage}-job")
     header = f"{spec.stage} training failed"
@@ -238,12 +238,16 @@ def launch_job(spec: JobSpec, launch: LaunchConfig, *, name: str | None = None) 
         # the job name derives from it: the same for every attempt of one KFP task (re-attach)
         run_id = env_run_id(spec.stage) or spec.run_dir.rstrip("/").rsplit("/", 1)[-1]
         try:
-            run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=cluster_defaults(launch.cluster))
+            # Results are cleared only when a job is actually created: a retry that re-attaches to the
+            # earlier attempt's job (running, or already Succeeded) keeps what its rank 0 wrote.
+            run_appdef(appdef, run_id=run_id, task_name=spec.stage, settings=cluster_defaults(launch.cluster),
+                       before_create=lambda: clear_previous(spec))
         except KubellmError as e:
             raise TrainingFailedError(failure_message(spec, f"{header}: {e}")) from e
     else:
         from kubellm.training.launch_local import launch_local
 
+        clear_previous(spec)
         result = launch_local(appdef, scheduler=launch.scheduler)
         if result.returncode != 0:
             raise TrainingFailedError(failure_message(spec, f"{header} (exit code {result.returncode})",

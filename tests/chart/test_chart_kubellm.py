@@ -37,7 +37,7 @@ KUBE_VERSION = "1.34.0"
 
 # Everything the PyTorchJob launcher may do: (apiGroup, resource) -> verbs. Nothing else.
 LAUNCHER_GRANTS: dict[tuple[str, str], set[str]] = {
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete", "patch"},
     ("kubeflow.org", "pytorchjobs/status"): {"get"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},

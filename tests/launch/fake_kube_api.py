@@ -6,6 +6,8 @@ It serves what the launcher uses, with the real paths and JSON shapes:
                                                                     operator's admission rules refuse it)
   GET    .../pytorchjobs, .../pytorchjobs/{name}[/status]           list / get
   DELETE .../pytorchjobs/{name}                                     delete (gone after `delete_delay` gets)
+  PATCH  .../pytorchjobs/{name}                                     JSON merge patch of metadata (409 on a
+                                                                    stale metadata.resourceVersion)
   GET    /api/v1/namespaces/{ns}/pods?labelSelector=...             pods the "operator" made
   GET    /api/v1/namespaces/{ns}/pods/{pod}/log                     log lines (with timestamps)
   GET    /api/v1/namespaces/{ns}/events?fieldSelector=...           events
@@ -14,7 +16,8 @@ Status is scripted: `fake.script(name, [step, ...])` queues one script per creat
 GET of the job advances one step (deterministic, no wall clock). A step is a phase name or a dict
 {"phase", "reason", "message", "exit_code", "termination_message", "waiting": (reason, message),
 "log": [lines], "event": (reason, message),
-"unschedulable": message (pods Pending with PodScheduled=False)}. Faults: `fake.inject("GET", "/pytorchjobs/", 500, times=2)`.
+"unschedulable": message (pods Pending with PodScheduled=False), "no_pods": True (the operator could not
+create any pod: none is listed)}. Faults: `fake.inject("GET", "/pytorchjobs/", 500, times=2)`.
 
     with FakeKubeApi() as fake:
         fake.script("job-a", ["Created", "Running", "Succeeded"])
@@ -65,6 +68,7 @@ class FakeKubeApi:
         self.requests: list[tuple[str, str]] = []
         self.created: list[dict[str, Any]] = []
         self.deletes: list[str] = []
+        self.patches: list[tuple[str, Any]] = []
         self.faults: list[dict[str, Any]] = []
         self._clock = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -167,6 +171,8 @@ class FakeKubeApi:
                 st = {"phase": "Pending", "waiting": step["waiting"]}
             if "unschedulable" in step:
                 st = {"phase": "Pending", "unschedulable": step["unschedulable"]}
+            if step.get("no_pods"):
+                st = {"phase": "Pending", "absent": True}
             if "exit_code" in step and pod.endswith("-0") and (phase == "Failed"):
                 st["terminated"] = {"exitCode": step["exit_code"], "reason": "Error",
                                     "message": step.get("termination_message", "")}
@@ -251,6 +257,9 @@ class FakeKubeApi:
             def do_DELETE(self) -> None:  # noqa: N802
                 self._handle("DELETE")
 
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._handle("PATCH")
+
         return Handler
 
     def _route(self, method: str, path: str, q: dict[str, str], body: Any) -> tuple[int, Any, str]:
@@ -260,7 +269,7 @@ class FakeKubeApi:
                 return 404, "404 page not found\n", "text/plain"
             return 200, {"kind": "APIResourceList", "groupVersion": "kubeflow.org/v1", "resources": [
                 {"name": "pytorchjobs", "namespaced": True, "kind": "PyTorchJob",
-                 "verbs": ["create", "delete", "get", "list", "watch"]},
+                 "verbs": ["create", "delete", "get", "list", "patch", "watch"]},
                 {"name": "pytorchjobs/status", "namespaced": True, "kind": "PyTorchJob", "verbs": ["get"]}]}, js
         m = JOBS.match(path)
         if m:
@@ -300,6 +309,18 @@ class FakeKubeApi:
                 else:
                     self._advance(name)
                 return 200, job, js
+            if method == "PATCH":
+                self.patches.append((name, json.loads(json.dumps(body))))
+                meta = (body or {}).get("metadata") or {}
+                want = meta.get("resourceVersion")
+                if want is not None and want != job["metadata"]["resourceVersion"]:
+                    return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on pytorchjobs.kubeflow.org '
+                                        f'"{name}": the object has been modified'), js
+                for key, value in meta.items():
+                    if key != "resourceVersion":
+                        job["metadata"][key] = value
+                job["metadata"]["resourceVersion"] = str(int(job["metadata"]["resourceVersion"]) + 1)
+                return 200, job, js
             if method == "DELETE":
                 self.deletes.append(name)
                 if name not in self._deleting:
@@ -317,6 +338,8 @@ class FakeKubeApi:
                 if jns != ns:
                     continue
                 for pod in self._pod_names(job):
+                    if self.pod_state.get(pod, {}).get("absent"):
+                        continue
                     p = self._pod(ns, job, pod)
                     if all(p["metadata"]["labels"].get(k) == v for k, v in sel.items()):
                         items.append(p)
@@ -325,7 +348,7 @@ class FakeKubeApi:
         if m:
             pod = m.group(2)
             st = self.pod_state.get(pod)
-            if st is None:
+            if st is None or st.get("absent"):
                 return 404, _status(404, "NotFound", f'pods "{pod}" not found'), js
             if st["phase"] == "Pending":
                 return 400, _status(400, "BadRequest", f'container "pytorch" in pod "{pod}" is waiting to start'), js

@@ -55,7 +55,8 @@ def matrix():
         appdefs().items(), MATRIX["topology"], enumerate(MATRIX["settings"]), MATRIX["owner"]
     ):
         settings = ClusterLaunchSettings(**{"s3_secret_name": "kubellm-s3", "topology": topo, **extra})
-        ctx = JobContext(RUN_ID, f"task-{aname}", 1, "launcher-pod" if owner else None, "uid-1" if owner else None)
+        ctx = JobContext(RUN_ID, f"task-{aname}", 1, "launcher-pod" if owner else None, "uid-1" if owner else None,
+                         "ns" if owner else None)
         name = job_name(RUN_ID, f"{aname}-{i}")
         yield f"{aname}/{topo}/s{i}/owner={owner}", build_pytorchjob(app, name=name, namespace="ns", settings=settings, ctx=ctx)
 
@@ -65,6 +66,7 @@ JOBS = dict(matrix())
 
 def test_matrix_is_broad():
     assert len(JOBS) == 4 * 2 * 5 * 2
+    assert sum("ownerReferences" in j["metadata"] for j in JOBS.values()) == len(JOBS) // 2
     kinds = {tuple(sorted(j["spec"]["pytorchReplicaSpecs"])) for j in JOBS.values()}
     assert kinds == {("Master",), ("Master", "Worker"), ("Worker",)}
 

@@ -48,8 +48,8 @@ def test_master_workers_torchrun_rebuilt_from_operator_env():
     assert job["spec"]["nprocPerNode"] == "4" and "elasticPolicy" not in job["spec"]
     cmd = container(job)["command"]
     # rendezvous flags of the local command are gone: torchrun reads PET_* from the operator
-    assert cmd[:5] == ["torchrun", "--max-restarts", "3", "--monitor-interval", "5"]
-    assert cmd[5:] == ["-m", "kubellm.training.worker", "--config", "run.yaml", "--run-dir", "s3://bkt/runs/pretrain-abc"]
+    assert cmd[:7] == ["torchrun", "--max-restarts", "3", "--monitor-interval", "5", "--nproc-per-node", "4"]
+    assert cmd[7:] == ["-m", "kubellm.training.worker", "--config", "run.yaml", "--run-dir", "s3://bkt/runs/pretrain-abc"]
     assert not any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in cmd)
     assert "${" not in json.dumps(job)
     c = container(job)
@@ -79,7 +79,7 @@ def test_macros_replaced_by_operator_env():
                 env={"TAG": "${app_id}-${replica_id}"}, num_replicas=2, resource=Resource(cpu=2, gpu=0, memMB=4096))
     job = build(AppDef("a", roles=[role]))
     c = container(job)
-    assert c["command"][5:] == ["-m", "kubellm.training.worker", "--id", "pretrain-abc", "--replica",
+    assert c["command"][7:] == ["-m", "kubellm.training.worker", "--id", "pretrain-abc", "--replica",
                                 "$(KUBELLM_REPLICA_ID)", "--host", "$(KUBELLM_RANK0_HOST)", "--root", "/x"]
     env = env_of(c)
     assert env["TAG"]["value"] == "pretrain-abc-$(KUBELLM_REPLICA_ID)"
@@ -177,6 +177,7 @@ def test_credential_values_in_appdef_env_are_refused(monkeypatch):
 def test_owner_reference_from_downward_api_env(monkeypatch):
     monkeypatch.setenv("KUBELLM_POD_NAME", "llm-from-scratch-xyz-pretrain-123")
     monkeypatch.setenv("KUBELLM_POD_UID", "0b5c7e1e-0000-4000-8000-000000000001")
+    monkeypatch.setenv("KUBELLM_NAMESPACE", "team-a")
     ctx = JobContext.from_env(RUN_ID, "pretrain")
     job = build_pytorchjob(app(), name="pretrain-abc", namespace="team-a",
                            settings=ClusterLaunchSettings(**SETTINGS), ctx=ctx)

@@ -29,6 +29,9 @@ TERMINAL = frozenset({SUCCEEDED, FAILED})
 # Container waiting reasons that will not fix themselves (the launcher fails after a grace period).
 CONFIG_ERRORS = frozenset({"CreateContainerConfigError", "CreateContainerError", "InvalidImageName"})
 PULL_ERRORS = frozenset({"ImagePullBackOff", "ErrImagePull"})
+# Warning events the operator records on the job when the API server refuses its pods (quota, a missing
+# ServiceAccount or PriorityClass, Pod Security admission): the pods never exist, so no pod status says so.
+POD_CREATE_ERRORS = frozenset({"FailedCreatePod", "FailedCreateService", "FailedCreate"})
 
 
 class OperatorNotInstalledError(KubellmError):
@@ -37,6 +40,10 @@ class OperatorNotInstalledError(KubellmError):
 
 class JobExistsError(KubellmError):
     """Create answered 409: a job with that name exists (another attempt created it)."""
+
+
+class JobConflictError(KubellmError):
+    """An update answered 409: the job changed since it was read (read it again and retry)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,16 @@ class LaunchBackend(abc.ABC):
     @abc.abstractmethod
     def status(self, obj: Mapping[str, Any]) -> JobStatus:
         """The job's phase and the reason the operator gives."""
+
+    @abc.abstractmethod
+    def set_owner_references(self, name: str, refs: list[dict[str, Any]], resource_version: str | None
+                             ) -> dict[str, Any] | None:
+        """Replace the job's metadata.ownerReferences with `refs` (only if it is still at
+        `resource_version`: JobConflictError otherwise); the updated job, or None when it is gone."""
+
+    @abc.abstractmethod
+    def expected_pods(self, obj: Mapping[str, Any]) -> int:
+        """How many pods the operator creates for the job."""
 
     @abc.abstractmethod
     def pod_selector(self, name: str) -> str:
@@ -249,6 +266,26 @@ class PyTorchJobBackend(LaunchBackend):
             c = conds[-1]  # the operator appends conditions in time order
             return JobStatus(str(c.get("type")), c.get("reason", ""), c.get("message", ""), deleting)
         return JobStatus(PENDING, deleting=deleting)
+
+    def set_owner_references(self, name: str, refs: list[dict[str, Any]], resource_version: str | None
+                             ) -> dict[str, Any] | None:
+        meta: dict[str, Any] = {"ownerReferences": refs}
+        if resource_version:
+            meta["resourceVersion"] = resource_version  # optimistic concurrency: 409 if it changed
+        try:
+            # A JSON merge patch (the client's content type for custom objects): the list is replaced whole.
+            return dict(self.api.call(f"patch {self.kind} {name}", self.api.custom.patch_namespaced_custom_object,
+                                      *self._args(), name, {"metadata": meta}))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            if e.status == 409:
+                raise JobConflictError(f"{self.kind} {self.namespace}/{name} changed while being updated") from None
+            raise KubeApiError(f"patch {self.kind} {self.namespace}/{name}: {_describe(e)}", e.status) from None
+
+    def expected_pods(self, obj: Mapping[str, Any]) -> int:
+        replicas = (obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+        return sum(int((r or {}).get("replicas", 1)) for r in replicas.values())
 
     def pod_selector(self, name: str) -> str:
         return f"training.kubeflow.org/job-name={name}"

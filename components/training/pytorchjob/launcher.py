@@ -8,20 +8,25 @@ From a KFP component (the pod has the downward-API env KUBELLM_POD_NAME/KUBELLM_
 
 Lifecycle (the job name is derived from run ID + task, so every attempt of one KFP task finds the same job):
   * no job            -> create it (409 = a concurrent attempt created it -> attach);
-  * job running       -> re-attach (a KFP retry never creates a second job);
+  * job running       -> re-attach (a KFP retry never creates a second job) and add this launcher's
+                         pod to the job's ownerReferences, so the garbage collector does not delete
+                         the job with the earlier attempt's pod (same namespace only);
   * job of another run, or live/Succeeded with a different spec-hash -> refuse (never attach to,
                          delete or report the success of a job this attempt would not have created);
   * job Succeeded     -> report success;
   * job Failed        -> delete it, wait until it is gone, create it again (same args, same run
                          prefix: training resumes from the last committed checkpoint);
   * while waiting     -> report phase transitions, stream rank 0's log, fail fast on pods stuck in
-                         CreateContainerConfigError/ImagePullBackOff, time out (with the scheduler's
+                         CreateContainerConfigError/ImagePullBackOff or pods the operator cannot create
+                         (FailedCreatePod events: quota, missing ServiceAccount/PriorityClass, Pod
+                         Security) for settings.config_error_grace_s, time out (with the scheduler's
                          reason) on pods unschedulable for settings.unschedulable_timeout_s, and on SIGTERM/SIGINT (pipeline
                          cancel) delete the job exactly once and raise LaunchCancelledError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -38,16 +43,18 @@ from kubellm.training.pytorchjob import translate
 from kubellm.training.pytorchjob.backend import (
     CONFIG_ERRORS,
     FAILED,
+    POD_CREATE_ERRORS,
     PULL_ERRORS,
     SUCCEEDED,
     TERMINAL,
+    JobConflictError,
     JobExistsError,
     JobStatus,
     LaunchBackend,
     backend_for,
     stuck_reasons,
 )
-from kubellm.training.pytorchjob.kube import KubeApi, default_namespace
+from kubellm.training.pytorchjob.kube import KubeApi, KubeApiError, default_namespace
 from kubellm.training.pytorchjob.settings import ClusterLaunchSettings
 
 log = logging.getLogger(__name__)
@@ -148,11 +155,15 @@ class JobLauncher:
         settings: ClusterLaunchSettings,
         sink: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        before_create: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
         self.sink = sink or (lambda line: print(line, flush=True))
         self.clock = clock
+        self.before_create = before_create
+        """Called right before each job creation (never when attaching to an existing job), e.g. to clear
+        a previous attempt's result files: a job re-attached to keeps what it wrote."""
         self._cancel = threading.Event()
         self._deleted: set[str] = set()
         self._delete_lock = threading.Lock()
@@ -192,6 +203,8 @@ class JobLauncher:
             self._check_cancel(name)
             existing = b.get(name)
             if existing is None:
+                if self.before_create is not None:
+                    self.before_create()
                 try:
                     job = b.create(obj)
                 except JobExistsError:
@@ -221,6 +234,8 @@ class JobLauncher:
             result.reattached = True
             self._note_job(existing, result)
             self._say(f"re-attached to existing {b.kind} {b.namespace}/{name} (attempt {result.attempt}, {st.describe()})")
+            if st.phase not in TERMINAL:
+                existing = self._take_ownership(existing, ctx)
             return existing
         raise KubellmError(f"{b.kind} {b.namespace}/{name}: could not create or attach after repeated conflicts")
 
@@ -251,6 +266,38 @@ class JobLauncher:
                 "changed); refusing to attach to it. Delete the job to start again with the new spec"
             )
 
+    def _take_ownership(self, job: dict[str, Any], ctx: translate.JobContext) -> dict[str, Any]:
+        """Add this launcher's pod to the re-attached job's ownerReferences (a non-controller owner, as
+        at creation): when the earlier attempt's pod is garbage-collected the job then still has an
+        owner and is not deleted under this attempt. Idempotent; the earlier owners are kept."""
+        b, name = self.backend, job["metadata"]["name"]
+        ref = ctx.owner_reference(b.namespace)
+        if ref is None:
+            return job
+        for _ in range(5):
+            refs = list(job.get("metadata", {}).get("ownerReferences") or [])
+            if any(r.get("uid") == ref["uid"] for r in refs):
+                return job
+            try:
+                patched = b.set_owner_references(name, [*refs, ref], job.get("metadata", {}).get("resourceVersion"))
+            except JobConflictError:
+                current = b.get(name)
+                if current is None:
+                    return job  # gone: the wait loop reports it
+                job = current
+                continue
+            except KubeApiError as e:
+                hint = (" (the launcher Role needs `patch` on pytorchjobs: upgrade the kubellm chart)"
+                        if e.status == 403 else "")
+                self._say(f"warning: could not add pod {ref['name']} as an owner of {b.kind} {b.namespace}/{name} "
+                          f"({e}): the job is garbage-collected when the earlier attempt's pod is{hint}")
+                return job
+            if patched is None:
+                return job
+            self._say(f"added pod {ref['name']} as an owner of {b.kind} {b.namespace}/{name}")
+            return patched
+        return job
+
     def _recreate(self, name: str, appdef: Any, ctx: translate.JobContext, result: LaunchResult) -> dict[str, Any]:
         self._delete_and_wait(name)
         result.recreated += 1
@@ -258,7 +305,7 @@ class JobLauncher:
         return self._ensure(obj, appdef, ctx, result)
 
     def _rebuild(self, appdef: Any, ctx: translate.JobContext, name: str, attempt: int) -> dict[str, Any]:
-        ctx = translate.JobContext(ctx.run_id, ctx.task_name, attempt, ctx.owner_pod_name, ctx.owner_pod_uid)
+        ctx = dataclasses.replace(ctx, attempt=attempt)
         return self.backend.build(appdef, name, ctx)
 
     def _note_job(self, job: Mapping[str, Any], result: LaunchResult) -> None:
@@ -331,8 +378,43 @@ class JobLauncher:
                     self._give_up(name, job, pods, result, f"pod {key[0]} unschedulable for {now - since[key]:.0f}s",
                                   f"training job cannot be scheduled within settings.unschedulable_timeout_s="
                                   f"{timeout:.0f}s (no node fits its resources, node selector or tolerations?)")
+        self._check_missing_pods(name, job, pods, since, current, result, now)
         for key in set(since) - current:
             del since[key]
+
+    def _check_missing_pods(self, name: str, job: Mapping[str, Any], pods: list[dict[str, Any]],
+                            since: dict[tuple[str, str], float], current: set[tuple[str, str]],
+                            result: LaunchResult, now: float) -> None:
+        """Fewer pods than replicas and the operator's Warning events say the API server refused them
+        (quota, a missing ServiceAccount or PriorityClass, Pod Security): no pod status will ever show
+        it, so fail after settings.config_error_grace_s, naming the event's message."""
+        b = self.backend
+        expected = b.expected_pods(job)
+        if len(pods) >= expected:
+            return
+        uid = job.get("metadata", {}).get("uid")
+        refused = [
+            ev for ev in b.events([name])
+            if ev.get("type") == "Warning" and ev.get("reason") in POD_CREATE_ERRORS
+            and (ev.get("involvedObject") or {}).get("kind", b.kind) == b.kind
+            # the same name may have belonged to an earlier (deleted) job: only this one's events
+            and (not uid or (ev.get("involvedObject") or {}).get("uid", uid) == uid)
+        ]
+        if not refused:
+            return
+        key = (name, "FailedCreatePod")
+        current.add(key)
+        since.setdefault(key, now)
+        grace = self.settings.config_error_grace_s
+        if now - since[key] >= grace:
+            ev = max(enumerate(refused), key=lambda ie: (_event_time(ie[1]), ie[0]))[1]
+            self._give_up(
+                name, job, pods, result,
+                f"{len(pods)}/{expected} pods exist; the operator cannot create the others "
+                f"for {now - since[key]:.0f}s",
+                f"training job cannot create its pods (settings.config_error_grace_s={grace:.0f}s): "
+                f"{ev.get('reason')}: {ev.get('message', '')}",
+            )
 
     def _give_up(self, name: str, job: Mapping[str, Any], pods: list[dict[str, Any]], result: LaunchResult,
                  what: str, why: str) -> None:
@@ -414,6 +496,13 @@ def job_or(current: dict[str, Any] | None, fallback: Mapping[str, Any]) -> Mappi
     return current if current is not None else fallback
 
 
+def _event_time(ev: Mapping[str, Any]) -> str:
+    """An event's last occurrence (RFC 3339, so it sorts as text); "" when it has none."""
+    series = ev.get("series") or {}
+    return str(ev.get("lastTimestamp") or series.get("lastObservedTime") or ev.get("eventTime")
+               or (ev.get("metadata") or {}).get("creationTimestamp") or "")
+
+
 def _attempt(job: Mapping[str, Any]) -> int:
     try:
         return int((job.get("metadata", {}).get("annotations") or {}).get(ATTEMPT_ANNOTATION, "1"))
@@ -430,14 +519,17 @@ def run_appdef(
     settings: ClusterLaunchSettings | Mapping[str, Any] | None = None,
     api: KubeApi | None = None,
     sink: Callable[[str], None] | None = None,
+    before_create: Callable[[], None] | None = None,
 ) -> LaunchResult:
     """Run `appdef` (a one-role TorchX AppDef) as a cluster training job and wait for it.
 
     `run_id`/`task_name`: the KFP run ID and task name (the job name derives from them, so a retry
     re-attaches). `namespace`: None = the launcher pod's namespace (or the kubeconfig context's).
     `settings`: `ClusterLaunchSettings` or a mapping of its fields; `settings.backend` picks the job
-    API. Returns a LaunchResult on success; raises JobFailedError (with the reason),
-    LaunchCancelledError (SIGTERM), OperatorNotInstalledError, ConfigError (bad input, before any request).
+    API. `before_create`: called right before each job creation, never when re-attaching to an existing
+    job (a retry after success keeps that job's results). Returns a LaunchResult on success; raises
+    JobFailedError (with the reason), LaunchCancelledError (SIGTERM), OperatorNotInstalledError,
+    ConfigError (bad input, before any request).
     """
     s = settings if isinstance(settings, ClusterLaunchSettings) else validate(
         ClusterLaunchSettings, dict(settings or {}), "cluster launch settings", "settings"
@@ -449,7 +541,7 @@ def run_appdef(
     try:
         backend = backend_for(s, api, namespace or default_namespace())
         ctx = translate.JobContext.from_env(run_id, task_name)
-        return JobLauncher(backend, s, sink=sink).launch(appdef, ctx, name)
+        return JobLauncher(backend, s, sink=sink, before_create=before_create).launch(appdef, ctx, name)
     finally:
         if own_api:
             api.close()

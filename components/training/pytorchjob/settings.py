@@ -22,6 +22,8 @@ LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?\d+)?$")
+DEFAULT_BACKOFF_LIMIT = 3
+"""runPolicy.backoffLimit when settings.backoff_limit is None and pods are restarted (ExitCode/OnFailure)."""
 
 
 def dns1123_subdomain_problem(value: str) -> str | None:
@@ -143,14 +145,23 @@ class ClusterLaunchSettings(StrictModel):
     s3_config_map: str | None = None
     """ConfigMap whose keys become env (e.g. KUBELLM_S3_ENDPOINT_URL, AWS_REGION), via envFrom."""
     s3_endpoint_url: str | None = None
-    """Set KUBELLM_S3_ENDPOINT_URL directly (MinIO/Ceph); None = from the ConfigMap or AWS."""
+    """Set KUBELLM_S3_ENDPOINT_URL directly (MinIO/Ceph); None = from the ConfigMap or AWS. It is a
+    plain env value in the PyTorchJob, so a `user:password@` in it is refused: credentials come from
+    s3_secret_name."""
 
     # --- fault tolerance ---
     backoff_limit: int | None = Field(default=None, ge=0)
-    """runPolicy.backoffLimit (pod restarts before the job fails); None = the AppDef role's max_retries."""
-    restart_policy: Literal["OnFailure", "Never", "ExitCode", "Always"] = "ExitCode"
+    """runPolicy.backoffLimit; None = the AppDef role's max_retries, but at least DEFAULT_BACKOFF_LIMIT
+    (3) with restart_policy ExitCode or OnFailure. Training Operator v1.9 fails the whole job on a pod
+    failure once its retry count reaches the limit, before the restart policy applies, so 0 would turn
+    the first preempted or OOM-killed pod into a failed job. v1.9 does not cap ExitCode restarts by
+    count (it counts only OnFailure/Always container restarts against the limit): bound a job that
+    keeps getting killed with active_deadline_seconds."""
+    restart_policy: Literal["OnFailure", "Never", "ExitCode"] = "ExitCode"
     """Replica restartPolicy. ExitCode: exit codes 1-127 (a Python error) fail the job at once,
-    128+ (killed, preempted, OOM) restart the pod."""
+    128+ (killed, preempted, OOM) restart the pod. OnFailure restarts on any non-zero exit; Never
+    fails the job on the first pod failure. Always is refused: a pod restarted on exit 0 never
+    reaches Succeeded, so the job would never finish."""
     clean_pod_policy: Literal["None", "Running", "All"] = "Running"
     """runPolicy.cleanPodPolicy: Running frees GPUs of pods still running when the job ends but keeps
     failed pods for their logs."""
@@ -196,6 +207,16 @@ class ClusterLaunchSettings(StrictModel):
     """How long to wait for a deleted Failed job to disappear before recreating it."""
     torchrun: list[str] = Field(default_factory=lambda: ["torchrun"])
     """How the container starts torchrun."""
+
+    @field_validator("restart_policy", mode="before")
+    @classmethod
+    def _restart_policy(cls, v: Any) -> Any:
+        if v == "Always":
+            raise ValueError(
+                "Always is not supported: a training pod restarted after exit 0 never reaches Succeeded, so "
+                "the job would never finish; use ExitCode (restart on 128+: killed, preempted, OOM) or OnFailure"
+            )
+        return v
 
     @field_validator("job_name")
     @classmethod

@@ -24,11 +24,20 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import stable_hash
-from kubellm.training.pytorchjob.settings import DNS1035_LABEL, ClusterLaunchSettings, label_value_problem
+from kubellm.core.storage import redact
+from kubellm.training.pytorchjob.settings import (
+    DEFAULT_BACKOFF_LIMIT,
+    DNS1035_LABEL,
+    QUANTITY,
+    ClusterLaunchSettings,
+    label_value_problem,
+)
 
 GROUP = "kubeflow.org"
 VERSION = "v1"
@@ -180,6 +189,21 @@ def _shm_size(settings: ClusterLaunchSettings, mem_mb: int | None) -> str:
     return f"{max(mem_mb // 4, 64)}Mi" if mem_mb else "1Gi"
 
 
+_SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def pod_namespace() -> str | None:
+    """The launching pod's own namespace: KUBELLM_NAMESPACE (downward API, set by the pipeline), else
+    the mounted service-account namespace; None outside a pod."""
+    if ns := os.environ.get("KUBELLM_NAMESPACE", "").strip():
+        return ns
+    try:
+        with open(_SA_NAMESPACE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class JobContext:
     """Who is launching: the KFP run and task, and (in-cluster) the launching pod."""
@@ -189,13 +213,27 @@ class JobContext:
     attempt: int = 1
     owner_pod_name: str | None = None
     owner_pod_uid: str | None = None
+    owner_pod_namespace: str | None = None
+    """The launching pod's namespace: the job gets the pod as owner only in that same namespace (the
+    garbage collector treats an owner in another namespace as absent and deletes the job)."""
 
     @staticmethod
     def from_env(run_id: str, task_name: str, attempt: int = 1) -> JobContext:
-        """Owner pod from the downward API env the component sets (KUBELLM_POD_NAME/_UID)."""
+        """Owner pod from the downward API env the component sets (KUBELLM_POD_NAME/_UID/KUBELLM_NAMESPACE)."""
         return JobContext(
-            run_id, task_name, attempt, os.environ.get("KUBELLM_POD_NAME") or None, os.environ.get("KUBELLM_POD_UID") or None
+            run_id, task_name, attempt, os.environ.get("KUBELLM_POD_NAME") or None,
+            os.environ.get("KUBELLM_POD_UID") or None, pod_namespace(),
         )
+
+    def owner_reference(self, namespace: str) -> dict[str, Any] | None:
+        """The launching pod as a (non-controller) owner of a job in `namespace`, or None when the pod
+        is unknown or lives in another namespace."""
+        if not (self.owner_pod_name and self.owner_pod_uid) or self.owner_pod_namespace != namespace:
+            return None
+        # Deleting the launching pod (pipeline run deleted) garbage-collects the job. Not a
+        # controller reference and no blockOwnerDeletion: that would need finalizer rights on pods.
+        return {"apiVersion": "v1", "kind": "Pod", "name": self.owner_pod_name, "uid": self.owner_pod_uid,
+                "controller": False, "blockOwnerDeletion": False}
 
 
 def _resources(role: Any, settings: ClusterLaunchSettings) -> tuple[dict[str, Any], int, int | None]:
@@ -230,14 +268,32 @@ def _resources(role: Any, settings: ClusterLaunchSettings) -> tuple[dict[str, An
     return out, gpus, mem_mb
 
 
-_UNITS = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024**2, "K": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+# Kubernetes quantity suffixes (apimachinery resource.Quantity) as multipliers of one byte.
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL: dict[str, int | Fraction] = {
+    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 10**3), "": 1, "k": 10**3,
+    "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}
 
 
 def _memory_mb(q: str) -> int | None:
-    m = re.fullmatch(r"(\d+)([KMGT]i?)?", q)
+    """A Kubernetes memory quantity (the QUANTITY grammar: `64Gi`, `2T`, `1.5Ti`, `1e9`, `500M`) in
+    MiB, rounded down; None when `q` is not a quantity."""
+    m = QUANTITY.match(q)
     if not m:
         return None
-    return int(int(m.group(1)) * _UNITS.get(m.group(2) or "", 1 / 2**20))
+    number, suffix = Fraction(m.group(1)), m.group(3) or ""
+    scale: int | Fraction
+    if suffix in _BINARY:
+        scale = _BINARY[suffix]
+    elif suffix in _DECIMAL:  # "E" alone is exa; "E6"/"e6" a decimal exponent
+        scale = _DECIMAL[suffix]
+    else:
+        exp = int(suffix[1:])
+        if exp > 30:  # no memory this large exists (the API server refuses it); and 10**exp stays cheap
+            return None
+        scale = Fraction(10**exp) if exp >= 0 else Fraction(1, 10 ** min(-exp, 30))
+    return int(number * scale / 2**20)
 
 
 def is_credential_env(key: str) -> bool:
@@ -325,8 +381,22 @@ def _env(
         ):
             env[var] = {"valueFrom": {"secretKeyRef": {"name": settings.s3_secret_name, "key": key}}}
     if settings.s3_endpoint_url:
+        _check_endpoint(settings.s3_endpoint_url)
         env["KUBELLM_S3_ENDPOINT_URL"] = {"value": settings.s3_endpoint_url}
     return [{"name": k, **v} for k, v in env.items()]
+
+
+def _check_endpoint(url: str) -> None:
+    """Refuse an endpoint URL with `user:password@`: it would be a plain env value in the job, readable
+    by anyone who can read the PyTorchJob. The error shows the URL redacted."""
+    authority = urlsplit(url).netloc if "://" in url else url.split("/", 1)[0]
+    if "@" in authority:
+        shown = redact(url) if "://" in url else "<redacted>"
+        raise ConfigError(
+            f"settings.s3_endpoint_url={shown!r} carries credentials (user:password@), which would be "
+            "written into the PyTorchJob as a plain env value; give the endpoint without them and reference "
+            "the credentials from a Secret with settings.s3_secret_name (or use settings.s3_workload_identity)"
+        )
 
 
 def _security_context(settings: ClusterLaunchSettings) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -347,6 +417,19 @@ def _security_context(settings: ClusterLaunchSettings) -> tuple[dict[str, Any], 
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     return pod, container
+
+
+def backoff_limit(settings: ClusterLaunchSettings, max_retries: int) -> int:
+    """runPolicy.backoffLimit: settings.backoff_limit when set; else the AppDef role's max_retries
+    (TorchX's torchrun component always says 0), but at least DEFAULT_BACKOFF_LIMIT when pods are
+    restarted (ExitCode/OnFailure): with 0, Training Operator v1.9 fails the whole job on the first pod
+    failure (a preemption, an OOM kill) before the restart policy applies."""
+    if settings.backoff_limit is not None:
+        return settings.backoff_limit
+    retries = max(max_retries, 0)
+    if settings.restart_policy in ("ExitCode", "OnFailure"):
+        return max(retries, DEFAULT_BACKOFF_LIMIT)
+    return retries
 
 
 def build_pytorchjob(
@@ -406,7 +489,11 @@ def build_pytorchjob(
     # torchrun reads --nnodes/--nproc-per-node/--node-rank/--master-addr/--master-port (and, for
     # elastic jobs, --rdzv-backend/--rdzv-endpoint/--rdzv-id) from the PET_* env the operator injects.
     max_restarts = settings.max_restarts if settings.max_restarts is not None else (cmd.max_restarts or 3)
-    command = [*settings.torchrun, "--max-restarts", str(max_restarts), "--monitor-interval", "5", *program]
+    # --nproc-per-node is always explicit: the operator sets PET_NPROC_PER_NODE only with a Master
+    # (spec.nprocPerNode) or from the deprecated elasticPolicy.nProcPerNode, so a Worker-only elastic
+    # job would otherwise run torchrun's default of one process per pod.
+    command = [*settings.torchrun, "--max-restarts", str(max_restarts), "--monitor-interval", "5",
+               "--nproc-per-node", str(nproc), *program]
 
     pod_sc, container_sc = _security_context(settings)
     volumes, mounts = _volumes(settings, _shm_size(settings, mem_mb))
@@ -467,7 +554,7 @@ def build_pytorchjob(
         return {"replicas": n, "restartPolicy": settings.restart_policy, "template": copy.deepcopy(template)}
 
     run_policy: dict[str, Any] = {
-        "backoffLimit": settings.backoff_limit if settings.backoff_limit is not None else max(role.max_retries, 0),
+        "backoffLimit": backoff_limit(settings, role.max_retries),
         "cleanPodPolicy": settings.clean_pod_policy,
     }
     if settings.ttl_seconds_after_finished is not None:
@@ -502,11 +589,7 @@ def build_pytorchjob(
             f"{LABEL_PREFIX}/spec-hash": stable_hash(spec)[:16],
         },
     }
-    if ctx.owner_pod_name and ctx.owner_pod_uid:
-        # Deleting the launching pod (pipeline run deleted) garbage-collects the job. Not a
-        # controller reference and no blockOwnerDeletion: that would need finalizer rights on pods.
-        metadata["ownerReferences"] = [
-            {"apiVersion": "v1", "kind": "Pod", "name": ctx.owner_pod_name, "uid": ctx.owner_pod_uid,
-             "controller": False, "blockOwnerDeletion": False}
-        ]
+    owner = ctx.owner_reference(namespace)
+    if owner is not None:
+        metadata["ownerReferences"] = [owner]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": metadata, "spec": spec}
