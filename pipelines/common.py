@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +55,18 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                         "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
+def parse_params(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """`NAME=VALUE` items -> {name: value}; a value starting with `[` or `{` is parsed as JSON, any other
+    (an empty one included: `tokens=`) is the string. Errors name `flag` (`--param`, `--arg`)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
         k, v = item.split("=", 1)
         try:
-            val: Any = json.loads(v) if v[:1] in "[{" else v
+            val: Any = json.loads(v) if v.startswith(("[", "{")) else v
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--param {k}: value looks like JSON but does not parse: {e}") from None
+            raise ConfigError(f"{flag} {k}: value looks like JSON but does not parse: {e}") from None
         out[k.strip()] = val
     return out
 
@@ -113,27 +116,49 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
                             params=tuple(params.items()), **extra)
 
 
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
 #: parameters that name data every step must reach: on a cluster, object storage (or the hub)
 CLUSTER_PATH_PARAMS = ("storage_root", "promoted_pointer", "tokens", "model_uris", *SOURCE_PARAMS.values())
 
 
 def check_cluster_paths(pipeline: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Refuse, before a run reaches the cluster, a local path where every step must read or write:
-    on Kubeflow each step runs in its own pod, so a directory on this machine (or in one pod) is
-    not shared — the tokenizer would not find data prep's output, a promotion would vanish with its pod."""
-    bad = []
+    """Refuse, before a run reaches the cluster, a local path (or a URL that is not s3://) where every
+    step must read or write: on Kubeflow each step runs in its own pod, so a directory on this machine
+    (or in one pod) is not shared — the tokenizer would not find data prep's output, a promotion would
+    vanish with its pod. Sources may also be `hf:` datasets, not S3 globs (data prep reads no glob on
+    S3); a model may carry the evaluate stage's `label:` prefix. Values are echoed redacted."""
+    from kubellm.core.storage import redact
+    from kubellm.data_prep.sources import HUB_SCHEME
+    from kubellm.pipelines.fingerprint import refuse_s3_glob, strip_label
+
+    local: list[str] = []
+    other: list[str] = []
     for name in CLUSTER_PATH_PARAMS:
         if name not in defaults:
             continue
         value = arguments.get(name, defaults[name])
         for item in (value if isinstance(value, list) else str(value).split(",")):
             item = str(item).strip()
-            if item and not item.startswith(("s3://", "hf:")):
-                bad.append(f"{name}={item!r}")
-    if bad:
+            if name == "model_uris":
+                item = strip_label(item)
+            if not item:
+                continue
+            if name in SOURCE_PARAMS.values():
+                refuse_s3_glob(item, name)
+                if item.startswith(HUB_SCHEME):
+                    continue
+            if not item.startswith("s3://"):
+                (other if _URL_SCHEME.match(item) else local).append(f"{name}={redact(item)!r}")
+    problems = []
+    if local:
+        problems.append(f"{', '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}")
+    if other:
+        problems.append(f"{', '.join(other)} {'is a URL' if len(other) == 1 else 'are URLs'} that kubellm's "
+                        "steps cannot share (only s3:// is supported)")
+    if problems:
         raise ConfigError(
-            f"{pipeline}: {', '.join(bad)} "
-            f"{'is a local path' if len(bad) == 1 else 'are local paths'}: on Kubeflow every step runs in its own pod "
+            f"{pipeline}: {'; '.join(problems)}: on Kubeflow every step runs in its own pod "
             "and shares no filesystem with the others; use s3://bucket/prefix (storage.root and sources.* in the "
             "run-config, or --param/--arg NAME=s3://…)")
 

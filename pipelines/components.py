@@ -31,14 +31,15 @@ def _image(stage: str) -> str:
 
 
 @dsl.component(base_image=_image("base"), install_kfp_package=False)
-def fingerprint_source(source: str) -> str:
-    """Fingerprint a raw source (local path/glob or s3:// prefix): sha256 over its sorted object keys,
-    sizes and ETags. Runs uncached; its output is a parameter of the cached step that reads the source."""
+def fingerprint_source(source: str, name: str = "source") -> str:
+    """Fingerprint a source (local path/glob, s3:// prefix or hf: dataset) over the files the stage that
+    reads it will read (kubellm.pipelines.fingerprint). `name`: the pipeline parameter it came from, for
+    errors. Runs uncached; its output is a parameter of the cached step that reads the source."""
     from kubellm.pipelines.fingerprint import fingerprint
     from kubellm.pipelines.runtime import reported
 
     with reported("fingerprint"):
-        fp = fingerprint(source)
+        fp = fingerprint(source, name)
     print(f"[kubellm] fingerprint {source}: {fp}")
     return fp
 

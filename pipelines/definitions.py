@@ -151,16 +151,20 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
 _URL_WITH_PASSWORD = re.compile(r"[A-Za-z][\w+.-]*://[^/@\s\"',]*:[^/@\s\"',]*@[^/\s\"',]*")
 
 
-def _refuse_url_credentials(name: str, value: Any) -> None:
-    """Parameter defaults are shown in the KFP UI and stored in the pipeline YAML: a URL carrying
+def _refuse_url_credentials(name: str, value: Any, flag: str = "") -> None:
+    """Parameter defaults are shown in the KFP UI and stored in the pipeline YAML, run arguments
+    (`--arg`) in the run (and a schedule's every run), shown in the UI too: a URL carrying
     `user:password@` (an endpoint, a storage root, a source) would publish the password."""
     from kubellm.core.storage import redact
 
     text = value if isinstance(value, str) else json.dumps(value)
     urls = sorted(set(_URL_WITH_PASSWORD.findall(text)))
     if urls:
-        raise ConfigError(f"pipeline parameter {name}: a URL carries credentials ({', '.join(redact(u) for u in urls)}): "
-                          "parameters are stored in the pipeline YAML and shown in the KFP UI; give credentials "
+        where = (f"{flag} {name}" if flag else f"pipeline parameter {name}")
+        stored = ("run arguments are stored with the run and shown in the KFP UI" if flag
+                  else "parameters are stored in the pipeline YAML and shown in the KFP UI")
+        raise ConfigError(f"{where}: a URL carries credentials ({', '.join(redact(u) for u in urls)}): "
+                          f"{stored}; give credentials "
                           "through the environment or a Kubernetes Secret (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                           "--s3-secret) and the URL without them")
 
@@ -181,10 +185,33 @@ def report_only(evaluate_config: str) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+def _merge_section(model_cls: Any, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` deep-merged onto `base` along the section's nested config models: a field whose type is a
+    config model merges key by key; anything else (a number, a list, a free-form mapping such as
+    `gate.rules`) is replaced whole, so a mapping can still drop entries."""
+    from pydantic import BaseModel
+
+    out = dict(base)
+    fields = getattr(model_cls, "model_fields", {})
+    for key, value in over.items():
+        field = fields.get(key)
+        sub = getattr(field, "annotation", None)
+        if (isinstance(value, dict) and isinstance(out.get(key), dict) and isinstance(sub, type)
+                and issubclass(sub, BaseModel)):
+            out[key] = _merge_section(sub, out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> Any:
     """A `--param NAME=VALUE` value in the parameter's type (that of its default), or a ConfigError
-    naming it: a `<stage>_config` given as a JSON object becomes its JSON string and is validated
-    like the component will (so a bad field fails here, not in a pod); a list parameter needs a list."""
+    naming it. A `<stage>_config` given as a JSON object (or mapping text) is merged over the default
+    section — the run-config's, so `--param dpo_config='{"beta": 0.2}'` changes beta and keeps every
+    other field — and validated like the component will (so a bad field fails here, not in a pod); it
+    becomes that section's JSON string. A list parameter needs a list."""
+    import yaml
+
     from kubellm.pipelines.runtime import parse_section
 
     if isinstance(default, list):
@@ -194,6 +221,20 @@ def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> A
         return value
     stage = name.removesuffix("_config")
     if name.endswith("_config") and stage in STAGES:
+        over = value
+        if isinstance(value, str):
+            try:
+                over = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError:
+                over = None  # parse_section below says what is wrong with it
+        if isinstance(over, dict) and isinstance(default, str) and default.strip():
+            try:
+                base_model = parse_section(stage, default)
+            except ConfigError:
+                base_model = None
+            if base_model is not None:
+                merged = _merge_section(type(base_model), base_model.model_dump(mode="json"), over)
+                value = merged
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
         try:
             parse_section(stage, text)
@@ -215,6 +256,7 @@ def check_arguments(pipeline: str, values: dict[str, Any], defaults: dict[str, A
             raise ConfigError(f"{flag} {name}: not a parameter of {pipeline}: expected one of "
                               f"{', '.join(sorted(defaults))}")
         out[name] = check_param(name, value, defaults[name], flag)
+        _refuse_url_credentials(name, out[name], flag)
         if pipeline == "evaluation_report" and name == "evaluate_config" and _promotes(out[name]):
             raise ConfigError(f"{flag} evaluate_config: the evaluation_report pipeline never promotes (it may "
                               "evaluate arbitrary models); set gate.promote: false in it, or promote through "
@@ -277,7 +319,10 @@ def _apply_resources(task: dsl.PipelineTask, r: Any) -> None:
 def _data_prep_fan_out(s: PipelineSettings, parallelism: int, config: Any, storage_root: Any, raw: Any,
                        raw_fingerprint: Any) -> Any:
     """list-shards -> ParallelFor(prepare-shard) -> dedup-reduce; returns the reduce's dataset output."""
-    # list-shards gets the run identity: the work prefix is run-scoped (two runs never share one).
+    # list-shards gets the run identity: the work prefix is named after the run that listed the shards.
+    # It is cached on the raw fingerprint and config, so a later (or concurrent) run of the same sources
+    # and config reuses the first run's listing and so its work prefix; dedup-reduce tolerates the other
+    # run publishing the dataset and deleting the prefix meanwhile (README "Data prep at scale").
     shards = _configure(c.list_shards(config=config, storage_root=storage_root, raw=raw,
                                       raw_fingerprint=raw_fingerprint), "data_prep", s,
                         display="data prep: list shards", run_identity=True)
@@ -317,7 +362,7 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
         dpo_config: str = f["dpo_config"],
         evaluate_config: str = f["evaluate_config"],
     ) -> None:
-        raw_fp = _configure(c.fingerprint_source(source=raw_source), "base", s,
+        raw_fp = _configure(c.fingerprint_source(source=raw_source, name="raw_source"), "base", s,
                             display="fingerprint raw corpus", cache=False)
         if fan_out is None:
             dataset = _configure(c.data_prep(config=data_prep_config, storage_root=storage_root, raw=raw_source,
@@ -335,13 +380,13 @@ def build_pipelines(cfg: RunConfig, settings: PipelineSettings | None = None,
                                      tokens=tok.outputs["tokens"]), "pretrain", s, display="pretrain")
         if until == "pretrain":
             return
-        chat_fp = _configure(c.fingerprint_source(source=chat_source), "base", s,
+        chat_fp = _configure(c.fingerprint_source(source=chat_source, name="chat_source"), "base", s,
                              display="fingerprint chat data", cache=False)
         tuned = _configure(c.sft(config=sft_config, storage_root=storage_root, model=base.outputs["model"],
                                  chat=chat_source, chat_fingerprint=chat_fp.output), "sft", s, display="SFT")
         if until == "sft":
             return
-        pref_fp = _configure(c.fingerprint_source(source=preferences_source), "base", s,
+        pref_fp = _configure(c.fingerprint_source(source=preferences_source, name="preferences_source"), "base", s,
                              display="fingerprint preference data", cache=False)
         aligned = _configure(c.dpo(config=dpo_config, storage_root=storage_root, model=tuned.outputs["sft_model"],
                                    preferences=preferences_source, preferences_fingerprint=pref_fp.output),

@@ -2,33 +2,43 @@
 
 KFP caches on parameter values and artifact identities, never on content: a cached data-prep step
 fed `s3://bucket/raw/` would be skipped even after new files land there. So a small *uncached* step
-resolves the source into a fingerprint — sorted object keys + ETags/sizes hashed with sha256 — and
-passes it as a parameter to the cached step. Same objects → same fingerprint → cache hit; one changed
-object → a new fingerprint → that step and everything downstream re-runs.
+resolves the source into a fingerprint and passes it as a parameter to the cached step. Same
+objects → same fingerprint → cache hit; one changed object → a new fingerprint → that step and
+everything downstream re-runs.
+
+The files are found exactly as the stages that read them find them: raw, chat and preference sources
+are all read through `kubellm.data_prep.sources.scan_sources`, so the fingerprint hashes that scan's
+shards (`Source.fingerprint`: an S3 object's key + ETag + size, a local file's path + size + mtime, a
+`datasets` save_to_disk directory's files) and the files it skipped for their format. A glob is
+expanded by that scan too (`glob.glob(..., recursive=True)`: `data/**/*.jsonl` includes
+`data/a.jsonl`).
 
     from kubellm.pipelines.fingerprint import fingerprint, resolve_promoted
     fingerprint("s3://bucket/raw/")              # 'sha256:…' over every object under the prefix
-    fingerprint("/data/corpus/*.jsonl")          # a local glob
+    fingerprint("/data/corpus/**/*.jsonl")       # a local glob
     fingerprint("a/corpus,b/extra.jsonl")        # several sources, comma separated
+    fingerprint("hf:wikitext:wikitext-2-raw-v1") # a hub dataset: the spec itself (no network here)
     resolve_promoted("s3://bucket/kubellm/registry/kubellm/promoted.json")
                                                  # -> Promoted(pointer, uri, fingerprint)
 
-Local files have no ETag; `kubellm.core.storage` reports mtime+size in its place, so rewriting a file
-(even with the same bytes) counts as a change — conservative, never stale.
+Local files have no ETag: their mtime+size stand in, so rewriting a file (even with the same bytes)
+counts as a change — conservative, never stale. A hub dataset (`hf:<name>[:<config>]`) is
+fingerprinted by its spec string alone: nothing is fetched at fingerprint time, so a hub dataset that
+changes under the same name is NOT detected (a cached data prep keeps the old data); the spec syntax
+has no revision to pin, so give the data a new name (or copy it to S3) when it must re-run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import re
 from pathlib import Path
 
-from kubellm.core.errors import InputDataError, KubellmError
+from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import load_manifest_ref
-from kubellm.core.storage import ObjectInfo, is_s3, join, local_path, storage_for
+from kubellm.core.storage import is_s3, join, redact
 
 GLOB_CHARS = "*?["
 POINTER_NAME = "promoted.json"
@@ -40,61 +50,38 @@ def split_sources(source: str) -> list[str]:
     return [s.strip() for s in source.split(",") if s.strip()]
 
 
-def _split_glob(source: str) -> tuple[str, str | None]:
-    """`s3://b/raw/*.jsonl` -> (`s3://b/raw`, `*.jsonl`); no glob -> (source, None)."""
-    idx = min((source.find(c) for c in GLOB_CHARS if c in source), default=-1)
-    if idx < 0:
-        return source, None
-    base = source[:idx].rsplit("/", 1)[0] if "/" in source[:idx] else "."
-    pattern = source[len(base) + 1 :] if base != "." else source
-    return base, pattern
+def refuse_s3_glob(item: str, name: str = "source") -> None:
+    """Data prep (and SFT/DPO) list an `s3://` source as a prefix or one key, never as a glob: refuse
+    `s3://b/raw/*.jsonl` up front rather than read nothing (or a key that happens to hold a `*`)."""
+    if is_s3(item) and any(c in item for c in GLOB_CHARS):
+        prefix = item[:min(item.find(c) for c in GLOB_CHARS if c in item)].rsplit("/", 1)[0]
+        raise ConfigError(redact(
+            f"{name} {item!r}: glob patterns are not supported on s3:// (an S3 source is a prefix, read "
+            f"recursively, or one object): name the prefix ({prefix}/) or list the objects comma separated"))
 
 
-def _single_object(source: str) -> list[ObjectInfo]:
-    """A source that names one object (a local file, or an S3 key that is not a prefix)."""
-    if not is_s3(source):
-        p = local_path(source)
-        if p.is_file():
-            st = p.stat()
-            return [ObjectInfo(source, p.name, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
-        return []
-    parent, _, name = source.rstrip("/").rpartition("/")
-    if parent.endswith(":/"):  # s3://bucket alone has no parent to list
-        return []
-    return [o for o in storage_for(parent).list(parent) if o.relpath == name]
+def fingerprint(source: str, name: str = "source") -> str:
+    """sha256 over, per comma-separated item, the shards `scan_sources` finds for it (the very files
+    data prep, SFT and DPO read) and the files it skips for their format. `name` (e.g. `chat_source`)
+    is what errors call the source.
 
+    Raises InputDataError/ConfigError naming the source when it is empty or an item matches nothing (a
+    typo must not silently fingerprint an empty set and cache an empty dataset)."""
+    from kubellm.data_prep.sources import scan_sources
 
-def list_source(source: str) -> list[ObjectInfo]:
-    """Every object one source names: a prefix/directory (recursively), a glob, or a single object.
-    Hidden files and in-progress `.tmp` files are ignored; a kubellm `_manifest.json` is kept (it is
-    what changes when an artifact prefix is re-committed)."""
-    base, pattern = _split_glob(source)
-    if pattern is None:
-        objs = storage_for(source).list(source) or _single_object(source)
-    else:
-        objs = [o for o in storage_for(base).list(base) if fnmatch.fnmatchcase(o.relpath, pattern)]
-    return [o for o in objs if not any(part.startswith(".") for part in o.relpath.split("/"))
-            or o.relpath.endswith("_manifest.json")]
-
-
-def fingerprint(source: str) -> str:
-    """sha256 over (source, sorted relative keys, sizes, ETags) of every object `source` names.
-
-    Raises InputDataError naming the source when it matches nothing (a typo must not silently
-    fingerprint an empty set and cache an empty dataset)."""
-    sources = split_sources(source)
-    if not sources:
-        raise InputDataError("empty source: expected a local path/glob or an s3:// prefix")
+    items = split_sources(source)
+    if not items:
+        raise InputDataError(f"{name} is empty: expected a local path/glob, an s3:// prefix or hf:<name>")
     h = hashlib.sha256()
-    for src in sources:
-        objs = list_source(src)
-        if not objs:
-            raise InputDataError(
-                f"{src}: matched no objects (expected a directory, file, glob or s3:// prefix with data)"
-            )
-        h.update(json.dumps({"source": src, "objects": [[o.relpath, o.size, o.etag]
-                                                         for o in sorted(objs, key=lambda o: o.relpath)]},
-                            separators=(",", ":")).encode())
+    for item in items:
+        refuse_s3_glob(item, name)
+        try:
+            scan = scan_sources(item, warn=False)
+        except KubellmError as e:
+            raise type(e)(f"{name}: {e}") from e
+        h.update(json.dumps({"source": item,
+                             "shards": [[s.uri, s.format, s.fingerprint] for s in scan.sources],
+                             "skipped": sorted(scan.skipped)}, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -120,9 +107,29 @@ def strip_label(ref: str) -> str:
     return ref[m.end():] if m else ref
 
 
+def is_plain_hf_dir(ref: str) -> bool:
+    """A local Hugging Face model directory (`config.json`, no kubellm `_manifest.json`): what
+    `kubellm evaluate` and the registry accept besides a committed model artifact."""
+    p = Path(ref)
+    return (not is_s3(ref) and p.is_dir() and not (p / "_manifest.json").exists()
+            and (p / "config.json").is_file())
+
+
+def model_identity(ref: str) -> tuple[str, str]:
+    """(uri, content digest) of a model reference: a committed artifact's manifest URI and digest, or
+    for a plain local HF directory its resolved path and `directory_fingerprint` (files' names, sizes,
+    mtimes — as the training stages fingerprint such a directory; re-exporting into it is a change)."""
+    if is_plain_hf_dir(ref):
+        from kubellm.data_prep.sources import directory_fingerprint
+
+        return str(Path(ref).resolve()), directory_fingerprint(Path(ref))
+    manifest = load_manifest_ref(ref)
+    return manifest.uri, manifest.digest()
+
+
 def resolve_promoted(pointer: str, *, required: bool = False) -> Promoted:
     """Read the promoted-model pointer (the JSON the evaluate stage's gate writes) and fingerprint its
-    target (the target's manifest digest).
+    target (the target's manifest digest; a plain local HF directory's `directory_fingerprint`).
 
     A pointer that does not exist yet (no model promoted) gives Promoted(pointer, "", "none") — the
     pointer is kept, so the first promotion lands where it names — unless `required`. A pointer that is
@@ -138,11 +145,10 @@ def resolve_promoted(pointer: str, *, required: bool = False) -> Promoted:
         return Promoted(pointer, "", "none")
     target = current.entry.model_uri
     try:
-        manifest = load_manifest_ref(target)
+        uri, digest = model_identity(target)
     except KubellmError as e:
-        raise InputDataError(f"{pointer}: its model_uri {target} is not a committed artifact: {e}") from e
-    return Promoted(pointer, manifest.uri, "sha256:" + hashlib.sha256(
-        f"{manifest.uri}\n{manifest.digest()}".encode()).hexdigest())
+        raise InputDataError(f"{pointer}: its model_uri {target} is neither a committed artifact nor an HF model directory: {e}") from e
+    return Promoted(pointer, uri, "sha256:" + hashlib.sha256(f"{uri}\n{digest}".encode()).hexdigest())
 
 
 def resolve_models(model_uris: list[str], pointer: str) -> tuple[list[str], Promoted]:
@@ -164,9 +170,10 @@ def resolve_models(model_uris: list[str], pointer: str) -> tuple[list[str], Prom
 
 
 def fingerprint_models(models: list[str]) -> str:
-    """Fingerprint of a list of model artifacts: their manifests' digests."""
+    """Fingerprint of a list of model artifacts: their manifests' digests (a plain local HF directory:
+    its files' paths, sizes and mtimes, see `model_identity`)."""
     h = hashlib.sha256()
     for m in models:
-        manifest = load_manifest_ref(strip_label(m))
-        h.update(f"{manifest.uri}\n{manifest.digest()}\n".encode())
+        uri, digest = model_identity(strip_label(m))
+        h.update(f"{uri}\n{digest}\n".encode())
     return "sha256:" + h.hexdigest()

@@ -8,7 +8,9 @@
     kubellm submit --run-config configs/prod.yaml --git-sha "$GITHUB_SHA" --upload
 
 The pipeline is compiled from the run-config right here (its values become the parameter defaults,
-so the run shows them in the UI); `--param NAME=VALUE` overrides a parameter for this run only.
+so the run shows them in the UI); `--param NAME=VALUE` changes a parameter's compiled default (in the
+uploaded pipeline too), `--arg NAME=VALUE` sets it for this run only. A `<stage>_config` given as a
+JSON object is merged over the run-config's section.
 `--upload` also registers the compiled pipeline as a version of a named pipeline in the UI (version
 name: the git sha, else a content hash); re-uploading identical content reuses the version, different
 content under the same version name is a conflict and is refused. With --namespace the pipeline lives in
@@ -215,7 +217,7 @@ def wait_for(client: Any, endpoint: str, run_id: str, timeout: float, poll: floa
 
 
 def main(args: argparse.Namespace) -> int:
-    arguments = parse_params(args.args)
+    arguments = parse_params(args.args, "--arg")
     with tempfile.TemporaryDirectory(prefix="kubellm-submit-") as tmp:
         path, digest, cfg = compile_for_submit(args, Path(tmp))
         defaults = parameter_defaults(cfg, settings_from_args(args))[args.pipeline]

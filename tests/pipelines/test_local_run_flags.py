@@ -4,11 +4,13 @@ a pipeline (the end-to-end runs are in test_local_run_e2e.py)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
 
 from kubellm.cli import main as cli_main
+from kubellm.pipelines.definitions import section_json
 from kubellm.pipelines.local_run import pipeline_arguments
 from kubellm.runconfig import load_run_config
 
@@ -50,10 +52,13 @@ def test_workdir_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Captur
 
 def test_config_param_given_as_json_object_reaches_the_component_as_a_string(tmp_path: Path) -> None:
     cfg = load_run_config(preset="debug")
-    args = argparse.Namespace(pipeline="llm_from_scratch", raw="/data/raw", chat=None, preferences=None,
-                              demo_scale=1.0, param=['tokenizer_config={"vocab_size": 4096}'])
+    args = argparse.Namespace(pipeline="llm_from_scratch", raw="/data/raw", chat="/data/chat",
+                              preferences="/data/prefs", demo_scale=1.0,
+                              param=['tokenizer_config={"vocab_size": 4096}'])
     got = pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)
-    assert got["tokenizer_config"] == '{"vocab_size":4096}' and got["raw_source"] == "/data/raw"
+    # a string, the run-config's tokenizer section with vocab_size replaced (merged, not reset)
+    want = {**json.loads(section_json(cfg, "tokenizer")), "vocab_size": 4096}
+    assert json.loads(got["tokenizer_config"]) == want and got["raw_source"] == "/data/raw"
     args = argparse.Namespace(pipeline="evaluation_report", models=[], demo_scale=1.0,
                               param=['model_uris=["s3://b/x"]'])
     assert pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)["model_uris"] == ["s3://b/x"]
@@ -63,10 +68,12 @@ def test_config_param_given_as_json_object_reaches_the_component_as_a_string(tmp
 def test_failed_step_error_in_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a missing --raw fails the uncached fingerprint step: the summary says why, not just which task
     missing = tmp_path / "no-such-corpus"
-    assert _run(tmp_path, "--raw", str(missing)) == 1
+    assert _run(tmp_path, "--raw", str(missing), "--chat", str(tmp_path / "c.jsonl"),
+                "--preferences", str(tmp_path / "p.jsonl")) == 1
     summary = capsys.readouterr().out.rpartition("=" * 72)[2]
     assert "FAILED" in summary
-    assert f"[kubellm] fingerprint failed: InputDataError: {missing}: matched no objects" in summary
+    assert (f"[kubellm] fingerprint failed: InputDataError: raw_source: {missing}: no such file, directory or "
+            "glob match") in summary
     assert "Inner task failed: 'fingerprint-source'" in summary
 
 

@@ -55,7 +55,7 @@ def test_local_report_with_a_failed_gate_fails_with_the_report_written(tmp_path:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     art = str(tmp_path / "work" / "artifacts")
     model = publish_model(build_export(tmp_path / "hf", seed=0), art, "dpo")
-    section = {"tasks": ["kubellm_knowledge"], "limit": 1, "bootstrap_iters": 0, "device": "cpu",
+    section = {"tasks": ["kubellm_knowledge"], "chat_tasks": [], "headline": {}, "limit": 1, "bootstrap_iters": 0, "device": "cpu",
                "dtype": "float32", "gate": {"promote": False, "rules": {"kubellm_knowledge": {"min": 1.5}}}}
     rc = cli_main(["run", "--local", "--preset", "debug", "--pipeline", "evaluation_report",
                    "--workdir", str(tmp_path / "work"), "--models", model.uri,

@@ -21,20 +21,24 @@ def _promote(text: str) -> bool:
 
 def test_a_param_evaluate_config_promotes_in_the_training_pipeline_only() -> None:
     cfg = load_run_config(None, preset="debug")
-    partial = json.dumps({"tasks": ["kubellm_knowledge"]})  # a partial section: gate.promote defaults to true
+    partial = json.dumps({"limit": 3, "gate": {"promote": True}})  # merged over the run-config's section
     d = parameter_defaults(cfg, PipelineSettings(params=(("evaluate_config", partial),)))
     assert _promote(d["llm_from_scratch"]["evaluate_config"])
     assert not _promote(d["evaluation_report"]["evaluate_config"])
-    assert json.loads(d["evaluation_report"]["evaluate_config"])["tasks"] == ["kubellm_knowledge"]
+    assert json.loads(d["evaluation_report"]["evaluate_config"])["limit"] == 3
 
 
-@pytest.mark.parametrize("value", [{"gate": {"promote": True}}, {"tasks": ["kubellm_knowledge"]}, "gate: {promote: true}"])
+@pytest.mark.parametrize("value", [{"gate": {"promote": True}}, {"limit": 2, "gate": {"promote": True}},
+                                   "gate: {promote: true}"])
 def test_a_report_argument_that_would_promote_is_refused(value: Any) -> None:
     defaults = parameter_defaults(load_run_config(None, preset="debug"), PipelineSettings())["evaluation_report"]
     with pytest.raises(ConfigError, match="--arg evaluate_config: the evaluation_report pipeline never promotes"):
         check_arguments("evaluation_report", {"evaluate_config": value}, defaults, "--arg")
     ok = check_arguments("evaluation_report", {"evaluate_config": {"gate": {"promote": False}}}, defaults, "--arg")
     assert not _promote(ok["evaluate_config"])
+    # a partial section keeps the report's gate.promote false (merged, not reset to the schema's true)
+    ok = check_arguments("evaluation_report", {"evaluate_config": {"limit": 2}}, defaults, "--arg")
+    assert not _promote(ok["evaluate_config"]) and json.loads(ok["evaluate_config"])["limit"] == 2
 
 
 def test_the_report_component_never_promotes(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
