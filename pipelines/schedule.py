@@ -9,8 +9,9 @@ KFP's cron has SIX fields, seconds first (`sec min hour day-of-month month day-o
 
 Every scheduled run re-evaluates: caching is off for the whole run. No catch-up (a paused schedule
 does not backfill missed reports), `--max-concurrency` (default 1) runs at a time. KFP has no update
-call for recurring runs, so "update" is: same name and same desired spec -> nothing to do (printed);
-anything changed -> the old recurring run is deleted and a new one created.
+call for recurring runs, so "update" is: same name and same desired spec -> nothing to do (printed),
+except that one paused in the UI is re-enabled (unless --disabled); anything changed -> a new
+recurring run is created, then the old one deleted (a failed create leaves the old one in place).
 """
 
 from __future__ import annotations
@@ -114,6 +115,29 @@ def desired_hash(spec_digest: str, args: argparse.Namespace, cron: str, argument
                         "service_account": args.service_account, "enabled": not args.disabled})
 
 
+def _is_enabled(rr: Any) -> bool:
+    """Whether a recurring run is scheduling: its `mode` (ENABLE/DISABLE, what enable/disable set), or
+    where the server leaves that out, its `status` (ENABLED/DISABLED)."""
+    mode = str(getattr(rr, "mode", None) or "").upper()
+    if mode in ("ENABLE", "DISABLE"):
+        return mode == "ENABLE"
+    return str(getattr(rr, "status", None) or "").upper() != "DISABLED"
+
+
+def _state_note(client: Any, rr: Any, *, enabled: bool) -> str:
+    """Bring an up-to-date recurring run to the requested state when it was paused (or resumed) in the
+    UI — its description hash cannot tell — and say so (empty when nothing changed)."""
+    if _is_enabled(rr) == enabled:
+        return ""
+    if enabled:
+        with api_errors(f"enable recurring run {rr.recurring_run_id}"):
+            client.enable_recurring_run(rr.recurring_run_id)
+        return "; it was disabled (paused in the UI?), re-enabled it"
+    with api_errors(f"disable recurring run {rr.recurring_run_id}"):
+        client.disable_recurring_run(rr.recurring_run_id)
+    return "; it was enabled, disabled it as --disabled asks"
+
+
 def main(args: argparse.Namespace) -> int:
     if not _NAME.match(args.name):
         raise ConfigError(f"--name {args.name!r}: expected lower-case letters, digits, '-' or '.', "
@@ -121,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
     cron = validate_cron(args.cron)
     if not 1 <= args.max_concurrency <= 10:
         raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP allows 1-10")
-    arguments = parse_params(args.args)
+    arguments = parse_params(args.args, "--arg")
     models = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
     if models:
         arguments["model_uris"] = models
@@ -140,18 +164,23 @@ def main(args: argparse.Namespace) -> int:
                                               filter=eq_filter("display_name", args.name), page_size=100)
         existing = [r for r in (resp.recurring_runs or []) if r.display_name == args.name]
         if len(existing) == 1 and (existing[0].description or "") == description:
-            print(f"recurring run {args.name} ({existing[0].recurring_run_id}) is up to date: cron {cron!r}")
+            old = existing[0]
+            state = _state_note(client, old, enabled=not args.disabled)
+            print(f"recurring run {args.name} ({old.recurring_run_id}) is up to date: cron {cron!r}{state}")
             return 0
-        for old in existing:
-            with api_errors(f"delete recurring run {old.recurring_run_id}"):
-                client.delete_recurring_run(old.recurring_run_id)
-            print(f"replacing recurring run {args.name} ({old.recurring_run_id})")
+        # create the new one first: if that fails, the old schedule is still there (KFP does not make
+        # recurring-run display names unique, so both may exist for a moment)
         with api_errors(f"create recurring run {args.name!r}"):
             rr = client.create_recurring_run(
                 experiment_id=exp.experiment_id, job_name=args.name, description=description,
                 cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=True,
                 params=arguments, pipeline_package_path=str(path), enabled=not args.disabled,
                 pipeline_root=args.pipeline_root, service_account=args.service_account)
+        for old in existing:
+            with api_errors(f"delete the replaced recurring run {old.recurring_run_id} (the new one, "
+                            f"{rr.recurring_run_id}, exists: delete the old one in the UI)"):
+                client.delete_recurring_run(old.recurring_run_id)
+            print(f"replaced recurring run {args.name} ({old.recurring_run_id})")
     verb = "updated" if existing else "created"
     print(f"{verb} recurring run {args.name} ({rr.recurring_run_id}): cron {cron!r}, max concurrency "
           f"{args.max_concurrency}, no catch-up, caching off{' (disabled)' if args.disabled else ''}; "
