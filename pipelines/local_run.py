@@ -128,50 +128,90 @@ def _setup_s3(args: argparse.Namespace) -> str:
     return join(f"s3://{args.bucket}", args.prefix)
 
 
-def _demo_world(workdir: Path, root: str, scale: float) -> dict[str, str]:
-    """Generate the demo world once per workdir; with an S3 root, also upload it there so the stages
-    read their sources through S3 like on a cluster."""
+DEMO_SETTINGS = "demo-world.settings.json"  # beside demo-world/ (a foreign file inside it is refused)
+
+
+def _demo_world(workdir: Path, root: str, scale: float, seed: int = 0) -> dict[str, str]:
+    """Generate the demo world once per workdir and (seed, scale) — regenerated when either differs
+    from what the existing one was generated with (world.json records the seed, `DEMO_SETTINGS` the
+    scale); with an S3 root, also upload it there so the stages read their sources through S3 like on
+    a cluster: objects whose content differs are replaced and objects the world no longer has removed."""
+    import json
+
     from kubellm.data_prep.demo_world import generate
 
     out = workdir / "demo-world"
-    if not (out / "world.json").is_file():
-        print(f"{HEADLINE} generating the demo world in {out}")
-        generate(out, seed=0, scale=scale)
+    want = {"seed": seed, "scale": float(scale)}
+    settings = workdir / DEMO_SETTINGS
+    have: dict[str, Any] | None = None
+    try:
+        have = {"seed": json.loads((out / "world.json").read_text())["seed"],
+                "scale": float(json.loads(settings.read_text())["scale"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        have = None  # no world, or one of unknown settings: regenerate
+    if have != want:
+        why = "" if not (out / "world.json").is_file() else (
+            f" (replacing the one generated with seed {have['seed']}, scale {have['scale']:g})" if have
+            else " (replacing one of unknown scale)")
+        print(f"{HEADLINE} generating the demo world (seed {seed}, scale {scale:g}) in {out}{why}")
+        settings.unlink(missing_ok=True)
+        generate(out, seed=seed, scale=scale)
+        settings.write_text(json.dumps(want))
     src = {"raw": str(out / "corpus"), "chat": str(out / "chat" / "train.jsonl"),
            "preferences": str(out / "preferences" / "train.jsonl")}
     if is_s3(root):
         dest = join(root, "demo-world")
-        st = storage_for(dest)
-        for p in sorted(out.rglob("*")):
-            if p.is_file():
-                uri = join(dest, p.relative_to(out).as_posix())
-                if not st.exists(uri):
-                    st.upload(p, uri)
+        _sync_up(out, dest)
         src = {"raw": join(dest, "corpus"), "chat": join(dest, "chat", "train.jsonl"),
                "preferences": join(dest, "preferences", "train.jsonl")}
     return src
 
 
+def _sync_up(local: Path, dest: str) -> None:
+    """Make the objects under `dest` the files under `local`: upload a file whose object is missing or
+    differs (size, or ETag vs the file's MD5), delete objects with no file."""
+    import hashlib
+
+    st = storage_for(dest)
+    remote = {o.relpath: o for o in st.list(dest)}
+    files = {p.relative_to(local).as_posix(): p for p in sorted(local.rglob("*")) if p.is_file()}
+    for rel, p in files.items():
+        o = remote.get(rel)
+        if o is None or o.size != p.stat().st_size or o.etag != hashlib.md5(p.read_bytes()).hexdigest():
+            st.upload(p, join(dest, rel))
+    for rel, o in remote.items():
+        if rel not in files:
+            st.delete(o.uri)
+
+
 def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: Any = None) -> dict[str, Any]:
+    """The run's arguments. `root` is the storage root this run chose (--bucket, storage.root, the
+    workdir); a `--param storage_root` replaces it, and the promoted pointer and an S3 copy of the demo
+    world follow the root actually used."""
     from kubellm.pipelines.fingerprint import default_pointer
 
+    params = param_arguments(args, cfg)
+    root = params.get("storage_root", root)
     gate = getattr(getattr(cfg, "evaluate", None), "gate", None)
-    # the promoted pointer follows the storage root chosen here (unless the gate names a registry)
+    # the promoted pointer follows the storage root (unless the gate names a registry)
     arguments: dict[str, Any] = {"storage_root": root, "promoted_pointer": default_pointer(
         root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))}
     if args.pipeline == "llm_from_scratch":
-        # --raw/--chat/--preferences, else the run-config's `sources`, else the demo world's data
+        # per source: --raw/--chat/--preferences, else the run-config's `sources`, else the demo world's
         sources = getattr(cfg, "sources", None)
-        given = {k: getattr(args, k) or getattr(sources, k, "") for k in SOURCE_PARAMS}
-        if given["raw"]:
-            src = given
-        else:
-            src = _demo_world(workdir, root, args.demo_scale)
-            src.update({k: v for k, v in given.items() if v})
+        given = {k: getattr(args, k, None) or getattr(sources, k, "") for k in SOURCE_PARAMS}
+        src = dict(given)
+        missing = [k for k, v in given.items() if not v]
+        if missing:
+            demo = _demo_world(workdir, root, args.demo_scale)
+            src.update({k: demo[k] for k in missing})
+            if len(missing) < len(given):
+                named = ", ".join(f"--{k} (sources.{k})" for k in missing)
+                print(f"{HEADLINE} {named} not given: using the demo world's")
         arguments.update({p: src[k] for k, p in SOURCE_PARAMS.items()})
     else:
         arguments["model_uris"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
-    arguments.update(param_arguments(args, cfg))
+    arguments.update(params)
     return arguments
 
 
@@ -203,6 +243,8 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         raise ConfigError(f"--demo-scale: {e}") from None
     if args.s3_endpoint and not args.bucket:
         raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
+    if args.bucket and "storage_root" in parse_params(args.param):
+        raise ConfigError("--param storage_root and --bucket both choose where the artifacts go: give one")
     workdir.mkdir(parents=True, exist_ok=True)
     if args.bucket:
         root = _setup_s3(args)
@@ -211,6 +253,7 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
     else:
         root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
     arguments = pipeline_arguments(args, root, workdir, cfg)
+    root = arguments["storage_root"]  # a --param storage_root included
     # kfp.local 2.16.1 cannot run a step after a dsl.ParallelFor: data prep runs as one step here (the
     # same artifact as the fan-out; data_prep.fan_out only shapes compiled/submitted pipelines).
     pipeline = build_pipelines(cfg, PipelineSettings(data_prep_parallelism=1), until=args.until)[args.pipeline]
@@ -219,6 +262,7 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                raise_on_error=True)
     tee = _HeadlineTee(sys.stdout)
+    earlier = set((workdir / "kfp").glob("*"))  # earlier runs' outputs: never this run's report
     with warnings.catch_warnings():
         # kfp.local warns when an image name lacks "python"; ours run in this interpreter, not the image.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local")
@@ -234,9 +278,11 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         finally:
             sys.stdout = old
     if error:
+        # a failed gate fails the run after evaluate published its report: show its scores too
+        tee.lines += _report_lines(workdir / "kfp", args.pipeline, earlier)
         tee.lines.append(f"{HEADLINE} {error}")
     else:
-        tee.lines += _report_lines(workdir / "kfp", args.pipeline)
+        tee.lines += _report_lines(workdir / "kfp", args.pipeline, earlier)
         if args.pipeline == "llm_from_scratch" and not args.until:
             tee.lines += _answers_side_by_side(workdir / "kfp", workdir / "demo-world" / "eval" / "format.jsonl")
     return not error, tee.lines
@@ -276,11 +322,12 @@ def _answers_side_by_side(kfp_root: Path, questions_file: Path, n: int = 4) -> l
     return lines
 
 
-def _report_lines(kfp_root: Path, pipeline: str) -> list[str]:
-    """The evaluation's score table and where its reports are, from this run's KFP outputs."""
+def _report_lines(kfp_root: Path, pipeline: str, earlier: set[Path] | frozenset[Path] = frozenset()) -> list[str]:
+    """The evaluation's score table and where its reports are, from this run's KFP outputs (the newest
+    run directory not in `earlier`; none when this run did not get to publish a report)."""
     from kubellm.pipelines.definitions import PIPELINE_NAMES
 
-    runs = sorted(kfp_root.glob(f"{PIPELINE_NAMES[pipeline]}-*"))
+    runs = sorted(r for r in kfp_root.glob(f"{PIPELINE_NAMES[pipeline]}-*") if r not in earlier)
     if not runs:
         return []
     task = "evaluate" if pipeline == "llm_from_scratch" else "evaluate-models"

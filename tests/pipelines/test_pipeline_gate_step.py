@@ -66,6 +66,9 @@ def test_local_report_with_a_failed_gate_fails_with_the_report_written(tmp_path:
     assert ("[kubellm] gate failed: GateFailedError: promotion gate FAILED for dpo: kubellm_knowledge acc "
             in summary), summary
     assert "must be ≥ 1.5000" in summary and "Inner task failed: 'gate'" in summary
+    # the score table a passing run prints, before the gate's error (was: left out on a failed gate)
+    assert "## Gate (dpo): FAILED" in summary and "| kubellm_knowledge" in summary, summary
+    assert "[kubellm] report (Markdown):" in summary
     # the evaluate step succeeded and wrote its outputs: what the KFP UI shows
     [run] = (tmp_path / "work" / "kfp").glob("evaluation-report-*")
     assert "## Gate (dpo): FAILED" in (run / "evaluate-models" / "report").read_text()
