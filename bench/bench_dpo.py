@@ -1,5 +1,6 @@
 """DPO tokens/s against SFT tokens/s on the same model and the same number of tokens, all through
-`kubellm.training.engine.train` (1 process): `SFTObjective` on packed sequences of length T,
+`kubellm.training.engine.train` (1 process): `SFTObjective` on sequences of length T (one sequence a
+row, no doc_ids: the same plain causal attention as DPO's pairs, not the document mask of packs),
 `DPOObjective` with a live frozen reference and with cached reference log-probs on pairs (2 × T
 tokens each, half the micro-batch so both see the same tokens per step).
 
@@ -30,8 +31,8 @@ def sft_arrays(n: int, seq: int, vocab: int, rng: np.random.Generator) -> list[d
     for _ in range(n):
         ids = rng.integers(7, vocab, seq)
         labels = np.where(np.arange(seq) < seq // 2, -100, np.roll(ids, -1))  # assistant half trains
-        out.append({"input_ids": ids, "labels": labels, "doc_ids": np.zeros(seq, np.int64),
-                    "position_ids": np.arange(seq, dtype=np.int64)})
+        # one sequence a row, as DPO's pairs: no doc_ids, so both take the same (plain causal) attention
+        out.append({"input_ids": ids, "labels": labels})
     return out
 
 

@@ -8,7 +8,8 @@ Both sides train the same shape (the preset's ModelConfig; LlamaForCausalLM buil
   ours  kubellm Transformer + AdamW param groups + LR schedule through the DeepSpeed engine
         (1 process, ZeRO 0, gradient clipping), loss through `model(ids, labels=...)` as the
         pretrain objective does (the LM head's fused, chunked cross-entropy) — the engine's step
-  hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW + clip_grad_norm_, plain PyTorch
+  hf    LlamaForCausalLM (sdpa attention) + torch.optim.AdamW(fused=True) + clip_grad_norm_(foreach=True),
+        plain PyTorch with the fast paths a user turns on; with --compile, forward + loss compiled together
 `build_engine` keeps freed host memory for reuse (`train.host_memory_reuse`: glibc mallopt). That
 setting is process-wide, so the reference, built after it in the same process, runs under it too;
 `--no-host-memory-reuse` runs both sides with glibc's defaults instead.
@@ -82,16 +83,24 @@ def _hf(preset: str, batch: int, seq: int, precision: str, compile_: bool) -> Ca
     hcfg["use_cache"] = False  # a training step: no KV cache built in forward (ours builds none either)
     model = LlamaForCausalLM(LlamaConfig(**hcfg, attn_implementation="sdpa"))
     model.train()
-    fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # The same fast paths a plain-PyTorch user turns on, as ours uses: fused AdamW (one kernel over
+    # all parameters, not a per-tensor loop), foreach clipping, and with compile the loss compiled
+    # together with the forward (ours compiles the model's fused LM-head loss with it).
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                            fused=True)
     amp = precision == "bf16"
+
+    def forward_loss(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=inputs).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    loss_fn = torch.compile(forward_loss) if compile_ else forward_loss
 
     def step(ids: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(input_ids=ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = loss_fn(ids[:, :-1], ids[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())

@@ -12,15 +12,16 @@ groups (ZeRO ≥ 1: the fp32 master partitions) and every tensor attribute of th
 (flat buffers, gradient partitions, buckets), deduplicated by storage so views count once. Buckets
 are sized down (reduce/allgather 5e4 elements, ZeRO-3 persistence threshold 0) so they barely count.
 
-Formula (ZeRO paper, Rajbhandari et al. 2020, §3 with K for the precision used): on CPU the engine
-trains in fp32 (bf16 is autocast over fp32 weights), so params 4Ψ and grads 4Ψ bytes; Adam's two
-moments 8Ψ; DeepSpeed's ZeRO ≥ 1 optimizers also keep an fp32 master copy of their partition even
-when the weights are fp32 (K = 12, as in the paper's mixed-precision case), stage 0 does not (K = 8).
-  Z0: 4Ψ + 4Ψ + 8Ψ   Z1: 4Ψ + 4Ψ + 12Ψ/N   Z2: 4Ψ + (4+12)Ψ/N   Z3: (4+4+12)Ψ/N
-ZeRO-2 keeps more than the formula's 4Ψ/N of gradients: the whole gradient of every parameter that
-overlaps the rank's partition (`planner.zero2_grad_elements`; here, with the 1.28M-element embedding
-and LM head and N = 2, rank 0 holds all of them). The formula row stays the paper's; the planner
-row models what DeepSpeed holds.
+Formula (ZeRO paper, Rajbhandari et al. 2020, §3, for the precision used): on CPU the engine trains in
+fp32 (bf16 is autocast over fp32 weights), so the weights are their own master copy: params 4Ψ, grads
+4Ψ, Adam's two moments 8Ψ (K = 8; the paper's K = 12 adds the fp32 master copy that mixed precision
+needs), partitioned over N ranks by stage:
+  Z0: 4Ψ + 4Ψ + 8Ψ   Z1: 4Ψ + 4Ψ + 8Ψ/N   Z2: 4Ψ + (4+8)Ψ/N   Z3: (4+4+8)Ψ/N
+DeepSpeed holds more than that, and the rows say so rather than fitting the formula to it: its ZeRO ≥ 1
+optimizers keep an fp32 copy of their partition even when the weights already are fp32 (+4Ψ/N, under
+`optim`), and ZeRO-2 keeps the whole gradient of every parameter that overlaps the rank's partition
+(`planner.zero2_grad_elements`; here, with the 1.28M-element embedding and LM head and N = 2, rank 0
+holds all of them). The planner row models what DeepSpeed holds.
 Activations: bytes of tensors autograd saves in one forward (saved-tensor hooks), run as training
 runs it (`engine(ids, labels=labels)`: the loss fused into the LM head, no logits kept), vs
 `planner.activation_bytes` without the head's transient logits chunk (it is never saved).
@@ -143,7 +144,8 @@ def measure_rank(preset: str, zero: int) -> dict[str, float]:
 
 
 def formula(psi: float, zero: int, n: int) -> dict[str, float]:
-    k = 12 if zero >= 1 else 8
+    """The paper's per-rank bytes for fp32 training (K = 8: the fp32 weights are the master copy)."""
+    k = 8
     return {"params": 4 * psi / (n if zero >= 3 else 1), "grads": 4 * psi / (n if zero >= 2 else 1),
             "optim": k * psi / (n if zero >= 1 else 1)}
 
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['optim'] / mb:.2f}; grads held in: "
             + ", ".join(f"{k.split(':', 1)[1]} {v / mb:.2f}" for k, v in m["where"].items()  # type: ignore[union-attr]
                         if k.startswith("grads:"))
+            + (f"; DeepSpeed's fp32 copy of the partition (weights already fp32) is "
+               f"{4 * psi / 2 / mb:.2f} MiB of optim" if zero >= 1 else "")
             + f". {note}".rstrip(". ") , load, 1))
         pp, pg, po = model_state_bytes(psi, zero, 2, "fp32", param_group_sizes(cfg))
         plan = pp + pg + po

@@ -83,7 +83,9 @@ class SFTObjective:
         return ExampleLoader(self.examples, dp_rank, dp_size, micro_batch_size, seed, "packed sequences")
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
+        # packs carry doc_ids/position_ids (document-causal attention); rows of one conversation each
+        # may leave them out (plain causal attention, as DPO's pairs)
+        loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
                      labels=batch["labels"], ignore_index=IGNORE)  # fused LM-head cross-entropy
         return loss, {}
 

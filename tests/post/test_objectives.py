@@ -204,3 +204,23 @@ def test_padding_is_not_counted_as_trained_tokens(chat_tokenizer_dir: Path, tmp_
                     init_state_dict=Transformer(cfg).state_dict(), resume=False)
         assert res.metrics_path is not None
         assert read_metrics(res.metrics_path)[-1]["tokens_seen"] == want, name
+
+
+def test_sft_rows_without_doc_ids_take_plain_causal_attention_with_the_same_loss() -> None:
+    """A row holding one conversation needs no document mask: without doc_ids/position_ids the loss
+    is the one a single-document pack (doc_ids all 0, positions 0..T-1) gives."""
+    from kubellm.sft.data import IGNORE
+
+    cfg = _cfg(300)
+    torch.manual_seed(3)
+    model = Transformer(cfg)
+    ids = torch.randint(7, 300, (2, 32))
+    labels = torch.where(torch.arange(32) < 12, torch.tensor(IGNORE), torch.roll(ids, -1, 1))
+    packed = {"input_ids": ids, "labels": labels, "doc_ids": torch.zeros(2, 32, dtype=torch.long),
+              "position_ids": torch.arange(32).expand(2, 32)}
+    plain = {"input_ids": ids, "labels": labels}
+    obj = SFTObjective([])
+    with torch.no_grad():
+        want, _ = obj.loss(model, packed)
+        got, _ = obj.loss(model, plain)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
