@@ -1,8 +1,8 @@
 """Tokenizing the corpus into token shards: the tokenizer stage's encode+write path
 (`kubellm.tokenizer.stage.encode_split`: parquet batches -> `encode_batch_fast` -> `TokenShardWriter`)
-against bare `Tokenizer.encode_batch_fast` — the same encoder call the stage makes, in the same batch
-size — over the same texts already in memory (the ceiling: no parquet read, no id conversion, no shard
-write), and against a per-document Python loop (`tok.encode(text)` + `add_document`, the naive way
+against bare `Tokenizer.encode_batch_fast` — the same encoder call the stage makes (on the same
+`corpus_encoder` copy, which reads special-token strings as text), in the same batch size — over the same texts already in memory (the ceiling: no parquet read, no id conversion, no shard
+write), and against a per-document Python loop (`encode(text)` on the same copy + `add_document`, the naive way
 to write the same shards).
 
     python -m bench.bench_tokenize            # demo-world corpus (scale 2), 5 alternating repeats
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubellm.tokenizer.bpe import special_tokens, train_bpe
     from kubellm.tokenizer.config import TokenizerConfig
     from kubellm.tokenizer.shards import TokenShardWriter
-    from kubellm.tokenizer.stage import encode_split
+    from kubellm.tokenizer.stage import corpus_encoder, encode_split
 
     load = load_avg()
     with tempfile.TemporaryDirectory(prefix="kubellm-bench-tok-") as t:
@@ -57,18 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         ids = {s: tok.token_to_id(s) for s in special_tokens(cfg)}
         bos, eos = ids[cfg.bos_token], ids[cfg.eos_token]
         nbytes = sum(len(x.encode("utf-8")) for x in texts)
+        # the stage encodes corpus text with a copy that reads special-token strings as text: the
+        # ceiling and the loop use the same copy, so all three run the same encoder
+        enc = corpus_encoder(tok)
 
         def ours() -> None:
             encode_split(tok, files, tmp / "ours", "train", cfg, vocab, bos, eos)
 
         def ceiling() -> None:
             for i in range(0, len(texts), cfg.batch_size):
-                tok.encode_batch_fast(texts[i : i + cfg.batch_size], add_special_tokens=False)
+                enc.encode_batch_fast(texts[i : i + cfg.batch_size], add_special_tokens=False)
 
         def loop() -> None:
             w = TokenShardWriter(tmp / "loop.tok", vocab)
             for text in texts:
-                w.add_document([bos, *tok.encode(text, add_special_tokens=False).ids, eos])
+                w.add_document([bos, *enc.encode(text, add_special_tokens=False).ids, eos])
             w.close()
 
         samples = alternate({"ours": timed(ours), "ceiling": timed(ceiling), "loop": timed(loop)},
