@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -61,17 +62,27 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, env: dict[str, str] |
         p.start()
     out: dict[int, Any] = {}
     errors: list[str] = []
+    # read results while the workers run: a result larger than the pipe buffer (~64 KiB) blocks its
+    # worker in put() until someone reads it, so joining first would wait on it forever
+    deadline = time.monotonic() + timeout
+    received = 0
+    reader = results._reader  # type: ignore[attr-defined]  # the SimpleQueue's receiving end (has poll)
+    while received < nprocs and time.monotonic() < deadline:
+        if reader.poll(0.05):
+            rank, ok, value = results.get()
+            received += 1
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+        elif all(not p.is_alive() for p in procs) and not reader.poll(0):
+            break  # every worker is gone and nothing is left to read
     for p in procs:
-        p.join(timeout)
+        p.join(max(0.0, deadline - time.monotonic()) if received < nprocs else 30)
         if p.is_alive():
             p.kill()
+            p.join()
             errors.append(f"a worker did not finish within {timeout}s (killed)")
-    while not results.empty():
-        rank, ok, value = results.get()
-        if ok:
-            out[rank] = value
-        else:
-            errors.append(f"rank {rank} failed:\n{value}")
     if errors or len(out) != nprocs:
         codes = [p.exitcode for p in procs]
         raise RuntimeError("\n".join(errors) or f"workers exited with codes {codes} and no result")
