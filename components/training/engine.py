@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import socket
@@ -49,7 +50,13 @@ from kubellm.training.optim import lr_lambda, param_groups, schedule_warning
 from kubellm.training.pipeline import PipelineBatches
 from kubellm.training.pipeline import check_objective as check_pipeline_objective
 from kubellm.training.relayout import consolidated_resume
-from kubellm.training.stepguard import StepGuard, skip_boundary_step, skip_update
+from kubellm.training.stepguard import (
+    StepGuard,
+    optimizer_step_skipped,
+    poison_gradients,
+    skip_boundary_step,
+    skip_update,
+)
 from kubellm.training.topology import ParallelModel, build_parallel_model, validate_layout
 
 log = logging.getLogger(__name__)
@@ -212,8 +219,9 @@ def _checkpoint_manager(run_dir: str, keep: int, model_cfg: ModelConfig) -> Any:
 
 
 def _grad_norm(engine: Any) -> float:
-    """Global gradient norm before clipping. ZeRO ≥ 1 computes it over the partitions; with ZeRO 0
-    DeepSpeed does not record it, so take it from the (already all-reduced) .grad tensors."""
+    """Global gradient norm before clipping, as DeepSpeed's optimizer recorded it in the last `step()`
+    (ZeRO ≥ 1, bf16/fp16 wrappers: `deepspeed_checks_step`); where it records none, a norm of this
+    rank's .grad tensors (plain ZeRO 0 uses `clip_gradients` / `model_parallel_grad_norm` instead)."""
     norm = engine.get_global_grad_norm()
     if norm is not None:
         return float(norm)
@@ -221,6 +229,93 @@ def _grad_norm(engine: Any) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def model_parallel_grad_norm(engine: Any, tp_rank: int, dp_size: int) -> float:
+    """ZeRO 0 with TP and/or PP: the global norm of the (already data-parallel-reduced) gradients,
+    the same number on every rank. Each rank sums the squares of its own gradients, counting a
+    TP-sharded parameter (`tensor_model_parallel`) on every TP rank, a replicated one (norms) on TP
+    rank 0 only, and a pipeline-tied copy (`ds_pipe_replicated`, the embedding on the last stage)
+    not at all; one all-reduce over every rank then adds the stages, TP ranks and the dp replicas
+    (which hold identical gradients, hence the division by dp)."""
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in engine.module.parameters():
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
+            continue
+        sq += torch.linalg.vector_norm(p.grad.detach().float()).double() ** 2
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    return math.sqrt(float(sq[0]) / dp_size)
+
+
+def deepspeed_checks_step(engine: Any, zero_stage: int) -> bool:
+    """Whether DeepSpeed's own optimizer wrapper computes the gradient norm and skips a non-finite
+    step inside `step()`: ZeRO ≥ 1, and DeepSpeed's bf16/fp16 modes (CUDA). The norm is then read
+    after `step()` (before it, `get_global_grad_norm` still holds the previous step's value)."""
+    return zero_stage > 0 or bool(engine.bfloat16_enabled()) or bool(engine.fp16_enabled())
+
+
+class PipelineStepGuard:
+    """pp > 1: the StepGuard inside DeepSpeed's `train_batch`, before its update is applied.
+
+    DeepSpeed's pipeline schedule ends every step with ReduceTiedGrads, ReduceGrads, OptimizerStep
+    on every stage; this swaps two of those instructions (on this engine instance only):
+    * ReduceTiedGrads: all forwards and backwards are done, the last stage holds the step's loss.
+      It is broadcast over the pipe group and `guard.check_loss` runs on every rank (same verdict);
+      "stop" raises here. To skip with ZeRO ≥ 1 the local gradients are made non-finite before they
+      are reduced, so ZeRO's overflow path skips the update (as `skip_update` does without pp).
+    * OptimizerStep: with ZeRO 0 (no DeepSpeed bf16/fp16 wrapper) the gradients are reduced over dp
+      and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm`, and a
+      skipped step runs the optimizer step as a no-op (`optimizer_step_skipped`: LR schedule held).
+    """
+
+    def __init__(self, engine: Any, guard: StepGuard, zero_stage: int, tp_rank: int, dp_size: int) -> None:
+        from deepspeed.runtime.pipe import schedule
+
+        self.engine, self.guard, self.zero_stage = engine, guard, zero_stage
+        self.tp_rank, self.dp_size = tp_rank, dp_size
+        self.own_norm = not deepspeed_checks_step(engine, zero_stage)
+        self.step = 0
+        self.verdict: str | None = None
+        self.grad_norm = 0.0
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        real_tied, real_opt = table[schedule.ReduceTiedGrads], table[schedule.OptimizerStep]
+        me = self
+
+        def reduce_tied_grads(eng: Any, **kw: Any) -> None:
+            me._check_loss()
+            real_tied(eng, **kw)
+
+        def optimizer_step(eng: Any, **kw: Any) -> None:
+            if me.own_norm and not me.verdict:
+                me.grad_norm = model_parallel_grad_norm(eng, me.tp_rank, me.dp_size)
+                me.verdict = me.guard.check_grad_norm(me.grad_norm, me.step)
+            if me.verdict and me.zero_stage == 0:
+                with optimizer_step_skipped(eng.optimizer):
+                    real_opt(eng, **kw)
+            else:
+                real_opt(eng, **kw)
+
+        table[schedule.ReduceTiedGrads] = reduce_tied_grads
+        table[schedule.OptimizerStep] = optimizer_step
+        engine._INSTRUCTION_MAP = table  # the instance's map; PipelineEngine binds each entry to itself
+
+    def begin(self, step: int) -> None:
+        self.step, self.verdict, self.grad_norm = step, None, 0.0
+
+    def _check_loss(self) -> None:
+        eng = self.engine
+        loss = torch.zeros(1, dtype=torch.float64)
+        if eng.is_last_stage():
+            loss[0] = float(eng.total_loss) / eng.gradient_accumulation_steps()
+        if eng.num_stages > 1:
+            src = eng.grid.stage_to_global(eng.num_stages - 1)
+            dist.broadcast(loss, src=src, group=eng.grid.get_pipe_parallel_group())
+        self.verdict = self.guard.check_loss(loss, self.step)  # collective; "stop" raises
+        if self.verdict and self.zero_stage > 0:
+            poison_gradients(eng)
 
 
 def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
@@ -314,9 +409,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (rank, world)
     loader = objective.build_loader(dp_rank, dp_size, train_cfg.micro_batch_size, train_cfg.seed)
     pipe_batches = PipelineBatches(loader, objective.tokens) if built is not None and built.pipeline else None
+    ds_checks = deepspeed_checks_step(engine, train_cfg.zero_stage)
     ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints, model_cfg)
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
+    pipe_guard = (PipelineStepGuard(engine, guard, train_cfg.zero_stage, built.tp_rank, built.dp_size)
+                  if pipe_batches is not None and built is not None else None)
     start_step = 0
     # run totals carried across a resume, so the summary covers the whole run, not the resumed part
     tokens_seen = 0.0
@@ -354,7 +452,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                            progress_bar=train_cfg.progress_bar, initial_step=start_step)
     losses: list[float] = []
     checked = False
-    target_tokens = getattr(objective, "target_tokens", None) if pipe_batches is None else None
+    target_tokens = getattr(objective, "target_tokens", None)
     try:
         for step in range(start_step, train_cfg.max_steps):
             faults.maybe_kill(step + 1, rank)  # no-op unless KUBELLM_FAULT_KILL_AT_STEP is set (tests)
@@ -365,15 +463,26 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             grad_norm = 0.0
             skipped: str | None = None
             skips_before = int(getattr(engine, "skipped_steps", 0))
-            if pipe_batches is not None:  # pipeline: DeepSpeed runs the accum micro-batches itself
+            step_batches: list[dict[str, Tensor]] = []
+            weights: list[float] | None = None
+            if target_tokens is not None or pipe_batches is not None:
+                step_batches = [next(loader) for _ in range(accum)]
+                if target_tokens is not None:
+                    weights = _token_weights([target_tokens(b) for b in step_batches], accum, world, dp_size)
+            if pipe_batches is not None and pipe_guard is not None:
+                # pipeline: DeepSpeed runs the accum micro-batches itself; every rank of the replica
+                # read the same ones above (first and last stage feed them, with their token weights)
+                if not checked:
+                    check_token_ids(step_batches[0]["input_ids"], model_cfg.vocab_size, where="training batch")
+                    checked = True
+                pipe_batches.feed(step_batches, weights)
+                step_batches = []
                 before = pipe_batches.tokens
+                pipe_guard.begin(step + 1)
                 with autocast:
                     loss_sum += float(engine.train_batch(data_iter=pipe_batches)) * accum
                 n_tokens = pipe_batches.tokens - before
-            step_batches: list[dict[str, Tensor]] = []
-            if target_tokens is not None:
-                step_batches = [next(loader) for _ in range(accum)]
-                weights = _token_weights([target_tokens(b) for b in step_batches], accum, world, dp_size)
+                skipped, grad_norm = pipe_guard.verdict, pipe_guard.grad_norm
             for micro in range(0 if pipe_batches is not None else accum):
                 batch = step_batches[micro] if step_batches else next(loader)
                 if not checked:
@@ -383,7 +492,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 batch = _to_device(batch, device)
                 with autocast:
                     loss, metrics = objective.loss(engine, batch)
-                if step_batches:
+                if weights is not None:
                     loss = loss * weights[micro]
                 loss_sum += loss.detach().double().cpu()
                 if micro == accum - 1:
@@ -394,10 +503,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     skip_update(engine, loss, train_cfg.zero_stage)
                 else:
                     engine.backward(loss)  # DeepSpeed divides by `accum` itself
-                    if micro == accum - 1 and train_cfg.zero_stage == 0:
-                        # all-reduced grads, before clipping (here, or in DeepSpeed's step())
+                    if micro == accum - 1 and not ds_checks:
+                        # ZeRO 0: all-reduced grads, before clipping (here, or in DeepSpeed's step());
+                        # with TP one global norm, so every rank takes the same branch
                         grad_norm = (clip_gradients(engine, train_cfg.optim.grad_clip) if own_clip
-                                     else _grad_norm(engine))
+                                     else model_parallel_grad_norm(engine, built.tp_rank if built else 0,
+                                                                   dp_size))
                         skipped = guard.check_grad_norm(grad_norm, step + 1)  # same on every rank
                     if skipped:
                         skip_boundary_step(engine)
@@ -405,10 +516,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                         engine.step()
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v.detach().double().cpu() / accum
-            if train_cfg.zero_stage > 0:
+            if ds_checks:  # DeepSpeed computed the norm (and skipped a non-finite step) in step()
                 grad_norm = _grad_norm(engine)
-                if not skipped and int(getattr(engine, "skipped_steps", 0)) > skips_before:
-                    guard.note_deepspeed_skip(step + 1)  # ZeRO's own non-finite grad-norm skip
+                if not skipped and (int(getattr(engine, "skipped_steps", 0)) > skips_before
+                                    or not math.isfinite(grad_norm)):
+                    guard.note_deepspeed_skip(step + 1)  # DeepSpeed's own non-finite grad-norm skip
                     skipped = "nonfinite"
             # average loss/metrics over ranks, sum tokens (one small all-reduce per step)
             keys = sorted(extra)
@@ -442,6 +554,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 ckpt.save(engine, step + 1, {"step": step + 1, "loader": loader.state_dict(),
                                              "guard": guard.state_dict(), "tokens_seen": tokens_seen,
                                              "loss_start": loss_start, "loss_last": loss_last,
+                                             "lr_steps": int(scheduler.last_epoch),  # applied steps
                                              "identity": dict(identity or {})})
     finally:
         logger.close()

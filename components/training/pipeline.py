@@ -125,8 +125,13 @@ class OutputStage(nn.Module):
         return self.output(x)  # (B, T, V)
 
 
-def pipeline_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """The last stage's loss: the causal-LM loss of pretrain and SFT (labels -100 are ignored)."""
+def pipeline_loss(logits: Tensor, labels: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """The last stage's loss: the causal-LM loss of pretrain and SFT (labels -100 are ignored).
+    `(labels, weight)`: the micro-batch's mean times its token weight (`PipelineBatches.feed`), so
+    the step's loss is the mean over every target token of the step, as without pp."""
+    if isinstance(labels, tuple | list):
+        labels, weight = labels
+        return causal_lm_loss(logits, labels) * weight
     return causal_lm_loss(logits, labels)
 
 
@@ -151,31 +156,42 @@ def to_dense_name(name: str, n_layers: int) -> str:
 # -- data ----------------------------------------------------------------------------------------------------
 class PipelineBatches:
     """Adapts an objective's loader to the pipeline engine's `(inputs, labels)` micro-batches and
-    counts the tokens it handed out."""
+    counts the tokens it handed out. `feed(batches, weights)` queues one step's micro-batches (read
+    by the engine on every rank of the replica); without a queue it reads the loader itself."""
 
     def __init__(self, loader: Iterator[dict[str, Tensor]], tokens_fn: Any = None) -> None:
         self.loader, self.tokens_fn = loader, tokens_fn
         self.tokens = 0
         self.first: dict[str, Tensor] | None = None
+        self.queue: list[tuple[dict[str, Tensor], float | None]] = []
+
+    def feed(self, batches: list[dict[str, Tensor]], weights: list[float] | None = None) -> None:
+        """The next step's micro-batches; `weights` (token weights, SFT) scale each one's loss."""
+        self.queue = list(zip(batches, weights if weights is not None else [None] * len(batches), strict=True))
 
     def __iter__(self) -> PipelineBatches:
         return self
 
-    def __next__(self) -> tuple[Any, Tensor]:
-        batch = next(self.loader)
+    def __next__(self) -> tuple[Any, Any]:
+        weight: float | None = None
+        if self.queue:
+            batch, weight = self.queue.pop(0)
+        else:
+            batch = next(self.loader)
         if self.first is None:
             self.first = batch
         self.tokens += int(self.tokens_fn(batch)) if self.tokens_fn else int(batch["labels"].numel())
         ids = batch["input_ids"]
+        labels: Any = batch["labels"] if weight is None else (batch["labels"], torch.tensor(weight))
         if batch.get("doc_ids") is not None:
             doc = batch["doc_ids"]
             pos = batch.get("position_ids")
             if pos is None:
                 pos = positions_from_doc_ids(doc)
-            return (ids, pos, doc), batch["labels"]
+            return (ids, pos, doc), labels
         if batch.get("position_ids") is not None:
             raise ValueError("pipeline parallelism passes position_ids only together with doc_ids")
-        return ids, batch["labels"]
+        return ids, labels
 
 
 #: the stages whose objective a pipeline schedule can run (a causal-LM loss on the last stage)

@@ -13,7 +13,7 @@ next-step loss (tested in `tests/parallel/test_parallel_relayout.py`).
 
 What carries over: the model weights (every TP shard / pipeline-stage file of the checkpoint is read
 and un-sharded into the dense `Transformer` state dict), the step, the data position and the
-learning-rate schedule position. What does not: **AdamW's moments restart from zero** (ZeRO's flat,
+learning-rate schedule position (the applied steps: DeepSpeed holds it on a skipped step). What does not: **AdamW's moments restart from zero** (ZeRO's flat,
 partitioned optimizer state is not resharded; DeepSpeed's `ds_to_universal` is the route for that),
 so steps after the first resumed one differ slightly from an uninterrupted run. The data-parallel
 degree must stay the same (each rank's data position is per-DP-rank); ZeRO-3 checkpoints are refused
@@ -52,10 +52,22 @@ class Relayout:
     saved_layout: dict[str, int]
 
     def apply(self, scheduler: Any) -> dict[str, Any]:
-        """Move the LR schedule to the saved step; return the client state (step, loader, …)."""
-        for _ in range(int(self.client_state["step"])):
+        """Move the LR schedule to its saved position; return the client state (step, loader, …).
+
+        DeepSpeed holds the schedule on a skipped step (non-finite, spike, fp16 overflow), so the
+        position is the number of applied steps: `lr_steps` where the checkpoint records it, else
+        the step minus the skips the guard counted."""
+        for _ in range(scheduler_steps(self.client_state)):
             scheduler.step()
         return self.client_state
+
+
+def scheduler_steps(client_state: dict[str, Any]) -> int:
+    """How many times the LR schedule advanced before this checkpoint (applied optimizer steps)."""
+    if "lr_steps" in client_state:
+        return int(client_state["lr_steps"])
+    skipped = (client_state.get("guard") or {}).get("skipped") or {}
+    return int(client_state["step"]) - sum(int(v) for v in skipped.values())
 
 
 def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path) -> tuple[dict[str, torch.Tensor],

@@ -20,8 +20,13 @@ DeepSpeed's `skipped_steps` counter goes up, as for an fp16 overflow):
   `_take_model_step` to count a skipped step and hold the LR schedule; it still zeroes the gradients.
 
 A non-finite gradient norm with a finite loss is caught too: with ZeRO 0 from the all-reduced
-gradients before `engine.step()` (`check_grad_norm`), with ZeRO ≥ 1 by DeepSpeed itself (seen
-afterwards as a rise in `engine.skipped_steps`, `note_deepspeed_skip`).
+gradients before `engine.step()` (`check_grad_norm`; with TP/PP one global norm over every rank,
+`engine.model_parallel_grad_norm`), with ZeRO ≥ 1 and with DeepSpeed's bf16/fp16 optimizer wrappers
+(the CUDA path, any ZeRO stage) by DeepSpeed itself inside `step()` (seen afterwards as a rise in
+`engine.skipped_steps` or a non-finite norm, `note_deepspeed_skip`).
+
+With pipeline parallelism DeepSpeed's `train_batch` runs the backwards and the update itself; the
+same checks run inside it, before the update (`engine.PipelineStepGuard`).
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class StepGuard:
 
 
 @contextlib.contextmanager
-def _optimizer_step_skipped(optimizer: Any) -> Iterator[None]:
+def optimizer_step_skipped(optimizer: Any) -> Iterator[None]:
     """For one `engine.step()`: the optimizer's step does nothing and reports an overflow."""
     had_overflow, old = hasattr(optimizer, "overflow"), getattr(optimizer, "overflow", None)
     optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method
@@ -122,14 +127,24 @@ def skip_update(engine: Any, loss: torch.Tensor, zero_stage: int) -> None:
     rank calls it (the backward still joins the gradient all-reduce/reduce-scatter)."""
     if zero_stage == 0:
         engine.backward(loss)
-        with _optimizer_step_skipped(engine.optimizer):
+        with optimizer_step_skipped(engine.optimizer):
             engine.step()
     else:
         engine.backward(loss * float("nan"))  # non-finite grads -> the ZeRO optimizer's overflow path
         engine.step()
 
 
+def poison_gradients(engine: Any) -> None:
+    """ZeRO ≥ 1 under pipeline parallelism (the backwards already ran inside `train_batch`): make this
+    rank's accumulated gradients non-finite before DeepSpeed reduces them, so the ZeRO optimizer's
+    overflow path skips the update (the pipeline counterpart of `skip_update`'s `loss × NaN`)."""
+    for p in engine.module.parameters():
+        for g in (p.grad, getattr(p, "_hp_grad", None)):
+            if g is not None:
+                g.mul_(float("nan"))
+
+
 def skip_boundary_step(engine: Any) -> None:
     """ZeRO 0, gradients already reduced (non-finite norm found after backward): skip the update."""
-    with _optimizer_step_skipped(engine.optimizer):
+    with optimizer_step_skipped(engine.optimizer):
         engine.step()

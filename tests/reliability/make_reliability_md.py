@@ -163,8 +163,8 @@ def main() -> int:
         "* `train.spike_sigma` (default off), `train.spike_window` (default 50) — loss-spike skipping.",
         "* Skipped steps leave weights, optimizer state and the LR schedule unchanged and are counted as "
         "`skipped_nonfinite` / `skipped_spike` in metrics.jsonl, TensorBoard and the stage manifest's metrics.",
-        "* Pipeline parallelism: the per-step skip does not apply inside DeepSpeed's `train_batch`; "
-        "a non-finite gradient norm is still skipped by DeepSpeed's own overflow check.",
+        "* Pipeline parallelism: the same checks run inside DeepSpeed's `train_batch`, after the last backward "
+        "and before the update (ZeRO 0 and 1); the logged gradient norm is global over all stages and TP ranks.",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
