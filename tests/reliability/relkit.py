@@ -49,7 +49,7 @@ def train_config(**kw: Any) -> Any:
     return TrainConfig(**base)
 
 
-def _inf_grad_fn() -> Any:
+def inf_grad_fn() -> Any:
     import torch
 
     class InfGrad(torch.autograd.Function):
@@ -68,7 +68,7 @@ def _inf_grad_fn() -> Any:
 
 class _LazyInfGrad:
     def apply(self, x: Any) -> Any:
-        return _inf_grad_fn().apply(x)
+        return inf_grad_fn().apply(x)
 
 
 _InfGrad = _LazyInfGrad()

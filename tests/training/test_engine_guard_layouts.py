@@ -267,17 +267,10 @@ def run_ds_bf16(shards: list[str], run_dir: str, policy: str) -> dict[str, Any]:
 
     E.deepspeed_config = lambda t, p, w, device="cpu": D.deepspeed_config(t, p, w, "cuda")  # type: ignore[assignment]
     E.clips_in_kubellm = lambda t, p, device="cpu": D.clips_in_kubellm(t, p, "cuda")  # type: ignore[assignment]
-    import torch
 
-    class InfGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: Any) -> Any:
-            return x.view_as(x)
+    from tests.reliability.relkit import inf_grad_fn
 
-        @staticmethod
-        def backward(ctx: Any, g: Any) -> Any:
-            return g * float("inf")
-
+    InfGrad = inf_grad_fn()
     obj = _FaultyObjective(shards, {2: InfGrad.apply}, 4)  # finite loss, infinite gradients
     try:
         r = E.train(_model(), _train_cfg(zero_stage=0, precision="bf16", nonfinite=policy, max_steps=5),
