@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
-from kubellm.core.manifest import load_manifest_ref
+from kubellm.core.manifest import is_plain_hf_dir, load_manifest_ref
 from kubellm.core.storage import is_s3, join, redact
 
 GLOB_CHARS = "*?["
@@ -105,14 +105,6 @@ def strip_label(ref: str) -> str:
     """`sft:s3://b/sft/ab` -> `s3://b/sft/ab` (the evaluate stage's `[label:]ref` model syntax)."""
     m = _LABEL.match(ref)
     return ref[m.end():] if m else ref
-
-
-def is_plain_hf_dir(ref: str) -> bool:
-    """A local Hugging Face model directory (`config.json`, no kubellm `_manifest.json`): what
-    `kubellm evaluate` and the registry accept besides a committed model artifact."""
-    p = Path(ref)
-    return (not is_s3(ref) and p.is_dir() and not (p / "_manifest.json").exists()
-            and (p / "config.json").is_file())
 
 
 def model_identity(ref: str) -> tuple[str, str]:

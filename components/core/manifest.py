@@ -362,6 +362,14 @@ def write_manifest_file(manifest: Manifest, path: Path | str) -> None:
     p.write_text(manifest.to_json())
 
 
+def is_plain_hf_dir(ref: str) -> bool:
+    """A local Hugging Face model directory (`config.json`, no `_manifest.json`): what the stages and
+    CLIs accept besides a committed model artifact. A directory with `_manifest.json` is an artifact
+    even when its HF files sit at its root: it is fetched and sha256-verified, never read as is."""
+    p = Path(ref)
+    return not is_s3(ref) and p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists()
+
+
 def load_manifest_ref(ref: str) -> Manifest:
     """Resolve what a stage gets as an input: a local manifest JSON file (a KFP input artifact's
     path), a directory holding one (artifact dir), or a committed artifact prefix."""

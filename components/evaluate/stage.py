@@ -43,7 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
-from kubellm.core.manifest import Manifest, content_prefix, fetch, load_manifest_ref, publish_dir, stable_hash
+from kubellm.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    content_prefix,
+    fetch,
+    is_plain_hf_dir,
+    load_manifest_ref,
+    publish_dir,
+    stable_hash,
+)
 from kubellm.core.storage import is_s3, join, sha256_file, storage_for
 from kubellm.evaluate import harness, registry
 from kubellm.evaluate.config import BUNDLED_TASKS, EvaluateConfig
@@ -122,8 +131,8 @@ def _hf_dir(root: Path, manifest: Manifest) -> Path:
 def resolve_model(mi: ModelInput, work: Path, index: int) -> None:
     """Fetch (and verify) a model artifact, or take a plain local HF dir; fill dir, digest, label."""
     p = Path(mi.ref)
-    local_dir = not is_s3(mi.ref) and p.is_dir() and not (p / "_manifest.json").exists()
-    if local_dir and (p / "config.json").exists():
+    local_dir = not is_s3(mi.ref) and p.is_dir() and not (p / MANIFEST_NAME).exists()
+    if is_plain_hf_dir(mi.ref):
         mi.local_dir, mi.uri, mi.digest = p.resolve(), str(p.resolve()), _dir_digest(p)
         mi.root = mi.local_dir
         mi.label = mi.label or p.name

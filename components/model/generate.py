@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
+from kubellm.core.manifest import is_plain_hf_dir
 from kubellm.model.checks import check_token_ids
 from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME, read_json
 from kubellm.model.transformer import Transformer
@@ -142,20 +143,11 @@ class GenerationBundle:
     _tmp: Any = field(default=None, repr=False)  # keeps a downloaded artifact's temp dir alive
 
 
-def _is_plain_hf_dir(uri: str) -> bool:
-    """A local directory with config.json and no manifest. One with `_manifest.json` is a committed
-    artifact even when its HF files sit at its root: it is fetched and sha256-verified, never read as is."""
-    from kubellm.core.manifest import MANIFEST_NAME
-
-    p = Path(uri)
-    return not uri.startswith("s3://") and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists()
-
-
 def resolve_model_dir(uri: str, workdir: Path) -> Path:
     """A plain local HF directory (no `_manifest.json`) as is; otherwise an artifact (prefix/manifest
     file) fetched into `workdir` with every file's sha256 checked. The HF directory is the artifact's
     folder holding config.json and the safetensors weights."""
-    if _is_plain_hf_dir(uri):
+    if is_plain_hf_dir(uri):
         return Path(uri)
     from kubellm.core.manifest import fetch, load_manifest_ref
 
@@ -193,7 +185,7 @@ def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> Generat
 
     tmp = None
     p = Path(uri)
-    if not _is_plain_hf_dir(uri):
+    if not is_plain_hf_dir(uri):
         tmp = tempfile.TemporaryDirectory(prefix="kubellm-generate-")
     model_dir = resolve_model_dir(uri, Path(tmp.name) if tmp else p)
     model, _ = load_hf(model_dir, dtype=dtype)

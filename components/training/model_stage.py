@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import IntegrityError
-from kubellm.core.manifest import MANIFEST_NAME, Manifest, load_manifest_ref, publish_dir, read_manifest
+from kubellm.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    is_plain_hf_dir,
+    load_manifest_ref,
+    publish_dir,
+    read_manifest,
+)
 from kubellm.core.storage import join, storage_for
 from kubellm.model.config import ModelConfig
 from kubellm.training.job import JobSpec, check_before_launch, launch_job, run_dir_for
@@ -51,7 +58,7 @@ def fetch_model(ref: str, cache_dir: str | Path | None = None, fetch_here: bool 
     from kubellm.training.data import stage_artifact_files
 
     p = Path(ref)
-    if not ref.startswith("s3://") and p.is_dir() and (p / "config.json").is_file() and not (p / MANIFEST_NAME).exists():
+    if is_plain_hf_dir(ref):
         import json
 
         return BaseModel(None, p, config_from_hf(json.loads((p / "config.json").read_text()), str(p / "config.json")))

@@ -148,13 +148,19 @@ def _retry_after(e: ApiException) -> float | None:
         return None
 
 
-def default_namespace() -> str:
-    """The namespace this pod runs in (in-cluster), else the kubeconfig context's, else `default`."""
+def service_account_namespace() -> str | None:
+    """The namespace of the pod this runs in, from its mounted ServiceAccount; None outside a pod."""
     try:
         with open(_SA_NAMESPACE) as f:
-            return f.read().strip()
+            return f.read().strip() or None
     except OSError:
-        pass
+        return None
+
+
+def default_namespace() -> str:
+    """The namespace this pod runs in (in-cluster), else the kubeconfig context's, else `default`."""
+    if ns := service_account_namespace():
+        return ns
     try:
         _, ctx = config.list_kube_config_contexts()
         return str(ctx.get("context", {}).get("namespace") or "default")

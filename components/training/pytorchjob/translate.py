@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import stable_hash
 from kubellm.core.storage import redact
+from kubellm.training.pytorchjob.kube import service_account_namespace
 from kubellm.training.pytorchjob.settings import (
     DEFAULT_BACKOFF_LIMIT,
     DNS1035_LABEL,
@@ -189,19 +190,10 @@ def _shm_size(settings: ClusterLaunchSettings, mem_mb: int | None) -> str:
     return f"{max(mem_mb // 4, 64)}Mi" if mem_mb else "1Gi"
 
 
-_SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
 def pod_namespace() -> str | None:
     """The launching pod's own namespace: KUBELLM_NAMESPACE (downward API, set by the pipeline), else
     the mounted service-account namespace; None outside a pod."""
-    if ns := os.environ.get("KUBELLM_NAMESPACE", "").strip():
-        return ns
-    try:
-        with open(_SA_NAMESPACE) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
+    return os.environ.get("KUBELLM_NAMESPACE", "").strip() or service_account_namespace()
 
 
 @dataclass(frozen=True)
