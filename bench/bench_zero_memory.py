@@ -2,7 +2,7 @@
 paper's formulas; and the planner's estimates (`kubellm.training.planner`) against the same
 measurements (the issue-11 planner benchmark).
 
-    python -m bench.bench_zero_memory          # seed preset, ZeRO 0–3
+    python -m bench.bench_zero_memory          # seed preset, ZeRO 0–3, fp32 and bf16
     python -m bench.bench_zero_memory --quick  # debug preset
 
 What is counted (not RSS): every tensor DeepSpeed's engine holds after the backward pass of the
@@ -12,16 +12,18 @@ groups (ZeRO ≥ 1: the fp32 master partitions) and every tensor attribute of th
 (flat buffers, gradient partitions, buckets), deduplicated by storage so views count once. Buckets
 are sized down (reduce/allgather 5e4 elements, ZeRO-3 persistence threshold 0) so they barely count.
 
-Formula (ZeRO paper, Rajbhandari et al. 2020, §3, for the precision used): on CPU the engine trains in
-fp32 (bf16 is autocast over fp32 weights), so the weights are their own master copy: params 4Ψ, grads
-4Ψ, Adam's two moments 8Ψ (K = 8; the paper's K = 12 adds the fp32 master copy that mixed precision
-needs), partitioned over N ranks by stage:
-  Z0: 4Ψ + 4Ψ + 8Ψ   Z1: 4Ψ + 4Ψ + 8Ψ/N   Z2: 4Ψ + (4+8)Ψ/N   Z3: (4+4+8)Ψ/N
-DeepSpeed holds more than that, and the rows say so rather than fitting the formula to it: its ZeRO ≥ 1
-optimizers keep an fp32 copy of their partition even when the weights already are fp32 (+4Ψ/N, under
-`optim`), and ZeRO-2 keeps the whole gradient of every parameter that overlaps the rank's partition
-(`planner.zero2_grad_elements`; here, with the 1.28M-element embedding and LM head and N = 2, rank 0
-holds all of them). The planner row models what DeepSpeed holds.
+Two precisions, each against the paper's formula for it (Rajbhandari et al. 2020, §3), partitioned
+over N ranks by stage (Z0: all replicated; Z1: optimizer state; Z2: + gradients; Z3: + parameters):
+* fp32 — what the engine runs on CPU (bf16 there is autocast over fp32 weights): the weights are their
+  own master copy, so params 4Ψ, grads 4Ψ, Adam's two moments 8Ψ (K = 8).
+* bf16 mixed precision — the paper's own case and what the engine runs on CUDA: the DeepSpeed config
+  `deepspeed_config` writes for bf16 on CUDA (`bf16.enabled`), run here on DeepSpeed's CPU accelerator
+  (the ZeRO bookkeeping is the same code): params 2Ψ, grads 2Ψ, fp32 master + two moments 12Ψ (K = 12).
+DeepSpeed holds more than the formulas in two places, and the rows say so rather than fitting the
+formula to it: at fp32 its ZeRO ≥ 1 optimizers still keep an fp32 copy of their partition (+4Ψ/N,
+under `optim`), and ZeRO-2 keeps the whole gradient of every parameter that overlaps the rank's
+partition (`planner.zero2_grad_elements`; here, with the 1.28M-element embedding and LM head and
+N = 2, rank 0 holds all of them). The planner rows model what DeepSpeed holds.
 Activations: bytes of tensors autograd saves in one forward (saved-tensor hooks), run as training
 runs it (`engine(ids, labels=labels)`: the loss fused into the LM head, no logits kept), vs
 `planner.activation_bytes` without the head's transient logits chunk (it is never saved).
@@ -50,8 +52,11 @@ def _tensors(obj: Any, depth: int = 0):  # noqa: ANN202 — a generator of tenso
             yield from _tensors(x, depth + 1)
 
 
-def measure_rank(preset: str, zero: int) -> dict[str, float]:
-    """Runs on each rank (kubellm.training.spawn): two steps, then count engine-owned bytes."""
+def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, float]:
+    """Runs on each rank (kubellm.training.spawn): two steps, then count engine-owned bytes.
+
+    precision "bf16": the DeepSpeed config the engine writes for bf16 on CUDA (`bf16.enabled`: bf16
+    weights and gradients, fp32 master copy in the optimizer), run here on DeepSpeed's CPU accelerator."""
     import deepspeed
     import torch
 
@@ -64,9 +69,10 @@ def measure_rank(preset: str, zero: int) -> dict[str, float]:
 
     cfg = get_preset(preset)
     seq, micro = 64, 2
-    tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * 2, seq_len=seq, zero_stage=zero)
+    tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * 2, seq_len=seq, zero_stage=zero,
+                     precision=precision)
     init_distributed("cpu")
-    ds = deepspeed_config(tc, ParallelConfig(), 2, "cpu")
+    ds = deepspeed_config(tc, ParallelConfig(), 2, "cuda" if precision == "bf16" else "cpu")
     ds["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
     if zero == 3:
         ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=BUCKET,
@@ -112,7 +118,7 @@ def measure_rank(preset: str, zero: int) -> dict[str, float]:
             add(v, "optim", "adam state")
     for g in inner.param_groups:
         for p in g["params"]:
-            add(p, "optim" if zero >= 1 else "params", "optimizer params")  # ZeRO ≥ 1: fp32 masters
+            add(p, "optim", "optimizer params")  # fp32 masters (at fp32 ZeRO-0 the module's, counted above)
             add(p.grad, "grads", "optimizer params .grad")
     if zopt is not inner:
         for name, value in vars(zopt).items():
@@ -143,68 +149,75 @@ def measure_rank(preset: str, zero: int) -> dict[str, float]:
     return out
 
 
-def formula(psi: float, zero: int, n: int) -> dict[str, float]:
-    """The paper's per-rank bytes for fp32 training (K = 8: the fp32 weights are the master copy)."""
-    k = 8
-    return {"params": 4 * psi / (n if zero >= 3 else 1), "grads": 4 * psi / (n if zero >= 2 else 1),
+def formula(psi: float, zero: int, n: int, precision: str = "fp32") -> dict[str, float]:
+    """The paper's per-rank bytes: mixed precision (bf16) 2Ψ params + 2Ψ grads + KΨ optimizer with
+    K = 12 (fp32 master copy + Adam's two moments); fp32 4Ψ + 4Ψ + 8Ψ (the weights are the master)."""
+    p, g, k = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    return {"params": p * psi / (n if zero >= 3 else 1), "grads": g * psi / (n if zero >= 2 else 1),
             "optim": k * psi / (n if zero >= 1 else 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__).parse_args(argv)
     from kubellm.model.config import get_preset
-    from kubellm.training.planner import activation_bytes, head_bytes, model_state_bytes, param_group_sizes
     from kubellm.training.spawn import spawn
 
     preset = "debug" if args.quick else "seed"
     cfg = get_preset(preset)
-    rows = []
-    for zero in (0, 1, 2, 3):
-        load = load_avg()
-        per_rank = spawn(measure_rank, 2, preset, zero)
-        m = max(per_rank, key=lambda r: r["params"] + r["grads"] + r["optim"])
-        psi = m["psi"]
-        f = formula(psi, zero, 2)
-        measured = m["params"] + m["grads"] + m["optim"] + m["other"]
-        expected = sum(f.values())
-        ratio = measured / expected
-        ok, note = within(ratio, 0.10)
-        mb = 2**20
-        rows.append(Row(
-            f"ZeRO-{zero} per-rank model-state memory, 2 ranks, {preset} (Ψ={psi / 1e6:.2f}M, fp32)",
-            measured / mb, expected / mb, "MiB", ratio, "within ±10%", ok,
-            f"measured params/grads/optim/other {m['params'] / mb:.2f}/{m['grads'] / mb:.2f}/{m['optim'] / mb:.2f}/"
-            f"{m['other'] / mb:.2f} MiB vs formula {f['params'] / mb:.2f}/{f['grads'] / mb:.2f}/"
-            f"{f['optim'] / mb:.2f}; grads held in: "
-            + ", ".join(f"{k.split(':', 1)[1]} {v / mb:.2f}" for k, v in m["where"].items()  # type: ignore[union-attr]
-                        if k.startswith("grads:"))
-            + (f"; DeepSpeed's fp32 copy of the partition (weights already fp32) is "
-               f"{4 * psi / 2 / mb:.2f} MiB of optim" if zero >= 1 else "")
-            + f". {note}".rstrip(". ") , load, 1))
-        pp, pg, po = model_state_bytes(psi, zero, 2, "fp32", param_group_sizes(cfg))
-        plan = pp + pg + po
-        pr = plan / measured
-        ok2, note2 = within(pr, 0.10)
-        rows.append(Row(f"planner model_state_bytes vs measured, ZeRO-{zero}, 2 ranks", plan / mb, measured / mb,
-                        "MiB", pr, "within ±10%", ok2,
-                        f"planner params/grads/optim {pp / mb:.2f}/{pg / mb:.2f}/{po / mb:.2f} MiB. {note2}".strip(),
-                        load, 1))
-        if zero == 0:
-            seq, micro = int(m["seq"]), int(m["micro"])
-            est = activation_bytes(cfg, seq, micro, 1, 1, 1, False, "fp32", transient=False)
-            head = head_bytes(cfg, seq * micro, 1, 1, "fp32", transient=False)
-            chunk = head_bytes(cfg, seq * micro, 1, 1, "fp32") - head
-            ar = est / m["activations"]
-            ok3, note3 = within(ar, 0.10)
-            rows.append(Row(f"planner activation_bytes vs autograd-saved tensors, {preset}, micro "
-                            f"{micro} × seq {seq}", est / mb, m["activations"] / mb, "MiB", ar,
-                            "within ±10%", ok3,
-                            f"model(ids, labels=...) as in training; planner {cfg.n_layers} blocks "
-                            f"{(est - head) / mb:.2f} + embedding/final norm/fused head {head / mb:.2f} MiB "
-                            f"(dw fp32 {cfg.vocab_size * cfg.dim * 4 / mb:.2f}); the planner also counts a "
-                            f"{chunk / mb:.2f} MiB transient logits chunk (never saved). {note3}".strip(),
-                            load, 1))
+    rows: list[Row] = []
+    for precision in ("fp32", "bf16"):
+        for zero in (0, 1, 2, 3):
+            load = load_avg()
+            per_rank = spawn(measure_rank, 2, preset, zero, precision)
+            m = max(per_rank, key=lambda r: r["params"] + r["grads"] + r["optim"])
+            rows += _rows(cfg, preset, zero, precision, m, load)
     return emit(rows, args)
+
+
+def _rows(cfg: Any, preset: str, zero: int, precision: str, m: dict[str, Any], load: float) -> list[Row]:
+    """The formula row, the planner row and (ZeRO-0) the activation row for one measurement."""
+    from kubellm.training.planner import activation_bytes, head_bytes, model_state_bytes, param_group_sizes
+
+    mb = 2**20
+    psi = m["psi"]
+    f = formula(psi, zero, 2, precision)
+    measured = m["params"] + m["grads"] + m["optim"] + m["other"]
+    ratio = measured / sum(f.values())
+    ok, note = within(ratio, 0.10)
+    mode = "fp32" if precision == "fp32" else "bf16 mixed precision (DeepSpeed bf16 mode, the engine's CUDA config)"
+    copy = ""
+    if zero >= 1 and precision == "fp32":
+        copy = f"; DeepSpeed's fp32 copy of the partition (weights already fp32) is {4 * psi / 2 / mb:.2f} MiB of optim"
+    held = ", ".join(f"{k.split(':', 1)[1]} {v / mb:.2f}" for k, v in m["where"].items() if k.startswith("grads:"))
+    rows = [Row(
+        f"ZeRO-{zero} per-rank model-state memory, 2 ranks, {preset} (Ψ={psi / 1e6:.2f}M, {mode})",
+        measured / mb, sum(f.values()) / mb, "MiB", ratio, "within ±10%", ok,
+        f"measured params/grads/optim/other {m['params'] / mb:.2f}/{m['grads'] / mb:.2f}/{m['optim'] / mb:.2f}/"
+        f"{m['other'] / mb:.2f} MiB vs formula {f['params'] / mb:.2f}/{f['grads'] / mb:.2f}/{f['optim'] / mb:.2f}; "
+        f"grads held in: {held}{copy}. {note}".rstrip(". "), load, 1)]
+    pp, pg, po = model_state_bytes(psi, zero, 2, precision, param_group_sizes(cfg))
+    pr = (pp + pg + po) / measured
+    ok2, note2 = within(pr, 0.10)
+    rows.append(Row(f"planner model_state_bytes vs measured, ZeRO-{zero}, 2 ranks, {precision}", (pp + pg + po) / mb,
+                    measured / mb, "MiB", pr, "within ±10%", ok2,
+                    f"planner params/grads/optim {pp / mb:.2f}/{pg / mb:.2f}/{po / mb:.2f} MiB. {note2}".strip(),
+                    load, 1))
+    if zero == 0:
+        seq, micro = int(m["seq"]), int(m["micro"])
+        est = activation_bytes(cfg, seq, micro, 1, 1, 1, False, precision, transient=False)
+        head = head_bytes(cfg, seq * micro, 1, 1, precision, transient=False)
+        chunk = head_bytes(cfg, seq * micro, 1, 1, precision) - head
+        ar = est / m["activations"]
+        ok3, note3 = within(ar, 0.10)
+        rows.append(Row(f"planner activation_bytes vs autograd-saved tensors, {preset}, {precision}, micro "
+                        f"{micro} × seq {seq}", est / mb, m["activations"] / mb, "MiB", ar,
+                        "within ±10%", ok3,
+                        f"model(ids, labels=...) as in training; planner {cfg.n_layers} blocks "
+                        f"{(est - head) / mb:.2f} + embedding/final norm/fused head {head / mb:.2f} MiB "
+                        f"(dw fp32 {cfg.vocab_size * cfg.dim * 4 / mb:.2f}); the planner also counts a "
+                        f"{chunk / mb:.2f} MiB transient logits chunk (never saved). {note3}".strip(),
+                        load, 1))
+    return rows
 
 
 if __name__ == "__main__":

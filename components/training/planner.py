@@ -250,10 +250,11 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, precision: st
         out-projection's input is a view of it) and log-sum-exp (fp32, H); no T×T scores;
       * SwiGLU: gate|up (2F), silu(gate) (F), the product (F, down's input).
     Total: 2·(4D + 4 + 2aD) + a·(3Q + 3K + 4F) + 4H. Residual adds and row-parallel all-reduces save
-    nothing. Exact at fp32 on CPU (tests/planner). bf16/fp16 (not measurable on CPU) assume
-    DeepSpeed's bf16/fp16 mode: linear inputs/outputs in 2 bytes, RMSNorm internals in fp32 (as
-    written in `RMSNorm.forward`); under CUDA's math SDPA backend (no flash/efficient/cuDNN kernel)
-    add Q for a copied attention output and the B·H·T² scores."""
+    nothing. Exact at fp32 on CPU (tests/planner). bf16/fp16 assume DeepSpeed's bf16/fp16 mode:
+    linear inputs/outputs in 2 bytes, RMSNorm internals in fp32 (as written in `RMSNorm.forward`);
+    bench/bench_zero_memory.py measures the bf16 case in DeepSpeed's bf16 mode on CPU (CPU's flash
+    SDPA kernel). Under CUDA's math SDPA backend (no flash/efficient/cuDNN kernel) add Q for a
+    copied attention output and the B·H·T² scores."""
     a = _act_bytes(precision)
     d, hd = cfg.dim, cfg.head_dim
     q, kv, f, h = cfg.n_heads * hd / tp, cfg.kv_heads * hd / tp, cfg.ffn_dim / tp, cfg.n_heads / tp

@@ -94,7 +94,7 @@ def test_readme_plan_example_is_what_the_planner_prints(tmp_path, capsys, monkey
     assert printed[-1] == f"wrote {args[-1]}" and (tmp_path / args[-1]).is_file()
 
 
-# -- activations: the planner's count against what autograd saves (fp32, CPU) ----------------------------
+# -- activations: the planner's count against what autograd saves (fp32 and bf16 weights, CPU) ------------
 SHAPES = [  # MHA, GQA, MQA; ffn_dim not 4·dim
     ModelConfig(vocab_size=384, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=32),
     ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=32),
@@ -117,34 +117,44 @@ def _saved_bytes(fn: Callable[[], torch.Tensor], model: Transformer) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in skip)
 
 
-@pytest.mark.parametrize("cfg", SHAPES, ids=["mha", "gqa", "mqa"])
-def test_block_activation_count_is_what_autograd_saves(cfg: ModelConfig) -> None:
+def _model(cfg: ModelConfig, precision: str) -> Transformer:
+    """fp32, or bf16 weights as DeepSpeed's bf16 mode holds them (the module cast to bf16)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
+    return model.bfloat16() if precision == "bf16" else model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("cfg", SHAPES, ids=["mha", "gqa", "mqa"])
+def test_block_activation_count_is_what_autograd_saves(cfg: ModelConfig, precision: str) -> None:
+    model = _model(cfg, precision)
     b, t = 2, 16
-    x = torch.randn(b, t, cfg.dim, requires_grad=True)  # a block's input is the residual stream
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(b, t, cfg.dim, requires_grad=True, dtype=dtype)  # a block's input is the residual stream
     cos, sin, mask, causal = model.attention_inputs(torch.zeros(b, t, dtype=torch.long))
     got = _saved_bytes(lambda: model.blocks[0](x, cos, sin, mask, causal), model)
-    assert got == layer_activation_bytes(cfg, b * t, 1, "fp32")
+    assert got == layer_activation_bytes(cfg, b * t, 1, precision)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", SHAPES[1:], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["full", "checkpointed"])
-def test_model_activation_bytes_match_the_fused_loss_forward(cfg: ModelConfig, ckpt: bool) -> None:
+def test_model_activation_bytes_match_the_fused_loss_forward(cfg: ModelConfig, ckpt: bool, precision: str) -> None:
     """As training runs it: model(ids, labels=...) — fused head (dh, fp32 dw), no logits saved."""
-    torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = _model(cfg, precision)
     model.set_activation_checkpointing(ckpt)
     b, t = 2, 16
     ids = torch.randint(0, cfg.vocab_size, (b, t + 1))
     got = _saved_bytes(lambda: model(ids[:, :-1], labels=ids[:, 1:]), model)
-    est = activation_bytes(cfg, t, b, 1, 1, 1, ckpt, "fp32", transient=False)
+    est = activation_bytes(cfg, t, b, 1, 1, 1, ckpt, precision, transient=False)
     if ckpt:  # the block recomputed in backward is not alive during the forward measured here
-        est -= layer_activation_bytes(cfg, b * t, 1, "fp32")
+        est -= layer_activation_bytes(cfg, b * t, 1, precision)
     assert est == pytest.approx(got, rel=0.01)
-    # the fused head keeps no (tokens × vocab) logits: the transient chunk is all of them here
-    assert activation_bytes(cfg, t, b, 1, 1, 1, ckpt, "fp32") - est - (
-        layer_activation_bytes(cfg, b * t, 1, "fp32") if ckpt else 0) == b * t * cfg.vocab_size * 4
+    # the fused head keeps no (tokens × vocab) logits: the transient chunk is all of them here, in
+    # fp32 (+ the bf16 matmul output it is upcast from)
+    per_logit = 4 + (2 if precision == "bf16" else 0)
+    assert activation_bytes(cfg, t, b, 1, 1, 1, ckpt, precision) - est - (
+        layer_activation_bytes(cfg, b * t, 1, precision) if ckpt else 0) == b * t * cfg.vocab_size * per_logit
 
 
 def test_activation_bytes_scale_with_tp_and_precision() -> None:
@@ -193,3 +203,21 @@ def test_zero2_grads_are_whole_parameters_overlapping_the_partition() -> None:
     _, grads16, _ = model_state_bytes(psi, 2, 2, "bf16", groups)
     assert grads16 == grads / 2  # the model dtype: kubellm sets no fp32 grad_accum_dtype
     assert model_state_bytes(psi, 2, 2, "fp32")[1] == 4 * psi / 2  # without groups: the paper's Ψ/dp
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_planner_model_states_match_deepspeed_bf16_mode(zero: int) -> None:
+    """The planner's bf16 model states (the engine's CUDA layout: DeepSpeed bf16 mode, fp32 master
+    partition) against the tensors DeepSpeed's engine holds, 2 gloo ranks on DeepSpeed's CPU
+    accelerator, counted as bench/bench_zero_memory.py counts them."""
+    from bench.bench_zero_memory import measure_rank
+    from kubellm.training.spawn import spawn
+
+    per_rank = spawn(measure_rank, 2, "debug", zero, "bf16")
+    measured = max(r["params"] + r["grads"] + r["optim"] + r["other"] for r in per_rank)
+    psi = per_rank[0]["psi"]
+    planned = sum(model_state_bytes(psi, zero, 2, "bf16", param_group_sizes(get_preset("debug"))))
+    assert planned == pytest.approx(measured, rel=0.01)
+    # and the paper's mixed-precision optimizer term: fp32 master + two moments, 12Ψ/N
+    assert max(r["optim"] for r in per_rank) == pytest.approx(12 * psi / 2, rel=0.01)
