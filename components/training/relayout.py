@@ -15,7 +15,10 @@ What carries over: the model weights (every TP shard / pipeline-stage file of th
 and un-sharded into the dense `Transformer` state dict), the step, the data position and the
 learning-rate schedule position (the applied steps: DeepSpeed holds it on a skipped step). What does not: **AdamW's moments restart from zero** (ZeRO's flat,
 partitioned optimizer state is not resharded; DeepSpeed's `ds_to_universal` is the route for that),
-so steps after the first resumed one differ slightly from an uninterrupted run. The data-parallel
+so steps after the first resumed one differ slightly from an uninterrupted run. In DeepSpeed's
+bf16/fp16 modes (CUDA) the weights carried over are the module files' bf16/fp16 copy, not the
+optimizer's fp32 masters (those live in the same partitioned optimizer files), so a mixed-precision
+run resumes in a new layout from weights rounded to 16 bits. The data-parallel
 degree must stay the same (each rank's data position is per-DP-rank); ZeRO-3 checkpoints are refused
 here (their module files hold no weights) — consolidate them with `CheckpointManager.consolidated_state_dict`.
 """
