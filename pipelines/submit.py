@@ -67,7 +67,7 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     add_endpoint_args(p)
     add_image_args(p)
     p.add_argument("--run-name", help="display name of the run (default: <config name>-<pipeline>-<YYYYmmdd-HHMMSS>; "
-                   "with --git-sha: <config name>-<pipeline>-<sha12>, and --run-name is ignored)")
+                   "with --git-sha: <config name>-<pipeline>-<sha12>-<content hash 8>, and --run-name is ignored)")
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
                    help="a pipeline argument for this run only (the compiled defaults stay)")
     cache = p.add_mutually_exclusive_group()
@@ -80,7 +80,8 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
                                      "second submit for the same commit finds the existing run")
     p.add_argument("--upload", action="store_true", help="register the compiled pipeline as a version in the UI")
     p.add_argument("--pipeline-name", help="pipeline name in the UI for --upload (default: the pipeline's)")
-    p.add_argument("--version-name", help="pipeline version name for --upload (default: git sha or content hash)")
+    p.add_argument("--version-name", help="pipeline version name for --upload (default: <sha12>-<spec hash 8> with "
+                                          "--git-sha, else spec-<spec hash 12>)")
     p.add_argument("--wait", action="store_true", help="wait for the run to finish: exit 0 if it succeeded, 1 if it failed or was "
                    "cancelled, 2 if --timeout passed first")
     p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="--wait limit in seconds")
@@ -121,11 +122,22 @@ def check_sources(pipeline: str, arguments: dict[str, Any], defaults: dict[str, 
         raise ConfigError(f"llm_from_scratch needs its input data, and these are empty — {how}")
 
 
-def gitops_run_name(config_name: str, pipeline: str, sha: str) -> str:
+def gitops_run_name(config_name: str, pipeline: str, sha: str, content: str) -> str:
+    """`<config name>-<pipeline>-<sha12>-<content8>`: one run per commit *and* submitted content
+    (`submission_hash`), so two run-configs deployed from one commit (two chart releases, a CI
+    matrix) that share a name, or the default one, each get their run instead of the second
+    finding the first's and submitting nothing."""
     sha = sha.strip().lower()
     if not _SHA.match(sha):
         raise ConfigError(f"--git-sha {sha!r}: expected a hex commit id (7-64 characters)")
-    return f"{config_name}-{PIPELINE_NAMES[pipeline]}-{sha[:12]}"
+    return f"{config_name}-{PIPELINE_NAMES[pipeline]}-{sha[:12]}-{content[:8]}"
+
+
+def submission_hash(spec_digest: str, arguments: dict[str, Any]) -> str:
+    """sha256 of what a run executes: the compiled spec (with the run-config's parameter defaults) and
+    the run's own `--arg` values."""
+    args = yaml.safe_dump(arguments, sort_keys=True)
+    return hashlib.sha256(f"{spec_digest}\n{args}".encode()).hexdigest()
 
 
 def find_run(client: Any, experiment_id: str, name: str) -> Any | None:
@@ -224,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
         arguments = check_arguments(args.pipeline, arguments, defaults, "--arg")
         check_sources(args.pipeline, arguments, defaults)
         check_cluster_paths(args.pipeline, arguments, defaults)
-        run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha) if args.git_sha
+        content = submission_hash(digest, arguments)
+        run_name = (gitops_run_name(cfg.name, args.pipeline, args.git_sha, content) if args.git_sha
                     else args.run_name or f"{cfg.name}-{PIPELINE_NAMES[args.pipeline]}-{time.strftime('%Y%m%d-%H%M%S')}")
         client = connect(args.endpoint, args.namespace)
         endpoint = client._existing_config.host
@@ -239,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
         common = dict(experiment_id=exp.experiment_id, job_name=run_name, params=arguments,
                       pipeline_root=args.pipeline_root, service_account=args.service_account)
         if args.upload:
-            version = args.version_name or (args.git_sha[:12] if args.git_sha else f"spec-{digest[:12]}")
+            version = args.version_name or (f"{args.git_sha.strip().lower()[:12]}-{digest[:8]}" if args.git_sha
+                                            else f"spec-{digest[:12]}")
             pid, vid = ensure_version(client, path, args.pipeline_name or PIPELINE_NAMES[args.pipeline],
                                       version, digest, args.namespace)
             with api_errors(f"create run {run_name!r}"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -104,15 +105,28 @@ def test_gitops_one_run_per_commit(kfp_api: FakeKfp, capsys: pytest.CaptureFixtu
     second = capsys.readouterr().out
     assert len(kfp_api.runs) == 1  # exactly one run for the commit
     (run,) = kfp_api.runs.values()
-    assert run["display_name"] == f"kubellm-debug-llm-from-scratch-{SHA[:12]}"
+    assert re.fullmatch(f"kubellm-debug-llm-from-scratch-{SHA[:12]}-[0-9a-f]{{8}}", run["display_name"])
     assert run["pipeline_version_reference"]["pipeline_version_id"] in kfp_api.versions
     assert f"runs/details/{run['run_id']}" in first
     assert f"already has run {run['run_id']}" in second and f"runs/details/{run['run_id']}" in second
-    assert [v["display_name"] for v in kfp_api.versions.values()] == ["llm-from-scratch", SHA[:12]]
+    names = [v["display_name"] for v in kfp_api.versions.values()]
+    assert names[0] == "llm-from-scratch" and re.fullmatch(f"{SHA[:12]}-[0-9a-f]{{8}}", names[1]) and len(names) == 2
     # a different commit is a new run
     assert submit(kfp_api, "--git-sha", "f" * 40) == 0
     assert len(kfp_api.runs) == 2
     assert submit(kfp_api, "--git-sha", "not-a-sha") == 1
+
+
+def test_gitops_two_run_configs_at_one_commit_each_get_their_run(kfp_api: FakeKfp,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Two chart releases (or a CI matrix) deploy different run-configs with the same (default) name
+    from one commit: each is submitted, once, under its own version; an --arg is part of the identity."""
+    for extra in ([], ["--set", "dpo.beta=0.3"], [], ["--set", "dpo.beta=0.3"], ["--arg", "promoted_pointer=s3://b/other/promoted.json"]):
+        assert submit(kfp_api, "--git-sha", SHA, "--upload", *extra) == 0
+    assert len(kfp_api.runs) == 3
+    assert capsys.readouterr().out.count("already has run") == 2
+    assert len({r["display_name"] for r in kfp_api.runs.values()}) == 3
+    assert len([v for v in kfp_api.versions.values() if v["display_name"].startswith(SHA[:12])]) == 2
 
 
 def test_upload_reuses_identical_version_and_refuses_conflict(kfp_api: FakeKfp,
