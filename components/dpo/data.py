@@ -31,10 +31,17 @@ class PreferenceExample:
 
 
 def render_reply(tok: Any, prompt: list[dict[str, str]], reply: str, where: str) -> tuple[list[int], list[int]]:
-    prefix = encode_chat(tok, prompt, add_generation_prompt=True, where=where)
-    full = encode_chat(tok, prompt + [{"role": "assistant", "content": reply}], where=where)
-    if full[: len(prefix)] != prefix:
-        raise InputDataError(f"{where}: the chat template is not prefix-stable for the reply")
+    """The prompt + reply ids, labels on the reply (and the template's end-of-turn) only. As in
+    `render_conversation`: where encoding the rendering whole is not prefix-stable (a reply starting
+    with whitespace can merge with the template's newline), template text and contents are encoded apart."""
+    for apart in (False, True):
+        prefix = encode_chat(tok, prompt, add_generation_prompt=True, where=where, apart=apart)
+        full = encode_chat(tok, prompt + [{"role": "assistant", "content": reply}], where=where, apart=apart)
+        if full[: len(prefix)] == prefix:
+            break
+    else:
+        raise InputDataError(f"{where}: the chat template is not prefix-stable for the reply, even with template "
+                             "text and contents encoded apart")
     labels = [full[t + 1] if t + 1 >= len(prefix) else IGNORE for t in range(len(full) - 1)] + [IGNORE]
     return full, labels
 

@@ -44,15 +44,18 @@ def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
 
 def reference_uri(spec: JobSpec, arrays: list[dict[str, np.ndarray]], config: DPOConfig, device: str) -> str:
     """Where the cached reference log-probs of these pairs live in the run dir: keyed on the starting
-    model, the tokenized pairs themselves, and the device and precision that score them, so a run dir
+    model, the tokenized pairs themselves, and the device, precision and weight dtype that score them, so a run dir
     reused with other data, another model or another precision never reads stale values."""
     h = hashlib.sha256()
     for a in arrays:
         for k in ("input_ids", "labels"):
             h.update(str(a[k].shape).encode())
             h.update(np.ascontiguousarray(a[k]).tobytes())
+    from kubellm.training.engine import weight_dtype
+
     key = stable_hash({"model": spec.parents.get("model", ""), "pairs": h.hexdigest(),
-                       "precision": config.train.precision, "device": device})
+                       "precision": config.train.precision, "device": device,
+                       "weights": str(weight_dtype(config.train, device))})
     return join(spec.run_dir, f"reference/ref_logps-{key}.npy")
 
 
@@ -90,11 +93,11 @@ def _score(policy: object, reference: object, arrays: list[dict[str, np.ndarray]
     import torch
 
     from kubellm.dpo.objective import DPOObjective
-    from kubellm.training.engine import train_autocast
+    from kubellm.training.engine import train_autocast, weight_dtype
 
     scorer = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type,
                           reference=reference)  # unused with cached log-probs; else moved to the batch's device
-    policy.to(device).eval()  # type: ignore[attr-defined]
+    policy.to(device, weight_dtype(config.train, device)).eval()  # type: ignore[attr-defined]
     totals: dict[str, float] = {}
     with torch.no_grad(), train_autocast(config.train, device):
         for i in range(0, len(arrays), SCORE_BATCH):
@@ -112,14 +115,16 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
-    from kubellm.training.engine import resolve_device, train
+    from kubellm.training.engine import resolve_device, train, weight_dtype
 
     config = DPOConfig.model_validate(spec.config)
     device = resolve_device(config.train.device)
     w = start_worker(spec, config.train)
     rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
     reference, model_cfg = w.model, w.model_config
-    reference.eval().requires_grad_(False)
+    # the policy starts from the fp32 weights; the frozen reference computes as the policy's weights do
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.to(weight_dtype(config.train, device)).eval().requires_grad_(False)
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:
         staged = stage_jsonl(spec.inputs["preferences"], Path(tmp))
@@ -138,7 +143,6 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     else:
         objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference,
                                  pad_id=tok.pad_token_id)
-    start = {k: v.clone() for k, v in reference.state_dict().items()}
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=start,
                    resume=True, identity=spec.identity)
     if rank != 0:

@@ -151,6 +151,9 @@ class EvaluateConfig(StrictModel):
         bad = sorted(set(self.gate.rules) - known)
         if bad:
             raise ValueError(f"gate.rules names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")
+        bad = sorted(set(self.headline) - known)
+        if bad:
+            raise ValueError(f"headline names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")
         named = [(f"gate.rules.{t}.metric", t, r.metric) for t, r in self.gate.rules.items()]
         named += [(f"headline.{t}", t, m) for t, m in self.headline.items()]
         for where, task, metric in named:

@@ -32,7 +32,9 @@ rule whose baseline score came from other settings has the promoted model re-sco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -274,17 +276,33 @@ def check_same_tokenizer(mi: ModelInput, tokens: ValidationTokens, seq_len: int)
             "would score the wrong tokens")
 
 
+def headline_metric(cfg: EvaluateConfig, task: str, have: Mapping[str, float]) -> str:
+    """The metric of `task` shown as its column and judged by rules without `metric:`. One the user set
+    in `evaluate.headline` must be reported: as written, or as the single `<metric>/<filter>` lm-eval
+    reports for it (gsm8k's `exact_match` is `exact_match/strict-match` and `.../flexible-extract`:
+    ambiguous, so refused); a typo is refused, naming what the task reports, not replaced."""
+    reported = [k for k in have if not is_stderr(k)]
+    if task in cfg.headline:
+        metric = cfg.headline[task]
+        if metric in have:
+            return metric
+        filtered = [k for k in reported if k.startswith(f"{metric}/")]
+        if len(filtered) == 1:
+            return filtered[0]
+        raise ConfigError(f"evaluate.headline.{task}: {metric!r} is {'ambiguous' if filtered else 'not reported'} "
+                          f"for {task}; it reports {sorted(reported)}")
+    metric = cfg.headline_metric(task)
+    if metric is not None and metric in have:
+        return metric
+    return next((k for k in ("acc_norm", "acc", "exact_match", "f1") if k in have), reported[0])
+
+
 def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[str, str]]:
     cols = []
     for task in cfg.tasks + ["perplexity"]:
-        metric = cfg.headline_metric(task)
         have = next((m["scores"][task] for m in models if task in m["scores"]), None)
-        if have is None:
-            continue
-        if metric is None or metric not in have:
-            metric = next((k for k in ("acc_norm", "acc", "exact_match", "f1") if k in have),
-                          next(k for k in have if not is_stderr(k)))
-        cols.append((task, metric))
+        if have is not None:
+            cols.append((task, headline_metric(cfg, task, have)))
     return cols
 
 
@@ -339,7 +357,20 @@ def task_settings(cfg: EvaluateConfig, task: str, res: harness.HarnessResult, da
     return {"lm_eval": lm_eval, "version": res.versions.get(task), "config": stable_hash(_scrub(res.configs.get(task, {}))),
             "data": data["sha256"] if data else None, "items": data["items"] if data else None,
             "limit": cfg.limit, "n_shot": res.n_shot.get(task), "chat": res.chat.get(task), "seed": cfg.seed,
-            "dtype": cfg.dtype}
+            "dtype": cfg.dtype, "scoring": bundled_scoring_hash() if task in BUNDLED_TASKS else None}
+
+
+@functools.cache
+def bundled_scoring_hash() -> str:
+    """sha256 of the code that loads and scores the bundled tasks beyond their YAML (`taskdata`'s row
+    checks, which the YAML's loaders call, and `tasks/utils.py`): a change to it changes the settings,
+    so a max_drop rule never compares scores computed by different code."""
+    from kubellm.evaluate import taskdata
+
+    h = hashlib.sha256()
+    for f in (Path(taskdata.__file__), Path(taskdata.__file__).parent / "tasks" / "utils.py"):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def perplexity_settings(cfg: EvaluateConfig, tokens_digest: str) -> dict[str, Any]:
@@ -429,6 +460,8 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str, *, apply
             assert mi.local_dir is not None
             log.info("evaluating %s (%s)", mi.label, mi.uri)
             scores, res = _score(mi, cfg, tm, None, shards)
+            for t, have in scores.items():  # a headline typo fails after the first model, not the last
+                headline_metric(cfg, t, have)
             for t in res.scores:
                 task_info[t] = {"version": res.versions[t], "n_shot": res.n_shot[t],
                                 "n_samples": res.n_samples[t], "chat": res.chat[t],
@@ -538,26 +571,34 @@ def _baseline(cfg: EvaluateConfig, current: registry.Current, rules: Mapping[str
     """The baseline's scores to compare against, and where they come from.
 
     The pointer's scores are used for every task whose recorded settings equal this run's. Where they
-    differ and a max_drop rule needs the task, the promoted model is re-scored in this run under this
+    differ, or the pointer has no score for the task (added since), and a max_drop rule needs the task,
+    the promoted model is re-scored in this run under this
     run's settings (taken from this run's results when the promoted model is one of the models
     evaluated, else fetched and evaluated on those tasks): a drop is only measured between numbers
     scored alike. Tasks that differ but no max_drop rule needs keep the pointer's scores, flagged."""
     entry = current.entry
     unlike = {t: d for t in settings if t in entry.scores and (d := settings_diff(settings[t], entry.eval_settings.get(t)))}
+    # a task evaluated now that the pointer has no score for (added since the promotion)
+    absent = sorted(t for t in settings if t not in entry.scores)
     scores = {t: dict(v) for t, v in entry.scores.items()}
-    needed = sorted(t for t, r in rules.items() if r.max_drop is not None and t in unlike) if cfg.gate.enabled else []
+    needed = sorted(t for t, r in rules.items() if r.max_drop is not None and (t in unlike or t in absent)) \
+        if cfg.gate.enabled else []
     rescored: dict[str, str] = {}
     if needed:
         same = next((m for m in results_models if m["digest"] == entry.model_digest), None)
         if same is not None:
             fresh, how = same["scores"], f"scored in this run as model {same['label']}"
         else:
-            fresh, how = _rescore(cfg, current, sorted(unlike), needed, models, work, tm, val), \
-                "re-scored in this run"
+            fresh, how = _rescore(cfg, current, sorted(set(unlike) | {t for t in absent if t in needed}), needed,
+                                  models, work, tm, val), "re-scored in this run"
         for t in sorted(unlike):
             if t in fresh:
                 scores[t] = dict(fresh[t])
                 rescored[t] = f"{how} (the pointer's score came from other settings: {unlike.pop(t)})"
+        for t in absent:
+            if t in needed and t in fresh:
+                scores[t] = dict(fresh[t])
+                rescored[t] = f"{how} (the pointer has no score for it)"
     return {"scores": scores, "unlike": unlike, "rescored": rescored, "same_settings": not unlike,
             "settings": entry.eval_settings}
 
@@ -569,7 +610,7 @@ def _rescore(cfg: EvaluateConfig, current: registry.Current, tasks: list[str], n
     entry = current.entry
     why = (f"the gate's max_drop rule(s) on {needed} compare against the promoted model {entry.label or '?'} "
            f"({entry.model_uri}, pointer {current.uri}), whose recorded scores came from other evaluation "
-           "settings, so kubellm re-scores it in this run")
+           "settings or lack the task, so kubellm re-scores it in this run")
     mi = ModelInput("promoted", entry.model_uri)
     try:
         resolve_model(mi, work, len(models))

@@ -10,7 +10,8 @@ depend on the working directory, so `lm_eval --include_path <tasks dir>` works f
 File schemas (one JSON object per line; the data engineer's demo-world generator writes them):
     knowledge.jsonl   {"question": str, "choices": [str, ...], "answer": int}
     format.jsonl      {"messages": [{"role": "user", "content": str}, ...], "answer": str,
-                       "value": str (optional), "format_regex": str (optional, one capture group)}
+                       "value": str (optional: what `format_regex` captures from "answer"),
+                       "format_regex": str (optional, one capture group)}
     preference.jsonl  {"prompt": str, "chosen": str, "rejected": str}
 
 A malformed row stops the load with an InputDataError naming the file, the line and the field:
@@ -91,6 +92,9 @@ def check_format(row: dict[str, Any], where: str) -> dict[str, Any]:
     value = row.get("value")
     if value is not None and not isinstance(value, str):
         raise InputDataError(f"{where}: field 'value' must be a string (got {value!r:.60})")
+    if regex and not value and re.search(regex, answer.strip()) is None:
+        raise InputDataError(f"{where}: no 'value' and 'format_regex' does not match the item's own 'answer' "
+                             f"({answer!r:.60}): give the expected captured 'value', or a regex the answer follows")
     # The harness builds the chat itself (system instruction, few-shot turns, this user turn), so the
     # task prompts with the last user turn; earlier turns are kept for reference only.
     return {"messages": messages, "prompt": users[-1], "answer": answer, "value": value or "",

@@ -4,8 +4,11 @@
     ex = render_conversation(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     packs = pack_examples([ex, ...], seq_len=128, pad_id=tok.pad_token_id)
 
-Masking works for any chat template: the assistant tokens of turn i are the tokens between the
-rendering of messages[:i] with `add_generation_prompt=True` and the rendering of messages[:i+1].
+Masking works for any prefix-stable chat template: the assistant tokens of turn i are the tokens
+between the rendering of messages[:i] with `add_generation_prompt=True` and the rendering of
+messages[:i+1]. Where the tokens of the whole rendering are not prefix-stable although its text is (a
+reply starting with whitespace that BPE merges with the template's newline), template text and
+contents are encoded apart (`render_conversation`).
 Packing puts several conversations into one sequence; `doc_ids` keeps attention inside each
 conversation (the model's block-diagonal mask) and positions restart per conversation, so neither
 attention nor loss crosses between them.
@@ -147,14 +150,16 @@ def _special_strings(tok: Any) -> list[str]:
 
 
 def encode_chat(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                where: str = "<conversation>") -> list[int]:
+                where: str = "<conversation>", apart: bool = False) -> list[int]:
     """Token ids of `messages` rendered with the tokenizer's chat template, with each message's content
     encoded as ordinary text: a special-token string in it (`<|assistant|>`, `<|end|>`) becomes ordinary
     tokens, never the control id, while the template's own markers stay control tokens. A conversation
-    without such a string is exactly `apply_chat_template(messages, tokenize=True)`."""
+    without such a string is exactly `apply_chat_template(messages, tokenize=True)`, unless `apart`:
+    then template text and contents are always encoded apart, so no token spans a boundary between
+    them (what keeps a reply that starts with whitespace prefix-stable: see `render_conversation`)."""
     specials = _special_strings(tok)
     found = sorted({s for m in messages for s in specials if s in m["content"]})
-    if not found:
+    if not found and not apart:
         return _ids(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt))
     # Render once with a unique placeholder per content: what is not a placeholder is the template's own
     # text (markers read as control tokens); each content is encoded with special tokens split as text.
@@ -179,14 +184,21 @@ def encode_chat(tok: Any, messages: list[dict[str, str]], add_generation_prompt:
                 if piece:
                     ids += tok(piece, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
             return ids
-    raise InputDataError(f"{where}: the content contains special-token text ({', '.join(found)}) and the chat "
-                         "template does not render each message's content once, in order and unchanged, so it "
-                         "cannot be encoded as plain text apart from the template's own markers")
+    why = (f"the content contains special-token text ({', '.join(found)})" if found else
+           "a turn's tokens merge with the template text around it (e.g. a reply that starts with whitespace)")
+    raise InputDataError(f"{where}: {why} and the chat template does not render each message's content once, in "
+                         "order and unchanged, so it cannot be encoded apart from the template's own markers")
 
 
-def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "<conversation>") -> ChatExample:
-    """Token ids of the whole conversation and labels that are set only on assistant tokens."""
-    full = encode_chat(tok, messages, where=where)
+def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "<conversation>",
+                        apart: bool = False) -> ChatExample:
+    """Token ids of the whole conversation and labels that are set only on assistant tokens.
+
+    When encoding the rendering whole is not prefix-stable — a byte-level BPE can merge the template's
+    `\\n` with a reply's leading space into one token, so the prompt's last token is not a prefix of
+    the conversation — the conversation is encoded with template text and contents apart
+    (`encode_chat(apart=True)`), which is, and which also ends the prompt where generation does."""
+    full = encode_chat(tok, messages, where=where, apart=apart)
     trainable = [False] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -194,12 +206,14 @@ def render_conversation(tok: Any, messages: list[dict[str, str]], where: str = "
         if i == 0:
             raise InputDataError(f"{where}: message 0 is an assistant turn before any user turn "
                                  "(nothing for it to reply to)")
-        prefix = encode_chat(tok, messages[:i], add_generation_prompt=True, where=where)
-        upto = encode_chat(tok, messages[: i + 1], where=where)
+        prefix = encode_chat(tok, messages[:i], add_generation_prompt=True, where=where, apart=apart)
+        upto = encode_chat(tok, messages[: i + 1], where=where, apart=apart)
         if upto[: len(prefix)] != prefix or full[: len(upto)] != upto:
+            if not apart:
+                return render_conversation(tok, messages, where, apart=True)
             raise InputDataError(
-                f"{where}: the chat template does not render turn {i} as a prefix of the conversation; "
-                "assistant-only masking needs a prefix-stable template"
+                f"{where}: the chat template does not render turn {i} as a prefix of the conversation, even "
+                "with template text and contents encoded apart; assistant-only masking needs a prefix-stable template"
             )
         for t in range(len(prefix), len(upto)):
             trainable[t] = True

@@ -159,10 +159,22 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
 def train_autocast(train_cfg: TrainConfig, device: str) -> contextlib.AbstractContextManager[Any]:
     """The autocast the training step runs under: bf16 on CPU is autocast over fp32 weights
     (DeepSpeed's bf16 mode is used on CUDA; see dsconfig). Frozen models that score alongside the
-    policy (DPO's reference) use it too, so both compute in the same precision."""
+    policy (DPO's reference) use it too, cast to `weight_dtype`, so both compute in the same precision."""
     if train_cfg.precision == "bf16" and device == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def weight_dtype(train_cfg: TrainConfig, device: str) -> torch.dtype:
+    """The dtype the policy's weights compute in: DeepSpeed's bf16/fp16 modes (CUDA; see dsconfig) hold
+    the module in 16 bits (the optimizer keeps the fp32 masters); elsewhere fp32 (CPU bf16 is autocast
+    over fp32 weights). A frozen model scoring alongside the policy (DPO's reference) is cast to it, so
+    at the start, where the policy is the reference, their log-probabilities are identical."""
+    if train_cfg.precision == "fp16":
+        return torch.float16
+    if train_cfg.precision == "bf16" and device == "cuda":
+        return torch.bfloat16
+    return torch.float32
 
 
 def _token_weights(counts: list[int], accum: int, world: int, dp_size: int) -> list[float]:

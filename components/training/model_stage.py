@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kubellm.core.errors import IntegrityError
+from kubellm.core.errors import InputDataError, IntegrityError
 from kubellm.core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -98,6 +98,11 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
     if world > 1:
         dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(base.hf_dir))
+    if tokenizer.pad_token_id is None:  # SFT packs and DPO pairs are padded with it (label-masked)
+        raise InputDataError(
+            f"{spec.inputs['model']}: the model's tokenizer has no pad_token (tokenizer_config.json): SFT and DPO "
+            "pad sequences with it; set `pad_token` to a special token the texts do not use (kubellm's own "
+            "exports have `<|pad|>`)")
     model, model_cfg = load_hf(base.hf_dir)
     return WorkerStart(rank, world, base, tokenizer, model, model_cfg)
 

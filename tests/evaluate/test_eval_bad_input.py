@@ -79,6 +79,13 @@ def test_other_schemas(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "format.jsonl", [{"messages": [{"role": "assistant", "content": "x"}], "answer": "x"}])
     with pytest.raises(InputDataError, match=rf"{f}:1: 'messages' has no non-empty user turn"):
         read_items("kubellm_format", tmp_path)
+    user = [{"role": "user", "content": "Colour?"}]
+    f = write_jsonl(tmp_path / "format.jsonl", [
+        {"messages": user, "answer": "Answer: red", "format_regex": r"Answer:\s*(\w+)"},  # no value: fine
+        {"messages": user, "answer": "red", "format_regex": r"Answer:\s*(\w+)"}])
+    with pytest.raises(InputDataError, match=rf"{f}:2: no 'value' and 'format_regex' does not match the item's "
+                                             r"own 'answer' \('red'\)"):
+        read_items("kubellm_format", tmp_path)
     with pytest.raises(InputDataError, match=r"knowledge.jsonl: eval data file for task kubellm_knowledge not found"):
         read_items("kubellm_knowledge", tmp_path)
     # the shipped items are valid
@@ -93,19 +100,6 @@ def test_baseline_that_lacks_a_task(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match=r"baseline .*promoted.json lacks task kubellm_preference \(it has \['kubellm_knowledge'\]\)"):
         judge({"kubellm_preference": {"acc": 0.7}}, base, rules, {"kubellm_preference": "acc"},
               str(tmp_path / "registry/kubellm/promoted.json"), directions={"kubellm_preference": {"acc": True}})
-
-
-def test_baseline_lacking_a_task_fails_the_stage_before_publishing(model_artifacts, tmp_path: Path) -> None:
-    root, (base, sft) = model_artifacts
-    reg = Registry(f"{root}/registry", "kubellm")
-    reg.promote(Promoted(name="kubellm", model_uri=base.uri, model_digest=base.digest(), label="old",
-                         scores={"kubellm_knowledge": {"acc": 0.25}}), None)
-    before = Path(reg.pointer_uri).read_bytes()
-    cfg = eval_config(tasks=["kubellm_knowledge", "kubellm_preference"], chat_tasks=[],
-                      gate={"rules": {"kubellm_preference": {"max_drop": 0.1}}})
-    with pytest.raises(InputDataError, match=r"lacks task kubellm_preference"):
-        stage.run(cfg, {"models": sft.uri, "baseline": reg.pointer_uri}, root)
-    assert _published(root) == [] and Path(reg.pointer_uri).read_bytes() == before
 
 
 def test_baseline_pointer_missing_and_bad_rules(hf_exports, tmp_path: Path) -> None:

@@ -90,6 +90,26 @@ def test_rule_or_headline_on_a_metric_a_bundled_task_lacks_is_refused() -> None:
         eval_config(headline={"perplexity": "ppl"})
     eval_config(tasks=["kubellm_format", "arc_easy"], headline={"arc_easy": "acc_norm"},
                 gate={"rules": {"kubellm_format": {"metric": "correct", "min": 0.1}}})
+    with pytest.raises(ValueError, match=r"headline names task\(s\) \['kubellm_knowlege'\] that are not evaluated"):
+        eval_config(headline={"kubellm_knowlege": "acc_norm"})
+
+
+def test_a_headline_lm_eval_does_not_report_is_refused_not_replaced() -> None:
+    """A standard task's metrics are known only from its results: a typo is refused naming what it
+    reports; a bare metric lm-eval reports under one filter is that one; under two, ambiguous."""
+    cfg = eval_config(tasks=["gsm8k", "hellaswag"], chat_tasks=[],
+                      headline={"gsm8k": "exact_match", "hellaswag": "acc_nrom"})
+    one = {"exact_match/strict-match": 0.1, "exact_match_stderr/strict-match": 0.01}
+    assert stage.headline_metric(cfg, "gsm8k", one) == "exact_match/strict-match"
+    with pytest.raises(ConfigError, match=r"evaluate.headline.gsm8k: 'exact_match' is ambiguous for gsm8k; it "
+                                          r"reports \['exact_match/flexible-extract', 'exact_match/strict-match'\]"):
+        stage.headline_metric(cfg, "gsm8k", {**one, "exact_match/flexible-extract": 0.2})
+    with pytest.raises(ConfigError, match=r"evaluate.headline.hellaswag: 'acc_nrom' is not reported for hellaswag; "
+                                          r"it reports \['acc', 'acc_norm'\]"):
+        stage.headline_metric(cfg, "hellaswag", {"acc": 0.3, "acc_norm": 0.35, "acc_stderr": 0.01})
+    # no headline set: the first of acc_norm, acc, exact_match, f1 the task reports
+    assert stage.headline_metric(eval_config(tasks=["hellaswag"], chat_tasks=[]), "hellaswag",
+                                 {"acc": 0.3, "acc_norm": 0.35}) == "acc_norm"
 
 
 def test_bundled_metrics_match_the_task_yamls() -> None:

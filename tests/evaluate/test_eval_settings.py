@@ -66,6 +66,24 @@ def test_max_drop_against_other_settings_rescores_the_promoted_model(hf_exports,
     assert Registry(f"{root}/registry", "kubellm").current().entry.label == "b"
 
 
+def test_a_task_added_since_the_promotion_is_rescored_for_max_drop(hf_exports, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pointer was promoted on wmt; kubellm_knowledge is added with a max_drop rule: the promoted
+    model is scored on that task alone in this run and the gate judges the drop (it used to stop the
+    stage, unpublished, after every model had been evaluated)."""
+    root = str(tmp_path / "art")
+    _promote_a(hf_exports, root, monkeypatch, acc=0.9)
+    fake = FakeHarness({"a": {"wmt": {"acc": 0.9}, "kubellm_knowledge": {"acc": 0.6}},
+                        "b": {"wmt": {"acc": 0.9}, "kubellm_knowledge": {"acc": 0.4}}}, DIRS).install(monkeypatch)
+    rules = {"rules": {"wmt": {"metric": "acc", "max_drop": 0.05},
+                       "kubellm_knowledge": {"metric": "acc", "max_drop": 0.05}}}
+    with pytest.raises(GateFailedError, match=r"kubellm_knowledge acc 0.4000 vs baseline 0.6000: dropped \(worse\)"):
+        stage.run(eval_config(tasks=["wmt", "kubellm_knowledge"], chat_tasks=[], gate=rules),
+                  {"models": str(hf_exports["b"])}, root)
+    assert fake.calls == [("b", ["wmt", "kubellm_knowledge"]), ("a", ["kubellm_knowledge"])]
+    assert Registry(f"{root}/registry", "kubellm").current().entry.label == "a"
+
+
 def test_promoted_model_among_the_models_is_compared_by_its_fresh_scores(hf_exports, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     root = str(tmp_path / "art")

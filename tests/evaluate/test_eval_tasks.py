@@ -34,6 +34,10 @@ def test_format_scoring() -> None:
     assert score(doc, [" Answer: red"]) == {"exact_match": 1.0, "format_ok": 1.0, "correct": 1.0}
     assert score(doc, ["Sure! Answer: blue"]) == {"exact_match": 0.0, "format_ok": 1.0, "correct": 0.0}
     assert score(doc, ["red"]) == {"exact_match": 0.0, "format_ok": 0.0, "correct": 0.0}
+    # no value: the regex's capture from the item's own answer is the expected value
+    no_value = {**doc, "value": ""}
+    assert score(no_value, ["Answer: red"]) == {"exact_match": 1.0, "format_ok": 1.0, "correct": 1.0}
+    assert score(no_value, ["Answer: blue"])["correct"] == 0.0
     plain = {"answer": "7", "value": "", "format_regex": ""}
     assert score(plain, ["7 is it"]) == {"exact_match": 0.0, "format_ok": 1.0, "correct": 1.0}
 

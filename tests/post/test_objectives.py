@@ -224,3 +224,44 @@ def test_sft_rows_without_doc_ids_take_plain_causal_attention_with_the_same_loss
         want, _ = obj.loss(model, packed)
         got, _ = obj.loss(model, plain)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def _ds_bf16_step0_logprobs(vocab: int) -> dict[str, list[float]]:
+    """1 rank: the policy as DeepSpeed's bf16 mode holds it (the engine's CUDA config, run on the CPU
+    accelerator) and the frozen reference from the same fp32 weights, fp32 or cast to `weight_dtype`."""
+    import deepspeed
+
+    from kubellm.dpo.objective import policy_logprobs
+    from kubellm.training.dsconfig import deepspeed_config
+    from kubellm.training.engine import init_distributed, weight_dtype
+    from kubellm.training.optim import param_groups
+
+    init_distributed("cpu")
+    tc = _train_cfg(1).model_copy(update={"precision": "bf16"})
+    torch.manual_seed(0)
+    model = Transformer(_cfg(vocab))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tc.optim),
+                                      config=deepspeed_config(tc, ParallelConfig(), 1, "cuda"))
+    ref = Transformer(_cfg(vocab))
+    ref.load_state_dict(start)
+    ids = torch.randint(0, vocab, (4, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = {"policy": policy_logprobs(engine.module, ids[:, :-1], ids[:, 1:]),
+               "fp32_reference": policy_logprobs(ref, ids[:, :-1], ids[:, 1:])}
+        ref.to(weight_dtype(tc, "cuda"))
+        out["cast_reference"] = policy_logprobs(ref, ids[:, :-1], ids[:, 1:])
+    return {k: v.float().tolist() for k, v in out.items()}
+
+
+@pytest.mark.integration
+def test_reference_in_weight_dtype_matches_a_deepspeed_bf16_policy_at_the_start() -> None:
+    """With DeepSpeed's bf16 mode (CUDA) the policy computes with bf16 weights; a reference cast to
+    `weight_dtype` gives exactly its log-probs at step 0 (log-ratio 0), an fp32 one does not."""
+    from kubellm.training.engine import weight_dtype
+    from kubellm.training.spawn import spawn
+
+    (r,) = spawn(_ds_bf16_step0_logprobs, 1, 97)
+    assert r["cast_reference"] == r["policy"]
+    assert r["fp32_reference"] != pytest.approx(r["policy"], abs=1e-4)
+    assert weight_dtype(_train_cfg(1).model_copy(update={"precision": "bf16"}), "cpu") == torch.float32

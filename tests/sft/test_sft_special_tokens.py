@@ -85,3 +85,31 @@ def test_a_template_that_changes_content_is_a_bad_record(project_tok: Any, tmp_p
     assert rep.counts == {"special_token_text": 1}
     with pytest.raises(InputDataError, match=r"chat\.jsonl:1: the content contains special-token text \(<\|end\|>\)"):
         list(read_chat_jsonl([f], trimming, 128, SkipReport(), "fail"))
+
+
+def test_a_reply_starting_with_whitespace_stays_trainable(tmp_path: Path) -> None:
+    """A tokenizer trained on indented code merges the template's newline with a reply's leading space
+    (`ĊĠ`), so the whole rendering is not prefix-stable; template text and contents are then encoded
+    apart, and the reply is labelled whole, in SFT and in DPO."""
+    from kubellm.dpo.data import render_reply
+    from kubellm.tokenizer.bpe import save_hf_tokenizer, train_bpe
+    from kubellm.tokenizer.config import TokenizerConfig
+
+    cfg = TokenizerConfig(vocab_size=400)
+    code = [f"def f{a}():\n  x = {a}\n  return x + {b}\n" for a in range(30) for b in range(10)]
+    tok = AutoTokenizer.from_pretrained(save_hf_tokenizer(train_bpe(iter(code), cfg), cfg, tmp_path / "tok"))
+    assert "ĊĠ" in tok.convert_ids_to_tokens(tok("a\n  x", add_special_tokens=False)["input_ids"])
+    prompt = [{"role": "user", "content": "Code?"}]
+    whole = sft_data._ids(tok.apply_chat_template(prompt + [{"role": "assistant", "content": "  x = 2"}],
+                                                  tokenize=True))
+    head = sft_data._ids(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+    assert whole[: len(head)] != head  # the premise: encoded whole, the prompt is not a prefix
+    ex = render_conversation(tok, prompt + [{"role": "assistant", "content": "  x = 2"}])
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "  x = 2<|end|>\n"
+    assert ex.input_ids[: len(head)] == head  # the prompt is what generation is given
+    ids, labels = render_reply(tok, prompt, "  x = 2", "pair 1")
+    assert ids == ex.input_ids and tok.decode([t for t in labels if t != IGNORE]) == "  x = 2<|end|>\n"
+    # an ordinary reply keeps the whole rendering's ids
+    plain = render_conversation(tok, prompt + [{"role": "assistant", "content": "x = 2"}])
+    assert plain.input_ids == sft_data._ids(tok.apply_chat_template(
+        prompt + [{"role": "assistant", "content": "x = 2"}], tokenize=True))

@@ -26,19 +26,26 @@ def load_preference(**metadata: Any) -> Any:
 
 def format_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """format_ok: the reply follows the chat format (`format_regex`, e.g. `Answer:\\s*(\\w+)`);
-    correct: it does and the captured value is `value`; exact_match: the stripped reply is `answer`.
-    Items without a regex fall back to: format_ok = the reply starts with the answer."""
+    correct: it does and the captured value is `value` (an item without one: what the regex captures
+    from `answer`); exact_match: the stripped reply is `answer`. Items without a regex fall back to:
+    format_ok = the reply starts with the answer."""
     reply = (results[0] if results else "").strip()
     answer = doc["answer"].strip()
     regex, value = doc.get("format_regex"), doc.get("value")
     if regex:
         m = re.search(regex, reply)
         ok = m is not None
-        got = (m.group(1) if m and m.groups() else (m.group(0) if m else "")).strip()
-        correct = ok and got == (value if value is not None else answer)
+        if not value:  # taskdata stores a missing value as ""
+            value = _captured(re.search(regex, answer)) or answer
+        correct = ok and _captured(m) == value
     else:
         ok = correct = reply.startswith(answer)
     return {"exact_match": float(reply == answer), "format_ok": float(ok), "correct": float(correct)}
+
+
+def _captured(m: re.Match[str] | None) -> str:
+    """The regex's first group (the whole match without one), stripped; "" for no match."""
+    return "" if m is None else (m.group(1) if m.groups() else m.group(0)).strip()
 
 
 def preference_results(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
