@@ -144,3 +144,23 @@ def test_a_bad_record_in_s3_data_is_named_by_its_s3_uri(chat_tokenizer_dir: Path
     key = "chat" if stage == "sft" else "preferences"
     with pytest.raises(InputDataError, match=rf"{uri}:2\b"):
         run_stage(stage, getattr(cfg, stage), {"model": str(base), key: uri}, str(tmp_path / "art"))
+
+
+def test_a_tokenizer_without_pad_token_is_refused_by_name(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A plain HF directory whose tokenizer has no pad token (Llama-3-Instruct style): SFT names it
+    instead of failing on a None in the packed ids."""
+    import json
+
+    from kubellm.core.errors import InputDataError
+
+    base = _base(chat_tokenizer_dir, tmp_path)
+    tc = base / "tokenizer_config.json"
+    tc.write_text(json.dumps({k: v for k, v in json.loads(tc.read_text()).items() if k != "pad_token"}))
+    for extra in ("special_tokens_map.json",):
+        if (base / extra).is_file():
+            m = json.loads((base / extra).read_text())
+            m.pop("pad_token", None)
+            (base / extra).write_text(json.dumps(m))
+    chat = _write(tmp_path / "chat" / "train.jsonl", CHAT)
+    with pytest.raises(InputDataError, match=r"the model's tokenizer has no pad_token .*set `pad_token`"):
+        run_stage("sft", _cfg().sft, {"model": str(base), "chat": str(chat)}, str(tmp_path / "art"))
