@@ -51,8 +51,9 @@ def precompute_reference(reference: torch.nn.Module, arrays: Sequence[dict[str, 
         rows = arrays[i : i + batch_size]
         b = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in ("input_ids", "labels")}
         c, r = reference_logprobs(reference, b)
+        both = torch.stack([c, r], dim=1).double().cpu().numpy()  # one device-to-host copy per batch
         for j, row in enumerate(rows):
-            row["ref_logps"] = np.asarray([c[j].item(), r[j].item()], dtype=np.float64)
+            row["ref_logps"] = both[j]
 
 
 class DPOObjective:

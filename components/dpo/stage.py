@@ -5,7 +5,7 @@
 
 `preferences` is JSON lines of `{"prompt", "chosen", "rejected"}` (prompt: text or a messages list).
 The starting model is also the frozen reference. With `reference: cached` its log-probabilities are
-computed once (rank 0, on the training device and in the training precision), stored in the run dir
+computed once (split across the ranks, on the training device and in the training precision), stored in the run dir
 (`reference/ref_logps-<key>.npy`, keyed on the model, the tokenized pairs, device and precision;
 reused on resume) and named in the model manifest's metadata; with `reference: live` a frozen copy
 scores every batch. Reports reward accuracy and margin after training over all pairs (both are 0 at
@@ -61,8 +61,10 @@ def reference_uri(spec: JobSpec, arrays: list[dict[str, np.ndarray]], config: DP
 
 def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, np.ndarray]], rank: int,
                       world: int, config: DPOConfig, device: str) -> tuple[np.ndarray, str]:
-    """(N, 2) reference log-probs and their file: computed once by rank 0 into the run dir (on the
-    training device, in the training precision), read by every rank."""
+    """(N, 2) reference log-probs and their file in the run dir: computed once, on the training device
+    and in the training precision, each rank scoring every `world`-th pair (so no rank idles at a
+    collective while one scores them all), gathered, and written by rank 0; read back where it exists."""
+    import torch
     import torch.distributed as dist
 
     from kubellm.dpo.objective import precompute_reference
@@ -70,15 +72,32 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
 
     uri = reference_uri(spec, arrays, config, device)
     st = storage_for(uri)
-    if rank == 0 and not st.exists(uri):
+    todo = [not st.exists(uri)]
+    if world > 1:  # one decision for every rank: rank 0's
+        dist.broadcast_object_list(todo, src=0)
+    if todo[0]:
+        mine = arrays[rank::world]
         with train_autocast(config.train, device):
-            precompute_reference(reference.to(device), arrays)  # type: ignore[attr-defined]
+            precompute_reference(reference.to(device), mine)  # type: ignore[attr-defined]
         reference.to("cpu")  # type: ignore[attr-defined]
-        buf = io.BytesIO()
-        np.save(buf, np.stack([a["ref_logps"] for a in arrays]), allow_pickle=False)
-        st.write_bytes(uri, buf.getvalue())
-    if world > 1:
-        dist.barrier()
+        ref = np.stack([a["ref_logps"] for a in mine]) if mine else np.zeros((0, 2))
+        if world > 1:
+            per = -(-len(arrays) // world)  # ranks hold ⌈N/world⌉ or one fewer pairs: pad to gather
+            on = "cuda" if device == "cuda" else "cpu"  # NCCL gathers device tensors, gloo host ones
+            part = torch.zeros(per, 2, dtype=torch.float64, device=on)
+            part[: len(mine)] = torch.from_numpy(ref).to(on)
+            parts = [torch.empty_like(part) for _ in range(world)]
+            dist.all_gather(parts, part)
+            ref = np.empty((len(arrays), 2))
+            for r, got in enumerate(parts):
+                ref[r::world] = got[: len(range(r, len(arrays), world))].cpu().numpy()
+        if rank == 0:
+            buf = io.BytesIO()
+            np.save(buf, ref, allow_pickle=False)
+            st.write_bytes(uri, buf.getvalue())
+        if world > 1:
+            dist.barrier()  # the file exists for a later resume before any rank trains
+        return ref, uri
     ref = np.load(io.BytesIO(st.read_bytes(uri)), allow_pickle=False)
     if ref.shape != (len(arrays), 2):
         raise IntegrityError(f"{uri}: reference log-probs have shape {ref.shape}, expected ({len(arrays)}, 2); "

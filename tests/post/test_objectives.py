@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -265,3 +266,37 @@ def test_reference_in_weight_dtype_matches_a_deepspeed_bf16_policy_at_the_start(
     assert r["cast_reference"] == r["policy"]
     assert r["fp32_reference"] != pytest.approx(r["policy"], abs=1e-4)
     assert weight_dtype(_train_cfg(1).model_copy(update={"precision": "bf16"}), "cpu") == torch.float32
+
+
+def _reference_rank(tok_dir: str, prefs: str, run_dir: str, n: int) -> dict:
+    """One rank of the cached-reference pass (`kubellm.dpo.stage._cached_reference`)."""
+    from kubellm.dpo.config import DPOConfig
+    from kubellm.dpo.stage import _cached_reference
+    from kubellm.training.engine import init_distributed
+    from kubellm.training.job import JobSpec
+
+    rank, world = init_distributed("cpu")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    arrays = to_arrays(read_preferences_jsonl([Path(prefs)], tok, 64, SkipReport()), 64, tok.pad_token_id)[:n]
+    torch.manual_seed(0)
+    reference = Transformer(_cfg(len(tok)))
+    spec = JobSpec(stage="dpo", config={}, output=run_dir, run_dir=run_dir, parents={"model": "m"})
+    ref, uri = _cached_reference(spec, reference, arrays, rank, world, DPOConfig(), "cpu")
+    return {"ref": ref.tolist(), "file": np.load(uri).tolist()}
+
+
+@pytest.mark.integration
+def test_cached_reference_split_over_two_ranks_matches_one(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Each rank scores every other pair (31 pairs: an uneven split); the gathered log-probs, on every
+    rank and in the file, are one process's, in pair order; a second pass reads the file back."""
+    from kubellm.training.spawn import spawn
+
+    prefs = str(_pairs(tmp_path))
+    (one,) = spawn(_reference_rank, 1, str(chat_tokenizer_dir), prefs, str(tmp_path / "one"), 31)
+    two = spawn(_reference_rank, 2, str(chat_tokenizer_dir), prefs, str(tmp_path / "two"), 31)
+    assert len(one["ref"]) == 31 and one["file"] == one["ref"]
+    for r in two:
+        np.testing.assert_allclose(r["ref"], one["ref"], rtol=1e-6)
+        assert r["file"] == two[0]["ref"] == r["ref"]
+    again = spawn(_reference_rank, 2, str(chat_tokenizer_dir), prefs, str(tmp_path / "two"), 31)
+    assert [r["ref"] for r in again] == [two[0]["ref"]] * 2
