@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -37,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubellm import __version__
 from kubellm.core.errors import IntegrityError, ManifestConflictError, ManifestMissingError
@@ -97,6 +98,20 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
     metadata: dict[str, Any] = Field(default_factory=dict, description="small stage-specific extras")
     report_markdown: str | None = Field(default=None, description="human report shown in the KFP UI")
+
+    @model_validator(mode="after")
+    def _finite_metrics(self) -> Manifest:
+        """Strict JSON has no NaN/Infinity, and pydantic writes them into `metrics` as null, which its
+        float values then refuse to read back: a committed manifest would be unreadable for good (a run
+        whose last logged loss was NaN under `train.nonfinite=skip`). Such a metric moves to
+        `metadata["nonfinite_metrics"]` as "nan", "inf" or "-inf"."""
+        bad = {k: v for k, v in self.metrics.items() if not math.isfinite(v)}
+        if bad:
+            self.metrics = {k: v for k, v in self.metrics.items() if k not in bad}
+            named = dict(self.metadata.get("nonfinite_metrics") or {})
+            named.update({k: "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") for k, v in bad.items()})
+            self.metadata = {**self.metadata, "nonfinite_metrics": named}
+        return self
 
     def digest(self) -> str:
         """Content hash of what the artifact *is* (not when it was made)."""

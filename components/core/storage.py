@@ -76,7 +76,7 @@ def _is_scratch(name: str) -> bool:
     return name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(LOCK_SUFFIX))
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # up to the last @ before the host: a password may hold '@'
 
 
 def redact(text: str) -> str:
@@ -481,6 +481,8 @@ class S3Storage:
                 self.write_bytes(uri, data)
                 return True
             raise self._err("conditional put", uri, e) from None
+        except Exception as e:  # connection errors, timeouts: their text can hold the endpoint's credentials
+            raise self._err("conditional put", uri, e) from None
 
     def read_with_etag(self, uri: str) -> tuple[bytes, str]:
         bucket, key = split_s3(uri)
@@ -506,6 +508,8 @@ class S3Storage:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
             raise self._err("head", uri, e) from None
+        except Exception as e:
+            raise self._err("head", uri, e) from None
         if current != etag:
             return False
         try:
@@ -522,8 +526,10 @@ class S3Storage:
             if code == "NotImplemented" or status == 501:
                 # a store without If-Match: the HEAD above was the check (racing writers are not
                 # excluded there, as for put_if_absent's fallback)
-                self.client.put_object(Bucket=bucket, Key=key, Body=data)
+                self.write_bytes(uri, data)
                 return True
+            raise self._err("conditional put (If-Match)", uri, e) from None
+        except Exception as e:
             raise self._err("conditional put (If-Match)", uri, e) from None
 
     def _holds(self, uri: str, data: bytes) -> bool:
@@ -561,6 +567,8 @@ class S3Storage:
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
+            raise self._err("head", uri, e) from None
+        except Exception as e:
             raise self._err("head", uri, e) from None
 
     def _iter(self, prefix: str) -> Iterator[ObjectInfo]:

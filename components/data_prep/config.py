@@ -74,7 +74,9 @@ class PIIConfig(StrictModel):
     emails: bool = True
     """Replace e-mail addresses with `<EMAIL>`."""
     phones: bool = True
-    """Replace phone numbers (7+ digits with separators, optional +country code) with `<PHONE>`."""
+    """Replace phone numbers with `<PHONE>`: 7+ digits in a phone's shape (+country code and groups,
+    North American (415) 555-0132, or a national number with its trunk 0: 020 7946 0958); dates,
+    prices and runs of numbers are left alone."""
     ips: bool = True
     """Replace IPv4 and IPv6 addresses with `<IP>`."""
 
@@ -89,8 +91,10 @@ class DataPrepConfig(StrictModel):
     unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
     """Unicode normalisation applied to every document before filtering."""
     max_doc_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
-    """A record larger than this (UTF-8 bytes) is a bad record, skipped without being held in
-    memory whole."""
+    """A record larger than this is a bad record, skipped without being held in memory whole. It is a
+    bound on what is read, so it counts bytes as stored: a JSON line's raw bytes (its JSON syntax and
+    `\\u` escapes included), a text document's bytes with their line endings, a parquet or hub value's
+    UTF-8 bytes."""
     text_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How plain-text files split into documents: each line, blank-line separated paragraphs, or
     the whole file."""

@@ -8,6 +8,7 @@ and the keys used for dedup (exact hash, MinHash signature).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import re
 import unicodedata
@@ -23,9 +24,19 @@ _WS = re.compile(r"\s+")
 _WORD_PUNCT = re.compile(r"[^\w\s]")
 _ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
-_PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){1,4}(?![\w.])")
-_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-_IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}\b")
+# A phone number has a phone's shape, not just 7+ digits in groups (which dates, prices and lists of
+# numbers also have): +country code and groups; North American (415) 555-0132 / 415-555-0132; or a
+# national number with its trunk 0 (020 7946 0958, 01 23 45 67 89). Dates are left alone (`_is_date`).
+_PHONE = re.compile(
+    r"(?<!\w)(?<!\d[.,])(?:"
+    r"\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]\d{1,6}){1,5}"
+    r"|\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|\d{3} \d{3} \d{4}"
+    r"|0\d{1,4}(?:[\s.-]\d{2,8}){1,4}"
+    r")(?!\w|[.,-]\d)")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)")
+# candidates, each checked with `ipaddress` (compressed forms, any number of groups after ::)
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
 
 FILTER_NAMES = ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
                 "max_symbol_word_ratio", "max_ellipsis_line_fraction", "min_alpha_word_fraction",
@@ -90,24 +101,47 @@ def quality_reason(text: str, f: QualityFilters) -> str | None:
     return None
 
 
+def _is_ipv6(s: str) -> bool:
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_phone(s: str) -> bool:
+    return sum(c.isdigit() for c in s) >= 7 and not _DATE.fullmatch(s)
+
+
+def _replace(pattern: re.Pattern[str], text: str, placeholder: str,
+             accept: Callable[[str], bool] = lambda s: True) -> tuple[str, int]:
+    """`pattern`'s matches that `accept` takes replaced by `placeholder`; returns (text, replacements)."""
+    n = 0
+
+    def one(m: re.Match[str]) -> str:
+        nonlocal n
+        if not accept(m.group(0)):
+            return m.group(0)
+        n += 1
+        return placeholder
+
+    return pattern.sub(one, text), n
+
+
 def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, int]:
     """Replace emails, IPs and phone numbers with placeholders; returns (text, replacements)."""
     total = 0
     if cfg.emails:
-        text, k = _EMAIL.subn("<EMAIL>", text)
+        text, k = _replace(_EMAIL, text, "<EMAIL>")
         total += k
     if cfg.ips:  # before phones: a dotted IPv4 also looks like a phone number
-        text, k = _IPV4.subn("<IP>", text)
+        text, k = _replace(_IPV4, text, "<IP>")
         total += k
-        text, k = _IPV6.subn("<IP>", text)
+        text, k = _replace(_IPV6, text, "<IP>", _is_ipv6)
         total += k
     if cfg.phones:
-        def phone(m: re.Match[str]) -> str:
-            return "<PHONE>" if sum(c.isdigit() for c in m.group(0)) >= 7 else m.group(0)
-
-        new = _PHONE.sub(phone, text)
-        total += new.count("<PHONE>") - text.count("<PHONE>")
-        text = new
+        text, k = _replace(_PHONE, text, "<PHONE>", _is_phone)
+        total += k
     return text, total
 
 
@@ -122,9 +156,17 @@ def split_of(text: str, validation_fraction: float) -> str:
     return "validation" if h / 2**64 < validation_fraction else "train"
 
 
+def _words(text: str) -> list[str]:
+    """The lower-cased text's words with punctuation stripped; a text with no word characters (only
+    symbols, emoji) is its non-space characters instead, so such texts do not all share one empty
+    shingle and count as near-duplicates of each other."""
+    low = text.lower()
+    return _WORD_PUNCT.sub(" ", low).split() or [c for c in low if not c.isspace()]
+
+
 def shingles(text: str, n: int) -> list[bytes]:
-    """Word n-gram shingles of the punctuation-stripped, lower-cased text."""
-    words = _WORD_PUNCT.sub(" ", text.lower()).split()
+    """Word n-gram shingles of the punctuation-stripped, lower-cased text (`_words`)."""
+    words = _words(text)
     if len(words) < n:
         return [" ".join(words).encode("utf-8")]
     return list({" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)})
@@ -153,7 +195,7 @@ def shingle_hashes(text: str, n: int, hashfunc: Callable[[bytes], int]) -> list[
     whitespace, and UTF-8 never puts a 0x20 byte inside a character, so splitting the encoded words on
     b" " gives each word's bytes). Repeated shingles are hashed again rather than removed: a MinHash
     is a minimum, which they do not change."""
-    words = _WORD_PUNCT.sub(" ", text.lower()).split()
+    words = _words(text)
     if len(words) < n:
         return [hashfunc(" ".join(words).encode("utf-8"))]
     bw = " ".join(words).encode("utf-8").split(b" ")

@@ -140,7 +140,8 @@ def _value_record(value: Any, where: str, field: str, max_bytes: int) -> Record:
     text, reason = check_text(value, field)
     if reason is not None:
         detail = f"no string field {field!r}" if reason in ("missing_field", "not_text") else ""
-        return bad_record(where, 0, f"{reason}: {detail}" if detail else reason)
+        size = len(value.encode("utf-8", "replace")) if isinstance(value, str) else 0  # as JSON lines count it
+        return bad_record(where, size, f"{reason}: {detail}" if detail else reason)
     assert text is not None
     nbytes = len(text.encode("utf-8"))
     if nbytes > max_bytes:

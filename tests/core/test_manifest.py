@@ -132,3 +132,15 @@ def test_a_copied_artifact_reads_and_verifies_its_own_files(tmp_path: Path) -> N
     with pytest.raises(IntegrityError, match=f"{copy}/train/part-0.txt: size"):
         fetch(back, tmp_path / "fetched")
     assert read_manifest(m.uri).uri == m.uri  # the original is read in place, as before
+
+
+def test_a_nonfinite_metric_is_committed_readably(root: str, tmp_path: Path) -> None:
+    """A run whose last loss was NaN (train.nonfinite=skip) publishes; the manifest reads back (strict
+    JSON has no NaN: pydantic had written null into a float metric and refused it on every read)."""
+    prefix = content_prefix(root, "pretrain", "cfg", {})
+    m = publish_dir(_data(tmp_path), prefix, kind="model",
+                    metrics={"loss_final": float("nan"), "loss_start": 2.5, "ppl": float("-inf")})
+    back = read_manifest(prefix)
+    assert back.metrics == {"loss_start": 2.5}
+    assert back.metadata["nonfinite_metrics"] == {"loss_final": "nan", "ppl": "-inf"}
+    assert back.digest() == m.digest()

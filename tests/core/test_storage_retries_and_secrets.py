@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from kubellm.core.errors import IntegrityError, StorageError
 from kubellm.core.manifest import publish_dir
-from kubellm.core.storage import S3Storage, join, reset_clients, storage_for
+from kubellm.core.storage import S3Storage, join, redact, reset_clients, storage_for
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -96,12 +96,18 @@ def test_an_endpoint_password_never_reaches_a_traceback_or_an_error_file(monkeyp
     monkeypatch.setenv("KUBELLM_S3_MAX_ATTEMPTS", "1")
     reset_clients()
     try:
-        with pytest.raises(StorageError) as info:
-            storage_for("s3://b/k").read_bytes("s3://b/k")
-        text = "".join(traceback.format_exception(info.value))
-        assert "secretpw" not in text and "***@" in text  # before: botocore's chained error quoted it
+        st = storage_for("s3://b/k")
+        # every operation, the conditional writes and HEAD too (they had let connection errors through raw)
+        for op in (lambda: st.read_bytes("s3://b/k"), lambda: st.exists("s3://b/k"),
+                   lambda: st.put_if_absent("s3://b/k", b"x"), lambda: st.put_if_match("s3://b/k", b"x", "e"),
+                   lambda: st.write_bytes("s3://b/k", b"x"), lambda: st.list("s3://b/")):
+            with pytest.raises(StorageError) as info:
+                op()
+            text = "".join(traceback.format_exception(info.value))
+            assert "secretpw" not in text and "***@" in text  # before: botocore's chained error quoted it
     finally:
         reset_clients()
+    assert redact("http://minio:p@ss@host:9000/b") == "http://***@host:9000/b"  # an '@' in the password
     spec = JobSpec(stage="pretrain", config={}, output=str(tmp_path), run_dir=str(tmp_path / "run"))
     write_error(spec, 0, "Traceback ...\nEndpointConnectionError: http://someone:secretpw@127.0.0.1:9/b/k\n")
     written = (tmp_path / "run" / "errors" / "rank0.txt").read_text()

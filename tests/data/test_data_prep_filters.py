@@ -51,6 +51,33 @@ def test_pii_scrubbing() -> None:
     assert "2024" in out and "3 + 4" in out and n == 4
 
 
+@pytest.mark.parametrize(("text", "scrubbed"), [
+    # phones in their usual shapes
+    ("UK 020 7946 0958, FR 01 23 45 67 89.", "UK <PHONE>, FR <PHONE>."),
+    ("US (415) 555-0132 or 415.555.0132 or 415 555 0132; DE +49 (30) 123456.",
+     "US <PHONE> or <PHONE> or <PHONE>; DE <PHONE>."),
+    # numbers that are not phones stay (before: dates, prices and counting runs became <PHONE>)
+    ("Released 2024.03.15 and 15-03-2024, then 03.15.2024.", None),
+    ("Count by tens: 10 20 30 40 50.", None),
+    ("total 12.50 13.75 14.00 and 1,234,567 people, pi 3.14159265", None),
+    # IPv6 in compressed forms is scrubbed whole (before: the groups after '::' leaked); a time is not one
+    ("addr 2001:db8::8a2e:370:7334 and ::1 at 10:30:45", "addr <IP> and <IP> at 10:30:45"),
+    ("dotted 1.2.3.4.5 is no address", None),  # before: "<IP>.5"
+])
+def test_pii_scrubbing_takes_phone_and_address_shapes_only(text: str, scrubbed: str | None) -> None:
+    out, n = F.scrub_pii(text, PIIConfig(enabled=True))
+    assert out == (scrubbed or text)
+    assert n == (out.count("<PHONE>") + out.count("<IP>"))
+
+
+def test_texts_without_words_are_not_all_near_duplicates() -> None:
+    """Symbols or emoji only: shingled by character, not all as one empty shingle."""
+    cfg = DedupConfig()
+    a, b = F.minhash_signatures(["\U0001f600 \U0001f600 \U0001f389 !!!", "--- *** ???"], cfg)
+    assert (a == b).mean() < 0.5
+    assert sorted(F.shingles("--- ***", 5)) == [b"- - * * *", b"- - - * *"]  # 5-grams of its characters
+
+
 def test_exact_key_ignores_case_and_whitespace() -> None:
     assert F.dedup_key("Hello  World\n") == F.dedup_key("hello world")
     assert F.dedup_key("hello world") != F.dedup_key("hello words")
