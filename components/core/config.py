@@ -6,6 +6,7 @@ The run-config itself (one model per stage) is `kubellm.runconfig.RunConfig`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,14 +92,42 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# YAML 1.2 core-schema numbers; PyYAML resolves YAML 1.1, where `010` is 8 and `1:30` is 90
+_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+|0o[0-7]+")
+_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
+def parse_override_value(raw: str) -> Any:
+    """An override's value as YAML (`3`, `true`, `null`, `[1, 2]`, `{a: 1}`, `text`), except where YAML
+    would not keep the text a user typed: what YAML cannot parse (`*.jsonl`, `@x`), a number or bool
+    YAML 1.1 reads otherwise (`010` is not 8, `1:30` is not 90, `off` is not false) and a ` #` (not a
+    comment here) stay the text."""
+    if raw == "":
+        return ""
+    text = raw.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if " #" in raw:
+        return raw
+    if isinstance(value, bool):  # before int: bool is one; YAML 1.1's yes/no/on/off stay text
+        return value if text.lower() in ("true", "false") else raw
+    if isinstance(value, int) and not _INT.fullmatch(text):
+        return raw
+    if isinstance(value, float) and not _FLOAT.fullmatch(text):
+        return raw
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML: `3`, `true`, `[1,2]`, `text`)."""
+    """Apply `a.b.c=value` overrides (`parse_override_value`: `3`, `true`, `[1,2]`, `text`)."""
     out = dict(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_override_value(raw)
         parts = key.strip().split(".")
         node = out
         for part in parts[:-1]:

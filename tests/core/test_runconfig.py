@@ -47,6 +47,18 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     assert cfg.pretrain.model.preset == "debug"  # the preset survives the merge
 
 
+def test_override_values_keep_what_was_typed() -> None:
+    """`--set` values are YAML, except where YAML 1.1 would change or refuse the text: a glob stays a
+    glob (was a raw ScannerError traceback), `010` stays ten (was octal 8), `off` stays text."""
+    cfg = load_run_config(preset="debug", overrides=["sources.raw=*.jsonl", "pretrain.train.max_steps=010",
+                                                     "dpo.beta=1e-1", "name=off", "sft.train.seed=0x10"])
+    assert cfg.sources.raw == "*.jsonl" and cfg.pretrain.train.max_steps == 10 and cfg.dpo.beta == 0.1
+    assert cfg.name == "off" and cfg.sft.train.seed == 16
+    from kubellm.core.config import parse_override_value as parse
+
+    assert [parse(v) for v in ("1:30", "a #b", "[1, 2]", "null", "true", "")] == ["1:30", "a #b", [1, 2], None, True, ""]
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     f = tmp_path / "broken.yaml"
     f.write_text("a: [1, 2\n")
