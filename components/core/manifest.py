@@ -26,6 +26,7 @@ writer committing between that check and the put. What that gives per store:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -51,8 +52,21 @@ SCHEMA_VERSION = 1
 def code_version() -> str:
     """The code version recorded in manifests and mixed into content addresses.
 
-    Images set KUBELLM_CODE_VERSION (package version + git sha at build time)."""
-    return os.environ.get("KUBELLM_CODE_VERSION", f"kubellm-{__version__}")
+    Images set KUBELLM_CODE_VERSION (the git sha at build time, `-dirty` for an uncommitted tree).
+    Elsewhere it is the package version plus a hash of the installed package's files, so a local
+    re-run after a code change computes new artifacts instead of reusing ones the old code made."""
+    return os.environ.get("KUBELLM_CODE_VERSION") or f"kubellm-{__version__}+{_source_hash()[:12]}"
+
+
+@functools.cache
+def _source_hash() -> str:
+    """sha256 over the relative paths and bytes of the `kubellm` package's source and data files."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    and p.suffix in (".py", ".yaml", ".yml", ".json", ".jsonl", ".jinja", ".txt")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def stable_hash(obj: Any) -> str:

@@ -144,3 +144,19 @@ def test_a_nonfinite_metric_is_committed_readably(root: str, tmp_path: Path) -> 
     assert back.metrics == {"loss_start": 2.5}
     assert back.metadata["nonfinite_metrics"] == {"loss_final": "nan", "ppl": "-inf"}
     assert back.digest() == m.digest()
+
+
+def test_code_version_tracks_the_installed_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Images pin it (the build's git sha); elsewhere it hashes the package's files, so a local re-run
+    after a code change gets a new content address (it was the constant package version)."""
+    from kubellm import __version__
+    from kubellm.core import manifest as M
+
+    monkeypatch.delenv("KUBELLM_CODE_VERSION", raising=False)
+    local = M.code_version()
+    assert local == f"kubellm-{__version__}+{M._source_hash()[:12]}"
+    before = content_prefix(str(tmp_path), "data_prep", "cfg", {})
+    monkeypatch.setattr(M, "_source_hash", lambda: "f" * 64)  # as after an edit
+    assert content_prefix(str(tmp_path), "data_prep", "cfg", {}) != before
+    monkeypatch.setenv("KUBELLM_CODE_VERSION", "0123abc")
+    assert M.code_version() == "0123abc"
