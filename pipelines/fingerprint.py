@@ -17,15 +17,16 @@ expanded by that scan too (`glob.glob(..., recursive=True)`: `data/**/*.jsonl` i
     fingerprint("s3://bucket/raw/")              # 'sha256:…' over every object under the prefix
     fingerprint("/data/corpus/**/*.jsonl")       # a local glob
     fingerprint("a/corpus,b/extra.jsonl")        # several sources, comma separated
-    fingerprint("hf:wikitext:wikitext-2-raw-v1") # a hub dataset: the spec itself (no network here)
+    fingerprint("hf:wikitext:wikitext-2-raw-v1") # a hub dataset: the hub commit it resolves to
     resolve_promoted("s3://bucket/kubellm/registry/kubellm/promoted.json")
                                                  # -> Promoted(pointer, uri, fingerprint)
 
 Local files have no ETag: their mtime+size stand in, so rewriting a file (even with the same bytes)
-counts as a change — conservative, never stale. A hub dataset (`hf:<name>[:<config>]`) is
-fingerprinted by its spec string alone: nothing is fetched at fingerprint time, so a hub dataset that
-changes under the same name is NOT detected (a cached data prep keeps the old data); the spec syntax
-has no revision to pin, so give the data a new name (or copy it to S3) when it must re-run.
+counts as a change — conservative, never stale. A hub dataset (`hf:<name>[:<config>][@<revision>]`)
+is fingerprinted by the commit its revision (default: main) resolves to on the hub now
+(`kubellm.data_prep.sources.hub_source`; data prep then reads that commit), so a push to the hub is a
+change. Offline (`HF_HUB_OFFLINE=1`, no network) the spec string alone stands in, with a warning: a
+change on the hub is then not detected.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from kubellm.data_prep.records import (
     too_large,
     unreadable,
 )
-from kubellm.data_prep.sources import ARROW, HUB_SCHEME, Source
+from kubellm.data_prep.sources import ARROW, Source, parse_hub
 
 
 def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Record]:
@@ -236,12 +236,13 @@ def _arrow_dataset(path: Path, label: str, field: str, max_bytes: int, split: st
 
 
 def _hub(name: str, config_name: str | None, split: str, label: str, field: str,
-         max_bytes: int) -> Iterator[Record]:
+         max_bytes: int, revision: str | None = None) -> Iterator[Record]:
     import datasets
 
     row = 0
+    pin = {"revision": revision} if revision else {}
     try:
-        rows = iter(datasets.load_dataset(name, config_name, split=split, streaming=True))
+        rows = iter(datasets.load_dataset(name, config_name, split=split, streaming=True, **pin))
     except Exception as e:  # datasets/huggingface_hub raise many types (network, missing dataset)
         raise InputDataError(f"{label}: cannot open the hub dataset (split {split!r}): "
                              f"{type(e).__name__}: {str(e)[:300]}") from e
@@ -261,9 +262,9 @@ def read_records(source: Source, local: Path | None, *, field: str, max_bytes: i
     """Stream the records of one source (local = its staged local path; None for hub sources)."""
     label = source.uri
     if source.format == "hub":
-        spec = source.uri[len(HUB_SCHEME):]
-        name, _, cfg = spec.partition(":")
-        yield from _hub(name, cfg or None, hub_split, label, field, max_bytes)
+        name, cfg, _ = parse_hub(source.uri)
+        _, _, revision = parse_hub(source.fingerprint)  # the commit it was pinned to when listed, if any
+        yield from _hub(name, cfg, hub_split, label, field, max_bytes, revision)
         return
     assert local is not None
     if source.format == "parquet":

@@ -171,10 +171,41 @@ def _shown(names: Sequence[str]) -> str:
 _EXPECTED = f"expected suffixes {sorted(FORMATS)}, optionally .gz, or a `datasets` save_to_disk directory"
 
 
+def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
+    """`hf:<name>[:<config>][@<revision>]` (or the same without `hf:`) -> (name, config, revision)."""
+    spec = spec.removeprefix(HUB_SCHEME)
+    spec, _, revision = spec.partition("@")
+    name, _, config = spec.partition(":")
+    return name, config or None, revision or None
+
+
+_HUB_TIMEOUT_S = 10.0
+
+
+def hub_source(item: str) -> Source:
+    """A hub dataset source, pinned: its fingerprint names the commit the revision (default: the main
+    branch) resolves to now, and the reader reads that commit, so a dataset updated on the hub under
+    the same name is a new input (a new content address), not a stale cache hit. Where the hub cannot
+    be asked (offline, `HF_HUB_OFFLINE=1`, no such dataset yet) the source stays unpinned, with a
+    warning: its fingerprint is then its name, as for a dataset that never changes."""
+    name, config, revision = parse_hub(item)
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        sha = HfApi().dataset_info(name, revision=revision, timeout=_HUB_TIMEOUT_S).sha
+    except Exception as e:  # network, auth, offline: huggingface_hub raises many types
+        log.warning("%s: could not resolve the hub revision (%s: %s); reading it unpinned, so a change on "
+                    "the hub under the same name is not detected", item, type(e).__name__, str(e)[:200])
+        return Source(item, "hub", item)
+    return Source(item, "hub", f"{HUB_SCHEME}{name}{':' + config if config else ''}@{sha}")
+
+
 def _resolve_item(item: str, skipped: list[str]) -> list[Source]:
     """The shards one comma-separated item names (sorted); files a scan leaves out are added to `skipped`."""
     if item.startswith(HUB_SCHEME):
-        return [Source(item, "hub", item)]
+        return [hub_source(item)]
     if is_s3(item):
         st = storage_for(item)
         listed = st.list(item)

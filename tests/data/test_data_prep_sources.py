@@ -269,3 +269,43 @@ def test_json_array_elements_read_in_chunks_equal_json_loads(tmp_path: Path, mon
         recs = _read(p)
         assert _kinds(recs) == ["ok"] * len(items), name
         assert [r.text for r in recs] == [x["text"] for x in json.loads(p.read_text(encoding="utf-8"))], name
+
+
+def test_a_hub_source_is_pinned_to_the_commit_it_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint names the hub commit and the reader reads that commit: a dataset updated on the
+    hub under the same name is a new input (its name alone had been the fingerprint: a stale reuse)."""
+    import types
+
+    import datasets
+    import huggingface_hub
+
+    from kubellm.data_prep.sources import hub_source, parse_hub
+
+    head = {"sha": "a" * 40}
+    asked = []
+
+    def dataset_info(self: object, name: str, revision: str | None = None, **kw: object) -> object:
+        asked.append((name, revision))
+        return types.SimpleNamespace(sha=head["sha"])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    src = hub_source("hf:org/corpus:en")
+    assert src.uri == "hf:org/corpus:en" and src.fingerprint == f"hf:org/corpus:en@{'a' * 40}"
+    head["sha"] = "b" * 40  # pushed to the hub since
+    assert hub_source("hf:org/corpus:en").fingerprint != src.fingerprint
+    assert hub_source("hf:org/corpus@v2").fingerprint == f"hf:org/corpus@{'b' * 40}" and asked[-1] == ("org/corpus", "v2")
+    assert parse_hub("hf:org/corpus:en@v2") == ("org/corpus", "en", "v2")
+
+    loads = []
+
+    def load_dataset(name: str, config: str | None = None, **kw: object) -> Iterator[dict[str, str]]:
+        loads.append((name, config, kw.get("revision")))
+        return iter([{"text": TEXT}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert _kinds(list(read_records(src, None, field="text", max_bytes=2000))) == ["ok"]
+    assert loads == [("org/corpus", "en", "a" * 40)]  # the listed commit, not the hub's head now
+    # offline: unpinned, read as named
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert hub_source("hf:org/corpus:en").fingerprint == "hf:org/corpus:en"
