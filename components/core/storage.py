@@ -54,6 +54,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -441,10 +442,31 @@ class S3Storage:
         URL with its `user:password@`."""
         return StorageError(redact(f"S3 {op} {uri} failed: {e}"))
 
+    def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
+        """(body, ETag) of one GET. botocore retries the request but not reading its streamed body, so a
+        connection that drops mid-body is retried here, up to `max_attempts` GETs in all (idempotent)."""
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        attempt = 0
+        while True:
+            attempt += 1
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            try:
+                return resp["Body"].read(), resp.get("ETag", "").strip('"')
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError):
+                if attempt >= max(self.settings.max_attempts, 1):
+                    raise
+                time.sleep(min(0.1 * 2 ** attempt, 5.0))
+
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
         try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return self._get(bucket, key)[0]
         except Exception as e:
             raise self._err("get", uri, e) from None
 
@@ -487,8 +509,7 @@ class S3Storage:
     def read_with_etag(self, uri: str) -> tuple[bytes, str]:
         bucket, key = split_s3(uri)
         try:
-            resp = self.client.get_object(Bucket=bucket, Key=key)
-            return resp["Body"].read(), resp["ETag"].strip('"')
+            return self._get(bucket, key)
         except Exception as e:
             raise self._err("get", uri, e) from None
 

@@ -112,3 +112,29 @@ def test_an_endpoint_password_never_reaches_a_traceback_or_an_error_file(monkeyp
     write_error(spec, 0, "Traceback ...\nEndpointConnectionError: http://someone:secretpw@127.0.0.1:9/b/k\n")
     written = (tmp_path / "run" / "errors" / "rank0.txt").read_text()
     assert "secretpw" not in written and "someone" not in written
+
+
+def test_a_body_that_breaks_mid_read_is_fetched_again(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore retries a request, not the reading of its streamed body: a connection reset there is
+    retried by the storage layer (a manifest or lease read had failed outright)."""
+    from botocore.exceptions import ResponseStreamingError
+
+    st = storage_for(s3_bucket)
+    assert isinstance(st, S3Storage)
+    uri = join(s3_bucket, "flaky.json")
+    st.write_bytes(uri, b'{"ok": true}')
+    real, calls = st.client.get_object, []
+
+    def get_object(**kw: Any) -> Any:
+        resp = real(**kw)
+        calls.append(1)
+        if len(calls) <= 2:  # the first two bodies break while being read
+            def broken() -> bytes:
+                raise ResponseStreamingError(error="Connection reset by peer")
+            resp["Body"].read = broken
+        return resp
+
+    monkeypatch.setattr(st.client, "get_object", get_object)
+    assert st.read_bytes(uri) == b'{"ok": true}' and len(calls) == 3
+    data, etag = st.read_with_etag(uri)
+    assert data == b'{"ok": true}' and etag
