@@ -229,8 +229,8 @@ class _PublishLease:
     nothing) or for the lease to expire. On a store that ignores conditional headers, two publishers
     racing for the lease can both take it (module docstring of kubellm.core.storage)."""
 
-    def __init__(self, prefix: str, ttl: float = LEASE_TTL_S) -> None:
-        self.uri, self.ttl = join(prefix, LEASE_NAME), ttl
+    def __init__(self, prefix: str, ttl: float | None = None) -> None:
+        self.uri, self.ttl = join(prefix, LEASE_NAME), LEASE_TTL_S if ttl is None else ttl
         self.manifest_uri = join(prefix, MANIFEST_NAME)
         self.st = storage_for(prefix)
         self.owner = uuid.uuid4().hex
@@ -266,17 +266,29 @@ class _PublishLease:
         return True
 
     def _renew(self) -> None:
+        """Renew every ttl/3. The lease is lost when another publisher holds it, or when no renewal
+        has succeeded for a whole ttl: by then it has expired and another may have taken it over, so
+        this publisher stops uploading (`check`) even while it cannot reach the store to find out."""
+        renewed = time.monotonic()
         while not self._stop.wait(self.ttl / 3):
             body = self._body()
             try:
                 ok = self.st.put_if_match(self.uri, body, self.etag)
                 if ok:
                     self.etag = self.st.read_with_etag(self.uri)[1]
-            except Exception:  # a failed renewal is retried; the lease lasts `ttl`
-                continue
-            if not ok:
+                    renewed = time.monotonic()
+            except Exception:  # a failed renewal is retried while the lease lasts
+                ok = True
+            if not ok or time.monotonic() - renewed >= self.ttl:
                 self.lost.set()
                 return
+
+    def check(self, prefix: str) -> None:
+        """Raise before an upload or the commit once the lease is lost."""
+        if self.lost.is_set():
+            raise ManifestConflictError(
+                f"{prefix}: this publisher lost the artifact's publishing lease ({LEASE_NAME}): another "
+                f"publisher took it over, or renewals failed for {self.ttl:.0f}s; not uploading or committing")
 
     def release(self) -> None:
         self._stop.set()
@@ -320,15 +332,14 @@ def _upload_and_commit(local_dir: Path, files: list[Path], prefix: str, already:
         if rel == MANIFEST_NAME:
             raise IntegrityError(f"{p}: {MANIFEST_NAME} is reserved for the manifest")
         if not already:
+            lease.check(prefix)  # a publisher whose lease expired must not overwrite its successor's files
             st.upload(p, join(prefix, rel))
         return FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = list(pool.map(put, files))
-    if lease.lost.is_set():
-        raise ManifestConflictError(f"{prefix}: another publisher took over this artifact's publishing lease "
-                                    f"({LEASE_NAME}) while this one uploaded (stalled > {lease.ttl:.0f}s); "
-                                    "not committing")
+    if not already:
+        lease.check(prefix)
     manifest = Manifest(kind=kind, uri=prefix, files=entries, **fields)
     return commit_manifest(manifest)
 

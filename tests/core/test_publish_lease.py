@@ -85,3 +85,32 @@ def test_an_already_committed_artifact_takes_no_lease(tmp_path: Path) -> None:
     st.write_bytes(join(prefix, LEASE_NAME), json.dumps({"owner": "someone", "expires": time.time() + 600}).encode())
     # a live lease does not block a re-run that finds the manifest: it uploads nothing and returns it
     assert publish_dir(_dir(tmp_path / "two", "same"), prefix, kind="model").digest() == first.digest()
+
+
+def test_a_publisher_that_cannot_renew_stops_uploading_once_its_lease_expires(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut off from the store for a whole TTL, a publisher must assume a successor took the lease over:
+    it uploads no further file and commits nothing (its late uploads had landed over the successor's)."""
+    monkeypatch.setattr(manifest_mod, "LEASE_TTL_S", 0.6)
+    prefix = str(tmp_path / "artifacts" / "pretrain" / "abc")
+    st = storage_for(prefix)
+    real_upload, uploaded = type(st).upload, []
+
+    def slow_upload(self: Any, local: Path, uri: str) -> None:
+        uploaded.append(uri)
+        time.sleep(0.5)
+        real_upload(self, local, uri)
+
+    def no_renewal(self: Any, uri: str, data: bytes, etag: str) -> bool:
+        raise OSError("the store is unreachable")
+
+    monkeypatch.setattr(type(st), "upload", slow_upload)
+    monkeypatch.setattr(type(st), "put_if_match", no_renewal)
+    src = tmp_path / "run"
+    for i in range(6):
+        (src / f"part-{i}.bin").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"part-{i}.bin").write_text(f"shard {i}")
+    with pytest.raises(ManifestConflictError, match=r"lost the artifact's publishing lease .*renewals failed"):
+        publish_dir(src, prefix, kind="model", workers=1)
+    assert 1 <= len(uploaded) < 6  # stopped part-way, at the expiry
+    assert not st.exists(join(prefix, "_manifest.json"))
