@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubellm.core.errors import ConfigError, InputDataError, KubellmError, StorageError
+from kubellm.core.errors import InputDataError, KubellmError, StorageError
 from kubellm.core.storage import join, storage_for
 from kubellm.evaluate.config import GateRule
 from kubellm.evaluate.metrics import base_metric, higher_is_better, is_stderr
@@ -134,7 +134,7 @@ class Registry:
 class Check:
     task: str
     metric: str
-    kind: str  # "max_drop" | "min" | "max" | "finite" | "settings"
+    kind: str  # "max_drop" | "min" | "max" | "finite" | "settings" | "direction"
     value: float
     bound: float
     baseline: float | None
@@ -142,7 +142,8 @@ class Check:
     higher_is_better: bool | None = None
     """The metric's direction (max_drop checks; from lm-eval, or kubellm's own for perplexity)."""
     detail: str = ""
-    """settings checks: what differs between this run's and the baseline's settings."""
+    """settings checks: what differs between this run's and the baseline's settings; direction checks:
+    why the rule cannot be judged."""
 
     def describe(self) -> str:
         if self.kind == "max_drop":
@@ -157,6 +158,8 @@ class Check:
                     + f" (allowed worsening {self.bound:.4f}; {'higher' if self.higher_is_better else 'lower'} is better)")
         if self.kind == "finite":
             return f"{self.task} {self.metric} is {self.value}: a model with a non-finite score is never promoted"
+        if self.kind == "direction":
+            return self.detail
         if self.kind == "settings":
             return (f"{self.task} {self.metric}: the baseline's score comes from other evaluation settings "
                     f"({self.detail}); max_drop cannot compare them — re-score the promoted model under this "
@@ -192,7 +195,8 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
 
     directions       task -> metric (without filter) -> lm-eval's `higher_is_better` (results.json
                      `tasks.<task>.higher_is_better`); held-out perplexity's is kubellm's own. A
-                     max_drop rule on a metric whose direction is unknown is refused.
+                     max_drop rule on a metric whose direction is unknown is a failed "direction"
+                     check (the gate fails naming it; the report still publishes).
     baseline_scores  what max_drop compares against (default: the pointer's scores); the stage passes
                      the promoted model's scores re-measured in this run where the pointer's came from
                      other settings.
@@ -210,15 +214,15 @@ def judge(scores: dict[str, dict[str, float]], baseline: Promoted | None, rules:
             raise InputDataError(f"gate rule for task {task}: metric {metric!r} not among its scores "
                                  f"{sorted(k for k in scores[task] if not is_stderr(k))}")
         value = scores[task][metric]
-        if rule.max_drop is not None:
-            higher = higher_is_better(task, metric, directions)
-            if higher is None:
-                raise ConfigError(
-                    f"evaluate.gate.rules.{task}: max_drop on metric {metric!r}, but lm-eval reports no "
-                    f"direction for it (higher_is_better of {task}/{base_metric(metric)} is "
-                    f"{directions.get(task, {}).get(base_metric(metric))!r}): a drop cannot be told from a rise; "
-                    "use an absolute min or max bound for this metric instead")
-        if rule.max_drop is not None and baseline is not None:
+        higher = higher_is_better(task, metric, directions) if rule.max_drop is not None else None
+        if rule.max_drop is not None and higher is None:
+            # a failed check, not an exception: the evaluation is done, its report still publishes
+            checks.append(Check(task, metric, "direction", value, rule.max_drop, None, False, None, (
+                f"evaluate.gate.rules.{task}: max_drop on metric {metric!r}, but lm-eval reports no direction "
+                f"for it (higher_is_better of {task}/{base_metric(metric)} is "
+                f"{directions.get(task, {}).get(base_metric(metric))!r}): a drop cannot be told from a rise; "
+                "use an absolute min or max bound for this metric instead")))
+        elif rule.max_drop is not None and baseline is not None:
             base = base_scores.get(task, {})
             if metric not in base:
                 have = sorted(base_scores) if task not in base_scores else sorted(base)
