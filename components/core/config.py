@@ -93,7 +93,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 # YAML 1.2 core-schema numbers; PyYAML resolves YAML 1.1, where `010` is 8 and `1:30` is 90
-_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+|0o[0-7]+")
+_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*|0x[0-9a-fA-F]+|0o[0-7]+|0b[01]+)")
 _FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
 
 
@@ -109,7 +109,7 @@ def parse_override_value(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    if " #" in raw:
+    if " #" in raw and text[:1] not in "\"'":  # a quoted value keeps its '#' and loses its quotes
         return raw
     if isinstance(value, bool):  # before int: bool is one; YAML 1.1's yes/no/on/off stay text
         return value if text.lower() in ("true", "false") else raw

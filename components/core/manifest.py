@@ -54,8 +54,14 @@ def code_version() -> str:
 
     Images set KUBELLM_CODE_VERSION (the git sha at build time, `-dirty` for an uncommitted tree).
     Elsewhere it is the package version plus a hash of the installed package's files, so a local
-    re-run after a code change computes new artifacts instead of reusing ones the old code made."""
-    return os.environ.get("KUBELLM_CODE_VERSION") or f"kubellm-{__version__}+{_source_hash()[:12]}"
+    re-run after a code change computes new artifacts instead of reusing ones the old code made; the
+    first call exports it as KUBELLM_CODE_VERSION for the processes this one starts."""
+    version = os.environ.get("KUBELLM_CODE_VERSION")
+    if not version:
+        # computed once and exported, so every process this one starts (workers, kfp.local steps)
+        # records the same version even if a file is edited while the run goes on
+        version = os.environ["KUBELLM_CODE_VERSION"] = f"kubellm-{__version__}+{_source_hash()[:12]}"
+    return version
 
 
 @functools.cache
@@ -63,7 +69,8 @@ def _source_hash() -> str:
     """sha256 over the relative paths and bytes of the `kubellm` package's source and data files."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    for f in sorted(p for p in root.rglob("*") if p.is_file()
+                    and not any(part.startswith((".", "__pycache__")) for part in p.relative_to(root).parts)
                     and p.suffix in (".py", ".yaml", ".yml", ".json", ".jsonl", ".jinja", ".txt")):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -235,6 +242,7 @@ class _PublishLease:
         self.st = storage_for(prefix)
         self.owner = uuid.uuid4().hex
         self.etag = ""
+        self.renewed = time.monotonic()  # when the last successful take or renewal began
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,6 +253,7 @@ class _PublishLease:
     def acquire(self) -> bool:
         """True once this publisher holds the lease; False when the artifact got committed meanwhile."""
         while True:
+            self.renewed = time.monotonic()
             if self.st.exists(self.manifest_uri):
                 return False
             if self.st.put_if_absent(self.uri, self._body()):
@@ -269,23 +278,24 @@ class _PublishLease:
         """Renew every ttl/3. The lease is lost when another publisher holds it, or when no renewal
         has succeeded for a whole ttl: by then it has expired and another may have taken it over, so
         this publisher stops uploading (`check`) even while it cannot reach the store to find out."""
-        renewed = time.monotonic()
         while not self._stop.wait(self.ttl / 3):
+            started = time.monotonic()  # the new expiry is at least this + ttl
             body = self._body()
             try:
                 ok = self.st.put_if_match(self.uri, body, self.etag)
                 if ok:
+                    self.renewed = started
                     self.etag = self.st.read_with_etag(self.uri)[1]
-                    renewed = time.monotonic()
             except Exception:  # a failed renewal is retried while the lease lasts
                 ok = True
-            if not ok or time.monotonic() - renewed >= self.ttl:
+            if not ok or time.monotonic() - self.renewed >= self.ttl:
                 self.lost.set()
                 return
 
     def check(self, prefix: str) -> None:
-        """Raise before an upload or the commit once the lease is lost."""
-        if self.lost.is_set():
+        """Raise before an upload or the commit once the lease is lost — also while a renewal hangs:
+        the lease then counts as expired one ttl after the last renewal began."""
+        if self.lost.is_set() or time.monotonic() - self.renewed >= self.ttl:
             raise ManifestConflictError(
                 f"{prefix}: this publisher lost the artifact's publishing lease ({LEASE_NAME}): another "
                 f"publisher took it over, or renewals failed for {self.ttl:.0f}s; not uploading or committing")

@@ -25,11 +25,13 @@ _WORD_PUNCT = re.compile(r"[^\w\s]")
 _ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 # A phone number has a phone's shape, not just 7+ digits in groups (which dates, prices and lists of
-# numbers also have): +country code and groups; North American (415) 555-0132 / 415-555-0132; or a
-# national number with its trunk 0 (020 7946 0958, 01 23 45 67 89). Dates are left alone (`_is_date`).
+# numbers also have): +country code, then groups or an area code in parentheses (+44 (0)20 7946 0958,
+# +4915112345678); North American (415) 555-0132 / 415-555-0132; or a national number with its trunk 0
+# (020 7946 0958, 01 23 45 67 89). Dates are left alone (`_DATE`); a 7-digit local number without an
+# area code (555-0132) is not taken: that shape is as often a range or a part number.
 _PHONE = re.compile(
     r"(?<!\w)(?<!\d[.,])(?:"
-    r"\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]\d{1,6}){1,5}"
+    r"\+\d{8,15}|\+\d{1,3}(?:[\s.-]?\(\d{1,4}\)[\s.-]?\d{1,8})?(?:[\s.-]\d{1,8}){0,5}"
     r"|\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|\d{3} \d{3} \d{4}"
     r"|0\d{1,4}(?:[\s.-]\d{2,8}){1,4}"
     r")(?!\w|[.,-]\d)")
@@ -102,11 +104,13 @@ def quality_reason(text: str, f: QualityFilters) -> str | None:
 
 
 def _is_ipv6(s: str) -> bool:
+    """A valid IPv6 address with at least two groups written: a bare `::` or `::2` is more likely code
+    (`a[::2]`, `f :: Int`, `::=`) than an address."""
     try:
         ipaddress.IPv6Address(s)
     except ValueError:
         return False
-    return True
+    return sum(1 for g in s.split(":") if g) >= 2
 
 
 def _is_phone(s: str) -> bool:

@@ -59,6 +59,7 @@ from kubellm.data_prep import filters as F
 from kubellm.data_prep.config import EXECUTION_FIELDS, DataPrepConfig
 from kubellm.data_prep.readers import read_records
 from kubellm.data_prep.sources import (
+    HUB_SCHEME,
     Source,
     check_unchanged,
     current_fingerprint,
@@ -434,12 +435,14 @@ def _existing(prefix: str) -> Manifest | None:
 def _check_sources_unchanged(raw: str, sources: list[Source]) -> None:
     """After the map: every shard still has the fingerprint the artifact's address was computed from
     (one listing of the input, not one per shard); InputDataError naming the first changed file."""
+    if all(s.format == "hub" for s in sources):
+        return  # a hub dataset is read at the commit it was pinned to when listed: nothing to re-ask
     try:
-        now = {s.uri: s.fingerprint for s in scan_sources(raw, warn=False).sources}
+        now = {s.uri: s.fingerprint for s in scan_sources(raw, warn=False).sources if s.format != "hub"}
     except InputDataError:  # an item is gone: name the first shard that went with it
         now = {s.uri: current_fingerprint(s) for s in sources}
     for s in sources:
-        if now.get(s.uri) != s.fingerprint:
+        if s.format != "hub" and now.get(s.uri) != s.fingerprint:
             check_unchanged(s, s.fingerprint, "data prep listed the input", now=now.get(s.uri))
 
 
@@ -497,7 +500,9 @@ def prepare_fan_out_shard(shard: Mapping[str, Any], config: DataPrepConfig) -> d
     if shard.get("done"):
         return {"index": shard["index"], "skipped": True}
     uri, recorded = str(shard["uri"]), str(shard["fingerprint"])
-    found = resolve_uri(uri)
+    # a hub dataset is read at the commit list-shards pinned (its fingerprint); asking the hub again
+    # could only answer a newer commit, or nothing from a pod without hub access
+    found = [Source(uri, "hub", recorded)] if uri.startswith(HUB_SCHEME) else resolve_uri(uri)
     if len(found) != 1:
         raise InputDataError(f"{uri}: names {len(found)} shards now; list-shards listed it as one (the input "
                              "changed since; re-run the pipeline so that list-shards lists it again)")

@@ -151,6 +151,11 @@ class EvaluateConfig(StrictModel):
         bad = sorted(set(self.gate.rules) - known)
         if bad:
             raise ValueError(f"gate.rules names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")
+        # a preset's headline for a bundled task this run does not evaluate is dropped (as chat_tasks'
+        # default is); any other task not evaluated is a typo
+        kept = {t: m for t, m in self.headline.items() if t in known or t not in BUNDLED_TASKS}
+        if kept != self.headline:  # assigning re-validates (validate_assignment): only when it changes
+            self.headline = kept
         bad = sorted(set(self.headline) - known)
         if bad:
             raise ValueError(f"headline names task(s) {bad} that are not evaluated; evaluated: {sorted(known)}")

@@ -90,7 +90,18 @@ def main(args: argparse.Namespace) -> int:
             raise
         print(f"kubellm launch-worker (rank {rank}): error: {e}", file=sys.stderr)
         return 1
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits (a local call, no collective): left to
+    interpreter teardown, a loaded machine has aborted a finished rank there ("terminate called without
+    an active exception", SIGABRT), which the launcher would count as a failed worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

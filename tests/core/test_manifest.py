@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -152,11 +153,13 @@ def test_code_version_tracks_the_installed_code(monkeypatch: pytest.MonkeyPatch,
     from kubellm import __version__
     from kubellm.core import manifest as M
 
-    monkeypatch.delenv("KUBELLM_CODE_VERSION", raising=False)
+    monkeypatch.setenv("KUBELLM_CODE_VERSION", "")
     local = M.code_version()
     assert local == f"kubellm-{__version__}+{M._source_hash()[:12]}"
+    assert os.environ["KUBELLM_CODE_VERSION"] == local  # exported: processes started from here agree
     before = content_prefix(str(tmp_path), "data_prep", "cfg", {})
-    monkeypatch.setattr(M, "_source_hash", lambda: "f" * 64)  # as after an edit
+    monkeypatch.setenv("KUBELLM_CODE_VERSION", "")  # a new process after an edit
+    monkeypatch.setattr(M, "_source_hash", lambda: "f" * 64)
     assert content_prefix(str(tmp_path), "data_prep", "cfg", {}) != before
     monkeypatch.setenv("KUBELLM_CODE_VERSION", "0123abc")
     assert M.code_version() == "0123abc"

@@ -57,6 +57,7 @@ def test_override_values_keep_what_was_typed() -> None:
     from kubellm.core.config import parse_override_value as parse
 
     assert [parse(v) for v in ("1:30", "a #b", "[1, 2]", "null", "true", "")] == ["1:30", "a #b", [1, 2], None, True, ""]
+    assert [parse(v) for v in ('"Run #1"', "-0x10", "0b101", "+5")] == ["Run #1", -16, 5, 5]  # as YAML reads them
 
 
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:

@@ -61,8 +61,11 @@ def test_pii_scrubbing() -> None:
     ("Count by tens: 10 20 30 40 50.", None),
     ("total 12.50 13.75 14.00 and 1,234,567 people, pi 3.14159265", None),
     # IPv6 in compressed forms is scrubbed whole (before: the groups after '::' leaked); a time is not one
-    ("addr 2001:db8::8a2e:370:7334 and ::1 at 10:30:45", "addr <IP> and <IP> at 10:30:45"),
+    ("addr 2001:db8::8a2e:370:7334 and fe80::1 at 10:30:45", "addr <IP> and <IP> at 10:30:45"),
     ("dotted 1.2.3.4.5 is no address", None),  # before: "<IP>.5"
+    ("code a[::-1], a[::2], f :: Int, expr ::= term", None),  # '::' alone is no address
+    ("+44 (0)20 7946 0958, +49 (30) 123456 or +4915112345678", "<PHONE>, <PHONE> or <PHONE>"),
+    ("2+2=4 and 3 +5 7, scores +12.5 and +13.75", None),
 ])
 def test_pii_scrubbing_takes_phone_and_address_shapes_only(text: str, scrubbed: str | None) -> None:
     out, n = F.scrub_pii(text, PIIConfig(enabled=True))

@@ -92,6 +92,8 @@ def test_rule_or_headline_on_a_metric_a_bundled_task_lacks_is_refused() -> None:
                 gate={"rules": {"kubellm_format": {"metric": "correct", "min": 0.1}}})
     with pytest.raises(ValueError, match=r"headline names task\(s\) \['kubellm_knowlege'\] that are not evaluated"):
         eval_config(headline={"kubellm_knowlege": "acc_norm"})
+    # a preset's headline for a bundled task the run leaves out is dropped, not an error
+    assert eval_config(tasks=["kubellm_knowledge"], headline={"kubellm_preference": "margin"}).headline == {}
 
 
 def test_a_headline_lm_eval_does_not_report_is_refused_not_replaced() -> None:

@@ -9,6 +9,7 @@ commit into the same pipeline — is checked against what the server really does
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -75,8 +76,14 @@ def submit(api: FakeKfp, *extra: str) -> int:
     return cli_main(["submit", "--endpoint", api.url, "--preset", "debug", *SOURCES, *extra])
 
 
+def _commit(version_name: str) -> str:
+    """`<sha12>-<spec hash 8>` (a --git-sha upload's version) -> `<sha12>`; other names unchanged."""
+    m = re.fullmatch(r"([0-9a-f]{12})-[0-9a-f]{8}", version_name)
+    return m.group(1) if m else version_name
+
+
 def _versions(api: FakeKfp, pid: str) -> list[str]:
-    return [v["display_name"] for v in api.versions.values() if v["pipeline_id"] == pid]
+    return [_commit(v["display_name"]) for v in api.versions.values() if v["pipeline_id"] == pid]
 
 
 def test_fake_behaves_like_multi_user_kfp(kfp_ns: NamespacedPipelinesKfp) -> None:
@@ -99,7 +106,7 @@ def test_two_commits_upload_two_versions_of_one_namespaced_pipeline(
     assert _versions(kfp_ns, pipeline["pipeline_id"]) == ["llm-from-scratch", SHA1[:12], SHA2[:12]]
     runs = list(kfp_ns.runs.values())
     assert len(runs) == 2
-    by_version = {kfp_ns.versions[r["pipeline_version_reference"]["pipeline_version_id"]]["display_name"]
+    by_version = {_commit(kfp_ns.versions[r["pipeline_version_reference"]["pipeline_version_id"]]["display_name"])
                   for r in runs}
     assert by_version == {SHA1[:12], SHA2[:12]}
     assert {r["pipeline_version_reference"]["pipeline_id"] for r in runs} == {pipeline["pipeline_id"]}

@@ -327,3 +327,6 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(resume_run: list[dict])
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
     _worker(sys.argv[2], sys.argv[3], sys.argv[4])
+    import torch.distributed as _dist
+
+    _dist.destroy_process_group()  # as kubellm's worker does: not left to interpreter teardown
