@@ -273,8 +273,10 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     rope = d.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise refuse("rope_parameters", rope, "null or an object like {'rope_type': 'default', 'rope_theta': 10000.0}")
-    if rope.get("rope_type", "default") != "default":
-        raise refuse("rope_parameters.rope_type", rope["rope_type"], "'default'")
+    # transformers reads the old key `type` too (standardize_rope_params), and applies any scaling
+    if rope.get("rope_type", rope.get("type", "default")) != "default" \
+            or not set(rope) <= {"rope_type", "type", "rope_theta"}:
+        raise refuse("rope_parameters", rope, "{'rope_type': 'default', 'rope_theta': ...} (plain RoPE)")
     heads = positive_int("num_attention_heads", required("num_attention_heads"))
     hidden = positive_int("hidden_size", required("hidden_size"))
     head_dim = d.get("head_dim")
@@ -401,7 +403,14 @@ def _tensor_files(d: Path) -> dict[str, Path]:
                 f"{d}: holds both {WEIGHTS_NAME} and {INDEX_NAME} (which maps tensors to {others[:3]}"
                 f"{' …' if len(others) > 3 else ''}); transformers would load {WEIGHTS_NAME} and vLLM the "
                 "index's shards — remove the one that is not this model's weights")
-        return {name: d / fname for name, fname in weight_map.items()}
+        files = {}
+        for name, fname in weight_map.items():
+            f = d / str(fname)
+            if Path(str(fname)).is_absolute() or ".." in Path(str(fname)).parts or d.resolve() not in f.resolve().parents:
+                raise IntegrityError(f"{index}: weight_map[{name!r}] = {fname!r} points outside the model directory "
+                                     "(expected a shard file name inside it)")
+            files[name] = f
+        return files
     if not single.is_file():
         found = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
         hint = f" (found {found}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""

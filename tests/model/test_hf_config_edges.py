@@ -96,6 +96,16 @@ def test_bad_rope_theta_inside_rope_scaling_is_refused_naming_it() -> None:
                        source="/m/config.json")
 
 
+@pytest.mark.parametrize("rope", [{"type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                                  {"rope_type": "default", "factor": 4.0, "rope_theta": 10000.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}])
+def test_scaled_rope_parameters_are_refused_in_either_key_spelling(rope: dict[str, Any]) -> None:
+    """transformers applies a `rope_parameters` scaling named by the old key `type` too; it had loaded as
+    plain RoPE here (inv_freq 4x off the model transformers builds)."""
+    with pytest.raises(ConfigError, match=r"^/m/config\.json: rope_parameters=.* is not supported"):
+        config_from_hf({**HF_BASE, "rope_parameters": rope}, source="/m/config.json")
+
+
 # --- missing or malformed keys -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["num_attention_heads", "hidden_size", "vocab_size", "num_hidden_layers",

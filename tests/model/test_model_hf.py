@@ -274,3 +274,15 @@ def test_unreadable_config_json_is_an_integrity_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(IntegrityError, match=r"config\.json: not valid JSON"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/model-00001.safetensors", "/abs/model-00001.safetensors"])
+def test_an_index_pointing_outside_the_model_directory_is_refused(tmp_path: Path, where: str) -> None:
+    """A shard outside the directory is not among the artifact's sha256-verified files."""
+    d = tmp_path / "m"
+    export_hf(_model(BASE), BASE, d)
+    names = list(state_dict_to_hf(_model(BASE).state_dict(), BASE))
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: where for n in names}}))
+    with pytest.raises(IntegrityError, match=r"weight_map\[.*\] = .* points outside the model directory"):
+        load_hf(d)
