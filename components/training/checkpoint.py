@@ -184,6 +184,16 @@ class Layout:
         return dataclasses.asdict(self)
 
 
+def model_config_diff(manifest: Manifest, model_config: Any) -> str:
+    """'' when the checkpoint's recorded model config (if any) equals `model_config`, else what differs."""
+    want_cfg, have_cfg = _config_dict(model_config), manifest.metadata.get("model_config")
+    if want_cfg is None or have_cfg is None:
+        return ""
+    diff = [f"{k}: checkpoint={have_cfg.get(k)!r}, this run={want_cfg.get(k)!r}"
+            for k in sorted(set(want_cfg) | set(have_cfg)) if have_cfg.get(k) != want_cfg.get(k)]
+    return "model config differs — " + "; ".join(diff) if diff else ""
+
+
 def engine_layout(engine: Any) -> Layout:
     """World size, DP/TP/PP degrees and ZeRO stage of a DeepSpeed engine."""
     return Layout(
@@ -302,7 +312,8 @@ class CheckpointManager:
     Args:
         run_prefix: run-scoped storage prefix (`s3://bucket/runs/<run>/checkpoints` or a local dir).
         keep: committed checkpoints to keep (older ones are deleted after a newer one commits).
-        local_dir: node-local staging directory (default: $KUBELLM_CHECKPOINT_STAGING or the
+        local_dir: node-local staging directory (default: $KUBELLM_CHECKPOINT_STAGING, the PyTorchJob's
+            staging volume at $KUBELLM_STAGING_DIR, or the
             system temp dir). Each rank stages under `<local_dir>/<run hash>/rank{r:05d}`.
         model_config: the model's config (pydantic/dataclass/mapping), recorded in the manifest and
             compared on load; default: `engine.module.cfg` when the module has one.
@@ -314,8 +325,11 @@ class CheckpointManager:
             raise CheckpointError(f"keep must be >= 1 (got {keep}): the newest checkpoint is always kept")
         self.run_prefix = run_prefix.rstrip("/") if run_prefix != "/" else run_prefix
         self.keep = keep
+        # the PyTorchJob mounts a staging volume (`staging`) at KUBELLM_STAGING_DIR: checkpoints are
+        # staged there, not on the node's root disk
+        staging = os.environ.get("KUBELLM_STAGING_DIR")
         base = Path(local_dir or os.environ.get("KUBELLM_CHECKPOINT_STAGING")
-                    or Path(tempfile.gettempdir()) / "kubellm-ckpt")
+                    or (Path(staging) / "kubellm-ckpt" if staging else Path(tempfile.gettempdir()) / "kubellm-ckpt"))
         self.local_dir = base / stable_hash(self.run_prefix)[:16]
         self.model_config = model_config
         self.storage = storage_for(self.run_prefix)
@@ -546,13 +560,10 @@ class CheckpointManager:
         """Refuse a checkpoint of another model shape or parallel layout, naming what differs."""
         meta = manifest.metadata
         problems = []
-        want_cfg = _config_dict(self.model_config if self.model_config is not None else _module_config(engine))
-        have_cfg = meta.get("model_config")
-        if want_cfg is not None and have_cfg is not None:
-            diff = [f"{k}: checkpoint={have_cfg.get(k)!r}, this run={want_cfg.get(k)!r}"
-                    for k in sorted(set(want_cfg) | set(have_cfg)) if have_cfg.get(k) != want_cfg.get(k)]
-            if diff:
-                problems.append("model config differs — " + "; ".join(diff))
+        differs = model_config_diff(manifest, self.model_config if self.model_config is not None
+                                    else _module_config(engine))
+        if differs:
+            problems.append(differs)
         if not problems and meta.get("param_shapes") is not None:
             have, want = meta["param_shapes"], param_shapes(engine)
             if int(getattr(engine, "num_stages", 1) or 1) > 1:

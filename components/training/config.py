@@ -156,7 +156,8 @@ class LaunchConfig(StrictModel):
     memory_mb: int = Field(default=8192, ge=256)
     """Memory requested per replica, MiB."""
     max_restarts: int = Field(default=0, ge=0)
-    """torchrun worker-group restarts before the job fails."""
+    """torchrun worker-group restarts before the job fails. On a PyTorchJob, 0 takes the cluster
+    settings' `max_restarts` (default 3: pods there are preempted and rescheduled)."""
     env: dict[EnvKey, str] = Field(default_factory=dict)
     """Extra environment for every worker. No secrets: a key that names a credential (SECRET,
     PASSWORD, TOKEN, ACCESS_KEY, API_KEY, PRIVATE_KEY, CREDENTIAL; the PyTorchJob translator's rule,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -152,8 +153,21 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
 
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", timeout=pg_timeout())
     return dist.get_rank(), dist.get_world_size()
+
+
+def pg_timeout() -> datetime.timedelta:
+    """The process-group timeout: KUBELLM_PG_TIMEOUT_S (the PyTorchJob's `pg_timeout_s`), else 600 s. A
+    collective waiting on a lost peer fails after it instead of hanging the other ranks."""
+    raw = os.environ.get("KUBELLM_PG_TIMEOUT_S", "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ConfigError(f"KUBELLM_PG_TIMEOUT_S={raw!r}: expected a number of seconds") from None
+    if seconds <= 0:
+        raise ConfigError(f"KUBELLM_PG_TIMEOUT_S={raw!r}: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 def train_autocast(train_cfg: TrainConfig, device: str) -> contextlib.AbstractContextManager[Any]:

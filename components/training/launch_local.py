@@ -13,11 +13,15 @@ checkout's Python first on PATH, so `torchrun` is the virtualenv's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from torchx import specs
@@ -55,15 +59,49 @@ def launch_local(appdef: specs.AppDef, *, scheduler: str = "torchrun", log_dir: 
     app_id = f"{appdef.name}-{uuid.uuid4().hex[:8]}"
     role = specs.macros.Values(img_root="", app_id=app_id, replica_id="0",
                                rank0_env="TORCHX_RANK0_HOST").apply(appdef.roles[0])
+    return run_process_group([role.entrypoint, *role.args], _env(role), tail_lines,
+                             sys.stderr.write if echo else None)
+
+
+def run_process_group(cmd: list[str], env: dict[str, str], tail_lines: int,
+                      echo: Callable[[str], object] | None) -> LocalLaunchResult:
+    """Run `cmd` in a session of its own and wait, keeping its last lines. If this process stops
+    waiting for any reason — Ctrl-C, SIGTERM, a broken pipe while echoing — the whole session
+    (torchrun and every worker) is terminated, then killed: no orphan keeps training and uploading
+    into the run dir a retry will use."""
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    proc = subprocess.Popen([role.entrypoint, *role.args], env=_env(role), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        tail.append(line.rstrip("\n"))
-        if echo:
-            sys.stderr.write(line)
-    return LocalLaunchResult(proc.wait(), "\n".join(tail))
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)
+
+        restore = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if echo is not None:
+                echo(line)
+        return LocalLaunchResult(proc.wait(), "\n".join(tail))
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc)
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def _stop_group(proc: subprocess.Popen[str], grace_s: float = 30.0) -> None:
+    """SIGTERM the process's group (torchrun forwards it to the workers); after torchrun exits or
+    `grace_s` passes, SIGKILL whatever of the group is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _launch_torchx(appdef: specs.AppDef, log_dir: str | Path | None, tail_lines: int) -> LocalLaunchResult:

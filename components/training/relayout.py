@@ -126,6 +126,12 @@ def consolidated_resume(run_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
             f"this run has dp={parallel_cfg.dp}, tp={parallel_cfg.tp}, pp={parallel_cfg.pp}. Changing tp/pp is "
             "supported when dp stays the same (the data position is per data-parallel rank); set parallel.dp="
             f"{saved.get('dp')} or start a fresh run from the consolidated export")
+    from kubellm.training.checkpoint import CheckpointMismatchError, model_config_diff
+
+    differs = model_config_diff(manifest, model_cfg)
+    if differs:  # the same check a same-layout resume makes (CheckpointManager.check_compatible)
+        raise CheckpointMismatchError(f"{manifest.uri}: checkpoint is from a different model: {differs}. Use a new "
+                                      "run prefix, or the matching model config.")
     staging = Path(tempfile.mkdtemp(prefix="kubellm-relayout-"))
     try:
         full, client = read_consolidated(manifest, model_cfg, staging)

@@ -104,3 +104,19 @@ def test_pp2_checkpoint_resumes_exactly_with_pp2(shards: list[str], one_process_
     with pytest.raises(RuntimeError, match=r"checkpoint is from a different model: model config differs — "
                                            r"n_layers: checkpoint=4, this run=6"):
         spawn(run_training, 2, shards, str(tmp_path), {"pp": 2}, 1, 2, 8, TOTAL, {"n_layers": 6}, CKPT, True, False)
+
+
+def test_a_new_layout_with_another_model_config_is_refused(one_process_run: tuple[Path, list[float]],
+                                                           tmp_path: Path) -> None:
+    """Changing tp/pp together with, say, rope_theta had resumed the old weights under the new config:
+    the same-layout resume refuses that, and so does the relayout path now."""
+    from kubellm.training.checkpoint import CheckpointMismatchError
+    from kubellm.training.config import ParallelConfig
+    from kubellm.training.relayout import consolidated_resume
+    from tests.parallel.parallel_helpers import tiny_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_process_run[0], run_dir)
+    with pytest.raises(CheckpointMismatchError, match=r"different model: model config differs — rope_theta: "):
+        consolidated_resume(str(run_dir), tiny_model(rope_theta=5000.0), ParallelConfig(dp=1, pp=2))
+    assert consolidated_resume(str(run_dir), tiny_model(), ParallelConfig(dp=1, pp=2)) is not None

@@ -227,3 +227,27 @@ def test_local_torchrun_refuses_several_nodes_at_config_time() -> None:
     # a cluster job, or TorchX's local_cwd (one local replica per node, rendezvous on localhost), is fine
     assert LaunchConfig(backend="pytorchjob", nnodes=2).nnodes == 2
     assert LaunchConfig(scheduler="local_cwd", nnodes=2).nnodes == 2
+
+
+def test_pg_timeout_comes_from_the_pytorchjob_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBELLM_PG_TIMEOUT_S (exported from `pg_timeout_s`) reaches the process group; it had been ignored."""
+    import datetime
+
+    from kubellm.training.engine import pg_timeout
+
+    monkeypatch.delenv("KUBELLM_PG_TIMEOUT_S", raising=False)
+    assert pg_timeout() == datetime.timedelta(seconds=600)
+    monkeypatch.setenv("KUBELLM_PG_TIMEOUT_S", "1800")
+    assert pg_timeout() == datetime.timedelta(seconds=1800)
+    monkeypatch.setenv("KUBELLM_PG_TIMEOUT_S", "ten")
+    with pytest.raises(ConfigError, match="KUBELLM_PG_TIMEOUT_S='ten'"):
+        pg_timeout()
+
+
+def test_checkpoints_stage_on_the_pytorchjob_staging_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kubellm.training.checkpoint import CheckpointManager
+
+    monkeypatch.delenv("KUBELLM_CHECKPOINT_STAGING", raising=False)
+    monkeypatch.setenv("KUBELLM_STAGING_DIR", str(tmp_path / "vol"))
+    mgr = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    assert (tmp_path / "vol" / "kubellm-ckpt") in mgr.local_dir.parents  # not the root disk's /tmp
