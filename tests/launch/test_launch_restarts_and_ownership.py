@@ -108,7 +108,7 @@ def _torchrun_sees(command: list[str], env: dict[str, str], monkeypatch) -> str:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return str(get_args_parser().parse_args(command[1:]).nproc_per_node)
+    return str(get_args_parser().parse_args(command[3:]).nproc_per_node)  # after `python -m kubellm.training.torchrun`
 
 
 def test_elastic_worker_pods_run_nproc_per_node_processes(monkeypatch):

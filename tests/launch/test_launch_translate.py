@@ -22,6 +22,9 @@ from kubellm.training.pytorchjob.translate import MAX_JOB_NAME, parse_command
 RUN_ID = "8f4e2b7a-1c2d-4e5f-9a0b-123456789abc"
 SETTINGS = {"s3_secret_name": "kubellm-s3", "s3_config_map": "kubellm-s3-config"}
 
+# the PyTorchJob container starts torchrun through kubellm's exit-code wrapper (kubellm.training.torchrun)
+TORCHRUN = ["python", "-m", "kubellm.training.torchrun"]
+
 
 def app(j: str = "2x4", gpu: int = 4, **kw) -> AppDef:
     return torchrun("--config", "run.yaml", "--run-dir", "s3://bkt/runs/${app_id}", m="kubellm.training.worker",
@@ -48,8 +51,8 @@ def test_master_workers_torchrun_rebuilt_from_operator_env():
     assert job["spec"]["nprocPerNode"] == "4" and "elasticPolicy" not in job["spec"]
     cmd = container(job)["command"]
     # rendezvous flags of the local command are gone: torchrun reads PET_* from the operator
-    assert cmd[:7] == ["torchrun", "--max-restarts", "3", "--monitor-interval", "5", "--nproc-per-node", "4"]
-    assert cmd[7:] == ["-m", "kubellm.training.worker", "--config", "run.yaml", "--run-dir", "s3://bkt/runs/pretrain-abc"]
+    assert cmd[:9] == [*TORCHRUN, "--max-restarts", "3", "--monitor-interval", "5", "--nproc-per-node", "4"]
+    assert cmd[9:] == ["-m", "kubellm.training.worker", "--config", "run.yaml", "--run-dir", "s3://bkt/runs/pretrain-abc"]
     assert not any(a.startswith("--rdzv") or a.startswith("--nnodes") for a in cmd)
     assert "${" not in json.dumps(job)
     c = container(job)
@@ -79,7 +82,7 @@ def test_macros_replaced_by_operator_env():
                 env={"TAG": "${app_id}-${replica_id}"}, num_replicas=2, resource=Resource(cpu=2, gpu=0, memMB=4096))
     job = build(AppDef("a", roles=[role]))
     c = container(job)
-    assert c["command"][7:] == ["-m", "kubellm.training.worker", "--id", "pretrain-abc", "--replica",
+    assert c["command"][9:] == ["-m", "kubellm.training.worker", "--id", "pretrain-abc", "--replica",
                                 "$(KUBELLM_REPLICA_ID)", "--host", "$(KUBELLM_RANK0_HOST)", "--root", "/x"]
     env = env_of(c)
     assert env["TAG"]["value"] == "pretrain-abc-$(KUBELLM_REPLICA_ID)"
@@ -128,7 +131,7 @@ def test_resources_placement_and_run_policy():
     assert pod["automountServiceAccountToken"] is False
     assert job["spec"]["runPolicy"] == {"backoffLimit": 5, "cleanPodPolicy": "All", "ttlSecondsAfterFinished": 3600,
                                         "activeDeadlineSeconds": 86400}
-    assert c["command"][1:3] == ["--max-restarts", "2"]
+    assert c["command"][3:5] == ["--max-restarts", "2"]
     env = env_of(c)
     assert env["KUBELLM_PG_TIMEOUT_S"]["value"] == "300" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
     # /dev/shm in memory, a quarter of the pod's memory by default
@@ -287,7 +290,7 @@ def test_engine_appdef_translates_and_keeps_its_max_restarts():
     appdef = build_appdef("s3://bkt/runs/r1/job.json", launch, name="pretrain-r1")
     job = build(appdef)
     cmd = container(job)["command"]
-    assert cmd[1:3] == ["--max-restarts", "5"] and job["spec"]["nprocPerNode"] == "2"
+    assert cmd[3:5] == ["--max-restarts", "5"] and job["spec"]["nprocPerNode"] == "2"
     assert cmd[-4:] == ["-m", "kubellm.training.worker", "--spec", "s3://bkt/runs/r1/job.json"]
     assert "${" not in json.dumps(job)
-    assert container(build(app()))["command"][1:3] == ["--max-restarts", "3"]  # cluster default
+    assert container(build(app()))["command"][3:5] == ["--max-restarts", "3"]  # cluster default

@@ -205,8 +205,10 @@ class ClusterLaunchSettings(StrictModel):
     selector or tolerations) this long; long enough for a cluster autoscaler. None = wait forever."""
     delete_timeout_s: float = Field(default=300.0, gt=0)
     """How long to wait for a deleted Failed job to disappear before recreating it."""
-    torchrun: list[str] = Field(default_factory=lambda: ["torchrun"])
-    """How the container starts torchrun."""
+    torchrun: list[str] = Field(default_factory=lambda: ["python", "-m", "kubellm.training.torchrun"])
+    """How the container starts torchrun: kubellm's wrapper by default, which exits 128 + the signal
+    when the pod is evicted or a worker is killed (plain torchrun exits 1 there, which
+    `restart_policy: ExitCode` reads as a permanent failure)."""
 
     @field_validator("restart_policy", mode="before")
     @classmethod
