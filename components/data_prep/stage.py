@@ -435,14 +435,16 @@ def _existing(prefix: str) -> Manifest | None:
 def _check_sources_unchanged(raw: str, sources: list[Source]) -> None:
     """After the map: every shard still has the fingerprint the artifact's address was computed from
     (one listing of the input, not one per shard); InputDataError naming the first changed file."""
-    if all(s.format == "hub" for s in sources):
-        return  # a hub dataset is read at the commit it was pinned to when listed: nothing to re-ask
+    # a hub dataset is read at the commit it was pinned to when listed: nothing to re-ask
+    files = [s for s in sources if s.format != "hub"]
+    if not files:
+        return
     try:
-        now = {s.uri: s.fingerprint for s in scan_sources(raw, warn=False).sources if s.format != "hub"}
+        now = {s.uri: s.fingerprint for s in scan_sources(raw, warn=False).sources}
     except InputDataError:  # an item is gone: name the first shard that went with it
-        now = {s.uri: current_fingerprint(s) for s in sources}
-    for s in sources:
-        if s.format != "hub" and now.get(s.uri) != s.fingerprint:
+        now = {s.uri: current_fingerprint(s) for s in files}
+    for s in files:
+        if now.get(s.uri) != s.fingerprint:
             check_unchanged(s, s.fingerprint, "data prep listed the input", now=now.get(s.uri))
 
 

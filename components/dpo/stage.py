@@ -46,13 +46,13 @@ def reference_uri(spec: JobSpec, arrays: list[dict[str, np.ndarray]], config: DP
     """Where the cached reference log-probs of these pairs live in the run dir: keyed on the starting
     model, the tokenized pairs themselves, and the device, precision and weight dtype that score them, so a run dir
     reused with other data, another model or another precision never reads stale values."""
+    from kubellm.training.engine import weight_dtype
+
     h = hashlib.sha256()
     for a in arrays:
         for k in ("input_ids", "labels"):
             h.update(str(a[k].shape).encode())
             h.update(np.ascontiguousarray(a[k]).tobytes())
-    from kubellm.training.engine import weight_dtype
-
     key = stable_hash({"model": spec.parents.get("model", ""), "pairs": h.hexdigest(),
                        "precision": config.train.precision, "device": device,
                        "weights": str(weight_dtype(config.train, device))})

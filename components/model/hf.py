@@ -240,6 +240,14 @@ def _rope_theta(d: Mapping[str, Any], rope: Mapping[str, Any], scaling: Mapping[
     return values.pop()
 
 
+def _plain_rope(block: Mapping[str, Any], unnamed: str | None) -> bool:
+    """Whether a `rope_scaling`/`rope_parameters` block asks for plain RoPE: its type (transformers
+    reads `rope_type`, or the old key `type`; `unnamed` when neither is set) is "default" and it holds
+    nothing but the type and `rope_theta` (a `factor` or other key means a scaling transformers applies)."""
+    return (block.get("rope_type", block.get("type", unnamed)) == "default"
+            and set(block) <= {"rope_type", "type", "rope_theta"})
+
+
 def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Llama config.json; refuses what our model cannot reproduce, naming the key."""
 
@@ -267,15 +275,12 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
         if d.get(key):
             raise refuse(key, d[key], "false")
     scaling = d.get("rope_scaling")
-    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
-                        and set(scaling) <= {"rope_type", "type", "rope_theta"}):
+    if scaling and not (isinstance(scaling, dict) and _plain_rope(scaling, None)):
         raise refuse("rope_scaling", scaling, "null or {'rope_type': 'default'} (plain RoPE)")
     rope = d.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise refuse("rope_parameters", rope, "null or an object like {'rope_type': 'default', 'rope_theta': 10000.0}")
-    # transformers reads the old key `type` too (standardize_rope_params), and applies any scaling
-    if rope.get("rope_type", rope.get("type", "default")) != "default" \
-            or not set(rope) <= {"rope_type", "type", "rope_theta"}:
+    if not _plain_rope(rope, "default"):
         raise refuse("rope_parameters", rope, "{'rope_type': 'default', 'rope_theta': ...} (plain RoPE)")
     heads = positive_int("num_attention_heads", required("num_attention_heads"))
     hidden = positive_int("hidden_size", required("hidden_size"))

@@ -40,12 +40,20 @@ def data_parallel_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
     return parallel_cfg.dp
 
 
+def deepspeed_half(train_cfg: TrainConfig, device: str) -> str | None:
+    """DeepSpeed's 16-bit mode the engine runs in — "bf16" (bf16 on CUDA) or "fp16" — or None: fp32
+    weights (fp32, or bf16 as autocast on CPU). The one place that decides it."""
+    if train_cfg.precision == "fp16":
+        return "fp16"
+    return "bf16" if train_cfg.precision == "bf16" and device == "cuda" else None
+
+
 def clips_in_kubellm(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, device: str = "cpu") -> bool:
     """True where the training loop clips gradients itself instead of DeepSpeed: ZeRO 0, no TP/PP, and
-    the module's .grad are the fp32 gradients the optimizer uses (fp32, or bf16 autocast on CPU).
+    the module's .grad are the fp32 gradients the optimizer uses (no DeepSpeed 16-bit mode).
     DeepSpeed's clip there recomputes the norm per parameter in Python (~1 ms of a `debug` step)."""
     return (train_cfg.zero_stage == 0 and parallel_cfg.tp == 1 and parallel_cfg.pp == 1
-            and (train_cfg.precision == "fp32" or (train_cfg.precision == "bf16" and device != "cuda")))
+            and deepspeed_half(train_cfg, device) is None)
 
 
 def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world_size: int,
@@ -90,9 +98,10 @@ def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world
         "wall_clock_breakdown": False,
         "seed": train_cfg.seed,
     }
-    if train_cfg.precision == "bf16" and device == "cuda":
+    half = deepspeed_half(train_cfg, device)
+    if half == "bf16":
         cfg["bf16"] = {"enabled": True}
-    if train_cfg.precision == "fp16":
+    elif half == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
     if parallel_cfg.pp > 1:
         # kubellm passes (x, position_ids, doc_ids) between stages; DeepSpeed's slice-partitioned

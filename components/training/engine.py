@@ -44,7 +44,7 @@ from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
 from kubellm.training.config import ParallelConfig, TrainConfig
-from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
+from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config, deepspeed_half
 from kubellm.training.hostmem import keep_freed_memory
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import lr_lambda, param_groups, schedule_warning
@@ -184,11 +184,7 @@ def weight_dtype(train_cfg: TrainConfig, device: str) -> torch.dtype:
     the module in 16 bits (the optimizer keeps the fp32 masters); elsewhere fp32 (CPU bf16 is autocast
     over fp32 weights). A frozen model scoring alongside the policy (DPO's reference) is cast to it, so
     at the start, where the policy is the reference, their log-probabilities are identical."""
-    if train_cfg.precision == "fp16":
-        return torch.float16
-    if train_cfg.precision == "bf16" and device == "cuda":
-        return torch.bfloat16
-    return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[deepspeed_half(train_cfg, device)]
 
 
 def _token_weights(counts: list[int], accum: int, world: int, dp_size: int) -> list[float]:
