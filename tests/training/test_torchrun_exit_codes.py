@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 
 
+def _env() -> dict[str, str]:
+    """This environment without a process group's variables (torchrun --standalone sets its own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+
+
 def _torchrun(tmp_path: Path, body: str) -> int:
     script = tmp_path / "w.py"
     script.write_text(body)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     return subprocess.run([sys.executable, "-m", "kubellm.training.torchrun", "--standalone", "--nproc-per-node", "1",
                            "--max-restarts", "0", "--monitor-interval", "0.2", str(script)],
-                          env=env, capture_output=True, timeout=120).returncode
+                          env=_env(), capture_output=True, timeout=120).returncode
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
@@ -34,9 +38,8 @@ def test_exit_codes_tell_a_killed_worker_from_an_error(tmp_path: Path) -> None:
 def test_a_terminated_torchrun_exits_128_plus_sigterm(tmp_path: Path) -> None:
     script = tmp_path / "w.py"
     script.write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     proc = subprocess.Popen([sys.executable, "-m", "kubellm.training.torchrun", "--standalone", "--nproc-per-node",
-                             "1", "--monitor-interval", "0.2", str(script)], env=env, stdout=subprocess.PIPE,
+                             "1", "--monitor-interval", "0.2", str(script)], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
