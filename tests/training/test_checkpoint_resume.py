@@ -330,3 +330,12 @@ if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
     import torch.distributed as _dist
 
     _dist.destroy_process_group()  # as kubellm's worker does: not left to interpreter teardown
+    print("[ckpt-test] results written, process group destroyed", flush=True)
+    # Every check this worker makes is in its results file, written above. Two full CI runs saw a
+    # finished rank abort during interpreter finalization ("terminate called without an active
+    # exception", C++ destructors of DeepSpeed/gloo state), never reproduced alone or under load; the
+    # marker above shows whether an abort came after the work. Skip finalization: a failure before
+    # this point still exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
