@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
+import sys
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -121,25 +124,55 @@ def write_result(spec: JobSpec, manifest: Manifest) -> None:
     storage_for(uri).write_bytes(uri, manifest.to_json().encode())
 
 
-def write_error(spec: JobSpec, rank: int, text: str) -> None:
+ERROR_TIME_PREFIX = "failed_at_unix: "
+"""The first line of an error file: when the rank caught its error (seconds since the epoch)."""
+
+
+def write_error(spec: JobSpec, rank: int, text: str, at: float | None = None) -> None:
+    """Write rank `rank`'s traceback to `run_dir/errors/rank<N>.txt`, headed by when it was caught, so
+    `failure_message` can name the rank that failed first: the root cause, whose peers fail after it
+    (a collective broken by its exit, a timeout)."""
     uri = join(spec.run_dir, ERRORS_DIR, f"rank{rank}.txt")
+    at = time.time() if at is None else at
     try:  # a traceback can quote an endpoint URL with user:password@ (botocore's own messages)
-        storage_for(uri).write_bytes(uri, redact(text).encode())
+        storage_for(uri).write_bytes(uri, f"{ERROR_TIME_PREFIX}{at:.6f}\n{redact(text)}".encode())
     except Exception:  # reporting must never hide the original error
         pass
 
 
-def failure_message(spec: JobSpec, header: str, log_tail: str = "", lines: int = 30) -> str:
-    """The first failing rank's traceback tail (from its error file), else the job's log tail."""
-    st = storage_for(spec.run_dir)
-    found = []
+def _error_order(name: str, text: str) -> tuple[float, int, str]:
+    """Sort key of an error file: its failure time (a file without one last), then its rank number
+    (rank10 after rank2), then its name."""
+    first = text.split("\n", 1)[0]
     try:
-        found = sorted(st.list(join(spec.run_dir, ERRORS_DIR)), key=lambda o: o.relpath)
-    except Exception:
+        at = float(first.removeprefix(ERROR_TIME_PREFIX)) if first.startswith(ERROR_TIME_PREFIX) else math.inf
+    except ValueError:
+        at = math.inf
+    digits = name.removeprefix("rank")
+    return at, int(digits) if digits.isdigit() else sys.maxsize, name
+
+
+def failure_message(spec: JobSpec, header: str, log_tail: str = "", lines: int = 30) -> str:
+    """The traceback tail of the rank that failed first (by the time in its error file; its peers'
+    errors — a broken collective, a timeout — usually follow from it), naming the other ranks that
+    failed; else, when no rank wrote an error file, the job's log tail."""
+    st = storage_for(spec.run_dir)
+    errors: list[tuple[tuple[float, int, str], str]] = []
+    try:
+        for o in st.list(join(spec.run_dir, ERRORS_DIR)):
+            name = o.relpath.rsplit("/", 1)[-1].removesuffix(".txt")
+            text = st.read_bytes(o.uri).decode(errors="replace")
+            errors.append((_error_order(name, text), text))
+    except Exception:  # reporting must never hide the original error
         pass
-    if found:
-        text = st.read_bytes(found[0].uri).decode(errors="replace").rstrip().splitlines()
-        return f"{header} — {found[0].relpath.removesuffix('.txt')}:\n" + "\n".join(text[-lines:])
+    if errors:
+        errors.sort(key=lambda e: e[0])
+        (_, _, name), text = errors[0]
+        body = text.split("\n", 1)[1] if text.startswith(ERROR_TIME_PREFIX) else text
+        others = [e[0][2] for e in errors[1:]]
+        also = (f" (failed first; also failed after it: {', '.join(others[:8])}"
+                f"{f' and {len(others) - 8} more' if len(others) > 8 else ''})") if others else ""
+        return f"{header} — {name}{also}:\n" + "\n".join(body.rstrip().splitlines()[-lines:])
     tail = redact("\n".join(log_tail.rstrip().splitlines()[-lines:]))
     return f"{header}; last output:\n{tail}" if tail else header
 
