@@ -69,8 +69,26 @@ class TokenizerConfig(StrictModel):
         blank = [i for i, t in enumerate(self.extra_special_tokens) if not t.strip()]
         if blank:
             raise ValueError(f"extra_special_tokens[{blank[0]}] is blank: expected a non-blank string")
+        fields = [*((n, getattr(self, n)) for n in BASE_SPECIALS),
+                  *((f"extra_special_tokens[{i}]", t) for i, t in enumerate(self.extra_special_tokens))]
+        for name, tok in fields:
+            if _is_bpe_token_string(tok):
+                raise ValueError(
+                    f"{name}={tok!r} is a string byte-level BPE can learn as an ordinary token (one letter, "
+                    "digit or symbol run): it would share that token's id, so corpus text would produce the "
+                    "control id and decoding would drop the text; use a delimited form such as '<|name|>'")
         n = len(seen) + len(set(self.extra_special_tokens) - set(seen))
         if self.vocab_size < 256 + n:
             raise ValueError(f"vocab_size {self.vocab_size} is below 256 byte tokens + {n} special tokens = "
                              f"{256 + n}: expected at least {256 + n}")
         return self
+
+
+def _is_bpe_token_string(tok: str) -> bool:
+    """Whether `tok` could be a token of the byte-level BPE vocabulary: the byte-level pre-tokenizer
+    keeps it as one piece spelled as itself. A BPE token never spans pieces, so a string that splits
+    (`<|bos|>` → `<|`, `bos`, `|>`) or is respelled (a newline → `Ċ`) can never collide with one."""
+    from tokenizers import pre_tokenizers
+
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(tok)
+    return len(pieces) == 1 and pieces[0][0] == tok

@@ -141,8 +141,8 @@ class TokenShardReader:
         self.doc_offsets = np.memmap(self.path, dtype="<u8", mode="r",
                                      offset=HEADER_SIZE + ntok * self.dtype.itemsize, shape=(ndoc + 1,))
         self._check_offsets()
-        if check_ids:
-            self.check_ids(expected_vocab_size or self.vocab_size)
+        if check_ids:  # against the shard's own vocab (≤ the model's): the writer never goes past it
+            self.check_ids(self.vocab_size)
 
     def _check_offsets(self) -> None:
         """Document offsets must run 0 … token_count without going back (doc-masking positions and

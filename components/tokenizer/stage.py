@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
@@ -89,6 +90,9 @@ def iter_texts(files: list[Path], batch_size: int = 1000, empty: EmptyTexts | No
             raise InputDataError(f"{f}: not a readable parquet file ({e})") from e
         if "text" not in pf.schema_arrow.names:
             raise InputDataError(f"{f}: no `text` column (columns: {pf.schema_arrow.names})")
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise InputDataError(f"{f}: column `text` is {kind}, expected strings (data prep writes UTF-8 text)")
         row = 0
         for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
             values = batch.column("text").to_pylist()

@@ -20,6 +20,7 @@ on dp when the window count is not a multiple of it.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ import torch
 from kubellm.core.errors import InputDataError
 from kubellm.tokenizer.shards import TokenShardReader
 
+log = logging.getLogger(__name__)
+
+DROPPED_WARN_FRACTION = 0.01
+"""Warn when the shard tails no window reaches (each shard's last `(tokens − 1) % seq_len` tokens, all
+of a shard shorter than `seq_len + 1`) exceed this fraction of the tokens."""
 
 def open_shards(paths: Sequence[str | Path], vocab_size: int) -> list[TokenShardReader]:
     """Open and validate every shard at start-up (header, size, and every id < `vocab_size`), so bad
@@ -61,6 +67,13 @@ class PackedWindowLoader:
         self.num_windows = int(sum(counts))
         self._shard_of = np.repeat(np.arange(len(counts)), counts)
         self._start_of = np.concatenate([np.arange(c) * seq_len for c in counts] or [np.zeros(0)]).astype(np.int64)
+        total = sum(s.token_count for s in self.shards)
+        dropped = total - sum(c * seq_len for c in counts)
+        if dp_rank == 0 and total and dropped / total > DROPPED_WARN_FRACTION:
+            log.warning("%.1f%% of the %d tokens in %d shard(s) are never trained on: windows of seq_len+1=%d "
+                        "tokens do not cross a shard boundary, so each shard's tail is skipped; write larger "
+                        "shards (tokenizer.tokens_per_shard, now ~%d tokens per shard) or train a shorter seq_len",
+                        100 * dropped / total, total, len(self.shards), seq_len + 1, total // max(1, len(self.shards)))
         self.per_rank = self.num_windows // dp_size  # the tail that does not divide is dropped per epoch
         if self.per_rank < micro_batch_size:
             names = ", ".join(str(s.path) for s in self.shards[:3])
@@ -94,14 +107,15 @@ class PackedWindowLoader:
         out = {"input_ids": toks[:-1], "labels": toks[1:]}
         if self.doc_masking:
             # per-token document index (relative to the window) and positions restarting per document
-            offs = np.asarray(shard.doc_offsets, dtype=np.int64)
-            pos = np.arange(start, start + self.seq_len)
-            doc = np.searchsorted(offs, pos, side="right") - 1
+            # searched in the shard's own uint64 table (a dtype change would copy all of it per window)
+            pos = np.arange(start, start + self.seq_len, dtype=np.uint64)
+            doc = np.searchsorted(shard.doc_offsets, pos, side="right").astype(np.int64) - 1
             out["doc_ids"] = doc - doc[0]
             # a document that began before this window counts from the window's start (as the model's
             # own `positions_from_doc_ids` does): its offset within the document is unbounded and
             # indexed past the RoPE table (max_seq_len) once a document outgrew it
-            out["position_ids"] = pos - np.maximum(offs[doc], start)
+            begins = np.asarray(shard.doc_offsets[doc], dtype=np.int64)
+            out["position_ids"] = pos.astype(np.int64) - np.maximum(begins, start)
         return out
 
     def _make_batch(self, pos: tuple[int, int]) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
@@ -159,13 +173,14 @@ class PackedWindowLoader:
             self._queue = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._pos[0], "offset": self._pos[1], "seed": self.seed, "dp_rank": self.dp_rank,
+        return {"epoch": self._pos[0], "offset": self._pos[1], "seed": self.seed, "shuffle": self.shuffle,
+                "dp_rank": self.dp_rank,
                 "dp_size": self.dp_size, "num_windows": self.num_windows, "seq_len": self.seq_len,
                 "shard_count": len(self.shards), "shard_tokens": sum(sh.token_count for sh in self.shards),
                 "shard_fingerprint": self.shard_fingerprint}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for key in ("seed", "dp_size", "num_windows", "seq_len"):
+        for key in ("seed", "shuffle", "dp_size", "num_windows", "seq_len"):
             if key in sd and sd[key] != getattr(self, key):
                 raise InputDataError(
                     f"loader state has {key}={sd[key]} but this run has {key}={getattr(self, key)}; "

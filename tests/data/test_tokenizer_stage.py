@@ -179,6 +179,10 @@ def test_packed_write_names_the_document_with_a_bad_id(tmp_path: Path) -> None:
     ({"extra_special_tokens": ["<|tool|>", ""]}, r"extra_special_tokens\[1\] is blank"),
     ({"vocab_size": 260}, "vocab_size 260 is below 256 byte tokens \\+ 7 special tokens = 263"),
     ({"vocab_size": 263, "extra_special_tokens": ["<|tool|>"]}, "8 special tokens = 264"),
+    # strings BPE can learn as ordinary tokens: they would share that token's id
+    ({"extra_special_tokens": ["<|tool|>", "!"]}, r"extra_special_tokens\[1\]='!' is a string byte-level BPE"),
+    ({"user_token": "user"}, "user_token='user' is a string byte-level BPE can learn"),
+    ({"end_token": "<<<>>>"}, "end_token='<<<>>>' .* use a delimited form such as '<\\|name\\|>'"),
 ])
 def test_special_tokens_and_vocab_size_are_checked_in_the_config(fields: dict, message: str) -> None:
     from kubellm.core.config import validate
@@ -187,3 +191,27 @@ def test_special_tokens_and_vocab_size_are_checked_in_the_config(fields: dict, m
     with pytest.raises(ConfigError, match=message):
         validate(TokenizerConfig, fields, "run.yaml", prefix="tokenizer")
     assert TokenizerConfig(vocab_size=263).vocab_size == 263  # exactly bytes + specials is fine
+
+
+@pytest.mark.parametrize("token", ["<s>", "</s>", "[PAD]", "<|im_start|>", " hello"])
+def test_delimited_special_tokens_are_accepted(token: str) -> None:
+    # split by the byte-level pre-tokenizer into several pieces, or respelled by it
+    # (" hello" is "Ġhello"): no BPE token can ever be spelled like them
+    assert TokenizerConfig(extra_special_tokens=[token]).extra_special_tokens == [token]
+
+
+def test_why_undelimited_special_tokens_are_refused(tmp_path: Path) -> None:
+    """With `!` as a special token (the check bypassed) the trainer gives the byte `!` that id, so corpus
+    text produces the control id and decoding drops it; a delimited token is encoded as plain text."""
+    from kubellm.tokenizer.bpe import special_tokens, train_bpe
+    from kubellm.tokenizer.stage import corpus_encoder
+
+    text = "hello world! <|tool|> call"
+    for extra, collides in (("!", True), ("<|tool|>", False)):
+        cfg = TokenizerConfig.model_construct(**{**TokenizerConfig(vocab_size=300).model_dump(),
+                                                 "extra_special_tokens": [extra]})
+        tok = train_bpe(iter([text] * 20), cfg)
+        ids = corpus_encoder(tok).encode(text, add_special_tokens=False).ids
+        hit = {tok.token_to_id(t) for t in special_tokens(cfg)} & set(ids)
+        assert bool(hit) == collides, (extra, ids)
+        assert (tok.decode(ids) == text) != collides

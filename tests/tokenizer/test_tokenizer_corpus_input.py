@@ -189,3 +189,14 @@ def test_rayon_threads_are_set_for_the_stage_only(tmp_path: Path, monkeypatch: p
         stage.run(TokenizerConfig(vocab_size=300, num_threads=2), {"dataset": ds.uri}, str(tmp_path / "a"))
     assert during == ["2"]
     assert os.environ.get("RAYON_NUM_THREADS") == before
+
+
+@pytest.mark.parametrize("column", [pa.array([1, 2, 3]), pa.array([b"a", b"b", b"c"])])
+def test_a_text_column_of_another_type_is_refused_naming_the_file(tmp_path: Path, column: pa.Array) -> None:
+    # an int column reached the encoder as a bare TypeError naming neither the file nor the column
+    f = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"text": column}), f)
+    with pytest.raises(stage.InputDataError, match=rf"part-00000\.parquet: column `text` is {column.type}, expected strings"):
+        next(stage.iter_texts([f]))
+    pq.write_table(pa.table({"text": pa.array(["a", "b"], type=pa.large_string())}), f)
+    assert next(stage.iter_texts([f])) == ["a", "b"]

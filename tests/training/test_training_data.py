@@ -117,6 +117,23 @@ def test_resume_refuses_other_layout(shards: list[str]) -> None:
     state = loader(shards).state_dict()
     with pytest.raises(InputDataError, match="dp_size"):
         loader(shards, 0, 2).load_state_dict(state)
+    # the saved (epoch, offset) indexes the shuffled order: in file order it would repeat or skip windows
+    with pytest.raises(InputDataError, match="shuffle=True but this run has shuffle=False"):
+        loader(shards, shuffle=False).load_state_dict(state)
+
+
+def test_shard_tails_no_window_reaches_are_warned_about(tmp_path: Path, shards: list[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # 10 shards of 25 tokens at seq_len 16: one window each, 9 of every 25 tokens never trained on
+    small = [write_shard(tmp_path / f"s/{i}.tok", [list(range(25))]) for i in range(10)]
+    with caplog.at_level("WARNING", logger="kubellm.training.data"):
+        PackedWindowLoader(open_shards(small, 512), seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    assert "36.0% of the 250 tokens in 10 shard(s) are never trained on" in caplog.text
+    assert "tokenizer.tokens_per_shard" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kubellm.training.data"):
+        loader(shards, seq_len=1)  # every token but each shard's last one starts a window
+    assert caplog.text == ""
 
 
 def test_resume_refuses_shards_added_removed_or_swapped(shards: list[str], tmp_path: Path) -> None:
@@ -197,6 +214,17 @@ def test_bad_shards_fail_at_open_naming_the_file(tmp_path: Path) -> None:
         open_shards([good], 64)
     with pytest.raises(InputDataError, match="no token shards"):
         open_shards([], 512)
+    # an id past the shard's own vocab is corrupt even where the model's vocab is larger
+    shard = TokenShardWriter(tmp_path / "v.tok", 300)
+    shard.add_document(list(range(100)))
+    shard.close()
+    raw = bytearray((tmp_path / "v.tok").read_bytes())
+    from kubellm.tokenizer.shards import HEADER_SIZE
+
+    raw[HEADER_SIZE + 2 * 7: HEADER_SIZE + 2 * 8] = (310).to_bytes(2, "little")
+    (tmp_path / "v.tok").write_bytes(bytes(raw))
+    with pytest.raises(InputDataError, match=r"v\.tok: token 7 has id 310 ≥ vocab_size 300"):
+        open_shards([tmp_path / "v.tok"], 512)
 
 
 def test_corrupt_document_offsets_fail_at_open_naming_the_file(tmp_path: Path) -> None:
