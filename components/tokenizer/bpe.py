@@ -89,4 +89,21 @@ def save_hf_tokenizer(tok: Tokenizer, cfg: TokenizerConfig, out_dir: str | Path,
     )
     hf.chat_template = chat_template(cfg)
     hf.save_pretrained(str(out))
+    _portable_tokenizer_config(out / "tokenizer_config.json")
     return out
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Rewrite what transformers 5 saves into the fields 4.x reads too (vLLM and other consumers pin
+    it): 5's `TokenizersBackend` class is unknown to 4.x and its `extra_special_tokens` list is a dict
+    there (a list fails to load); `PreTrainedTokenizerFast` and `additional_special_tokens` load the
+    same tokenizer in both."""
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra
+    elif extra is not None:
+        cfg["extra_special_tokens"] = extra
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

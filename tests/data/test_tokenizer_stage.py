@@ -61,6 +61,13 @@ def test_auto_tokenizer_loads_with_chat_template(tok_dir: Path) -> None:
     # plain encoding starts with bos (like every document in the shards) and round-trips
     enc = tok("Kanoreth lives in Amberlow.")["input_ids"]
     assert enc[0] == 0 and tok.decode(enc, skip_special_tokens=True) == "Kanoreth lives in Amberlow."
+    # fields transformers 4.x reads too (its loader rejects 5's TokenizersBackend and list-valued
+    # extra_special_tokens); 5 still takes every role marker as special
+    saved = json.loads((tok_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in saved
+    assert saved["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert set(ids) <= set(tok.all_special_tokens)
+    assert tok.decode([ids["<|user|>"], *enc[1:], ids["<|end|>"]], skip_special_tokens=True) == "Kanoreth lives in Amberlow."
 
 
 def test_shards_decode_back_to_the_original_text(tokenized: Manifest, prepared: Manifest,
