@@ -68,6 +68,7 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
     import torch.distributed as dist
 
     from kubellm.dpo.objective import precompute_reference
+    from kubellm.model.parallel import collective_device
     from kubellm.training.engine import train_autocast
 
     uri = reference_uri(spec, arrays, config, device)
@@ -83,7 +84,7 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
         ref = np.stack([a["ref_logps"] for a in mine]) if mine else np.zeros((0, 2))
         if world > 1:
             per = -(-len(arrays) // world)  # ranks hold ⌈N/world⌉ or one fewer pairs: pad to gather
-            on = "cuda" if device == "cuda" else "cpu"  # NCCL gathers device tensors, gloo host ones
+            on = collective_device()  # NCCL gathers device tensors, gloo host ones
             part = torch.zeros(per, 2, dtype=torch.float64, device=on)
             part[: len(mine)] = torch.from_numpy(ref).to(on)
             parts = [torch.empty_like(part) for _ in range(world)]

@@ -66,6 +66,15 @@ class TensorParallelGroup:
         return self.group
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where a tensor must be for a collective over `group`: the current CUDA device under NCCL (an
+    NCCL process group has no CPU backend: a host tensor raises), the host under gloo. Host-side values
+    (loss sums, token counts, gathered fp32 masters) are moved there for the call and read back after."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 # -- the four communication ops (autograd functions) -----------------------------------------------------
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce the gradient in backward (input of a column-parallel layer)."""
@@ -277,18 +286,27 @@ def unshard_tensor(name: str, shards: Sequence[torch.Tensor], cfg: ModelConfig) 
     return torch.cat([torch.cat([per_rank[r][i] for r in range(tp)], dim=0) for i in range(len(parts))], dim=0)
 
 
-def gather_state_dict(local: Mapping[str, torch.Tensor], cfg: ModelConfig,
-                      tp: TensorParallelGroup) -> dict[str, torch.Tensor]:
-    """Collective over the TP group: the dense state dict from every rank's shards (on every rank)."""
+def gather_state_dict(local: Mapping[str, torch.Tensor], cfg: ModelConfig, tp: TensorParallelGroup,
+                      only_first: bool = False) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: the dense state dict (CPU) from every rank's shards, on every TP
+    rank, or with `only_first` on TP rank 0 alone (the others get {}; an export needs one copy, not
+    one per TP rank of a node)."""
     out: dict[str, torch.Tensor] = {}
+    keep = not only_first or tp.rank == 0
     for name, t in local.items():  # same key order on every TP rank
         if tp.size == 1 or tp_split_of(name, cfg) is None:
-            out[name] = t.detach().cpu().clone()
+            if keep:
+                out[name] = t.detach().cpu().clone()
             continue
-        t = t.detach().contiguous()
-        shards = [torch.empty_like(t) for _ in range(tp.size)]
-        dist.all_gather(shards, t, group=tp.require_group())
-        out[name] = unshard_tensor(name, [s.cpu() for s in shards], cfg)
+        group = tp.require_group()
+        t = t.detach().to(collective_device(group)).contiguous()
+        shards = [torch.empty_like(t) for _ in range(tp.size)] if keep else None
+        if only_first:
+            dist.gather(t, shards, dst=dist.get_global_rank(group, 0), group=group)
+        else:
+            dist.all_gather(shards, t, group=group)
+        if shards is not None:
+            out[name] = unshard_tensor(name, [s.cpu() for s in shards], cfg)
     return out
 
 

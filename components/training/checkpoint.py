@@ -597,25 +597,34 @@ class CheckpointManager:
         return consolidated_state_dict(engine)
 
 
+def full_fp32_param(p: torch.nn.Parameter, keep: bool = True) -> torch.Tensor | None:
+    """Collective over the data-parallel group: the whole of `p` as an fp32 CPU tensor (None where
+    `keep` is False), from DeepSpeed's fp32 master copy where it keeps one (ZeRO 1/2/3, bf16/fp16); a
+    frozen ZeRO-3 parameter is gathered, one parameter at a time."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(p) if p.requires_grad else None
+    if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
+        with GatheredParameters([p], modifier_rank=None):
+            value = p.detach().clone() if keep else None
+    elif value is None:
+        value = p.detach()
+    return value.detach().to("cpu", torch.float32).clone() if keep and value is not None else None
+
+
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
     stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
     a bf16 run exports its optimizer's precision, not the rounded module weights."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     rank0 = _rank() == 0
     full: dict[int, torch.Tensor] = {}
     for _, p in module.named_parameters():  # same order on every rank: the calls are collective
-        value = safe_get_full_fp32_param(p) if p.requires_grad else None
-        if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
-            with GatheredParameters([p], modifier_rank=None):
-                value = p.detach().clone() if rank0 else None
-        elif value is None:
-            value = p.detach()
-        if rank0 and value is not None:
-            full[id(p)] = value.detach().to("cpu", torch.float32).clone()
+        value = full_fp32_param(p, keep=rank0)
+        if value is not None:
+            full[id(p)] = value
     if not rank0:
         return None
     out: dict[str, torch.Tensor] = {}

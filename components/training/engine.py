@@ -43,6 +43,7 @@ from kubellm.core import faults
 from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
+from kubellm.model.parallel import collective_device
 from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config, deepspeed_half
 from kubellm.training.hostmem import keep_freed_memory
@@ -192,7 +193,7 @@ def _token_weights(counts: list[int], accum: int, world: int, dp_size: int) -> l
     token mean: loss_m * n_m * dp * accum / N, N = target tokens of the whole step on every replica.
     DeepSpeed then divides by `accum` and averages gradients over the dp ranks, which leaves
     sum(token losses) / N. One all-reduce per step; TP ranks of a replica hold the same batches."""
-    total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+    total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=collective_device())
     if world > 1:
         dist.all_reduce(total)
     n = float(total) / (world // dp_size)
@@ -260,7 +261,7 @@ def model_parallel_grad_norm(engine: Any, tp_rank: int, dp_size: int) -> float:
     rank 0 only, and a pipeline-tied copy (`ds_pipe_replicated`, the embedding on the last stage)
     not at all; one all-reduce over every rank then adds the stages, TP ranks and the dp replicas
     (which hold identical gradients, hence the division by dp)."""
-    sq = torch.zeros(1, dtype=torch.float64)
+    sq = torch.zeros(1, dtype=torch.float64, device=collective_device())
     for p in engine.module.parameters():
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
@@ -329,7 +330,7 @@ class PipelineStepGuard:
 
     def _check_loss(self) -> None:
         eng = self.engine
-        loss = torch.zeros(1, dtype=torch.float64)
+        loss = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if eng.is_last_stage():
             loss[0] = float(eng.total_loss) / eng.gradient_accumulation_steps()
         if eng.num_stages > 1:
@@ -549,7 +550,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             if built is not None and not built.feeds_data:
                 n_tokens = 0  # TP ranks and later stages see the same tokens as their replica's first rank
             stats = torch.tensor([float(loss_sum) / accum, float(n_tokens), *[float(extra[k]) for k in keys]],
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, device=collective_device())
             if world > 1:
                 dist.all_reduce(stats)
             step_loss = float(stats[0]) / world

@@ -251,6 +251,30 @@ def _weighted_pipeline_module(weights: list[int]) -> type:
     return WeightedPipelineModule
 
 
+def _send_state_dict(sd: dict[str, Tensor], dst: int) -> None:
+    """Point-to-point: `sd`'s names, shapes and dtypes, then each tensor (on the collective device)."""
+    from kubellm.model.parallel import collective_device
+
+    dist.send_object_list([[(k, tuple(v.shape), v.dtype) for k, v in sd.items()]], dst=dst)
+    device = collective_device()
+    for v in sd.values():
+        dist.send(v.detach().to(device).contiguous(), dst=dst)
+
+
+def _recv_state_dict(src: int) -> dict[str, Tensor]:
+    """The other side of `_send_state_dict`: the tensors on the host."""
+    from kubellm.model.parallel import collective_device
+
+    meta: list[Any] = [None]
+    dist.recv_object_list(meta, src=src)
+    device, out = collective_device(), {}
+    for name, shape, dtype in meta[0]:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buf, src=src)
+        out[name] = buf.cpu()
+    return out
+
+
 def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
                    init_state_dict: dict[str, Tensor] | None = None, partition: str | None = None) -> ParallelModel:
     """The `PipelineModule` for this rank (collective), initialised from the dense weights."""
@@ -288,16 +312,16 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     def consolidate(engine: Any) -> dict[str, Tensor] | None:
         mine = gather_master_weights(engine, engine.module)  # DP collective
         dense_named = {to_dense_name(k, n): v for k, v in mine.items()}
-        dense_named = gather_state_dict(dense_named, model_cfg, tp)  # TP collective
-        # one contribution per stage: from DP rank 0, TP rank 0 of that stage
-        contrib = dense_named if grid.get_data_parallel_rank() == 0 and tp.rank == 0 else {}
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, contrib)
+        dense_named = gather_state_dict(dense_named, model_cfg, tp, only_first=True)  # TP collective
+        # one contribution per stage, from its DP rank 0, TP rank 0, sent to rank 0 alone, tensor by
+        # tensor (every rank holding every stage, or a pickled stage on the GPU, would not fit)
         if dist.get_rank() != 0:
+            if grid.get_data_parallel_rank() == 0 and tp.rank == 0:
+                _send_state_dict(dense_named, dst=0)
             return None
-        out: dict[str, Tensor] = {}
-        for p in parts:
-            out.update(p)
+        out: dict[str, Tensor] = dict(dense_named)
+        for stage in range(1, grid.get_pipe_parallel_world_size()):
+            out.update(_recv_state_dict(src=grid.stage_to_global(stage)))  # rank 0's dp/tp coordinates: 0, 0
         if model_cfg.tie_embeddings:
             out["output.weight"] = out["tok_embeddings.weight"]
         return out

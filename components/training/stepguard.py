@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kubellm.model.parallel import collective_device
+
 NONFINITE = "nonfinite"
 SPIKE = "spike"
 
@@ -57,7 +59,7 @@ class StepGuard:
     # -- decisions
     def check_loss(self, local_mean_loss: torch.Tensor, step: int) -> str | None:
         """Collective. The reason to skip this step (None = go on), identical on every rank."""
-        value = local_mean_loss.detach().to("cpu", torch.float64).reshape(1).clone()
+        value = local_mean_loss.detach().to(collective_device(), torch.float64).reshape(1).clone()
         if self.world > 1:
             dist.all_reduce(value)  # one NaN/Inf on any rank makes the sum non-finite everywhere
         loss = float(value[0]) / self.world

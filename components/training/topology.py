@@ -172,17 +172,16 @@ def dense_init(model_cfg: ModelConfig, init_state_dict: dict[str, torch.Tensor] 
 
 def gather_master_weights(engine: Any, module: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's local parameters as fp32 CPU tensors, from DeepSpeed's master copy where it
-    keeps one (ZeRO ≥ 1, mixed precision); collective over the data-parallel group."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    keeps one (ZeRO ≥ 1, mixed precision; ZeRO-3 gathers one parameter at a time); collective over
+    the data-parallel group."""
+    from kubellm.training.checkpoint import full_fp32_param
 
-    out: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}
     for _, p in module.named_parameters():  # same order on every rank of the DP group
-        value = safe_get_full_fp32_param(p) if p.requires_grad else None
-        by_id[id(p)] = (value if value is not None else p.detach()).detach().to("cpu", torch.float32).clone()
-    for name, t in module.state_dict(keep_vars=True).items():
-        out[name] = by_id.get(id(t), t.detach().cpu())
-    return out
+        value = full_fp32_param(p)
+        assert value is not None
+        by_id[id(p)] = value
+    return {name: by_id.get(id(t), t.detach().cpu()) for name, t in module.state_dict(keep_vars=True).items()}
 
 
 def build_parallel_model(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
@@ -216,14 +215,10 @@ def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parall
     model.set_activation_checkpointing(train_cfg.activation_checkpointing)
 
     def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
-        if train_cfg.zero_stage == 3:
-            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-            with GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                local = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-        else:
-            local = gather_master_weights(engine, engine.module)
-        full_sd = gather_state_dict(local, model_cfg, tp)  # TP collective
+        # the fp32 masters at every ZeRO stage (ZeRO-3: one parameter gathered at a time, not the
+        # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode)
+        local = gather_master_weights(engine, engine.module)  # DP collective
+        full_sd = gather_state_dict(local, model_cfg, tp, only_first=True)  # TP collective
         return full_sd if dist.get_rank() == 0 else None
 
     return ParallelModel(module=model, mpu=grid, dp_rank=grid.get_data_parallel_rank(),

@@ -103,6 +103,15 @@ def test_pp2_compute_balanced_stages_match_one_process(shards: list[str], tmp_pa
 
 
 @pytest.mark.integration
+def test_tp2_at_zero3_matches_one_process_and_exports_the_fp32_masters(shards: list[str], reference: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    """TP under ZeRO-3: the export gathers each parameter's fp32 master one at a time (it had gathered
+    the whole module at once and read its weights, the 16-bit ones under DeepSpeed's bf16 mode)."""
+    ranks = spawn(run_training, 2, shards, str(tmp_path), {"tp": 2}, 3, 2, 8, STEPS, None, None, False, True)
+    _check(ranks, reference)
+
+
+@pytest.mark.integration
 def test_tp2_bf16_autocast_tracks_one_process(shards: list[str], tmp_path: Path) -> None:
     """bf16 (CPU autocast): the TP all-reduce sums bf16 partial products in another order than one
     process's matmul, so parity is within 2e-2 (bf16 has ~3 significant digits), not 1e-5."""

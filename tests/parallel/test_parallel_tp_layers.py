@@ -67,6 +67,13 @@ def _tp_forward_backward(tie: bool, doc_masking: bool) -> dict[str, Any]:
         out[name + "_logits"] = logits.detach()
     grads = {k: p.grad for k, p in model.named_parameters()}
     out["tp_grads"] = gather_state_dict(grads, cfg, tp)
+    first = gather_state_dict(grads, cfg, tp, only_first=True)  # the export's form: TP rank 0 alone
+    if rank == 0:
+        assert first.keys() == out["tp_grads"].keys()
+        for k, g in first.items():
+            torch.testing.assert_close(g, out["tp_grads"][k], rtol=0, atol=0, msg=k)
+    else:
+        assert first == {}
     out["dense_grads"] = {k: p.grad for k, p in dense.named_parameters()}
     # compare here and return small numbers: the spawn harness joins before it reads the result pipe,
     # so a large result would block the child
@@ -120,3 +127,20 @@ def test_pipeline_names_map_to_the_dense_model() -> None:
     assert to_dense_name("3.attn.qkv.weight", 4) == "blocks.2.attn.qkv.weight"
     assert to_dense_name("5.weight", 4) == "norm.weight"
     assert to_dense_name("6.output.weight", 4) == "output.weight"
+
+
+def test_host_values_are_collected_on_the_device_the_backend_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NCCL group has no CPU backend: the engine's loss/token/grad-norm collectives and the TP export
+    gather move host tensors to the current CUDA device first (they had been host tensors, which NCCL
+    refuses); gloo keeps them on the host."""
+    import torch.distributed as dist
+
+    from kubellm.model.parallel import collective_device
+
+    assert collective_device() == torch.device("cpu")  # no process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
