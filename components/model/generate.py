@@ -69,9 +69,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass *before* it already reaches top_p (so the top token always stays)
         sorted_p[(sorted_p.cumsum(dim=-1) - sorted_p) >= top_p] = 0.0
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return order.gather(-1, _multinomial(sorted_p, generator)).squeeze(-1)
+    return _multinomial(probs, generator).squeeze(-1)
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row; where the generator lives on another device than `probs` (a CPU generator
+    for a CUDA model), drawn there, so a seed gives the same tokens on either device."""
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 @torch.no_grad()
@@ -210,9 +217,11 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The chat template with the assistant's turn opened (add_generation_prompt=True)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the tokenizer has no chat_template; use --prompt for plain completion")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the template writes bos/role markers itself: no second bos from the tokenizer
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from kubellm.sft.data import encode_chat as encode_conversation
+
+    # as SFT and DPO encode their conversations: the template's bos and role markers are control
+    # tokens, a message's text is text (a `<|end|>` typed in a message cannot end its turn)
+    return encode_conversation(tokenizer, messages, add_generation_prompt=True, where="--chat")
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
