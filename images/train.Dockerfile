@@ -16,8 +16,9 @@ ARG PYTORCH_DEVEL_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
 ARG PYTORCH_RUNTIME_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 FROM ${PYTORCH_DEVEL_IMAGE} AS build
-# GPUs to compile CUDA kernels for (A100, A10/L4/4090 family, H100/H200). No GPU exists at build time.
-ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
+# GPUs to compile CUDA kernels for (A100, A10/L4/4090 family, H100/H200), plus PTX of the newest so
+# later GPUs (Blackwell) JIT the prebuilt ops from it instead of finding no kernel. No GPU exists at build time.
+ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0+PTX"
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
 RUN python -c "import sys, torch; assert sys.version_info[:2] == (3, 11), sys.version; assert torch.__version__.startswith('2.13.0') and torch.version.cuda, torch.__version__"

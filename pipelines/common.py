@@ -45,11 +45,12 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                         "<fullname>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP (set by the Helm chart), "
                         "else kubellm-env")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
-                   help="KFP retries of every step that fails (pod evicted or lost, S3/API errors): stages "
-                        "are idempotent and a training step re-attaches to its PyTorchJob and resumes from its "
-                        "checkpoint; backoff 30 s doubling. KFP retries only within an hour of a step's start "
-                        "(it caps backoff_max_duration at 3600 s): a training step that fails later resumes "
-                        f"when the run is retried or re-submitted. 0: none (default {DEFAULT_RETRIES})")
+                   help="KFP retries of every step whose container fails (S3/API errors, an evicted pod): "
+                        "stages are idempotent and a training step re-attaches to its PyTorchJob or resumes "
+                        "from its checkpoint; backoff 30 s doubling. KFP retries only within an hour of a step's "
+                        "first start (it caps backoff_max_duration at 3600 s; a retry running at that mark is "
+                        "stopped), and not a pod lost with its node (an Argo error): training then resumes when "
+                        f"the run is retried or re-submitted. 0: none (default {DEFAULT_RETRIES})")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="set a pipeline parameter's default, e.g. --param raw_source=s3://b/raw/ "
                         "(JSON values are parsed: --param 'model_uris=[\"s3://b/m\"]')")

@@ -8,9 +8,11 @@ import yaml
 from chart_render import CHART, render_objects
 
 ROOT = CHART.parents[1]
-# Kubeflow Pipelines 2.3.0 (kubeflow/pipelines#10857) is the first release whose launcher mounts
-# writable emptyDirs at /s3, /minio and /gcs; every kubellm image runs as a non-root USER.
-MIN_KFP = (2, 3)
+# The KFP backend must read what the kfp / kfp-kubernetes SDK (2.16) compiles: 2.15 is the first
+# whose driver reads `optional` on Secrets and ConfigMaps as env (an older one refuses the whole task:
+# kubeflow/pipelines#12495); `dsl.Collected` parameters need 2.14, and 2.3 was already the first whose
+# launcher gives non-root steps writable /s3, /minio, /gcs (kubeflow/pipelines#10857).
+MIN_KFP = (2, 15)
 
 
 def test_chart_readme_names_the_objects_the_chart_renders() -> None:
@@ -40,7 +42,7 @@ def _min_kfp(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def test_stated_minimum_kfp_version_is_the_one_non_root_steps_need() -> None:
+def test_stated_minimum_kfp_version_is_the_one_the_compiled_pipeline_needs() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert _min_kfp(chart["annotations"]["kubellm.io/requires"]) == MIN_KFP
     assert _min_kfp((CHART / "README.md").read_text()) == MIN_KFP

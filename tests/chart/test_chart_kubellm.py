@@ -160,7 +160,9 @@ def test_role_is_bound_to_the_account_kfp_runs_pipelines_as(rendered: tuple[str,
 def test_kfp_launcher_configmap_uses_the_keys_kfp_reads(rendered: tuple[str, dict, list[dict]]) -> None:
     name, values, objects = rendered
     launchers = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"]
-    assert launchers
+    # off by default: KFP (standalone) or its profile controller (multi-user) already has one, and Helm
+    # refuses to install over a ConfigMap it does not own
+    assert bool(launchers) == bool(values.get("kfpLauncher", {}).get("create", False)), name
     s3 = values.get("s3", {})
     for cm in launchers:
         data = cm["data"]
@@ -318,7 +320,17 @@ def test_multi_user_hook_jobs_need_an_account_that_exists_in_the_release_namespa
 
 KFP_CLIENT_GRANTS = {("pipelines.kubeflow.org", r): {"get", "list", "create"}
                      for r in ("experiments", "runs", "pipelines", "pipelines/versions")}
-KFP_CLIENT_GRANTS[("pipelines.kubeflow.org", "jobs")] = {"get", "list", "create", "delete"}
+# recurring runs: `kubellm schedule` also enables and disables them (KFP's API server authorizes those
+# as the verbs "enable" / "disable" on `jobs`)
+KFP_CLIENT_GRANTS[("pipelines.kubeflow.org", "jobs")] = {"get", "list", "create", "delete", "enable", "disable"}
+
+
+def test_kfp_client_grants_cover_the_recurring_run_calls_schedule_makes() -> None:
+    source = (CHART.parents[1] / "pipelines" / "schedule.py").read_text()
+    verbs = KFP_CLIENT_GRANTS[("pipelines.kubeflow.org", "jobs")]
+    for call, verb in (("enable_recurring_run", "enable"), ("disable_recurring_run", "disable"),
+                       ("delete_recurring_run", "delete"), ("create_recurring_run", "create")):
+        assert (call not in source) or verb in verbs, call
 
 
 def _kfp_client_rbac(objects: list[dict]) -> dict[str, tuple[dict, dict]]:

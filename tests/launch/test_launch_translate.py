@@ -139,6 +139,18 @@ def test_resources_placement_and_run_policy():
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16000Mi"}
 
 
+def test_pods_opt_out_of_the_istio_sidecar_unless_told_otherwise():
+    # an injected istio-proxy keeps a finished pod Running, so the job would never succeed
+    for kind in ("Master", "Worker"):
+        meta = build(app("2x8", gpu=8))["spec"]["pytorchReplicaSpecs"][kind]["template"]["metadata"]
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+    own = build(app("2x8", gpu=8), pod_annotations={"example.com/team": "nlp"})
+    assert own["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["annotations"] == {
+        "example.com/team": "nlp"}
+    assert "annotations" not in build(app("2x8", gpu=8), pod_annotations={})["spec"]["pytorchReplicaSpecs"][
+        "Master"]["template"]["metadata"]
+
+
 def test_cpu_only_defaults_and_no_gpu_resource():
     role = Role(name="t", image="i", entrypoint="python", args=["-m", "m"], num_replicas=1)  # resource unset
     job = build(AppDef("a", roles=[role]), cpu="4", memory="8Gi", cpu_limit=False)
@@ -257,6 +269,7 @@ def test_missing_secret_name():
         ({"job_name": "a" * 49}, "settings.job_name"),
         ({"labels": {"team/": "x"}}, "settings.labels"),
         ({"labels": {"team": "has space"}}, "settings.labels"),
+        ({"pod_annotations": {"bad key!": "x"}}, "settings.pod_annotations"),
         ({"s3_secret_name": "Bad_Secret"}, "settings.s3_secret_name"),
         ({"node_selector": {"a/b/c": "x"}}, "settings.node_selector"),
         ({"shm_size": "lots"}, "settings.shm_size"),

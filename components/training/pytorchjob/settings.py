@@ -131,6 +131,10 @@ class ClusterLaunchSettings(StrictModel):
     """Node-local checkpoint staging volume."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels on the job and its pods (validated as Kubernetes labels)."""
+    pod_annotations: dict[str, str] = Field(default_factory=lambda: {"sidecar.istio.io/inject": "false"})
+    """Annotations on the training pods. The default keeps Istio from injecting its sidecar (in a
+    Kubeflow profile namespace it would keep every pod Running after training ends, so the job never
+    succeeds; KFP's own pipeline pods opt out the same way); set `{}` or your own to change it."""
 
     # --- S3 ---
     s3_secret_name: str | None = None
@@ -253,6 +257,15 @@ class ClusterLaunchSettings(StrictModel):
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
             problem = label_key_problem(key) or label_value_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return v
+
+    @field_validator("pod_annotations")
+    @classmethod
+    def _annotation_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            problem = label_key_problem(key)  # annotation keys follow the label key syntax
             if problem:
                 raise ValueError(problem)
         return v

@@ -540,7 +540,9 @@ def build_pytorchjob(
         pod_spec["priorityClassName"] = settings.priority_class
     if settings.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
-    template = {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
+    template: dict[str, Any] = {"metadata": {"labels": dict(labels)}, "spec": pod_spec}
+    if settings.pod_annotations:
+        template["metadata"]["annotations"] = dict(settings.pod_annotations)
 
     def replica(n: int) -> dict[str, Any]:
         return {"replicas": n, "restartPolicy": settings.restart_policy, "template": copy.deepcopy(template)}
