@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import ConfigError
+from kubellm.core.images import PULL_SECRETS_ENV
 from kubellm.pipelines.definitions import (
     DEFAULT_RETRIES,
     MAX_RETRIES,
@@ -23,6 +24,7 @@ from kubellm.pipelines.definitions import (
     build_pipelines,
 )
 from kubellm.runconfig import PRESETS, RunConfig, load_run_config
+from kubellm.training.pytorchjob.settings import dns1123_subdomain_problem
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,10 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-secret", default=os.environ.get("KUBELLM_S3_SECRET_NAME", "kubellm-s3"),
                    help="Secret (by name) with the S3 access key pair for the steps; '' for none (workload "
                         "identity). Default: $KUBELLM_S3_SECRET_NAME (set by the Helm chart), else kubellm-s3")
+    p.add_argument("--image-pull-secret", dest="image_pull_secrets", action="append", default=None, metavar="NAME",
+                   help="image pull Secret (by name) for every step's pod and the training jobs' pods; repeatable. "
+                        "Default: $KUBELLM_IMAGE_PULL_SECRETS (comma-separated; set by the Helm chart from "
+                        "images.pullSecrets), else none")
     p.add_argument("--s3-config-map", default=os.environ.get("KUBELLM_S3_CONFIG_MAP", "kubellm-env"),
                    help="ConfigMap with KUBELLM_S3_ENDPOINT_URL, AWS_REGION, ... for the steps (the chart's "
                         "<fullname>-env); '' for none. Default: $KUBELLM_S3_CONFIG_MAP (set by the Helm chart), "
@@ -107,8 +113,15 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
     retries = getattr(args, "retries", DEFAULT_RETRIES)
     if not 0 <= retries <= MAX_RETRIES:
         raise ConfigError(f"--retries {retries}: must be a whole number from 0 to {MAX_RETRIES}")
+    pull = getattr(args, "image_pull_secrets", None)
+    if pull is None:
+        pull = env.get(PULL_SECRETS_ENV, "").split(",")
+    pull_secrets = tuple(dict.fromkeys(n.strip() for n in pull if n.strip()))
+    for name in pull_secrets:
+        if problem := dns1123_subdomain_problem(name):
+            raise ConfigError(f"image pull Secret {name!r} (--image-pull-secret / ${PULL_SECRETS_ENV}): {problem}")
     return PipelineSettings(registry=getattr(args, "registry", None), tag=getattr(args, "tag", None),
-                            retries=retries,
+                            retries=retries, image_pull_secrets=pull_secrets,
                             s3_secret=getattr(args, "s3_secret", "kubellm-s3"),
                             s3_config_map=getattr(args, "s3_config_map", "kubellm-env"),
                             s3_secret_keys=(env.get("KUBELLM_S3_SECRET_ACCESS_KEY_ID_KEY", "AWS_ACCESS_KEY_ID"),

@@ -33,7 +33,7 @@ from kfp import dsl
 from kfp import kubernetes as k8s
 
 from kubellm.core.errors import ConfigError
-from kubellm.core.images import TRAIN_IMAGE_ENV, image_for
+from kubellm.core.images import PULL_SECRETS_ENV, TRAIN_IMAGE_ENV, image_for
 from kubellm.pipelines import components as c
 from kubellm.pipelines.fingerprint import default_pointer
 from kubellm.runconfig import STAGES, RunConfig
@@ -75,6 +75,9 @@ class PipelineSettings:
     resources: Any = None
     """The run-config's `pipeline` section (`PipelineConfig`): each kind of step's pod resources;
     set by build_pipelines from the run-config."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Image pull Secrets (by name) of every step's pod (`kfp.kubernetes.set_image_pull_secrets`); a
+    training step hands them on to its PyTorchJob's pods ($KUBELLM_IMAGE_PULL_SECRETS)."""
     retries: int = 2
     """KFP retries per task (`set_retry`, backoff 30 s doubling, within an hour); 0: none."""
     data_prep_parallelism: int | None = None
@@ -271,6 +274,9 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
     task.set_display_name(display)
     task.set_caching_options(cache)
     _apply_resources(task, getattr(settings.resources, stage, None))
+    if settings.image_pull_secrets:
+        k8s.set_image_pull_secrets(task, list(settings.image_pull_secrets))
+        task.set_env_variable(PULL_SECRETS_ENV, ",".join(settings.image_pull_secrets))  # for the training jobs
     if settings.retries:  # every step is idempotent: content-addressed outputs, re-attaching training jobs
         task.set_retry(settings.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="3600s")
     if settings.s3_secret:

@@ -28,6 +28,9 @@ IMAGES = ("base", "train", "eval")
 TRAIN_IMAGE_ENV = "KUBELLM_TRAIN_IMAGE"
 """Set by the compiled pipeline on its training steps: the exact image reference (registry, tag,
 digest) the step itself runs, which its PyTorchJob's workers run too."""
+PULL_SECRETS_ENV = "KUBELLM_IMAGE_PULL_SECRETS"
+"""Image pull Secrets (comma-separated names) for the pods kubellm creates: pipeline steps (compile
+time) and, from a training step, its PyTorchJob's pods."""
 
 # Stage (or step) name -> image. Stages not listed here run on the base image.
 STAGE_IMAGES: dict[str, str] = {

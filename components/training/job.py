@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
+from kubellm.core.images import PULL_SECRETS_ENV
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, redact, storage_for
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
@@ -238,9 +239,10 @@ def _worker_device(train_cfg: TrainConfig, launch: LaunchConfig) -> str:
 
 def cluster_defaults(cluster: ClusterLaunchSettings, env: Mapping[str, str] | None = None) -> ClusterLaunchSettings:
     """`cluster` with what the compiled pipeline told its training step (`KUBELLM_S3_SECRET_NAME`,
-    `KUBELLM_S3_SECRET_KEYS`, `KUBELLM_S3_CONFIG_MAP`, the names its own pod uses) filling the S3
-    settings the run config leaves unset, so the PyTorchJob's workers reach the same bucket the same
-    way. Values set in `launch.cluster` win; an empty name means none."""
+    `KUBELLM_S3_SECRET_KEYS`, `KUBELLM_S3_CONFIG_MAP`, `KUBELLM_IMAGE_PULL_SECRETS`, the names its own
+    pod uses) filling the S3 and pull-Secret settings the run config leaves unset, so the PyTorchJob's
+    workers reach the same bucket and registry the same way. Values set in `launch.cluster` win; an
+    empty name means none."""
     env = os.environ if env is None else env
     update: dict[str, Any] = {}
     if cluster.s3_secret_name is None and not cluster.s3_workload_identity and env.get("KUBELLM_S3_SECRET_NAME"):
@@ -250,6 +252,9 @@ def cluster_defaults(cluster: ClusterLaunchSettings, env: Mapping[str, str] | No
             update["s3_access_key_key"], update["s3_secret_key_key"] = keys
     if cluster.s3_config_map is None and env.get("KUBELLM_S3_CONFIG_MAP"):
         update["s3_config_map"] = env["KUBELLM_S3_CONFIG_MAP"]
+    pull = [n.strip() for n in env.get(PULL_SECRETS_ENV, "").split(",") if n.strip()]
+    if not cluster.image_pull_secrets and pull:  # the pipeline step's own pull Secrets
+        update["image_pull_secrets"] = pull
     if not update:
         return cluster
     from kubellm.core.config import validate

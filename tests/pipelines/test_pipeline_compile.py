@@ -167,6 +167,29 @@ def test_s3_credentials_by_reference_only(compiled: Path) -> None:
     assert {f["name"] for f in pre} >= {"KUBELLM_KFP_RUN_ID", "KUBELLM_POD_NAME", "KUBELLM_NAMESPACE"}
 
 
+def test_image_pull_secrets_reach_every_step_and_its_training_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KUBELLM_IMAGE_PULL_SECRETS", "from-env")
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "a"),
+                 "--image-pull-secret", "regcred", "--image-pull-secret", "regcred2"]) == 0
+    platform = _docs(tmp_path / "a" / "llm_from_scratch.yaml")[1]["platforms"]["kubernetes"]["deploymentSpec"]
+    for name, ex in platform["executors"].items():
+        assert [s["secretName"] for s in ex["imagePullSecret"]] == ["regcred", "regcred2"], name
+    pre = _docs(tmp_path / "a" / "llm_from_scratch.yaml")[0]["deploymentSpec"]["executors"]["exec-pretrain"]["container"]
+    assert {"name": "KUBELLM_IMAGE_PULL_SECRETS", "value": "regcred,regcred2"} in pre["env"]
+    # the chart's env ConfigMap sets the default; without either, no pull Secret
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "b")]) == 0
+    platform = _docs(tmp_path / "b" / "llm_from_scratch.yaml")[1]["platforms"]["kubernetes"]["deploymentSpec"]
+    assert all([s["secretName"] for s in ex["imagePullSecret"]] == ["from-env"] for ex in platform["executors"].values())
+    monkeypatch.delenv("KUBELLM_IMAGE_PULL_SECRETS")
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "c")]) == 0
+    platform = _docs(tmp_path / "c" / "llm_from_scratch.yaml")[1]["platforms"]["kubernetes"]["deploymentSpec"]
+    assert not any("imagePullSecret" in ex for ex in platform["executors"].values())
+    assert cli_main(["compile", "--preset", "debug", "--output", str(tmp_path / "d"),
+                     "--image-pull-secret", "Bad_Name"]) == 1
+    assert "image pull Secret 'Bad_Name'" in capsys.readouterr().err
+
+
 def test_sources_default_from_the_run_config_and_flags_win(tmp_path: Path) -> None:
     import argparse
 

@@ -122,6 +122,12 @@ def test_cluster_job_runs_the_image_and_s3_names_the_pipeline_step_was_compiled_
     assert none.s3_secret_name is None and none.s3_config_map is None
     with pytest.raises(ConfigError):
         cluster_defaults(ClusterLaunchSettings(), {"KUBELLM_S3_SECRET_NAME": "Not_A_Name"})
+    # the step's image pull Secrets reach the job's pods unless the run config names its own
+    pulled = cluster_defaults(ClusterLaunchSettings(), {"KUBELLM_IMAGE_PULL_SECRETS": "regcred, other"})
+    assert pulled.image_pull_secrets == ["regcred", "other"]
+    own = cluster_defaults(ClusterLaunchSettings(image_pull_secrets=["mine"]), {"KUBELLM_IMAGE_PULL_SECRETS": "regcred"})
+    assert own.image_pull_secrets == ["mine"]
+    assert cluster_defaults(ClusterLaunchSettings(), {"KUBELLM_IMAGE_PULL_SECRETS": ""}).image_pull_secrets == []
 
 
 def test_metrics_plot_and_mfu_peak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
