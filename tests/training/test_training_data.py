@@ -273,3 +273,23 @@ def test_s3_shards_are_fetched_to_a_local_cache(tmp_path: Path, s3_bucket: str) 
     assert open_shards([root / paths[0]], 512)[0].token_count == 100
     local_root, _ = stage_artifact_files(m.model_copy(update={"uri": str(src)}), ["train/"])
     assert local_root == src  # a local artifact is read in place
+
+
+def test_every_window_maps_to_its_shard_and_start_with_empty_shards_between(tmp_path: Path) -> None:
+    # the old per-window tables, rebuilt here, against the O(shards) lookup; a shard too short for any
+    # window (5 tokens at seq_len 16) sits between two others
+    sizes = [70, 5, 49, 17]
+    paths = [write_shard(tmp_path / f"m/{i}.tok", [list(range(n))]) for i, n in enumerate(sizes)]
+    ld = PackedWindowLoader(open_shards(paths, 512), seq_len=16, micro_batch_size=1, dp_rank=0, dp_size=1,
+                            seed=0, shuffle=False)
+    counts = [(n - 1) // 16 for n in sizes]
+    expected = [(k, j * 16) for k, c in enumerate(counts) for j in range(c)]
+    assert ld.num_windows == len(expected) == 8
+    for item, (k, start) in enumerate(expected):
+        w = ld._window(item)
+        np.testing.assert_array_equal(w["input_ids"], np.asarray(ld.shards[k].tokens[start:start + 16]))
+    ld.close()
+    # the int32 shuffle is the int64 one: the data order of earlier checkpoints is unchanged
+    np.testing.assert_array_equal(ld._rank_items(0), np.arange(8))
+    shuffled = PackedWindowLoader(open_shards(paths, 512), seq_len=16, micro_batch_size=1, dp_rank=0, dp_size=1, seed=3)
+    np.testing.assert_array_equal(shuffled._rank_items(2), np.random.default_rng([3, 2]).permutation(8))
