@@ -469,6 +469,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         log.warning("%s", warning)
 
     work = local_work_dir(run_dir)
+    if rank == 0 and start_step:
+        restore_run_files(run_dir, work)  # a resume on another pod: the log of the steps before it
     peak, peak_source = peak_tflops(device, train_cfg.peak_tflops)
     fpt = flops_per_token(model_cfg, train_cfg.seq_len)
     logger = MetricsLogger(work, train_cfg.max_steps, enabled=rank == 0, tensorboard=train_cfg.tensorboard,
@@ -579,6 +581,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                                              "loss_start": loss_start, "loss_last": loss_last,
                                              "lr_steps": int(scheduler.last_epoch),  # applied steps
                                              "identity": dict(identity or {})})
+                if rank == 0 and is_s3(run_dir):  # the log up to this checkpoint, for a resume elsewhere
+                    logger.flush()
+                    upload_run_files(work, run_dir)
     finally:
         logger.close()
         close = getattr(loader, "close", None)
@@ -614,6 +619,22 @@ def upload_run_files(work: Path, run_dir: str) -> None:
     for p in sorted(work.rglob("*")):
         if p.is_file():
             st.upload(p, join(run_dir, p.relative_to(work).as_posix()))
+
+
+def restore_run_files(run_dir: str, work: Path) -> None:
+    """Before a resume, fetch an S3 run dir's metrics (JSONL, TensorBoard; uploaded at every checkpoint)
+    into rank 0's node-local `work` dir when it has none: a resume on another pod then keeps the earlier
+    steps' rows instead of publishing a log that starts at the resume."""
+    if not is_s3(run_dir) or (work / "metrics.jsonl").exists():
+        return
+    st = storage_for(run_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if st.exists(uri := join(run_dir, "metrics.jsonl")):
+        st.download(uri, work / "metrics.jsonl")
+    for o in st.list(join(run_dir, "tensorboard")):
+        dest = work / "tensorboard" / o.relpath
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        st.download(o.uri, dest)
 
 
 def scratch_dir(prefix: str = "kubellm-") -> Path:

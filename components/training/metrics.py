@@ -16,6 +16,7 @@ stated peak MFU is left out rather than guessed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -58,6 +59,20 @@ def lookup_peak(device_name: str) -> float | None:
     return table.get(gpu_model(device_name).lower())
 
 
+def env_peak_tflops(raw: str) -> float:
+    """$KUBELLM_PEAK_TFLOPS as a number: finite and > 0, else a ConfigError naming the variable."""
+    from kubellm.core.errors import ConfigError
+
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"$KUBELLM_PEAK_TFLOPS={raw!r}: expected the peak TFLOP/s per device, a number > 0 "
+                          "(e.g. 989 for an H100's dense bf16)")
+    return value
+
+
 def peak_tflops(device: str, configured: float | None) -> tuple[float | None, str]:
     """(peak TFLOP/s per device, where the number came from)."""
     if configured:
@@ -68,9 +83,9 @@ def peak_tflops(device: str, configured: float | None) -> tuple[float | None, st
         if value is not None:
             return value, f"data sheet peak of {name}"
         return None, f"unknown GPU {name}: set train.peak_tflops"
-    env = os.environ.get("KUBELLM_PEAK_TFLOPS")
+    env = os.environ.get("KUBELLM_PEAK_TFLOPS", "").strip()
     if env:
-        return float(env), "$KUBELLM_PEAK_TFLOPS"
+        return env_peak_tflops(env), "$KUBELLM_PEAK_TFLOPS"
     return None, "CPU: no peak stated (set $KUBELLM_PEAK_TFLOPS or train.peak_tflops)"
 
 
@@ -145,6 +160,11 @@ class MetricsLogger:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
                                   tok_s=f"{values.get('tokens_per_s', 0):.0f}")
+
+    def flush(self) -> None:
+        """Everything logged so far on disk (the JSONL is flushed per row; TensorBoard buffers)."""
+        if self.enabled and self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if not self.enabled:

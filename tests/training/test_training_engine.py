@@ -157,6 +157,48 @@ def test_resume_keeps_run_totals_and_logs_each_step_once(tokens: str, tmp_path: 
     assert out["rows_after_refusal"] == crash["rows"]
 
 
+def s3_resume_rows(shards: list[str], run_dir: str, pods: list[str]) -> dict:
+    """Train 6 steps with an S3 run dir, lose the step-6 checkpoint, resume "on another pod" (a fresh
+    node-local cache dir): the log of steps 1-4 comes back from the run dir."""
+    import os
+
+    from kubellm.core.storage import storage_for
+    from kubellm.model.config import get_preset
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.checkpoint import tag_for
+    from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
+    from kubellm.training.engine import local_work_dir, train
+
+    cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
+    tc = TrainConfig(max_steps=6, micro_batch_size=2, global_batch_size=4, seq_len=32, progress_bar=False,
+                     tensorboard=False, checkpoint_every=2, optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    out: dict = {}
+    for i, pod in enumerate(pods):
+        os.environ["KUBELLM_CACHE_DIR"] = pod
+        r = train(cfg, tc, ParallelConfig(), PretrainObjective(shards, seq_len=32, vocab_size=256), run_dir,
+                  resume=True)
+        path = local_work_dir(run_dir) / "metrics.jsonl"
+        out[f"run{i}"] = {"start": r.start_step, "steps": [json.loads(x)["step"] for x in path.read_text().splitlines()],
+                          "losses": [json.loads(x)["loss"] for x in path.read_text().splitlines()]}
+        if i == 0:
+            st = storage_for(run_dir)
+            out["uploaded"] = st.exists(f"{run_dir}/metrics.jsonl")
+            for o in st.list(f"{run_dir}/checkpoints/{tag_for(6)}"):
+                st.delete(o.uri)
+    return out
+
+
+def test_a_resume_on_another_pod_keeps_the_s3_run_dirs_earlier_metrics(tokens: str, s3_bucket: str,
+                                                                        tmp_path: Path) -> None:
+    shards = [str(Path(tokens) / "train/part-00000.tok")]
+    out = spawn(s3_resume_rows, 1, shards, f"{s3_bucket}/runs/r1", [str(tmp_path / "pod-a"), str(tmp_path / "pod-b")])[0]
+    assert out["uploaded"]  # metrics.jsonl reaches the run dir at each checkpoint, not only at publish
+    first, resumed = out["run0"], out["run1"]
+    assert first["start"] == 0 and resumed["start"] == 4
+    assert resumed["steps"] == [1, 2, 3, 4, 5, 6]  # before: [5, 6], the earlier rows were on the lost pod
+    assert resumed["losses"] == first["losses"]
+
+
 def stage_in_process(tokens: str, output: str) -> dict:
     from kubellm.core.config import validate
     from kubellm.pretrain.config import PretrainConfig
