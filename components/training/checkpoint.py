@@ -30,9 +30,9 @@ BEFORE anything is unpickled, then `engine.load_checkpoint` runs through
 `SafeTorchCheckpointEngine` (`weights_only=True`, explicit allow-list). Failures on any rank are
 gathered and raised on every rank (no rank is left hanging in a collective).
 
-Resharding (another world size, TP/PP or ZeRO stage) is refused with the two routes that exist:
-DeepSpeed's universal checkpoint (`python -m deepspeed.checkpoint.ds_to_universal`) or a fresh run
-initialised from kubellm's consolidated export (`consolidated_state_dict` / the HF export).
+Resharding to another data-parallel degree or ZeRO stage is refused, naming what must match (another
+tp/pp alone resumes through `kubellm.training.relayout`). DeepSpeed's universal checkpoint
+(`ds_to_universal`) is not a route kubellm takes: DeepSpeed loads it with plain pickle.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ STATE_FILE = "kubellm_state_rank{rank:05d}.pt"
 _ZERO_SHARD_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
 _STATE_FILE_RE = re.compile(r"(?:^|/)kubellm_state_rank(\d+)\.pt$")
 RESHARD_ROUTES = (
-    "To continue with another layout, either (a) convert it to a DeepSpeed universal checkpoint — "
-    "`python -m deepspeed.checkpoint.ds_to_universal --input_folder <staging>/<tag> "
-    "--output_folder <staging>/<tag>_universal` — and load that with "
-    "`\"checkpoint\": {\"load_universal\": true}` in the DeepSpeed config (optimizer state kept), "
-    "or (b) start a new run initialised from kubellm's consolidated export of this checkpoint "
-    "(weights only; optimizer and data position restart)."
+    "kubellm resumes a checkpoint with the data-parallel degree and ZeRO stage it was written with (a "
+    "change of parallel.tp or parallel.pp alone resumes from its consolidated weights): run with those, or "
+    "start a new run. DeepSpeed's own resharding route, a universal checkpoint (`ds_to_universal`), is not "
+    "taken: DeepSpeed loads those with plain pickle (weights_only=False), which kubellm never does; "
+    "kubellm's consolidated export (`CheckpointManager.consolidated_state_dict`, the HF export) carries "
+    "the weights without the optimizer state."
 )
 
 log = logging.getLogger(__name__)
@@ -344,28 +344,57 @@ class CheckpointManager:
 
     # -- listing
 
-    def committed(self) -> list[Manifest]:
-        """Every committed checkpoint under the run prefix, oldest first."""
+    def _committed_steps(self) -> list[int]:
+        """Steps whose prefix holds a manifest, ascending."""
         steps = []
         for obj in self.storage.list(self.run_prefix):
             parts = obj.relpath.split("/")
             if len(parts) == 2 and parts[1] == MANIFEST_NAME and (m := TAG_RE.match(parts[0])):
                 steps.append(int(m.group(1)))
-        out = []
-        for step in sorted(steps):
-            prefix = self.prefix_for(step)
+        return sorted(steps)
+
+    def _read(self, step: int) -> Manifest | None:
+        """The checkpoint manifest of `step`, or None when it vanished since the listing (retention by
+        the run's rank 0 while another process — a re-attaching launcher — reads)."""
+        prefix = self.prefix_for(step)
+        try:
             manifest = read_manifest(prefix)
-            if manifest.kind != KIND:
-                raise CheckpointError(f"{prefix}: manifest kind {manifest.kind!r}, expected {KIND!r}")
-            # Where it was found, not the uri it records: a copied or moved run dir then loads (and
-            # retention deletes) its own files, never the original run's.
-            out.append(manifest.model_copy(update={"uri": prefix}))
+        except ManifestMissingError:
+            return None
+        except Exception:
+            if not self.storage.exists(join(prefix, MANIFEST_NAME)):
+                return None
+            raise
+        if manifest.kind != KIND:
+            raise CheckpointError(f"{prefix}: manifest kind {manifest.kind!r}, expected {KIND!r}")
+        # Where it was found, not the uri it records: a copied or moved run dir then loads (and
+        # retention deletes) its own files, never the original run's.
+        return manifest.model_copy(update={"uri": prefix})
+
+    def committed(self, skip_unreadable: bool = False) -> list[Manifest]:
+        """Every committed checkpoint under the run prefix, oldest first. A manifest that cannot be
+        read or is of another kind raises, unless `skip_unreadable` (it is then logged and left out)."""
+        out = []
+        for step in self._committed_steps():
+            try:
+                manifest = self._read(step)
+            except Exception as e:
+                if not skip_unreadable:
+                    raise
+                log.warning("%s: skipped, its manifest cannot be used: %s", self.prefix_for(step), e)
+                continue
+            if manifest is not None:
+                out.append(manifest)
         return out
 
     def latest(self) -> Manifest | None:
-        """The newest committed checkpoint, or None. Uncommitted (torn) prefixes are ignored."""
-        committed = self.committed()
-        return committed[-1] if committed else None
+        """The newest committed checkpoint, or None. Uncommitted (torn) prefixes are ignored, and only
+        the newest manifest is read: an older unreadable one does not block a resume."""
+        for step in reversed(self._committed_steps()):
+            manifest = self._read(step)
+            if manifest is not None:
+                return manifest
+        return None
 
     # -- save
 
@@ -478,7 +507,7 @@ class CheckpointManager:
         older than the newest commit. Each deletion removes the manifest first, so a checkpoint
         stops existing before its files start to disappear."""
         newest_step = int(newest.metadata["step"])
-        committed = self.committed()
+        committed = self.committed(skip_unreadable=True)  # an unusable old one goes as torn, not fatal
         doomed = [m.uri for m in committed[:-self.keep]] if len(committed) > self.keep else []
         committed_uris = {m.uri for m in committed}
         objects = self.storage.list(self.run_prefix)

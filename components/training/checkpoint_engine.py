@@ -67,7 +67,10 @@ def safe_torch_load(path: str | Path, map_location: Any = None,
         # GLOBAL os.system was not ..."); keep that sentence, drop the advice to pass
         # weights_only=False, which is exactly what must not happen here.
         text = str(e)
-        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", text, re.M)
+        # A blocked module (os, posix, builtins) reads "Trying to load unsupported GLOBAL posix.system
+        # whose module posix is blocked." instead, with no "WeightsUnpickler error:" in front.
+        found = (re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", text, re.M)
+                 or re.search(r"^([^\n]*\bGLOBAL \S+[^\n]*)$", text, re.M))
         reason = found.group(1).strip() if found else (text.strip().splitlines() or [type(e).__name__])[-1]
         raise UnsafeCheckpointError(
             f"{path}: refused to load — it pickles a type outside kubellm's allow-list for "

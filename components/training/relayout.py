@@ -26,6 +26,7 @@ here (their module files hold no weights) — consolidate them with `CheckpointM
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
@@ -132,7 +133,11 @@ def consolidated_resume(run_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
     if differs:  # the same check a same-layout resume makes (CheckpointManager.check_compatible)
         raise CheckpointMismatchError(f"{manifest.uri}: checkpoint is from a different model: {differs}. Use a new "
                                       "run prefix, or the matching model config.")
-    staging = Path(tempfile.mkdtemp(prefix="kubellm-relayout-"))
+    # on the PyTorchJob's staging volume where there is one (checkpoint-sized; the pod's /tmp may not be)
+    base = os.environ.get("KUBELLM_STAGING_DIR") or None
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="kubellm-relayout-", dir=base))
     try:
         full, client = read_consolidated(manifest, model_cfg, staging)
     finally:

@@ -51,6 +51,24 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+class _System:
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_a_global_from_a_blocked_module_is_named_too(tmp_path: Path) -> None:
+    # torch words a blocked module (os/posix) differently ("Trying to load unsupported GLOBAL posix.system
+    # whose module posix is blocked."): the message had quoted torch's documentation link instead
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": _System()}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        SafeTorchCheckpointEngine().load(str(path), map_location="cpu")
+    msg = str(err.value)
+    assert str(path) in msg and "GLOBAL posix.system" in msg and "documentation" not in msg
+
+
 def test_deepspeed_types_load_through_the_allow_list(tmp_path: Path) -> None:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -144,6 +162,36 @@ def test_a_copied_run_dir_uses_its_own_checkpoints(tmp_path: Path) -> None:
     assert [m.metadata["step"] for m in CheckpointManager(str(original)).committed()] == [1, 2, 3]
 
 
+def test_an_old_unusable_or_vanishing_manifest_does_not_block_the_newest(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubellm.training.checkpoint as ckpt
+    from kubellm.core.errors import ManifestMissingError
+
+    prefix = str(tmp_path / "run")
+    for s in (1, 2, 3):
+        _commit(prefix, s)
+    # step 1's manifest is unreadable: latest() reads only the newest (it had read every one and raised)
+    (tmp_path / "run" / tag_for(1) / MANIFEST_NAME).write_text("{not json")
+    mgr = CheckpointManager(prefix, keep=1, local_dir=tmp_path / "staging")
+    assert mgr.latest().metadata["step"] == 3
+    with pytest.raises(Exception, match="_manifest.json"):
+        mgr.committed()  # asked for all of them, it still says which one is bad
+    mgr._retain(mgr.latest())  # retention skips it as unusable (torn) instead of failing the save
+    assert [m.metadata["step"] for m in mgr.committed()] == [3]
+    # retention by the run's rank 0 deletes a manifest between another process's listing and reading
+    for s in (4, 5):
+        _commit(prefix, s)
+    real = ckpt.read_manifest
+
+    def racing(p: str) -> Manifest:
+        if p.endswith(tag_for(5)):
+            raise ManifestMissingError(f"{p}: gone")
+        return real(p)
+
+    monkeypatch.setattr(ckpt, "read_manifest", racing)
+    assert mgr.latest().metadata["step"] == 4 and [m.metadata["step"] for m in mgr.committed()] == [3, 4]
+
+
 def test_save_refuses_to_overwrite_a_committed_step(tmp_path: Path) -> None:
     prefix = str(tmp_path / "run")
     committed = _commit(prefix, 7)
@@ -200,6 +248,9 @@ def test_layout_mismatch_names_the_resharding_routes(tmp_path: Path) -> None:
         mgr.check_compatible(m, _fake_engine(stage=1))
     assert "zero_stage: checkpoint=3, this run=1" in str(err.value)
     assert "ds_to_universal" in str(err.value) and "consolidated export" in str(err.value)
+    # the universal route is named as one kubellm does not take (it was offered as a config key kubellm
+    # cannot pass, whose loader unpickles with weights_only=False)
+    assert "is not taken" in str(err.value) and "load_universal" not in str(err.value)
 
 
 def test_files_for_rank_skips_other_ranks_shards(tmp_path: Path) -> None:
