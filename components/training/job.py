@@ -207,6 +207,10 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(f"{stage}: {stage}.train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                           f"{model_cfg.max_seq_len}; lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
     world = launch.nproc_per_node * launch.nnodes
+    if raw := os.environ.get("KUBELLM_PEAK_TFLOPS", "").strip():  # read by the workers for MFU
+        from kubellm.training.metrics import env_peak_tflops
+
+        env_peak_tflops(raw)
     try:
         device = _worker_device(train_cfg, launch)
         if launch.backend == "local" and launch.gpu > 0 and device == "cpu":

@@ -57,3 +57,20 @@ def test_unknown_gpus_get_no_peak_rather_than_a_guess(cuda_named, name: str) -> 
 def test_a_configured_peak_wins_over_the_table(cuda_named) -> None:  # noqa: ANN001
     cuda_named("NVIDIA H100 PCIe")
     assert peak_tflops("cuda", 500.0) == (500.0, "train.peak_tflops")
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "nan", "inf"])
+def test_a_bad_env_peak_is_refused_naming_the_variable(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # it had become float(raw): 'abc' a bare ValueError after the model loaded, -5 a negative MFU, 0 no MFU
+    from kubellm.core.errors import ConfigError
+    from kubellm.model.config import get_preset
+    from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
+    from kubellm.training.job import check_before_launch
+
+    monkeypatch.setenv("KUBELLM_PEAK_TFLOPS", raw)
+    with pytest.raises(ConfigError, match=r"\$KUBELLM_PEAK_TFLOPS=.*expected the peak TFLOP/s per device"):
+        peak_tflops("cpu", None)
+    with pytest.raises(ConfigError, match=r"\$KUBELLM_PEAK_TFLOPS"):  # before any worker starts
+        check_before_launch("pretrain", get_preset("debug"), TrainConfig(seq_len=32), ParallelConfig(), LaunchConfig())
+    monkeypatch.setenv("KUBELLM_PEAK_TFLOPS", " 12.5 ")
+    assert peak_tflops("cpu", None) == (12.5, "$KUBELLM_PEAK_TFLOPS")
