@@ -304,6 +304,19 @@ def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, m
     return act + head_bytes(cfg, tokens, tp, pp, precision, transient)
 
 
+def dp_comm_bytes(psi: float, bytes_p: int, dp: int, zero: int, m: int) -> float:
+    """Bytes each rank moves over its data-parallel group per optimizer step of `m` micro-batches (ring
+    collectives: (dp-1)/dp of the payload per pass). ZeRO 0/1 reduce the gradients once per step (an
+    all-reduce, two passes). ZeRO-2 keeps only its gradient partition, so it reduce-scatters at every
+    micro-batch (DeepSpeed: "ZeRO stage >= 2 communicates during non gradient accumulation boundaries
+    as well"), then all-gathers the updated parameters once. ZeRO-3 all-gathers the parameters for
+    forward and again for backward, and reduce-scatters the gradients, at every micro-batch."""
+    if dp <= 1:
+        return 0.0
+    one_pass = (dp - 1) / dp * psi * bytes_p
+    return one_pass * {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[zero]
+
+
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted({*small, *(n // d for d in small)})
@@ -368,7 +381,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         ab = activation_bytes(cfg, req.seq_len, micro, tp, pp, m, ckpt, req.precision)
                         totb = (pb + gb + ob + ab) * 1.08 + 1.5 * GIB  # allocator + CUDA context
                         bytes_p = 2 if req.precision in ("bf16", "fp16") else 4
-                        dp_comm = 2 * (dp - 1) / dp * psi * bytes_p * (1.5 if zero == 3 else 1.0) if dp > 1 else 0
+                        dp_comm = dp_comm_bytes(psi, bytes_p, dp, zero, m)
                         tp_comm = (4 * cfg.n_layers / pp * m * req.seq_len * micro * cfg.dim * bytes_p
                                    * 2 * (tp - 1) / tp) if tp > 1 else 0
                         pp_comm = 2 * m * req.seq_len * micro * cfg.dim * bytes_p if pp > 1 else 0
