@@ -488,6 +488,10 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str, *, apply
                                  baseline_scores=base["scores"] if base else None,
                                  unlike=base["unlike"] if base else None) if cfg.gate.enabled else None
         will_promote = bool(verdict and verdict.passed and cfg.gate.promote)
+        if will_promote and not rules:
+            log.warning("evaluate.gate.rules is empty: %s is promoted whatever it scores; add rules (e.g. "
+                        "kubellm_knowledge: {max_drop: 0.02}) to keep a worse model from replacing the promoted one",
+                        candidate)
 
         parents = {f"model:{m.label}": m.digest for m in models}
         if tokens_digest:

@@ -138,3 +138,23 @@ def test_stage_on_s3(hf_exports, s3_bucket: str) -> None:
     assert first is not None and first.entry.model_uri == model.uri
     after = Registry(f"{root}/registry", "kubellm").current()
     assert before is not None and after is not None and after.etag == before.etag
+
+
+def test_a_gate_without_rules_promotes_with_a_warning_and_the_presets_ship_rules(
+        hf_exports, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A gate with no rules promotes whatever the candidate scores; it says so, and the shipped presets
+    (the demo's among them) judge the bundled tasks against the promoted model."""
+    from evalkit import publish_model
+
+    from kubellm.runconfig import load_run_config
+
+    model = publish_model(hf_exports["a"], str(tmp_path), "dpo")
+    cfg = eval_config(tasks=["kubellm_knowledge"], chat_tasks=[], limit=2)
+    with caplog.at_level("WARNING", logger="kubellm.evaluate.stage"):
+        m = stage.run(cfg, {"models": model.uri}, str(tmp_path))
+    assert m.metrics["gate_passed"] == 1.0
+    assert "evaluate.gate.rules is empty: dpo is promoted whatever it scores" in caplog.text
+    for preset in ("debug", "seed"):
+        rules = load_run_config(preset=preset).evaluate.gate.rules
+        assert set(rules) == {"kubellm_knowledge", "kubellm_format", "kubellm_preference"}
+        assert all(r.max_drop is not None for r in rules.values())
