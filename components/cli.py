@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so the interpreter's final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    except KeyboardInterrupt:
+        print(f"kubellm {known.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
+    except OSError as e:  # a path of the user's (permissions, a file where a directory goes, a full disk)
+        print(f"kubellm {known.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _stdout_reader_gone() -> bool:

@@ -161,6 +161,7 @@ def load_run_config(path: str | Path | None = None, *, preset: str | None = None
         source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)
+        source += " + --set " + ", ".join(o.split("=", 1)[0].strip() for o in overrides)  # keys: values may be secret
     return validate(RunConfig, data, source)
 
 

@@ -12,9 +12,11 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 from kubellm.core.errors import ConfigError
 from kubellm.core.manifest import write_manifest_file
+from kubellm.core.storage import check_output_dir, is_s3
 from kubellm.runconfig import load_run_config
 from kubellm.stages import STAGES, run_stage
 
@@ -49,6 +51,8 @@ def parse_inputs(items: list[str]) -> dict[str, str]:
 
 def main(args: argparse.Namespace) -> int:
     spec = BY_COMMAND[args.command]
+    if not is_s3(args.output):  # before the stage runs (a training stage would have started its workers)
+        check_output_dir(Path(args.output), "--output")
     cfg = load_run_config(args.config, preset=args.preset, overrides=args.set)
     # stdout carries only the result JSON (scripts parse it); libraries that print (DeepSpeed's op
     # loader does) are sent to stderr with the logs.

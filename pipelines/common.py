@@ -15,6 +15,7 @@ from typing import Any
 
 from kubellm.core.errors import ConfigError
 from kubellm.core.images import PULL_SECRETS_ENV
+from kubellm.core.storage import check_output_dir
 from kubellm.pipelines.definitions import (
     DEFAULT_RETRIES,
     MAX_RETRIES,
@@ -175,15 +176,6 @@ def check_cluster_paths(pipeline: str, arguments: dict[str, Any], defaults: dict
             f"{pipeline}: {'; '.join(problems)}: on Kubeflow every step runs in its own pod "
             "and shares no filesystem with the others; use s3://bucket/prefix (storage.root and sources.* in the "
             "run-config, or --param/--arg NAME=s3://…)")
-
-
-def check_output_dir(out: Path, flag: str = "--output") -> None:
-    """Refuse an output directory that is a file (or under one) before anything is written."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{flag} {str(out)!r}: {str(p)!r} exists and is not a directory")
-            return
 
 
 def compile_pipelines(cfg: RunConfig, settings: PipelineSettings, out_dir: Path | str,

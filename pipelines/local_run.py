@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kubellm.core.errors import ConfigError, KubellmError
-from kubellm.core.storage import is_s3, join, reset_clients, storage_for
-from kubellm.pipelines.common import add_config_args, check_output_dir, load_config, parse_params
+from kubellm.core.storage import check_output_dir, is_s3, join, reset_clients, storage_for
+from kubellm.pipelines.common import add_config_args, load_config, parse_params
 from kubellm.pipelines.definitions import (
     PIPELINES,
     SOURCE_PARAMS,

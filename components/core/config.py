@@ -70,9 +70,51 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return parse_yaml(text, str(p))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping (it kept the last silently: a
+    `pretrain:` section written twice lost the first one's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_YAML11_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp")
+
+
+class _Yaml12Loader(_UniqueKeyLoader):
+    """The YAML 1.2 core schema's plain scalars, at every depth: `true`/`false` only (`off`, `no` stay
+    text), decimal/0x/0o/0b integers (`010` stays text, not 8; `1:30` stays text, not 90), decimal
+    floats, and no timestamps (`2024-06-01` stays text, not a date)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*|0x[0-9a-fA-F]+|0o[0-7]+|0b[01]+)$"),
+    list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    # a point or an exponent: a bare `010` is neither a float nor (leading zero) an int, so it stays text
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
 def parse_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if data is None:
@@ -92,30 +134,19 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# YAML 1.2 core-schema numbers; PyYAML resolves YAML 1.1, where `010` is 8 and `1:30` is 90
-_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*|0x[0-9a-fA-F]+|0o[0-7]+|0b[01]+)")
-_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
-
-
 def parse_override_value(raw: str) -> Any:
-    """An override's value as YAML (`3`, `true`, `null`, `[1, 2]`, `{a: 1}`, `text`), except where YAML
-    would not keep the text a user typed: what YAML cannot parse (`*.jsonl`, `@x`), a number or bool
-    YAML 1.1 reads otherwise (`010` is not 8, `1:30` is not 90, `off` is not false) and a ` #` (not a
-    comment here) stay the text."""
+    """An override's value as YAML (`3`, `true`, `null`, `[1, 2]`, `{a: 1}`, `text`) with the YAML 1.2 core
+    schema at every depth (`_Yaml12Loader`: `010`, `1:30`, `off`, `2024-06-01` stay the text typed, in a
+    list or mapping too), except that what YAML cannot parse (`*.jsonl`, `@x`) and a ` #` (not a comment
+    here) stay the text."""
     if raw == "":
         return ""
     text = raw.strip()
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         return raw
     if " #" in raw and text[:1] not in "\"'":  # a quoted value keeps its '#' and loses its quotes
-        return raw
-    if isinstance(value, bool):  # before int: bool is one; YAML 1.1's yes/no/on/off stay text
-        return value if text.lower() in ("true", "false") else raw
-    if isinstance(value, int) and not _INT.fullmatch(text):
-        return raw
-    if isinstance(value, float) and not _FLOAT.fullmatch(text):
         return raw
     return value
 

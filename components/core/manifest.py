@@ -66,12 +66,27 @@ def code_version() -> str:
 
 @functools.cache
 def _source_hash() -> str:
-    """sha256 over the relative paths and bytes of the `kubellm` package's source and data files."""
-    root = Path(__file__).resolve().parent.parent
+    return tree_hash(Path(__file__).resolve().parent.parent)
+
+
+def _in_code_version(rel: str) -> bool:
+    """Whether a package file (path relative to the package) is part of the code version. Not the
+    presets (`configs/`: their values reach each stage through its own config hash) nor the bundled
+    evaluation tasks' YAML and data (the evaluate stage, which alone reads them, re-runs every time
+    and records their hashes): editing `dpo.beta` in a preset must not re-run data prep."""
+    if rel.startswith("configs/"):
+        return False
+    return not (rel.startswith("evaluate/tasks/") and not rel.endswith(".py"))
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over the relative paths and bytes of the source and data files under `root` that make
+    up the code version (`_in_code_version`)."""
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()
                     and not any(part.startswith((".", "__pycache__")) for part in p.relative_to(root).parts)
-                    and p.suffix in (".py", ".yaml", ".yml", ".json", ".jsonl", ".jinja", ".txt")):
+                    and p.suffix in (".py", ".yaml", ".yml", ".json", ".jsonl", ".jinja", ".txt")
+                    and _in_code_version(p.relative_to(root).as_posix())):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -634,3 +634,14 @@ def reset_clients() -> None:
     """Forget cached S3 clients (tests change the environment between cases)."""
     with _S3_LOCK:
         _S3_CACHE.clear()
+
+
+def check_output_dir(out: Path, flag: str = "--output") -> None:
+    """Refuse an output directory that is a file (or under one) before anything is written."""
+    from kubellm.core.errors import ConfigError
+
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag} {str(out)!r}: {str(p)!r} exists and is not a directory")
+            return

@@ -163,3 +163,23 @@ def test_code_version_tracks_the_installed_code(monkeypatch: pytest.MonkeyPatch,
     assert content_prefix(str(tmp_path), "data_prep", "cfg", {}) != before
     monkeypatch.setenv("KUBELLM_CODE_VERSION", "0123abc")
     assert M.code_version() == "0123abc"
+
+
+def test_presets_and_bundled_task_data_are_not_part_of_the_code_version(tmp_path: Path) -> None:
+    """Editing `dpo.beta` in a preset changes DPO's config hash, not the code version: it had re-run
+    data prep, the tokenizer and pretraining too. Code (and the bundled tasks' scoring code) still counts."""
+    from kubellm.core.manifest import tree_hash
+
+    for rel, text in {"core/a.py": "x = 1\n", "configs/debug.yaml": "dpo: {beta: 0.1}\n",
+                      "evaluate/tasks/kubellm_knowledge.yaml": "task: k\n", "evaluate/tasks/data/k.jsonl": "{}\n",
+                      "evaluate/tasks/utils.py": "def f(): ...\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    base = tree_hash(tmp_path)
+    for rel in ("configs/debug.yaml", "evaluate/tasks/kubellm_knowledge.yaml", "evaluate/tasks/data/k.jsonl"):
+        (tmp_path / rel).write_text("changed\n")
+        assert tree_hash(tmp_path) == base, rel
+    for rel in ("core/a.py", "evaluate/tasks/utils.py"):
+        (tmp_path / rel).write_text("changed = True\n")
+        assert tree_hash(tmp_path) != base, rel
+        base = tree_hash(tmp_path)

@@ -60,6 +60,30 @@ def test_override_values_keep_what_was_typed() -> None:
     assert [parse(v) for v in ('"Run #1"', "-0x10", "0b101", "+5")] == ["Run #1", -16, 5, 5]  # as YAML reads them
 
 
+def test_override_values_keep_what_was_typed_inside_lists_and_mappings_and_for_dates() -> None:
+    # YAML 1.1's readings had been undone at the top level only, and dates not at all: a directory
+    # named by date (`--set sources.raw=2024-06-01`) failed as "not a valid string (got datetime.date)"
+    from kubellm.core.config import parse_override_value as parse
+
+    assert parse("[010, off, 1:30, 2024-01-01]") == ["010", "off", "1:30", "2024-01-01"]
+    assert parse("{name: no, when: 2024-01-01T10:00:00, n: 1_000}") == {"name": "no", "when": "2024-01-01T10:00:00",
+                                                                        "n": "1_000"}
+    assert parse("[1, 2.5, .5, 1e3, true, null, 0o17]") == [1, 2.5, 0.5, 1000.0, True, None, 15]
+    cfg = load_run_config(preset="debug", overrides=["sources.raw=2024-06-01"])
+    assert cfg.sources.raw == "2024-06-01"
+
+
+def test_a_key_written_twice_in_a_run_config_is_refused(tmp_path: Path) -> None:
+    # the second `pretrain:` had silently replaced the first, dropping its max_steps
+    f = tmp_path / "rc.yaml"
+    f.write_text("pretrain: {train: {max_steps: 5}}\nname: x\npretrain: {model: {preset: seed}}\n")
+    with pytest.raises(ConfigError, match=r"(?s)rc\.yaml: not valid YAML.*duplicate key 'pretrain' \(first at line 1\)"):
+        load_run_config(f)
+    f.write_text("dpo:\n  beta: 0.1\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'beta'"):
+        load_run_config(f)
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     f = tmp_path / "broken.yaml"
     f.write_text("a: [1, 2\n")
