@@ -63,7 +63,7 @@ def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manif
     prefix = content_prefix(output, STAGE, _hash(config), parents)
     if storage_for(prefix).exists(join(prefix, "_manifest.json")):
         return read_manifest(prefix)  # the same config on the same data is already trained
-    run_id, run_dir = run_dir_for(STAGE, inputs, output)
+    run_id, run_dir = run_dir_for(STAGE, inputs, output, prefix)
     spec = JobSpec(stage=STAGE, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
                    run_dir=run_dir, prefix=prefix, parents=parents)
     world = config.launch.nproc_per_node * config.launch.nnodes

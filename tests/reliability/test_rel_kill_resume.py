@@ -91,19 +91,27 @@ def test_rank_killed_mid_run_restarts_and_resumes_exactly(tokens: str, reference
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("run_id", ["killed-job", None])
 def test_whole_job_killed_then_rerun_resumes_from_the_same_run_dir(tokens: str, reference: tuple,
-                                                                    tmp_path: Path,
+                                                                    tmp_path: Path, run_id: str | None,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a run id (a KFP retry), and without one: a local re-run of the same training (`kubellm run
+    --local`, a stage command) finds its run dir by the content prefix it publishes to."""
     from kubellm.stages import run_stage
     from kubellm.training.checkpoint import CheckpointManager
     from kubellm.training.job import TrainingFailedError
 
     ref_rows, ref_manifest = reference
-    monkeypatch.setenv("KUBELLM_RUN_ID", "killed-job")
-    run_dir = tmp_path / "runs" / "pretrain-killed-job"
+    monkeypatch.delenv("KUBELLM_KFP_RUN_ID", raising=False)
+    if run_id:
+        monkeypatch.setenv("KUBELLM_RUN_ID", run_id)
+    else:
+        monkeypatch.delenv("KUBELLM_RUN_ID", raising=False)
     killed = _config(env={"OMP_NUM_THREADS": "1", "KUBELLM_FAULT_KILL_AT_STEP": "6:*"})
     with pytest.raises(TrainingFailedError, match="exit code"):
         run_stage("pretrain", killed, {"tokens": tokens}, str(tmp_path))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name == (f"pretrain-{run_id}" if run_id else f"pretrain-{_prefix_hash(tokens)}")
     latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
     assert latest is not None and latest.metadata["step"] == 4
     manifest = run_stage("pretrain", _config(), {"tokens": tokens}, str(tmp_path))  # the retry
@@ -111,3 +119,12 @@ def test_whole_job_killed_then_rerun_resumes_from_the_same_run_dir(tokens: str, 
     assert [rows[s]["loss"] for s in range(1, STEPS + 1)] == [ref_rows[s]["loss"] for s in range(1, STEPS + 1)]
     assert _weights_sha(manifest) == _weights_sha(ref_manifest)
     assert read_manifest(manifest.uri).digest() == manifest.digest()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]  # no second, fresh run dir
+
+
+def _prefix_hash(tokens: str) -> str:
+    from kubellm.core.manifest import content_prefix
+    from kubellm.pretrain.stage import _hash
+
+    prefix = content_prefix("x", "pretrain", _hash(_config()), {"tokens": read_manifest(tokens).digest()})
+    return prefix.rstrip("/").rsplit("/", 1)[-1]

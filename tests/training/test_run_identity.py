@@ -126,12 +126,33 @@ def test_kfp_retry_reuses_the_run_dir_and_the_job(tokens: str, tmp_path: Path, a
     assert attempts[-1]["run_dir"] == str(tmp_path / "runs" / "pretrain-chosen")  # scoped by stage
 
 
-def test_without_any_run_id_every_attempt_is_a_new_run(tokens: str, tmp_path: Path, attempts: list) -> None:
+def test_without_a_run_id_the_same_training_resumes_its_run(tokens: str, tmp_path: Path, attempts: list) -> None:
+    """Outside KFP (`kubellm run --local`, a stage command) the run dir follows the content prefix the run
+    publishes to: running the same training again after a crash or Ctrl-C finds its checkpoints (it had
+    started from step 0 in a new timestamped dir, leaving the old one behind); other config trains afresh."""
+    from kubellm.core.manifest import read_manifest
+    from kubellm.pretrain.stage import _hash
     from kubellm.training.job import new_run_id
 
     _attempt_pretrain(tokens, tmp_path)
-    assert attempts[0]["run_dir"].startswith(str(tmp_path / "runs" / "pretrain-"))
-    assert new_run_id("sft").startswith("sft-") and new_run_id("sft") != new_run_id("sft")
+    _attempt_pretrain(tokens, tmp_path)
+    first, again = attempts
+    prefix_hash = _content_hash(tmp_path, _hash(_pretrain_cfg()), read_manifest(tokens).digest())
+    assert first["run_dir"] == again["run_dir"] == str(tmp_path / "runs" / f"pretrain-{prefix_hash}")
+    assert first["job"] == again["job"]
+    other = _pretrain_cfg().model_copy(update={"train": _pretrain_cfg().train.model_copy(update={"max_steps": 3})})
+    from kubellm.pretrain.stage import run
+
+    with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
+        run(other, {"tokens": tokens}, str(tmp_path))
+    assert attempts[-1]["run_dir"] != first["run_dir"]
+    assert new_run_id("sft").startswith("sft-") and new_run_id("sft") != new_run_id("sft")  # nothing to key on
+
+
+def _content_hash(root: Path, config_hash: str, tokens_digest: str) -> str:
+    from kubellm.core.manifest import content_prefix
+
+    return content_prefix(str(root), "pretrain", config_hash, {"tokens": tokens_digest}).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _committed_checkpoint(run_dir: Path, step: int) -> None:
