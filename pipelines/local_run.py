@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kubellm.core.errors import ConfigError, KubellmError
-from kubellm.core.storage import check_output_dir, is_s3, join, reset_clients, storage_for
+from kubellm.core.storage import (
+    check_output_dir,
+    endpoint_problem,
+    is_s3,
+    join,
+    redact,
+    reset_clients,
+    storage_for,
+)
 from kubellm.pipelines.common import add_config_args, load_config, parse_params
 from kubellm.pipelines.definitions import (
     PIPELINES,
@@ -243,6 +251,8 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         raise ConfigError(f"--demo-scale: {e}") from None
     if args.s3_endpoint and not args.bucket:
         raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
+    if args.s3_endpoint and (problem := endpoint_problem(args.s3_endpoint)):
+        raise ConfigError(f"--s3-endpoint {redact(args.s3_endpoint)!r}: {problem}")  # before the workdir is made
     if args.bucket and "storage_root" in parse_params(args.param):
         raise ConfigError("--param storage_root and --bucket both choose where the artifacts go: give one")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +262,11 @@ def run_local(args: argparse.Namespace) -> tuple[bool, list[str]]:
         raise ConfigError("--s3-endpoint needs --bucket (the bucket the artifacts go to)")
     else:
         root = cfg.storage.root if is_s3(cfg.storage.root) else str(workdir / "artifacts")
+        if (not is_s3(cfg.storage.root) and cfg.storage.root != type(cfg.storage)().root
+                and "storage_root" not in parse_params(args.param)):
+            log.warning("storage.root=%s is a local directory: a local run keeps its artifacts under --workdir "
+                        "(%s); use --param storage_root=%s to publish there", cfg.storage.root, root,
+                        cfg.storage.root)
     arguments = pipeline_arguments(args, root, workdir, cfg)
     root = arguments["storage_root"]  # a --param storage_root included
     # kfp.local 2.16.1 cannot run a step after a dsl.ParallelFor: data prep runs as one step here (the

@@ -442,8 +442,9 @@ def load_manifest_ref(ref: str) -> Manifest:
     if not ref.startswith("s3://") and p.is_file():
         return Manifest.from_json(p.read_text(), source=ref)
     if not ref.startswith("s3://") and p.is_dir() and (p / MANIFEST_NAME).is_file() is False:
-        # a KFP artifact directory that holds the manifest JSON as its only file
-        cand = [q for q in p.iterdir() if q.suffix == ".json"]
-        if len(cand) == 1:
-            return Manifest.from_json(cand[0].read_text(), source=str(cand[0]))
+        # a KFP artifact directory: the manifest JSON is the only thing in it (a folder that merely
+        # holds one .json among other files, e.g. a demo world, is not an artifact)
+        entries = [q for q in p.iterdir() if not q.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_file() and entries[0].suffix == ".json":
+            return Manifest.from_json(entries[0].read_text(), source=str(entries[0]))
     return read_manifest(ref)

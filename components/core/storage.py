@@ -105,6 +105,17 @@ class ObjectInfo:
     etag: str
 
 
+def endpoint_problem(endpoint: str) -> str | None:
+    """What is wrong with an S3 endpoint URL, or None."""
+    try:
+        parts = urlsplit(endpoint)
+        _ = parts.port  # a port that is not a number raises ValueError
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in endpoint)
+    except ValueError:
+        ok = False
+    return None if ok else "expected an http:// or https:// URL with a host, e.g. http://minio.minio.svc:9000"
+
+
 @dataclasses.dataclass(frozen=True)
 class S3Settings:
     """How to reach the object store. Built from the environment by `from_env`."""
@@ -160,16 +171,8 @@ class S3Settings:
         endpoint_var = "KUBELLM_S3_ENDPOINT_URL" if get("KUBELLM_S3_ENDPOINT_URL") else "AWS_ENDPOINT_URL"
         endpoint = get(endpoint_var)
         if endpoint is not None:
-            try:
-                parts = urlsplit(endpoint)
-                _ = parts.port  # a port that is not a number raises ValueError
-                ok = parts.scheme in ("http", "https") and bool(parts.hostname) \
-                    and not any(c.isspace() for c in endpoint)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise StorageError(f"{endpoint_var}={redact(endpoint)!r}: expected an http:// or https:// "
-                                   "URL with a host, e.g. http://minio.minio.svc:9000")
+            if problem := endpoint_problem(endpoint):
+                raise StorageError(f"{endpoint_var}={redact(endpoint)!r}: {problem}")
             kw["endpoint_url"] = endpoint
         region_var = "AWS_REGION" if get("AWS_REGION") else "AWS_DEFAULT_REGION"
         region = get(region_var)

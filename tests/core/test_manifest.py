@@ -97,6 +97,15 @@ def test_manifest_name_reserved_and_refs(tmp_path: Path) -> None:
     write_manifest_file(m, tmp_path / "artifact" / "dataset.json")
     assert load_manifest_ref(str(tmp_path / "artifact" / "dataset.json")).digest() == m.digest()
     assert load_manifest_ref(str(tmp_path / "y")).digest() == m.digest()
+    assert load_manifest_ref(str(tmp_path / "artifact")).digest() == m.digest()  # a KFP artifact dir
+    # a folder holding one .json among other files is not an artifact dir: its .json was parsed as a
+    # manifest (pydantic's dump about world.json), now it is "no _manifest.json"
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text('{"seed": 1}')
+    (world / "corpus").mkdir()
+    with pytest.raises(ManifestMissingError, match="no _manifest.json"):
+        load_manifest_ref(str(world))
     with pytest.raises(IntegrityError, match="not a valid kubellm manifest"):
         Manifest.from_json("{\"kind\": 3}", source="bad.json")
 

@@ -29,6 +29,9 @@ def _run(tmp_path: Path, *extra: str) -> int:
     (["--param", 'raw_source={"a": 1}'], "--param raw_source="),
     (["--demo-scale", "-1"], "--demo-scale"),
     (["--s3-endpoint", "http://127.0.0.1:1"], "--s3-endpoint needs --bucket"),
+    # it had named KUBELLM_S3_ENDPOINT_URL, a variable the user never set, after making the workdir
+    (["--s3-endpoint", "127.0.0.1:9000", "--bucket", "b"],
+     "--s3-endpoint '127.0.0.1:9000': expected an http:// or https:// URL with a host"),
     (["--models", "s3://b/m"], "--models: only for --pipeline evaluation_report"),
 ])
 def test_bad_flag_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
