@@ -422,10 +422,18 @@ class CheckpointManager:
         # client_state also goes to DeepSpeed (into its model-states file) so DeepSpeed's own tools
         # see it; the authoritative copy is the per-rank state file, because DeepSpeed writes the
         # model-states file on DP rank 0 only (ZeRO 0-2) and would drop the other ranks' RNG/data.
+        # DeepSpeed's save runs collectives of its own: it is not wrapped (a rank leaving it early would
+        # meet its peers in the wrong collective); the steps after it are, so a full staging disk on one
+        # rank fails every rank instead of leaving its peers waiting in the upload's gather
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         tag_dir = staging / tag
-        torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
-                   tag_dir / STATE_FILE.format(rank=rank))
+        error = None
+        try:
+            torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
+                       tag_dir / STATE_FILE.format(rank=rank))
+        except BaseException as e:
+            error = e
+        _raise_if_any_failed(error, f"checkpoint save {prefix}")
 
         entries: list[FileEntry] = []
         try:
@@ -558,10 +566,15 @@ class CheckpointManager:
         safe = install_safe_checkpoint_engine(engine)
         load_path, _ = engine.load_checkpoint(str(staging), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{chosen.uri}: DeepSpeed found no model-states file in it")
-        state_path = staging / tag / STATE_FILE.format(rank=_rank())
-        state = safe_torch_load(state_path)
+        error, state = None, {}
+        try:  # every rank learns of one rank's failure here (the caller's next step is a collective)
+            if load_path is None:
+                raise CheckpointError(f"{chosen.uri}: DeepSpeed found no model-states file in it")
+            state = safe_torch_load(staging / tag / STATE_FILE.format(rank=_rank()))
+        except BaseException as e:
+            error = e
+            shutil.rmtree(staging, ignore_errors=True)
+        _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
         _set_rng_state(state["rng"])  # last: DeepSpeed's loading must not advance the restored RNG
         shutil.rmtree(staging, ignore_errors=True)
         self.last_loaded = chosen

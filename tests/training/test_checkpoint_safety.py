@@ -287,3 +287,47 @@ def test_step_tags_sort_and_refuse_negative() -> None:
     assert tag_for(7) == "step-00000007" and tag_for(123456789) == "step-123456789"
     with pytest.raises(CheckpointError, match="step must be >= 0"):
         tag_for(-1)
+
+
+def _save_with_a_full_staging_disk_on_rank_1(root: str, staging: str) -> str:
+    import torch.distributed as dist
+
+    import kubellm.training.checkpoint as ck
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    class Engine:  # what save() needs of DeepSpeed's engine before its upload
+        checkpoint_engine = None
+
+        def save_checkpoint(self, d: str, tag: str, client_state: dict, save_latest: bool) -> None:
+            (Path(d) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(d) / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+
+    if rank == 1:
+        real = ck.torch.save
+
+        def full(obj: object, f: object, *a: object, **k: object) -> None:
+            if "kubellm_state_rank" in str(f):  # the state file; a buffer (the round-trip check) still works
+                raise OSError(28, "No space left on device")
+            real(obj, f, *a, **k)
+
+        ck.torch.save = full  # this rank's own process only
+    try:
+        CheckpointManager(root, local_dir=Path(staging) / f"r{rank}").save(Engine(), 1, {})
+    except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_one_rank_failing_to_write_its_state_file_fails_every_rank(tmp_path: Path) -> None:
+    """The state file is written after DeepSpeed's save: a rank that failed there had left save() alone
+    while its peers went on to the upload's gather, where they met a broken or missing peer."""
+    from kubellm.training.spawn import spawn
+
+    got = spawn(_save_with_a_full_staging_disk_on_rank_1, 2, str(tmp_path / "run"), str(tmp_path / "staging"),
+                timeout=120)
+    assert got[1] == "OSError: [Errno 28] No space left on device"
+    assert got[0].startswith("CheckpointError: checkpoint save ") and \
+        "failed on 1 rank(s): rank 1: OSError: [Errno 28] No space left on device" in got[0]
+    assert not any((tmp_path / "run").rglob("_manifest.json"))  # nothing committed
