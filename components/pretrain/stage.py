@@ -63,10 +63,10 @@ def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manif
     prefix = content_prefix(output, STAGE, _hash(config), parents)
     if storage_for(prefix).exists(join(prefix, "_manifest.json")):
         return read_manifest(prefix)  # the same config on the same data is already trained
-    run_id, run_dir = run_dir_for(STAGE, inputs, output, prefix)
+    world = config.launch.nproc_per_node * config.launch.nnodes
+    run_id, run_dir = run_dir_for(STAGE, inputs, output, prefix, world)
     spec = JobSpec(stage=STAGE, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
                    run_dir=run_dir, prefix=prefix, parents=parents)
-    world = config.launch.nproc_per_node * config.launch.nnodes
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):
         manifest = run_worker(spec)
         assert manifest is not None or int(os.environ.get("RANK", "0")) != 0

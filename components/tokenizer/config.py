@@ -84,11 +84,39 @@ class TokenizerConfig(StrictModel):
         return self
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level alphabet: each of its 256 characters -> the byte it stands for (printable Latin-1
+    characters stand for themselves, the other bytes for characters from U+0100 on, in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in kept}
+    shifted = [b for b in range(256) if b not in chars.values()]
+    chars.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return chars
+
+
 def _is_bpe_token_string(tok: str) -> bool:
-    """Whether `tok` could be a token of the byte-level BPE vocabulary: the byte-level pre-tokenizer
-    keeps it as one piece spelled as itself. A BPE token never spans pieces, so a string that splits
-    (`<|bos|>` → `<|`, `bos`, `|>`) or is respelled (a newline → `Ċ`) can never collide with one."""
+    """Whether `tok` could be a token of the byte-level BPE vocabulary, i.e. share that token's id. A
+    token is spelled in the byte-level alphabet and is a run of bytes inside one pre-tokenizer piece:
+    so `tok` collides when it is spelled in that alphabet and the text it stands for (`Ġthe` is " the",
+    `!` is "!") is one piece, or a fragment of one character. `<|bos|>` splits into `<|`, `bos`, `|>`
+    and a newline or a space is outside the alphabet: those never collide."""
     from tokenizers import pre_tokenizers
 
-    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(tok)
-    return len(pieces) == 1 and pieces[0][0] == tok
+    byte_of = _byte_level_chars()
+    if not tok or any(c not in byte_of for c in tok):
+        return False
+    raw = bytes(byte_of[c] for c in tok)
+    start = 0  # a token may begin inside a character (its continuation bytes) ...
+    while start < min(3, len(raw)) and 0x80 <= raw[start] <= 0xBF:
+        start += 1
+    for end in range(len(raw), max(start, len(raw) - 3) - 1, -1):  # ... and end inside one
+        try:
+            text = raw[start:end].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        break
+    else:
+        return False  # no text holds these bytes within one piece
+    if not text:
+        return True  # a fragment of one character: a byte-level token
+    return len(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)) == 1

@@ -372,13 +372,15 @@ class CheckpointManager:
         return manifest.model_copy(update={"uri": prefix})
 
     def committed(self, skip_unreadable: bool = False) -> list[Manifest]:
-        """Every committed checkpoint under the run prefix, oldest first. A manifest that cannot be
-        read or is of another kind raises, unless `skip_unreadable` (it is then logged and left out)."""
+        """Every committed checkpoint under the run prefix, oldest first. A manifest that is not a valid
+        checkpoint manifest (bad JSON or fields, another kind) raises, unless `skip_unreadable` (it is
+        then logged and left out). A storage error always raises: a manifest merely unreachable for a
+        moment must never look unusable to retention, which would delete a good checkpoint."""
         out = []
         for step in self._committed_steps():
             try:
                 manifest = self._read(step)
-            except Exception as e:
+            except (IntegrityError, CheckpointError) as e:
                 if not skip_unreadable:
                     raise
                 log.warning("%s: skipped, its manifest cannot be used: %s", self.prefix_for(step), e)
@@ -573,8 +575,11 @@ class CheckpointManager:
             state = safe_torch_load(staging / tag / STATE_FILE.format(rank=_rank()))
         except BaseException as e:
             error = e
-            shutil.rmtree(staging, ignore_errors=True)
-        _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
+        try:
+            _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # on the ranks that succeeded too
+            raise
         _set_rng_state(state["rng"])  # last: DeepSpeed's loading must not advance the restored RNG
         shutil.rmtree(staging, ignore_errors=True)
         self.last_loaded = chosen

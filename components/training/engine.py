@@ -470,7 +470,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
 
     work = local_work_dir(run_dir)
     if rank == 0 and start_step:
-        restore_run_files(run_dir, work)  # a resume on another pod: the log of the steps before it
+        try:
+            restore_run_files(run_dir, work)  # a resume on another pod: the log of the steps before it
+        except Exception as e:  # a log copy: the run resumes without it (its totals come from the checkpoint)
+            log.warning("could not fetch the earlier metrics from %s: %s", run_dir, e)
     peak, peak_source = peak_tflops(device, train_cfg.peak_tflops)
     fpt = flops_per_token(model_cfg, train_cfg.seq_len)
     logger = MetricsLogger(work, train_cfg.max_steps, enabled=rank == 0, tensorboard=train_cfg.tensorboard,
@@ -583,7 +586,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                                              "identity": dict(identity or {})})
                 if rank == 0 and is_s3(run_dir):  # the log up to this checkpoint, for a resume elsewhere
                     logger.flush()
-                    upload_run_files(work, run_dir)
+                    try:
+                        upload_run_files(work, run_dir)
+                    except Exception as e:  # a log copy: never worth failing a committed step over
+                        log.warning("could not copy the metrics to %s (the next checkpoint or the publish "
+                                    "retries): %s", run_dir, e)
     finally:
         logger.close()
         close = getattr(loader, "close", None)

@@ -11,7 +11,7 @@ stage's manifest to `run_dir/result.json`. A rank that fails writes its tracebac
 `run_dir/errors/rank<N>.txt`, which `launch_job` puts into the error it raises.
 
 The run id (`new_run_id`) is `<stage>-<$KUBELLM_RUN_ID>`, else `<stage>-kfp-<$KUBELLM_KFP_RUN_ID>` in
-a KFP pipeline, else `<stage>-<content prefix hash>` (the same training run again resumes it), else a fresh
+a KFP pipeline, else `<stage>-<content prefix hash>-w<world>` (the same training run again resumes it), else a fresh
 timestamp id (each stage has its own run dir under one id); the cluster job's name derives from the same
 id, so a KFP retry of a training task resumes its run dir and re-attaches to its PyTorchJob.
 """
@@ -96,23 +96,26 @@ def env_run_id(stage: str) -> str | None:
     return None
 
 
-def new_run_id(stage: str, prefix: str | None = None) -> str:
+def new_run_id(stage: str, prefix: str | None = None, world: int | None = None) -> str:
     """The run id of a training run of `stage`: `env_run_id(stage)`; else, given the content prefix the
-    run will publish to, `<stage>-<that prefix's hash>`, so running the same training again (same
-    config, inputs and code: `kubellm run --local` or a stage command after a crash or Ctrl-C) resumes
-    its checkpoints, while any change trains afresh; else a fresh `<stage>-<UTC timestamp>-<random>`."""
+    run will publish to, `<stage>-<that prefix's hash>-w<world size>`, so running the same training
+    again (same config, inputs and code, as many processes: `kubellm run --local` or a stage command
+    after a crash or Ctrl-C) resumes its checkpoints, while any change trains afresh (the world size
+    too: the content hash leaves `launch` out, and a checkpoint resumes only with its data-parallel
+    degree); else a fresh `<stage>-<UTC timestamp>-<random>`."""
     if run_id := env_run_id(stage):
         return run_id
     if prefix:
-        return f"{stage}-{prefix.rstrip('/').rsplit('/', 1)[-1]}"
+        return f"{stage}-{prefix.rstrip('/').rsplit('/', 1)[-1]}" + (f"-w{world}" if world else "")
     return f"{stage}-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def run_dir_for(stage: str, inputs: Mapping[str, str], output: str, prefix: str | None = None) -> tuple[str, str]:
+def run_dir_for(stage: str, inputs: Mapping[str, str], output: str, prefix: str | None = None,
+                world: int | None = None) -> tuple[str, str]:
     """(run id, run dir) of a stage's training run: the run dir is `inputs["resume"]` when given —
     which must hold a committed checkpoint, else this is an error rather than a silent fresh start —
-    or `<output>/runs/<new_run_id(stage, prefix)>`."""
-    run_id = new_run_id(stage, prefix)
+    or `<output>/runs/<new_run_id(stage, prefix, world)>`."""
+    run_id = new_run_id(stage, prefix, world)
     resume = inputs.get("resume")
     if not resume:
         return run_id, join(output, "runs", run_id)

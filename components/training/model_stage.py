@@ -119,7 +119,7 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
     check_before_launch(stage, model_cfg, config.train, config.parallel, config.launch)
     if storage_for(prefix).exists(join(prefix, MANIFEST_NAME)):
         return read_manifest(prefix)
-    run_id, run_dir = run_dir_for(stage, inputs, output, prefix)
+    run_id, run_dir = run_dir_for(stage, inputs, output, prefix, world)
     spec = JobSpec(stage=stage, config=config.model_dump(mode="json"), inputs=dict(inputs), output=output,
                    run_dir=run_dir, prefix=prefix, parents=dict(parents))
     if in_distributed_worker() or (config.launch.backend == "local" and world == 1):

@@ -311,6 +311,8 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
 
     def consolidate(engine: Any) -> dict[str, Tensor] | None:
         mine = gather_master_weights(engine, engine.module)  # DP collective
+        if grid.get_data_parallel_rank() != 0:
+            return None  # one copy per model: this replica's whole TP group skips the TP gather together
         dense_named = {to_dense_name(k, n): v for k, v in mine.items()}
         dense_named = gather_state_dict(dense_named, model_cfg, tp, only_first=True)  # TP collective
         # one contribution per stage, from its DP rank 0, TP rank 0, sent to rank 0 alone, tensor by

@@ -218,6 +218,8 @@ def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parall
         # the fp32 masters at every ZeRO stage (ZeRO-3: one parameter gathered at a time, not the
         # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode)
         local = gather_master_weights(engine, engine.module)  # DP collective
+        if grid.get_data_parallel_rank() != 0:
+            return None  # the whole TP group of this replica skips the TP gather together
         full_sd = gather_state_dict(local, model_cfg, tp, only_first=True)  # TP collective
         return full_sd if dist.get_rank() == 0 else None
 

@@ -82,6 +82,15 @@ def test_a_key_written_twice_in_a_run_config_is_refused(tmp_path: Path) -> None:
     f.write_text("dpo:\n  beta: 0.1\n  beta: 0.2\n")
     with pytest.raises(ConfigError, match="duplicate key 'beta'"):
         load_run_config(f)
+    # YAML merge keys still work (the check runs after they are flattened); an unhashable key is a
+    # YAML error naming the file, not a bare TypeError
+    f.write_text("x-train: &t {max_steps: 7, seed: 3}\npretrain:\n  train:\n    <<: *t\n    seq_len: 32\n    seed: 4\n")
+    from kubellm.core.config import read_yaml
+
+    assert read_yaml(f)["pretrain"]["train"] == {"max_steps": 7, "seq_len": 32, "seed": 4}  # a written key wins
+    f.write_text("{[1, 2]: 3}\n")
+    with pytest.raises(ConfigError, match=r"(?s)rc\.yaml: not valid YAML.*unhashable key"):
+        load_run_config(f)
 
 
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:

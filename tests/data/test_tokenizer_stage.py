@@ -190,6 +190,10 @@ def test_packed_write_names_the_document_with_a_bad_id(tmp_path: Path) -> None:
     ({"extra_special_tokens": ["<|tool|>", "!"]}, r"extra_special_tokens\[1\]='!' is a string byte-level BPE"),
     ({"user_token": "user"}, "user_token='user' is a string byte-level BPE can learn"),
     ({"end_token": "<<<>>>"}, "end_token='<<<>>>' .* use a delimited form such as '<\\|name\\|>'"),
+    # spelled in the byte-level alphabet: `Ġ` is a space, `Ġthe` " the", `Ã©` "é"; each is one piece
+    ({"extra_special_tokens": ["Ġ"]}, "extra_special_tokens\\[0\\]='Ġ' is a string byte-level BPE"),
+    ({"extra_special_tokens": ["Ġthe"]}, "extra_special_tokens\\[0\\]='Ġthe'"),
+    ({"extra_special_tokens": ["Ã©"]}, "extra_special_tokens\\[0\\]='Ã©'"),
 ])
 def test_special_tokens_and_vocab_size_are_checked_in_the_config(fields: dict, message: str) -> None:
     from kubellm.core.config import validate
@@ -200,7 +204,7 @@ def test_special_tokens_and_vocab_size_are_checked_in_the_config(fields: dict, m
     assert TokenizerConfig(vocab_size=263).vocab_size == 263  # exactly bytes + specials is fine
 
 
-@pytest.mark.parametrize("token", ["<s>", "</s>", "[PAD]", "<|im_start|>", " hello"])
+@pytest.mark.parametrize("token", ["<s>", "</s>", "[PAD]", "<|im_start|>", " hello", "<|café|>", "\n<|x|>"])
 def test_delimited_special_tokens_are_accepted(token: str) -> None:
     # split by the byte-level pre-tokenizer into several pieces, or respelled by it
     # (" hello" is "Ġhello"): no BPE token can ever be spelled like them
@@ -213,8 +217,8 @@ def test_why_undelimited_special_tokens_are_refused(tmp_path: Path) -> None:
     from kubellm.tokenizer.bpe import special_tokens, train_bpe
     from kubellm.tokenizer.stage import corpus_encoder
 
-    text = "hello world! <|tool|> call"
-    for extra, collides in (("!", True), ("<|tool|>", False)):
+    text = "hello  world! <|tool|> call"
+    for extra, collides in (("!", True), ("Ġ", True), ("<|tool|>", False)):
         cfg = TokenizerConfig.model_construct(**{**TokenizerConfig(vocab_size=300).model_dump(),
                                                  "extra_special_tokens": [extra]})
         tok = train_bpe(iter([text] * 20), cfg)

@@ -111,7 +111,7 @@ def test_whole_job_killed_then_rerun_resumes_from_the_same_run_dir(tokens: str, 
     with pytest.raises(TrainingFailedError, match="exit code"):
         run_stage("pretrain", killed, {"tokens": tokens}, str(tmp_path))
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name == (f"pretrain-{run_id}" if run_id else f"pretrain-{_prefix_hash(tokens)}")
+    assert run_dir.name == (f"pretrain-{run_id}" if run_id else f"pretrain-{_prefix_hash(tokens)}-w2")
     latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
     assert latest is not None and latest.metadata["step"] == 4
     manifest = run_stage("pretrain", _config(), {"tokens": tokens}, str(tmp_path))  # the retry

@@ -190,6 +190,19 @@ def test_an_old_unusable_or_vanishing_manifest_does_not_block_the_newest(tmp_pat
 
     monkeypatch.setattr(ckpt, "read_manifest", racing)
     assert mgr.latest().metadata["step"] == 4 and [m.metadata["step"] for m in mgr.committed()] == [3, 4]
+    # a manifest unreachable for a moment (S3 503) is not unusable: retention fails (save() logs it and
+    # keeps every checkpoint) instead of deleting a good checkpoint as torn
+    from kubellm.core.errors import StorageError
+
+    def flaky(p: str) -> Manifest:
+        if p.endswith(tag_for(4)):
+            raise StorageError(f"{p}/_manifest.json: 503 Slow Down")
+        return real(p)
+
+    monkeypatch.setattr(ckpt, "read_manifest", flaky)
+    with pytest.raises(StorageError, match="503"):
+        CheckpointManager(prefix, keep=1, local_dir=tmp_path / "staging")._retain(real(join(prefix, tag_for(5))))
+    assert (tmp_path / "run" / tag_for(4) / MANIFEST_NAME).exists()
 
 
 def test_save_refuses_to_overwrite_a_committed_step(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def test_without_a_run_id_the_same_training_resumes_its_run(tokens: str, tmp_pat
     _attempt_pretrain(tokens, tmp_path)
     first, again = attempts
     prefix_hash = _content_hash(tmp_path, _hash(_pretrain_cfg()), read_manifest(tokens).digest())
-    assert first["run_dir"] == again["run_dir"] == str(tmp_path / "runs" / f"pretrain-{prefix_hash}")
+    assert first["run_dir"] == again["run_dir"] == str(tmp_path / "runs" / f"pretrain-{prefix_hash}-w1")
     assert first["job"] == again["job"]
     other = _pretrain_cfg().model_copy(update={"train": _pretrain_cfg().train.model_copy(update={"max_steps": 3})})
     from kubellm.pretrain.stage import run
@@ -146,6 +146,16 @@ def test_without_a_run_id_the_same_training_resumes_its_run(tokens: str, tmp_pat
     with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
         run(other, {"tokens": tokens}, str(tmp_path))
     assert attempts[-1]["run_dir"] != first["run_dir"]
+    # launch stays out of the content hash, but a checkpoint resumes only with its data-parallel degree:
+    # another process count is another run dir (it had been a run dir whose resume was refused for good)
+    narrow = _pretrain_cfg()
+    narrow = narrow.model_copy(update={"train": narrow.train.model_copy(update={"global_batch_size": 4})})
+    wider = narrow.model_copy(update={"launch": narrow.launch.model_copy(update={"nproc_per_node": 2})})
+    for cfg in (narrow, wider):
+        with pytest.raises(TrainingFailedError, match="simulated pod eviction"):
+            run(cfg, {"tokens": tokens}, str(tmp_path))
+    one, two = attempts[-2]["run_dir"], attempts[-1]["run_dir"]
+    assert one.endswith("-w1") and two == one.removesuffix("-w1") + "-w2"
     assert new_run_id("sft").startswith("sft-") and new_run_id("sft") != new_run_id("sft")  # nothing to key on
 
 

@@ -279,7 +279,8 @@ def test_every_window_maps_to_its_shard_and_start_with_empty_shards_between(tmp_
     # the old per-window tables, rebuilt here, against the O(shards) lookup; a shard too short for any
     # window (5 tokens at seq_len 16) sits between two others
     sizes = [70, 5, 49, 17]
-    paths = [write_shard(tmp_path / f"m/{i}.tok", [list(range(n))]) for i, n in enumerate(sizes)]
+    # token values differ per shard (shard k holds 100k, 100k+1, ...): the wrong shard at the right offset shows
+    paths = [write_shard(tmp_path / f"m/{i}.tok", [list(range(100 * i, 100 * i + n))]) for i, n in enumerate(sizes)]
     ld = PackedWindowLoader(open_shards(paths, 512), seq_len=16, micro_batch_size=1, dp_rank=0, dp_size=1,
                             seed=0, shuffle=False)
     counts = [(n - 1) // 16 for n in sizes]
@@ -287,7 +288,7 @@ def test_every_window_maps_to_its_shard_and_start_with_empty_shards_between(tmp_
     assert ld.num_windows == len(expected) == 8
     for item, (k, start) in enumerate(expected):
         w = ld._window(item)
-        np.testing.assert_array_equal(w["input_ids"], np.asarray(ld.shards[k].tokens[start:start + 16]))
+        np.testing.assert_array_equal(w["input_ids"], 100 * k + start + np.arange(16))
     ld.close()
     # the int32 shuffle is the int64 one: the data order of earlier checkpoints is unchanged
     np.testing.assert_array_equal(ld._rank_items(0), np.arange(8))

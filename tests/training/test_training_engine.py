@@ -171,7 +171,7 @@ def s3_resume_rows(shards: list[str], run_dir: str, pods: list[str]) -> dict:
 
     cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
     tc = TrainConfig(max_steps=6, micro_batch_size=2, global_batch_size=4, seq_len=32, progress_bar=False,
-                     tensorboard=False, checkpoint_every=2, optim=OptimConfig(lr=3e-3, warmup_steps=2))
+                     tensorboard=True, checkpoint_every=2, optim=OptimConfig(lr=3e-3, warmup_steps=2))
     out: dict = {}
     for i, pod in enumerate(pods):
         os.environ["KUBELLM_CACHE_DIR"] = pod
@@ -179,7 +179,8 @@ def s3_resume_rows(shards: list[str], run_dir: str, pods: list[str]) -> dict:
                   resume=True)
         path = local_work_dir(run_dir) / "metrics.jsonl"
         out[f"run{i}"] = {"start": r.start_step, "steps": [json.loads(x)["step"] for x in path.read_text().splitlines()],
-                          "losses": [json.loads(x)["loss"] for x in path.read_text().splitlines()]}
+                          "losses": [json.loads(x)["loss"] for x in path.read_text().splitlines()],
+                          "tb_files": len(list((path.parent / "tensorboard").glob("events.out.tfevents.*")))}
         if i == 0:
             st = storage_for(run_dir)
             out["uploaded"] = st.exists(f"{run_dir}/metrics.jsonl")
@@ -197,6 +198,7 @@ def test_a_resume_on_another_pod_keeps_the_s3_run_dirs_earlier_metrics(tokens: s
     assert first["start"] == 0 and resumed["start"] == 4
     assert resumed["steps"] == [1, 2, 3, 4, 5, 6]  # before: [5, 6], the earlier rows were on the lost pod
     assert resumed["losses"] == first["losses"]
+    assert first["tb_files"] == 1 and resumed["tb_files"] == 2  # the first pod's events came back beside the new ones
 
 
 def stage_in_process(tokens: str, output: str) -> dict:
