@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.core.errors import ConfigError
-from kubellm.core.images import PULL_SECRETS_ENV
+from kubellm.core.images import PULL_SECRETS_ENV, pull_secret_names
 from kubellm.core.storage import check_output_dir
 from kubellm.pipelines.definitions import (
     DEFAULT_RETRIES,
@@ -114,10 +114,7 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> PipelineSettin
     retries = getattr(args, "retries", DEFAULT_RETRIES)
     if not 0 <= retries <= MAX_RETRIES:
         raise ConfigError(f"--retries {retries}: must be a whole number from 0 to {MAX_RETRIES}")
-    pull = getattr(args, "image_pull_secrets", None)
-    if pull is None:
-        pull = env.get(PULL_SECRETS_ENV, "").split(",")
-    pull_secrets = tuple(dict.fromkeys(n.strip() for n in pull if n.strip()))
+    pull_secrets = pull_secret_names(getattr(args, "image_pull_secrets", None), env)
     for name in pull_secrets:
         if problem := dns1123_subdomain_problem(name):
             raise ConfigError(f"image pull Secret {name!r} (--image-pull-secret / ${PULL_SECRETS_ENV}): {problem}")

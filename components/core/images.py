@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 
 from kubellm.core.errors import ConfigError
@@ -31,6 +31,14 @@ digest) the step itself runs, which its PyTorchJob's workers run too."""
 PULL_SECRETS_ENV = "KUBELLM_IMAGE_PULL_SECRETS"
 """Image pull Secrets (comma-separated names) for the pods kubellm creates: pipeline steps (compile
 time) and, from a training step, its PyTorchJob's pods."""
+
+
+def pull_secret_names(names: Iterable[str] | None = None, env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Image pull Secret names, stripped, blanks dropped, each once: `names` when given, else the
+    comma-separated $KUBELLM_IMAGE_PULL_SECRETS of `env` (default: this process's environment)."""
+    if names is None:
+        names = (os.environ if env is None else env).get(PULL_SECRETS_ENV, "").split(",")
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 # Stage (or step) name -> image. Stages not listed here run on the base image.
 STAGE_IMAGES: dict[str, str] = {

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from kubellm.core.errors import StorageError
+from kubellm.core.errors import ConfigError, StorageError
 
 CHUNK = 8 * 1024 * 1024
 MiB = 1024 * 1024
@@ -641,8 +641,6 @@ def reset_clients() -> None:
 
 def check_output_dir(out: Path, flag: str = "--output") -> None:
     """Refuse an output directory that is a file (or under one) before anything is written."""
-    from kubellm.core.errors import ConfigError
-
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():

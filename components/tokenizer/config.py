@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pydantic import Field, model_validator
 
 from kubellm.core.config import StrictModel
@@ -84,6 +86,7 @@ class TokenizerConfig(StrictModel):
         return self
 
 
+@functools.cache
 def _byte_level_chars() -> dict[str, int]:
     """The byte-level alphabet: each of its 256 characters -> the byte it stands for (printable Latin-1
     characters stand for themselves, the other bytes for characters from U+0100 on, in byte order)."""

@@ -660,19 +660,16 @@ def full_fp32_param(p: torch.nn.Parameter, keep: bool = True) -> torch.Tensor | 
     return value.detach().to("cpu", torch.float32).clone() if keep and value is not None else None
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
-    stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
-    a bf16 run exports its optimizer's precision, not the rounded module weights."""
-
-    module = engine.module
-    rank0 = _rank() == 0
+def fp32_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """Collective over the data-parallel group: `module`'s state dict on the host in fp32, parameters
+    from DeepSpeed's master copy (`full_fp32_param`, one at a time), buffers copied; None where `keep`
+    is False (that rank still takes part in every gather)."""
     full: dict[int, torch.Tensor] = {}
     for _, p in module.named_parameters():  # same order on every rank: the calls are collective
-        value = full_fp32_param(p, keep=rank0)
+        value = full_fp32_param(p, keep=keep)
         if value is not None:
             full[id(p)] = value
-    if not rank0:
+    if not keep:
         return None
     out: dict[str, torch.Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
@@ -683,3 +680,10 @@ def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
             if out[name].is_floating_point():
                 out[name] = out[name].float()
     return out
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
+    stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
+    a bf16 run exports its optimizer's precision, not the rounded module weights."""
+    return fp32_state_dict(engine.module, keep=_rank() == 0)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
-from kubellm.core.images import PULL_SECRETS_ENV
+from kubellm.core.images import pull_secret_names
 from kubellm.core.manifest import Manifest
 from kubellm.core.storage import join, redact, storage_for
 from kubellm.training.config import LaunchConfig, ParallelConfig, TrainConfig
@@ -216,10 +216,9 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(f"{stage}: {stage}.train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                           f"{model_cfg.max_seq_len}; lower {stage}.train.seq_len to at most {model_cfg.max_seq_len}")
     world = launch.nproc_per_node * launch.nnodes
-    if raw := os.environ.get("KUBELLM_PEAK_TFLOPS", "").strip():  # read by the workers for MFU
-        from kubellm.training.metrics import env_peak_tflops
+    from kubellm.training.metrics import env_peak_tflops
 
-        env_peak_tflops(raw)
+    env_peak_tflops()  # the workers read it for MFU: a bad value fails here, before any launch
     try:
         device = _worker_device(train_cfg, launch)
         if launch.backend == "local" and launch.gpu > 0 and device == "cpu":
@@ -265,9 +264,9 @@ def cluster_defaults(cluster: ClusterLaunchSettings, env: Mapping[str, str] | No
             update["s3_access_key_key"], update["s3_secret_key_key"] = keys
     if cluster.s3_config_map is None and env.get("KUBELLM_S3_CONFIG_MAP"):
         update["s3_config_map"] = env["KUBELLM_S3_CONFIG_MAP"]
-    pull = [n.strip() for n in env.get(PULL_SECRETS_ENV, "").split(",") if n.strip()]
+    pull = pull_secret_names(env=env)
     if not cluster.image_pull_secrets and pull:  # the pipeline step's own pull Secrets
-        update["image_pull_secrets"] = pull
+        update["image_pull_secrets"] = list(pull)
     if not update:
         return cluster
     from kubellm.core.config import validate

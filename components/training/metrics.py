@@ -59,10 +59,14 @@ def lookup_peak(device_name: str) -> float | None:
     return table.get(gpu_model(device_name).lower())
 
 
-def env_peak_tflops(raw: str) -> float:
-    """$KUBELLM_PEAK_TFLOPS as a number: finite and > 0, else a ConfigError naming the variable."""
+def env_peak_tflops() -> float | None:
+    """$KUBELLM_PEAK_TFLOPS as a number (None when unset): finite and > 0, else a ConfigError naming
+    the variable."""
     from kubellm.core.errors import ConfigError
 
+    raw = os.environ.get("KUBELLM_PEAK_TFLOPS", "").strip()
+    if not raw:
+        return None
     try:
         value = float(raw)
     except ValueError:
@@ -83,9 +87,8 @@ def peak_tflops(device: str, configured: float | None) -> tuple[float | None, st
         if value is not None:
             return value, f"data sheet peak of {name}"
         return None, f"unknown GPU {name}: set train.peak_tflops"
-    env = os.environ.get("KUBELLM_PEAK_TFLOPS", "").strip()
-    if env:
-        return env_peak_tflops(env), "$KUBELLM_PEAK_TFLOPS"
+    if (env := env_peak_tflops()) is not None:
+        return env, "$KUBELLM_PEAK_TFLOPS"
     return None, "CPU: no peak stated (set $KUBELLM_PEAK_TFLOPS or train.peak_tflops)"
 
 

@@ -56,7 +56,7 @@ from kubellm.model.transformer import (
     positions_from_doc_ids,
 )
 from kubellm.training.config import ParallelConfig, TrainConfig
-from kubellm.training.topology import ParallelModel, dense_init, gather_master_weights
+from kubellm.training.topology import ParallelModel, dense_init
 
 Activations = Tensor | tuple[Tensor, Tensor, Tensor]
 
@@ -310,15 +310,18 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     del full
 
     def consolidate(engine: Any) -> dict[str, Tensor] | None:
-        mine = gather_master_weights(engine, engine.module)  # DP collective
-        if grid.get_data_parallel_rank() != 0:
-            return None  # one copy per model: this replica's whole TP group skips the TP gather together
+        from kubellm.training.checkpoint import fp32_state_dict
+
+        # one copy per model: data-parallel replica 0 keeps it, the others' TP groups skip the TP gather
+        mine = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0)  # DP collective
+        if mine is None:
+            return None
         dense_named = {to_dense_name(k, n): v for k, v in mine.items()}
         dense_named = gather_state_dict(dense_named, model_cfg, tp, only_first=True)  # TP collective
         # one contribution per stage, from its DP rank 0, TP rank 0, sent to rank 0 alone, tensor by
         # tensor (every rank holding every stage, or a pickled stage on the GPU, would not fit)
         if dist.get_rank() != 0:
-            if grid.get_data_parallel_rank() == 0 and tp.rank == 0:
+            if tp.rank == 0:  # data-parallel rank 0 here
                 _send_state_dict(dense_named, dst=0)
             return None
         out: dict[str, Tensor] = dict(dense_named)

@@ -170,20 +170,6 @@ def dense_init(model_cfg: ModelConfig, init_state_dict: dict[str, torch.Tensor] 
     return Transformer(model_cfg).state_dict()
 
 
-def gather_master_weights(engine: Any, module: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's local parameters as fp32 CPU tensors, from DeepSpeed's master copy where it
-    keeps one (ZeRO ≥ 1, mixed precision; ZeRO-3 gathers one parameter at a time); collective over
-    the data-parallel group."""
-    from kubellm.training.checkpoint import full_fp32_param
-
-    by_id: dict[int, torch.Tensor] = {}
-    for _, p in module.named_parameters():  # same order on every rank of the DP group
-        value = full_fp32_param(p)
-        assert value is not None
-        by_id[id(p)] = value
-    return {name: by_id.get(id(t), t.detach().cpu()) for name, t in module.state_dict(keep_vars=True).items()}
-
-
 def build_parallel_model(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
                          init_state_dict: dict[str, torch.Tensor] | None = None) -> ParallelModel:
     """Build the model for this rank of the dp × tp × pp layout (collective: creates the groups).
@@ -215,11 +201,14 @@ def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parall
     model.set_activation_checkpointing(train_cfg.activation_checkpointing)
 
     def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
+        from kubellm.training.checkpoint import fp32_state_dict
+
         # the fp32 masters at every ZeRO stage (ZeRO-3: one parameter gathered at a time, not the
-        # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode)
-        local = gather_master_weights(engine, engine.module)  # DP collective
-        if grid.get_data_parallel_rank() != 0:
-            return None  # the whole TP group of this replica skips the TP gather together
+        # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode), kept by
+        # data-parallel replica 0 only: the other replicas' TP groups skip the TP gather together
+        local = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0)  # DP collective
+        if local is None:
+            return None
         full_sd = gather_state_dict(local, model_cfg, tp, only_first=True)  # TP collective
         return full_sd if dist.get_rank() == 0 else None
 
