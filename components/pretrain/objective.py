@@ -17,9 +17,11 @@ from kubellm.training.data import PackedWindowLoader, open_shards
 
 class PretrainObjective:
     def __init__(self, shard_paths: Sequence[str | Path], *, seq_len: int, vocab_size: int,
-                 doc_masking: bool = False, shuffle: bool = True, prefetch: int = 4) -> None:
-        # validate every shard (header, size, ids < vocab) now: bad data fails at start-up
-        self.shards = open_shards(shard_paths, vocab_size)
+                 doc_masking: bool = False, shuffle: bool = True, prefetch: int = 4, rank: int = 0,
+                 world: int = 1) -> None:
+        # validate every shard (header, size, offsets, ids < vocab) now: bad data fails at start-up; the
+        # whole-shard scans are split between the job's `world` ranks (collective when world > 1)
+        self.shards = open_shards(shard_paths, vocab_size, rank=rank, world=world)
         self.seq_len, self.doc_masking, self.shuffle, self.prefetch = seq_len, doc_masking, shuffle, prefetch
 
     def build_loader(self, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int) -> PackedWindowLoader:

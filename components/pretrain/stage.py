@@ -95,7 +95,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     shards = [str(root / p) for p in paths if p.startswith(f"{split}/") and p.endswith(".tok")]
     objective = PretrainObjective(shards, seq_len=config.train.seq_len, vocab_size=model_cfg.vocab_size,
                                   doc_masking=config.data.doc_masking, shuffle=config.data.shuffle,
-                                  prefetch=config.train.prefetch_batches)
+                                  prefetch=config.train.prefetch_batches, rank=rank, world=world)
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, resume=True,
                    identity=spec.identity)
     if rank != 0:

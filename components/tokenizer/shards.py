@@ -14,7 +14,7 @@ Layout of one `.tok` file (little-endian):
     ...     (doc_count + 1) × 8        document start offsets (uint64), last = token_count
 
     w = TokenShardWriter(path, vocab_size=2048); w.add_document(ids); w.close()
-    r = TokenShardReader(path)    # validates header and size; r.tokens is a read-only memmap
+    r = TokenShardReader(path)    # validates header, size, offsets and ids; r.tokens is a read-only memmap
 """
 
 from __future__ import annotations
@@ -108,10 +108,13 @@ class TokenShardWriter:
 
 
 class TokenShardReader:
-    """Opens and validates a shard; `tokens` and `doc_offsets` are read-only memmaps."""
+    """Opens and validates a shard; `tokens` and `doc_offsets` are read-only memmaps.
 
-    def __init__(self, path: str | Path, expected_vocab_size: int | None = None,
-                 check_ids: bool = True) -> None:
+    Header and size are always checked (a few bytes); `scan` also reads the whole shard to check that
+    the document offsets ascend and every id is < the shard's vocab (`open_shards` splits that read
+    between the ranks of a job)."""
+
+    def __init__(self, path: str | Path, expected_vocab_size: int | None = None, scan: bool = True) -> None:
         self.path = Path(path)
         size = self.path.stat().st_size
         if size < HEADER_SIZE:
@@ -140,9 +143,9 @@ class TokenShardReader:
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_SIZE, shape=(ntok,))
         self.doc_offsets = np.memmap(self.path, dtype="<u8", mode="r",
                                      offset=HEADER_SIZE + ntok * self.dtype.itemsize, shape=(ndoc + 1,))
-        self._check_offsets()
-        if check_ids:  # against the shard's own vocab (≤ the model's): the writer never goes past it
-            self.check_ids(self.vocab_size)
+        if scan:
+            self._check_offsets()
+            self.check_ids(self.vocab_size)  # the shard's own vocab (≤ the model's): the writer never goes past it
 
     def _check_offsets(self) -> None:
         """Document offsets must run 0 … token_count without going back (doc-masking positions and

@@ -1,6 +1,6 @@
 """Streaming the packed token shards into training windows.
 
-    shards = open_shards(local_paths, vocab_size=cfg.vocab_size)   # validates every header and id
+    shards = open_shards(local_paths, vocab_size=cfg.vocab_size, rank=r, world=w)  # validates; collective
     loader = PackedWindowLoader(shards, seq_len=128, micro_batch_size=8, dp_rank=r, dp_size=w, seed=1)
     batch = next(loader)          # {"input_ids": (B, T), "labels": (B, T)} (+ doc_ids, position_ids)
     state = loader.state_dict()   # exact position: resume with loader.load_state_dict(state)
@@ -39,12 +39,36 @@ DROPPED_WARN_FRACTION = 0.01
 """Warn when the shard tails no window reaches (each shard's last `(tokens − 1) % seq_len` tokens, all
 of a shard shorter than `seq_len + 1`) exceed this fraction of the tokens."""
 
-def open_shards(paths: Sequence[str | Path], vocab_size: int) -> list[TokenShardReader]:
-    """Open and validate every shard at start-up (header, size, and every id < `vocab_size`), so bad
-    data fails before the first step, naming the file."""
+def open_shards(paths: Sequence[str | Path], vocab_size: int, *, rank: int = 0,
+                world: int = 1) -> list[TokenShardReader]:
+    """Open and validate every shard at start-up, so bad data fails before the first step, naming the
+    file: every shard's header and size here, and the whole-shard scan (offsets ascending, every id <
+    `vocab_size`) of the shards `i ≡ rank (mod world)` only. Each rank of a job scans its share, so
+    the job reads its corpus once between its ranks, not once per rank (terabytes each at a trillion
+    tokens). Collective when `world > 1` (every rank must call it): a failure found on any rank is
+    raised on all of them."""
     if not paths:
         raise InputDataError("no token shards (*.tok) found to train on")
-    return [TokenShardReader(p, expected_vocab_size=vocab_size) for p in sorted(map(str, paths))]
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} outside [0, world={world})")
+    shards: list[TokenShardReader] = []
+    error: BaseException | None = None
+    try:
+        for i, p in enumerate(sorted(map(str, paths))):
+            shards.append(TokenShardReader(p, expected_vocab_size=vocab_size, scan=i % world == rank))
+    except (InputDataError, OSError) as e:  # a missing file on one node too: its peers must not wait
+        error = e
+    if world > 1:
+        import torch.distributed as dist
+
+        found: list[str | None] = [None] * world
+        dist.all_gather_object(found, None if error is None else f"{type(error).__name__}: {error}")
+        first = next(((r, m) for r, m in enumerate(found) if m is not None), None)
+        if first is not None and error is None:
+            raise InputDataError(f"token shard check failed on rank {first[0]}: {first[1]}")
+    if error is not None:
+        raise error
+    return shards
 
 
 class PackedWindowLoader:

@@ -294,3 +294,64 @@ def test_every_window_maps_to_its_shard_and_start_with_empty_shards_between(tmp_
     np.testing.assert_array_equal(ld._rank_items(0), np.arange(8))
     shuffled = PackedWindowLoader(open_shards(paths, 512), seq_len=16, micro_batch_size=1, dp_rank=0, dp_size=1, seed=3)
     np.testing.assert_array_equal(shuffled._rank_items(2), np.random.default_rng([3, 2]).permutation(8))
+
+
+# Each rank opens the same four shards; the whole-shard scans are split between the ranks, and a bad
+# shard found by one rank fails both.
+_SPLIT_SCAN = """
+import json, sys
+import torch.distributed as dist
+from kubellm.tokenizer.shards import TokenShardReader
+from kubellm.training.data import open_shards
+
+scanned = []
+check = TokenShardReader.check_ids
+def spy(self, vocab_size, **kw):
+    scanned.append(self.path.name)
+    return check(self, vocab_size, **kw)
+TokenShardReader.check_ids = spy
+dist.init_process_group("gloo")
+try:
+    shards = open_shards(sys.argv[1:], 512, rank=dist.get_rank(), world=dist.get_world_size())
+    print(json.dumps({"scanned": scanned, "opened": [s.path.name for s in shards]}), flush=True)
+except Exception as e:
+    print(json.dumps({"scanned": scanned, "error": f"{type(e).__name__}: {e}"}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _open_on_two_ranks(paths: list[str]) -> list[dict]:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SPLIT_SCAN, *paths], env={**base, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_each_rank_scans_its_share_of_the_shards_and_a_bad_one_fails_every_rank(tmp_path: Path) -> None:
+    paths = [write_shard(tmp_path / f"train/s{i}.tok", [list(range(i, i + 40))]) for i in range(4)]
+    ok = _open_on_two_ranks(paths)
+    assert [r["scanned"] for r in ok] == [["s0.tok", "s2.tok"], ["s1.tok", "s3.tok"]]
+    assert all(r["opened"] == ["s0.tok", "s1.tok", "s2.tok", "s3.tok"] for r in ok)  # headers: every shard
+
+    from kubellm.tokenizer.shards import HEADER_SIZE
+
+    raw = bytearray(Path(paths[3]).read_bytes())  # s3 is rank 1's to scan: id 600 ≥ the shard's vocab 512
+    raw[HEADER_SIZE + 2 * 5: HEADER_SIZE + 2 * 6] = (600).to_bytes(2, "little")
+    Path(paths[3]).write_bytes(bytes(raw))
+    bad = _open_on_two_ranks(paths)
+    assert bad[1]["error"].startswith("InputDataError: ") and "s3.tok: token 5 has id 600" in bad[1]["error"]
+    assert bad[0]["error"].startswith("InputDataError: token shard check failed on rank 1: InputDataError: ")
+    assert "s3.tok: token 5 has id 600 ≥ vocab_size 512" in bad[0]["error"]
+    assert "s3.tok" not in bad[0]["scanned"]  # rank 0 learned it from rank 1, without reading s3 itself
