@@ -285,6 +285,7 @@ class Storage(Protocol):
     def upload(self, local: Path, uri: str) -> None: ...
     def download(self, uri: str, local: Path) -> None: ...
     def exists(self, uri: str) -> bool: ...
+    def head(self, uri: str) -> ObjectInfo | None: ...
     def list(self, prefix: str) -> list[ObjectInfo]: ...
     def delete(self, uri: str) -> None: ...
 
@@ -404,6 +405,14 @@ class LocalStorage:
 
     def exists(self, uri: str) -> bool:
         return local_path(uri).is_file()
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        """One file's entry as `list` would give it (relpath: its name), None when there is none."""
+        p = local_path(uri)
+        if not p.is_file() or _is_scratch(p.name):
+            return None
+        st = p.stat()
+        return ObjectInfo(uri, p.name, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         root = local_path(prefix)
@@ -594,6 +603,23 @@ class S3Storage:
             raise self._err("head", uri, e) from None
         except Exception as e:
             raise self._err("head", uri, e) from None
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        """One object's entry as `list` would give it (relpath: the key's last part), by one HEAD
+        request; None when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            r = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise self._err("head", uri, e) from None
+        except Exception as e:
+            raise self._err("head", uri, e) from None
+        return ObjectInfo(f"s3://{bucket}/{key}", key.rpartition("/")[2], int(r["ContentLength"]),
+                          str(r["ETag"]).strip('"'))
 
     def _iter(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key = split_s3(prefix)

@@ -24,7 +24,8 @@ class QualityFilters(StrictModel):
     (in the order listed here). Set a field to null to disable that filter."""
 
     min_words: int | None = Field(default=20, ge=0)
-    """Drop documents with fewer words (Gopher: 50)."""
+    """Drop documents with fewer words (Gopher: 50). Words are whitespace-separated, so a document in a
+    script written without spaces (Chinese, Japanese, Thai) is a few "words": set null for such text."""
     max_words: int | None = Field(default=100_000, ge=1)
     """Drop documents with more words."""
     min_mean_word_length: float | None = Field(default=3.0, ge=0)
@@ -102,7 +103,8 @@ class DataPrepConfig(StrictModel):
     """Split to stream when a source is a Hugging Face Hub dataset (`hf:<name>[:<config>]`), and the
     split read from a local or S3 `datasets` save_to_disk DatasetDict."""
     docs_per_shard: int = Field(default=50_000, ge=1)
-    """Documents per output parquet shard (also the write batch: bounds memory)."""
+    """Documents per output parquet shard. Memory is bounded by the write batch: this many documents
+    or 64 MiB of text, whichever comes first."""
     num_proc: int = Field(default=1, ge=1)
     """Input shards cleaned in parallel processes (the map step); 1 = in this process."""
     fan_out: bool = False

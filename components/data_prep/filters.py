@@ -23,22 +23,26 @@ from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
 _WS = re.compile(r"\s+")
 _WORD_PUNCT = re.compile(r"[^\w\s]")
 _ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+# any script in the local part and the domain (josé@exämple.de), a letters-only top-level domain
+_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")
 # A phone number has a phone's shape, not just 7+ digits in groups (which dates, prices and lists of
 # numbers also have): +country code, then groups or an area code in parentheses (+44 (0)20 7946 0958,
 # +4915112345678); North American (415) 555-0132 / 415-555-0132; or a national number with its trunk 0
-# (020 7946 0958, 01 23 45 67 89). Dates are left alone (`_DATE`); a 7-digit local number without an
-# area code (555-0132) is not taken: that shape is as often a range or a part number.
+# and one separator throughout (020 7946 0958, 01 23 45 67 89, 030/12345678). Dates are left alone
+# (`_DATE`, also a date the match starts or ends with), and so is a longer run of number groups (a
+# phone never continues with ` 45`: lottery draws, times 09.30 10.45, scores). A 7-digit local number
+# without an area code (555-0132) is not taken: that shape is as often a range or a part number.
 _PHONE = re.compile(
-    r"(?<!\w)(?<!\d[.,])(?:"
+    r"(?<!\w)(?<!\d[.,])(?<!\d )(?:"
     r"\+\d{8,15}|\+\d{1,3}(?:[\s.-]?\(\d{1,4}\)[\s.-]?\d{1,8})?(?:[\s.-]\d{1,8}){0,5}"
     r"|\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|\d{3} \d{3} \d{4}"
-    r"|0\d{1,4}(?:[\s.-]\d{2,8}){1,4}"
-    r")(?!\w|[.,-]\d)")
+    r"|0\d{1,4}([\s./-])\d{2,8}(?:\2\d{2,8}){0,3}"
+    r")(?!\w|[.,-]\d| \d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)")
 # candidates, each checked with `ipaddress` (compressed forms, any number of groups after ::)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
+_DATE_AT_AN_END = re.compile(rf"^(?:{_DATE.pattern})(?!\d)|(?<!\d)(?:{_DATE.pattern})$")
 
 FILTER_NAMES = ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
                 "max_symbol_word_ratio", "max_ellipsis_line_fraction", "min_alpha_word_fraction",
@@ -104,17 +108,22 @@ def quality_reason(text: str, f: QualityFilters) -> str | None:
 
 
 def _is_ipv6(s: str) -> bool:
-    """A valid IPv6 address with at least two groups written: a bare `::` or `::2` is more likely code
-    (`a[::2]`, `f :: Int`, `::=`) than an address."""
+    """A valid IPv6 address with at least two groups written and a digit: a bare `::` or `::2` is more
+    likely code (`a[::2]`, `f :: Int`, `::=`) than an address, and so are hex words (`dead::beef`)."""
     try:
         ipaddress.IPv6Address(s)
     except ValueError:
         return False
-    return sum(1 for g in s.split(":") if g) >= 2
+    return sum(1 for g in s.split(":") if g) >= 2 and any(c.isdigit() for c in s)
+
+
+def _is_ipv4(s: str) -> bool:
+    """Not four single digits: `section 3.1.2.4` is a section number, not an address."""
+    return any(len(octet) > 1 for octet in s.split("."))
 
 
 def _is_phone(s: str) -> bool:
-    return sum(c.isdigit() for c in s) >= 7 and not _DATE.fullmatch(s)
+    return sum(c.isdigit() for c in s) >= 7 and not _DATE_AT_AN_END.search(s)
 
 
 def _replace(pattern: re.Pattern[str], text: str, placeholder: str,
@@ -139,7 +148,7 @@ def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, int]:
         text, k = _EMAIL.subn("<EMAIL>", text)
         total += k
     if cfg.ips:  # before phones: a dotted IPv4 also looks like a phone number
-        text, k = _IPV4.subn("<IP>", text)
+        text, k = _replace(_IPV4, text, "<IP>", _is_ipv4)
         total += k
         text, k = _replace(_IPV6, text, "<IP>", _is_ipv6)
         total += k

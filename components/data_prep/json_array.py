@@ -21,6 +21,7 @@ from kubellm.data_prep.records import (
     FieldSeen,
     Record,
     bad_record,
+    beyond_json_limits,
     object_record,
     open_binary,
     too_large,
@@ -199,5 +200,8 @@ def read_json_array(path: Path, label: str, field: str, max_bytes: int) -> Itera
             except json.JSONDecodeError as e:
                 raise broken(f"element {index - 1} (byte {start})", f"malformed JSON ({e.msg}: char {e.pos} "
                              "of the element)") from e
+            except (ValueError, RecursionError) as e:
+                yield bad_record(where, size, beyond_json_limits(e))
+                continue
             seen.note(obj)
             yield object_record(obj, where, size, field)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from kubellm.data_prep.records import (
     is_json_array,
     lines,
     object_record,
+    parse_json,
     too_large,
     unreadable,
 )
@@ -49,6 +49,7 @@ from kubellm.data_prep.sources import ARROW, Source, parse_hub
 
 def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Record]:
     seen = FieldSeen(field)
+    tried, parsed, first_bad = 0, 0, ""
     for line_no, offset, line, nbytes in lines(path, label, max_bytes):
         where = f"{label}:line {line_no} (byte {offset})"
         if line is None:
@@ -56,19 +57,27 @@ def _jsonl(path: Path, label: str, field: str, max_bytes: int) -> Iterator[Recor
             continue
         if not line.strip():
             continue  # blank lines between JSON records are not records
+        tried += 1
         try:
             s = line.decode("utf-8")
         except UnicodeDecodeError as e:
+            first_bad = first_bad or f"line {line_no}: invalid_utf8: {e.reason}"
             yield bad_record(f"{label}:line {line_no} (byte {offset + e.start})", nbytes,
                        f"invalid_utf8: {e.reason}")
             continue
-        try:
-            obj = json.loads(s.rstrip("\r\n"))  # a line cut off inside a string: "Unterminated string"
-        except json.JSONDecodeError as e:
-            yield bad_record(where, nbytes, f"malformed_json: {e.msg}: column {e.colno}")
+        obj, reason = parse_json(s.rstrip("\r\n"))  # a line cut off inside a string: "Unterminated string"
+        if reason:
+            first_bad = first_bad or f"line {line_no}: {reason}"
+            yield bad_record(where, nbytes, reason)
             continue
+        parsed += 1
         seen.note(obj)
         yield object_record(obj, where, nbytes, field)
+    if tried > 1 and not parsed:  # not one bad line among good ones: the file is not JSON Lines
+        raise InputDataError(
+            f"{label}: none of its {tried} lines is JSON (first: {first_bad}); expected JSON Lines in UTF-8, "
+            "one object per line (a .json file holding one pretty-printed object: make it a JSON array "
+            "of objects or JSON Lines)")
     seen.check(label)
 
 
@@ -253,6 +262,10 @@ def _hub(name: str, config_name: str | None, split: str, label: str, field: str,
             return
         except Exception as e:  # a stream that breaks part way: the rest cannot be counted
             raise unreadable(label, f"row {row}", e, "the stream broke") from e
+        if row == 0 and field not in obj:  # one schema for every row: fail now, not after the whole stream
+            raise InputDataError(f"{label}: its rows have no field {field!r} (data_prep.text_field); the fields "
+                                 f"they have: {', '.join(map(repr, list(obj)[:20])) or 'none'}. Set "
+                                 "data_prep.text_field to the one that holds the text.")
         yield _value_record(obj.get(field), f"{label}:row {row}", field, max_bytes)
         row += 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gzip
+import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from kubellm.core.errors import InputDataError
 
 BOM = codecs.BOM_UTF8  # a UTF-8 byte-order mark, ignored at the start of any file
+_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # also the start of UTF-32's
 
 
 @dataclasses.dataclass
@@ -60,7 +62,8 @@ def too_large(nbytes: int, max_bytes: int) -> str:
 def lines(path: Path, label: str, max_bytes: int) -> Iterator[tuple[int, int, bytes | None, int]]:
     """Yield (line_no, byte_offset, line, nbytes) without ever holding more than `max_bytes` + 1 of
     one line; `line` is None for a line longer than `max_bytes` (`nbytes` is then its whole size).
-    A leading UTF-8 BOM is not part of line 1. A file that cannot be read to its end (a truncated or
+    A UTF-8 BOM at the start of a line is not part of it (line 1's, and each later file's in a
+    `cat a.jsonl b.jsonl` concatenation). A file that cannot be read to its end (a truncated or
     corrupt gzip) raises InputDataError naming the line and byte where it broke."""
     offset, line_no = 0, 0
     with open_binary(path) as f:
@@ -86,7 +89,11 @@ def lines(path: Path, label: str, max_bytes: int) -> Iterator[tuple[int, int, by
                     raise unreadable(label, f"byte {offset} (inside line {line_no}, uncompressed)", e) from e
                 yield line_no, start, None, offset - start
                 continue
-            if line_no == 1 and line.startswith(BOM):
+            if line_no == 1 and line.startswith(_WIDE_BOMS):
+                raise InputDataError(
+                    f"{label}: starts with a UTF-16/UTF-32 byte-order mark; kubellm reads UTF-8 text (convert "
+                    "it, e.g. `iconv -f UTF-16 -t UTF-8`)")
+            if line.startswith(BOM):
                 line, start = line[len(BOM):], start + len(BOM)
             yield line_no, start, line, len(line)
 
@@ -105,6 +112,23 @@ def check_text(text: Any, field: str) -> tuple[str | None, str | None]:
     if not text.strip():
         return None, "empty"
     return text, None
+
+
+def parse_json(text: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, the bad-record reason) for text that is not JSON or not a value this
+    reader can hold (`beyond_json_limits`)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed_json: {e.msg}: column {e.colno}"
+    except (ValueError, RecursionError) as e:
+        return None, beyond_json_limits(e)
+
+
+def beyond_json_limits(e: ValueError | RecursionError) -> str:
+    """The reason for well-formed JSON that Python will not build: an integer of more than its 4300
+    digits, nesting deeper than the recursion limit. One bad record, never an error that stops the stage."""
+    return "malformed_json: " + ("nested too deeply to parse" if isinstance(e, RecursionError) else str(e))
 
 
 def bad_record(where: str, n: int, reason: str) -> Record:

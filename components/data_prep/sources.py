@@ -211,12 +211,12 @@ def _resolve_item(item: str, skipped: list[str]) -> list[Source]:
         listed = st.list(item)
         key_name = item[len("s3://"):].rstrip("/").partition("/")[2].rpartition("/")[2]
         if not listed and "." in key_name:  # a file name: one object named by its key, not a prefix?
-            objs = [o for o in st.list(item.rsplit("/", 1)[0]) if o.uri == item]
-            if objs:
+            obj = st.head(item)  # one request: listing the parent would list all its siblings
+            if obj is not None:
                 fmt = format_of(item)
                 if fmt is None:  # named on its own: an error, not a skip (as a local file)
                     raise ConfigError(f"{item}: unknown format; {_EXPECTED}")
-                return [_s3_source(st, item, fmt, objs[0])]
+                return [_s3_source(st, item, fmt, obj)]
         # the local scan's rules: folder markers (`dir/`) are no files; `_`/`.` paths are no inputs
         visible = [o for o in listed if o.relpath and not o.relpath.endswith("/")
                    and not _ignored(o.relpath.split("/"))]
@@ -271,18 +271,32 @@ def _resolve_item(item: str, skipped: list[str]) -> list[Source]:
 
 
 def scan_sources(raw: str, *, warn: bool = True) -> SourceScan:
-    """Expand the raw input into an ordered list of shards (sorted within each item), and the files
+    """Expand the raw input into an ordered list of shards (sorted within each item; a file that two
+    items name is read once, where it is first named), and the files
     that directory, glob and S3-prefix scans left out because no reader knows their format (logged
     as a warning with the first few names; data prep records them in its manifest and report). A
     file named on its own with an unknown format is an error; an item with nothing readable is one
     too, naming what it skipped."""
     out: list[Source] = []
     skipped: list[str] = []
+    seen: set[str] = set()
     for item in (s.strip() for s in raw.split(",")):
         if not item:
             continue
         before = len(skipped)
-        out += _resolve_item(item, skipped)
+        repeated = []
+        for src in _resolve_item(item, skipped):
+            # what the fingerprint names (a resolved local path, an S3 URI, a hub dataset), not how
+            # the item spelled it: `data/,data/a.jsonl` reads a.jsonl once
+            key = src.fingerprint.rpartition("@")[0] or src.uri
+            if key in seen:
+                repeated.append(src.uri)
+            else:
+                seen.add(key)
+                out.append(src)
+        if warn and repeated:
+            log.warning("%s: %d file(s) already named by an earlier input item are read once: %s", item,
+                        len(repeated), _shown(repeated))
         if warn and len(skipped) > before:
             log.warning("%s: skipping %d file(s) that no reader knows the format of: %s (%s)", item,
                         len(skipped) - before, _shown(skipped[before:]), _EXPECTED)

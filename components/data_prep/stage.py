@@ -22,13 +22,15 @@ Map / reduce — `run()` calls these in order on one machine; a pipeline can fan
    (`kubellm.data_prep.sources` says what names the shards, `kubellm.data_prep.readers` how each
    format is read and why), skips and names bad records, NFC-normalises, applies the quality
    filters and optional PII scrubbing, and writes under `work/shard-<index>/`: `docs.parquet` (text + exact-dedup key), `minhash.bin` (uint32 MinHash
-   signatures, one row per doc) and `stats.json`. Memory: one record plus one write batch.
+   signatures, one row per doc) and `stats.json`. Memory: one record plus one write batch (at most
+   4096 documents or 64 MiB of text).
 3. `global_dedup(work, config, n_shards) -> dict` (reduce): checks the bad-record fraction (raises
    `InputDataError` naming the first bad records when it exceeds `max_bad_fraction`), then walks the
    shards in order keeping only the exact-dedup keys and a datasketch `MinHashLSH` index in memory;
    the first occurrence wins. Writes `work/shard-<index>/keep.npy` and `work/dedup.json`.
 4. `write_splits(work, config, n_shards, out_dir) -> dict`: streams the kept documents into the
-   train/validation parquet shards (split by a hash of the text), `docs_per_shard` at a time.
+   train/validation parquet shards (split by a hash of the text), `docs_per_shard` documents per
+   shard, written in row groups of at most 64 MiB of text (memory does not grow with document size).
 5. `publish(...)` commits the artifact with the report.
 
 `work` is a storage URI (local dir or `s3://…`): each step reads and writes it through
@@ -77,6 +79,7 @@ BAD_KINDS = ("invalid_utf8", "lone_surrogate", "nul_byte", "empty", "too_large",
 MAX_EXAMPLES = 50
 MAX_SKIPPED_NAMES = 50  # input files a scan skipped (unknown format), named in the manifest
 _BATCH = 4096
+_BATCH_BYTES = 64 << 20  # a write batch ends at _BATCH documents or this much text, whichever comes first
 #: MinHashLSH's (false-positive, false-negative) weights when it picks bands and rows: recall-weighted,
 #: because every candidate is then checked against the kept document's signature (see global_dedup)
 LSH_WEIGHTS = (0.1, 0.9)
@@ -101,7 +104,7 @@ class _WorkDir:
             self._tmp = tempfile.TemporaryDirectory(prefix="kubellm-dataprep-")
             self.local = Path(self._tmp.name)
         else:
-            self.local = Path(work)
+            self.local = local_path(work)  # a plain path or file:// URI (a pod's cwd must not matter)
             self.local.mkdir(parents=True, exist_ok=True)
 
     def get(self, rel: str) -> Path:
@@ -149,6 +152,7 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
     sig_dtype = F.signature_dtype(config.dedup)
     texts: list[str] = []
     keys: list[bytes] = []
+    batch_bytes = 0
     n_logged = 0
     with tempfile.TemporaryDirectory(prefix="kubellm-raw-") as tmp:
         local = None if source.format == "hub" else stage_local(source, Path(tmp))
@@ -156,6 +160,8 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
                 open(wd.local / rel / "minhash.bin", "wb") as sig_file:
 
             def flush() -> None:
+                nonlocal batch_bytes
+                batch_bytes = 0
                 if texts:
                     writer.write_table(pa.table({"text": texts, "key": keys}, schema=schema))
                     sigs = (F.minhash_signatures(texts, config.dedup) if config.dedup.near  # the whole batch at once
@@ -197,7 +203,8 @@ def prepare_shard(source: Source | str, index: int, config: DataPrepConfig, work
                 stats["kept_bytes"] += nbytes
                 texts.append(text)
                 keys.append(F.dedup_key(text))
-                if len(texts) >= min(_BATCH, config.docs_per_shard):
+                batch_bytes += nbytes
+                if len(texts) >= min(_BATCH, config.docs_per_shard) or batch_bytes >= _BATCH_BYTES:
                     flush()
             flush()
             if recheck:
@@ -296,32 +303,49 @@ def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path
     counts: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "files": []}
                                          for s in ("train", "validation")}
     buffers: dict[str, list[str]] = {"train": [], "validation": []}
+    buffered = {"train": 0, "validation": 0}  # bytes of text in the buffer
+    in_part = {"train": 0, "validation": 0}  # documents in the open part
+    writers: dict[str, pq.ParquetWriter] = {}
 
-    def flush(split: str) -> None:
+    def flush(split: str, end_part: bool) -> None:
         if buffers[split]:
-            name = f"{split}/part-{len(counts[split]['files']):05d}.parquet"
-            (out_dir / split).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({"text": buffers[split]}, schema=schema), out_dir / name)
-            counts[split]["files"].append(name)
-            buffers[split] = []
+            if split not in writers:
+                name = f"{split}/part-{len(counts[split]['files']):05d}.parquet"
+                (out_dir / split).mkdir(parents=True, exist_ok=True)
+                writers[split] = pq.ParquetWriter(out_dir / name, schema)
+                counts[split]["files"].append(name)
+            writers[split].write_table(pa.table({"text": buffers[split]}, schema=schema))
+            buffers[split], buffered[split] = [], 0
+        if end_part and split in writers:
+            writers.pop(split).close()
+            in_part[split] = 0
 
-    for i in range(n_shards):
-        rel = _shard_dir(i)
-        keep = np.load(wd.get(f"{rel}/keep.npy"), allow_pickle=False)
-        row = 0
-        for batch in pq.ParquetFile(wd.get(f"{rel}/docs.parquet")).iter_batches(batch_size=_BATCH,
-                                                                               columns=["text"]):
-            for text in batch.column("text").to_pylist():
-                if keep[row]:
-                    split = F.split_of(text, config.validation_fraction)
-                    buffers[split].append(text)
-                    counts[split]["documents"] += 1
-                    counts[split]["bytes"] += len(text.encode("utf-8"))
-                    if len(buffers[split]) >= config.docs_per_shard:
-                        flush(split)
-                row += 1
-    for split in buffers:
-        flush(split)
+    try:
+        for i in range(n_shards):
+            rel = _shard_dir(i)
+            keep = np.load(wd.get(f"{rel}/keep.npy"), allow_pickle=False)
+            row = 0
+            for batch in pq.ParquetFile(wd.get(f"{rel}/docs.parquet")).iter_batches(batch_size=_BATCH,
+                                                                                   columns=["text"]):
+                for text in batch.column("text").to_pylist():
+                    if keep[row]:
+                        split = F.split_of(text, config.validation_fraction)
+                        nbytes = len(text.encode("utf-8"))
+                        buffers[split].append(text)
+                        counts[split]["documents"] += 1
+                        counts[split]["bytes"] += nbytes
+                        buffered[split] += nbytes
+                        in_part[split] += 1
+                        if in_part[split] >= config.docs_per_shard:
+                            flush(split, end_part=True)
+                        elif buffered[split] >= _BATCH_BYTES:
+                            flush(split, end_part=False)  # a row group now; the part goes on
+                    row += 1
+        for split in buffers:
+            flush(split, end_part=True)
+    finally:
+        for w in writers.values():  # after an error: the scratch dir is discarded, but not with open files
+            w.close()
     wd.close()
     return counts
 
@@ -462,8 +486,12 @@ def run(config: DataPrepConfig, inputs: Mapping[str, str], output: str) -> Manif
         if config.num_proc > 1 and len(sources) > 1:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=config.num_proc, mp_context=ctx) as pool:
-                stats = list(pool.map(prepare_shard, sources, range(len(sources)),
-                                      [config] * len(sources), [work] * len(sources)))
+                try:
+                    stats = list(pool.map(prepare_shard, sources, range(len(sources)),
+                                          [config] * len(sources), [work] * len(sources)))
+                except BaseException:  # the first failure ends the stage now, not after every queued shard
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             stats = [prepare_shard(s, i, config, work) for i, s in enumerate(sources)]
         _check_sources_unchanged(inputs["raw"], sources)

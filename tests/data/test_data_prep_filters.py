@@ -66,11 +66,19 @@ def test_pii_scrubbing() -> None:
     ("code a[::-1], a[::2], f :: Int, expr ::= term", None),  # '::' alone is no address
     ("+44 (0)20 7946 0958, +49 (30) 123456 or +4915112345678", "<PHONE>, <PHONE> or <PHONE>"),
     ("2+2=4 and 3 +5 7, scores +12.5 and +13.75", None),
+    # runs of number groups, a date with a number after it, section numbers and hex words stay (before:
+    # "<PHONE> guests", "<PHONE> 11.15", "<PHONE> 45", "<IP>")
+    ("on 05-03-2024 15 guests; times 09.30 10.45 11.15; draw 03 11 19 27 38 45", None),
+    ("see section 3.1.2.4 and dead::beef, cafe::babe", None),
+    # any script in an e-mail address; a trunk 0 with '/' (DE); an address with a one-digit octet
+    ("josé@example.com, user@exämple.de, DE 030/12345678, host 10.0.0.1",
+     "<EMAIL>, <EMAIL>, DE <PHONE>, host <IP>"),
+    ("a phone at a line's end 020 7946 0958\n2 Main Street", "a phone at a line's end <PHONE>\n2 Main Street"),
 ])
 def test_pii_scrubbing_takes_phone_and_address_shapes_only(text: str, scrubbed: str | None) -> None:
     out, n = F.scrub_pii(text, PIIConfig(enabled=True))
     assert out == (scrubbed or text)
-    assert n == (out.count("<PHONE>") + out.count("<IP>"))
+    assert n == (out.count("<PHONE>") + out.count("<IP>") + out.count("<EMAIL>"))
 
 
 def test_texts_without_words_are_not_all_near_duplicates() -> None:

@@ -244,6 +244,31 @@ def test_too_large_and_malformed_json_lines_are_reported_with_size_and_readable_
     assert recs[1].detail == "Unterminated string starting at: column 10"
 
 
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json"])
+def test_json_python_will_not_build_is_one_bad_record_not_a_stage_failure(tmp_path: Path, name: str) -> None:
+    """An integer past Python's 4300-digit limit or nesting past the recursion limit is well-formed
+    JSON that `json.loads` refuses with ValueError / RecursionError: one bad record naming where, the
+    records around it kept."""
+    big = '{"text": "a record", "id": ' + "1" * 5000 + "}"
+    deep = "[" * 200_000 + "]" * 200_000
+    good = json.dumps({"text": TEXT.format(i=0)})
+    items = [good, big, deep, good]
+    p = tmp_path / name
+    p.write_text("\n".join(items) + "\n" if name.endswith(".jsonl") else "[" + ",\n".join(items) + "]")
+    recs = _read(p)
+    assert _kinds(recs) == ["ok", "malformed_json", "malformed_json", "ok"]
+    assert "4300 digits" in recs[1].detail and recs[2].detail == "nested too deeply to parse"
+    assert recs[1].where.endswith(f"line 2 (byte {len(good) + 1})" if name.endswith(".jsonl")
+                                  else f"element 1 (byte {len(good) + 3})")
+
+
+def test_a_bom_at_the_start_of_any_line_is_ignored(tmp_path: Path) -> None:
+    """`cat a.jsonl b.jsonl` of two files each written with a BOM: the second BOM is not a bad record."""
+    p = tmp_path / "cat.jsonl"
+    p.write_bytes(BOM + _good_lines(2) + BOM + _good_lines(1))
+    assert _kinds(_read(p)) == ["ok", "ok", "ok"]
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
 def test_json_array_elements_read_in_chunks_equal_json_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              chunk: int) -> None:
@@ -309,3 +334,29 @@ def test_a_hub_source_is_pinned_to_the_commit_it_resolves_to(monkeypatch: pytest
     # offline: unpinned, read as named
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert hub_source("hf:org/corpus:en").fingerprint == "hf:org/corpus:en"
+
+
+def test_a_file_that_two_input_items_name_is_read_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "data/sub").mkdir(parents=True)
+    for name in ("a.jsonl", "sub/b.jsonl"):
+        (tmp_path / "data" / name).write_bytes(_good_lines(1))
+    raw = f"{tmp_path}/data,{tmp_path}/data/a.jsonl,{tmp_path}/data/../data/sub/*.jsonl"
+    with caplog.at_level("WARNING"):
+        found = [Path(s.uri).name for s in resolve_sources(raw)]
+    assert found == ["a.jsonl", "b.jsonl"]
+    assert "already named by an earlier input item are read once" in caplog.text
+
+
+def test_a_utf16_file_or_one_that_is_not_json_lines_fails_naming_it(tmp_path: Path) -> None:
+    """Every line of such a file is a bad record: under 1% of a large input it vanished with a warning."""
+    p = tmp_path / "wide.jsonl"
+    p.write_bytes(json.dumps({"text": "hello"}).encode("utf-16"))  # with its BOM
+    with pytest.raises(InputDataError, match=r"wide\.jsonl: starts with a UTF-16/UTF-32 byte-order mark"):
+        _read(p)
+    p = tmp_path / "pretty.json"
+    p.write_text(json.dumps({"text": "hello", "meta": {"a": 1}}, indent=2))
+    with pytest.raises(InputDataError, match=r"pretty\.json: none of its 6 lines is JSON \(first: line 1: "
+                                             r"malformed_json: Expecting .*\); expected JSON Lines"):
+        _read(p)
+    p.write_text(json.dumps({"text": "hello"}) + "\n{broken\n")  # one bad line among good ones: a bad record
+    assert _kinds(_read(p)) == ["ok", "malformed_json"]

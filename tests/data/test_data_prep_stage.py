@@ -125,6 +125,59 @@ def test_map_reduce_functions_with_an_s3_work_prefix(s3_bucket: str, small_world
     assert splits["validation"]["documents"] == local.counts["validation_documents"]
 
 
+def test_map_reduce_functions_with_a_file_uri_work_prefix(small_world: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `file://` work prefix is that directory, not `./file:/…` under each pod's working directory
+    (where the reduce step, in another pod, could not find the map output)."""
+    cfg = DataPrepConfig(validation_fraction=0.1)
+    sources = list_sources(str(small_world["corpus"]))
+    monkeypatch.chdir(tmp_path)
+    work = f"file://{tmp_path}/shared/work"
+    stats = [prepare_shard(s.uri, i, cfg, work) for i, s in enumerate(sources)]
+    assert all(s["records"] > 0 for s in stats)
+    assert (tmp_path / "shared/work/shard-00000").is_dir() and not (tmp_path / "file:").exists()
+    global_dedup(work, cfg, len(sources))
+    assert write_splits(work, cfg, len(sources), tmp_path / "out")["train"]["documents"] > 0
+
+
+def test_a_hub_dataset_without_the_text_field_fails_at_its_first_row(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from kubellm.core.errors import InputDataError
+
+    served = []
+
+    def rows():  # type: ignore[no-untyped-def]
+        for i in range(1000):
+            served.append(i)
+            yield {"content": f"row {i}", "id": i}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows())
+    with pytest.raises(InputDataError, match=r"hf:org/ds: its rows have no field 'text' \(data_prep.text_field\); "
+                                             r"the fields they have: 'content', 'id'"):
+        run(DataPrepConfig(), {"raw": "hf:org/ds"}, str(tmp_path / "out"))
+    assert served == [0]  # not the whole stream read first
+
+
+def test_write_batches_end_at_a_byte_cap_and_the_output_is_unchanged(small_world: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory is bounded by bytes as well as by document count: with a tiny cap every document is its
+    own write batch (a row group), and the shards hold the same documents in the same parts."""
+    import kubellm.data_prep.stage as stage
+
+    cfg = DataPrepConfig(validation_fraction=0.1, docs_per_shard=20)
+    ref = run(cfg, {"raw": str(small_world["corpus"])}, str(tmp_path / "ref"))
+    monkeypatch.setattr(stage, "_BATCH_BYTES", 1)
+    capped = run(cfg, {"raw": str(small_world["corpus"])}, str(tmp_path / "capped"))
+    parts = [f.path for f in ref.files if f.path.endswith(".parquet")]
+    assert parts == [f.path for f in capped.files if f.path.endswith(".parquet")] and len(parts) > 2
+    for part in parts:
+        a, b = (pq.ParquetFile(Path(m.uri) / part) for m in (ref, capped))
+        assert a.read().column("text").to_pylist() == b.read().column("text").to_pylist()
+        assert a.metadata.num_row_groups == 1 and b.metadata.num_row_groups == b.metadata.num_rows > 1
+
+
 def test_hub_sources_stream_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 

@@ -94,7 +94,7 @@ def test_report_bytes_balance_with_pii_scrubbing(tmp_path: Path) -> None:
     docs[2] += " Our server is at 10.0.0.1 and a@b.io answers mail."  # a@b.io (6 bytes) -> <EMAIL> (7)
     docs[3] = docs[1]  # an exact duplicate: scrubbed in the map, removed by the dedup after it
     docs[4] = "too short"  # removed by a quality filter before scrubbing
-    docs[5] += " ip 1.2.3.4"
+    docs[5] += " ip 192.0.2.4"
     (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     cfg = DataPrepConfig(validation_fraction=0.2, pii=PIIConfig(enabled=True))
     m = run(cfg, {"raw": str(d)}, str(tmp_path / "out"))

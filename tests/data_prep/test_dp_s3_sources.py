@@ -116,3 +116,21 @@ def test_save_to_disk_directory_on_s3_is_read_as_one_dataset(s3_bucket: str, tmp
     first, second = sorted(saved.glob("*.arrow"))
     storage_for(root).upload(first, f"{root}/ds/{second.name}")
     assert resolve_sources(root)[0].fingerprint != ds.fingerprint
+
+
+def test_one_object_named_by_its_key_is_found_by_one_head_request_not_a_listing_of_its_siblings(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naming `raw/x.jsonl` had listed all of `raw/` to find it (twice per fan-out pod: O(files²) listed
+    objects over a fan-out of a large prefix)."""
+    for i in range(5):
+        _put(f"{s3_bucket}/raw/s{i}.jsonl", _lines(f"doc {i}"))
+    st = storage_for(s3_bucket)
+    listed: list[str] = []
+    real_list = type(st).list
+    monkeypatch.setattr(type(st), "list", lambda self, prefix: listed.append(prefix) or real_list(self, prefix))
+    (src,) = resolve_sources(f"{s3_bucket}/raw/s3.jsonl")
+    assert src.uri == f"{s3_bucket}/raw/s3.jsonl" and src.format == "jsonl"
+    assert listed == [f"{s3_bucket}/raw/s3.jsonl"]  # only the prefix of that name (empty), never raw/
+    # the fingerprint is the one the prefix scan gives the same object (the fan-out's recheck compares them)
+    assert src.fingerprint == [s for s in resolve_sources(f"{s3_bucket}/raw") if s.uri == src.uri][0].fingerprint
+    assert st.head(f"{s3_bucket}/raw/none.jsonl") is None
