@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,13 @@ def task_manager(tasks: list[str], data_dir: Path | None) -> Any:
         raise ConfigError(
             f"evaluate.tasks: task(s) {unknown} do not exist. Bundled: {', '.join(BUNDLED_TASKS)}; "
             "standard harness tasks are listed by `lm_eval ls tasks`"
+        )
+    tags = [t for t in tasks if t in set(tm.all_tags)]
+    if tags:  # lm-eval would run every task under it in one call and report none under the tag's name
+        raise ConfigError(
+            f"evaluate.tasks: {tags} {'is an lm-eval tag' if len(tags) == 1 else 'are lm-eval tags'}, naming "
+            "several tasks; list the tasks themselves (each gets its own column, few-shot count and chat "
+            f"setting). Bundled: {', '.join(BUNDLED_TASKS)}; a tag's tasks are listed by `lm_eval ls tags`"
         )
     return tm
 
@@ -158,7 +166,7 @@ def parse_results(out: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, 
         metrics: dict[str, float] = {}
         for key, value in res.items():
             name = harness_name(key)
-            if name is None or not isinstance(value, int | float) or isinstance(value, bool):
+            if name is None or not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars too
                 continue  # "N/A" stderr (one item), alias, sample_len
             metrics[name] = float(value)
         scores[task] = metrics

@@ -63,13 +63,13 @@ def shard_perplexity(model: Any, paths: Sequence[Path], *, seq_len: int = 256, b
             mask[i, : len(w)] = 1
         ids, mask = ids.to(device), mask.to(device)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-        tgt = ids[:, 1:]
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        valid = mask[:, 1:].bool()
-        total_nll += float(nll[valid].double().sum())
-        total_tok += int(valid.sum())
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V), the model's dtype
+            valid = mask[:, 1:].bool()
+            for i in range(len(batch)):  # one row in fp32 at a time: B×T×V fp32 copies were GBs at a 128k vocab
+                n = int(valid[i].sum())  # position t predicts token t+1; padding only at the right
+                nll = torch.nn.functional.cross_entropy(logits[i, :n].float(), ids[i, 1 : n + 1], reduction="sum")
+                total_nll += float(nll.double())
+                total_tok += n
         batch.clear()
 
     was_training = model.training

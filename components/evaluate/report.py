@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import re
 from typing import Any
 
 from kubellm.evaluate.metrics import stderr_name
@@ -80,9 +81,18 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _md(text: str) -> str:
-    """Text as literal Markdown: a `|` would split a table cell, `<…>` would be raw HTML to a renderer
-    (a model label is a directory name: it may hold either)."""
+    """Text as literal Markdown: a `|` would split a table cell, `<…>` would be raw HTML to a renderer,
+    `[…](…)` a link and a backtick a code span (a model label is a directory name: it may hold any)."""
+    text = text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]").replace("`", "\\`")
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """Text as a Markdown code span: fenced by more backticks than any run inside it (CommonMark)."""
+    longest = max((len(r) for r in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _mpl(text: str) -> str:
@@ -91,9 +101,15 @@ def _mpl(text: str) -> str:
 
 
 def task_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """(task, `v1.0: 4 items, 0-shot, chat template off`) for each task run: the report's Tasks section."""
-    return [(t, f"v{info.get('version')}: {info.get('n_samples')} items, {info.get('n_shot')}-shot, "
-                f"chat template {'on' if info.get('chat') else 'off'}") for t, info in results["tasks"].items()]
+    """(task, `v1.0: 4 items, 0-shot, chat template off`) for each task run: the report's Tasks section
+    (held-out perplexity counts tokens)."""
+    lines = []
+    for t, info in results["tasks"].items():
+        n = info.get("n_samples")
+        count = f"{n} {'tokens' if t == 'perplexity' else 'items'}, " if n else ""  # a group reports none
+        lines.append((t, f"v{info.get('version')}: {count}{info.get('n_shot')}-shot, "
+                         f"chat template {'on' if info.get('chat') else 'off'}"))
+    return lines
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -104,8 +120,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     out.append("")
     base = results.get("baseline")
     if base:
-        out.append(f"Baseline: promoted model `{base['label'] or base['model_uri']}` "
-                   f"(digest `{base['model_digest'][:12]}`) from `{base['pointer']}`; Δ = model − baseline.")
+        out.append(f"Baseline: promoted model {_code(base['label'] or base['model_uri'])} "
+                   f"(digest `{base['model_digest'][:12]}`) from {_code(base['pointer'])}; Δ = model − baseline.")
         warnings, notes = baseline_notes(results)
         out += [x for w in warnings for x in ("", f"**{_md(w)}**")]
         out += [x for n in notes for x in ("", _md(n))]
@@ -120,9 +136,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += lines or ["- no rules"]
     out += ["", "## Models", ""]
     for m in results["models"]:
-        out.append(f"- **{_md(m['label'])}**: `{m['uri']}` (digest `{m['digest'][:12]}`)")
+        out.append(f"- **{_md(m['label'])}**: {_code(m['uri'])} (digest `{m['digest'][:12]}`)")
     out += ["", "## Tasks", ""]
-    out += [f"- `{t}` {_md(line)}" for t, line in task_lines(results)]
+    out += [f"- {_code(t)} {_md(line)}" for t, line in task_lines(results)]
     h = results["harness"]
     out += ["", f"lm-eval {h['lm_eval']}, transformers {h['transformers']}, torch {h['torch']}."]
     return "\n".join(out) + "\n"

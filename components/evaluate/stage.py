@@ -158,10 +158,22 @@ def resolve_model(mi: ModelInput, work: Path, index: int) -> None:
 
 
 def loss_curve(mi: ModelInput) -> list[list[float]]:
-    """(step, loss) pairs from the model manifest's `metadata.loss_curve` or its metrics JSONL."""
+    """(step, loss) pairs from the model manifest's `metadata.loss_curve` or its metrics JSONL. The curve
+    is only drawn in the report: a point that is not two numbers is skipped, with one warning naming
+    where it came from, never an error after the model was scored."""
     pts: list[list[float]] = []
+    bad: dict[str, int] = {}
+
+    def point(step: Any, loss: Any, where: str) -> None:
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in (step, loss)):
+            pts.append([float(step), float(loss)])
+        else:
+            bad[where] = bad.get(where, 0) + 1
+
     if mi.manifest is not None and isinstance(mi.manifest.metadata.get("loss_curve"), list):
-        pts = [[float(s), float(v)] for s, v in mi.manifest.metadata["loss_curve"]]
+        for p in mi.manifest.metadata["loss_curve"]:
+            step, loss = p if isinstance(p, list | tuple) and len(p) == 2 else (None, None)
+            point(step, loss, f"{mi.uri} metadata.loss_curve")
     elif mi.root is not None:
         # the engine's per-step metrics JSONL (model stages ship it as metrics/metrics.jsonl)
         for f in sorted(mi.root.rglob("*metrics*.jsonl")):
@@ -170,8 +182,10 @@ def loss_curve(mi: ModelInput) -> list[list[float]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("loss"), int | float):
-                    pts.append([float(rec["step"]), float(rec["loss"])])
+                if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+                    point(rec["step"], rec["loss"], str(f))
+    for where, n in bad.items():
+        log.warning("%s: %d loss-curve point(s) are not (step, loss) numbers; left out of the plot", where, n)
     stride = max(1, len(pts) // MAX_CURVE_POINTS)
     return pts[::stride]
 
@@ -283,18 +297,24 @@ def headline_metric(cfg: EvaluateConfig, task: str, have: Mapping[str, float]) -
     ambiguous, so refused); a typo is refused, naming what the task reports, not replaced."""
     reported = [k for k in have if not is_stderr(k)]
     if task in cfg.headline:
-        metric = cfg.headline[task]
-        if metric in have:
-            return metric
-        filtered = [k for k in reported if k.startswith(f"{metric}/")]
-        if len(filtered) == 1:
-            return filtered[0]
-        raise ConfigError(f"evaluate.headline.{task}: {metric!r} is {'ambiguous' if filtered else 'not reported'} "
-                          f"for {task}; it reports {sorted(reported)}")
+        return reported_metric(f"evaluate.headline.{task}", task, cfg.headline[task], have)
     metric = cfg.headline_metric(task)
     if metric is not None and metric in have:
         return metric
     return next((k for k in ("acc_norm", "acc", "exact_match", "f1") if k in have), reported[0])
+
+
+def reported_metric(field: str, task: str, metric: str, have: Mapping[str, float]) -> str:
+    """`metric` as `task` reports it: as written, or the single `<metric>/<filter>` lm-eval reports for
+    it; ConfigError naming `field` and what the task reports otherwise (a typo, or ambiguous)."""
+    if metric in have:
+        return metric
+    reported = [k for k in have if not is_stderr(k)]
+    filtered = [k for k in reported if k.startswith(f"{metric}/")]
+    if len(filtered) == 1:
+        return filtered[0]
+    raise ConfigError(f"{field}: {metric!r} is {'ambiguous' if filtered else 'not reported'} "
+                      f"for {task}; it reports {sorted(reported)}")
 
 
 def _columns(cfg: EvaluateConfig, models: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -462,6 +482,10 @@ def run(config: EvaluateConfig, inputs: Mapping[str, str], output: str, *, apply
             scores, res = _score(mi, cfg, tm, None, shards)
             for t, have in scores.items():  # a headline typo fails after the first model, not the last
                 headline_metric(cfg, t, have)
+            for t, rule in list(rules.items()):  # so does a rule's (lm-eval's own tasks: known only now)
+                if rule.metric is not None and t in scores:
+                    resolved = reported_metric(f"evaluate.gate.rules.{t}.metric", t, rule.metric, scores[t])
+                    rules[t] = rule.model_copy(update={"metric": resolved})
             for t in res.scores:
                 task_info[t] = {"version": res.versions[t], "n_shot": res.n_shot[t],
                                 "n_samples": res.n_samples[t], "chat": res.chat[t],

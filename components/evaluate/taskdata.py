@@ -69,6 +69,14 @@ def check_knowledge(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {"question": question, "choices": choices, "answer": answer}
 
 
+def captured(m: re.Match[str] | None) -> str:
+    """What a `format_regex` match captured: its first group (the whole match without one), stripped;
+    "" for no match, or an optional group that took no part in it."""
+    if m is None:
+        return ""
+    return ((m.group(1) if m.groups() else m.group(0)) or "").strip()
+
+
 def check_format(row: dict[str, Any], where: str) -> dict[str, Any]:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -95,6 +103,10 @@ def check_format(row: dict[str, Any], where: str) -> dict[str, Any]:
     if regex and not value and re.search(regex, answer.strip()) is None:
         raise InputDataError(f"{where}: no 'value' and 'format_regex' does not match the item's own 'answer' "
                              f"({answer!r:.60}): give the expected captured 'value', or a regex the answer follows")
+    if regex and value and (got := captured(re.search(regex, answer.strip()))) != value.strip():
+        raise InputDataError(f"{where}: 'format_regex' captures {got!r} from the item's own 'answer' ({answer!r:.60}), "
+                             f"not its 'value' {value!r}: the gold reply would score correct = 0; fix the value or "
+                             "the regex")
     # The harness builds the chat itself (system instruction, few-shot turns, this user turn), so the
     # task prompts with the last user turn; earlier turns are kept for reference only.
     return {"messages": messages, "prompt": users[-1], "answer": answer, "value": value or "",

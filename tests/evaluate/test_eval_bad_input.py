@@ -57,6 +57,17 @@ def test_task_that_does_not_exist(hf_exports, tmp_path: Path) -> None:
                   {"models": str(hf_exports["a"])}, str(tmp_path / "art"))
 
 
+def test_an_lm_eval_tag_is_not_a_task() -> None:
+    """`kubellm` tags the three bundled tasks: lm-eval ran them all in one call (the format task without its
+    chat template) and reported nothing under `kubellm`, failing after all the work."""
+    from kubellm.evaluate.harness import task_manager
+
+    with pytest.raises(ConfigError, match=r"evaluate.tasks: \['kubellm'\] is an lm-eval tag, naming several tasks; "
+                                          r"list the tasks themselves .* Bundled: kubellm_knowledge"):
+        task_manager(["kubellm_knowledge", "kubellm"], None)
+    assert task_manager(["kubellm_knowledge"], None) is not None
+
+
 @pytest.mark.parametrize("row, message", [
     ('{"question": "q", "choices": ["a", "b"], "answer": 1', "not valid JSON"),
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "field 'answer' must be an integer index"),
@@ -85,6 +96,13 @@ def test_other_schemas(tmp_path: Path) -> None:
         {"messages": user, "answer": "red", "format_regex": r"Answer:\s*(\w+)"}])
     with pytest.raises(InputDataError, match=rf"{f}:2: no 'value' and 'format_regex' does not match the item's "
                                              r"own 'answer' \('red'\)"):
+        read_items("kubellm_format", tmp_path)
+    # a value the regex cannot capture from the gold answer: even the gold reply would score correct = 0
+    f = write_jsonl(tmp_path / "format.jsonl", [
+        {"messages": user, "answer": "Answer: Tarsk City", "value": " Tarsk City ", "format_regex": r"Answer:\s*(.+)"},
+        {"messages": user, "answer": "Answer: Tarsk City", "value": "Tarsk City", "format_regex": r"Answer:\s*([A-Za-z]+)"}])
+    with pytest.raises(InputDataError, match=rf"{f}:2: 'format_regex' captures 'Tarsk' from the item's own 'answer' "
+                                             r"\('Answer: Tarsk City'\), not its 'value' 'Tarsk City'"):
         read_items("kubellm_format", tmp_path)
     with pytest.raises(InputDataError, match=r"knowledge.jsonl: eval data file for task kubellm_knowledge not found"):
         read_items("kubellm_knowledge", tmp_path)

@@ -56,3 +56,11 @@ def test_report_shows_the_stderr_of_a_filtered_metric() -> None:
                "gate": None}
     assert "| m | 0.5000 ± 0.100 |" in render_markdown(results)
     assert "<td>0.5000 ± 0.100</td>" in render_html(results)
+
+
+def test_numpy_scalar_scores_are_kept() -> None:
+    """A metric aggregated to a numpy float32/int64 was dropped (`isinstance(v, int | float)` is False)."""
+    import numpy as np
+
+    out = {"results": {"t": {"acc,none": np.float32(0.5), "count,none": np.int64(3), "flag,none": True}}}
+    assert parse_results(out, ["t"]) == {"t": {"acc": 0.5, "count": 3.0}}

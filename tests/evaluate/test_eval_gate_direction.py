@@ -89,3 +89,28 @@ def test_stage_passes_lm_eval_directions_to_the_gate(hf_exports, tmp_path: Path,
     assert m.metrics["gate_passed"] == 1.0
     assert Registry(f"{reg2}/registry", "kubellm").current().entry.label == "a"
     assert storage_for(m.uri).exists(m.file_uri("report.html"))
+
+
+def test_a_rule_metric_is_resolved_or_refused_after_the_first_model(hf_exports, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standard task's metric names are known only from its results: a rule's typo fails after the first
+    model (not after every model, with nothing published), and a bare metric lm-eval reports under one
+    filter (triviaqa's exact_match/remove_whitespace) is that one, as for headlines."""
+    from kubellm.core.errors import ConfigError
+
+    got = {"exact_match/remove_whitespace": 0.4, "exact_match/remove_whitespace_stderr": 0.01}
+    fake = FakeHarness({"a": {"triviaqa": got}, "b": {"triviaqa": got}},
+                       directions={"triviaqa": {"exact_match": True}}).install(monkeypatch)
+    models = f"{hf_exports['a']},{hf_exports['b']}"
+    bad = eval_config(tasks=["triviaqa"], chat_tasks=[], gate={"rules": {"triviaqa": {"metric": "exact_mtch",
+                                                                                        "min": 0.3}}})
+    with pytest.raises(ConfigError, match=r"evaluate.gate.rules.triviaqa.metric: 'exact_mtch' is not reported for "
+                                          r"triviaqa; it reports \['exact_match/remove_whitespace'\]"):
+        stage.run(bad, {"models": models}, str(tmp_path / "bad"))
+    assert [name for name, _ in fake.calls] == ["a"]  # b was never scored
+    ok = eval_config(tasks=["triviaqa"], chat_tasks=[], gate={"rules": {"triviaqa": {"metric": "exact_match",
+                                                                                       "min": 0.3}}})
+    m = stage.run(ok, {"models": models}, str(tmp_path / "ok"))
+    assert m.metrics["gate_passed"] == 1.0
+    [check] = json.loads(Path(m.uri, "results.json").read_text())["gate"]["checks"]
+    assert check["metric"] == "exact_match/remove_whitespace" and check["passed"]

@@ -4,6 +4,7 @@ HTML, and never parsed as matplotlib mathtext."""
 from __future__ import annotations
 
 import math
+import re
 
 from kubellm.evaluate.report import render_html, render_markdown
 
@@ -115,3 +116,40 @@ def test_html_report_lists_the_tasks() -> None:
     assert "<li><code>kubellm_knowledge</code> v1.0: 4 items, 0-shot, chat template off</li>" in html
     assert "<li><code>kubellm_format</code> v1.0: 58 items, 0-shot, chat template on</li>" in html
     assert "- `kubellm_format` v1.0: 58 items, 0-shot, chat template on" in render_markdown(res)
+
+
+def test_markdown_labels_and_uris_make_no_links_or_code_spans() -> None:
+    """A label like `[x](javascript:alert(1))` was a link in the KFP Markdown viewer; a backtick in a URI
+    ended its code span."""
+    res = _results(["[x](javascript:alert(1))"])
+    res["models"][0]["uri"] = "/m/odd`name"
+    md = render_markdown(res)
+    assert not re.search(r"(?<!\\)\]\(javascript", md) and "\\[x\\](javascript:alert(1))" in md
+    assert "``/m/odd`name``" in md
+
+
+def test_the_tasks_section_counts_perplexity_in_tokens_and_leaves_out_unknown_counts() -> None:
+    res = _results(["m"])
+    res["tasks"] = {"perplexity": {"version": 1, "n_samples": 2000, "n_shot": 0, "chat": False},
+                    "mmlu": {"version": 2, "n_samples": 0, "n_shot": 5, "chat": False}}
+    md = render_markdown(res)
+    assert "- `perplexity` v1: 2000 tokens, 0-shot, chat template off" in md
+    assert "- `mmlu` v2: 5-shot, chat template off" in md
+
+
+def test_loss_curve_points_that_are_not_numbers_are_left_out_with_a_warning(tmp_path, caplog) -> None:  # noqa: ANN001
+    """A null loss or a non-numeric step raised a bare TypeError/ValueError after the model was scored."""
+    import json
+    from types import SimpleNamespace
+
+    from kubellm.evaluate.stage import ModelInput, loss_curve
+
+    (tmp_path / "metrics").mkdir()
+    rows = [{"step": 1, "loss": 2.0}, {"step": "x", "loss": 1.5}, {"step": 3, "loss": None}, {"step": 4, "loss": 1.0}]
+    (tmp_path / "metrics/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        assert loss_curve(ModelInput("m", "r", root=tmp_path)) == [[1.0, 2.0], [4.0, 1.0]]
+    assert "metrics.jsonl: 2 loss-curve point(s) are not (step, loss) numbers" in caplog.text
+    meta = SimpleNamespace(metadata={"loss_curve": [[1, 2.0], [2, None], "junk", [3, 1.0]]})
+    assert loss_curve(ModelInput("m", "r", manifest=meta, uri="s3://b/m")) == [[1.0, 2.0], [3.0, 1.0]]  # type: ignore[arg-type]
+    assert "s3://b/m metadata.loss_curve: 2 loss-curve point(s)" in caplog.text

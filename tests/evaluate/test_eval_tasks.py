@@ -38,6 +38,11 @@ def test_format_scoring() -> None:
     no_value = {**doc, "value": ""}
     assert score(no_value, ["Answer: red"]) == {"exact_match": 1.0, "format_ok": 1.0, "correct": 1.0}
     assert score(no_value, ["Answer: blue"])["correct"] == 0.0
+    # a value with spaces around it is compared stripped; an optional group that took no part is ""
+    spaced = {**doc, "value": " red "}
+    assert score(spaced, ["Answer: red"])["correct"] == 1.0
+    optional = {"answer": "Answer: red", "value": "red", "format_regex": r"Answer:\s*(\w+)?"}
+    assert score(optional, ["Answer:"]) == {"exact_match": 0.0, "format_ok": 1.0, "correct": 0.0}
     plain = {"answer": "7", "value": "", "format_regex": ""}
     assert score(plain, ["7 is it"]) == {"exact_match": 0.0, "format_ok": 1.0, "correct": 1.0}
 

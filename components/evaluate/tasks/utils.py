@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kubellm.evaluate.taskdata import load_dataset
+from kubellm.evaluate.taskdata import captured, load_dataset
 
 
 def load_knowledge(**metadata: Any) -> Any:
@@ -35,17 +35,11 @@ def format_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     if regex:
         m = re.search(regex, reply)
         ok = m is not None
-        if not value:  # taskdata stores a missing value as ""
-            value = _captured(re.search(regex, answer)) or answer
-        correct = ok and _captured(m) == value
+        value = (value or "").strip() or captured(re.search(regex, answer)) or answer  # none stored as ""
+        correct = ok and captured(m) == value
     else:
         ok = correct = reply.startswith(answer)
     return {"exact_match": float(reply == answer), "format_ok": float(ok), "correct": float(correct)}
-
-
-def _captured(m: re.Match[str] | None) -> str:
-    """The regex's first group (the whole match without one), stripped; "" for no match."""
-    return "" if m is None else (m.group(1) if m.groups() else m.group(0)).strip()
 
 
 def preference_results(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
