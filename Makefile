@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --upgrade -c images/build-constraints.txt pip setuptools wheel
 	# torch first and pinned: any other spec pulls GBs of CUDA wheels.
 	$(BIN)/pip install -q -c requirements/constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[dev]'

@@ -12,15 +12,9 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE}
 
-ARG KUBELLM_CODE_VERSION=unknown
 # Extra index with the CPU wheels of torch: 2.13.0+cpu satisfies the pin torch==2.13.0 and wins over
 # the PyPI wheel, which pulls GBs of CUDA libraries on linux x86_64.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
-LABEL org.opencontainers.image.title="kubellm-base" \
-      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
-      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -47,6 +41,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && python -c "import kfp, kubellm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
  && rm -rf /opt/kubellm/src \
  && chmod -R a+rX,go-w /opt/venv
+
+# The commit's revision is declared after the heavy layers: every RUN after an ARG misses the
+# build cache when its value changes, and it changes with every commit.
+ARG KUBELLM_CODE_VERSION=unknown
+LABEL org.opencontainers.image.title="kubellm-base" \
+      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
+      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 # Every path a process writes to lives under /tmp, which the chart mounts as an emptyDir: the root
 # filesystem can then be read-only, and any numeric UID works (nothing depends on /etc/passwd).

@@ -55,7 +55,11 @@ if [ "$PUSH" = "1" ]; then
   done
   echo "# pin these digests (export before 'kubellm compile/submit'):"
   for img in "${images[@]}"; do
-    digest="$(docker inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$(ref "$img")" | sed -n 's/.*@//p' | head -n1)"
+    # the digest in the repository just pushed to (an image pulled or pushed elsewhere lists others too)
+    repo="$(ref "$img")"; repo="${repo%:*}"
+    digest="$(docker inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$(ref "$img")" \
+      | awk -F@ -v repo="$repo" '$1 == repo { print $2; exit }')"
+    if [ -z "$digest" ]; then echo "build.sh: no digest in ${repo} for $(ref "$img") after the push" >&2; exit 1; fi
     upper="$(echo "$img" | tr '[:lower:]' '[:upper:]')"
     echo "export KUBELLM_IMAGE_DIGEST_${upper}=${digest}"
   done

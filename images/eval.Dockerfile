@@ -10,12 +10,6 @@
 ARG PYTORCH_RUNTIME_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${PYTORCH_RUNTIME_IMAGE}
 
-ARG KUBELLM_CODE_VERSION=unknown
-LABEL org.opencontainers.image.title="kubellm-eval" \
-      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
-      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
-
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -c "import sys, torch; assert sys.version_info[:2] == (3, 11), sys.version; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # A venv on top of the image's Python: it sees the image's CUDA torch and holds only what we add.
@@ -36,6 +30,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && python -c "import kfp, kubellm, lm_eval, matplotlib" \
  && rm -rf /opt/kubellm/src \
  && chmod -R a+rX,go-w /opt/venv
+
+# The commit's revision is declared after the heavy layers: every RUN after an ARG misses the
+# build cache when its value changes, and it changes with every commit.
+ARG KUBELLM_CODE_VERSION=unknown
+LABEL org.opencontainers.image.title="kubellm-eval" \
+      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
+      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 ENV PYTHONUNBUFFERED=1 \
     KUBELLM_CODE_VERSION=${KUBELLM_CODE_VERSION} \

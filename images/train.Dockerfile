@@ -59,11 +59,6 @@ RUN TORCH_EXTENSIONS_DIR=/opt/kubellm/torch_extensions DS_ACCELERATOR=cpu \
  && chmod -R a+rX,go-w /opt/venv /opt/kubellm
 
 FROM ${PYTORCH_RUNTIME_IMAGE}
-ARG KUBELLM_CODE_VERSION=unknown
-LABEL org.opencontainers.image.title="kubellm-train" \
-      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
-      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 # g++ compiles the ops DeepSpeed JIT-builds on the node (cpu_adam, see above) and lets torch's
 # extension loader re-validate the prebuilt shm comm op (it runs ninja on every load).
 # It comes from the distribution release of the pinned base image; no version is stated here because
@@ -72,6 +67,13 @@ ARG GXX_PACKAGE=g++
 RUN apt-get update \
  && apt-get install -y --no-install-recommends "${GXX_PACKAGE}" \
  && rm -rf /var/lib/apt/lists/*
+# The commit's revision is declared after the heavy layers: every RUN after an ARG misses the
+# build cache when its value changes, and it changes with every commit.
+ARG KUBELLM_CODE_VERSION=unknown
+LABEL org.opencontainers.image.title="kubellm-train" \
+      org.opencontainers.image.source="https://github.com/kubellm/kubellm" \
+      org.opencontainers.image.revision="${KUBELLM_CODE_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kubellm/torch_extensions /opt/kubellm/torch_extensions
 COPY images/entrypoint.sh /usr/local/bin/kubellm-entrypoint

@@ -34,6 +34,7 @@ ENDPOINT_ENV = "KUBELLM_KFP_ENDPOINT"
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp.client.KF_PIPELINES_SA_TOKEN_ENV
 SA_TOKEN_DEFAULT_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # kfp.client.KF_PIPELINES_SA_TOKEN_PATH
 FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+FAILED_STATES = ("FAILED", "SKIPPED", "CANCELED", "CANCELING")  # a run in one of these will not succeed
 
 
 class KfpApiError(KubellmError):

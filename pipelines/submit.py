@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +47,15 @@ from kubellm.pipelines.definitions import (
     check_arguments,
     parameter_defaults,
 )
-from kubellm.pipelines.kfp_api import FINAL_STATES, KfpApiError, api_errors, connect, eq_filter, run_url
+from kubellm.pipelines.kfp_api import (
+    FAILED_STATES,
+    FINAL_STATES,
+    KfpApiError,
+    api_errors,
+    connect,
+    eq_filter,
+    run_url,
+)
 
 _SHA = re.compile(r"^[0-9a-f]{7,64}$")
 
@@ -248,7 +257,13 @@ def main(args: argparse.Namespace) -> int:
             if existing is not None:
                 print(f"commit {args.git_sha[:12]} already has run {existing.run_id} ({existing.state}): "
                       f"{run_url(endpoint, existing.run_id)}")
-                return wait_for(client, endpoint, existing.run_id, args.timeout, args.poll_interval) if args.wait else 0
+                if args.wait:
+                    return wait_for(client, endpoint, existing.run_id, args.timeout, args.poll_interval)
+                if str(existing.state) in FAILED_STATES:  # a green CI job would hide that nothing trained
+                    print(f"run {existing.run_id} did not succeed ({existing.state}): retry it in the KFP UI "
+                          "(Retry), or change the run-config in a new commit for a new run", file=sys.stderr)
+                    return 1
+                return 0
         common = dict(experiment_id=exp.experiment_id, job_name=run_name, params=arguments,
                       pipeline_root=args.pipeline_root, service_account=args.service_account)
         if args.upload:

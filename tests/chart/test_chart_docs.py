@@ -22,8 +22,8 @@ def test_chart_readme_names_the_objects_the_chart_renders() -> None:
     values = {
         "serviceAccount": {"create": True},
         "pipelineRunner": {"multiUser": {"enabled": True, "namespaces": ["team-a"]}},
-        "schedule": {"enabled": True},
-        "gitops": {"enabled": True, "gitSha": sha},
+        "schedule": {"enabled": True, "namespace": "team-a"},
+        "gitops": {"enabled": True, "gitSha": sha, "namespace": "team-a"},
         "trainingOperator": {"initContainerTemplate": {"create": True}},
     }
     names = {o["metadata"]["name"] for o in render_objects(values, release="ml")}

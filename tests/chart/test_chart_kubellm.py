@@ -232,17 +232,15 @@ def test_pipelines_compiled_by_the_jobs_reference_the_credentials_secret_only_wh
             assert v["s3"]["workloadIdentity"]["enabled"]
 
 
-def test_jobs_reference_credentials_only_through_the_secret(rendered: tuple[str, dict, list[dict]]) -> None:
-    name, values, objects = rendered
-    secret = values.get("s3", {}).get("credentials", {}).get("existingSecret")
+def test_jobs_carry_no_s3_credentials(rendered: tuple[str, dict, list[dict]]) -> None:
+    """The submit and schedule jobs only call the KFP API: the S3 Secret reaches the pipeline's steps by
+    name (KUBELLM_S3_SECRET_NAME), never the jobs' own environment."""
+    name, _, objects = rendered
     assert not [o for o in objects if o["kind"] == "Secret"], "the chart never creates Secrets"
     for where, spec in _pod_specs(objects):
         env = {e["name"]: e for c in spec["containers"] for e in c.get("env", [])}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            if secret:
-                assert env[key]["valueFrom"]["secretKeyRef"]["name"] == secret and "value" not in env[key]
-            else:
-                assert key not in env, f"{name}: {where}"
+            assert key not in env, f"{name}: {where}"
 
 
 def test_schedule_hook_runs_kubellm_schedule_idempotently() -> None:
@@ -278,6 +276,22 @@ def test_gitops_job_is_an_argocd_sync_hook_named_by_commit() -> None:
     assert f"--git-sha={sha}" in c["args"] and "--run-config=/etc/kubellm/run-config.yaml" in c["args"]
     other = render_objects({**values, "gitops": {**values["gitops"], "gitSha": "0" * 40}})
     assert [o for o in other if o["kind"] == "Job"][0]["metadata"]["name"] == "kubellm-submit-000000000000"
+    # only the hook carries the commit: a commit that changes other files renders the same ConfigMap, so
+    # Argo CD finds the app in sync and starts no run (an annotation with the sha made every commit a sync)
+    (other_cm,) = [o for o in other if o["metadata"]["name"] == "kubellm-retrain-run-config"]
+    assert other_cm == cm
+
+
+def test_multi_user_jobs_must_target_a_configured_profile_namespace() -> None:
+    """A schedule in a namespace the chart does not configure would run its steps without the -env
+    ConfigMap (read as optional: MinIO users silently talk to AWS) and without the launcher Role."""
+    values = load_values("multi-user")
+    configured = values["pipelineRunner"]["multiUser"]["namespaces"]
+    with pytest.raises(helm.HelmError, match=r"submit runs to namespace \"team-elsewhere\", which is not in "
+                                             r"pipelineRunner.multiUser.namespaces"):
+        render_templates({**values, "schedule": {**values["schedule"], "namespace": "team-elsewhere"}})
+    ok = render_objects({**values, "schedule": {**values["schedule"], "namespace": configured[0]}})
+    assert any(o["kind"] == "Job" for o in ok)
 
 
 def test_gitops_without_a_commit_sha_fails_with_a_message() -> None:
@@ -298,12 +312,13 @@ def test_multi_user_hook_jobs_need_an_account_that_exists_in_the_release_namespa
     """default-editor exists only in profile namespaces: a hook Job in another namespace running as it
     could never create its pod, so the chart refuses that at render time."""
     multi = {"enabled": True, "namespaces": ["team-a", "team-b"]}
-    base = {"pipelineRunner": {"multiUser": multi}, "schedule": {"enabled": True}}
+    base = {"pipelineRunner": {"multiUser": multi}, "schedule": {"enabled": True, "namespace": "team-a"}}
     for jobs in ({}, {"serviceAccountName": "default-editor"}):
         with pytest.raises(helm.HelmError, match=r'release namespace "kubeflow", where the ServiceAccount "default-editor" does not exist'):
             render_templates({**base, "jobs": jobs})
     with pytest.raises(helm.HelmError, match="serviceAccount.create=true"):
-        render_templates({**base, "schedule": {"enabled": False}, "gitops": {"enabled": True, "gitSha": "abcdef0"}})
+        render_templates({**base, "schedule": {"enabled": False},
+                          "gitops": {"enabled": True, "gitSha": "abcdef0", "namespace": "team-a"}})
 
     def job_account(values: dict) -> str:
         (job,) = _jobs(render_objects(values))
@@ -371,8 +386,9 @@ def test_multi_user_hook_jobs_may_call_kfp_in_the_namespace_they_target() -> Non
                                       "name": "kubellm-kfp-client"}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubellm-scheduler",
                                         "namespace": NAMESPACE}], ns
-    # both jobs at one namespace (the release's, by default): one Role there
-    both_here = {**values, "schedule": {"enabled": True}, "gitops": {"enabled": True, "gitSha": "abcdef0"}}
+    # both jobs at one namespace (the release's, by default, when it is a profile namespace): one Role there
+    both_here = {**values, "pipelineRunner": {"multiUser": {**multi, "namespaces": ["team-a", NAMESPACE]}},
+                 "schedule": {"enabled": True}, "gitops": {"enabled": True, "gitSha": "abcdef0"}}
     assert sorted(_kfp_client_rbac(render_objects(both_here))) == [NAMESPACE]
     # the chart's own account, when it creates one
     own = {**values, "jobs": {}, "serviceAccount": {"create": True}}

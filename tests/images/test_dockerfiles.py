@@ -149,6 +149,19 @@ def test_home_and_caches_point_at_the_writable_volume(path: Path) -> None:
     assert any(op == "ARG" and args.startswith("KUBELLM_CODE_VERSION") for op, args in ins[last_from:])
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_commit_revision_is_declared_after_the_heavy_layers(path: Path) -> None:
+    """Every RUN after an ARG misses the build cache when the ARG's value changes, and
+    KUBELLM_CODE_VERSION changes with every commit: declared before the torch/apt/pip layers, it rebuilt
+    them all each time. Only the final stage's closing, cheap steps may come after it."""
+    ins = instructions(path)
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    [at] = [i for i, (op, args) in enumerate(ins) if op == "ARG" and args.startswith("KUBELLM_CODE_VERSION")]
+    assert at > last_from
+    later_runs = [args for op, args in ins[at:] if op == "RUN"]
+    assert all("pip install" not in r and "apt-get" not in r for r in later_runs), later_runs
+
+
 def test_training_image_prebuilds_deepspeed_ops() -> None:
     runs = " ".join(args for op, args in instructions(IMAGES / "train.Dockerfile") if op == "RUN")
     assert "DS_BUILD_FUSED_ADAM=1" in runs and "ShareMemCommBuilder().load()" in runs

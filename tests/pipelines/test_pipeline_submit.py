@@ -314,3 +314,17 @@ def test_up_to_date_but_paused_in_the_ui_is_re_enabled(kfp_api: FakeKfp, capsys:
     assert schedule(kfp_api, "--cron", "0 0 6 * * 1") == 0
     assert "re-enabled" not in capsys.readouterr().out
     assert len(kfp_api.calls("POST", f"/recurringruns/{rid}:enable")) == 1
+
+
+def test_gitops_a_failed_run_for_the_commit_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """A re-run of the CI job for a commit whose run failed printed that run and exited 0: a green job
+    for a commit that trained nothing."""
+    with FakeKfp(run_states=["FAILED"]) as api:
+        assert submit(api, "--git-sha", SHA) == 0
+        (run,) = api.runs.values()
+        api.runs[run["run_id"]]["state"] = "FAILED"  # what KFP lists once it has failed
+        assert submit(api, "--git-sha", SHA) == 1
+        assert len(api.runs) == 1  # nothing new submitted
+    captured = capsys.readouterr()
+    assert f"already has run {run['run_id']} (FAILED)" in captured.out
+    assert "did not succeed (FAILED): retry it in the KFP UI" in captured.err

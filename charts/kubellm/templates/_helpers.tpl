@@ -36,6 +36,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The namespaces the schedule and GitOps jobs submit to (JSON list). Multi-user: each must be one of
+the profile namespaces the chart configures (its -env ConfigMap, launcher Role), or the runs there
+would start without the S3 settings (the steps read the ConfigMap as optional) and could not launch
+training jobs. */}}
+{{- define "kubellm.jobTargetNamespaces" -}}
+{{- $targets := list -}}
+{{- if .Values.schedule.enabled -}}
+{{- $targets = append $targets (default .Release.Namespace .Values.schedule.namespace) -}}
+{{- end -}}
+{{- if .Values.gitops.enabled -}}
+{{- $targets = append $targets (default .Release.Namespace .Values.gitops.namespace) -}}
+{{- end -}}
+{{- if .Values.pipelineRunner.multiUser.enabled -}}
+{{- $configured := include "kubellm.pipelineNamespaces" . | fromJsonArray -}}
+{{- range $ns := $targets -}}
+{{- if not (has $ns $configured) -}}
+{{- fail (printf "the schedule/GitOps jobs submit runs to namespace %q, which is not in pipelineRunner.multiUser.namespaces %s: its runs would have no %s-env ConfigMap (S3 endpoint) and no Role to launch training jobs. Add it to pipelineRunner.multiUser.namespaces, or set schedule.namespace / gitops.namespace to one of those" $ns (toJson $configured) (include "kubellm.fullname" $)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $targets | uniq | sortAlpha | toJson -}}
+{{- end -}}
+
 {{/* The account KFP runs pipelines as. */}}
 {{- define "kubellm.runnerServiceAccount" -}}
 {{- if .Values.pipelineRunner.multiUser.enabled -}}
@@ -119,7 +142,9 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* Environment of every kubellm container: S3 and image settings, credentials by reference only. */}}
+{{/* Environment of the chart's jobs (`kubellm submit` / `kubellm schedule`): the S3 and image settings
+the pipeline is compiled with (the S3 Secret by name, for the steps), and the KFP API. The jobs only
+call the KFP API, so they carry no S3 credentials themselves. */}}
 {{- define "kubellm.env" -}}
 envFrom:
   - configMapRef:
@@ -130,18 +155,6 @@ env:
 {{- if .Values.kfp.projectedToken }}
   - name: KF_PIPELINES_SA_TOKEN_PATH
     value: /var/run/secrets/kubeflow/pipelines/token
-{{- end }}
-{{- with .Values.s3.credentials.existingSecret }}
-  - name: AWS_ACCESS_KEY_ID
-    valueFrom:
-      secretKeyRef:
-        name: {{ . }}
-        key: {{ $.Values.s3.credentials.accessKeyIdKey }}
-  - name: AWS_SECRET_ACCESS_KEY
-    valueFrom:
-      secretKeyRef:
-        name: {{ . }}
-        key: {{ $.Values.s3.credentials.secretAccessKeyKey }}
 {{- end }}
 {{- end -}}
 
