@@ -98,14 +98,18 @@ def configure(p: argparse.ArgumentParser, command: str) -> None:
     add_endpoint_args(p)
     add_image_args(p)
     p.add_argument("--name", required=True, help="recurring run name (unique in the experiment; DNS-style)")
-    p.add_argument("--cron", required=True,
-                   help="KFP cron, SIX fields with seconds first, e.g. '0 0 6 * * 1' (Mondays 06:00:00)")
+    p.add_argument("--cron",
+                   help="KFP cron, SIX fields with seconds first, e.g. '0 0 6 * * 1' (Mondays 06:00:00); required "
+                        "unless --delete")
     p.add_argument("--max-concurrency", type=int, default=1, help="report runs allowed at once (1-10)")
     p.add_argument("--models", action="append", default=[],
                    help="model artifact prefixes to report on (repeatable; default: the promoted model)")
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", dest="args",
                    help="a pipeline argument for every scheduled run")
     p.add_argument("--disabled", action="store_true", help="create/update it paused")
+    p.add_argument("--delete", action="store_true",
+                   help="delete the recurring run(s) named --name in --experiment instead (nothing else; no-op when "
+                        "there is none). The Helm chart runs this on `helm uninstall`")
     p.set_defaults(pipeline="evaluation_report", cache=False)
 
 
@@ -138,10 +142,37 @@ def _state_note(client: Any, rr: Any, *, enabled: bool) -> str:
     return "; it was enabled, disabled it as --disabled asks"
 
 
+def delete(args: argparse.Namespace) -> int:
+    """Remove the recurring runs named `args.name` in the experiment (what `helm uninstall` leaves behind
+    otherwise: KFP would go on firing the scheduled report)."""
+    client = connect(args.endpoint, args.namespace)
+    with api_errors(f"look up experiment {args.experiment!r}"):
+        resp = client.list_experiments(filter=eq_filter("display_name", args.experiment), page_size=100,
+                                       namespace=args.namespace)
+    exps = [e for e in (resp.experiments or []) if e.display_name == args.experiment]
+    found = []
+    for exp in exps:
+        with api_errors(f"list recurring runs named {args.name!r}"):
+            rrs = client.list_recurring_runs(experiment_id=exp.experiment_id,
+                                             filter=eq_filter("display_name", args.name), page_size=100)
+        found += [r for r in (rrs.recurring_runs or []) if r.display_name == args.name]
+    for rr in found:
+        with api_errors(f"delete recurring run {rr.recurring_run_id}"):
+            client.delete_recurring_run(rr.recurring_run_id)
+        print(f"deleted recurring run {args.name} ({rr.recurring_run_id})")
+    if not found:
+        print(f"no recurring run named {args.name} in experiment {args.experiment!r}: nothing to delete")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if not _NAME.match(args.name):
         raise ConfigError(f"--name {args.name!r}: expected lower-case letters, digits, '-' or '.', "
                           "starting and ending with a letter or digit")
+    if args.delete:
+        return delete(args)
+    if not args.cron:
+        raise ConfigError("--cron is required (unless --delete)")
     cron = validate_cron(args.cron)
     if not 1 <= args.max_concurrency <= 10:
         raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP allows 1-10")

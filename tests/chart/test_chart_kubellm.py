@@ -246,7 +246,7 @@ def test_jobs_carry_no_s3_credentials(rendered: tuple[str, dict, list[dict]]) ->
 def test_schedule_hook_runs_kubellm_schedule_idempotently() -> None:
     values = load_values("multi-user")
     objects = render_objects(values)
-    (job,) = [o for o in objects if o["kind"] == "Job"]
+    (job,) = _jobs(objects)
     ann = job["metadata"]["annotations"]
     assert ann["helm.sh/hook"] == "post-install,post-upgrade"
     assert "before-hook-creation" in ann["helm.sh/hook-delete-policy"]
@@ -258,6 +258,19 @@ def test_schedule_hook_runs_kubellm_schedule_idempotently() -> None:
     ]
     (cm,) = [o for o in objects if o["metadata"]["name"] == "kubellm-schedule-run-config"]
     assert yaml.safe_load(cm["data"]["run-config.yaml"]) == values["schedule"]["runConfig"]
+    # helm uninstall deletes the recurring run it made (it kept firing the nightly report before), with
+    # the same account, namespace and pod settings
+    (gone,) = [o for o in objects if o["kind"] == "Job" and o not in _jobs(objects)]
+    assert gone["metadata"]["name"] == "kubellm-schedule-delete"
+    assert gone["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    (dc,) = gone["spec"]["template"]["spec"]["containers"]
+    assert dc["command"] == ["kubellm", "schedule"] and dc["args"] == [
+        "--endpoint=http://ml-pipeline.kubeflow.svc.cluster.local:8888", "--namespace=team-a",
+        "--name=kubellm-evaluation-report", "--delete"]
+    for key in ("serviceAccountName", "securityContext", "imagePullSecrets"):
+        assert gone["spec"]["template"]["spec"].get(key) == job["spec"]["template"]["spec"].get(key), key
+    assert [v["name"] for v in gone["spec"]["template"]["spec"]["volumes"]] == [
+        v["name"] for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] != "run-config"]
 
 
 def test_gitops_job_is_an_argocd_sync_hook_named_by_commit() -> None:
@@ -305,7 +318,9 @@ def test_multi_user_without_namespaces_fails_with_a_message() -> None:
 
 
 def _jobs(objects: list[dict]) -> list[dict]:
-    return [o for o in objects if o["kind"] == "Job"]
+    """The Jobs that install or submit (not the schedule's pre-delete hook, which mirrors its pod spec)."""
+    return [o for o in objects if o["kind"] == "Job"
+            and o["metadata"].get("annotations", {}).get("helm.sh/hook") != "pre-delete"]
 
 
 def test_multi_user_hook_jobs_need_an_account_that_exists_in_the_release_namespace() -> None:

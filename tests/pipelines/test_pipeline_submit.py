@@ -328,3 +328,18 @@ def test_gitops_a_failed_run_for_the_commit_exits_1(capsys: pytest.CaptureFixtur
     captured = capsys.readouterr()
     assert f"already has run {run['run_id']} (FAILED)" in captured.out
     assert "did not succeed (FAILED): retry it in the KFP UI" in captured.err
+
+
+def test_schedule_delete_removes_only_that_recurring_run(kfp_api: FakeKfp, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the chart's pre-delete hook runs: `helm uninstall` left the recurring run firing nightly."""
+    assert schedule(kfp_api, "--cron", "0 0 6 * * 1") == 0
+    assert cli_main(["schedule", "--endpoint", kfp_api.url, "--preset", "debug", "--name", "other-report",
+                     "--set", "storage.root=s3://b/kubellm", "--cron", "0 0 7 * * 1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["schedule", "--endpoint", kfp_api.url, "--name", "weekly-report", "--delete"]) == 0
+    assert [r["display_name"] for r in kfp_api.recurring.values()] == ["other-report"]
+    assert "deleted recurring run weekly-report" in capsys.readouterr().out
+    assert cli_main(["schedule", "--endpoint", kfp_api.url, "--name", "weekly-report", "--delete"]) == 0  # again: no-op
+    assert "nothing to delete" in capsys.readouterr().out
+    assert cli_main(["schedule", "--endpoint", kfp_api.url, "--name", "weekly-report"]) == 1  # no cron, no delete
+    assert "--cron is required (unless --delete)" in capsys.readouterr().err
