@@ -10,13 +10,16 @@ micro-batch that the model allows:
     an fp32 master partition even over fp32 weights). ZeRO-1 divides the optimizer term by dp,
     ZeRO-3 everything. ZeRO-2 gradients are what DeepSpeed holds, not the paper's Ψ/dp: the gradient
     of every *whole* parameter that overlaps the rank's partition (`zero2_grad_elements`). Ψ is the
-    per-(tp×pp)-rank parameter count.
+    parameter count of the busiest (tp, pp) rank: pipeline stages split the layers as DeepSpeed's
+    default "parameters" partition does (`pipeline_stages`: its `partition_balanced` over each layer's
+    parameters), and with tied embeddings both end stages hold the table.
   * activations: the tensors autograd saves in our block (`layer_activation_bytes`: RMSNorm with
     fp32 internals, fused qkv, RoPE, SDPA/flash (no scores), SwiGLU; GQA and any ffn_dim), checked
     against saved-tensor hooks in tests/planner and bench/bench_zero_memory.py; with full
-    checkpointing only each block's input (+ one block's worth during recompute); the first pipeline
-    stage holds min(pp, m) micro-batches in flight (1F1B); plus the LM head and loss (`head_bytes`:
-    the fused chunked head at tp = pp = 1, full fp32 log-probs otherwise).
+    checkpointing only each block's input (+ one block's worth during recompute); pipeline stage s
+    holds min(pp − s, m) micro-batches in flight (1F1B); the last stage also the LM head and loss
+    (`head_bytes`: the fused chunked head at tp = pp = 1, full fp32 log-probs otherwise). A layout's
+    memory is that of its fullest stage.
   * communication per step: DP gradient all-reduce (2·(n−1)/n·bytes; ZeRO-3 adds a parameter
     all-gather: ×1.5), TP all-reduces (4 per layer per micro-batch), PP activation sends. Each is
     timed at the bandwidth of the link it crosses (`collective_spans_nodes`): ranks are placed in
@@ -26,7 +29,8 @@ micro-batch that the model allows:
     `--interconnect`'s (the slowest group or hop sets the pace: no hierarchical all-reduce modelled).
     TP groups are always inside a node (tp divides gpus_per_node). A single-node job never uses
     `--interconnect`.
-  * the pipeline bubble (p−1)/(m+p−1).
+  * the pipeline bubble (p−1)/(m+p−1), and the stages' compute imbalance: a step runs at the pace
+    of the stage with the most forward FLOPs (pp × its share of the total).
 Layouts that fit (≤ `headroom` of GPU memory) are ranked by estimated step time; the best is written
 as a run-config fragment (launch: replicas, GPUs, CPU, memory per pod) and the PyTorchJob shape. A request that cannot fit
 is refused with the numbers of the closest layout.
@@ -288,20 +292,74 @@ def head_bytes(cfg: ModelConfig, tokens: int, tp: int, pp: int, precision: str,
     return saved + (work if transient else 0)
 
 
-def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, m: int, ckpt: bool,
-                     precision: str, transient: bool = True) -> float:
-    """Activation bytes on the busiest pipeline stage (the first: min(pp, m) micro-batches in
-    flight under 1F1B), with the LM head's bytes added as if it lived there too (conservative).
-    With full activation checkpointing each block keeps only its input (a·D per token) and one
-    block's full set exists during its recompute. `transient=False`: only what autograd saves (what
+def stage_activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, blocks: int, in_flight: int,
+                           has_head: bool, ckpt: bool, precision: str, transient: bool = True) -> float:
+    """Activation bytes of one pipeline stage holding `blocks` blocks and `in_flight` micro-batches
+    (1F1B: stage s holds min(pp − s, m)), plus the LM head's if it is the last stage. With full
+    activation checkpointing each block keeps only its input (a·D per token) and one block's full set
+    exists during its recompute. `transient=False`: only what autograd saves (what
     bench/bench_zero_memory.py measures)."""
     tokens = seq * micro
-    layers = math.ceil(cfg.n_layers / pp)
     per_layer_full = layer_activation_bytes(cfg, tokens, tp, precision)
     per_layer = tokens * cfg.dim * _act_bytes(precision) if ckpt else per_layer_full
-    in_flight = min(pp, m)
-    act = layers * per_layer * in_flight + (per_layer_full if ckpt else 0)
-    return act + head_bytes(cfg, tokens, tp, pp, precision, transient)
+    act = blocks * per_layer * in_flight + (per_layer_full if ckpt and blocks else 0)
+    return act + (head_bytes(cfg, tokens, tp, pp, precision, transient) if has_head else 0)
+
+
+def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, pp: int, m: int, ckpt: bool,
+                     precision: str, transient: bool = True) -> float:
+    """Activation bytes of the pipeline stage that holds the most (`stage_activation_bytes` of each
+    stage of `pipeline_stages`); at pp = 1, the whole model's."""
+    return max(stage_activation_bytes(cfg, seq, micro, tp, pp, st.blocks, min(pp - s, m), s == pp - 1, ckpt,
+                                      precision, transient)
+               for s, st in enumerate(pipeline_stages(cfg, tp, pp)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage on one TP rank: its parameters, blocks and forward FLOPs per token."""
+
+    params: int
+    blocks: int
+    flops: int
+
+
+def pipeline_layer_params(cfg: ModelConfig, tp: int) -> list[int]:
+    """Trainable parameters of each DeepSpeed pipeline layer on one TP rank, as its `PipelineModule`
+    counts them (`kubellm.training.pipeline.layer_specs`: embedding, blocks, final norm, head). With
+    tied embeddings the head is the tied embedding built again, so it counts the table too: both end
+    stages hold a copy (DeepSpeed all-reduces their gradients)."""
+    d, hd = cfg.dim, cfg.head_dim
+    q, kv, f, v = cfg.n_heads * hd // tp, cfg.kv_heads * hd // tp, cfg.ffn_dim // tp, cfg.vocab_size // tp
+    block = 2 * d + (q + 2 * kv) * d + d * q + 2 * f * d + d * f
+    return [v * d, *[block] * cfg.n_layers, d, v * d]
+
+
+_STAGES: dict[tuple[str, int, int], tuple[Stage, ...]] = {}
+
+
+def pipeline_stages(cfg: ModelConfig, tp: int, pp: int) -> tuple[Stage, ...]:
+    """The stages of the pipeline under DeepSpeed's default "parameters" partition
+    (`deepspeed.runtime.utils.partition_balanced` over `pipeline_layer_params`, which the engine's
+    `PipelineModule` calls); at pp = 1 one stage with the model's unique parameters."""
+    from kubellm.model.flops import layer_forward_flops
+
+    key = (cfg.model_dump_json(), tp, pp)
+    if key in _STAGES:
+        return _STAGES[key]
+    if pp == 1:  # one TP rank's unique parameters (a tied table once; norms replicated, not split)
+        stages: tuple[Stage, ...] = (Stage(sum(map(sum, param_group_sizes(cfg, tp))), cfg.n_layers, 0),)
+    else:
+        from deepspeed.runtime.utils import partition_balanced
+
+        weights = pipeline_layer_params(cfg, tp)
+        emb, block, norm, head = layer_forward_flops(cfg, 1)
+        costs = [emb, *[block] * cfg.n_layers, norm, head]
+        bounds = partition_balanced(weights, pp)
+        stages = tuple(Stage(sum(weights[a:b]), sum(1 for i in range(a, b) if 1 <= i <= cfg.n_layers),
+                             sum(costs[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    _STAGES[key] = stages
+    return stages
 
 
 def dp_comm_bytes(psi: float, bytes_p: int, dp: int, zero: int, m: int) -> float:
@@ -353,7 +411,6 @@ def collective_spans_nodes(gpus_per_node: int, dp: int, tp: int, pp: int) -> tup
 
 def enumerate_layouts(req: Request) -> list[Layout]:
     cfg = req.model
-    total = num_params(cfg)
     flops_tok = flops_per_token(cfg, req.seq_len)
     inter = INTERCONNECTS[req.interconnect] * 1e9
     nvlink = INTERCONNECTS["nvlink"] * 1e9  # within a node
@@ -361,8 +418,9 @@ def enumerate_layouts(req: Request) -> list[Layout]:
     for tp in _divisors(min(req.gpus, req.gpus_per_node)):  # TP stays inside a node
         for pp in _divisors(req.gpus // tp):
             dp = req.gpus // (tp * pp)
-            psi = total / (tp * pp)
-            groups = None  # used for ZeRO-2 (pp = 1); computed once the layout is allowed
+            stages: tuple[Stage, ...] = ()  # computed once the layout is allowed
+            imbalance = 1.0
+            groups = None  # used for ZeRO-2 (pp = 1)
             dp_bw = pp_bw = nvlink  # likewise: the links the DP and PP traffic cross
             for zero in (0, 1, 2, 3):
                 for micro in (1, 2, 4, 8, 16):
@@ -373,21 +431,32 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         continue  # fewer micro-batches than stages leaves stages idle
                     if groups is None:
                         groups = param_group_sizes(cfg, tp)
+                        stages = pipeline_stages(cfg, tp, pp)
+                        # a step runs at the pace of the stage with the most compute
+                        imbalance = pp * max(st.flops for st in stages) / sum(st.flops for st in stages) \
+                            if pp > 1 else 1.0
                         dp_spans, pp_spans = collective_spans_nodes(req.gpus_per_node, dp, tp, pp)
                         dp_bw = inter if dp_spans else nvlink
                         pp_bw = inter if pp_spans else nvlink
                     for ckpt in (False, True):
-                        pb, gb, ob = model_state_bytes(psi, zero, dp, req.precision, groups)
-                        ab = activation_bytes(cfg, req.seq_len, micro, tp, pp, m, ckpt, req.precision)
+                        # the fullest stage: model states of its parameters + its activations
+                        per_stage = []
+                        for si, st in enumerate(stages):
+                            pb, gb, ob = model_state_bytes(st.params, zero, dp, req.precision, groups)
+                            ab = stage_activation_bytes(cfg, req.seq_len, micro, tp, pp, st.blocks, min(pp - si, m),
+                                                        si == pp - 1, ckpt, req.precision)
+                            per_stage.append((pb + gb + ob + ab, pb, gb, ob, ab))
+                        _, pb, gb, ob, ab = max(per_stage)
                         totb = (pb + gb + ob + ab) * 1.08 + 1.5 * GIB  # allocator + CUDA context
                         bytes_p = 2 if req.precision in ("bf16", "fp16") else 4
+                        psi = max(st.params for st in stages)  # the slowest gradient reduction
                         dp_comm = dp_comm_bytes(psi, bytes_p, dp, zero, m)
                         tp_comm = (4 * cfg.n_layers / pp * m * req.seq_len * micro * cfg.dim * bytes_p
                                    * 2 * (tp - 1) / tp) if tp > 1 else 0
                         pp_comm = 2 * m * req.seq_len * micro * cfg.dim * bytes_p if pp > 1 else 0
                         bubble = (pp - 1) / (m + pp - 1)
                         tokens = req.global_batch * req.seq_len
-                        compute = tokens * flops_tok * (4 / 3 if ckpt else 1) / (
+                        compute = tokens * flops_tok * (4 / 3 if ckpt else 1) * imbalance / (
                             req.gpus * req.peak_tflops * 1e12 * req.mfu)
                         # TP groups are tp consecutive ranks and tp divides gpus_per_node: one node
                         step = compute / (1 - bubble) + dp_comm / dp_bw + tp_comm / nvlink + pp_comm / pp_bw
