@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from kubellm.core.errors import ConfigError
-from kubellm.model.loss import causal_lm_loss
 from kubellm.sft.data import IGNORE, PackedSequence
 
 
@@ -98,17 +97,36 @@ class SFTObjective:
         return int((batch["labels"] != IGNORE).sum())
 
 
-def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence], batch_size: int = 16) -> float:
-    """Mean loss over assistant tokens of held-out packs (token-weighted), for SFT's before/after."""
-    arrays = packs_to_arrays(packs)
-    total, count = 0.0, 0
+def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence], batch_size: int = 16, *,
+                         device: torch.device | str | None = None, rank: int = 0, world: int = 1) -> float:
+    """Mean loss over assistant tokens of held-out packs (token-weighted), for SFT's before/after,
+    through the model's fused LM head (no (B, T, V) logits) on `device` (default: where the model is).
+
+    Collective when `world > 1` (every rank of the job calls it): rank r scores packs r, r + world, …
+    and the sums are all-reduced, so no rank waits in a collective while one scores them all."""
+    import torch.distributed as dist
+
+    from kubellm.model.parallel import collective_device
+
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    arrays = packs_to_arrays(packs)[rank::world]
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss × tokens, tokens)
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(arrays), batch_size):
-            rows = arrays[i : i + batch_size]
-            b = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-            logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-            n = int((b["labels"] != IGNORE).sum())
-            total += float(causal_lm_loss(logits, b["labels"], ignore_index=IGNORE)) * n
-            count += n
-    return total / max(count, 1)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(arrays), batch_size):
+                rows = arrays[i : i + batch_size]
+                b = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(dev) for k in rows[0]}
+                n = int((b["labels"] != IGNORE).sum())
+                if n:
+                    loss = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
+                                 labels=b["labels"], ignore_index=IGNORE)
+                    sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        reduced = sums.to(collective_device())
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    return float(sums[0] / max(float(sums[1]), 1.0))

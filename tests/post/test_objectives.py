@@ -182,6 +182,31 @@ def test_sft_two_ranks_match_one_process_on_uneven_packs(chat_tokenizer_dir: Pat
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def _heldout_rank(tok_dir: str) -> float:
+    import torch.distributed as dist
+
+    from kubellm.training.engine import init_distributed
+
+    rank, world = init_distributed("cpu") if dist.is_available() else (0, 1)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(5)
+    model = Transformer(_cfg(len(tok)))
+    packs = _uneven_sft_packs(tok) + _uneven_sft_packs(tok)[:3]  # 11 packs: an uneven split over 2 ranks
+    return assistant_token_loss(model, packs, batch_size=2, rank=rank, world=world)
+
+
+def test_heldout_loss_split_over_ranks_equals_one_process(chat_tokenizer_dir: Path) -> None:
+    """SFT's held-out loss before training: every rank scores its share and the sums are all-reduced (rank 0
+    scored them all while its peers waited in DeepSpeed's start-up collectives, past their timeout on a
+    large held-out set)."""
+    from kubellm.training.spawn import spawn
+
+    (one,) = spawn(_heldout_rank, 1, str(chat_tokenizer_dir))
+    two = spawn(_heldout_rank, 2, str(chat_tokenizer_dir))
+    assert two[0] == two[1] == pytest.approx(one, rel=1e-6)
+    assert math.isfinite(one) and one > 0
+
+
 def test_padding_is_not_counted_as_trained_tokens(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     """tokens/s, tokens_seen and MFU count the tokens SFT and DPO train on, not the padding that fills
     each pack or pair up to seq_len: one epoch's tokens_seen is the data's non-pad token count."""
