@@ -223,7 +223,9 @@ def commit_manifest(manifest: Manifest) -> Manifest:
         {(f.path, f.sha256) for f in existing.files} == {(f.path, f.sha256) for f in manifest.files}
         and existing.kind == manifest.kind
     ):
-        return existing
+        # where it is committed now (a copied artifact records the location it was first published at)
+        here = absolute_uri(manifest.uri)
+        return existing if absolute_uri(existing.uri) == here else existing.model_copy(update={"uri": here})
     raise ManifestConflictError(
         f"{uri}: a different manifest is already committed there (digest {existing.digest()[:12]}); "
         "refusing to overwrite it"
@@ -237,6 +239,8 @@ def _walk(local_dir: Path) -> list[Path]:
 LEASE_NAME = "_publishing.lease"
 LEASE_TTL_S = 120.0
 """A publisher that has not renewed its lease for this long is taken for dead (renewed every third)."""
+LEASE_READ_TRIES = 6
+"""Consecutive failed reads of a lease that exists before its error is raised (backing off 0.4–5 s)."""
 
 
 class _PublishLease:
@@ -267,6 +271,7 @@ class _PublishLease:
 
     def acquire(self) -> bool:
         """True once this publisher holds the lease; False when the artifact got committed meanwhile."""
+        unreadable = 0
         while True:
             self.renewed = time.monotonic()
             if self.st.exists(self.manifest_uri):
@@ -275,7 +280,14 @@ class _PublishLease:
                 break
             try:
                 data, etag = self.st.read_with_etag(self.uri)
-            except Exception:  # released between our put and this read: try again
+                unreadable = 0
+            except Exception:
+                if not self.st.exists(self.uri):
+                    continue  # released between our put and this read: try again
+                unreadable += 1  # there, but it cannot be read: back off, then say why
+                if unreadable >= LEASE_READ_TRIES:
+                    raise
+                time.sleep(min(5.0, 0.2 * 2 ** unreadable))
                 continue
             try:
                 expires = float(json.loads(data)["expires"])
@@ -284,6 +296,10 @@ class _PublishLease:
             if time.time() >= expires and self.st.put_if_match(self.uri, self._body(), etag):
                 break
             time.sleep(min(5.0, max(0.2, expires - time.time())))
+        if self.st.exists(self.manifest_uri):
+            # committed, and its publisher's lease released, between our look and our put: upload nothing
+            self.release()
+            return False
         self.etag = self.st.read_with_etag(self.uri)[1]
         self._thread = threading.Thread(target=self._renew, name="kubellm-publish-lease", daemon=True)
         self._thread.start()
@@ -356,10 +372,17 @@ def _upload_and_commit(local_dir: Path, files: list[Path], prefix: str, already:
         rel = p.relative_to(local_dir).as_posix()
         if rel == MANIFEST_NAME:
             raise IntegrityError(f"{p}: {MANIFEST_NAME} is reserved for the manifest")
+        before = p.stat()
+        entry = FileEntry(path=rel, size=before.st_size, sha256=sha256_file(p))  # what is uploaded next
         if not already:
             lease.check(prefix)  # a publisher whose lease expired must not overwrite its successor's files
             st.upload(p, join(prefix, rel))
-        return FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
+        after = p.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise IntegrityError(f"{p}: changed while it was published ({before.st_size} → {after.st_size} bytes); "
+                                 "its recorded sha256 would not match what was stored. Publish files no writer "
+                                 "still holds open")
+        return entry
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = list(pool.map(put, files))

@@ -114,3 +114,80 @@ def test_a_publisher_that_cannot_renew_stops_uploading_once_its_lease_expires(tm
         publish_dir(src, prefix, kind="model", workers=1)
     assert 1 <= len(uploaded) < 6  # stopped part-way, at the expiry
     assert not st.exists(join(prefix, "_manifest.json"))
+
+
+def test_a_lease_that_exists_but_cannot_be_read_is_an_error_not_an_endless_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`read_with_etag` failing on an existing lease (permissions, a store that keeps failing) had the
+    publisher spin with no sleep and no end, never saying why."""
+    prefix = str(tmp_path / "artifacts/sft/abc")
+    st = storage_for(prefix)
+    st.write_bytes(join(prefix, LEASE_NAME), b'{"owner": "someone", "expires": 1e12}')
+    calls = []
+
+    def unreadable(self: Any, uri: str) -> tuple[bytes, str]:
+        calls.append(uri)
+        raise PermissionError(f"{uri}: permission denied")
+
+    monkeypatch.setattr(type(st), "read_with_etag", unreadable)
+    monkeypatch.setattr(manifest_mod.time, "sleep", lambda s: None)
+    with pytest.raises(PermissionError, match="permission denied"):
+        publish_dir(_dir(tmp_path / "run", "w"), prefix, kind="model")
+    assert len(calls) == manifest_mod.LEASE_READ_TRIES
+
+
+def test_a_commit_between_the_manifest_check_and_the_lease_uploads_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publisher A commits and releases its lease after B looked for the manifest and before B's put: B
+    must not upload its (different) files over A's committed artifact."""
+    prefix = str(tmp_path / "artifacts/sft/abc")
+    a = publish_dir(_dir(tmp_path / "run-a", "weights of run A"), str(tmp_path / "elsewhere"), kind="model")
+    st = storage_for(prefix)
+    real_put = type(st).put_if_absent
+    uploads: list[str] = []
+
+    def a_commits_first(self: Any, uri: str, data: bytes) -> bool:
+        if uri.endswith(LEASE_NAME) and not self.exists(join(prefix, "_manifest.json")):
+            manifest_mod.commit_manifest(a.model_copy(update={"uri": prefix}))
+            for f in a.files:  # A's files, as A uploaded them before its commit
+                self.upload(Path(a.uri) / f.path, join(prefix, f.path))
+        return real_put(self, uri, data)
+
+    real_upload = type(st).upload
+    monkeypatch.setattr(type(st), "put_if_absent", a_commits_first)
+    monkeypatch.setattr(type(st), "upload",
+                        lambda self, local, uri: uploads.append(str(local)) or real_upload(self, local, uri))
+    with pytest.raises(ManifestConflictError):
+        publish_dir(_dir(tmp_path / "run-b", "run B's other weights"), prefix, kind="model")
+    assert uploads and not [u for u in uploads if "run-b" in u]  # A's uploads only, none of B's
+    fetch(read_manifest(prefix), tmp_path / "check")  # A's artifact still verifies
+    assert not st.exists(join(prefix, LEASE_NAME))
+
+
+def test_an_artifact_committed_elsewhere_first_is_returned_at_its_new_place(tmp_path: Path) -> None:
+    import shutil
+
+    a = publish_dir(_dir(tmp_path / "run", "w"), str(tmp_path / "A"), kind="model")
+    shutil.copytree(tmp_path / "A", tmp_path / "B")  # the artifact copied, manifest and all
+    b = publish_dir(tmp_path / "run", str(tmp_path / "B"), kind="model")
+    assert b.uri == str(tmp_path / "B") and b.digest() == read_manifest(str(tmp_path / "B")).digest()
+    assert a.uri == str(tmp_path / "A")
+
+
+def test_a_file_that_changes_while_it_is_published_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = str(tmp_path / "artifacts/sft/abc")
+    st = storage_for(prefix)
+    real_upload = type(st).upload
+
+    def writer_still_flushing(self: Any, local: Path, uri: str) -> None:
+        real_upload(self, local, uri)
+        if local.name == "metrics.jsonl":
+            with open(local, "a") as f:
+                f.write('{"step_time_s": 9}\n')
+
+    monkeypatch.setattr(type(st), "upload", writer_still_flushing)
+    from kubellm.core.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match=r"metrics\.jsonl: changed while it was published"):
+        publish_dir(_dir(tmp_path / "run", "w"), prefix, kind="model")
+    assert not st.exists(join(prefix, "_manifest.json"))
