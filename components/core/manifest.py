@@ -406,6 +406,18 @@ def verify_file(manifest: Manifest, entry: FileEntry, local: Path) -> None:
         )
 
 
+def read_verified(manifest: Manifest, path: str) -> bytes:
+    """One small file of the artifact, read into memory and checked against the manifest's size and
+    sha256 (what `fetch` does for files it writes to disk)."""
+    entry = manifest.file(path)
+    data = storage_for(manifest.uri).read_bytes(manifest.file_uri(path))
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise IntegrityError(f"{manifest.file_uri(path)}: {len(data)} bytes that do not match the manifest "
+                             f"({entry.size} bytes, sha256 {entry.sha256[:12]}…): replaced or corrupt since it "
+                             "was committed")
+    return data
+
+
 def fetch(manifest: Manifest, local_dir: Path | str, paths: Iterable[str] | None = None,
           workers: int = 8) -> Path:
     """Download the artifact's files (or `paths` of them) into `local_dir`, verifying each against the

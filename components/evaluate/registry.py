@@ -273,7 +273,9 @@ def apply_gate(manifest: Any, *, promote: bool = True) -> Promoted | None:
     ETag just read. If it already names this evaluation's candidate from this very artifact (a
     retried gate step), that is success. The evaluate stage calls this right after publishing; the
     pipelines run it as their own gate step, so the report reaches the UI when the gate fails."""
-    results = json.loads(storage_for(manifest.uri).read_bytes(manifest.file_uri("results.json")))
+    from kubellm.core.manifest import read_verified
+
+    results = json.loads(read_verified(manifest, "results.json"))  # the verdict as committed, nothing else
     gate = results.get("gate")
     if not gate:
         return None

@@ -341,9 +341,10 @@ def json_safe(obj: Any) -> Any:
 
 def print_summary(manifest: Manifest) -> str:
     """The score table and the HTML report's location for an eval artifact (for `kubellm run --local`)."""
+    from kubellm.core.manifest import read_verified
     from kubellm.evaluate.report import summary
 
-    results = json.loads(storage_for(manifest.uri).read_bytes(manifest.file_uri("results.json")))
+    results = json.loads(read_verified(manifest, "results.json"))  # the verdict as committed, nothing else
     text = summary(results, manifest.file_uri("report.html"))
     print(text)
     return text

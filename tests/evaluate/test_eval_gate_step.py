@@ -58,3 +58,21 @@ def test_gate_step_promotes_once_and_refuses_a_moved_pointer(hf_exports, tmp_pat
                                                      r"b was NOT promoted"):
         apply_gate(mb)
     assert reg.current().entry.label == "other"
+
+
+def test_the_gate_applies_only_the_verdict_as_committed(hf_exports, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json replaced after the commit (a racing writer, a store without conditional writes) with a
+    passing verdict: the gate refuses it by its sha256 instead of promoting a model that failed."""
+    from kubellm.core.errors import IntegrityError
+
+    FakeHarness({"a": {"wmt": {"acc": 0.2}}}, DIRS).install(monkeypatch)
+    root = str(tmp_path / "art")
+    m = stage.run(_cfg(), {"models": str(hf_exports["a"])}, root, apply_gate=False)
+    results = Path(m.uri) / "results.json"
+    doc = json.loads(results.read_text())
+    doc["gate"]["passed"] = True
+    results.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match=r"results\.json: .* do not match the manifest"):
+        apply_gate(m)
+    assert Registry(f"{root}/registry", "kubellm").current() is None
