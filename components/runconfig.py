@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubellm.core.config import StrictModel, apply_overrides, deep_merge, parse_yaml, read_yaml, validate
+from kubellm.core.config import StrictModel, apply_overrides, merge_config, parse_yaml, read_yaml, validate
 from kubellm.core.errors import ConfigError
 from kubellm.data_prep.config import DataPrepConfig
 from kubellm.dpo.config import DPOConfig
@@ -157,7 +157,7 @@ def load_run_config(path: str | Path | None = None, *, preset: str | None = None
     data: dict[str, Any] = preset_data(preset) if preset else {}
     source = f"preset {preset}" if preset else "<defaults>"
     if path is not None:
-        data = deep_merge(data, read_yaml(path))
+        data = merge_config(RunConfig, data, read_yaml(path))  # a mapping in the file replaces the preset's
         source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)

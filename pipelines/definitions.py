@@ -32,6 +32,7 @@ from typing import Any
 from kfp import dsl
 from kfp import kubernetes as k8s
 
+from kubellm.core.config import merge_config
 from kubellm.core.errors import ConfigError
 from kubellm.core.images import PULL_SECRETS_ENV, TRAIN_IMAGE_ENV, image_for
 from kubellm.pipelines import components as c
@@ -151,7 +152,8 @@ def parameter_defaults(cfg: RunConfig, settings: PipelineSettings) -> dict[str, 
     return out
 
 
-_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][\w+.-]*://[^/@\s\"',]*:[^/@\s\"',]*@[^/\s\"',]*")
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][\w+.-]*://[^/@\s\"',]*:[^/@\s\"',]*@[^/\s\"',]*"
+                                r"|(?i:https?)://[^/@\s\"',]+@[^/\s\"',]*")  # http(s): a token alone is one too
 
 
 def _refuse_url_credentials(name: str, value: Any, flag: str = "") -> None:
@@ -188,25 +190,6 @@ def report_only(evaluate_config: str) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def _merge_section(model_cls: Any, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` deep-merged onto `base` along the section's nested config models: a field whose type is a
-    config model merges key by key; anything else (a number, a list, a free-form mapping such as
-    `gate.rules`) is replaced whole, so a mapping can still drop entries."""
-    from pydantic import BaseModel
-
-    out = dict(base)
-    fields = getattr(model_cls, "model_fields", {})
-    for key, value in over.items():
-        field = fields.get(key)
-        sub = getattr(field, "annotation", None)
-        if (isinstance(value, dict) and isinstance(out.get(key), dict) and isinstance(sub, type)
-                and issubclass(sub, BaseModel)):
-            out[key] = _merge_section(sub, out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> Any:
     """A `--param NAME=VALUE` value in the parameter's type (that of its default), or a ConfigError
     naming it. A `<stage>_config` given as a JSON object (or mapping text) is merged over the default
@@ -236,7 +219,7 @@ def check_param(name: str, value: Any, default: Any, flag: str = "--param") -> A
             except ConfigError:
                 base_model = None
             if base_model is not None:
-                merged = _merge_section(type(base_model), base_model.model_dump(mode="json"), over)
+                merged = merge_config(type(base_model), base_model.model_dump(mode="json"), over)
                 value = merged
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
         try:

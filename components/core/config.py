@@ -64,9 +64,13 @@ def validate(model: type[M], data: Any, source: str = "<config>", prefix: str = 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the config file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
     return parse_yaml(text, str(p))
 
 
@@ -132,13 +136,23 @@ def parse_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
     return data
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_config(model_cls: Any, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged onto `base` along `model_cls`'s nested config models: a field whose type is a config
+    model merges key by key; anything else (a number, a list, a free-form mapping such as
+    `evaluate.gate.rules`) is replaced whole, so an override can drop a mapping's entries. A run-config
+    file over a preset and `--param <stage>_config` over the compiled section merge alike."""
+    from pydantic import BaseModel
+
     out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+    fields = getattr(model_cls, "model_fields", {})
+    for key, value in over.items():
+        field = fields.get(key)
+        sub = getattr(field, "annotation", None)
+        if (isinstance(value, dict) and isinstance(out.get(key), dict) and isinstance(sub, type)
+                and issubclass(sub, BaseModel)):
+            out[key] = merge_config(sub, out[key], value)
         else:
-            out[k] = v
+            out[key] = value
     return out
 
 

@@ -78,12 +78,21 @@ def _is_scratch(name: str) -> bool:
 
 
 _USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # up to the last @ before the host: a password may hold '@'
+# an http(s) endpoint's userinfo up to the last '@' of the URL: a password may hold '/' too (unescaped, it
+# ends the authority for a URL parser, but not for whoever reads the log); over-redacts a path with '@'
+_HTTP_USERINFO = re.compile(r"(?i)(?<=http://)[^\s\"']*@|(?<=https://)[^\s\"']*@")
+# credentials in a query string: presigned S3 URLs, SAS tokens, access tokens
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:x-amz-(?:signature|credential|security-token)|token|access_token|sig|"
+                           r"signature|password|secret|api_key|apikey)=)[^&\s\"']+")
 
 
 def redact(text: str) -> str:
-    """`text` with any `user:password@` of a URL in it replaced by `***@` (endpoint URLs can carry
+    """`text` with any `user:password@` of a URL in it replaced by `***@`, and the values of credential
+    query parameters (`X-Amz-Signature`, `token`, `sig`, …) by `***` (endpoint URLs can carry
     credentials; they never go into a log or an error)."""
-    return _USERINFO.sub("***@", text)
+    text = _HTTP_USERINFO.sub("***@", text)
+    text = _USERINFO.sub("***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
 
 
 def _umask() -> int:

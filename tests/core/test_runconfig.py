@@ -100,6 +100,25 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_run_config(f)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_run_config(tmp_path / "missing.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 9"):
+        load_run_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match=r": cannot read the config file"):
+        load_run_config(tmp_path)  # a directory
+
+
+def test_a_file_over_a_preset_merges_as_a_param_does(tmp_path: Path) -> None:
+    """Config models merge key by key; a free-form mapping in the file (gate rules) replaces the preset's,
+    as `--param evaluate_config=...` does: it had been merged key by key, so a file could not drop a rule."""
+    f = tmp_path / "run.yaml"
+    f.write_text("evaluate:\n  gate:\n    rules:\n      kubellm_knowledge: {max_drop: 0.01}\n"
+                 "pretrain:\n  train: {max_steps: 7}\n")
+    cfg = load_run_config(f, preset="debug")
+    assert set(cfg.evaluate.gate.rules) == {"kubellm_knowledge"}
+    assert cfg.evaluate.gate.rules["kubellm_knowledge"].max_drop == 0.01
+    preset = load_run_config(preset="debug")
+    assert cfg.pretrain.train.max_steps == 7 and cfg.pretrain.train.seq_len == preset.pretrain.train.seq_len
+    assert cfg.evaluate.gate.enabled == preset.evaluate.gate.enabled
 
 
 def test_sections_hash_independently() -> None:

@@ -108,6 +108,11 @@ def test_an_endpoint_password_never_reaches_a_traceback_or_an_error_file(monkeyp
     finally:
         reset_clients()
     assert redact("http://minio:p@ss@host:9000/b") == "http://***@host:9000/b"  # an '@' in the password
+    assert redact("http://minio:p/ss@host:9000/b") == "http://***@host:9000/b"  # a '/' in it (was: unchanged)
+    assert redact("get https://TOKEN@host/x failed") == "get https://***@host/x failed"
+    signed = "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAEX%2F1&X-Amz-Signature=0a1b&partNumber=2"
+    assert redact(signed) == "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&partNumber=2"
+    assert redact("s3://b/raw/x.jsonl@etag:12 and hf:org/ds@abc") == "s3://b/raw/x.jsonl@etag:12 and hf:org/ds@abc"
     spec = JobSpec(stage="pretrain", config={}, output=str(tmp_path), run_dir=str(tmp_path / "run"))
     write_error(spec, 0, "Traceback ...\nEndpointConnectionError: http://someone:secretpw@127.0.0.1:9/b/k\n")
     written = (tmp_path / "run" / "errors" / "rank0.txt").read_text()

@@ -54,7 +54,8 @@ def test_s3_glob_source_refused_by_the_cluster_check() -> None:
 
 
 @pytest.mark.parametrize("name, value", [("storage_root", "s3://AKIAEXAMPLE:hunter2@b/kubellm"),
-                                         ("evaluate_config", {"eval_dir": "https://u:hunter2@host/x"})])
+                                         ("evaluate_config", {"eval_dir": "https://u:hunter2@host/x"}),
+                                         ("evaluate_config", {"eval_dir": "https://hunter2@host/x"})])  # a token alone
 def test_credentials_in_a_run_argument_are_refused(name: str, value: Any) -> None:
     with pytest.raises(ConfigError) as e:  # was: only compile-time defaults were checked
         check_arguments("evaluation_report", {name: value}, _report_defaults(), "--arg")
