@@ -21,8 +21,13 @@ TAG="${KUBELLM_TAG:-$version}"
 PUSH="${KUBELLM_PUSH:-0}"
 PLATFORM="${KUBELLM_PLATFORM:-linux/amd64}"
 CODE_VERSION="${KUBELLM_CODE_VERSION:-$(git rev-parse HEAD 2>/dev/null || echo "$version")}"
-if [ -n "$(git status --porcelain -- components pipelines pyproject.toml requirements images 2>/dev/null)" ]; then
-  CODE_VERSION="${CODE_VERSION}-dirty"
+code_paths=(components pipelines pyproject.toml requirements images)
+if [ -n "$(git status --porcelain -- "${code_paths[@]}" 2>/dev/null)" ]; then
+  # -dirty plus a hash of the uncommitted changes (tracked diff and untracked files): two builds of one
+  # commit with different edits must not share a code version (it keys the content-addressed artifacts)
+  changes="$( { git diff HEAD -- "${code_paths[@]}"; git ls-files -z --others --exclude-standard -- "${code_paths[@]}" \
+    | xargs -0 -r sha256sum; } | sha256sum | cut -c1-12)"
+  CODE_VERSION="${CODE_VERSION}-dirty-${changes}"
 fi
 
 images=("$@")

@@ -52,21 +52,36 @@ SCHEMA_VERSION = 1
 def code_version() -> str:
     """The code version recorded in manifests and mixed into content addresses.
 
-    Images set KUBELLM_CODE_VERSION (the git sha at build time, `-dirty` for an uncommitted tree).
-    Elsewhere it is the package version plus a hash of the installed package's files, so a local
+    Images set KUBELLM_CODE_VERSION (the git sha at build time, `-dirty-<hash of the changes>` for an
+    uncommitted tree); an image built without it (`unknown`) and everything else use the package version plus a hash of the installed package's files, so a local
     re-run after a code change computes new artifacts instead of reusing ones the old code made; the
     first call exports it as KUBELLM_CODE_VERSION for the processes this one starts."""
     version = os.environ.get("KUBELLM_CODE_VERSION")
-    if not version:
+    if not version or version == UNSET_CODE_VERSION:  # an image built without the build arg: hash the code
         # computed once and exported, so every process this one starts (workers, kfp.local steps)
         # records the same version even if a file is edited while the run goes on
         version = os.environ["KUBELLM_CODE_VERSION"] = f"kubellm-{__version__}+{_source_hash()[:12]}"
     return version
 
 
+UNSET_CODE_VERSION = "unknown"
+"""What the images' KUBELLM_CODE_VERSION build argument defaults to: not a version (every image built
+without it would share it, and reuse each other's artifacts)."""
+
+
 @functools.cache
 def _source_hash() -> str:
-    return tree_hash(Path(__file__).resolve().parent.parent)
+    """`tree_hash` of the installed package, and of `kubellm.pipelines` where it lives outside it (an
+    editable install maps it to the repository's `pipelines/`)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("kubellm.pipelines")
+    extra = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    outside = [p for p in extra if not p.is_relative_to(root)]
+    if not outside:
+        return tree_hash(root)
+    return hashlib.sha256("\0".join([tree_hash(root), *(tree_hash(p) for p in outside)]).encode()).hexdigest()
 
 
 def _in_code_version(rel: str) -> bool:

@@ -172,6 +172,24 @@ def test_code_version_tracks_the_installed_code(monkeypatch: pytest.MonkeyPatch,
     assert content_prefix(str(tmp_path), "data_prep", "cfg", {}) != before
     monkeypatch.setenv("KUBELLM_CODE_VERSION", "0123abc")
     assert M.code_version() == "0123abc"
+    # an image built without the build argument says "unknown": not a version two builds may share
+    monkeypatch.setenv("KUBELLM_CODE_VERSION", "unknown")
+    assert M.code_version() == f"kubellm-{__version__}+{'f' * 12}"
+
+
+def test_the_code_version_covers_the_pipelines_package_where_it_lives_apart() -> None:
+    """An editable install maps kubellm.pipelines to the repository's pipelines/: its edits (the
+    pipeline's steps and parameters) count too."""
+    import kubellm.pipelines
+    from kubellm.core import manifest as M
+    from kubellm.core.manifest import tree_hash
+
+    root = Path(M.__file__).resolve().parent.parent
+    pipes = Path(kubellm.pipelines.__file__).resolve().parent
+    if pipes.is_relative_to(root):
+        assert M._source_hash() == tree_hash(root)
+    else:
+        assert M._source_hash() not in (tree_hash(root), tree_hash(pipes)) and len(M._source_hash()) == 64
 
 
 def test_presets_and_bundled_task_data_are_not_part_of_the_code_version(tmp_path: Path) -> None:

@@ -260,3 +260,43 @@ def test_build_context_is_limited_by_a_dockerignore(path: Path) -> None:
     for sources in copies:
         for src in sources:
             assert f"!{src}" in lines or f"!{src}/**" in lines, f"{ignore.name} excludes {src}"
+
+
+def _built_code_version(repo: Path) -> str:
+    """Run build.sh with a stand-in `docker` that records its arguments; the KUBELLM_CODE_VERSION it passed."""
+    import os
+    import subprocess
+
+    fake = repo / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "docker").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n')
+    (fake / "docker").chmod(0o755)
+    (fake / "calls").unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "KUBELLM_CODE_VERSION": ""}
+    env.pop("KUBELLM_CODE_VERSION")
+    subprocess.run(["bash", "images/build.sh", "base"], cwd=repo, env=env, check=True, capture_output=True)
+    calls = (fake / "calls").read_text()
+    return calls.split("KUBELLM_CODE_VERSION=", 1)[1].split()[0]
+
+
+def test_an_uncommitted_tree_gets_a_code_version_per_change(tmp_path: Path) -> None:
+    """`-dirty` alone gave every build of one commit with edits the same code version, which keys the
+    content-addressed artifacts: another edit silently reused the first's."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    shutil.copy(IMAGES / "build.sh", repo / "images" / "build.sh")  # this tree's script, committed there
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-am", "build.sh under test"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert _built_code_version(repo) == head
+    target = repo / "components" / "data_prep" / "filters.py"
+    target.write_text(target.read_text() + "\n# edit one\n")
+    one = _built_code_version(repo)
+    target.write_text(target.read_text() + "# edit two\n")
+    two = _built_code_version(repo)
+    (repo / "components" / "new_module.py").write_text("X = 1\n")  # an untracked file counts too
+    three = _built_code_version(repo)
+    assert len({one, two, three}) == 3 and all(v.startswith(f"{head}-dirty-") for v in (one, two, three))
