@@ -35,6 +35,7 @@ from kfp import kubernetes as k8s
 from kubellm.core.config import merge_config
 from kubellm.core.errors import ConfigError
 from kubellm.core.images import PULL_SECRETS_ENV, TRAIN_IMAGE_ENV, image_for
+from kubellm.core.storage import S3_ENV_VARS
 from kubellm.pipelines import components as c
 from kubellm.pipelines.fingerprint import default_pointer
 from kubellm.runconfig import STAGES, RunConfig
@@ -42,9 +43,6 @@ from kubellm.runconfig import STAGES, RunConfig
 PIPELINES = ("llm_from_scratch", "evaluation_report")
 PIPELINE_NAMES = {"llm_from_scratch": "llm-from-scratch", "evaluation_report": "evaluation-report"}
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
-# What kubellm.core.storage reads, as the Helm chart's ConfigMap provides it (no credentials in it).
-S3_ENV_KEYS = ("KUBELLM_S3_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "KUBELLM_S3_RETRY_MODE",
-               "KUBELLM_S3_MAX_ATTEMPTS", "KUBELLM_S3_ADDRESSING_STYLE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +265,7 @@ def _configure(task: dsl.PipelineTask, stage: str, settings: PipelineSettings, *
         k8s.use_secret_as_env(task, settings.s3_secret, {key_id: "AWS_ACCESS_KEY_ID",
                                                          secret_key: "AWS_SECRET_ACCESS_KEY"}, optional=True)
     if settings.s3_config_map:
-        k8s.use_config_map_as_env(task, settings.s3_config_map, {k: k for k in S3_ENV_KEYS}, optional=True)
+        k8s.use_config_map_as_env(task, settings.s3_config_map, {k: k for k in S3_ENV_VARS}, optional=True)
     if stage in TRAINING_STAGES:
         # What the step's PyTorchJob needs from this compile (kubellm.training.job.cluster_defaults):
         # the workers run this very image, and reach S3 through the same Secret and ConfigMap (names only).

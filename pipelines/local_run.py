@@ -175,17 +175,35 @@ def _demo_world(workdir: Path, root: str, scale: float, seed: int = 0) -> dict[s
     return src
 
 
-def _sync_up(local: Path, dest: str) -> None:
-    """Make the objects under `dest` the files under `local`: upload a file whose object is missing or
-    differs (size, or ETag vs the file's MD5), delete objects with no file."""
+def _s3_etag(path: Path, threshold: int, chunksize: int) -> str:
+    """The ETag S3 gives `path` as kubellm's storage uploads it: the MD5 of its bytes, or from the
+    multipart threshold on the MD5 of its parts' MD5s and the part count (`<hex>-<n>`). Read in chunks."""
     import hashlib
 
+    multipart = path.stat().st_size >= threshold
+    whole, parts = hashlib.md5(), []
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunksize if multipart else 8 << 20), b""):
+            if multipart:
+                parts.append(hashlib.md5(block).digest())
+            else:
+                whole.update(block)
+    return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}" if multipart else whole.hexdigest()
+
+
+def _sync_up(local: Path, dest: str) -> None:
+    """Make the objects under `dest` the files under `local`: upload a file whose object is missing or
+    differs (size, or ETag vs the file's — multipart ones included), delete objects with no file."""
+    from kubellm.core.storage import S3Settings, is_s3
+
     st = storage_for(dest)
+    cfg = S3Settings.from_env() if is_s3(dest) else S3Settings()
     remote = {o.relpath: o for o in st.list(dest)}
     files = {p.relative_to(local).as_posix(): p for p in sorted(local.rglob("*")) if p.is_file()}
     for rel, p in files.items():
         o = remote.get(rel)
-        if o is None or o.size != p.stat().st_size or o.etag != hashlib.md5(p.read_bytes()).hexdigest():
+        if o is None or o.size != p.stat().st_size or o.etag != _s3_etag(p, cfg.multipart_threshold,
+                                                                             cfg.multipart_chunksize):
             st.upload(p, join(dest, rel))
     for rel, o in remote.items():
         if rel not in files:
@@ -205,9 +223,13 @@ def pipeline_arguments(args: argparse.Namespace, root: str, workdir: Path, cfg: 
     arguments: dict[str, Any] = {"storage_root": root, "promoted_pointer": default_pointer(
         root, getattr(gate, "registry", None), getattr(gate, "name", "kubellm"))}
     if args.pipeline == "llm_from_scratch":
-        # per source: --raw/--chat/--preferences, else the run-config's `sources`, else the demo world's
         sources = getattr(cfg, "sources", None)
-        given = {k: getattr(args, k, None) or getattr(sources, k, "") for k in SOURCE_PARAMS}
+        both = [(k, p) for k, p in SOURCE_PARAMS.items() if getattr(args, k, None) and p in params]
+        if both:
+            raise ConfigError("; ".join(f"--{k} and --param {p} both name the {k} source" for k, p in both)
+                              + ": give one")
+        # per source: --raw/--chat/--preferences or --param <source>, else the run-config's, else the demo world's
+        given = {k: getattr(args, k, None) or params.get(p) or getattr(sources, k, "") for k, p in SOURCE_PARAMS.items()}
         src = dict(given)
         missing = [k for k, v in given.items() if not v]
         if missing:

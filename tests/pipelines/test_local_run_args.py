@@ -50,6 +50,33 @@ def test_sync_up_replaces_changed_and_removes_stale_objects(s3_bucket: str, tmp_
     assert sorted(o.relpath for o in st.list(dest)) == ["corpus/part-0.jsonl", "world.json"]
 
 
+def test_sync_up_leaves_an_unchanged_multipart_object_alone(s3_bucket: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file past the multipart threshold has an ETag `<md5 of part md5s>-<n>`, never its MD5: it was
+    uploaded again on every run."""
+    from kubellm.core.storage import MiB, reset_clients
+
+    monkeypatch.setenv("KUBELLM_S3_MULTIPART_THRESHOLD", str(5 * MiB))
+    monkeypatch.setenv("KUBELLM_S3_MULTIPART_CHUNKSIZE", str(5 * MiB))
+    reset_clients()
+    local = tmp_path / "w"
+    local.mkdir()
+    (local / "big.bin").write_bytes(bytes(range(256)) * (48 * 1024))  # 12 MiB: 3 parts
+    dest = f"{s3_bucket}/demo-world"
+    local_run._sync_up(local, dest)
+    (obj,) = storage_for(dest).list(dest)
+    assert obj.etag.endswith("-3")
+    uploads: list[str] = []
+    st = storage_for(dest)
+    real = type(st).upload
+    monkeypatch.setattr(type(st), "upload", lambda self, p, uri: uploads.append(uri) or real(self, p, uri))
+    local_run._sync_up(local, dest)
+    assert uploads == []
+    (local / "big.bin").write_bytes(bytes(range(255, -1, -1)) * (48 * 1024))  # same size, other bytes
+    local_run._sync_up(local, dest)
+    assert uploads == [f"{dest}/big.bin"]
+
+
 def test_raw_alone_takes_chat_and_preferences_from_the_demo_world(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     demo = {"raw": "/demo/corpus", "chat": "/demo/chat.jsonl", "preferences": "/demo/prefs.jsonl"}
@@ -73,3 +100,18 @@ def test_param_storage_root_with_bucket_is_refused(tmp_path: Path, capsys: pytes
                    "--param", "storage_root=s3://other/x"])
     assert rc == 1 and "--param storage_root and --bucket" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_sources_given_by_param_build_no_demo_world_and_a_flag_and_param_conflict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubellm.core.errors import ConfigError
+
+    monkeypatch.setattr(local_run, "_demo_world", lambda *a: pytest.fail("built the demo world for --param sources"))
+    params = ["raw_source=/p/raw", "chat_source=/p/chat.jsonl", "preferences_source=/p/prefs.jsonl"]
+    got = local_run.pipeline_arguments(_args(param=params), str(tmp_path / "art"), tmp_path,
+                                       load_run_config(preset="debug"))
+    assert (got["raw_source"], got["chat_source"], got["preferences_source"]) == (
+        "/p/raw", "/p/chat.jsonl", "/p/prefs.jsonl")
+    with pytest.raises(ConfigError, match=r"--raw and --param raw_source both name the raw source: give one"):
+        local_run.pipeline_arguments(_args(raw="/mine", param=params), str(tmp_path / "art"), tmp_path,
+                                     load_run_config(preset="debug"))
