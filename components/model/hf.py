@@ -125,6 +125,10 @@ def check_exportable(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("output.weight")
+    extra = [k for k in sd if k not in expected and not (cfg.tie_embeddings and k == "output.weight")]
+    if extra:
+        raise IntegrityError(f"state dict to export has {len(extra)} tensor(s) the model does not (first "
+                             f"{extra[0]!r}): a wrapper's prefix left on the names, or weights of another model")
     missing = [k for k in expected if k not in sd]
     if missing:
         raise IntegrityError(f"state dict to export is missing {len(missing)} tensor(s) of the model "
@@ -288,7 +292,8 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     if head_dim is not None and (positive_int("head_dim", head_dim) * heads != hidden):
         raise refuse("head_dim", head_dim, f"hidden_size/num_attention_heads = {hidden // heads}")
     theta = _rope_theta(d, rope, scaling or {}, source, refuse)
-    kv = d.get("num_key_value_heads") or heads
+    kv = d.get("num_key_value_heads")
+    kv = heads if kv is None else positive_int("num_key_value_heads", kv)  # 0 is no default: transformers refuses it
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"], dim=hidden, n_layers=d["num_hidden_layers"], n_heads=heads,
@@ -299,8 +304,15 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
         )
     except KeyError as e:
         raise ConfigError(f"{source}: required key {e.args[0]!r} is missing") from None
-    except ValueError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except ValueError as e:  # pydantic names kubellm's fields: say the config.json keys they came from
+        raise ConfigError(f"{source}: {_HF_KEY.sub(lambda m: _HF_KEYS[m.group(0)], str(e))}") from None
+
+
+_HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size",
+            "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps", "init_std": "initializer_range",
+            "tie_embeddings": "tie_word_embeddings"}
+_HF_KEY = re.compile(r"\b(?:" + "|".join(sorted(_HF_KEYS, key=len, reverse=True)) + r")\b")
 
 
 def _tokenizer_ids(tokenizer_dir: Path) -> tuple[dict[str, int | None], list[int], int]:
@@ -366,6 +378,7 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
         for f in sorted(tdir.iterdir()):
             if f.is_file() and is_tokenizer_file(f.name):
                 shutil.copy2(f, out / f.name)
+        _set_model_max_length(out / "tokenizer_config.json", cfg.max_seq_len)
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **ids), indent=2) + "\n")
     gen: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
     if stops:
@@ -379,6 +392,17 @@ def _transformers_version() -> str:
     from importlib.metadata import version
 
     return version("transformers")
+
+
+def _set_model_max_length(path: Path, max_seq_len: int) -> None:
+    """The exported tokenizer's `model_max_length` is the model's context (the tokenizer stage, which knows
+    no model, leaves transformers' 1e30: `truncation=True` then truncates nothing)."""
+    if not path.is_file():
+        return
+    conf = read_json(path)
+    if isinstance(conf, dict):
+        conf["model_max_length"] = max_seq_len
+        path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

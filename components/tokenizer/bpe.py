@@ -97,10 +97,14 @@ def _portable_tokenizer_config(path: Path) -> None:
     """Rewrite what transformers 5 saves into the fields 4.x reads too (vLLM and other consumers pin
     it): 5's `TokenizersBackend` class is unknown to 4.x and its `extra_special_tokens` list is a dict
     there (a list fails to load); `PreTrainedTokenizerFast` and `additional_special_tokens` load the
-    same tokenizer in both."""
+    same tokenizer in both; the chat template, which 5 saves as `chat_template.jinja` only, is also
+    written where 4.x (and TGI) look for it, `chat_template` in tokenizer_config.json."""
     cfg = json.loads(path.read_text())
     if cfg.get("tokenizer_class") == "TokenizersBackend":
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    template = path.parent / "chat_template.jinja"  # 5 writes the template apart; 4.x and TGI read it here
+    if "chat_template" not in cfg and template.is_file():
+        cfg["chat_template"] = template.read_text(encoding="utf-8")
     extra = cfg.pop("extra_special_tokens", None)
     if isinstance(extra, list):
         cfg["additional_special_tokens"] = extra

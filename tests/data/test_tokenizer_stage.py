@@ -66,6 +66,8 @@ def test_auto_tokenizer_loads_with_chat_template(tok_dir: Path) -> None:
     saved = json.loads((tok_dir / "tokenizer" / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in saved
     assert saved["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    # the chat template where 4.x and TGI read it too (5 saves it only as chat_template.jinja)
+    assert saved["chat_template"] == (tok_dir / "tokenizer" / "chat_template.jinja").read_text() == tok.chat_template
     assert set(ids) <= set(tok.all_special_tokens)
     assert tok.decode([ids["<|user|>"], *enc[1:], ids["<|end|>"]], skip_special_tokens=True) == "Kanoreth lives in Amberlow."
 

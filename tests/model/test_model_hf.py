@@ -56,7 +56,8 @@ def test_transformers_loads_export_with_same_logits(variant: str, tmp_path: Path
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) != cfg.tie_embeddings
 
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    assert AutoTokenizer.from_pretrained(str(out)).chat_template
+    exported_tok = AutoTokenizer.from_pretrained(str(out))
+    assert exported_tok.chat_template and exported_tok.model_max_length == cfg.max_seq_len  # not 1e30
     x = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
@@ -197,6 +198,9 @@ def test_export_refuses_a_state_dict_that_is_not_the_configs_model(tmp_path: Pat
         export_hf(sd, BASE.with_(ffn_dim=40), tmp_path / "shape")
     with pytest.raises(IntegrityError, match="differs from 'tok_embeddings.weight' but the config has tie_embeddings"):
         export_hf(sd, BASE.with_(tie_embeddings=True), tmp_path / "tied")
+    with pytest.raises(IntegrityError, match=r"has 1 tensor\(s\) the model does not \(first "
+                                             r"'_checkpoint_wrapped_module\.norm\.weight'\)"):
+        export_hf({**sd, "_checkpoint_wrapped_module.norm.weight": sd["norm.weight"]}, BASE, tmp_path / "extra")
     # a DeepSpeed-wrapped state dict of a tied model, with or without the shared head, still exports
     tied = BASE.with_(tie_embeddings=True)
     tsd = {"module." + k: v for k, v in _model(tied).state_dict().items()}
@@ -286,3 +290,16 @@ def test_an_index_pointing_outside_the_model_directory_is_refused(tmp_path: Path
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: where for n in names}}))
     with pytest.raises(IntegrityError, match=r"weight_map\[.*\] = .* points outside the model directory"):
         load_hf(d)
+
+
+def test_import_errors_name_the_config_json_keys(tmp_path: Path) -> None:
+    """pydantic names kubellm's fields (`ffn_dim`, `norm_eps`, `n_kv_heads`); the user edits config.json."""
+    export_hf(_model(BASE), BASE, tmp_path / "m")
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key, value, said in (("intermediate_size", 0, "intermediate_size"), ("rms_norm_eps", None, "rms_norm_eps"),
+                             ("num_key_value_heads", 3, "num_key_value_heads=3 must divide num_attention_heads=4"),
+                             ("num_key_value_heads", 0, "num_key_value_heads")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, key: value}))
+        with pytest.raises(ConfigError) as e:
+            load_hf(tmp_path / "m")
+        assert said in str(e.value) and "ffn_dim" not in str(e.value) and "n_kv_heads" not in str(e.value), str(e.value)
