@@ -19,7 +19,8 @@ class DPOConfig(StrictModel):
     beta: float = Field(default=0.1, gt=0)
     """DPO temperature on the policy/reference log-ratio."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO (with label_smoothing > 0: conservative DPO); ipo: IPO."""
+    """sigmoid: DPO (with label_smoothing > 0: conservative DPO); ipo: IPO, on per-token log-probs (each
+    reply's summed log-prob over its length, as TRL does)."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     """cDPO: probability that a preference label is flipped (loss_type sigmoid only; refused with ipo)."""
     reference: Literal["cached", "live"] = "cached"

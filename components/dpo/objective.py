@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kubellm.dpo.loss import preference_loss
+from kubellm.sft.data import IGNORE
 from kubellm.sft.objective import ExampleLoader, real_tokens
 
 
@@ -83,8 +84,9 @@ class DPOObjective:
         else:
             ref = batch["ref_logps"].to(lp.dtype)
             ref_c, ref_r = ref[:, 0], ref[:, 1]
+        n = (labels != IGNORE).sum(-1)  # response tokens of each row (IPO averages per token)
         return preference_loss(lp[:b], lp[b:], ref_c, ref_r, beta=self.beta, label_smoothing=self.ls,
-                               loss_type=self.loss_type)  # type: ignore[arg-type]
+                               loss_type=self.loss_type, chosen_tokens=n[:b], rejected_tokens=n[b:])  # type: ignore[arg-type]
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return real_tokens(batch["input_ids"], self.pad_id)

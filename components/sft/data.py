@@ -368,7 +368,8 @@ class PackedSequence:
 
 
 def pack_examples(examples: Iterable[ChatExample], seq_len: int, pad_id: int) -> list[PackedSequence]:
-    """Greedy first-fit-in-order packing; padding has label IGNORE and its own doc id."""
+    """Next-fit packing in data order: a pack closes as soon as the next conversation does not fit (no
+    search of earlier packs, so the order is kept); padding has label IGNORE and its own doc id."""
     packs: list[PackedSequence] = []
     cur = PackedSequence([], [], [], [])
     doc = 0

@@ -35,9 +35,13 @@ class ExampleLoader:
         self.rank, self.size, self.micro, self.seed = dp_rank, dp_size, micro_batch_size, seed
         self.batches_per_epoch = len(examples) // per_step  # the remainder is dropped each epoch
         self.epoch, self.index = 0, 0
+        self._cached: tuple[int, np.ndarray] | None = None
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+        """This epoch's shuffled order, drawn once per epoch (not per micro-batch: O(examples) each)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples)))
+        return self._cached[1]
 
     def __iter__(self) -> ExampleLoader:
         return self

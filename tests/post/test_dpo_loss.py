@@ -38,8 +38,26 @@ def test_label_smoothing_and_ipo() -> None:
     loss, _ = preference_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
     sig = 1 / (1 + math.exp(-1.0))
     assert loss.item() == pytest.approx(-(1 - eps) * math.log(sig) - eps * math.log(1 - sig), rel=1e-6)
-    ipo, _ = preference_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")
+    one = torch.tensor([1])
+    ipo, _ = preference_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo", chosen_tokens=one, rejected_tokens=one)
     assert ipo.item() == pytest.approx((1 - 1 / (2 * 0.25)) ** 2)
+
+
+def test_ipo_regresses_the_per_token_gap() -> None:
+    """IPO on summed log-probs compared a whole reply's gap with 1/(2β): a 200-token reply met it at once
+    and a short one was pushed hard. Per token (the IPO authors' clarification, TRL's), the same per-token
+    gap gives the same loss whatever the lengths."""
+    beta = 0.1
+    short = preference_loss(torch.tensor([-2.0]), torch.tensor([-4.0]), torch.tensor([-3.0]), torch.tensor([-3.0]),
+                            beta=beta, loss_type="ipo", chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([2]))
+    long = preference_loss(torch.tensor([-200.0]), torch.tensor([-400.0]), torch.tensor([-300.0]),
+                           torch.tensor([-300.0]), beta=beta, loss_type="ipo", chosen_tokens=torch.tensor([200]),
+                           rejected_tokens=torch.tensor([200]))
+    h = (-1.0 - -2.0) - (-1.5 - -1.5)  # per-token gap 1 in both
+    assert short[0].item() == pytest.approx((h - 1 / (2 * beta)) ** 2) == pytest.approx(long[0].item())
+    with pytest.raises(ValueError, match="give chosen_tokens and rejected_tokens"):
+        preference_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.0]), torch.tensor([-1.0]),
+                        beta=beta, loss_type="ipo")
 
 
 def test_sequence_logprobs_ignores_masked_positions() -> None:

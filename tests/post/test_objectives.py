@@ -55,6 +55,14 @@ def test_example_loader_splits_ranks_without_overlap_and_resumes() -> None:
     assert torch.equal(next(a)["x"], next(b)["x"])
 
 
+def _seq_lp(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log p(labels) of one row, from full logits (the reference computation)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None]).double(), -1)[0]
+    keep = labels != -100
+    return logp[keep].gather(-1, labels[keep][:, None]).sum()
+
+
 def test_cached_and_live_reference_give_the_same_loss(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     rep = SkipReport()
@@ -75,6 +83,17 @@ def test_cached_and_live_reference_give_the_same_loss(chat_tokenizer_dir: Path, 
     same = DPOObjective(to_arrays(exs, 64, tok.pad_token_id), beta=0.1, reference=policy)
     l3, m3 = same.loss(policy, next(same.build_loader(0, 1, 8, 0)))
     assert l3.item() == pytest.approx(math.log(2), rel=1e-5) and m3["reward_margin"].item() == 0.0
+    # IPO averages each reply's log-probs over its own trained tokens (chosen "11" vs "The answer is 12.")
+    ipo = DPOObjective(cached_arrays, beta=0.1, loss_type="ipo")
+    batch = next(ipo.build_loader(0, 1, 8, 0))
+    got, _ = ipo.loss(policy, batch)
+    lp = torch.stack([torch.stack([_seq_lp(policy, batch["input_ids"][i, j], batch["labels"][i, j])
+                                   for j in (0, 1)]) for i in range(8)])
+    n = (batch["labels"] != -100).sum(-1).double()
+    assert bool((n[:, 0] != n[:, 1]).any())  # replies of different lengths
+    ref = batch["ref_logps"].double()
+    h = (lp[:, 0] / n[:, 0] - lp[:, 1] / n[:, 1]) - (ref[:, 0] / n[:, 0] - ref[:, 1] / n[:, 1])
+    assert got.item() == pytest.approx(float(((h - 1 / (2 * 0.1)) ** 2).mean()), rel=1e-4)
 
 
 def test_dpo_steps_raise_reward_accuracy(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
