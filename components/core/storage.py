@@ -548,15 +548,8 @@ class S3Storage:
 
         bucket, key = split_s3(uri)
         etag = etag.strip('"')
-        try:
-            current = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise self._err("head", uri, e) from None
-        except Exception as e:
-            raise self._err("head", uri, e) from None
-        if current != etag:
+        head = self._head_object(uri)
+        if head is None or str(head["ETag"]).strip('"') != etag:
             return False
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
@@ -603,34 +596,30 @@ class S3Storage:
             tmp.unlink(missing_ok=True)
             raise self._err("download", uri, e) from None
 
-    def exists(self, uri: str) -> bool:
+    def _head_object(self, uri: str) -> dict[str, Any] | None:
+        """HEAD of one object; None when there is none (404), any other failure a StorageError."""
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise self._err("head", uri, e) from None
-        except Exception as e:
-            raise self._err("head", uri, e) from None
-
-    def head(self, uri: str) -> ObjectInfo | None:
-        """One object's entry as `list` would give it (relpath: the key's last part), by one HEAD
-        request; None when there is no such object."""
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            r = self.client.head_object(Bucket=bucket, Key=key)
+            return dict(self.client.head_object(Bucket=bucket, Key=key))
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise self._err("head", uri, e) from None
         except Exception as e:
             raise self._err("head", uri, e) from None
+
+    def exists(self, uri: str) -> bool:
+        return self._head_object(uri) is not None
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        """One object's entry as `list` would give it (relpath: the key's last part), by one HEAD
+        request; None when there is no such object."""
+        r = self._head_object(uri)
+        if r is None:
+            return None
+        bucket, key = split_s3(uri)
         return ObjectInfo(f"s3://{bucket}/{key}", key.rpartition("/")[2], int(r["ContentLength"]),
                           str(r["ETag"]).strip('"'))
 
