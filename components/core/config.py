@@ -137,22 +137,38 @@ def parse_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
 
 
 def merge_config(model_cls: Any, base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` merged onto `base` along `model_cls`'s nested config models: a field whose type is a config
-    model merges key by key; anything else (a number, a list, a free-form mapping such as
-    `evaluate.gate.rules`) is replaced whole, so an override can drop a mapping's entries. A run-config
-    file over a preset and `--param <stage>_config` over the compiled section merge alike."""
+    """`over` merged onto `base` along `model_cls`'s fields: a config model merges key by key, and so does
+    a plain mapping (`model.overrides`, `evaluate.headline`); a mapping *of config models*
+    (`evaluate.gate.rules`: task → rule) and anything else (a number, a list) is replaced whole, so an
+    override can drop rules. A run-config file over a preset and `--param <stage>_config` over the
+    compiled section merge alike."""
+    import typing
+
     from pydantic import BaseModel
+
+    def is_model(t: Any) -> bool:
+        return isinstance(t, type) and issubclass(t, BaseModel)
 
     out = dict(base)
     fields = getattr(model_cls, "model_fields", {})
     for key, value in over.items():
-        field = fields.get(key)
-        sub = getattr(field, "annotation", None)
-        if (isinstance(value, dict) and isinstance(out.get(key), dict) and isinstance(sub, type)
-                and issubclass(sub, BaseModel)):
-            out[key] = merge_config(sub, out[key], value)
-        else:
+        sub = getattr(fields.get(key), "annotation", None)
+        if not (isinstance(value, dict) and isinstance(out.get(key), dict)):
             out[key] = value
+        elif is_model(sub):
+            out[key] = merge_config(sub, out[key], value)
+        elif typing.get_origin(sub) is dict and is_model((typing.get_args(sub) or (None, None))[1]):
+            out[key] = value  # whole entries (rules): the override's set is the set
+        else:
+            out[key] = deep_merge(out[key], value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` onto `base`, mappings merged key by key at every depth."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

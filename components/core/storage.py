@@ -206,10 +206,12 @@ _ENUM_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "retry_mode": ("KUBELLM_S3_RETRY_MODE", ("standard", "adaptive")),
     "addressing_style": ("KUBELLM_S3_ADDRESSING_STYLE", ("path", "virtual", "auto")),
 }
-S3_ENV_VARS: tuple[str, ...] = ("KUBELLM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+S3_ENV_VARS: tuple[str, ...] = ("KUBELLM_S3_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
                                 *(e[0] for e in _ENUM_SETTINGS.values()), *(i[0] for i in _INT_SETTINGS.values()))
-"""Every variable `S3Settings.from_env` reads except the credentials (which come from a Secret): what a
-pipeline step takes from the S3 ConfigMap, so steps and training workers reach S3 alike."""
+"""What a pipeline step takes from the S3 ConfigMap (the Helm chart's `<fullname>-env` sets every one):
+each variable `S3Settings.from_env` reads except the credentials (from a Secret) and AWS_ENDPOINT_URL
+(the AWS SDKs' own name for what KUBELLM_S3_ENDPOINT_URL sets), so steps and training workers reach S3
+alike."""
 # botocore's own check for a region name (it raises InvalidRegionError on anything else)
 _REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
 

@@ -76,8 +76,8 @@ class PIIConfig(StrictModel):
     """Replace e-mail addresses with `<EMAIL>`."""
     phones: bool = True
     """Replace phone numbers with `<PHONE>`: 7+ digits in a phone's shape (+country code and groups,
-    North American (415) 555-0132, or a national number with its trunk 0: 020 7946 0958); dates,
-    prices and runs of numbers are left alone."""
+    North American (415) 555-0132, or a national number with its trunk 0: 020 7946 0958); dates, times
+    and prices are left alone (a run of two-digit groups can still read as a French number)."""
     ips: bool = True
     """Replace IPv4 and IPv6 addresses with `<IP>`."""
 

@@ -23,21 +23,26 @@ from kubellm.data_prep.config import DedupConfig, PIIConfig, QualityFilters
 _WS = re.compile(r"\s+")
 _WORD_PUNCT = re.compile(r"[^\w\s]")
 _ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
-# any script in the local part and the domain (josé@exämple.de), a letters-only top-level domain
-_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")
+# letters of alphabetic scripts (Latin with its accents, Greek, Cyrillic) in the local part and the domain
+# (josé@exämple.de); not those of scripts written without spaces, where the text around an address is
+# letters too (请发邮件至abc@example.com获取: the address, not the sentence)
+_MAIL_LETTERS = "A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF"
+_EMAIL = re.compile(rf"(?<![{_MAIL_LETTERS}0-9._%+-])[{_MAIL_LETTERS}0-9._%+-]+@[{_MAIL_LETTERS}0-9-]+"
+                    rf"(?:\.[{_MAIL_LETTERS}0-9-]+)*\.[{_MAIL_LETTERS}]{{2,}}(?![{_MAIL_LETTERS}0-9-])")
 # A phone number has a phone's shape, not just 7+ digits in groups (which dates, prices and lists of
 # numbers also have): +country code, then groups or an area code in parentheses (+44 (0)20 7946 0958,
 # +4915112345678); North American (415) 555-0132 / 415-555-0132; or a national number with its trunk 0
-# and one separator throughout (020 7946 0958, 01 23 45 67 89, 030/12345678). Dates are left alone
-# (`_DATE`, also a date the match starts or ends with), and so is a longer run of number groups (a
-# phone never continues with ` 45`: lottery draws, times 09.30 10.45, scores). A 7-digit local number
-# without an area code (555-0132) is not taken: that shape is as often a range or a part number.
+# (020 7946 0958, 0211 123-4567, 030/12345678, 01 23 45 67 89, 01.23.45.67.89: dots only throughout, so
+# times such as 09.30 10.45 are none). Dates are left alone (`_DATE`, also a date a match starts or ends
+# with: 05-03-2024 15). A 7-digit local number without an area code (555-0132) is not taken: that shape
+# is as often a range or a part number. A run of two-digit groups (a lottery draw) still reads as a
+# French number: scrubbing errs towards removing.
 _PHONE = re.compile(
-    r"(?<!\w)(?<!\d[.,])(?<!\d )(?:"
+    r"(?<!\w)(?<!\d[.,])(?:"
     r"\+\d{8,15}|\+\d{1,3}(?:[\s.-]?\(\d{1,4}\)[\s.-]?\d{1,8})?(?:[\s.-]\d{1,8}){0,5}"
     r"|\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|\d{3} \d{3} \d{4}"
-    r"|0\d{1,4}([\s./-])\d{2,8}(?:\2\d{2,8}){0,3}"
-    r")(?!\w|[.,-]\d| \d)")
+    r"|0\d{1,4}(?:[ \t/-]\d{2,8}){1,4}|0\d{1,4}(?:\.\d{2,8}){1,4}"
+    r")(?!\w|[.,-]\d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)")
 # candidates, each checked with `ipaddress` (compressed forms, any number of groups after ::)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")

@@ -18,7 +18,7 @@ from typing import Any
 from kubellm.core.errors import InputDataError
 
 BOM = codecs.BOM_UTF8  # a UTF-8 byte-order mark, ignored at the start of any file
-_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # also the start of UTF-32's
+_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)  # UTF-32-LE's starts like 16-LE's
 
 
 @dataclasses.dataclass

@@ -286,9 +286,9 @@ def scan_sources(raw: str, *, warn: bool = True) -> SourceScan:
         before = len(skipped)
         repeated = []
         for src in _resolve_item(item, skipped):
-            # what the fingerprint names (a resolved local path, an S3 URI, a hub dataset), not how
-            # the item spelled it: `data/,data/a.jsonl` reads a.jsonl once
-            key = src.fingerprint.rpartition("@")[0] or src.uri
+            # what the fingerprint names (a resolved local path, an S3 URI), not how the item spelled it:
+            # `data/,data/a.jsonl` reads a.jsonl once; a hub dataset with its revision (two revisions are two)
+            key = src.fingerprint if src.format == "hub" else src.fingerprint.rpartition("@")[0] or src.uri
             if key in seen:
                 repeated.append(src.uri)
             else:

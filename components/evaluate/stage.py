@@ -248,7 +248,9 @@ def validation_shards(ref: str, work: Path) -> ValidationTokens:
     tok_files = [f.path for f in m.files if tdir and f.path.startswith(tdir + "/")]
     fetch(m, work / "tokens", paths + tok_files)
     local = [work / "tokens" / p for p in sorted(paths)]
-    readers = [TokenShardReader(p, scan=False) for p in local]
+    readers = [TokenShardReader(p, scan=False) for p in local]  # ids are checked as perplexity reads them
+    for r in readers:
+        r.check_offsets()  # a corrupt offset table fails before any model is evaluated
     if sum(r.token_count - r.doc_count for r in readers) <= 0:
         raise InputDataError(f"tokens input {m.uri}: the validation shards {sorted(paths)} hold no predictable "
                              "tokens (no documents); held-out perplexity needs a validation split")

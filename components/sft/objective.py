@@ -107,14 +107,16 @@ def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence]
     through the model's fused LM head (no (B, T, V) logits) on `device` (default: where the model is).
 
     Collective when `world > 1` (every rank of the job calls it): rank r scores packs r, r + world, …
-    and the sums are all-reduced, so no rank waits in a collective while one scores them all."""
+    and the sums are all-reduced, so no rank waits in a collective while one scores them all; a rank
+    that fails says so in the same all-reduce, and every rank raises."""
     import torch.distributed as dist
 
     from kubellm.model.parallel import collective_device
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     arrays = packs_to_arrays(packs)[rank::world]
-    sums = torch.zeros(2, dtype=torch.float64)  # (loss × tokens, tokens)
+    sums = torch.zeros(3, dtype=torch.float64)  # (loss × tokens, tokens, ranks that failed)
+    error: BaseException | None = None
     was_training = model.training
     model.eval()
     try:
@@ -126,11 +128,20 @@ def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence]
                 if n:
                     loss = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
                                  labels=b["labels"], ignore_index=IGNORE)
-                    sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+                    sums[:2] += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the peers have heard of it
+        if world == 1:
+            raise
+        error, sums[2] = e, 1.0
     finally:
         model.train(was_training)
     if world > 1:
         reduced = sums.to(collective_device())
         dist.all_reduce(reduced)
         sums = reduced.cpu()
+        if error is not None:
+            raise error
+        if sums[2] > 0:
+            raise RuntimeError(f"held-out assistant-token loss: scoring failed on {int(sums[2])} other rank(s); "
+                               "their error is in their log")
     return float(sums[0] / max(float(sums[1]), 1.0))

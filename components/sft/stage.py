@@ -63,7 +63,7 @@ def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
 def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.sft.data import SkipReport, pack_examples, read_chat_jsonl
     from kubellm.sft.objective import SFTObjective, assistant_token_loss
-    from kubellm.training.engine import resolve_device, train
+    from kubellm.training.engine import train
 
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
@@ -83,17 +83,16 @@ def run_worker(spec: JobSpec) -> Manifest | None:
                              f"(skipped records: {report.summary()})")
     packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
-    # every rank scores its share on the training device (one rank scoring them all on the host kept the
-    # others in DeepSpeed's start-up collectives, past their timeout on a large held-out set)
-    device = resolve_device(config.train.device)
-    before = assistant_token_loss(model.to(device), held_packs, rank=rank, world=w.world)
-    model.to("cpu")
+    # every rank scores its share, on the host where the loaded model is (one rank scoring them all kept the
+    # others in DeepSpeed's start-up collectives, past their timeout on a large held-out set; the whole
+    # model need not fit one GPU, as it need not under ZeRO-3/TP/PP)
+    before = assistant_token_loss(model, held_packs, rank=rank, world=w.world)
     result = train(model_cfg, config.train, config.parallel, SFTObjective(packs, tok.pad_token_id), spec.run_dir,
                    init_state_dict=model.state_dict(), resume=True, identity=spec.identity)
     if rank != 0:
         return None
     model.load_state_dict(result.final_state_dict)
-    after = assistant_token_loss(model.to(device), held_packs)  # rank 0 alone: its peers have returned
+    after = assistant_token_loss(model, held_packs)  # rank 0 alone: its peers have returned
     trained_tokens = sum(e.trainable_tokens for e in train_ex)
     skipped = report.summary()
     return publish_model(

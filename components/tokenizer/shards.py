@@ -144,10 +144,10 @@ class TokenShardReader:
         self.doc_offsets = np.memmap(self.path, dtype="<u8", mode="r",
                                      offset=HEADER_SIZE + ntok * self.dtype.itemsize, shape=(ndoc + 1,))
         if scan:
-            self._check_offsets()
+            self.check_offsets()
             self.check_ids(self.vocab_size)  # the shard's own vocab (≤ the model's): the writer never goes past it
 
-    def _check_offsets(self) -> None:
+    def check_offsets(self) -> None:
         """Document offsets must run 0 … token_count without going back (doc-masking positions and
         `document()` slice by them)."""
         offs = np.asarray(self.doc_offsets)

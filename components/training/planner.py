@@ -335,16 +335,17 @@ def pipeline_layer_params(cfg: ModelConfig, tp: int) -> list[int]:
     return [v * d, *[block] * cfg.n_layers, d, v * d]
 
 
-_STAGES: dict[tuple[str, int, int], tuple[Stage, ...]] = {}
+_STAGES: dict[tuple[str, int, int, int], tuple[Stage, ...]] = {}
 
 
-def pipeline_stages(cfg: ModelConfig, tp: int, pp: int) -> tuple[Stage, ...]:
+def pipeline_stages(cfg: ModelConfig, tp: int, pp: int, seq_len: int = 1) -> tuple[Stage, ...]:
     """The stages of the pipeline under DeepSpeed's default "parameters" partition
     (`deepspeed.runtime.utils.partition_balanced` over `pipeline_layer_params`, which the engine's
-    `PipelineModule` calls); at pp = 1 one stage with the model's unique parameters."""
+    `PipelineModule` calls); at pp = 1 one stage with the model's unique parameters. Each stage's forward
+    FLOPs per token include attention at `seq_len`, which grows with it while the head's does not."""
     from kubellm.model.flops import layer_forward_flops
 
-    key = (cfg.model_dump_json(), tp, pp)
+    key = (cfg.model_dump_json(), tp, pp, seq_len)
     if key in _STAGES:
         return _STAGES[key]
     if pp == 1:  # one TP rank's unique parameters (a tied table once; norms replicated, not split)
@@ -353,7 +354,7 @@ def pipeline_stages(cfg: ModelConfig, tp: int, pp: int) -> tuple[Stage, ...]:
         from deepspeed.runtime.utils import partition_balanced
 
         weights = pipeline_layer_params(cfg, tp)
-        emb, block, norm, head = layer_forward_flops(cfg, 1)
+        emb, block, norm, head = layer_forward_flops(cfg, seq_len)
         costs = [emb, *[block] * cfg.n_layers, norm, head]
         bounds = partition_balanced(weights, pp)
         stages = tuple(Stage(sum(weights[a:b]), sum(1 for i in range(a, b) if 1 <= i <= cfg.n_layers),
@@ -431,7 +432,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         continue  # fewer micro-batches than stages leaves stages idle
                     if groups is None:
                         groups = param_group_sizes(cfg, tp)
-                        stages = pipeline_stages(cfg, tp, pp)
+                        stages = pipeline_stages(cfg, tp, pp, req.seq_len)
                         # a step runs at the pace of the stage with the most compute
                         imbalance = pp * max(st.flops for st in stages) / sum(st.flops for st in stages) \
                             if pp > 1 else 1.0

@@ -542,3 +542,23 @@ def test_defaults_validate_against_the_schema() -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.values)
         assert chart.values["rbac"]["create"] is True and chart.values["jobs"]["runAsUser"] >= 1000
+
+
+def test_the_env_config_map_holds_every_key_a_pipeline_step_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps map each S3 setting from this ConfigMap; a backend that ignores `optional` fails a pod on a
+    missing key, so every one is present ("" = kubellm's default), and the transfer tuning is settable."""
+    from kubellm.core.storage import S3_ENV_VARS, S3Settings
+
+    def settings(values: dict) -> S3Settings:
+        (cm,) = [o for o in render_objects(values) if o["kind"] == "ConfigMap"
+                 and o["metadata"]["name"] == "kubellm-env"]
+        assert set(S3_ENV_VARS) <= set(cm["data"]), sorted(set(S3_ENV_VARS) - set(cm["data"]))
+        for var in (*S3_ENV_VARS, "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(var, raising=False)
+        for var in S3_ENV_VARS:
+            monkeypatch.setenv(var, cm["data"][var])
+        return S3Settings.from_env()
+
+    assert settings({}) == S3Settings()  # the empty ones are kubellm's defaults
+    tuned = settings({"s3": {"multipartThreshold": 134217728, "multipartChunksize": 33554432, "maxConcurrency": 16}})
+    assert (tuned.multipart_threshold, tuned.multipart_chunksize, tuned.max_concurrency) == (134217728, 33554432, 16)

@@ -112,13 +112,16 @@ def test_a_file_over_a_preset_merges_as_a_param_does(tmp_path: Path) -> None:
     as `--param evaluate_config=...` does: it had been merged key by key, so a file could not drop a rule."""
     f = tmp_path / "run.yaml"
     f.write_text("evaluate:\n  gate:\n    rules:\n      kubellm_knowledge: {max_drop: 0.01}\n"
-                 "pretrain:\n  train: {max_steps: 7}\n")
+                 "pretrain:\n  train: {max_steps: 7}\n  model: {overrides: {n_layers: 6}}\n")
     cfg = load_run_config(f, preset="debug")
     assert set(cfg.evaluate.gate.rules) == {"kubellm_knowledge"}
     assert cfg.evaluate.gate.rules["kubellm_knowledge"].max_drop == 0.01
     preset = load_run_config(preset="debug")
     assert cfg.pretrain.train.max_steps == 7 and cfg.pretrain.train.seq_len == preset.pretrain.train.seq_len
     assert cfg.evaluate.gate.enabled == preset.evaluate.gate.enabled
+    # a plain mapping (the model overrides) merges key by key: the preset's other overrides stay
+    assert cfg.pretrain.model.overrides == {**preset.pretrain.model.overrides, "n_layers": 6}
+    assert len(preset.pretrain.model.overrides) > 1
 
 
 def test_sections_hash_independently() -> None:

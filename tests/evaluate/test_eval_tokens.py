@@ -75,3 +75,23 @@ def test_perplexity_window_longer_than_the_model_positions_is_refused(hf_exports
                                           r"max_position_embeddings 256 .*set evaluate.perplexity_seq_len ≤ 256"):
         stage.run(eval_config(perplexity_seq_len=512), {"models": str(hf_exports["a"]), "tokens": tokens.uri}, root)
     assert not Path(root, "evaluate").exists()
+
+
+def test_a_validation_shard_with_a_corrupt_offset_table_fails_before_any_model_is_scored(tmp_path: Path) -> None:
+    import struct
+
+    from kubellm.core.manifest import publish_dir
+    from kubellm.tokenizer.shards import HEADER_SIZE, TokenShardWriter
+
+    d = tmp_path / "art"
+    shard = d / "validation" / "00000.tok"
+    with TokenShardWriter(shard, 512) as w:
+        w.add_document(list(range(100)))
+        w.add_document(list(range(50)))
+    raw = bytearray(shard.read_bytes())
+    table = HEADER_SIZE + 150 * 2  # uint16 tokens, then offsets 0, 100, 150
+    raw[table + 8: table + 16] = struct.pack("<Q", 160)  # 0, 160, 150: goes back
+    shard.write_bytes(bytes(raw))
+    m = publish_dir(d, str(tmp_path / "store" / "tokenizer" / "x"), kind="token_shards", metadata={"vocab_size": 512})
+    with pytest.raises(InputDataError, match=r"00000\.tok: document offset 2 is 150, below offset 1 = 160"):
+        stage.validation_shards(m.uri, tmp_path / "work")

@@ -238,3 +238,21 @@ def test_dp_communication_follows_when_each_zero_stage_communicates() -> None:
     req = Request(model=get_preset("7b"), gpus=8, gpu_mem_gb=80, seq_len=4096, global_batch=256)
     by_zero = {lay.zero: lay for lay in plan(req, top=100) if (lay.dp, lay.tp, lay.pp, lay.micro_batch, lay.act_ckpt) == (8, 1, 1, 1, False)}
     assert by_zero[2].step_s > by_zero[1].step_s and by_zero[3].step_s > by_zero[2].step_s
+
+
+def test_pipeline_stage_compute_counts_attention_at_the_sequence_length() -> None:
+    """The stages' forward FLOPs sum to the model's at that length, and attention (which grows with the
+    sequence while the head does not) shifts the balance: at pp = 4 the 125m's slowest stage carries a
+    larger share at 8192 tokens than at 1 (the head's share shrinks, the blocks' grows)."""
+    from kubellm.model.config import get_preset
+    from kubellm.model.flops import layer_forward_flops
+    from kubellm.training.planner import pipeline_stages
+
+    cfg = get_preset("125m")
+    for seq in (1, 2048, 8192):
+        emb, block, norm, head = layer_forward_flops(cfg, seq)
+        stages = pipeline_stages(cfg, 1, 4, seq)
+        assert sum(st.flops for st in stages) == emb + cfg.n_layers * block + norm + head
+    share = {seq: 4 * max(st.flops for st in pipeline_stages(cfg, 1, 4, seq))
+             / sum(st.flops for st in pipeline_stages(cfg, 1, 4, seq)) for seq in (1, 8192)}
+    assert share[8192] != share[1] and share[8192] > 1 and share[1] > 1

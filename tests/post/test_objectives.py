@@ -201,7 +201,7 @@ def test_sft_two_ranks_match_one_process_on_uneven_packs(chat_tokenizer_dir: Pat
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def _heldout_rank(tok_dir: str) -> float:
+def _heldout_rank(tok_dir: str, fail_on: int = -1) -> float | str:
     import torch.distributed as dist
 
     from kubellm.training.engine import init_distributed
@@ -210,8 +210,15 @@ def _heldout_rank(tok_dir: str) -> float:
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(5)
     model = Transformer(_cfg(len(tok)))
+    if rank == fail_on:
+        def broken(*a: object, **k: object) -> None:
+            raise MemoryError("scoring ran out of memory")
+        model.forward = broken  # type: ignore[method-assign]
     packs = _uneven_sft_packs(tok) + _uneven_sft_packs(tok)[:3]  # 11 packs: an uneven split over 2 ranks
-    return assistant_token_loss(model, packs, batch_size=2, rank=rank, world=world)
+    try:
+        return assistant_token_loss(model, packs, batch_size=2, rank=rank, world=world)
+    except (MemoryError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def test_heldout_loss_split_over_ranks_equals_one_process(chat_tokenizer_dir: Path) -> None:
@@ -224,6 +231,10 @@ def test_heldout_loss_split_over_ranks_equals_one_process(chat_tokenizer_dir: Pa
     two = spawn(_heldout_rank, 2, str(chat_tokenizer_dir))
     assert two[0] == two[1] == pytest.approx(one, rel=1e-6)
     assert math.isfinite(one) and one > 0
+    # a rank that fails tells its peer in the same all-reduce: both raise, neither waits for a timeout
+    failed = spawn(_heldout_rank, 2, str(chat_tokenizer_dir), 1)
+    assert failed == ["RuntimeError: held-out assistant-token loss: scoring failed on 1 other rank(s); their error "
+                      "is in their log", "MemoryError: scoring ran out of memory"]
 
 
 def test_padding_is_not_counted_as_trained_tokens(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
