@@ -62,6 +62,13 @@ def test_config_param_given_as_json_object_reaches_the_component_as_a_string(tmp
     # a string, the run-config's tokenizer section with vocab_size replaced (merged, not reset)
     want = {**json.loads(section_json(cfg, "tokenizer")), "vocab_size": 4096}
     assert json.loads(got["tokenizer_config"]) == want and got["raw_source"] == "/data/raw"
+    # model.overrides merges key by key; gate.rules (task -> rule) is replaced whole
+    args.param = ['pretrain_config={"model": {"overrides": {"n_layers": 6}}}',
+                  'evaluate_config={"gate": {"rules": {"kubellm_knowledge": {"max_drop": 0.01}}}}']
+    got = pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)
+    assert json.loads(got["pretrain_config"])["model"]["overrides"] == {**cfg.pretrain.model.overrides, "n_layers": 6}
+    assert json.loads(got["evaluate_config"])["gate"]["rules"] == {"kubellm_knowledge": {"max_drop": 0.01}}
+    assert len(cfg.evaluate.gate.rules) == 3  # the preset's other two rules are dropped
     args = argparse.Namespace(pipeline="evaluation_report", models=[], demo_scale=1.0,
                               param=['model_uris=["s3://b/x"]'])
     assert pipeline_arguments(args, str(tmp_path / "art"), tmp_path / "work", cfg)["model_uris"] == ["s3://b/x"]
