@@ -34,16 +34,25 @@ def render_reply(tok: Any, prompt: list[dict[str, str]], reply: str, where: str)
     """The prompt + reply ids, labels on the reply (and the template's end-of-turn) only. As in
     `render_conversation`: where encoding the rendering whole is not prefix-stable (a reply starting
     with whitespace can merge with the template's newline), template text and contents are encoded apart."""
+    return render_replies(tok, prompt, [reply], where)[0]
+
+
+def render_replies(tok: Any, prompt: list[dict[str, str]], replies: list[str],
+                   where: str) -> list[tuple[list[int], list[int]]]:
+    """`render_reply` for several replies to one prompt, encoded one way for all (whole, or template text
+    and contents apart when any reply needs it), so each conditions on the same prompt tokens: chosen and
+    rejected differ only in their replies."""
     for apart in (False, True):
         prefix = encode_chat(tok, prompt, add_generation_prompt=True, where=where, apart=apart)
-        full = encode_chat(tok, prompt + [{"role": "assistant", "content": reply}], where=where, apart=apart)
-        if full[: len(prefix)] == prefix:
+        fulls = [encode_chat(tok, prompt + [{"role": "assistant", "content": r}], where=where, apart=apart)
+                 for r in replies]
+        if all(full[: len(prefix)] == prefix for full in fulls):
             break
     else:
         raise InputDataError(f"{where}: the chat template is not prefix-stable for the reply, even with template "
                              "text and contents encoded apart")
-    labels = [full[t + 1] if t + 1 >= len(prefix) else IGNORE for t in range(len(full) - 1)] + [IGNORE]
-    return full, labels
+    return [(full, [full[t + 1] if t + 1 >= len(prefix) else IGNORE for t in range(len(full) - 1)] + [IGNORE])
+            for full in fulls]
 
 
 def parse_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
@@ -88,8 +97,7 @@ def read_preferences_jsonl(paths: Iterable[Path], tok: Any, max_len: int, report
 
     def parse(rec: Any, where: str) -> PreferenceExample:
         messages, chosen, rejected = parse_record(rec, where)
-        c_ids, c_lab = render_reply(tok, messages, chosen, where)
-        r_ids, r_lab = render_reply(tok, messages, rejected, where)
+        (c_ids, c_lab), (r_ids, r_lab) = render_replies(tok, messages, [chosen, rejected], where)
         n = max(len(c_ids), len(r_ids))
         if n > max_len:
             raise InputDataError(f"{where}: pair is {n} tokens, longer than the context ({max_len}); "

@@ -109,6 +109,17 @@ def test_a_reply_starting_with_whitespace_stays_trainable(tmp_path: Path) -> Non
     assert ex.input_ids[: len(head)] == head  # the prompt is what generation is given
     ids, labels = render_reply(tok, prompt, "  x = 2", "pair 1")
     assert ids == ex.input_ids and tok.decode([t for t in labels if t != IGNORE]) == "  x = 2<|end|>\n"
+    # a pair where only one reply needs the prompt encoded apart: both are, so chosen and rejected
+    # condition on the same prompt tokens (each decided alone, their prompts had differed)
+    from kubellm.dpo.data import render_replies
+
+    indented = [{"role": "user", "content": "  x = 1"}]  # a prompt whose tokens differ when encoded apart
+    assert sft_data.encode_chat(tok, indented, add_generation_prompt=True) != sft_data.encode_chat(
+        tok, indented, add_generation_prompt=True, apart=True)
+    (c_ids, c_lab), (r_ids, r_lab) = render_replies(tok, indented, ["  x = 2", "x = 3"], "pair 2")
+    n_c, n_r = next(i for i, t in enumerate(c_lab) if t != IGNORE), next(i for i, t in enumerate(r_lab) if t != IGNORE)
+    assert n_c == n_r and c_ids[: n_c + 1] == r_ids[: n_r + 1]
+    assert tok.decode([t for t in r_lab if t != IGNORE]) == "x = 3<|end|>\n"
     # an ordinary reply keeps the whole rendering's ids
     plain = render_conversation(tok, prompt + [{"role": "assistant", "content": "x = 2"}])
     assert plain.input_ids == sft_data._ids(tok.apply_chat_template(
