@@ -178,7 +178,7 @@ def hf_to_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source: s
     return sd
 
 
-def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
+def hf_config_dict(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
                    pad_token_id: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json for `LlamaForCausalLM`. `rope_theta` is written both inside `rope_parameters`
     (transformers >= 5) and at the top level (older transformers, vLLM)."""
@@ -379,10 +379,13 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
             if f.is_file() and is_tokenizer_file(f.name):
                 shutil.copy2(f, out / f.name)
         _set_model_max_length(out / "tokenizer_config.json", cfg.max_seq_len)
-    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **ids), indent=2) + "\n")
     gen: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
     if stops:
         gen["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    # the same stop list in config.json (as Llama 3.1 ships it): servers that take eos from there, not from
+    # generation_config.json, stop an SFT model at <|end|> too
+    conf_ids: dict[str, Any] = {**ids, **({"eos_token_id": gen["eos_token_id"]} if stops else {})}
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **conf_ids), indent=2) + "\n")
     gen["transformers_version"] = _transformers_version()
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

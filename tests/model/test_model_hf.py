@@ -51,7 +51,7 @@ def test_transformers_loads_export_with_same_logits(variant: str, tmp_path: Path
             "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     conf = json.loads((out / "config.json").read_text())
     assert conf["num_key_value_heads"] == cfg.kv_heads and conf["tie_word_embeddings"] == cfg.tie_embeddings
-    assert (conf["bos_token_id"], conf["eos_token_id"], conf["pad_token_id"]) == (0, 1, 2)
+    assert (conf["bos_token_id"], conf["eos_token_id"], conf["pad_token_id"]) == (0, [1, 6], 2)  # eos, <|end|>
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 6]  # eos, <|end|>
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) != cfg.tie_embeddings
 
