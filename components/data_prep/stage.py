@@ -239,11 +239,12 @@ def check_bad_fraction(stats: list[dict[str, Any]], config: DataPrepConfig) -> N
         )
 
 
-def global_dedup(work: str, config: DataPrepConfig, n_shards: int) -> dict[str, Any]:
+def global_dedup(work: str, config: DataPrepConfig, n_shards: int, wd: _WorkDir | None = None) -> dict[str, Any]:
     """Reduce step: bad-fraction check, then global exact + MinHash-LSH near dedup (first wins)."""
     from datasketch import LeanMinHash, MinHashLSH
 
-    wd = _WorkDir(work)
+    own = wd is None  # a caller's work dir (shared with write_splits) keeps what it fetched
+    wd = wd or _WorkDir(work)
     stats = _load_stats(wd, n_shards)
     check_bad_fraction(stats, config)
     d = config.dedup
@@ -292,13 +293,17 @@ def global_dedup(work: str, config: DataPrepConfig, n_shards: int) -> dict[str, 
     result = {"removed": removed}
     (wd.local / "dedup.json").write_text(json.dumps(result))
     wd.put("dedup.json")
-    wd.close()
+    if own:
+        wd.close()
     return result
 
 
-def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path) -> dict[str, Any]:
-    """Stream the kept documents into `out_dir/{train,validation}/part-*.parquet`."""
-    wd = _WorkDir(work)
+def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path,
+                 wd: _WorkDir | None = None) -> dict[str, Any]:
+    """Stream the kept documents into `out_dir/{train,validation}/part-*.parquet` (`wd`: a work dir that
+    already holds the shards, e.g. global_dedup's: an S3 work prefix is then not downloaded twice)."""
+    own = wd is None
+    wd = wd or _WorkDir(work)
     schema = pa.schema([("text", pa.string())])
     counts: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "files": []}
                                          for s in ("train", "validation")}
@@ -346,7 +351,8 @@ def write_splits(work: str, config: DataPrepConfig, n_shards: int, out_dir: Path
     finally:
         for w in writers.values():  # after an error: the scratch dir is discarded, but not with open files
             w.close()
-    wd.close()
+    if own:
+        wd.close()
     return counts
 
 
@@ -424,9 +430,13 @@ def _finish(sources: list[str], stats: list[dict[str, Any]], config: DataPrepCon
             n_skipped: int | None = None) -> Manifest:
     """Reduce + write + publish, after the map wrote every shard under `work` (run() and the fan-out)."""
     cfg_hash = config.config_hash()
-    dedup = global_dedup(work, config, len(sources))
-    out_dir = tmp / "out"
-    splits = write_splits(work, config, len(sources), out_dir)
+    wd = _WorkDir(work)  # one fetch of each shard for the reduce and the write (an S3 work prefix)
+    try:
+        dedup = global_dedup(work, config, len(sources), wd)
+        out_dir = tmp / "out"
+        splits = write_splits(work, config, len(sources), out_dir, wd)
+    finally:
+        wd.close()
     counts, rows, md = build_report(sources, stats, dedup, splits, skipped[:MAX_SKIPPED_NAMES],  # type: ignore[arg-type]
                                     len(skipped) if n_skipped is None else n_skipped)
     if counts["documents_out"] == 0:

@@ -125,6 +125,27 @@ def test_map_reduce_functions_with_an_s3_work_prefix(s3_bucket: str, small_world
     assert splits["validation"]["documents"] == local.counts["validation_documents"]
 
 
+def test_the_reduce_and_the_write_share_one_fetch_of_an_s3_work_prefix(s3_bucket: str, small_world: dict[str, Path],
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fan-out's reduce step (`_finish`) downloaded every shard's documents for the dedup and again
+    for the write: the corpus twice."""
+    import kubellm.data_prep.stage as stage
+
+    cfg = DataPrepConfig(validation_fraction=0.1)
+    sources = list_sources(str(small_world["corpus"]))
+    work = f"{s3_bucket}/work2"
+    stats = [prepare_shard(s.uri, i, cfg, work) for i, s in enumerate(sources)]
+    st = storage_for(work)
+    real = type(st).download
+    fetched: list[str] = []
+    monkeypatch.setattr(type(st), "download", lambda self, uri, local: fetched.append(uri) or real(self, uri, local))
+    m = stage._finish([s.uri for s in sources], stats, cfg, work, str(small_world["corpus"]), tmp_path,
+                      str(tmp_path / "out" / "data_prep" / "x"), {}, [])
+    docs = [u for u in fetched if u.endswith("docs.parquet")]
+    assert len(docs) == len(sources) == len(set(docs)) and m.counts["documents_out"] > 0
+
+
 def test_map_reduce_functions_with_a_file_uri_work_prefix(small_world: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A `file://` work prefix is that directory, not `./file:/…` under each pod's working directory
