@@ -157,7 +157,7 @@ def load_run_config(path: str | Path | None = None, *, preset: str | None = None
     data: dict[str, Any] = preset_data(preset) if preset else {}
     source = f"preset {preset}" if preset else "<defaults>"
     if path is not None:
-        data = merge_config(RunConfig, data, read_yaml(path))  # a mapping in the file replaces the preset's
+        data = merge_config(RunConfig, data, read_yaml(path))  # as --param <stage>_config merges
         source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)

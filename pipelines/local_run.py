@@ -194,7 +194,7 @@ def _s3_etag(path: Path, threshold: int, chunksize: int) -> str:
 def _sync_up(local: Path, dest: str) -> None:
     """Make the objects under `dest` the files under `local`: upload a file whose object is missing or
     differs (size, or ETag vs the file's — multipart ones included), delete objects with no file."""
-    from kubellm.core.storage import S3Settings, is_s3
+    from kubellm.core.storage import S3Settings
 
     st = storage_for(dest)
     cfg = S3Settings.from_env() if is_s3(dest) else S3Settings()

@@ -142,6 +142,14 @@ def _state_note(client: Any, rr: Any, *, enabled: bool) -> str:
     return "; it was enabled, disabled it as --disabled asks"
 
 
+def _recurring_runs_named(client: Any, experiment_id: str, name: str) -> list[Any]:
+    """The experiment's recurring runs whose display name is `name` (KFP does not make names unique)."""
+    with api_errors(f"list recurring runs named {name!r}"):
+        resp = client.list_recurring_runs(experiment_id=experiment_id, filter=eq_filter("display_name", name),
+                                          page_size=100)
+    return [r for r in (resp.recurring_runs or []) if r.display_name == name]
+
+
 def delete(args: argparse.Namespace) -> int:
     """Remove the recurring runs named `args.name` in the experiment (what `helm uninstall` leaves behind
     otherwise: KFP would go on firing the scheduled report)."""
@@ -150,12 +158,7 @@ def delete(args: argparse.Namespace) -> int:
         resp = client.list_experiments(filter=eq_filter("display_name", args.experiment), page_size=100,
                                        namespace=args.namespace)
     exps = [e for e in (resp.experiments or []) if e.display_name == args.experiment]
-    found = []
-    for exp in exps:
-        with api_errors(f"list recurring runs named {args.name!r}"):
-            rrs = client.list_recurring_runs(experiment_id=exp.experiment_id,
-                                             filter=eq_filter("display_name", args.name), page_size=100)
-        found += [r for r in (rrs.recurring_runs or []) if r.display_name == args.name]
+    found = [rr for exp in exps for rr in _recurring_runs_named(client, exp.experiment_id, args.name)]
     for rr in found:
         with api_errors(f"delete recurring run {rr.recurring_run_id}"):
             client.delete_recurring_run(rr.recurring_run_id)
@@ -190,10 +193,7 @@ def main(args: argparse.Namespace) -> int:
         client = connect(args.endpoint, args.namespace)
         with api_errors(f"get or create experiment {args.experiment!r}"):
             exp = client.create_experiment(args.experiment, namespace=args.namespace)
-        with api_errors(f"list recurring runs named {args.name!r}"):
-            resp = client.list_recurring_runs(experiment_id=exp.experiment_id,
-                                              filter=eq_filter("display_name", args.name), page_size=100)
-        existing = [r for r in (resp.recurring_runs or []) if r.display_name == args.name]
+        existing = _recurring_runs_named(client, exp.experiment_id, args.name)
         if len(existing) == 1 and (existing[0].description or "") == description:
             old = existing[0]
             state = _state_note(client, old, enabled=not args.disabled)

@@ -102,9 +102,9 @@ class SFTObjective:
 
 
 def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence], batch_size: int = 16, *,
-                         device: torch.device | str | None = None, rank: int = 0, world: int = 1) -> float:
+                         rank: int = 0, world: int = 1) -> float:
     """Mean loss over assistant tokens of held-out packs (token-weighted), for SFT's before/after,
-    through the model's fused LM head (no (B, T, V) logits) on `device` (default: where the model is).
+    through the model's fused LM head (no (B, T, V) logits), where the model is.
 
     Collective when `world > 1` (every rank of the job calls it): rank r scores packs r, r + world, …
     and the sums are all-reduced, so no rank waits in a collective while one scores them all; a rank
@@ -113,8 +113,8 @@ def assistant_token_loss(model: torch.nn.Module, packs: Sequence[PackedSequence]
 
     from kubellm.model.parallel import collective_device
 
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    arrays = packs_to_arrays(packs)[rank::world]
+    dev = next(model.parameters()).device
+    arrays = packs_to_arrays(list(packs)[rank::world])  # only this rank's share
     sums = torch.zeros(3, dtype=torch.float64)  # (loss × tokens, tokens, ranks that failed)
     error: BaseException | None = None
     was_training = model.training
