@@ -71,6 +71,7 @@ from kubellm.training.checkpoint_engine import (
     install_safe_checkpoint_engine,
     safe_torch_load,
 )
+from kubellm.training.collective import all_gather_objects, raise_if_any_failed
 
 KIND = "checkpoint"
 TAG_RE = re.compile(r"^step-(\d{8,})$")
@@ -128,15 +129,6 @@ def _world() -> int:
     return d.get_world_size() if d else 1
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    d = _dist()
-    if d is None:
-        return [obj]
-    out: list[Any] = [None] * d.get_world_size()
-    d.all_gather_object(out, obj)
-    return out
-
-
 def _broadcast(obj: Any) -> Any:
     d = _dist()
     if d is None:
@@ -153,18 +145,9 @@ def _barrier() -> None:
 
 
 def _raise_if_any_failed(error: BaseException | None, what: str) -> None:
-    """Collective: every rank learns every rank's failure and raises the same kind of error, so no
-    rank proceeds into a DeepSpeed collective that its peers will never join."""
-    msgs = _all_gather(None if error is None else (type(error).__name__, str(error)))
-    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if not failed:
-        return
-    if error is not None and len(failed) == 1:
-        raise error
-    kinds = {name for _, (name, _) in failed}
-    cls = _ERROR_TYPES.get(kinds.pop(), CheckpointError) if len(kinds) == 1 else CheckpointError
-    text = "; ".join(f"rank {r}: {name}: {msg}" for r, (name, msg) in failed)
-    raise cls(f"{what} failed on {len(failed)} rank(s): {text}") from error
+    """Collective: every rank raises, as the same kind of checkpoint error, so no rank proceeds into a
+    DeepSpeed collective that its peers will never join."""
+    raise_if_any_failed(error, what, _ERROR_TYPES, CheckpointError)
 
 
 # ---------------------------------------------------------------- what the engine looks like
@@ -454,8 +437,8 @@ class CheckpointManager:
             error = e
         _raise_if_any_failed(error, f"checkpoint upload {prefix}")
 
-        per_rank = _all_gather([e.model_dump() for e in entries])
-        states = _all_gather(_jsonable(client_state))
+        per_rank = all_gather_objects([e.model_dump() for e in entries])
+        states = all_gather_objects(_jsonable(client_state))
         manifest: Manifest | None = None
         error = None
         if rank == 0:

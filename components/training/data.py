@@ -59,14 +59,10 @@ def open_shards(paths: Sequence[str | Path], vocab_size: int, *, rank: int = 0,
     except (InputDataError, OSError) as e:  # a missing file on one node too: its peers must not wait
         error = e
     if world > 1:
-        import torch.distributed as dist
+        from kubellm.training.collective import raise_if_any_failed
 
-        found: list[str | None] = [None] * world
-        dist.all_gather_object(found, None if error is None else f"{type(error).__name__}: {error}")
-        first = next(((r, m) for r, m in enumerate(found) if m is not None), None)
-        if first is not None and error is None:
-            raise InputDataError(f"token shard check failed on rank {first[0]}: {first[1]}")
-    if error is not None:
+        raise_if_any_failed(error, "token shard check", {"InputDataError": InputDataError}, InputDataError)
+    elif error is not None:
         raise error
     return shards
 
@@ -122,7 +118,9 @@ class PackedWindowLoader:
             index = np.arange(self.num_windows, dtype=np.int32 if self.num_windows < 2**31 else np.int64)
             order = np.random.default_rng([self.seed, epoch]).permutation(index) if self.shuffle else index
             usable = self.per_rank * self.dp_size
-            self._perm_cache = (epoch, order[:usable][self.dp_rank :: self.dp_size])
+            # a copy of this rank's share: a strided view would keep the whole epoch's order alive
+            self._perm_cache = (epoch, order[:usable][self.dp_rank :: self.dp_size].copy())
+            del order, index
         return self._perm_cache[1]
 
     def _window(self, item: int) -> dict[str, np.ndarray]:

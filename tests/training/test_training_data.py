@@ -352,6 +352,6 @@ def test_each_rank_scans_its_share_of_the_shards_and_a_bad_one_fails_every_rank(
     Path(paths[3]).write_bytes(bytes(raw))
     bad = _open_on_two_ranks(paths)
     assert bad[1]["error"].startswith("InputDataError: ") and "s3.tok: token 5 has id 600" in bad[1]["error"]
-    assert bad[0]["error"].startswith("InputDataError: token shard check failed on rank 1: InputDataError: ")
+    assert bad[0]["error"].startswith("InputDataError: token shard check failed on 1 rank(s): rank 1: InputDataError: ")
     assert "s3.tok: token 5 has id 600 ≥ vocab_size 512" in bad[0]["error"]
     assert "s3.tok" not in bad[0]["scanned"]  # rank 0 learned it from rank 1, without reading s3 itself
