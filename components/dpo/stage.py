@@ -8,8 +8,9 @@ The starting model is also the frozen reference. With `reference: cached` its lo
 computed once (split across the ranks, on the training device and in the training precision), stored in the run dir
 (`reference/ref_logps-<key>.npy`, keyed on the model, the tokenized pairs, device and precision;
 reused on resume) and named in the model manifest's metadata; with `reference: live` a frozen copy
-scores every batch. Reports reward accuracy and margin after training over all pairs (both are 0 at
-the start, where the policy is the reference).
+scores every batch. Every `heldout_every`-th pair is held out of training; the report gives the
+trained policy's loss, reward accuracy and margin on the held-out pairs and on the trained ones
+(rewards are 0 at the start, where the policy is the reference, and the sigmoid loss is log 2).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kubellm.core.manifest import Manifest, content_prefix, stable_hash
 from kubellm.core.storage import join, storage_for
 from kubellm.dpo.config import DPOConfig
 from kubellm.sft.data import SkipReport
-from kubellm.sft.stage import config_hash, no_usable_records, source_fingerprint, stage_jsonl
+from kubellm.sft.stage import config_hash, hold_out, no_usable_records, source_fingerprint, stage_jsonl
 from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
@@ -108,7 +109,7 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
 
 def _score(policy: object, reference: object, arrays: list[dict[str, np.ndarray]], config: DPOConfig,
            device: str) -> dict[str, float]:
-    """Reward metrics of `policy` over all pairs, in batches (one batch of every pair would hold the
+    """Loss and reward metrics of `policy` over `arrays`, in batches (one batch of every pair would hold the
     activations of 2N sequences at once), on the training device and precision; means over pairs."""
     import torch
 
@@ -124,8 +125,8 @@ def _score(policy: object, reference: object, arrays: list[dict[str, np.ndarray]
             rows = arrays[i : i + SCORE_BATCH]
             batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in rows[0]
                      if k in ("input_ids", "labels", "ref_logps")}  # cached log-probs stand in for the reference
-            _, m = scorer.loss(policy, batch)
-            for k, v in m.items():
+            loss, m = scorer.loss(policy, batch)
+            for k, v in {"loss": loss, **m}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(rows)
     return {k: v / len(arrays) for k, v in totals.items()}
 
@@ -153,35 +154,46 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     if not pairs:
         raise no_usable_records("preference pairs", spec.inputs["preferences"], report)
     arrays = to_arrays(pairs, config.train.seq_len, tok.pad_token_id)
+    train_arrays, held_arrays = hold_out(arrays, config.heldout_every, "preference pair(s)",
+                                         spec.inputs["preferences"], report)
     ref_uri = None
-    if config.reference == "cached":
+    if config.reference == "cached":  # held-out pairs too: they are scored against the same reference
         ref, ref_uri = _cached_reference(spec, reference, arrays, rank, world, config, device)
         for a, r in zip(arrays, ref, strict=True):
             a["ref_logps"] = r
-        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type,
+        objective = DPOObjective(train_arrays, config.beta, config.label_smoothing, config.loss_type,
                                  pad_id=tok.pad_token_id)
     else:
-        objective = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type, reference=reference,
-                                 pad_id=tok.pad_token_id)
+        objective = DPOObjective(train_arrays, config.beta, config.label_smoothing, config.loss_type,
+                                 reference=reference, pad_id=tok.pad_token_id)
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=start,
                    resume=True, identity=spec.identity)
     if rank != 0:
         return None
-    # reward accuracy / margin of the trained policy over all pairs, against the same reference
+    # loss, reward accuracy and margin of the trained policy on the held-out and the trained pairs,
+    # against the same reference
     policy, _ = load_hf(base.hf_dir)
     policy.load_state_dict(result.final_state_dict)
-    after = {f"final_{k}": v for k, v in _score(policy, reference, arrays, config, device).items()}
+    after = {f"final_{k}": v for k, v in _score(policy, reference, train_arrays, config, device).items()}
+    after |= {f"heldout_{k}": v for k, v in _score(policy, reference, held_arrays, config, device).items()}
     skipped = report.summary()
     manifest = publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
         parents=spec.parents,
         config_hash=config_hash(config),
-        title=f"DPO ({config.loss_type}, beta {config.beta}, reference {config.reference}): {len(pairs)} pairs",
-        counts={"pairs": len(pairs), "skipped_records": report.total},
+        title=f"DPO ({config.loss_type}, beta {config.beta}, reference {config.reference}): "
+              f"{len(train_arrays)} pairs",
+        counts={"pairs": len(train_arrays), "heldout_pairs": len(held_arrays), "skipped_records": report.total},
         metrics=after,
-        report_lines=[f"Reward accuracy {after['final_reward_accuracy']:.2f}, margin "
-                      f"{after['final_reward_margin']:.3f} after training over all {len(pairs)} pairs (both "
-                      "are 0 at the start, where the policy is the reference).", "",
+        report_lines=["| pairs | count | loss | reward accuracy | reward margin |", "|---|---:|---:|---:|---:|",
+                      *(f"| {name} | {n} | {after[p + 'loss']:.4f} | {after[p + 'reward_accuracy']:.2f} | "
+                        f"{after[p + 'reward_margin']:.3f} |"
+                        for name, n, p in (("held out", len(held_arrays), "heldout_"),
+                                           ("trained on", len(train_arrays), "final_"))),
+                      "", "After training. At the start the policy is the reference: rewards, accuracy and "
+                      "margin are 0" + (" and the loss is log 2 = 0.6931." if config.loss_type == "sigmoid"
+                                        else f" and the loss is 1/(2β)² = {1 / (2 * config.beta) ** 2:.4f}."),
+                      "",
                       f"Skipped records: {skipped}.", *(f"- {e}" for e in report.examples[:5])],
         metadata={"base_model": base.manifest.uri if base.manifest else str(base.hf_dir),
                   "reference": config.reference, "skipped": report.counts,

@@ -13,8 +13,9 @@ assistant-token loss before and after. Same engine, ZeRO options, launch and exp
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from kubellm.core.errors import InputDataError
 from kubellm.core.manifest import Manifest, content_prefix, stable_hash
@@ -24,6 +25,7 @@ from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
 STAGE = "sft"
+T = TypeVar("T")
 
 
 def source_fingerprint(raw: str) -> str:
@@ -53,6 +55,17 @@ def no_usable_records(what: str, source: str, report: SkipReport) -> InputDataEr
                           f"{report.summary()}){first}")
 
 
+def hold_out(items: Sequence[T], every: int, what: str, source: str, report: SkipReport) -> tuple[list[T], list[T]]:
+    """(train, held out): the 1st, (every+1)-th, … usable record is held out, the rest trained on; a
+    source too small to leave anything to train on fails, naming it."""
+    held = [e for i, e in enumerate(items) if i % every == 0]
+    train = [e for i, e in enumerate(items) if i % every]
+    if not train:
+        raise InputDataError(f"{source}: only {len(items)} usable {what}, all held out (heldout_every={every}), "
+                             f"none left to train on; add data (skipped records: {report.summary()})")
+    return train, held
+
+
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
@@ -75,12 +88,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
                                         labels=staged))
     if not examples:
         raise no_usable_records("conversations", spec.inputs["chat"], report)
-    held = [e for i, e in enumerate(examples) if i % config.heldout_every == 0]
-    train_ex = [e for i, e in enumerate(examples) if i % config.heldout_every]
-    if not train_ex:
-        raise InputDataError(f"{spec.inputs['chat']}: only {len(examples)} usable conversation(s), all held out "
-                             f"(heldout_every={config.heldout_every}), none left to train on; add data "
-                             f"(skipped records: {report.summary()})")
+    train_ex, held = hold_out(examples, config.heldout_every, "conversation(s)", spec.inputs["chat"], report)
     packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
     # every rank scores its share, on the host where the loaded model is (one rank scoring them all kept the

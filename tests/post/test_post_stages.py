@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,11 @@ def test_sft_then_dpo_stages(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     dpo = run_stage("dpo", cfg.dpo, {"model": sft.uri, "preferences": str(prefs)}, out)
     assert dpo.metrics["loss_start"] == pytest.approx(0.6931, abs=1e-3)
     assert dpo.metrics["final_reward_accuracy"] > 0.5
-    assert dpo.counts == {**dpo.counts, "pairs": 24, "skipped_records": 1}
+    # pairs 0, 10 and 20 of the 24 usable ones are held out of training and scored after it
+    assert dpo.counts == {**dpo.counts, "pairs": 21, "heldout_pairs": 3, "skipped_records": 1}
+    assert dpo.metrics["heldout_reward_accuracy"] > 0.5 and dpo.metrics["heldout_reward_margin"] > 0
+    assert dpo.metrics["heldout_loss"] < math.log(2)  # below the loss at the start, where policy = reference
+    assert "| held out | 3 |" in dpo.report_markdown and "| trained on | 21 |" in dpo.report_markdown
     assert read_manifest(dpo.uri).parents["model"] == sft.digest()
 
 
@@ -127,9 +132,13 @@ def test_no_usable_records_names_the_source_and_the_skips(chat_tokenizer_dir: Pa
         run_stage(stage, getattr(cfg, stage), inputs, str(tmp_path / "art"))
 
 
-def test_sft_with_every_conversation_held_out_says_so(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_source_with_every_record_held_out_says_so(stage: str, chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     base = _base(chat_tokenizer_dir, tmp_path)
-    chat = _write(tmp_path / "one.jsonl", QA[:1])
-    cfg = load_run_config(preset="debug", overrides=[o.format(s="sft") for o in FAST])
-    with pytest.raises(InputDataError, match=r"one.jsonl: only 1 usable conversation\(s\), all held out"):
-        run_stage("sft", cfg.sft, {"model": str(base), "chat": str(chat)}, str(tmp_path / "art"))
+    record = QA[:1] if stage == "sft" else [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    data = _write(tmp_path / "one.jsonl", record)
+    cfg = load_run_config(preset="debug", overrides=[o.format(s=stage) for o in FAST])
+    inputs = {"model": str(base), "chat" if stage == "sft" else "preferences": str(data)}
+    what = "conversation" if stage == "sft" else "preference pair"
+    with pytest.raises(InputDataError, match=rf"one.jsonl: only 1 usable {what}\(s\), all held out \(heldout_every=10\)"):
+        run_stage(stage, getattr(cfg, stage), inputs, str(tmp_path / "art"))
