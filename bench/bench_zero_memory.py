@@ -9,8 +9,11 @@ What is counted (not RSS): every tensor DeepSpeed's engine holds after the backw
 second step (so Adam state exists and gradients are live) — the module's parameters (ZeRO-3: each
 parameter's `ds_tensor` partition), their `.grad`s, the torch optimizer's state, its parameter
 groups (ZeRO ≥ 1: the fp32 master partitions) and every tensor attribute of the ZeRO optimizer
-(flat buffers, gradient partitions, buckets), deduplicated by storage so views count once. Buckets
-are sized down (reduce/allgather 5e4 elements, ZeRO-3 persistence threshold 0) so they barely count.
+(flat buffers, gradient partitions, and the gradient reduce buckets inside its bucket objects),
+deduplicated by storage so views count once. The DeepSpeed config is the engine's own
+(`dsconfig.deepspeed_config` with the model: reduce bucket dim² elements, at least 2^20 and at most
+Ψ; ZeRO-3 partitions every parameter of 10·dim elements or more). The reduce buckets are reported
+apart ("buffers"): the paper's formula has no term for them, the planner has.
 
 Two precisions, each against the paper's formula for it (Rajbhandari et al. 2020, §3), partitioned
 over N ranks by stage (Z0: all replicated; Z1: optimizer state; Z2: + gradients; Z3: + parameters):
@@ -36,8 +39,6 @@ from typing import Any
 
 from bench.common import Row, emit, load_avg, parser, within
 
-BUCKET = 50_000
-
 
 def _tensors(obj: Any, depth: int = 0):  # noqa: ANN202 — a generator of tensors inside lists/dicts
     import torch
@@ -49,6 +50,9 @@ def _tensors(obj: Any, depth: int = 0):  # noqa: ANN202 — a generator of tenso
             yield from _tensors(x, depth + 1)
     elif depth < 4 and isinstance(obj, dict):
         for x in obj.values():
+            yield from _tensors(x, depth + 1)
+    elif depth < 4 and type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
+        for x in vars(obj).values():  # DeepSpeed's own holders (the IPG bucket objects and their buffers)
             yield from _tensors(x, depth + 1)
 
 
@@ -72,11 +76,7 @@ def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, f
     tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * 2, seq_len=seq, zero_stage=zero,
                      precision=precision)
     init_distributed("cpu")
-    ds = deepspeed_config(tc, ParallelConfig(), 2, "cuda" if precision == "bf16" else "cpu")
-    ds["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
-    if zero == 3:
-        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=BUCKET,
-                                       stage3_max_live_parameters=BUCKET, stage3_max_reuse_distance=BUCKET)
+    ds = deepspeed_config(tc, ParallelConfig(), 2, "cuda" if precision == "bf16" else "cpu", cfg)  # the engine's
     torch.manual_seed(0)
     model = Transformer(cfg)
     psi = sum(p.numel() for p in model.parameters())
@@ -88,10 +88,20 @@ def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, f
 
     fwd_bwd()
     engine.step()
+    # ZeRO-1/2 allocate their reduce buckets at the start of a backward and free them at its end
+    # (`_release_ipg_buffers`): read them just before they go, as the peak inside backward holds them
+    in_backward: list[float] = []
+    release = getattr(engine.optimizer, "_release_ipg_buffers", None)
+    if release is not None:
+        def counted_release() -> None:
+            in_backward.append(sum(float(t.untyped_storage().nbytes()) for t in _tensors(engine.optimizer.ipg_buckets)))
+            release()
+
+        engine.optimizer._release_ipg_buffers = counted_release
     fwd_bwd()  # measure here: params, live grads and Adam state all exist
 
     seen: set[int] = set()
-    out = {"params": 0.0, "grads": 0.0, "optim": 0.0, "other": 0.0}
+    out = {"params": 0.0, "grads": 0.0, "optim": 0.0, "other": 0.0, "buffers": 0.0}
 
     where: dict[str, float] = {}
 
@@ -125,7 +135,7 @@ def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, f
             if name in ("optimizer", "module"):
                 continue
             low = name.lower()
-            cat = ("grads" if "grad" in low or "ipg" in low else "optim" if "fp32" in low or "master" in low
+            cat = ("buffers" if "ipg" in low else "grads" if "grad" in low else "optim" if "fp32" in low or "master" in low
                    else "params" if "bit16" in low or "fp16" in low or "param" in low else "other")
             for t in _tensors(value):
                 add(t, cat, name)
@@ -144,6 +154,7 @@ def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, f
     param_ptrs = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
     act = sum(v for k, v in act_seen.items() if k not in param_ptrs)
     del loss
+    out["buffers"] += max(in_backward, default=0.0)  # freed by now: not found in the walk above
     out["where"] = {k: v for k, v in where.items() if v >= 1024}  # type: ignore[assignment]
     out.update(psi=float(psi), activations=float(act), seq=float(seq), micro=float(micro))
     return out
@@ -176,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rows(cfg: Any, preset: str, zero: int, precision: str, m: dict[str, Any], load: float) -> list[Row]:
     """The formula row, the planner row and (ZeRO-0) the activation row for one measurement."""
+    from kubellm.training.dsconfig import zero_buffer_sizes
     from kubellm.training.planner import activation_bytes, head_bytes, model_state_bytes, param_group_sizes
 
     mb = 2**20
@@ -194,14 +206,18 @@ def _rows(cfg: Any, preset: str, zero: int, precision: str, m: dict[str, Any], l
         measured / mb, sum(f.values()) / mb, "MiB", ratio, "within ±10%", ok,
         f"measured params/grads/optim/other {m['params'] / mb:.2f}/{m['grads'] / mb:.2f}/{m['optim'] / mb:.2f}/"
         f"{m['other'] / mb:.2f} MiB vs formula {f['params'] / mb:.2f}/{f['grads'] / mb:.2f}/{f['optim'] / mb:.2f}; "
-        f"grads held in: {held}{copy}. {note}".rstrip(". "), load, 1)]
-    pp, pg, po = model_state_bytes(psi, zero, 2, precision, param_group_sizes(cfg))
-    pr = (pp + pg + po) / measured
+        f"grads held in: {held}{copy}; besides, DeepSpeed's gradient reduce buckets {m['buffers'] / mb:.2f} MiB (ZeRO-1/2: alive during backward) "
+        f"(no term in the formula). {note}".rstrip(". "), load, 1)]
+    bucket = zero_buffer_sizes(cfg)["reduce_bucket_size"]
+    pp, pg, po = model_state_bytes(psi, zero, 2, precision, param_group_sizes(cfg), bucket)
+    held_all = measured + m["buffers"]
+    pr = (pp + pg + po) / held_all
     ok2, note2 = within(pr, 0.10)
     rows.append(Row(f"planner model_state_bytes vs measured, ZeRO-{zero}, 2 ranks, {precision}", (pp + pg + po) / mb,
-                    measured / mb, "MiB", pr, "within ±10%", ok2,
-                    f"planner params/grads/optim {pp / mb:.2f}/{pg / mb:.2f}/{po / mb:.2f} MiB. {note2}".strip(),
-                    load, 1))
+                    held_all / mb, "MiB", pr, "within ±10%", ok2,
+                    f"planner params/grads (with the {bucket:,}-element reduce bucket at ZeRO ≥ 1)/optim "
+                    f"{pp / mb:.2f}/{pg / mb:.2f}/{po / mb:.2f} MiB vs measured states {measured / mb:.2f} + buckets "
+                    f"{m['buffers'] / mb:.2f} MiB. {note2}".strip(), load, 1))
     if zero == 0:
         seq, micro = int(m["seq"]), int(m["micro"])
         est = activation_bytes(cfg, seq, micro, 1, 1, 1, False, precision, transient=False)

@@ -549,13 +549,19 @@ class CheckpointManager:
         _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
 
         safe = install_safe_checkpoint_engine(engine)
-        load_path, _ = engine.load_checkpoint(str(staging), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
         error, state = None, {}
-        try:  # every rank learns of one rank's failure here (the caller's next step is a collective)
+        try:  # every rank learns of one rank's failure here (the caller's next step is a collective):
+            # a refused pickle in this rank's ZeRO shard as much as a missing state file
+            load_path, _ = engine.load_checkpoint(str(staging), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
             if load_path is None:
                 raise CheckpointError(f"{chosen.uri}: DeepSpeed found no model-states file in it")
-            state = safe_torch_load(staging / tag / STATE_FILE.format(rank=_rank()))
+            name = STATE_FILE.format(rank=_rank())
+            state = safe_torch_load(staging / tag / name)
+            missing = [k for k in ("rng", "client_state") if k not in state]
+            if missing:
+                raise IntegrityError(f"{chosen.uri}/{name}: no {' or '.join(missing)} in it; the state file was "
+                                     "not written by kubellm's CheckpointManager")
         except BaseException as e:
             error = e
         try:

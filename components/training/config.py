@@ -103,10 +103,14 @@ class TrainConfig(StrictModel):
     nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/Inf loss or gradient norm on any rank (every rank sees it before the optimizer step):
     `stop` fails the run before the update, so the last committed checkpoint is intact; `skip` drops
-    that step's update on every rank and counts it (`skipped_nonfinite` in the metrics)."""
+    that step's update on every rank and counts it (`skipped_nonfinite` in the metrics). Under fp16 a
+    gradient overflow is the dynamic loss scaler's routine search for its scale: DeepSpeed skips the
+    step and halves the scale (failing itself at its minimum); kubellm counts it as `skipped_overflow`."""
     spike_sigma: float | None = Field(default=None, gt=0)
     """Skip (and count as `skipped_spike`) a step whose loss is more than this many standard
-    deviations above the mean of the last `spike_window` applied steps. None = off."""
+    deviations above the mean of the last `spike_window` applied steps. None = off. A loss that stays
+    above the threshold for more than 10 steps in a row is a shift, not a spike: the run stops (before
+    the update) instead of skipping every later step."""
     spike_window: int = Field(default=50, ge=2)
     """Applied steps in the rolling window of the spike test (it starts once the window is full)."""
 

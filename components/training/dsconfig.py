@@ -10,6 +10,13 @@ Choices and why:
 * bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer) on CUDA; on CPU the
   engine uses `torch.autocast(bfloat16)` over fp32 weights instead (DeepSpeed's bf16 optimizer paths
   target accelerators). fp16 (loss scaling) is CUDA-only and refused on CPU.
+* ZeRO buffers are sized from the model (`zero_buffer_sizes`), not left at DeepSpeed's defaults: the
+  gradient reduce bucket is one persistent (ZeRO-3) or per-step (ZeRO-1/2) buffer of
+  `reduce_bucket_size` elements, 5e8 by default — 1 GiB of bf16 per GPU whatever the model's size
+  (10× a 50M-parameter model's weights). kubellm uses dim² elements (a weight matrix's worth, as
+  Hugging Face's DeepSpeed integration does), at least 2^20 and at most the model's parameters, and
+  ZeRO-3 keeps whole only parameters below 10·dim elements (the norms), so a small preset partitions
+  as a large one does. `kubellm plan` counts the bucket (`planner.model_state_bytes`).
 * The learning-rate schedule is not in here: it is `kubellm.training.optim.lr_lambda`, passed to
   `deepspeed.initialize(lr_scheduler=...)` so DeepSpeed steps and checkpoints it.
 """
@@ -19,7 +26,22 @@ from __future__ import annotations
 from typing import Any
 
 from kubellm.core.errors import ConfigError
+from kubellm.model.config import ModelConfig
 from kubellm.training.config import ParallelConfig, TrainConfig
+
+BUCKET_MIN = 1 << 20
+"""The smallest gradient reduce bucket (elements): below it a step's reductions split into many
+small collectives for no memory worth saving."""
+
+
+def zero_buffer_sizes(model_cfg: ModelConfig) -> dict[str, int]:
+    """DeepSpeed ZeRO buffer settings for this model: the gradient reduce bucket (dim², within
+    [2^20, parameters]) and ZeRO-3's persistence threshold (10·dim: parameters below it are not
+    partitioned)."""
+    from kubellm.model.flops import num_params
+
+    bucket = min(max(model_cfg.dim**2, BUCKET_MIN), num_params(model_cfg))
+    return {"reduce_bucket_size": int(bucket), "stage3_param_persistence_threshold": 10 * model_cfg.dim}
 
 
 def data_parallel_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
@@ -49,15 +71,20 @@ def deepspeed_half(train_cfg: TrainConfig, device: str) -> str | None:
 
 
 def clips_in_kubellm(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, device: str = "cpu") -> bool:
-    """True where the training loop clips gradients itself instead of DeepSpeed: ZeRO 0, no TP/PP, and
-    the module's .grad are the fp32 gradients the optimizer uses (no DeepSpeed 16-bit mode).
-    DeepSpeed's clip there recomputes the norm per parameter in Python (~1 ms of a `debug` step)."""
-    return (train_cfg.zero_stage == 0 and parallel_cfg.tp == 1 and parallel_cfg.pp == 1
-            and deepspeed_half(train_cfg, device) is None)
+    """True where the training loop clips gradients itself instead of DeepSpeed: ZeRO 0 with the
+    module's .grad the fp32 gradients the optimizer uses (no DeepSpeed 16-bit mode), in every layout.
+    Dense, DeepSpeed's clip recomputes the norm per parameter in Python (~1 ms of a `debug` step);
+    under pipeline parallelism its norm covers the first stage's parameters only (DeepSpeed counts a
+    parameter where the grid's model-parallel rank, pipe stage and TP slice together, is 0), so later
+    stages were clipped by a norm missing their own gradients. kubellm clips by the one global norm
+    it also logs and checks (`engine.clip_gradients`, `engine.model_parallel_grad_norm`)."""
+    return train_cfg.zero_stage == 0 and deepspeed_half(train_cfg, device) is None
 
 
 def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world_size: int,
-                     device: str = "cpu") -> dict[str, Any]:
+                     device: str = "cpu", model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """The config `deepspeed.initialize` gets. `model_cfg` sizes the ZeRO buffers (`zero_buffer_sizes`;
+    the engine always passes it; without it DeepSpeed's defaults apply)."""
     dp = data_parallel_size(parallel_cfg, world_size)
     accum = train_cfg.grad_accum_steps(dp)
     if train_cfg.offload_params and train_cfg.zero_stage != 3:
@@ -82,6 +109,11 @@ def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
     if train_cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if model_cfg is not None and train_cfg.zero_stage >= 1:
+        sizes = zero_buffer_sizes(model_cfg)
+        zero["reduce_bucket_size"] = sizes["reduce_bucket_size"]
+        if train_cfg.zero_stage == 3:
+            zero["stage3_param_persistence_threshold"] = sizes["stage3_param_persistence_threshold"]
     if train_cfg.zero_stage == 3:
         # the final export gathers full weights from the shards
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -90,8 +122,8 @@ def deepspeed_config(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, world
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "optimizer": {"type": "AdamW", "params": opt_params},
-        # dense ZeRO-0 fp32/CPU-autocast runs clip in kubellm (`engine.clip_gradients`: one foreach norm
-        # that is also the logged grad norm); everywhere else DeepSpeed clips (partitions, TP, scaling)
+        # ZeRO-0 fp32/CPU-autocast runs clip in kubellm by the one global norm that is also logged and
+        # checked (any tp/pp); everywhere else DeepSpeed clips (ZeRO partitions, 16-bit loss scaling)
         "gradient_clipping": 0.0 if clips_in_kubellm(train_cfg, parallel_cfg, device) else o.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # kubellm logs metrics itself

@@ -290,14 +290,17 @@ class PipelineStepGuard:
       "stop" raises here. To skip with ZeRO ≥ 1 the local gradients are made non-finite before they
       are reduced, so ZeRO's overflow path skips the update (as `skip_update` does without pp).
     * OptimizerStep: with ZeRO 0 (no DeepSpeed bf16/fp16 wrapper) the gradients are reduced over dp
-      and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm`, and a
-      skipped step runs the optimizer step as a no-op (`optimizer_step_skipped`: LR schedule held).
+      and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm` and
+      clips every stage's gradients (`grad_clip`, `scale_to_norm`; DeepSpeed's own clip would use the
+      first stage's norm), and a skipped step runs the optimizer step as a no-op
+      (`optimizer_step_skipped`: LR schedule held).
     """
 
-    def __init__(self, engine: Any, guard: StepGuard, zero_stage: int, tp_rank: int, dp_size: int) -> None:
+    def __init__(self, engine: Any, guard: StepGuard, zero_stage: int, tp_rank: int, dp_size: int,
+                 grad_clip: float = 0.0) -> None:
         from deepspeed.runtime.pipe import schedule
 
-        self.engine, self.guard, self.zero_stage = engine, guard, zero_stage
+        self.engine, self.guard, self.zero_stage, self.grad_clip = engine, guard, zero_stage, grad_clip
         self.tp_rank, self.dp_size = tp_rank, dp_size
         self.own_norm = not deepspeed_checks_step(engine, zero_stage)
         self.step = 0
@@ -315,6 +318,8 @@ class PipelineStepGuard:
             if me.own_norm and not me.verdict:
                 me.grad_norm = model_parallel_grad_norm(eng, me.tp_rank, me.dp_size)
                 me.verdict = me.guard.check_grad_norm(me.grad_norm, me.step)
+                if not me.verdict:
+                    scale_to_norm(eng, me.grad_norm, me.grad_clip)
             if me.verdict and me.zero_stage == 0:
                 with optimizer_step_skipped(eng.optimizer):
                     real_opt(eng, **kw)
@@ -367,10 +372,23 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
     return engine, scheduler
 
 
+def scale_to_norm(engine: Any, norm: float, max_norm: float) -> None:
+    """Clip this rank's .grad by a global gradient norm computed over every rank
+    (`model_parallel_grad_norm`): the same factor, max_norm / (norm + 1e-6) when below 1, on every
+    rank, as torch's `clip_grad_norm_` applies it. Nothing happens when `max_norm` ≤ 0 or the norm
+    is not finite (the step guard skips that step)."""
+    if max_norm <= 0 or not math.isfinite(norm):
+        return
+    coef = max_norm / (norm + 1e-6)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if coef < 1 and grads:
+        torch._foreach_mul_(grads, coef)
+
+
 def clip_gradients(engine: Any, max_norm: float) -> float:
     """Global gradient norm of the module's .grad (before clipping), clipped to `max_norm` when > 0:
     torch's foreach kernels, one norm for both the clip and the logged value. Used where
-    `dsconfig.clips_in_kubellm` holds (DeepSpeed's gradient_clipping is 0 there)."""
+    `dsconfig.clips_in_kubellm` holds without TP/PP (DeepSpeed's gradient_clipping is 0 there)."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -394,8 +412,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     rank, world = init_distributed(device)
     # dp × tp × pp against the world size and the model (numbers in the message); dp resolved
     parallel_cfg = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
-    ds_cfg = deepspeed_config(train_cfg, parallel_cfg, world, device)
-    own_clip = clips_in_kubellm(train_cfg, parallel_cfg, device)
+    ds_cfg = deepspeed_config(train_cfg, parallel_cfg, world, device, model_cfg)
     accum = ds_cfg["gradient_accumulation_steps"]
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={train_cfg.seq_len} exceeds model max_seq_len="
@@ -436,7 +453,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints, model_cfg)
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
-    pipe_guard = (PipelineStepGuard(engine, guard, train_cfg.zero_stage, built.tp_rank, built.dp_size)
+    pipe_guard = (PipelineStepGuard(engine, guard, train_cfg.zero_stage, built.tp_rank, built.dp_size,
+                                    train_cfg.optim.grad_clip if clips_in_kubellm(train_cfg, parallel_cfg, device)
+                                    else 0.0)
                   if pipe_batches is not None and built is not None else None)
     start_step = 0
     # run totals carried across a resume, so the summary covers the whole run, not the resumed part
@@ -534,9 +553,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     if micro == accum - 1 and not ds_checks:
                         # ZeRO 0: all-reduced grads, before clipping (here, or in DeepSpeed's step());
                         # with TP one global norm, so every rank takes the same branch
-                        grad_norm = (clip_gradients(engine, train_cfg.optim.grad_clip) if own_clip
-                                     else model_parallel_grad_norm(engine, built.tp_rank if built else 0,
-                                                                   dp_size))
+                        if built is None:
+                            grad_norm = clip_gradients(engine, train_cfg.optim.grad_clip)
+                        else:  # TP: one norm over every rank's shards, then each rank clips its own
+                            grad_norm = model_parallel_grad_norm(engine, built.tp_rank, dp_size)
+                            scale_to_norm(engine, grad_norm, train_cfg.optim.grad_clip)
                         skipped = guard.check_grad_norm(grad_norm, step + 1)  # same on every rank
                     if skipped:
                         skip_boundary_step(engine)
@@ -548,8 +569,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 grad_norm = _grad_norm(engine)
                 if not skipped and (int(getattr(engine, "skipped_steps", 0)) > skips_before
                                     or not math.isfinite(grad_norm)):
-                    guard.note_deepspeed_skip(step + 1)  # DeepSpeed's own non-finite grad-norm skip
-                    skipped = "nonfinite"
+                    fp16 = bool(engine.fp16_enabled())  # the loss scaler's overflow: counted, routine
+                    guard.note_deepspeed_skip(step + 1, fp16)  # DeepSpeed's own non-finite grad-norm skip
+                    skipped = "overflow" if fp16 else "nonfinite"
             # average loss/metrics over ranks, sum tokens (one small all-reduce per step)
             keys = sorted(extra)
             if built is not None and not built.feeds_data:

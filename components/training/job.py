@@ -228,7 +228,7 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
                 "to train on a cluster's GPUs")
         data_parallel_size(parallel_cfg, world)  # the clearer message for a dp × tp × pp mismatch
         layout = validate_layout(model_cfg, train_cfg, parallel_cfg, world)
-        deepspeed_config(train_cfg, layout, world, device)
+        deepspeed_config(train_cfg, layout, world, device, model_cfg)
     except ConfigError as e:
         raise ConfigError(f"{stage}: {e}") from None
     if parallel_cfg.pp > 1 and stage not in PIPELINE_STAGES:

@@ -12,7 +12,8 @@ micro-batch that the model allows:
     of every *whole* parameter that overlaps the rank's partition (`zero2_grad_elements`). Ψ is the
     parameter count of the busiest (tp, pp) rank: pipeline stages split the layers as DeepSpeed's
     default "parameters" partition does (`pipeline_stages`: its `partition_balanced` over each layer's
-    parameters), and with tied embeddings both end stages hold the table.
+    parameters), and with tied embeddings both end stages hold the table. ZeRO ≥ 1 adds DeepSpeed's
+    gradient reduce bucket (`dsconfig.zero_buffer_sizes`: dim² elements) to the gradients.
   * activations: the tensors autograd saves in our block (`layer_activation_bytes`: RMSNorm with
     fp32 internals, fused qkv, RoPE, SDPA/flash (no scores), SwiGLU; GQA and any ffn_dim), checked
     against saved-tensor hooks in tests/planner and bench/bench_zero_memory.py; with full
@@ -55,6 +56,7 @@ from kubellm.model.config import PRESETS, ModelConfig, get_preset
 from kubellm.model.flops import flops_per_token, num_params
 from kubellm.model.loss import chunk_rows
 from kubellm.training.config import ParallelConfig, TrainConfig
+from kubellm.training.dsconfig import zero_buffer_sizes
 from kubellm.training.topology import validate_layout
 
 GIB = 1024**3
@@ -213,12 +215,13 @@ def zero2_grad_elements(groups: Sequence[Sequence[int]], dp: int) -> int:
 
 
 def model_state_bytes(psi: float, zero: int, dp: int, precision: str,
-                      groups: Sequence[Sequence[int]] | None = None) -> tuple[float, float, float]:
+                      groups: Sequence[Sequence[int]] | None = None, bucket: int = 0) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes per GPU for Ψ parameters held by this (tp, pp) rank.
 
     `groups` (`param_group_sizes`): the rank's parameters per optimizer group, for ZeRO-2's
     gradients as DeepSpeed holds them (`zero2_grad_elements`); without it ZeRO-2 uses the paper's
-    Ψ/dp, a lower bound."""
+    Ψ/dp, a lower bound. `bucket`: ZeRO ≥ 1's gradient reduce bucket in elements
+    (`dsconfig.zero_buffer_sizes`), a buffer in the gradients' dtype counted with the gradients."""
     p, g, k = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
     if zero >= 1:
         k = 12  # DeepSpeed's ZeRO optimizers keep an fp32 master partition even over fp32 weights (measured:
@@ -231,6 +234,8 @@ def model_state_bytes(psi: float, zero: int, dp: int, precision: str,
     if zero >= 3:
         grads /= dp
         params /= dp
+    if zero >= 1:
+        grads += g * bucket
     return params, grads, optim
 
 
@@ -414,6 +419,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
     cfg = req.model
     flops_tok = flops_per_token(cfg, req.seq_len)
     inter = INTERCONNECTS[req.interconnect] * 1e9
+    bucket = zero_buffer_sizes(cfg)["reduce_bucket_size"]
     nvlink = INTERCONNECTS["nvlink"] * 1e9  # within a node
     out = []
     for tp in _divisors(min(req.gpus, req.gpus_per_node)):  # TP stays inside a node
@@ -443,7 +449,7 @@ def enumerate_layouts(req: Request) -> list[Layout]:
                         # the fullest stage: model states of its parameters + its activations
                         per_stage = []
                         for si, st in enumerate(stages):
-                            pb, gb, ob = model_state_bytes(st.params, zero, dp, req.precision, groups)
+                            pb, gb, ob = model_state_bytes(st.params, zero, dp, req.precision, groups, bucket)
                             ab = stage_activation_bytes(cfg, req.seq_len, micro, tp, pp, st.blocks, min(pp - si, m),
                                                         si == pp - 1, ckpt, req.precision)
                             per_stage.append((pb + gb + ob + ab, pb, gb, ob, ab))

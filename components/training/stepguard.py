@@ -43,6 +43,11 @@ from kubellm.model.parallel import collective_device
 
 NONFINITE = "nonfinite"
 SPIKE = "spike"
+OVERFLOW = "overflow"
+SPIKE_RUN_LIMIT = 10
+"""Consecutive steps judged spikes after which the run stops: a loss that stays above the threshold
+is a shift (new data, a diverging run), not a spike, and skipping it would leave the weights frozen
+for the rest of the run."""
 
 
 class StepGuard:
@@ -54,7 +59,8 @@ class StepGuard:
             raise ValueError(f"train.nonfinite={nonfinite!r}: expected skip or stop")
         self.policy, self.sigma, self.window_size, self.world = nonfinite, spike_sigma, spike_window, world
         self.window: list[float] = []
-        self.skipped = {NONFINITE: 0, SPIKE: 0}
+        self.skipped = {NONFINITE: 0, SPIKE: 0, OVERFLOW: 0}
+        self.spike_run = 0  # spikes skipped since the last applied step
 
     # -- decisions
     def check_loss(self, local_mean_loss: torch.Tensor, step: int) -> str | None:
@@ -68,7 +74,17 @@ class StepGuard:
         if self.sigma and len(self.window) >= self.window_size:
             mean = sum(self.window) / len(self.window)
             std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / len(self.window))
-            if loss > mean + self.sigma * max(std, 1e-12):
+            threshold = mean + self.sigma * max(std, 1e-12)
+            if loss > threshold:
+                if self.spike_run >= SPIKE_RUN_LIMIT:
+                    raise FloatingPointError(
+                        f"loss {loss:.4g} at step {step} is above the spike threshold {threshold:.4g} (mean "
+                        f"{mean:.4g} + {self.sigma} σ of the last {len(self.window)} applied steps) for the "
+                        f"{self.spike_run + 1}th step in a row: a lasting shift, not a spike, and skipping "
+                        "it would freeze the weights for the rest of the run; stopping before the "
+                        "optimizer step, so the last committed checkpoint is intact. Check the data "
+                        "and optim.lr, or raise (or unset) train.spike_sigma")
+                self.spike_run += 1
                 self.skipped[SPIKE] += 1
                 return SPIKE
         return None
@@ -77,8 +93,14 @@ class StepGuard:
         """ZeRO 0: the all-reduced gradient norm is the same on every rank, so no collective."""
         return None if math.isfinite(grad_norm) else self._nonfinite(f"gradient norm is {grad_norm} at step {step}")
 
-    def note_deepspeed_skip(self, step: int) -> None:
-        """ZeRO ≥ 1 skipped a step on its own (non-finite gradient norm): count it, or stop."""
+    def note_deepspeed_skip(self, step: int, fp16: bool = False) -> None:
+        """DeepSpeed skipped a step on its own (non-finite gradient norm): count it, or stop. Under
+        fp16 that is the dynamic loss scaler's overflow, routine while it searches for its scale (it
+        halves the scale and goes on, and raises itself once at its minimum): counted as
+        `skipped_overflow`, never stopped on."""
+        if fp16:
+            self.skipped[OVERFLOW] += 1
+            return
         self._nonfinite(f"gradient norm is not finite at step {step} (DeepSpeed skipped the update)")
 
     def _nonfinite(self, what: str) -> str:
@@ -93,29 +115,36 @@ class StepGuard:
     def accept(self, step_loss: float) -> None:
         """An applied step: its loss joins the rolling window of the spike test."""
         self.window = (self.window + [step_loss])[-self.window_size:]
+        self.spike_run = 0
 
     # -- metrics and resume
     def metrics(self) -> dict[str, float]:
-        return {"skipped_nonfinite": float(self.skipped[NONFINITE]), "skipped_spike": float(self.skipped[SPIKE])}
+        return {f"skipped_{k}": float(v) for k, v in self.skipped.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window": list(self.window), "skipped": dict(self.skipped)}
+        return {"window": list(self.window), "skipped": dict(self.skipped), "spike_run": self.spike_run}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.window = [float(x) for x in sd.get("window", [])][-self.window_size:]
         self.skipped.update({k: int(v) for k, v in sd.get("skipped", {}).items()})
+        self.spike_run = int(sd.get("spike_run", 0))
 
 
 @contextlib.contextmanager
 def optimizer_step_skipped(optimizer: Any) -> Iterator[None]:
     """For one `engine.step()`: the optimizer's step does nothing and reports an overflow."""
     had_overflow, old = hasattr(optimizer, "overflow"), getattr(optimizer, "overflow", None)
+    # an instance attribute already there (torch's LR scheduler wraps `optimizer.step` in one) is put back
+    own_step = optimizer.__dict__.get("step")
     optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the bound method
     optimizer.overflow = True  # _take_model_step: skipped_steps += 1, LR schedule not advanced
     try:
         yield
     finally:
-        del optimizer.step
+        if own_step is not None:
+            optimizer.step = own_step
+        else:
+            del optimizer.step
         if had_overflow:
             optimizer.overflow = old
         else:

@@ -170,15 +170,15 @@ def run_with_commit_crash(shards: list[str], run_dir: str, crash_at_step: int | 
     return {"losses": result.losses, "start_step": result.start_step}
 
 
-def run_resume_only(shards: list[str], run_dir: str, train_kw: dict[str, Any]) -> dict[str, Any]:
-    """spawn() target (1 process): train with resume=True; returns losses or the error text."""
+def run_resume_only(shards: list[str], run_dir: str, train_kw: dict[str, Any], dp: int = 1) -> dict[str, Any]:
+    """spawn() target (`dp` processes): train with resume=True; returns losses or the error text."""
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.training.config import ParallelConfig
     from kubellm.training.engine import train
 
     obj = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
     try:
-        result = train(model_config(), train_config(**train_kw), ParallelConfig(dp=1), obj, run_dir, resume=True)
+        result = train(model_config(), train_config(**train_kw), ParallelConfig(dp=dp), obj, run_dir, resume=True)
     except Exception as e:  # noqa: BLE001 - the test inspects the message
         return {"error": f"{type(e).__name__}: {e}"}
     return {"losses": result.losses, "start_step": result.start_step}

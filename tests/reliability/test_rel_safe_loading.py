@@ -55,3 +55,37 @@ def test_crafted_committed_checkpoint_never_runs_code(tmp_path: Path) -> None:
     assert "error" in resumed, resumed
     assert "exec" in resumed["error"] and target.name in resumed["error"], resumed["error"]
     assert not marker.exists()  # the payload never ran
+
+
+def _craft(target: Path, marker: Path) -> None:
+    """Replace a committed checkpoint file by a pickle that runs code, and re-commit its manifest to
+    match (sha256 and size), so only safe loading stands in the way."""
+    original = torch.load(target, weights_only=False)  # noqa: S614 - our own file, to keep its shape
+    torch.save({**original, "payload": _Exploit(marker)}, target)
+    ckpt = target.parent
+    manifest = read_manifest(str(ckpt))
+    data = target.read_bytes()
+    files = [FileEntry(path=f.path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+             if f.path == target.name else f for f in manifest.files]
+    (ckpt / MANIFEST_NAME).unlink()
+    commit_manifest(manifest.model_copy(update={"files": files}))
+
+
+@pytest.mark.integration
+def test_a_crafted_shard_of_one_rank_fails_every_rank(tmp_path: Path) -> None:
+    """ZeRO-1 over 2 ranks: only rank 1 reads the crafted optimizer shard. Its refusal reaches rank 0
+    through the load's failure exchange (rank 0 had loaded its own shard and would otherwise wait
+    in the next collective until the process-group timeout)."""
+    shards = make_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    kw = {"max_steps": 2, "checkpoint_every": 2, "zero_stage": 1}
+    first = spawn(run_resume_only, 2, shards, str(run), kw, None)
+    assert all(r.get("start_step") == 0 for r in first), first
+    target = run / "checkpoints" / "step-00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "pwned"
+    _craft(target, marker)
+    r0, r1 = spawn(run_resume_only, 2, shards, str(run), {**kw, "max_steps": 4}, None, timeout=300)
+    assert "exec" in r1.get("error", "") and target.name in r1["error"], r1
+    assert r0.get("error", "").startswith("CheckpointError: checkpoint load "), r0
+    assert "failed on 1 rank(s): rank 1: UnsafeCheckpointError" in r0["error"] and target.name in r0["error"], r0
+    assert not marker.exists()  # the payload never ran

@@ -139,6 +139,62 @@ def test_zero0_grad_norm_matches_one_process(shards: list[str], one_process: dic
     assert _close(r0["losses"], one_process["losses"]) and r0["losses"] == r1["losses"]
 
 
+def run_clip_probe(shards: list[str], run_dir: str, layout: dict[str, int], clip: float) -> dict[str, Any]:
+    """spawn() target: ZeRO 0 with grad_clip=`clip`. Per step, this rank's share of the squared global
+    gradient norm the optimizer applies (counted as `model_parallel_grad_norm` counts it: TP-replicated
+    weights on TP rank 0, pipeline-tied copies once)."""
+    import torch
+    import torch.distributed as dist
+
+    from kubellm.training import engine as E
+
+    tp_rank = dist.get_rank() if layout.get("tp", 1) > 1 and dist.is_initialized() else 0
+    applied: list[float] = []
+    real_build = E.build_engine
+
+    def build(*a: Any, **k: Any) -> Any:
+        eng, sched = real_build(*a, **k)
+
+        def pre_step(opt: Any, args: Any, kwargs: Any) -> None:
+            sq = 0.0
+            for p in eng.module.parameters():
+                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
+                    continue
+                sq += float(torch.linalg.vector_norm(p.grad.double())) ** 2
+            applied.append(sq)
+
+        eng.optimizer.register_step_pre_hook(pre_step)
+        return eng, sched
+
+    E.build_engine = build  # type: ignore[assignment]
+    out = run_layout(shards, run_dir, layout, {"zero_stage": 0, "optim": _optim(clip)})
+    return {**out, "applied_sq": applied}
+
+
+def _optim(clip: float) -> Any:
+    from kubellm.training.config import OptimConfig
+
+    return OptimConfig(lr=3e-3, warmup_steps=2, grad_clip=clip)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layout", [{"dp": 1}, {"tp": 2}, {"pp": 2}], ids=["dense", "tp2", "pp2"])
+def test_zero0_clips_every_rank_by_the_global_norm(shards: list[str], tmp_path: Path, layout: dict[str, int]) -> None:
+    """The gradients the optimizer applies have global norm grad_clip when the step's norm is above it,
+    in every layout (DeepSpeed's own pipeline clip measured pipe stage 0 alone: the later stage was
+    scaled by a norm 27% short of the global one)."""
+    clip = 0.01
+    ranks = spawn(run_clip_probe, 1 if layout == {"dp": 1} else 2, shards, str(tmp_path), layout, clip)
+    pre = [ranks[0]["rows"][s]["grad_norm"] for s in (1, 2, 3)]  # the logged norm: before clipping
+    assert all(x > 10 * clip for x in pre), pre  # clipping engages on every step
+    applied = [math.sqrt(sum(r["applied_sq"][i] for r in ranks)) for i in range(3)]
+    assert applied == pytest.approx([clip] * 3, rel=1e-3), (applied, pre)
+    if len(ranks) == 2:  # both ranks hold a share of the model
+        assert all(r["applied_sq"][0] > 0 for r in ranks)
+
+
 @pytest.mark.integration
 def test_tp2_inf_gradient_on_one_shard_skips_on_both_ranks(shards: list[str], tmp_path: Path) -> None:
     ranks = spawn(run_tp_one_shard_inf, 2, shards, str(tmp_path))
@@ -265,7 +321,7 @@ def run_ds_bf16(shards: list[str], run_dir: str, policy: str) -> dict[str, Any]:
     import kubellm.training.engine as E
     from kubellm.training.config import ParallelConfig
 
-    E.deepspeed_config = lambda t, p, w, device="cpu": D.deepspeed_config(t, p, w, "cuda")  # type: ignore[assignment]
+    E.deepspeed_config = lambda t, p, w, device="cpu", m=None: D.deepspeed_config(t, p, w, "cuda", m)  # type: ignore[assignment]
     E.clips_in_kubellm = lambda t, p, device="cpu": D.clips_in_kubellm(t, p, "cuda")  # type: ignore[assignment]
 
     from tests.reliability.relkit import inf_grad_fn

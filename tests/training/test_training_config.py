@@ -177,8 +177,11 @@ def test_who_clips_gradients() -> None:
     # dense ZeRO-0 with fp32 module grads: kubellm clips (foreach norm, also the logged norm)
     assert clips_in_kubellm(TrainConfig(), dense) and deepspeed_config(TrainConfig(), dense, 1)["gradient_clipping"] == 0
     assert clips_in_kubellm(TrainConfig(precision="bf16"), dense, "cpu")  # autocast over fp32 weights
-    # DeepSpeed clips wherever grads are partitioned, TP-split, loss-scaled or in its bf16 optimizer
-    for tc, pc, dev in [(TrainConfig(zero_stage=1), dense, "cpu"), (TrainConfig(), ParallelConfig(tp=2), "cpu"),
+    # ZeRO 0 with TP or PP too: by the global norm over every rank (DeepSpeed's covers pipe stage 0 only)
+    for pc in (ParallelConfig(tp=2), ParallelConfig(pp=2)):
+        assert clips_in_kubellm(TrainConfig(), pc) and deepspeed_config(TrainConfig(), pc, 2)["gradient_clipping"] == 0
+    # DeepSpeed clips wherever grads are partitioned, loss-scaled or in its bf16 optimizer
+    for tc, pc, dev in [(TrainConfig(zero_stage=1), dense, "cpu"), (TrainConfig(zero_stage=1), ParallelConfig(pp=2), "cpu"),
                         (TrainConfig(precision="bf16"), dense, "cuda"), (TrainConfig(precision="fp16"), dense, "cuda")]:
         assert not clips_in_kubellm(tc, pc, dev)
     assert deepspeed_config(TrainConfig(zero_stage=1), dense, 1)["gradient_clipping"] == TrainConfig().optim.grad_clip
