@@ -1,5 +1,7 @@
-"""GPU MFU of kubellm's training step (bf16, one GPU) for a 350M–1B preset, divided by the H100/H200
-dense bf16 peak (989 TFLOP/s). Runs only where CUDA exists (the `device` tool's machines, never CI).
+"""GPU MFU of kubellm's training step (bf16, one GPU) for a 350M–1B preset, divided by the GPU's dense
+bf16 data-sheet peak — the one the engine's own MFU uses (`kubellm.training.metrics.lookup_peak`: 989
+TFLOP/s for an H100 SXM or H200, 756 for an H100 PCIe, …; `--peak-tflops` for a GPU not in it). Runs only
+where CUDA exists (the `device` tool's machines, never CI).
 
     python -m bench.bench_mfu_gpu --preset 1b --batch 8 --seq-len 2048
     python -m bench.bench_mfu_gpu --quick     # 350m, 3 timed steps
@@ -23,7 +25,6 @@ if torch.cuda.is_available():  # before DeepSpeed loads: bench.common (and run_a
 
 from bench.common import Row, emit, load_avg, median, parser  # noqa: E402
 
-PEAK_TFLOPS = 989.0
 TARGET = 0.40
 
 
@@ -55,20 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, where "
+                   "kubellm's table does not know it")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU MFU not measured (run this on a machine with a GPU)")
         return emit([Row("GPU MFU, bf16, one GPU", None, TARGET, "MFU", None, "≥ 40%", None,
-                         f"not measured (no GPU lent to this task); peak {PEAK_TFLOPS} TFLOP/s", load_avg(), 0)], args)
+                         "not measured (no GPU lent to this task)", load_avg(), 0)], args)
     from kubellm.model.config import get_preset
     from kubellm.model.flops import flops_per_token
+    from kubellm.training.metrics import lookup_peak
+
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or lookup_peak(name)
+    if peak is None:
+        p.error(f"no data-sheet bf16 peak known for {name!r}: give it with --peak-tflops")
 
     preset = "350m" if args.quick else args.preset
     tps, seq, times, _ = measure(preset, args.batch, args.seq_len, args.compile, "cuda", 3, 3 if args.quick else 10)
-    mfu = flops_per_token(get_preset(preset), seq) * tps / (PEAK_TFLOPS * 1e12)
-    return emit([Row(f"GPU MFU, {preset}, bf16, batch {args.batch} × seq {seq}, {torch.cuda.get_device_name()}",
+    mfu = flops_per_token(get_preset(preset), seq) * tps / (peak * 1e12)
+    return emit([Row(f"GPU MFU, {preset}, bf16, batch {args.batch} × seq {seq}, {name}",
                      mfu, TARGET, "MFU", mfu / TARGET, "≥ 40%", mfu >= TARGET,
-                     f"{tps:,.0f} tokens/s, peak {PEAK_TFLOPS} TFLOP/s, peak memory "
+                     f"{tps:,.0f} tokens/s, peak {peak} TFLOP/s, peak memory "
                      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", load_avg(), len(times))], args)
 
 

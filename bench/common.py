@@ -57,7 +57,7 @@ def at_least(ratio: float, target: float) -> tuple[bool, str]:
     """(met, text) for a `ratio ≥ target` row; the text says by how much it is missed."""
     if ratio >= target:
         return True, ""
-    return False, f"missed by {(target - ratio) / target:.0%} (needs {target / ratio:.2f}× more)"
+    return False, f"missed by {(target - ratio) / target:.1%} (needs {target / ratio:.3f}× more)"
 
 
 def within(ratio: float, tol: float) -> tuple[bool, str]:
@@ -115,8 +115,24 @@ def machine() -> dict[str, str]:
         except Exception:  # noqa: BLE001 — a missing optional package is just reported
             versions[mod] = "missing"
     return {"cpu": cpu, "cores": str(os.cpu_count()), "ram": mem, "python": platform.python_version(),
-            "avx512_bf16": "yes" if "avx512_bf16" in flags else "no",
+            "avx512_bf16": "yes" if "avx512_bf16" in flags else "no", "commit": source_commit(),
             **{k: v for k, v in versions.items()}}
+
+
+def source_commit() -> str:
+    """The commit the benchmarked code is at, `-dirty` when the working tree differs from it (so a
+    table can be told apart from code changed since), or `unknown` outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

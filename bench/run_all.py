@@ -53,7 +53,7 @@ def fmt(x: float | None) -> str:
         return "—"
     if abs(x) >= 1000:
         return f"{x:,.0f}"
-    return f"{x:.3g}"
+    return f"{x:.4g}"
 
 
 def render(rows: list[tuple[str, Row]], info: dict[str, str], cmd: str, timings: dict[str, float],
@@ -70,7 +70,7 @@ def render(rows: list[tuple[str, Row]], info: dict[str, str], cmd: str, timings:
              "**Machine:** " + f"{info['cpu']}, {info['cores']} cores, {info['ram']} RAM, avx512_bf16 "
              f"{info['avx512_bf16']}; Python {info['python']}, torch {info['torch']}, deepspeed {info['deepspeed']}, "
              f"transformers {info['transformers']}, tokenizers {info['tokenizers']}, datasketch {info['datasketch']}, "
-             f"lm_eval {info['lm_eval']}.", "",
+             f"lm_eval {info['lm_eval']}. **Code:** commit `{info.get('commit', 'not recorded')}`.", "",
              "| benchmark | ours | reference | unit | ratio | target | result | load | n | notes |",
              "|---|---:|---:|---|---:|---|---|---:|---:|---|"]
     for module, r in rows:
