@@ -30,7 +30,7 @@ import torch
 from kubellm.core.errors import ConfigError, InputDataError, KubellmError
 from kubellm.core.manifest import is_plain_hf_dir
 from kubellm.model.checks import check_token_ids
-from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME, read_json
+from kubellm.model.hf import INDEX_NAME, WEIGHTS_NAME, end_of_turn_id, read_json
 from kubellm.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ def load_for_generation(uri: str, dtype: torch.dtype = torch.float32) -> Generat
         stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tok.eos_token_id is not None:
         stops.append(tok.eos_token_id)
+    if (end := end_of_turn_id(tok)) is not None:  # a directory without generation_config.json stops at a turn's end too
+        stops.append(end)
     return GenerationBundle(model, tok, list(dict.fromkeys(stops)), model_dir, tmp)
 
 
@@ -225,8 +227,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Plain completion: documents were trained as [bos] + text, so start with bos."""
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    """Plain completion: documents were trained as [bos] + text, so start with bos. The prompt is text
+    throughout, as the tokenizer stage encoded documents: a `<|eos|>` typed in it is not the eos id."""
+    ids = list(tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     return ids

@@ -110,6 +110,26 @@ def test_chat_encodes_a_typed_role_marker_as_text(export_dir: Path) -> None:
     assert ids[ids.index(6):] == plain_ids[plain_ids.index(6):]  # the same turn end and generation prompt
 
 
+def test_plain_prompt_encodes_a_typed_special_token_as_text(export_dir: Path) -> None:
+    """As the tokenizer stage encodes documents: `<|eos|>` typed in a --prompt is text, not eos (1)."""
+    from kubellm.model.generate import encode_prompt
+
+    tok = load_for_generation(str(export_dir)).tokenizer
+    ids = encode_prompt(tok, "type <|eos|> to quit")
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and tok.eos_token_id not in ids
+    assert tok.decode(ids[1:]) == "type <|eos|> to quit"
+
+
+def test_a_directory_without_generation_config_still_stops_at_the_turn_end(export_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(export_dir, bare)
+    (bare / "generation_config.json").unlink()
+    assert load_for_generation(str(bare)).stop_ids == [1, 6]  # eos from the tokenizer, <|end|> from its template
+
+
 def test_cli_generate_from_dir(export_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["generate", "--model", str(export_dir), "--chat", "what is the capital of zorbia?",
                      "--max-new-tokens", "6"]) == 0
