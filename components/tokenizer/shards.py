@@ -19,6 +19,7 @@ Layout of one `.tok` file (little-endian):
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -57,7 +58,11 @@ class TokenShardWriter:
         self.token_count = 0
 
     def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
-        arr = np.asarray(ids, dtype=np.int64)
+        arr = np.asarray(ids)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{self.path}: document {len(self._offsets) - 1}: token ids must be integers, "
+                             f"got {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise InputDataError(
                 f"{self.path}: document {len(self._offsets) - 1} has token id "
@@ -74,7 +79,13 @@ class TokenShardWriter:
     def add_packed(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append several documents at once: `tokens` back to back, `lengths[i]` tokens each (one
         range check and one write for the lot)."""
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        if (tokens.size and not np.issubdtype(tokens.dtype, np.integer)) or \
+                (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
+            raise ValueError(f"token ids and lengths must be integers, got {tokens.dtype} and {lengths.dtype}")
+        lengths = lengths.astype(np.int64, copy=False)
+        if lengths.size and int(lengths.min()) < 0:
+            raise ValueError(f"document lengths must be ≥ 0, got {int(lengths.min())}")
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
         if tokens.size:
@@ -88,12 +99,23 @@ class TokenShardWriter:
         self.token_count += int(tokens.size)
 
     def close(self) -> Path:
-        self._f.write(np.asarray(self._offsets, dtype="<u8").tobytes())
-        self._f.seek(0)
-        self._f.write(_HEADER.pack(MAGIC, VERSION, self.code, self.vocab_size, self.token_count,
-                                   len(self._offsets) - 1))
-        self._f.close()
-        self._tmp.replace(self.path)
+        """Write the offsets and the header, flush to disk, and rename into place. A failure here
+        (a full disk) removes the partial file; a second call is refused."""
+        if self._f.closed:
+            raise ValueError(f"{self.path}: the shard writer is already closed")
+        try:
+            self._f.write(np.asarray(self._offsets, dtype="<u8").tobytes())
+            self._f.seek(0)
+            self._f.write(_HEADER.pack(MAGIC, VERSION, self.code, self.vocab_size, self.token_count,
+                                       len(self._offsets) - 1))
+            self._f.flush()
+            os.fsync(self._f.fileno())  # the body is on disk before the name says the shard is complete
+            self._f.close()
+            self._tmp.replace(self.path)
+        except BaseException:
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         return self.path
 
     def __enter__(self) -> TokenShardWriter:
@@ -102,7 +124,7 @@ class TokenShardWriter:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif not self._f.closed:
             self._f.close()
             self._tmp.unlink(missing_ok=True)
 

@@ -94,8 +94,15 @@ def iter_texts(files: list[Path], batch_size: int = 1000, empty: EmptyTexts | No
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
             raise InputDataError(f"{f}: column `text` is {kind}, expected strings (data prep writes UTF-8 text)")
         row = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
-            values = batch.column("text").to_pylist()
+        batches = pf.iter_batches(batch_size=batch_size, columns=["text"])
+        while True:
+            try:  # a damaged data page or invalid UTF-8 past the header: name the file and where
+                batch = next(batches, None)
+                values = [] if batch is None else batch.column("text").to_pylist()
+            except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
+                raise InputDataError(f"{f}: unreadable after row {row} ({type(e).__name__}: {e})") from e
+            if batch is None:
+                break
             if empty is not None:
                 for i, t in enumerate(values):
                     if not t:

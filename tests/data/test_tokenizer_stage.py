@@ -181,6 +181,55 @@ def test_packed_write_names_the_document_with_a_bad_id(tmp_path: Path) -> None:
         w.add_packed(np.array([3, 4, 5, 6, 12, 7]), np.array([2, 2, 2]))
 
 
+def test_the_writer_refuses_what_would_publish_a_corrupt_shard(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kubellm.tokenizer.shards import TokenShardWriter
+
+    w = TokenShardWriter(tmp_path / "x.tok", vocab_size=10)
+    with pytest.raises(ValueError, match="document lengths must be ≥ 0, got -1"):  # offsets would run backwards
+        w.add_packed(np.array([1, 2, 3]), np.array([3, -1, 1]))
+    with pytest.raises(ValueError, match="token ids and lengths must be integers, got float64"):
+        w.add_packed(np.array([1.7, 2.2]), np.array([2]))
+    with pytest.raises(ValueError, match="document 0: token ids must be integers, got float64"):
+        w.add_document([1.7, 2.2])  # had been cut to [1, 2] silently
+    w.add_document([1, 2])
+    assert w.close() == tmp_path / "x.tok" and TokenShardReader(tmp_path / "x.tok").token_count == 2
+    with pytest.raises(ValueError, match="already closed"):
+        w.close()
+
+
+def test_a_failed_close_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from kubellm.tokenizer.shards import TokenShardWriter
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"), TokenShardWriter(tmp_path / "x.tok", vocab_size=10) as w:
+        w.add_document([1, 2])
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor its .partial
+
+
+def test_a_damaged_parquet_body_names_the_file(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from kubellm.tokenizer.stage import iter_texts
+
+    f = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": [f"hello world {i} " * 20 for i in range(200)]}), f, row_group_size=100,
+                   compression="none", use_dictionary=False)
+    raw = bytearray(f.read_bytes())
+    body = raw.index(b"hello world", len(raw) // 2)  # inside the second row group's data page
+    raw[body : body + 400] = b"\xff" * 400
+    f.write_bytes(bytes(raw))
+    with pytest.raises(InputDataError, match=r"train\.parquet: unreadable after row 100 \("):
+        for _ in iter_texts([f], batch_size=100):
+            pass
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"bos_token": ""}, "bos_token is empty"),
     ({"end_token": "  "}, "end_token is empty"),
