@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.rerender:
         return rerender(Path(args.output), args.append_notes)
+    info = machine()  # before any benchmark: the commit is the code measured, not the tree the run left
     names = args.only or BENCHMARKS + (["bench_demo"] if args.with_demo else [])
     rows: list[tuple[str, Row]] = []
     timings: dict[str, float] = {}
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m bench.run_all" + (" --quick" if args.quick else "") + (" --with-demo" if args.with_demo else "")
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     Path(args.output).with_suffix(".json").write_text(json.dumps(
-        {"cmd": cmd, "when": when, "machine": machine(), "timings": timings,
+        {"cmd": cmd, "when": when, "machine": info, "timings": timings,
          "rows": [{"module": m, **dataclasses.asdict(r)} for m, r in rows]}, indent=1))
-    write(Path(args.output), render(rows, machine(), cmd, timings, when), args.append_notes)
+    write(Path(args.output), render(rows, info, cmd, timings, when), args.append_notes)
     return 0
 
 
