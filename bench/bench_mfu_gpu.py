@@ -15,6 +15,7 @@ Target (issue 12): ≥ 40%, stretch ≥ 50%.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from kubellm.training.metrics import lookup_peak
 
     name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or lookup_peak(name)
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        p.error(f"--peak-tflops={args.peak_tflops}: expected the GPU's dense bf16 peak TFLOP/s, a number > 0")
+    peak = args.peak_tflops if args.peak_tflops is not None else lookup_peak(name)
     if peak is None:
         p.error(f"no data-sheet bf16 peak known for {name!r}: give it with --peak-tflops")
 

@@ -133,7 +133,8 @@ def rerender(out: Path, notes: str | None) -> int:
     if isinstance(data, list):  # the first format: rows only; wall times from the old Markdown
         old = out.read_text() if out.exists() else ""
         timings = {k: float(v) for k, v in re.findall(r"`(bench_\w+)` (\d+) s", old)}
-        data = {"rows": data, "cmd": "python -m bench.run_all --with-demo", "timings": timings, "machine": machine(),
+        data = {"rows": data, "cmd": "python -m bench.run_all --with-demo", "timings": timings,
+                "machine": {**machine(), "commit": "not recorded"},  # today's commit is not the old data's
                 "when": time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(out.with_suffix(".json").stat().st_mtime))}
     rows = [(r.pop("module"), Row(**r)) for r in data["rows"]]
     write(out, render(rows, data["machine"], data["cmd"], data["timings"], data["when"]), notes)

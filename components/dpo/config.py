@@ -32,7 +32,7 @@ class DPOConfig(StrictModel):
     messages start or end with an assistant turn), malformed or longer than train.seq_len: skip and
     count, or fail the stage naming file and line."""
     heldout_every: int = Field(default=10, ge=2)
-    """Every N-th usable pair is held out of training: the report shows the trained policy's loss,
+    """One usable pair in N (the 1st, the (N+1)-th, …) is held out of training: the report shows the trained policy's loss,
     reward accuracy and margin on those pairs (at the start, where the policy is the reference, the
     rewards are 0 and the sigmoid loss is log 2) next to the same on the pairs it trained on."""
     train: TrainConfig = Field(default_factory=_train)

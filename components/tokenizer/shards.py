@@ -19,6 +19,7 @@ Layout of one `.tok` file (little-endian):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -82,10 +83,11 @@ class TokenShardWriter:
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         if (tokens.size and not np.issubdtype(tokens.dtype, np.integer)) or \
                 (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
-            raise ValueError(f"token ids and lengths must be integers, got {tokens.dtype} and {lengths.dtype}")
+            raise ValueError(f"{self.path}: token ids and lengths must be integers, got {tokens.dtype} and "
+                             f"{lengths.dtype}")
         lengths = lengths.astype(np.int64, copy=False)
         if lengths.size and int(lengths.min()) < 0:
-            raise ValueError(f"document lengths must be ≥ 0, got {int(lengths.min())}")
+            raise ValueError(f"{self.path}: document lengths must be ≥ 0, got {int(lengths.min())}")
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
         if tokens.size:
@@ -113,10 +115,17 @@ class TokenShardWriter:
             self._f.close()
             self._tmp.replace(self.path)
         except BaseException:
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
             raise
         return self.path
+
+    def _discard(self) -> None:
+        """Close without caring how (a full disk fails the final flush too) and remove the partial file."""
+        try:
+            with contextlib.suppress(OSError):
+                self._f.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TokenShardWriter:
         return self
@@ -125,8 +134,7 @@ class TokenShardWriter:
         if exc_type is None:
             self.close()
         elif not self._f.closed:
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
 
 
 class TokenShardReader:

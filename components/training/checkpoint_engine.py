@@ -55,13 +55,14 @@ DEEPSPEED_SAFE_GLOBALS: list[Any] = _deepspeed_safe_globals()
 
 
 def safe_torch_load(path: str | Path, map_location: Any = None,
-                    extra_globals: list[Any] | None = None) -> Any:
+                    extra_globals: list[Any] | None = None, mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` with DeepSpeed's allow-list; a refused global raises
-    `UnsafeCheckpointError` naming the file (nothing from it is constructed or called)."""
+    `UnsafeCheckpointError` naming the file (nothing from it is constructed or called). `mmap`: map
+    the tensors' storages instead of reading them (the whole pickle is still checked)."""
     allowed = DEEPSPEED_SAFE_GLOBALS + list(extra_globals or [])
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message names the offending global ("WeightsUnpickler error: Unsupported global:
         # GLOBAL os.system was not ..."); keep that sentence, drop the advice to pass

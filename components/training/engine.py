@@ -450,12 +450,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     loader = objective.build_loader(dp_rank, dp_size, train_cfg.micro_batch_size, train_cfg.seed)
     pipe_batches = PipelineBatches(loader, objective.tokens) if built is not None and built.pipeline else None
     ds_checks = deepspeed_checks_step(engine, train_cfg.zero_stage)
+    own_clip = clips_in_kubellm(train_cfg, parallel_cfg, device)
+    if own_clip == ds_checks:  # exactly one of kubellm and DeepSpeed clips (and checks the norm)
+        raise AssertionError(f"kubellm clips: {own_clip}, DeepSpeed checks the step: {ds_checks}; the two must differ")
     ckpt = _checkpoint_manager(run_dir, train_cfg.keep_checkpoints, model_cfg)
     # NaN/Inf and loss-spike policy (kubellm.training.stepguard): decided identically on every rank
     guard = StepGuard(train_cfg.nonfinite, train_cfg.spike_sigma, train_cfg.spike_window, world)
     pipe_guard = (PipelineStepGuard(engine, guard, train_cfg.zero_stage, built.tp_rank, built.dp_size,
-                                    train_cfg.optim.grad_clip if clips_in_kubellm(train_cfg, parallel_cfg, device)
-                                    else 0.0)
+                                    train_cfg.optim.grad_clip if own_clip else 0.0)
                   if pipe_batches is not None and built is not None else None)
     start_step = 0
     # run totals carried across a resume, so the summary covers the whole run, not the resumed part
@@ -550,9 +552,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     skip_update(engine, loss, train_cfg.zero_stage)
                 else:
                     engine.backward(loss)  # DeepSpeed divides by `accum` itself
-                    if micro == accum - 1 and not ds_checks:
-                        # ZeRO 0: all-reduced grads, before clipping (here, or in DeepSpeed's step());
-                        # with TP one global norm, so every rank takes the same branch
+                    if micro == accum - 1 and own_clip:
+                        # ZeRO 0: the all-reduced grads' norm, before kubellm clips them (DeepSpeed's
+                        # gradient_clipping is 0); with TP one global norm, so every rank takes the same branch
                         if built is None:
                             grad_norm = clip_gradients(engine, train_cfg.optim.grad_clip)
                         else:  # TP: one norm over every rank's shards, then each rank clips its own

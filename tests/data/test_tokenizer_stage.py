@@ -187,9 +187,9 @@ def test_the_writer_refuses_what_would_publish_a_corrupt_shard(tmp_path: Path) -
     from kubellm.tokenizer.shards import TokenShardWriter
 
     w = TokenShardWriter(tmp_path / "x.tok", vocab_size=10)
-    with pytest.raises(ValueError, match="document lengths must be ≥ 0, got -1"):  # offsets would run backwards
+    with pytest.raises(ValueError, match=r"x\.tok: document lengths must be ≥ 0, got -1"):  # offsets would run backwards
         w.add_packed(np.array([1, 2, 3]), np.array([3, -1, 1]))
-    with pytest.raises(ValueError, match="token ids and lengths must be integers, got float64"):
+    with pytest.raises(ValueError, match=r"x\.tok: token ids and lengths must be integers, got float64"):
         w.add_packed(np.array([1.7, 2.2]), np.array([2]))
     with pytest.raises(ValueError, match="document 0: token ids must be integers, got float64"):
         w.add_document([1.7, 2.2])  # had been cut to [1, 2] silently
@@ -204,13 +204,32 @@ def test_a_failed_close_leaves_no_partial_file(tmp_path: Path, monkeypatch: pyte
 
     from kubellm.tokenizer.shards import TokenShardWriter
 
-    def full(fd: int) -> None:
+    def full(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space left"), TokenShardWriter(tmp_path / "x.tok", vocab_size=10) as w:
         w.add_document([1, 2])
     assert list(tmp_path.iterdir()) == []  # neither the shard nor its .partial
+    monkeypatch.undo()
+
+    class FullFile:  # every write and flush fails, the final one inside close() too
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        write = flush = full
+
+        def close(self) -> None:
+            self.f.close()  # type: ignore[attr-defined]
+            full()
+
+        closed = property(lambda self: self.f.closed)  # type: ignore[attr-defined]
+
+    w = TokenShardWriter(tmp_path / "y.tok", vocab_size=10)
+    w._f = FullFile(w._f)  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_damaged_parquet_body_names_the_file(tmp_path: Path) -> None:

@@ -72,13 +72,14 @@ def _craft(target: Path, marker: Path) -> None:
 
 
 @pytest.mark.integration
-def test_a_crafted_shard_of_one_rank_fails_every_rank(tmp_path: Path) -> None:
-    """ZeRO-1 over 2 ranks: only rank 1 reads the crafted optimizer shard. Its refusal reaches rank 0
-    through the load's failure exchange (rank 0 had loaded its own shard and would otherwise wait
-    in the next collective until the process-group timeout)."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_a_crafted_shard_of_one_rank_fails_every_rank(zero: int, tmp_path: Path) -> None:
+    """2 ranks: only rank 1 reads the crafted optimizer shard. Its refusal reaches rank 0 through the
+    load's failure exchange, before DeepSpeed's load (whose ZeRO-3 path ends in a collective rank 1
+    would never join): rank 0 would otherwise wait until the process-group timeout."""
     shards = make_shards(tmp_path / "shards")
     run = tmp_path / "run"
-    kw = {"max_steps": 2, "checkpoint_every": 2, "zero_stage": 1}
+    kw = {"max_steps": 2, "checkpoint_every": 2, "zero_stage": zero}
     first = spawn(run_resume_only, 2, shards, str(run), kw, None)
     assert all(r.get("start_step") == 0 for r in first), first
     target = run / "checkpoints" / "step-00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"

@@ -148,7 +148,6 @@ def run_clip_probe(shards: list[str], run_dir: str, layout: dict[str, int], clip
 
     from kubellm.training import engine as E
 
-    tp_rank = dist.get_rank() if layout.get("tp", 1) > 1 and dist.is_initialized() else 0
     applied: list[float] = []
     real_build = E.build_engine
 
@@ -156,6 +155,7 @@ def run_clip_probe(shards: list[str], run_dir: str, layout: dict[str, int], clip
         eng, sched = real_build(*a, **k)
 
         def pre_step(opt: Any, args: Any, kwargs: Any) -> None:
+            tp_rank = dist.get_rank() if layout.get("tp", 1) > 1 else 0  # the group exists by now
             sq = 0.0
             for p in eng.module.parameters():
                 if p.grad is None or getattr(p, "ds_pipe_replicated", False):

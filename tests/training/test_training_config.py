@@ -260,3 +260,30 @@ def test_checkpoints_stage_on_the_pytorchjob_staging_volume(monkeypatch: pytest.
     monkeypatch.setenv("KUBELLM_STAGING_DIR", str(tmp_path / "vol"))
     mgr = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
     assert (tmp_path / "vol" / "kubellm-ckpt") in mgr.local_dir.parents  # not the root disk's /tmp
+
+
+def test_zero_buffers_are_sized_from_the_model() -> None:
+    """DeepSpeed's reduce bucket defaults to 5e8 elements (1 GiB of bf16 per GPU whatever the model):
+    kubellm asks for dim² elements, within [2^20, the model's parameters], and ZeRO-3 keeps whole only
+    parameters below 10·dim elements. `kubellm plan` counts the bucket with the gradients."""
+    from kubellm.model.config import get_preset
+    from kubellm.model.flops import num_params
+    from kubellm.training.dsconfig import BUCKET_MIN, zero_buffer_sizes
+    from kubellm.training.planner import model_state_bytes
+
+    big, small, tiny = get_preset("7b"), get_preset("seed"), get_preset("debug")
+    assert zero_buffer_sizes(big) == {"reduce_bucket_size": 4096**2, "stage3_param_persistence_threshold": 40960}
+    assert zero_buffer_sizes(small)["reduce_bucket_size"] == BUCKET_MIN  # 128² is below the floor
+    assert zero_buffer_sizes(tiny)["reduce_bucket_size"] == num_params(tiny) < BUCKET_MIN  # never above Ψ
+    for stage in (0, 1, 3):
+        zero = deepspeed_config(TrainConfig(zero_stage=stage), ParallelConfig(), 1, model_cfg=big)["zero_optimization"]
+        assert zero.get("reduce_bucket_size") == (None if stage == 0 else 4096**2)
+        assert zero.get("stage3_param_persistence_threshold") == (40960 if stage == 3 else None)
+    assert "reduce_bucket_size" not in deepspeed_config(TrainConfig(zero_stage=1), ParallelConfig(), 1)["zero_optimization"]
+    # the planner: ZeRO ≥ 1 adds the bucket in the gradients' dtype, ZeRO 0 has none
+    psi, bucket = 1e9, 4096**2
+    for zero in (0, 1, 2, 3):
+        with_b = model_state_bytes(psi, zero, 8, "bf16", bucket=bucket)
+        without = model_state_bytes(psi, zero, 8, "bf16")
+        assert with_b[1] - without[1] == (0 if zero == 0 else 2 * bucket)
+        assert (with_b[0], with_b[2]) == (without[0], without[2])
