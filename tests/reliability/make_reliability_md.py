@@ -72,6 +72,10 @@ PROMISES: list[tuple[str, list[str]]] = [
     ("6. A checkpoint crafted to run code when unpickled (committed, manifest matching) never runs it",
      [f"{R}/test_rel_safe_loading.py::test_crafted_committed_checkpoint_never_runs_code",
       "tests/training/test_checkpoint_safety.py::test_crafted_pickle_is_refused_and_never_runs"]),
+    ("6. … crafted in one rank's ZeRO shard only (ZeRO 1 and 3, 2 processes): every rank fails naming that "
+     "rank and file, none waits in a collective, the code never runs",
+     [f"{R}/test_rel_safe_loading.py::test_a_crafted_shard_of_one_rank_fails_every_rank[1]",
+      f"{R}/test_rel_safe_loading.py::test_a_crafted_shard_of_one_rank_fails_every_rank[3]"]),
     ("6. Source scan: no pickle.load, torch.load without weights_only=True, trust_remote_code=True",
      ["tests/test_source_scan.py::test_package_source_loads_safely"]),
     ("7. Planted credentials appear in no log, bucket object, cache, compiled pipeline or PyTorchJob",
