@@ -38,18 +38,9 @@ def test_crafted_committed_checkpoint_never_runs_code(tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = spawn(run_resume_only, 1, shards, str(run), {"max_steps": 2, "checkpoint_every": 2})[0]
     assert first.get("start_step") == 0, first
-    ckpt = run / "checkpoints" / "step-00000002"
-    target = ckpt / "mp_rank_00_model_states.pt"
+    target = run / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
     marker = tmp_path / "pwned"
-    original = torch.load(target, weights_only=False)  # noqa: S614 - our own file, to keep its shape
-    torch.save({**original, "payload": _Exploit(marker)}, target)
-    # re-commit a manifest that matches the crafted file (sha256 and size), so only safe loading stands
-    manifest = read_manifest(str(ckpt))
-    data = target.read_bytes()
-    files = [FileEntry(path=f.path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-             if f.path == target.name else f for f in manifest.files]
-    (ckpt / MANIFEST_NAME).unlink()
-    commit_manifest(manifest.model_copy(update={"files": files}))
+    _craft(target, marker)
 
     resumed = spawn(run_resume_only, 1, shards, str(run), {"max_steps": 4, "checkpoint_every": 2})[0]
     assert "error" in resumed, resumed
