@@ -411,49 +411,53 @@ class CheckpointManager:
         # meet its peers in the wrong collective); the steps after it are, so a full staging disk on one
         # rank fails every rank instead of leaving its peers waiting in the upload's gather
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-        tag_dir = staging / tag
-        error = None
-        try:
-            torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
-                       tag_dir / STATE_FILE.format(rank=rank))
-        except BaseException as e:
-            error = e
-        _raise_if_any_failed(error, f"checkpoint save {prefix}")
-
-        entries: list[FileEntry] = []
-        try:
-            files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
-
-            def upload(p: Path) -> FileEntry:
-                rel = p.relative_to(tag_dir).as_posix()
-                entry = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
-                self.storage.upload(p, join(prefix, rel))
-                return entry
-
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                entries = list(pool.map(upload, files))
+        try:  # a failed save frees its node-local staging copy (checkpoint-sized) now, not at the next save
+            tag_dir = staging / tag
             error = None
-        except BaseException as e:
-            error = e
-        _raise_if_any_failed(error, f"checkpoint upload {prefix}")
-
-        per_rank = all_gather_objects([e.model_dump() for e in entries])
-        states = all_gather_objects(_jsonable(client_state))
-        manifest: Manifest | None = None
-        error = None
-        if rank == 0:
             try:
-                manifest = self._commit(engine, step, prefix, per_rank, states)
+                torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
+                           tag_dir / STATE_FILE.format(rank=rank))
             except BaseException as e:
                 error = e
-            if manifest is not None:
-                try:  # the new checkpoint is committed: failing to delete old ones must not stop training
-                    self._retain(manifest)
-                except Exception as e:
-                    log.warning("checkpoint %s committed, but removing older checkpoints failed (they stay): %s",
-                                prefix, e)
-        _raise_if_any_failed(error, f"checkpoint commit {prefix}")
-        manifest = _broadcast(manifest)
+            _raise_if_any_failed(error, f"checkpoint save {prefix}")
+
+            entries: list[FileEntry] = []
+            try:
+                files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
+
+                def upload(p: Path) -> FileEntry:
+                    rel = p.relative_to(tag_dir).as_posix()
+                    entry = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
+                    self.storage.upload(p, join(prefix, rel))
+                    return entry
+
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    entries = list(pool.map(upload, files))
+                error = None
+            except BaseException as e:
+                error = e
+            _raise_if_any_failed(error, f"checkpoint upload {prefix}")
+
+            per_rank = all_gather_objects([e.model_dump() for e in entries])
+            states = all_gather_objects(_jsonable(client_state))
+            manifest: Manifest | None = None
+            error = None
+            if rank == 0:
+                try:
+                    manifest = self._commit(engine, step, prefix, per_rank, states)
+                except BaseException as e:
+                    error = e
+                if manifest is not None:
+                    try:  # the new checkpoint is committed: failing to delete old ones must not stop training
+                        self._retain(manifest)
+                    except Exception as e:
+                        log.warning("checkpoint %s committed, but removing older checkpoints failed (they stay): %s",
+                                    prefix, e)
+            _raise_if_any_failed(error, f"checkpoint commit {prefix}")
+            manifest = _broadcast(manifest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(staging, ignore_errors=True)  # uploaded and committed: free node-local disk
         return manifest
 

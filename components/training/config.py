@@ -109,7 +109,7 @@ class TrainConfig(StrictModel):
     spike_sigma: float | None = Field(default=None, gt=0)
     """Skip (and count as `skipped_spike`) a step whose loss is more than this many standard
     deviations above the mean of the last `spike_window` applied steps. None = off. A loss that stays
-    above the threshold for more than 10 steps in a row is a shift, not a spike: the run stops (before
+    above the threshold on more than 10 steps with no applied step between them is a shift, not a spike: the run stops (before
     the update) instead of skipping every later step."""
     spike_window: int = Field(default=50, ge=2)
     """Applied steps in the rolling window of the spike test (it starts once the window is full)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kubellm.core.errors import ConfigError
+from kubellm.core.errors import ConfigError, IntegrityError
 from kubellm.core.manifest import Manifest, fetch
 from kubellm.core.storage import join
 from kubellm.model.config import ModelConfig
@@ -100,7 +100,11 @@ def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path)
             if module:  # None in a pipeline checkpoint (weights are in the layer files)
                 per_tp[int(m.group(1))].update(module)
         else:
-            client = dict(safe_torch_load(path, map_location="cpu")["client_state"])
+            state = safe_torch_load(path, map_location="cpu")
+            if not isinstance(state, dict) or "client_state" not in state:
+                raise IntegrityError(f"{manifest.uri}/{rel}: no client_state in it; the state file was not "
+                                     "written by kubellm's CheckpointManager")
+            client = dict(state["client_state"])
     if not per_tp or client is None:
         raise ConfigError(f"{manifest.uri}: no model-state files or no rank-0 kubellm state to consolidate")
     ranks = [per_tp[r] for r in sorted(per_tp)]

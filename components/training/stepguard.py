@@ -45,7 +45,8 @@ NONFINITE = "nonfinite"
 SPIKE = "spike"
 OVERFLOW = "overflow"
 SPIKE_RUN_LIMIT = 10
-"""Consecutive steps judged spikes after which the run stops: a loss that stays above the threshold
+"""Spike skips with no applied step between them after which the run stops (a skip for a
+non-finite loss or an fp16 overflow does not end the run of spikes): a loss that stays above the threshold
 is a shift (new data, a diverging run), not a spike, and skipping it would leave the weights frozen
 for the rest of the run."""
 
@@ -80,7 +81,7 @@ class StepGuard:
                     raise FloatingPointError(
                         f"loss {loss:.4g} at step {step} is above the spike threshold {threshold:.4g} (mean "
                         f"{mean:.4g} + {self.sigma} σ of the last {len(self.window)} applied steps) for the "
-                        f"{self.spike_run + 1}th step in a row: a lasting shift, not a spike, and skipping "
+                        f"{self.spike_run + 1}th time with no applied step between: a lasting shift, not a spike, and skipping "
                         "it would freeze the weights for the rest of the run; stopping before the "
                         "optimizer step, so the last committed checkpoint is intact. Check the data "
                         "and optim.lr, or raise (or unset) train.spike_sigma")

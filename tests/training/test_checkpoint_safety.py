@@ -344,3 +344,23 @@ def test_one_rank_failing_to_write_its_state_file_fails_every_rank(tmp_path: Pat
     assert got[0].startswith("CheckpointError: checkpoint save ") and \
         "failed on 1 rank(s): rank 1: OSError: [Errno 28] No space left on device" in got[0]
     assert not any((tmp_path / "run").rglob("_manifest.json"))  # nothing committed
+    # and neither rank keeps its node-local staging copy of the failed save (checkpoint-sized on a real run)
+    assert [p for p in (tmp_path / "staging").rglob("*") if p.is_file()] == []
+
+
+def test_a_relayout_names_a_state_file_without_client_state(tmp_path: Path) -> None:
+    import io
+
+    from kubellm.core.errors import IntegrityError
+    from kubellm.model.config import get_preset
+    from kubellm.training.relayout import read_consolidated
+
+    def saved(obj: object) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    m = _commit(str(tmp_path / "run"), 4, {"mp_rank_00_model_states.pt": saved({"module": {}}),
+                                           "kubellm_state_rank00000.pt": saved({"step": 4, "rng": {}})})
+    with pytest.raises(IntegrityError, match=r"step-00000004/kubellm_state_rank00000\.pt: no client_state in it"):
+        read_consolidated(m, get_preset("debug"), tmp_path / "staging")

@@ -19,7 +19,7 @@ def test_a_lasting_spike_stops_the_run_instead_of_freezing_the_weights() -> None
     _warm(guard)
     for step in range(SPIKE_RUN_LIMIT):  # a shift to 2.0 in the loss: skipped, as spikes, up to the limit
         assert guard.check_loss(torch.tensor(2.0), step) == SPIKE
-    with pytest.raises(FloatingPointError, match=r"11th step in a row: a lasting shift, not a spike.*spike_sigma"):
+    with pytest.raises(FloatingPointError, match=r"11th time with no applied step between: a lasting shift, not a spike.*spike_sigma"):
         guard.check_loss(torch.tensor(2.0), SPIKE_RUN_LIMIT)
     assert guard.metrics()["skipped_spike"] == SPIKE_RUN_LIMIT
 
