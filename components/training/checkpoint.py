@@ -411,7 +411,7 @@ class CheckpointManager:
         # meet its peers in the wrong collective); the steps after it are, so a full staging disk on one
         # rank fails every rank instead of leaving its peers waiting in the upload's gather
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-        try:  # a failed save frees its node-local staging copy (checkpoint-sized) now, not at the next save
+        try:  # a failed save frees its node-local staging copy (checkpoint-sized) too, not at the next save
             tag_dir = staging / tag
             error = None
             try:
@@ -455,10 +455,8 @@ class CheckpointManager:
                                     prefix, e)
             _raise_if_any_failed(error, f"checkpoint commit {prefix}")
             manifest = _broadcast(manifest)
-        except BaseException:
+        finally:  # committed or failed: the node-local copy is not needed any more
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        shutil.rmtree(staging, ignore_errors=True)  # uploaded and committed: free node-local disk
         return manifest
 
     def _commit(self, engine: Any, step: int, prefix: str, per_rank: list[list[dict[str, Any]]],

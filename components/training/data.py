@@ -120,7 +120,6 @@ class PackedWindowLoader:
             usable = self.per_rank * self.dp_size
             # a copy of this rank's share: a strided view would keep the whole epoch's order alive
             self._perm_cache = (epoch, order[:usable][self.dp_rank :: self.dp_size].copy())
-            del order, index
         return self._perm_cache[1]
 
     def _window(self, item: int) -> dict[str, np.ndarray]:

@@ -291,7 +291,7 @@ class PipelineStepGuard:
       are reduced, so ZeRO's overflow path skips the update (as `skip_update` does without pp).
     * OptimizerStep: with ZeRO 0 (no DeepSpeed bf16/fp16 wrapper) the gradients are reduced over dp
       and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm` and
-      clips every stage's gradients (`grad_clip`, `scale_to_norm`; DeepSpeed's own clip would use the
+      clips every stage's gradients (`grad_clip`, `clip_model_parallel`; DeepSpeed's own clip would use the
       first stage's norm), and a skipped step runs the optimizer step as a no-op
       (`optimizer_step_skipped`: LR schedule held).
     """
@@ -316,10 +316,8 @@ class PipelineStepGuard:
 
         def optimizer_step(eng: Any, **kw: Any) -> None:
             if me.own_norm and not me.verdict:
-                me.grad_norm = model_parallel_grad_norm(eng, me.tp_rank, me.dp_size)
+                me.grad_norm = clip_model_parallel(eng, me.tp_rank, me.dp_size, me.grad_clip)
                 me.verdict = me.guard.check_grad_norm(me.grad_norm, me.step)
-                if not me.verdict:
-                    scale_to_norm(eng, me.grad_norm, me.grad_clip)
             if me.verdict and me.zero_stage == 0:
                 with optimizer_step_skipped(eng.optimizer):
                     real_opt(eng, **kw)
@@ -372,17 +370,19 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
     return engine, scheduler
 
 
-def scale_to_norm(engine: Any, norm: float, max_norm: float) -> None:
-    """Clip this rank's .grad by a global gradient norm computed over every rank
-    (`model_parallel_grad_norm`): the same factor, max_norm / (norm + 1e-6) when below 1, on every
-    rank, as torch's `clip_grad_norm_` applies it. Nothing happens when `max_norm` ≤ 0 or the norm
-    is not finite (the step guard skips that step)."""
+def clip_model_parallel(engine: Any, tp_rank: int, dp_size: int, max_norm: float) -> float:
+    """ZeRO 0 with TP and/or PP: the global gradient norm over every rank (`model_parallel_grad_norm`,
+    returned before clipping), and this rank's .grad clipped by it: the same factor, max_norm /
+    (norm + 1e-6) when below 1, on every rank, as torch's `clip_grad_norm_` applies it. No clipping
+    when `max_norm` ≤ 0 or the norm is not finite (the step guard skips that step)."""
+    norm = model_parallel_grad_norm(engine, tp_rank, dp_size)
     if max_norm <= 0 or not math.isfinite(norm):
-        return
+        return norm
     coef = max_norm / (norm + 1e-6)
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if coef < 1 and grads:
         torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def clip_gradients(engine: Any, max_norm: float) -> float:
@@ -555,11 +555,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     if micro == accum - 1 and own_clip:
                         # ZeRO 0: the all-reduced grads' norm, before kubellm clips them (DeepSpeed's
                         # gradient_clipping is 0); with TP one global norm, so every rank takes the same branch
-                        if built is None:
-                            grad_norm = clip_gradients(engine, train_cfg.optim.grad_clip)
-                        else:  # TP: one norm over every rank's shards, then each rank clips its own
-                            grad_norm = model_parallel_grad_norm(engine, built.tp_rank, dp_size)
-                            scale_to_norm(engine, grad_norm, train_cfg.optim.grad_clip)
+                        grad_norm = (clip_gradients(engine, train_cfg.optim.grad_clip) if built is None
+                                     else clip_model_parallel(engine, built.tp_rank, dp_size, train_cfg.optim.grad_clip))
                         skipped = guard.check_grad_norm(grad_norm, step + 1)  # same on every rank
                     if skipped:
                         skip_boundary_step(engine)
