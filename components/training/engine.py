@@ -48,7 +48,13 @@ from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config, deepspeed_half
 from kubellm.training.hostmem import keep_freed_memory
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
-from kubellm.training.optim import lr_lambda, param_groups, schedule_warning
+from kubellm.training.optim import (
+    configured_hyperparameters,
+    lr_lambda,
+    param_groups,
+    restore_hyperparameters,
+    schedule_warning,
+)
 from kubellm.training.pipeline import PipelineBatches
 from kubellm.training.pipeline import check_objective as check_pipeline_objective
 from kubellm.training.relayout import consolidated_resume
@@ -465,9 +471,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     loss_start: float | None = None  # the first logged step's loss
     loss_last: float | None = None
     if resume:
+        configured = configured_hyperparameters(scheduler)
         client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
         if client_state:
             start_step = int(client_state["step"])
+            # the load restored the saved lr/betas/eps/weight decay: this run's train.optim applies
+            changes = restore_hyperparameters(scheduler, configured)
+            if changes and rank == 0:
+                log.warning("resuming at step %d with train.optim changed since the checkpoint (%s): the "
+                            "configured values apply from step %d; AdamW's moments and the schedule's "
+                            "position carry over", start_step, ", ".join(changes), start_step + 1)
             _check_identity(run_dir, client_state.get("identity"), identity)
             if start_step > train_cfg.max_steps:
                 raise ConfigError(
@@ -512,6 +525,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             grad_norm = 0.0
             skipped: str | None = None
             skips_before = int(getattr(engine, "skipped_steps", 0))
+            lr = float(scheduler.get_last_lr()[0])  # the lr this step's update uses (the scheduler steps after it)
             step_batches: list[dict[str, Tensor]] = []
             weights: list[float] | None = None
             if target_tokens is not None or pipe_batches is not None:
@@ -586,7 +600,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             if not skipped:
                 guard.accept(step_loss)
             dt = time.perf_counter() - t0
-            values = {"loss": step_loss, "grad_norm": grad_norm, "lr": float(scheduler.get_last_lr()[0]),
+            values = {"loss": step_loss, "grad_norm": grad_norm, "lr": lr,
                       "tokens_per_s": global_tokens / dt, "step_time_s": dt, "tokens_seen": tokens_seen,
                       "peak_memory_mb": peak_memory_mb(device)}
             values.update({k: float(stats[2 + i]) / world for i, k in enumerate(keys)})

@@ -287,3 +287,45 @@ def test_zero_buffers_are_sized_from_the_model() -> None:
         without = model_state_bytes(psi, zero, 8, "bf16")
         assert with_b[1] - without[1] == (0 if zero == 0 else 2 * bucket)
         assert (with_b[0], with_b[2]) == (without[0], without[2])
+
+
+def test_a_resume_restores_the_configured_optimizer_hyperparameters() -> None:
+    """A checkpoint's optimizer and scheduler state carry its lr/betas/eps/weight decay; after loading
+    them the run's config applies again, at the schedule position (and with the moments) saved."""
+    import torch
+
+    from kubellm.training.optim import configured_hyperparameters, restore_hyperparameters
+
+    def build(cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 10))
+
+    old = OptimConfig(lr=1e-3, warmup_steps=2, weight_decay=0.1)
+    opt, sched = build(old)
+    for _ in range(3):
+        for p in (q for g in opt.param_groups for q in g["params"]):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    saved = (opt.state_dict(), sched.state_dict())
+
+    for new, expect in [(old, []),
+                        (OptimConfig(lr=2e-3, warmup_steps=2, weight_decay=0.05, betas=(0.9, 0.99), eps=1e-6),
+                         ["lr 0.001 -> 0.002", "betas (0.9, 0.95) -> (0.9, 0.99)", "eps 1e-08 -> 1e-06",
+                          "weight_decay 0.1 -> 0.05"])]:
+        opt2, sched2 = build(new)
+        configured = configured_hyperparameters(sched2)
+        opt2.load_state_dict(saved[0])
+        sched2.load_state_dict(saved[1])
+        assert opt2.param_groups[0]["lr"] == pytest.approx(old.lr * lr_lambda(old, 10)(3))  # the saved values
+        assert restore_hyperparameters(sched2, configured) == expect
+        want_lr = new.lr * lr_lambda(new, 10)(3)  # the configured schedule at the saved position
+        assert sched2.get_last_lr() == pytest.approx([want_lr, want_lr])
+        assert [g["lr"] for g in opt2.param_groups] == pytest.approx([want_lr, want_lr])
+        assert [g["weight_decay"] for g in opt2.param_groups] == [new.weight_decay, 0.0]  # norms never decay
+        assert all(tuple(g["betas"]) == new.betas and g["eps"] == new.eps for g in opt2.param_groups)
+        assert opt2.state_dict()["state"][0]["step"] == 3  # the moments are the checkpoint's
+        sched2.step()
+        assert sched2.get_last_lr()[0] == pytest.approx(new.lr * lr_lambda(new, 10)(4))

@@ -62,7 +62,7 @@ def engine_runs(shards: list[str], run_root: str) -> dict:
             rows = [json.loads(x) for x in Path(r.metrics_path).read_text().splitlines()]
             out["rows"] = rows
             f = lr_lambda(tc.optim, tc.max_steps)
-            out["expected_lr"] = [3e-3 * f(s) for s in range(1, 9)]
+            out["expected_lr"] = [3e-3 * f(s) for s in range(8)]
     return out
 
 
@@ -83,7 +83,7 @@ def test_engine_trains_and_options_agree(tokens: str, tmp_path: Path) -> None:
     assert out["compiled_keys"] == out["keys"]  # Module.compile keeps parameter names (checkpoints, export)
     rows = out["rows"]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    # after step s the scheduler has stepped s times: lr of the next step is logged
+    # row s logs the lr step s's update used: the schedule after s - 1 applied steps
     np.testing.assert_allclose([r["lr"] for r in rows], out["expected_lr"], rtol=1e-9)
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     assert rows[-1]["tokens_seen"] == 8 * 4 * 32
@@ -155,6 +155,40 @@ def test_resume_keeps_run_totals_and_logs_each_step_once(tokens: str, tmp_path: 
     assert "checkpoint at step 6 > train.max_steps=2" in out["too_far"]
     assert "checkpoints" in out["too_far"] and "train.max_steps ≥ 6" in out["too_far"]
     assert out["rows_after_refusal"] == crash["rows"]
+
+
+def lr_change_runs(shards: list[str], run_root: str) -> dict:
+    """Train 4 of 6 steps, then resume to 6 with train.optim.lr doubled, at ZeRO 0 and 1."""
+    from kubellm.model.config import get_preset
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
+    from kubellm.training.engine import train
+    from kubellm.training.optim import lr_lambda
+
+    cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
+    out: dict = {}
+    for zero in (0, 1):
+        for max_steps, lr in ((4, 3e-3), (6, 6e-3)):
+            tc = TrainConfig(max_steps=max_steps, micro_batch_size=2, global_batch_size=4, seq_len=32,
+                             progress_bar=False, tensorboard=False, checkpoint_every=2, zero_stage=zero,
+                             optim=OptimConfig(lr=lr, warmup_steps=2))
+            r = train(cfg, tc, ParallelConfig(), PretrainObjective(shards, seq_len=32, vocab_size=256),
+                      f"{run_root}/z{zero}", resume=True)
+        rows = [json.loads(x) for x in Path(run_root, f"z{zero}", "metrics.jsonl").read_text().splitlines()]
+        out[zero] = {"start": r.start_step, "lr": {row["step"]: row["lr"] for row in rows},
+                     "expected": [lr * lr_lambda(tc.optim, 6)(s) for s in (4, 5)]}
+    return out
+
+
+def test_a_resume_trains_with_the_configured_lr_not_the_checkpoints(tokens: str, tmp_path: Path) -> None:
+    shards = [str(Path(tokens) / "train/part-00000.tok")]
+    out = spawn(lr_change_runs, 1, shards, str(tmp_path))[0]
+    for zero in (0, 1):
+        got = out[zero]
+        assert got["start"] == 4
+        # steps 5-6 use the doubled lr's schedule at the saved position (before: the checkpoint's 3e-3)
+        assert [got["lr"][5], got["lr"][6]] == pytest.approx(got["expected"], rel=1e-9)
+        assert got["lr"][4] < got["lr"][5]  # steps 1-4 ran at the old lr
 
 
 def s3_resume_rows(shards: list[str], run_dir: str, pods: list[str]) -> dict:
