@@ -15,6 +15,7 @@ one to one with no q/k permutation (see `kubellm.model.hf`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import cast
 
 import torch
@@ -201,41 +202,94 @@ def _w(layer: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, layer.weight)
 
 
+def materialise(module: nn.Module, device: torch.device) -> None:
+    """Give every meta-device parameter and buffer of `module` uninitialised storage on `device`.
+    Unlike `Module.to_empty`, a parameter keeps its Python attributes (a tensor-parallel weight's
+    `tensor_model_parallel`, which DeepSpeed reads) and a tied one stays one parameter."""
+    new: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in new:
+                q = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                q.__dict__.update(p.__dict__)
+                new[id(p)] = q
+            m._parameters[name] = new[id(p)]
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
+
+
+def init_order(cfg: ModelConfig) -> list[tuple[str, float | None]]:
+    """The dense model's parameters in the order their initial values are drawn, each with its
+    normal std (None: ones, no draw). A tied output head is the embedding: not listed."""
+    std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    order: list[tuple[str, float | None]] = [("tok_embeddings.weight", std)]
+    if not cfg.tie_embeddings:
+        order.append(("output.weight", std))
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}."
+        order += [(b + "attn.qkv.weight", std), (b + "ffn.gate_up.weight", std), (b + "attn.out.weight", resid_std),
+                  (b + "ffn.down.weight", resid_std), (b + "attn_norm.weight", None), (b + "ffn_norm.weight", None)]
+    order.append(("norm.weight", None))
+    return order
+
+
+def draw_init(t: torch.Tensor, std: float | None) -> torch.Tensor:
+    """One `init_order` entry's initial values, in place."""
+    return t.fill_(1.0) if std is None else t.normal_(0.0, std)
+
+
+@torch.no_grad()
+def dense_init_tensors(cfg: ModelConfig, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` of the dense model's initial weights one at a time, drawn exactly as
+    `Transformer(cfg, device=device)` draws them from the same RNG state: a tensor/pipeline-parallel
+    rank keeps its shard of each and drops the rest, never holding the whole model."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).named_parameters()}
+    for name, std in init_order(cfg):
+        yield name, draw_init(torch.empty(shapes[name], device=device), std)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. `forward(input_ids, position_ids=None, doc_ids=None) -> logits (B, T, V)`."""
 
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None, *,
+                 device: torch.device | str | None = None, init: bool = True) -> None:
+        """The layers are created on the meta device and materialised once, on `device` (default:
+        torch's default device; under `with torch.device("meta")` they stay there): no layer's own
+        default initialisation runs, so `init_weights` is the only draw from the RNG, and a model
+        built for a GPU never passes through host memory. `init=False` leaves the weights
+        uninitialised for a caller that fills every one (tensor/pipeline-parallel shards)."""
         super().__init__()
+        target = torch.device(device) if device is not None else torch.get_default_device()
         layers = layers or LayerFactory()
         self.cfg = cfg
-        self.tok_embeddings = layers.embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, layers, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = layers.output(cfg.dim, cfg.vocab_size)
+        with torch.device("meta"):
+            self.tok_embeddings = layers.embedding(cfg.vocab_size, cfg.dim)
+            self.blocks = nn.ModuleList(Block(cfg, layers, i) for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = layers.output(cfg.dim, cfg.vocab_size)
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if target.type != "meta":
+            materialise(self, target)
         self.activation_checkpointing = False
-        self.init_weights()
+        if init:
+            self.init_weights()
+        elif target.type != "meta":
+            self.rope.reset()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """normal(0, init_std) everywhere; the projections that write into the residual stream
-        (attn.out, ffn.down) get init_std/sqrt(2*n_layers) so its variance does not grow with depth
-        (GPT-2). Norms start at 1. Also rebuilds the RoPE tables (meta-device init)."""
-        std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(_w(self.tok_embeddings), 0.0, std)
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(_w(self.output), 0.0, std)
-        for block in self.block_list():
-            nn.init.normal_(_w(block.attn.qkv), 0.0, std)
-            nn.init.normal_(_w(block.ffn.gate_up), 0.0, std)
-            nn.init.normal_(_w(block.attn.out), 0.0, resid_std)
-            nn.init.normal_(_w(block.ffn.down), 0.0, resid_std)
-            nn.init.ones_(block.attn_norm.weight)
-            nn.init.ones_(block.ffn_norm.weight)
-        nn.init.ones_(self.norm.weight)
+        """`init_order`'s draws, in its order: normal(0, init_std) everywhere, the projections that
+        write into the residual stream (attn.out, ffn.down) at init_std/sqrt(2*n_layers) so its
+        variance does not grow with depth (GPT-2), norms at 1. Also rebuilds the RoPE tables.
+        Defined for the dense model; `dense_init_tensors` draws the same tensors one at a time."""
+        for name, std in init_order(self.cfg):
+            draw_init(self.get_parameter(name), std)
         if self.rope.cos.device.type != "meta":
             self.rope.reset()
 

@@ -65,7 +65,7 @@ from kubellm.training.stepguard import (
     skip_boundary_step,
     skip_update,
 )
-from kubellm.training.topology import ParallelModel, build_parallel_model, validate_layout
+from kubellm.training.topology import ParallelModel, build_parallel_model, fill_from_dense, validate_layout
 
 log = logging.getLogger(__name__)
 
@@ -435,12 +435,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         # TP layers / PipelineModule, sharded from the same dense init (kubellm.training.topology)
         if parallel_cfg.pp > 1:
             check_pipeline_objective(objective)
-        built = build_parallel_model(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+        built = build_parallel_model(model_cfg, train_cfg, parallel_cfg, init_state_dict, device)
         model = built.module
     else:
-        dense = Transformer(model_cfg)  # same seed on every rank -> identical initial weights
+        # same seed on every rank -> identical initial weights, built where it trains (a GPU model
+        # never passes through host memory); given weights are copied in tensor by tensor
+        dense = Transformer(model_cfg, device=device, init=init_state_dict is None)
         if init_state_dict is not None:
-            dense.load_state_dict(init_state_dict)
+            fill_from_dense(dense, model_cfg, 0, 1, init_state_dict, device)
         dense.set_activation_checkpointing(train_cfg.activation_checkpointing)
         if train_cfg.compile:
             dense.compile()  # in place: the state dict, checkpoints and export keep their names

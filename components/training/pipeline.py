@@ -36,7 +36,7 @@ example, so it is refused with PP (use tp/dp/ZeRO for DPO).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,7 +56,7 @@ from kubellm.model.transformer import (
     positions_from_doc_ids,
 )
 from kubellm.training.config import ParallelConfig, TrainConfig
-from kubellm.training.topology import ParallelModel, dense_init
+from kubellm.training.topology import ParallelModel, fill_from_dense
 
 Activations = Tensor | tuple[Tensor, Tensor, Tensor]
 
@@ -275,9 +275,22 @@ def _recv_state_dict(src: int) -> dict[str, Tensor]:
     return out
 
 
+def _rng_state(device: str) -> tuple[Tensor, Tensor | None]:
+    return torch.random.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: str) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
 def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
-                   init_state_dict: dict[str, Tensor] | None = None, partition: str | None = None) -> ParallelModel:
-    """The `PipelineModule` for this rank (collective), initialised from the dense weights."""
+                   init_state_dict: Mapping[str, Tensor] | None = None, partition: str | None = None,
+                   device: str = "cpu") -> ParallelModel:
+    """The `PipelineModule` for this rank (collective), initialised from the dense weights (drawn on
+    `device`, the RNG a dense model on it draws from; the stage itself is built on the host and
+    moved by the caller)."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -285,7 +298,6 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
         TensorParallelGroup,
         TensorParallelLayers,
         gather_state_dict,
-        shard_tensor,
     )
 
     assert parallel_cfg.dp is not None, "resolve the layout with validate_layout first"
@@ -293,9 +305,9 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     coord = topo.get_coord(dist.get_rank())
     tp = TensorParallelGroup(rank=coord.model, size=parallel_cfg.tp)  # group bound below, from the grid
     layers: LayerFactory = TensorParallelLayers(tp) if tp.size > 1 else LayerFactory()
-    full = dense_init(model_cfg, init_state_dict)
     method = partition or parallel_cfg.pipeline_partition
     specs = layer_specs(model_cfg, layers, train_cfg.activation_checkpointing)
+    rng = _rng_state(device)  # the stage's layers draw their own default init: the dense draws start here
     if method == "compute":
         module: Any = _weighted_pipeline_module(layer_costs(model_cfg, train_cfg.seq_len))(
             layers=specs, topology=topo, loss_fn=pipeline_loss, partition_method="parameters")
@@ -304,10 +316,10 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     grid = module.mpu()
     tp.group = grid.get_slice_parallel_group()
     n = model_cfg.n_layers
-    local = {k: shard_tensor(to_dense_name(k, n), full[to_dense_name(k, n)], model_cfg, tp.rank, tp.size)
-             for k in module.state_dict()}
-    module.load_state_dict(local)
-    del full
+    # this stage's TP shards of the dense weights, drawn (or sliced) one dense tensor at a time
+    _set_rng_state(rng, device)
+    fill_from_dense(module, model_cfg, tp.rank, tp.size, init_state_dict, device,
+                    dense_name=lambda k: to_dense_name(k, n))
 
     def consolidate(engine: Any) -> dict[str, Tensor] | None:
         from kubellm.training.checkpoint import fp32_state_dict

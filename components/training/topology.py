@@ -18,16 +18,19 @@ gradient-norm reduction and checkpoint `mp_rank` follow TP. With PP the `Pipelin
 same grid itself (DeepSpeed refuses an mpu next to a PipelineModule) — see
 `kubellm.training.pipeline`.
 
-Initialisation: every rank builds the dense model from the same seed (or takes `init_state_dict`)
-and keeps its TP shard / pipeline stage of it, so any layout starts from exactly the weights one
-process would. The dense copy is freed right after; it costs one full fp32 model of CPU memory per
-rank at start-up (for models that do not fit, start from a consolidated checkpoint instead).
+Initialisation: every rank draws the dense model's initial weights from the same seed one tensor at a
+time (`kubellm.model.transformer.dense_init_tensors`, the draws `Transformer(cfg)` makes) and keeps
+its TP shard / pipeline stage of each (`fill_from_dense`), so any layout starts from exactly the weights
+one process would, while a rank holds its own shards plus one dense tensor at a time (the largest is
+the embedding), never the dense model: eight ranks of a 7B model on one node would otherwise need
+8 × 27 GB of host memory at start-up. An `init_state_dict` (SFT/DPO from a base model, a tp/pp
+relayout) is sliced the same way, tensor by tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -161,43 +164,71 @@ def make_grid(parallel_cfg: ParallelConfig) -> Any:
     return PipelineParallelGrid(topology=topo)
 
 
-def dense_init(model_cfg: ModelConfig, init_state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The dense weights every layout starts from (the caller has seeded the RNG identically)."""
-    from kubellm.model import Transformer
+def fill_from_dense(module: nn.Module, model_cfg: ModelConfig, tp_rank: int, tp_size: int,
+                    init_state_dict: Mapping[str, torch.Tensor] | None, device: torch.device | str = "cpu",
+                    dense_name: Callable[[str], str] = lambda k: k) -> None:
+    """Copy into every entry of `module.state_dict()` (a TP shard of the model, or a pipeline stage
+    whose names `dense_name` maps to the dense model's) its TP shard of the dense weights:
+    `init_state_dict`'s, or, when None, `dense_init_tensors`' draws from the RNG (the caller seeded
+    it identically on every rank), one dense tensor alive at a time. Every entry must be filled."""
+    from kubellm.model.parallel import shard_tensor
+    from kubellm.model.transformer import dense_init_tensors, init_order
 
-    if init_state_dict is not None:
-        return init_state_dict
-    return Transformer(model_cfg).state_dict()
+    dense_names = {name for name, _ in init_order(model_cfg)}
+    local = module.state_dict()
+    wanted: dict[str, list[str]] = {}
+    for key in local:
+        name = dense_name(key)
+        if model_cfg.tie_embeddings and name == "output.weight":
+            name = "tok_embeddings.weight"  # the tied head is the embedding
+        wanted.setdefault(name, []).append(key)
+    unknown = sorted(set(wanted) - dense_names)
+    if unknown:
+        raise ValueError(f"{type(module).__name__} has entries the dense model does not: {unknown[:5]}")
+    source = init_state_dict.items() if init_state_dict is not None else dense_init_tensors(model_cfg, device)
+    with torch.no_grad():
+        for name, full in source:
+            if name not in dense_names and not (name == "output.weight" and model_cfg.tie_embeddings):
+                raise KeyError(f"the initial weights hold {name!r}, which the model does not have")
+            for key in wanted.pop(name, []):
+                shard = shard_tensor(name, full, model_cfg, tp_rank, tp_size)
+                if shard.shape != local[key].shape:
+                    raise ValueError(f"initial weight {name!r} has shape {tuple(full.shape)}; this model "
+                                     f"(tp rank {tp_rank} of {tp_size}) needs {tuple(local[key].shape)} from it")
+                local[key].copy_(shard)
+                del shard
+            del full  # before the next dense tensor is drawn
+    if wanted:
+        raise KeyError(f"the initial weights lack {sorted(wanted)[:5]} (of {len(dense_names)} the model has)")
 
 
 def build_parallel_model(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
-                         init_state_dict: dict[str, torch.Tensor] | None = None) -> ParallelModel:
+                         init_state_dict: Mapping[str, torch.Tensor] | None = None,
+                         device: str = "cpu") -> ParallelModel:
     """Build the model for this rank of the dp × tp × pp layout (collective: creates the groups).
     `parallel_cfg` must be resolved by `validate_layout`."""
     if parallel_cfg.pp > 1:
         from kubellm.training.pipeline import build_pipeline
 
-        return build_pipeline(model_cfg, train_cfg, parallel_cfg, init_state_dict)
-    return build_tensor_parallel(model_cfg, train_cfg, parallel_cfg, init_state_dict)
+        return build_pipeline(model_cfg, train_cfg, parallel_cfg, init_state_dict, device=device)
+    return build_tensor_parallel(model_cfg, train_cfg, parallel_cfg, init_state_dict, device)
 
 
 def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
-                          init_state_dict: dict[str, torch.Tensor] | None = None) -> ParallelModel:
+                          init_state_dict: Mapping[str, torch.Tensor] | None = None,
+                          device: str = "cpu") -> ParallelModel:
     from kubellm.model import Transformer
     from kubellm.model.parallel import (
         TensorParallelGroup,
         TensorParallelLayers,
         gather_state_dict,
-        shard_state_dict,
     )
 
     grid = make_grid(parallel_cfg)
     tp = TensorParallelGroup(rank=grid.get_slice_parallel_rank(), size=parallel_cfg.tp,
                              group=grid.get_slice_parallel_group())
-    full = dense_init(model_cfg, init_state_dict)
-    model = Transformer(model_cfg, layers=TensorParallelLayers(tp))
-    model.load_state_dict(shard_state_dict(full, model_cfg, tp.rank, tp.size))
-    del full
+    model = Transformer(model_cfg, layers=TensorParallelLayers(tp), device=device, init=False)  # on `device`
+    fill_from_dense(model, model_cfg, tp.rank, tp.size, init_state_dict, device)
     model.set_activation_checkpointing(train_cfg.activation_checkpointing)
 
     def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
