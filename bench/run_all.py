@@ -30,8 +30,8 @@ from pathlib import Path
 from bench.common import Row, load_avg, machine
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["bench_train_step", "bench_tokenize", "bench_dedup", "bench_zero_memory", "bench_dpo", "bench_eval",
-              "bench_pipeline", "bench_loader", "bench_mfu_gpu"]
+BENCHMARKS = ["bench_train_step", "bench_tokenize", "bench_dedup", "bench_zero_memory", "bench_init_memory",
+              "bench_dpo", "bench_eval", "bench_pipeline", "bench_loader", "bench_mfu_gpu"]
 
 
 def run_one(name: str, quick: bool, extra: list[str]) -> tuple[list[Row], float, str]:

@@ -24,7 +24,7 @@ its TP shard / pipeline stage of each (`fill_from_dense`), so any layout starts 
 one process would, while a rank holds its own shards plus one dense tensor at a time (the largest is
 the embedding), never the dense model: eight ranks of a 7B model on one node would otherwise need
 8 × 27 GB of host memory at start-up. An `init_state_dict` (SFT/DPO from a base model, a tp/pp
-relayout) is sliced the same way, tensor by tensor.
+relayout) is sliced the same way, tensor by tensor, but arrives whole: every rank has read it.
 """
 
 from __future__ import annotations

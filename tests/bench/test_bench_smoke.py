@@ -85,3 +85,15 @@ def test_gpu_mfu_without_cuda_is_a_not_measured_row(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())
     assert row["met"] is None and row["ours"] is None and row["ratio"] is None
     assert row["unit"] == "MFU" and row["reference"] == bench_mfu_gpu.TARGET
+
+
+def test_init_memory_bench_measures_a_shard_below_the_dense_model(tmp_path: Path) -> None:
+    """Fresh processes per sample; at `125m` the streamed TP shard's peak is far below building the
+    dense model first, and within its one-dense-tensor-at-a-time formula."""
+    from bench import bench_init_memory
+
+    out = tmp_path / "rows.json"
+    assert bench_init_memory.main(["--quick", "--preset", "125m", "--json", str(out)]) == 0
+    vs_dense, vs_formula = json.loads(out.read_text())
+    assert vs_dense["reference"] > 2 * vs_dense["ours"] and vs_dense["met"]
+    assert vs_formula["ratio"] == pytest.approx(1.0, abs=0.25)
