@@ -46,10 +46,11 @@ class RotaryEmbedding(nn.Module):
     cos: torch.Tensor
     sin: torch.Tensor
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        cos, sin = self._tables(torch.device("cpu"))
+        cos, sin = self._tables(torch.device(device))
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -258,9 +259,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None, *,
                  device: torch.device | str | None = None, init: bool = True) -> None:
         """The layers are created on the meta device and materialised once, on `device` (default:
-        torch's default device; under `with torch.device("meta")` they stay there): no layer's own
-        default initialisation runs, so `init_weights` is the only draw from the RNG, and a model
-        built for a GPU never passes through host memory. `init=False` leaves the weights
+        torch's default device; under `with torch.device("meta")` they stay there), where the RoPE
+        tables are computed too: no layer's own default initialisation runs, so `init_weights` is the
+        only draw from the RNG (on `device`'s generator), and a model built for a GPU never passes
+        through host memory. `init=False` leaves the weights
         uninitialised for a caller that fills every one (tensor/pipeline-parallel shards)."""
         super().__init__()
         target = torch.device(device) if device is not None else torch.get_default_device()
@@ -271,7 +273,7 @@ class Transformer(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg, layers, i) for i in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = layers.output(cfg.dim, cfg.vocab_size)
-            self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=target)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if target.type != "meta":
@@ -279,14 +281,13 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         if init:
             self.init_weights()
-        elif target.type != "meta":
-            self.rope.reset()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """`init_order`'s draws, in its order: normal(0, init_std) everywhere, the projections that
         write into the residual stream (attn.out, ffn.down) at init_std/sqrt(2*n_layers) so its
-        variance does not grow with depth (GPT-2), norms at 1. Also rebuilds the RoPE tables.
+        variance does not grow with depth (GPT-2), norms at 1. Also rebuilds the RoPE tables (after a
+        meta-device model is materialised).
         Defined for the dense model; `dense_init_tensors` draws the same tensors one at a time."""
         for name, std in init_order(self.cfg):
             draw_init(self.get_parameter(name), std)

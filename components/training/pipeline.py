@@ -289,8 +289,9 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
                    init_state_dict: Mapping[str, Tensor] | None = None, partition: str | None = None,
                    device: str = "cpu") -> ParallelModel:
     """The `PipelineModule` for this rank (collective), initialised from the dense weights (drawn on
-    `device`, the RNG a dense model on it draws from; the stage itself is built on the host and
-    moved by the caller)."""
+    `device`, the generator a dense model on it draws from). DeepSpeed builds the stage's layers
+    itself, eagerly with their default init (and moves the stage to the accelerator); only this
+    stage's layers are kept."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -307,7 +308,7 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     layers: LayerFactory = TensorParallelLayers(tp) if tp.size > 1 else LayerFactory()
     method = partition or parallel_cfg.pipeline_partition
     specs = layer_specs(model_cfg, layers, train_cfg.activation_checkpointing)
-    rng = _rng_state(device)  # the stage's layers draw their own default init: the dense draws start here
+    rng = _rng_state(device)  # DeepSpeed's layer building draws default inits: the dense draws start here
     if method == "compute":
         module: Any = _weighted_pipeline_module(layer_costs(model_cfg, train_cfg.seq_len))(
             layers=specs, topology=topo, loss_fn=pipeline_loss, partition_method="parameters")

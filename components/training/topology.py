@@ -21,8 +21,8 @@ same grid itself (DeepSpeed refuses an mpu next to a PipelineModule) — see
 Initialisation: every rank draws the dense model's initial weights from the same seed one tensor at a
 time (`kubellm.model.transformer.dense_init_tensors`, the draws `Transformer(cfg)` makes) and keeps
 its TP shard / pipeline stage of each (`fill_from_dense`), so any layout starts from exactly the weights
-one process would, while a rank holds its own shards plus one dense tensor at a time (the largest is
-the embedding), never the dense model: eight ranks of a 7B model on one node would otherwise need
+one process would draw on the same kind of device, while a rank holds its own shards plus one dense
+tensor at a time (usually the embedding is the largest), never the dense model: eight ranks of a 7B model on one node would otherwise need
 8 × 27 GB of host memory at start-up. An `init_state_dict` (SFT/DPO from a base model, a tp/pp
 relayout) is sliced the same way, tensor by tensor, but arrives whole: every rank has read it.
 """

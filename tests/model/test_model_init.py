@@ -40,7 +40,7 @@ def test_a_model_built_on_the_meta_device_holds_no_memory_and_draws_nothing() ->
     torch.manual_seed(0)
     before = torch.random.get_rng_state()
     model = Transformer(cfg, device="meta")
-    assert all(p.is_meta for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
     assert torch.equal(torch.random.get_rng_state(), before)
     with torch.device("meta"):  # a device context is honoured the same way
         assert all(p.is_meta for p in Transformer(cfg).parameters())
@@ -99,3 +99,13 @@ def test_filling_a_shard_keeps_one_dense_tensor_alive_at_a_time(monkeypatch: pyt
     model = Transformer(cfg, layers=TensorParallelLayers(TensorParallelGroup(0, 2)), init=False)
     fill_from_dense(model, cfg, 0, 2, None)
     assert len(alive_at_draw) == len(init_order(cfg)) and max(alive_at_draw) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_built_for_the_gpu_has_everything_there() -> None:
+    cfg = get_preset("debug")
+    model = Transformer(cfg, device="cuda")
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])  # the RoPE tables too
+    logits = model(torch.randint(0, cfg.vocab_size, (2, 16), device="cuda"))
+    assert logits.is_cuda and bool(torch.isfinite(logits).all())
