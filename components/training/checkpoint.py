@@ -545,19 +545,15 @@ class CheckpointManager:
                                          elastic=bool(engine.zero_elastic_checkpoint()))
             shutil.rmtree(staging, ignore_errors=True)
             fetch(chosen, staging / tag, paths=wanted)  # downloads + sha256-verifies each file
+            # every file this rank's DeepSpeed load will unpickle, checked against the allow-list first
+            # (storages mapped, not read): DeepSpeed's ZeRO-3 load ends in a collective, so a refusal
+            # inside it would leave this rank's peers waiting there, not in the exchange below
+            for path in wanted:
+                if path.endswith(".pt"):
+                    safe_torch_load(staging / tag / path, map_location="cpu", mmap=True)
         except BaseException as e:
             error = e
-            shutil.rmtree(staging, ignore_errors=True)  # never leave unverified files behind
-        if error is None:
-            try:  # every file this rank's DeepSpeed load will unpickle, checked against the allow-list
-                # first (storages mapped, not read): DeepSpeed's ZeRO-3 load ends in a collective, so a
-                # refusal inside it would leave this rank's peers waiting there, not in the exchange below
-                for path in wanted:
-                    if path.endswith(".pt"):
-                        safe_torch_load(staging / tag / path, map_location="cpu", mmap=True)
-            except BaseException as e:
-                error = e
-                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # never leave unverified or refused files behind
         _raise_if_any_failed(error, f"checkpoint load {chosen.uri}")
 
         safe = install_safe_checkpoint_engine(engine)

@@ -378,16 +378,15 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
 
 def clip_model_parallel(engine: Any, tp_rank: int, dp_size: int, max_norm: float) -> float:
     """ZeRO 0 with TP and/or PP: the global gradient norm over every rank (`model_parallel_grad_norm`,
-    returned before clipping), and this rank's .grad clipped by it: the same factor, max_norm /
-    (norm + 1e-6) when below 1, on every rank, as torch's `clip_grad_norm_` applies it. No clipping
-    when `max_norm` ≤ 0 or the norm is not finite (the step guard skips that step)."""
+    returned before clipping), and this rank's .grad clipped by it with torch's `clip_grads_with_norm_`
+    (the factor `clip_grad_norm_` applies, the same on every rank). No clipping when `max_norm` ≤ 0 or
+    the norm is not finite (the step guard skips that step)."""
     norm = model_parallel_grad_norm(engine, tp_rank, dp_size)
     if max_norm <= 0 or not math.isfinite(norm):
         return norm
-    coef = max_norm / (norm + 1e-6)
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if coef < 1 and grads:
-        torch._foreach_mul_(grads, coef)
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm, dtype=torch.float64), foreach=True)
     return norm
 
 
