@@ -63,8 +63,7 @@ def child(which: str, preset: str) -> dict[str, float]:
         model.load_state_dict(shard_state_dict(full, cfg, 0, 2))
         del full
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    shard = sum(p.numel() for p in model.parameters()) * 4
-    return {"peak": float(peak), "shard": float(shard), "planned": float(planned), "dense": float(sum(dense.values()))}
+    return {"peak": float(peak), "shard": float(filled), "planned": float(planned), "dense": float(sum(dense.values()))}
 
 
 def sample(which: str, preset: str) -> dict[str, float]:
