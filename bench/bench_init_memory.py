@@ -11,6 +11,11 @@ shard and dropped before the next one (`fill_from_dense`). The reference is what
 2026-11-24: the whole dense model first, then the rank's shards cut from its state dict. Row 1
 compares ours with that; row 2 compares ours with what holding one dense tensor at a time predicts
 (the pages of a parameter not yet filled are not resident, so the shards count as they are filled).
+
+Row 3 is the same rank starting from given weights, as an SFT or DPO worker does from its base model
+(an fp32 safetensors export of the same model, written once before the samples): ours opens it with
+`kubellm.model.hf.open_hf` and fills the shard tensor by tensor as it reads them; the reference is
+what the workers did until 2026-11-25, `load_hf` (the whole model on the host) and then the same fill.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.common import Row, emit, load_avg, median, parser, repeats, within
@@ -31,10 +37,11 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def child(which: str, preset: str) -> dict[str, float]:
+def child(which: str, preset: str, weights_dir: str | None = None) -> dict[str, float]:
     import torch
 
     from kubellm.model import Transformer, get_preset
+    from kubellm.model.hf import load_hf, open_hf
     from kubellm.model.parallel import TensorParallelGroup, TensorParallelLayers, shard_state_dict
     from kubellm.model.transformer import init_order
     from kubellm.training.topology import fill_from_dense
@@ -57,6 +64,15 @@ def child(which: str, preset: str) -> dict[str, float]:
     if which == "ours":
         model = Transformer(cfg, layers=layers, init=False)
         fill_from_dense(model, cfg, 0, 2, None)
+    elif which == "ours-given":
+        weights, _ = open_hf(str(weights_dir))
+        model = Transformer(cfg, layers=layers, init=False)
+        fill_from_dense(model, cfg, 0, 2, weights)
+    elif which == "reference-given":
+        whole, _ = load_hf(str(weights_dir))
+        model = Transformer(cfg, layers=layers, init=False)
+        fill_from_dense(model, cfg, 0, 2, whole.state_dict())
+        del whole
     else:
         full = Transformer(cfg).state_dict()
         model = Transformer(cfg, layers=layers, init=False)
@@ -66,27 +82,31 @@ def child(which: str, preset: str) -> dict[str, float]:
     return {"peak": float(peak), "shard": float(filled), "planned": float(planned), "dense": float(sum(dense.values()))}
 
 
-def sample(which: str, preset: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "bench.bench_init_memory", "--child", which, "--preset", preset],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+def sample(which: str, preset: str, weights_dir: str | None = None) -> dict[str, float]:
+    extra = ["--weights", weights_dir] if weights_dir else []
+    out = subprocess.run([sys.executable, "-m", "bench.bench_init_memory", "--child", which, "--preset", preset,
+                          *extra], cwd=REPO, capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "reference", "ours-given", "reference-given"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--preset", default=None, help="model preset (default 1b; debug with --quick)")
     args = p.parse_args(argv)
     preset = args.preset or ("debug" if args.quick else "1b")
     if args.child:
-        print(json.dumps(child(args.child, preset)))
+        print(json.dumps(child(args.child, preset, args.weights)))
         return 0
     load = load_avg()
     n = repeats(args)
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "reference": []}
-    for _ in range(n):  # alternating, each in a fresh process
-        for which in runs:
-            runs[which].append(sample(which, preset))
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "reference": [], "ours-given": [], "reference-given": []}
+    with tempfile.TemporaryDirectory(prefix="kubellm-bench-init-") as tmp:
+        _export(preset, Path(tmp) / "hf")
+        for _ in range(n):  # alternating, each in a fresh process
+            for which in runs:
+                runs[which].append(sample(which, preset, str(Path(tmp) / "hf") if "given" in which else None))
     ours, ref = (median([r["peak"] for r in runs[k]]) for k in ("ours", "reference"))
     info = runs["ours"][0]
     gib = 2**30
@@ -102,7 +122,22 @@ def main(argv: list[str] | None = None) -> int:
                f"formula: the largest, over the draw order, of the shards filled so far + the dense tensor being "
                f"sliced + its slice twice (copy and parameter); the rank's shards alone are {info['shard'] / gib:.2f} "
                f"GiB; {why}".rstrip("; "), load, n)
-    return emit([row1, row2], args)
+    ours_g, ref_g = (median([r["peak"] for r in runs[k]]) for k in ("ours-given", "reference-given"))
+    ratio_g = ref_g / ours_g
+    row3 = Row(f"TP rank's host memory to fill its shard from a base model's safetensors (SFT/DPO), {preset}, tp = 2",
+               ours_g / gib, ref_g / gib, "GiB peak", ratio_g, "> 1× (no issue target)", ratio_g > 1.0,
+               "ours: `open_hf`, each tensor read as the shard is filled; reference: `load_hf` (the whole model "
+               "on the host, kubellm's SFT/DPO workers before 2026-11-25), then the same fill; ratio = reference / "
+               "ours", load, n)
+    return emit([row1, row2, row3], args)
+
+
+def _export(preset: str, out: Path) -> None:
+    """The base model the given-weights samples read: this preset at seed 0, an fp32 safetensors export,
+    written in a fresh process so its memory is gone before the samples start."""
+    code = ("import sys, torch; from kubellm.model import Transformer, get_preset; from kubellm.model.hf import "
+            "export_hf; cfg = get_preset(sys.argv[1]); torch.manual_seed(0); export_hf(Transformer(cfg), cfg, sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, preset, str(out)], cwd=REPO, check=True)
 
 
 if __name__ == "__main__":

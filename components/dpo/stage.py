@@ -8,9 +8,13 @@ The starting model is also the frozen reference. With `reference: cached` its lo
 computed once (split across the ranks, on the training device and in the training precision), stored in the run dir
 (`reference/ref_logps-<key>.npy`, keyed on the model, the tokenized pairs, device and precision;
 reused on resume) and named in the model manifest's metadata; with `reference: live` a frozen copy
-scores every batch. Every `heldout_every`-th pair is held out of training; the report gives the
-trained policy's loss, reward accuracy and margin on the held-out pairs and on the trained ones
-(rewards are 0 at the start, where the policy is the reference, and the sigmoid loss is log 2).
+scores every batch; either way the reference is loaded on the training device in the precision the
+policy's weights compute in (cached: only while the log-probabilities are computed). The policy starts
+from the base's fp32 weights, read tensor by tensor as each rank fills its model. Every
+`heldout_every`-th pair is held out of training; the report gives the trained policy's loss, reward
+accuracy and margin on the held-out pairs and on the trained ones, scored through the training engine
+after the last step (rewards are 0 at the start, where the policy is the reference, and the sigmoid
+loss is log 2).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +38,6 @@ from kubellm.training.job import JobSpec
 from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
 
 STAGE = "dpo"
-SCORE_BATCH = 16
 
 
 def run(config: DPOConfig, inputs: Mapping[str, str], output: str) -> Manifest:
@@ -60,11 +64,12 @@ def reference_uri(spec: JobSpec, arrays: list[dict[str, np.ndarray]], config: DP
     return join(spec.run_dir, f"reference/ref_logps-{key}.npy")
 
 
-def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, np.ndarray]], rank: int,
-                      world: int, config: DPOConfig, device: str) -> tuple[np.ndarray, str]:
+def _cached_reference(spec: JobSpec, load_reference: Callable[[], Any], arrays: list[dict[str, np.ndarray]],
+                      rank: int, world: int, config: DPOConfig, device: str) -> tuple[np.ndarray, str]:
     """(N, 2) reference log-probs and their file in the run dir: computed once, on the training device
     and in the training precision, each rank scoring every `world`-th pair (so no rank idles at a
-    collective while one scores them all), gathered, and written by rank 0; read back where it exists."""
+    collective while one scores them all), gathered, and written by rank 0; read back where it exists.
+    The reference model is loaded (`load_reference`) only to compute them, and freed before training."""
     import torch
     import torch.distributed as dist
 
@@ -79,9 +84,10 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
         dist.broadcast_object_list(todo, src=0)
     if todo[0]:
         mine = arrays[rank::world]
+        reference = load_reference()
         with train_autocast(config.train, device):
-            precompute_reference(reference.to(device), mine)  # type: ignore[attr-defined]
-        reference.to("cpu")  # type: ignore[attr-defined]
+            precompute_reference(reference, mine)
+        del reference
         ref = np.stack([a["ref_logps"] for a in mine]) if mine else np.zeros((0, 2))
         if world > 1:
             per = -(-len(arrays) // world)  # ranks hold ⌈N/world⌉ or one fewer pairs: pad to gather
@@ -107,45 +113,24 @@ def _cached_reference(spec: JobSpec, reference: object, arrays: list[dict[str, n
     return ref, uri
 
 
-def _score(policy: object, reference: object, arrays: list[dict[str, np.ndarray]], config: DPOConfig,
-           device: str) -> dict[str, float]:
-    """Loss and reward metrics of `policy` over `arrays`, in batches (one batch of every pair would hold the
-    activations of 2N sequences at once), on the training device and precision; means over pairs."""
-    import torch
-
-    from kubellm.dpo.objective import DPOObjective
-    from kubellm.training.engine import train_autocast, weight_dtype
-
-    scorer = DPOObjective(arrays, config.beta, config.label_smoothing, config.loss_type,
-                          reference=reference)  # unused with cached log-probs; else moved to the batch's device
-    policy.to(device, weight_dtype(config.train, device)).eval()  # type: ignore[attr-defined]
-    totals: dict[str, float] = {}
-    with torch.no_grad(), train_autocast(config.train, device):
-        for i in range(0, len(arrays), SCORE_BATCH):
-            rows = arrays[i : i + SCORE_BATCH]
-            batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in rows[0]
-                     if k in ("input_ids", "labels", "ref_logps")}  # cached log-probs stand in for the reference
-            loss, m = scorer.loss(policy, batch)
-            for k, v in {"loss": loss, **m}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(rows)
-    return {k: v / len(arrays) for k, v in totals.items()}
-
-
 def run_worker(spec: JobSpec) -> Manifest | None:
 
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
-    from kubellm.training.engine import resolve_device, train, weight_dtype
+    from kubellm.training.engine import Evaluation, resolve_device, train, weight_dtype
 
     config = DPOConfig.model_validate(spec.config)
     device = resolve_device(config.train.device)
     w = start_worker(spec, config.train)
-    rank, world, base, tok = w.rank, w.world, w.base, w.tokenizer
-    reference, model_cfg = w.model, w.model_config
-    # the policy starts from the fp32 weights; the frozen reference computes as the policy's weights do
-    start = {k: v.clone() for k, v in reference.state_dict().items()}
-    reference.to(weight_dtype(config.train, device)).eval().requires_grad_(False)
+    rank, world, base, tok, model_cfg = w.rank, w.world, w.base, w.tokenizer, w.model_config
+
+    def load_reference() -> Any:
+        """The frozen reference, loaded on the training device in the dtype the policy's weights compute
+        in (the policy itself starts from the base's fp32 weights, `w.weights`, read tensor by tensor)."""
+        reference, _ = load_hf(base.hf_dir, dtype=weight_dtype(config.train, device), device=device)
+        return reference.eval().requires_grad_(False)
+
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-dpo-") as tmp:
         staged = stage_jsonl(spec.inputs["preferences"], Path(tmp))
@@ -158,24 +143,22 @@ def run_worker(spec: JobSpec) -> Manifest | None:
                                          spec.inputs["preferences"], report)
     ref_uri = None
     if config.reference == "cached":  # held-out pairs too: they are scored against the same reference
-        ref, ref_uri = _cached_reference(spec, reference, arrays, rank, world, config, device)
+        ref, ref_uri = _cached_reference(spec, load_reference, arrays, rank, world, config, device)
         for a, r in zip(arrays, ref, strict=True):
             a["ref_logps"] = r
         objective = DPOObjective(train_arrays, config.beta, config.label_smoothing, config.loss_type,
                                  pad_id=tok.pad_token_id)
     else:
         objective = DPOObjective(train_arrays, config.beta, config.label_smoothing, config.loss_type,
-                                 reference=reference, pad_id=tok.pad_token_id)
-    result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=start,
-                   resume=True, identity=spec.identity)
+                                 reference=load_reference(), pad_id=tok.pad_token_id)
+    # loss, reward accuracy and margin of the trained policy on the held-out and the trained pairs, against
+    # the same reference, scored through the training engine after the last step
+    result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=w.weights,
+                   resume=True, identity=spec.identity,
+                   evaluate={"final": Evaluation(train_arrays), "heldout": Evaluation(held_arrays)})
     if rank != 0:
         return None
-    # loss, reward accuracy and margin of the trained policy on the held-out and the trained pairs,
-    # against the same reference
-    policy, _ = load_hf(base.hf_dir)
-    policy.load_state_dict(result.final_state_dict)
-    after = {f"final_{k}": v for k, v in _score(policy, reference, train_arrays, config, device).items()}
-    after |= {f"heldout_{k}": v for k, v in _score(policy, reference, held_arrays, config, device).items()}
+    after = {f"{name}_{k}": v for name in ("final", "heldout") for k, v in result.scores["end"][name].items()}
     skipped = report.summary()
     manifest = publish_model(
         spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,

@@ -165,16 +165,10 @@ def hf_to_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source: s
     if missing:
         raise IntegrityError(f"{source}: missing tensor {missing[0]!r}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    sd = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    sd["output.weight"] = sd["tok_embeddings.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
-            [hf[pre + f"self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
-        sd[f"blocks.{i}.ffn.gate_up.weight"] = torch.cat(
-            [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]], dim=0)
-        for ours, theirs in _PER_LAYER.items():
-            sd[f"blocks.{i}.{ours}"] = hf[pre + theirs]
+    sd = {ours: hf[parts[0]] if len(parts) == 1 else torch.cat([hf[p] for p in parts], dim=0)
+          for ours, parts in _our_parts(cfg).items()}
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd
 
 
@@ -456,10 +450,64 @@ def _unreadable_weights(path: Path, e: Exception) -> IntegrityError:
                           "— re-export or re-download the model")
 
 
-def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-            ) -> tuple[Transformer, ModelConfig]:
-    """Build our Transformer from a Llama directory (ours or third-party, safetensors only).
-    Errors name the file and the tensor or config key at fault."""
+def _our_parts(cfg: ModelConfig) -> dict[str, list[str]]:
+    """our state-dict name -> the HF tensors it is made of, concatenated by rows (the tied head is the
+    embedding, so it has no entry of its own)."""
+    parts = {"tok_embeddings.weight": ["model.embed_tokens.weight"]}
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        parts[f"blocks.{i}.attn.qkv.weight"] = [pre + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        parts[f"blocks.{i}.ffn.gate_up.weight"] = [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+        for ours, theirs in _PER_LAYER.items():
+            parts[f"blocks.{i}.{ours}"] = [pre + theirs]
+    parts["norm.weight"] = ["model.norm.weight"]
+    if not cfg.tie_embeddings:
+        parts["output.weight"] = ["lm_head.weight"]
+    return parts
+
+
+class HFWeights(Mapping[str, torch.Tensor]):
+    """A Llama directory's weights under our state-dict names, read from its safetensors when indexed,
+    one tensor at a time (a fused `qkv` / `gate_up` concatenates its HF parts then), as `dtype` on
+    `device`. A rank that fills its model or TP shard from it (`kubellm.training.topology.fill_from_dense`)
+    holds one dense tensor at a time, never the whole model. Built by `open_hf`, which has checked every
+    name, file and shape first; a tied model has no `output.weight` entry (the head is the embedding)."""
+
+    def __init__(self, files: Mapping[str, Path], cfg: ModelConfig, dtype: torch.dtype,
+                 device: str | torch.device) -> None:
+        self.files, self.cfg, self.dtype, self.device = dict(files), cfg, dtype, device
+        self.parts = _our_parts(cfg)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __iter__(self) -> Any:
+        return iter(self.parts)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensors = [self._read(hf_name) for hf_name in self.parts[name]]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+    def _read(self, hf_name: str) -> torch.Tensor:
+        return _read_tensor(self.files[hf_name], hf_name).to(device=self.device, dtype=self.dtype)
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, as stored; IntegrityError naming the file when it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    except SafetensorError as e:
+        raise _unreadable_weights(path, e) from None
+
+
+def open_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+            ) -> tuple[HFWeights, ModelConfig]:
+    """A Llama directory (ours or third-party, safetensors only) as lazily read weights and its config,
+    after checking, from config.json and the safetensors headers alone, that every tensor the config
+    implies is there with its shape and nothing else is (errors name the file and the tensor or config
+    key at fault). The tensors' data is read only when `HFWeights` is indexed; a tied model's
+    `lm_head.weight`, where a directory holds one, is read now and must equal the embedding."""
     d = Path(model_dir)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
@@ -483,7 +531,8 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise IntegrityError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
                              f"({len(unexpected)} in all) — a feature kubellm's Llama does not have")
 
-    hf: dict[str, torch.Tensor] = {}
+    # every tensor's shape from its file's header (no data read)
+    hf_shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
@@ -496,33 +545,46 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
                 for name in names:
                     if name not in present:
                         raise IntegrityError(f"{path}: missing tensor {name!r}")
-                    hf[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    hf_shapes[name] = tuple(f.get_slice(name).get_shape())
         except SafetensorError as e:
             raise _unreadable_weights(path, e) from None
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    weights = HFWeights(files, cfg, dtype, device)
+    for ours, parts in weights.parts.items():
+        got = [hf_shapes[p] for p in parts]
+        # a fused weight concatenates its parts by rows: they must agree on every other dimension
+        shape = got[0] if len(got) == 1 else ((sum(g[0] for g in got), *got[0][1:])
+                                              if all(g[1:] == got[0][1:] for g in got) else got)
+        if shape != shapes[ours]:
+            raise IntegrityError(f"{default_file}: tensor for {ours!r} has shape {shape}, "
+                                 f"config.json implies {shapes[ours]}")
 
     if cfg.tie_embeddings and "lm_head.weight" in files:
         # transformers then unties and uses this head while vLLM uses the embedding: the same
         # directory would be two different models, so only an lm_head equal to the embedding is accepted
         head_path = files["lm_head.weight"]
-        try:
-            with safe_open(str(head_path), framework="pt") as f:
-                head = f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
-        except SafetensorError as e:
-            raise _unreadable_weights(head_path, e) from None
-        emb = hf["model.embed_tokens.weight"]
-        if head.shape != emb.shape or not torch.equal(head, emb):
+        head = _read_tensor(head_path, "lm_head.weight")  # both as stored: the comparison is exact
+        emb = _read_tensor(files["model.embed_tokens.weight"], "model.embed_tokens.weight")
+        if head.shape != emb.shape or head.dtype != emb.dtype or not torch.equal(head, emb):
             raise ConfigError(f"{cfg_path}: tie_word_embeddings=true but {head_path.name} holds an "
                               "'lm_head.weight' that differs from 'model.embed_tokens.weight' (transformers "
                               "would use the head, vLLM the embedding); set tie_word_embeddings to false "
                               "if the head is meant to be separate")
-    sd = hf_to_state_dict(hf, cfg, source=str(default_file))
+        del head, emb
+    return weights, cfg
+
+
+def load_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+            ) -> tuple[Transformer, ModelConfig]:
+    """Build our Transformer from a Llama directory (ours or third-party, safetensors only), as `dtype` on
+    `device`. Errors name the file and the tensor or config key at fault (`open_hf`)."""
+    weights, cfg = open_hf(model_dir, dtype, device)
     with torch.device("meta"):  # no throwaway random init for a 7B model
         model = Transformer(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, v in sd.items():
-        if tuple(v.shape) != shapes[k]:
-            raise IntegrityError(f"{default_file}: tensor for {k!r} has shape {tuple(v.shape)}, "
-                                 f"config.json implies {shapes[k]}")
+    sd = dict(weights.items())
+    if cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced the shared Parameter; tie again
         model.output.weight = model.tok_embeddings.weight

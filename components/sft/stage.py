@@ -7,7 +7,9 @@
 Conversations are rendered with the model's tokenizer chat template, labelled on assistant tokens
 only, and packed several to a sequence with document masking (attention and loss never cross
 conversations). Every `heldout_every`-th conversation is held out: the report shows its
-assistant-token loss before and after. Same engine, ZeRO options, launch and export as pretrain.
+assistant-token loss before the first step and after the last, scored through the training engine
+(`kubellm.training.engine.Evaluation`). The base model's weights are read tensor by tensor as each
+rank fills its model (`kubellm.model.hf.open_hf`). Same engine, ZeRO options, launch and export as pretrain.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ def hold_out(items: Sequence[T], every: int, what: str, source: str, report: Ski
     return train, held
 
 
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.3f}"
+
+
 def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
     base = fetch_model(inputs["model"], fetch_here=False)  # shape and digest only: the workers fetch the weights
     parents = {"model": base.digest, "chat": source_fingerprint(inputs["chat"])}
@@ -75,12 +81,12 @@ def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
 
 def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.sft.data import SkipReport, pack_examples, read_chat_jsonl
-    from kubellm.sft.objective import SFTObjective, assistant_token_loss
-    from kubellm.training.engine import train
+    from kubellm.sft.objective import SFTObjective, packs_to_arrays
+    from kubellm.training.engine import Evaluation, train
 
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
-    rank, base, tok, model, model_cfg = w.rank, w.base, w.tokenizer, w.model, w.model_config
+    rank, base, tok, model_cfg = w.rank, w.base, w.tokenizer, w.model_config
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
         staged = stage_jsonl(spec.inputs["chat"], Path(tmp))
@@ -91,16 +97,17 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     train_ex, held = hold_out(examples, config.heldout_every, "conversation(s)", spec.inputs["chat"], report)
     packs = pack_examples(train_ex, config.train.seq_len, tok.pad_token_id)
     held_packs = pack_examples(held, config.train.seq_len, tok.pad_token_id)
-    # every rank scores its share, on the host where the loaded model is (one rank scoring them all kept the
-    # others in DeepSpeed's start-up collectives, past their timeout on a large held-out set; the whole
-    # model need not fit one GPU, as it need not under ZeRO-3/TP/PP)
-    before = assistant_token_loss(model, held_packs, rank=rank, world=w.world)
+    # the held-out packs are scored through the training engine before the first step and after the last
+    # (every replica its share, on the training device and in its precision; no rank holds the whole model)
     result = train(model_cfg, config.train, config.parallel, SFTObjective(packs, tok.pad_token_id), spec.run_dir,
-                   init_state_dict=model.state_dict(), resume=True, identity=spec.identity)
+                   init_state_dict=w.weights, resume=True, identity=spec.identity,
+                   evaluate={"heldout": Evaluation(packs_to_arrays(held_packs), at_start=True)})
     if rank != 0:
         return None
-    model.load_state_dict(result.final_state_dict)
-    after = assistant_token_loss(model, held_packs)  # rank 0 alone: its peers have returned
+    # None only where there is nothing to report: a resume from a checkpoint that did not record the start
+    before = result.scores["start"].get("heldout", {}).get("loss")
+    after = result.scores["end"]["heldout"].get("loss")
+    scores = {"heldout_assistant_loss_before": before, "heldout_assistant_loss_after": after}
     trained_tokens = sum(e.trainable_tokens for e in train_ex)
     skipped = report.summary()
     return publish_model(
@@ -109,8 +116,8 @@ def run_worker(spec: JobSpec) -> Manifest | None:
         config_hash=config_hash(config), title=f"SFT: {len(train_ex)} conversations in {len(packs)} packed sequences",
         counts={"conversations": len(train_ex), "heldout_conversations": len(held), "packed_sequences": len(packs),
                 "assistant_tokens": trained_tokens, "skipped_records": report.total},
-        metrics={"heldout_assistant_loss_before": before, "heldout_assistant_loss_after": after},
-        report_lines=[f"Held-out assistant-token loss {before:.3f} → {after:.3f} "
+        metrics={k: v for k, v in scores.items() if v is not None},
+        report_lines=[f"Held-out assistant-token loss {_fmt(before)} → {_fmt(after)} "
                       f"({len(held)} conversations).", "", f"Skipped records: {skipped}.",
                       *(f"- {e}" for e in report.examples[:5])],
         metadata={"base_model": base.manifest.uri if base.manifest else str(base.hf_dir),

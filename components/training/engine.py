@@ -16,6 +16,10 @@ Order of set-up (each step refuses impossible input before any expensive work):
   4. `deepspeed.initialize` (ZeRO partitions the model and optimizer here)
   5. the objective's loader for this data-parallel rank; resume from the last committed checkpoint
      (refused when it is past `train.max_steps`; the run's tokens_seen and first loss carry over)
+
+`evaluate={"heldout": Evaluation(examples, at_start=True)}` scores examples with the objective's loss
+and no update, through the same engine (so under ZeRO-3, TP or PP no rank needs the whole model): at the
+end, and before the first step when `at_start`; `result.scores["start"|"end"][name]` holds the means.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import random
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -117,6 +121,24 @@ class TrainResult:
     """Where the MFU peak FLOP/s came from."""
     rank: int = 0
     world_size: int = 1
+    scores: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
+    """`Evaluation` results on every rank: `{"start": {name: {"loss": …, …}}, "end": {…}}`; "start" is
+    carried in the checkpoints, so a resumed run reports the score its first attempt took."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Examples (the objective's fixed-shape arrays, as its loader reads them) that `train` scores with the
+    objective's loss, without an update: after the last step, and before the first when `at_start`.
+
+    Each data-parallel replica scores every dp-th micro-batch of them on the training device, in the
+    training precision, through the engine (ZeRO-3 gathers its parameters, TP ranks compute their
+    shards, a pipeline runs DeepSpeed's inference schedule). The loss and the objective's metrics are
+    means weighted by the objective's `target_tokens` (SFT: over every assistant token), else by
+    example (DPO: over pairs)."""
+
+    examples: Sequence[dict[str, np.ndarray]]
+    at_start: bool = False
 
 
 # -- process group ---------------------------------------------------------------------------------------
@@ -356,6 +378,65 @@ def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _evaluate(engine: Any, objective: Objective, examples: Sequence[dict[str, np.ndarray]], micro: int,
+              built: ParallelModel | None, device: str, autocast: contextlib.AbstractContextManager[Any]
+              ) -> dict[str, float]:
+    """Weighted means of the objective's loss and metrics over `examples` (see `Evaluation`); collective:
+    every rank of the job calls it. Every replica runs as many forward passes (a replica short of
+    micro-batches repeats one with weight 0), as ZeRO-3's parameter gathers and TP's collectives need."""
+    from kubellm.sft.data import IGNORE
+
+    pipeline = built is not None and built.pipeline
+    dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (dist.get_rank(), dist.get_world_size())
+    batches = []
+    for i in range(0, len(examples), micro):
+        rows = list(examples[i : i + micro])
+        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        batches.append(batch)
+    weigh = getattr(objective, "target_tokens", None) or (lambda b: int(b["input_ids"].shape[0]))
+    weights = [float(weigh(b)) for b in batches]
+    total = sum(weights)
+    if total == 0:
+        return {}
+    per = -(-len(batches) // dp_size)
+    mine = [(batches[i], weights[i]) for i in range(dp_rank, len(batches), dp_size)]
+    mine += [(batches[0], 0.0)] * (per - len(mine))
+    if pipeline:
+        # the pipeline sends activations of one shape: a short last micro-batch gets rows whose labels
+        # are all ignored (the causal-LM loss is a mean over labelled tokens, which they leave as it is)
+        def full(b: dict[str, Tensor]) -> dict[str, Tensor]:
+            short = micro - b["input_ids"].shape[0]
+            if not short:
+                return b
+            pad = {k: v[:1].expand(short, *v.shape[1:]) for k, v in b.items()}
+            pad["labels"] = torch.full_like(pad["labels"], IGNORE)
+            return {k: torch.cat([v, pad[k]]) for k, v in b.items()}
+
+        feed = PipelineBatches(iter(()), objective.tokens)
+        feed.feed([full(b) for b, _ in mine], [w for _, w in mine])  # each loss times its weight
+        with autocast:
+            out = engine.eval_batch(data_iter=feed, num_micro_batches=per)  # mean over micro-batches and dp
+        return {"loss": float(out) * per * dp_size / total}
+    sums: dict[str, float] = {}
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for batch, w in mine:
+                with autocast:
+                    loss, metrics = objective.loss(engine, _to_device(batch, device))
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + (float(v) * w if w else 0.0)
+    finally:
+        engine.train()
+    keys = sorted(sums)
+    counts = built is None or built.tp_rank == 0  # a replica's TP ranks compute the same values
+    reduced = torch.tensor([sums[k] if counts else 0.0 for k in keys], dtype=torch.float64,
+                           device=collective_device())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(reduced)
+    return {k: float(reduced[i]) / total for i, k in enumerate(keys)}
+
+
 def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[str, Any],
                  mpu: Any = None) -> tuple[Any, Any]:
     """`deepspeed.initialize` with kubellm's AdamW param groups and warmup+cosine schedule; returns
@@ -404,8 +485,9 @@ def clip_gradients(engine: Any, max_norm: float) -> float:
 
 # -- the loop ----------------------------------------------------------------------------------------------
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
-          objective: Objective, run_dir: str, init_state_dict: dict[str, Tensor] | None = None,
-          resume: bool = True, identity: Mapping[str, str] | None = None) -> TrainResult:
+          objective: Objective, run_dir: str, init_state_dict: Mapping[str, Tensor] | None = None,
+          resume: bool = True, identity: Mapping[str, str] | None = None,
+          evaluate: Mapping[str, Evaluation] | None = None) -> TrainResult:
     """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring.
 
     `identity` (the stage and its inputs' digests, `JobSpec.identity`) is saved with every checkpoint;
@@ -471,6 +553,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
     tokens_seen = 0.0
     loss_start: float | None = None  # the first logged step's loss
     loss_last: float | None = None
+    client_state: dict[str, Any] | None = None
     if resume:
         configured = configured_hyperparameters(scheduler)
         client_state = relayout.apply(scheduler) if relayout is not None else ckpt.load(engine)
@@ -500,6 +583,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                             "tokens_seen counts from the resume", start_step)
             if rank == 0:
                 log.info("resumed from the checkpoint at step %d", start_step)
+    evaluate = dict(evaluate or {})
+    scores: dict[str, dict[str, dict[str, float]]] = {"start": {}, "end": {}}
+    at_start = [name for name, ev in evaluate.items() if ev.at_start]
+    if at_start and start_step:  # the first attempt scored the starting weights: those are gone now
+        saved = client_state.get("scores_start") if client_state else None
+        scores["start"] = {k: dict(v) for k, v in (saved or {}).items() if k in at_start}
+        if rank == 0 and (lost := sorted(set(at_start) - set(scores["start"]))):
+            log.warning("the checkpoint at step %d records no start-of-run score of %s (written by an older "
+                        "kubellm, or with other evaluations): it is left out of the results", start_step, lost)
+    elif at_start:
+        scores["start"] = {name: _evaluate(engine, objective, evaluate[name].examples, train_cfg.micro_batch_size,
+                                           built, device, autocast) for name in at_start}
     if rank == 0 and (warning := schedule_warning(train_cfg.optim, train_cfg.max_steps)):
         log.warning("%s", warning)
 
@@ -619,7 +714,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                                              "guard": guard.state_dict(), "tokens_seen": tokens_seen,
                                              "loss_start": loss_start, "loss_last": loss_last,
                                              "lr_steps": int(scheduler.last_epoch),  # applied steps
-                                             "identity": dict(identity or {})})
+                                             "identity": dict(identity or {}),
+                                             "scores_start": scores["start"]})
                 if rank == 0 and is_s3(run_dir):  # the log up to this checkpoint, for a resume elsewhere
                     logger.flush()
                     try:
@@ -633,6 +729,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         if close is not None:
             close()
 
+    scores["end"] = {name: _evaluate(engine, objective, ev.examples, train_cfg.micro_batch_size, built, device,
+                                     autocast) for name, ev in evaluate.items()}
     from kubellm.training.checkpoint import consolidated_state_dict
 
     final = (built.consolidate(engine) if built is not None
@@ -651,7 +749,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         dist.barrier()
     return TrainResult(final_state_dict=final, metrics_path=logger.path if rank == 0 else None, losses=losses,
                        summary=summary, start_step=start_step, peak_source=peak_source, rank=rank,
-                       world_size=world)
+                       world_size=world, scores=scores)
 
 
 def upload_run_files(work: Path, run_dir: str) -> None:

@@ -79,18 +79,19 @@ class WorkerStart:
     world: int
     base: BaseModel
     tokenizer: Any
-    model: Any
-    """The starting model (`kubellm.model.Transformer`) loaded from the base export."""
+    weights: Any
+    """The base export's weights (`kubellm.model.hf.HFWeights`): checked, but read only tensor by tensor
+    as the engine fills its model (or TP shard / pipeline stage) from them."""
     model_config: ModelConfig
 
 
 def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
     """Join the process group, make the base model's export readable on this node (local rank 0
-    fetches, the others wait), and load its tokenizer and weights."""
+    fetches, the others wait), load its tokenizer and open its weights (no rank holds them whole)."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from kubellm.model.hf import load_hf
+    from kubellm.model.hf import open_hf
     from kubellm.training.engine import init_distributed, resolve_device
 
     rank, world = init_distributed(resolve_device(train_cfg.device))
@@ -103,8 +104,8 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
             f"{spec.inputs['model']}: the model's tokenizer has no pad_token (tokenizer_config.json): SFT and DPO "
             "pad sequences with it; set `pad_token` to a special token the texts do not use (kubellm's own "
             "exports have `<|pad|>`)")
-    model, model_cfg = load_hf(base.hf_dir)
-    return WorkerStart(rank, world, base, tokenizer, model, model_cfg)
+    weights, model_cfg = open_hf(base.hf_dir)
+    return WorkerStart(rank, world, base, tokenizer, weights, model_cfg)
 
 
 def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: str, prefix: str,

@@ -23,9 +23,9 @@ time (`kubellm.model.transformer.dense_init_tensors`, the draws `Transformer(cfg
 its TP shard / pipeline stage of each (`fill_from_dense`), so any layout starts from exactly the weights
 one process would draw on the same kind of device, while a rank holds its own shards plus one dense
 tensor at a time (usually the embedding is the largest), never the dense model: eight ranks of a 7B model on one node would otherwise need
-8 × 27 GB of host memory at start-up. An `init_state_dict` (SFT/DPO from a base model, a tp/pp
-relayout) is sliced the same way, tensor by tensor, but arrives whole: every rank has read it.
-"""
+8 × 27 GB of host memory at start-up. An `init_state_dict` is sliced the same way, tensor by tensor:
+SFT/DPO's base model arrives as `kubellm.model.hf.HFWeights`, which reads each tensor from the
+safetensors only when it is asked for; a tp/pp relayout's checkpoint arrives whole (every rank read it)."""
 
 from __future__ import annotations
 

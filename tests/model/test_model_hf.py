@@ -303,3 +303,52 @@ def test_import_errors_name_the_config_json_keys(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as e:
             load_hf(tmp_path / "m")
         assert said in str(e.value) and "ffn_dim" not in str(e.value) and "n_kv_heads" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("variant", ["gqa-untied", "gqa-tied"])
+def test_open_hf_checks_from_the_headers_and_reads_one_tensor_at_a_time(variant: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SFT/DPO workers fill their model (or TP shard) from `open_hf`'s weights: nothing is read until a
+    tensor is asked for, and while the model is filled each tensor is freed before the next is read."""
+    import gc
+    import weakref
+
+    from kubellm.model import hf as hf_module
+    from kubellm.training.topology import fill_from_dense
+
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    export_hf(model, cfg, tmp_path / "hf")
+    real = hf_module._read_tensor
+    refs: list[weakref.ref[torch.Tensor]] = []
+    alive_at_read: list[int] = []
+
+    def watched(path: Path, name: str) -> torch.Tensor:
+        gc.collect()
+        alive_at_read.append(sum(r() is not None for r in refs))
+        t = real(path, name)
+        refs.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(hf_module, "_read_tensor", watched)
+    weights, got_cfg = hf_module.open_hf(tmp_path / "hf")
+    assert got_cfg == cfg and alive_at_read == []  # names and shapes from the headers alone
+    filled = Transformer(cfg, init=False)
+    fill_from_dense(filled, cfg, 0, 1, weights)
+    # the fused qkv / gate_up concatenate 3 / 2 file tensors: those are alive together, nothing else
+    assert len(alive_at_read) == len(hf_module.hf_tensor_names(cfg)) and max(alive_at_read) <= 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(filled.state_dict()[k], v), k
+    assert set(weights) == set(model.state_dict()) - ({"output.weight"} if cfg.tie_embeddings else set())
+
+
+def test_open_hf_refuses_a_fused_part_of_the_wrong_shape_before_reading_anything(tmp_path: Path) -> None:
+    cfg = BASE
+    export_hf(_model(cfg), cfg, tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(16, cfg.dim + 1)
+    save_file(sd, tmp_path / "hf" / "model.safetensors")
+    from kubellm.model.hf import open_hf
+
+    with pytest.raises(IntegrityError, match=r"model.safetensors: tensor for 'blocks.1.attn.qkv.weight' has shape"):
+        open_hf(tmp_path / "hf")

@@ -16,7 +16,7 @@ from kubellm.dpo.objective import DPOObjective, precompute_reference
 from kubellm.model import Transformer
 from kubellm.model.config import ModelConfig
 from kubellm.sft.data import SkipReport, pack_examples, render_conversation
-from kubellm.sft.objective import ExampleLoader, SFTObjective, assistant_token_loss
+from kubellm.sft.objective import ExampleLoader, SFTObjective
 from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
 from kubellm.training.engine import train
 
@@ -120,6 +120,9 @@ def test_dpo_steps_raise_reward_accuracy(chat_tokenizer_dir: Path, tmp_path: Pat
 
 
 def test_sft_lowers_heldout_assistant_loss(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from kubellm.sft.objective import packs_to_arrays
+    from kubellm.training.engine import Evaluation
+
     tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
              for a in range(12) for b in range(6)]
@@ -128,12 +131,10 @@ def test_sft_lowers_heldout_assistant_loss(chat_tokenizer_dir: Path, tmp_path: P
     cfg = _cfg(len(tok))
     torch.manual_seed(2)
     start = Transformer(cfg)
-    before = assistant_token_loss(start, held)
     res = train(cfg, _train_cfg(15), ParallelConfig(), SFTObjective(pack_examples(train_ex, 64, tok.pad_token_id)),
-                str(tmp_path / "run"), init_state_dict=start.state_dict(), resume=False)
-    after_model = Transformer(cfg)
-    after_model.load_state_dict(res.final_state_dict)
-    after = assistant_token_loss(after_model, held)
+                str(tmp_path / "run"), init_state_dict=start.state_dict(), resume=False,
+                evaluate={"heldout": Evaluation(packs_to_arrays(held), at_start=True)})
+    before, after = res.scores["start"]["heldout"]["loss"], res.scores["end"]["heldout"]["loss"]
     assert after < before - 0.5, (before, after)
 
 
@@ -199,42 +200,6 @@ def test_sft_two_ranks_match_one_process_on_uneven_packs(chat_tokenizer_dir: Pat
     ref, two = load_file(ref_state), load_file(ranks[0][1])
     for k, v in ref.items():
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
-
-
-def _heldout_rank(tok_dir: str, fail_on: int = -1) -> float | str:
-    import torch.distributed as dist
-
-    from kubellm.training.engine import init_distributed
-
-    rank, world = init_distributed("cpu") if dist.is_available() else (0, 1)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(5)
-    model = Transformer(_cfg(len(tok)))
-    if rank == fail_on:
-        def broken(*a: object, **k: object) -> None:
-            raise MemoryError("scoring ran out of memory")
-        model.forward = broken  # type: ignore[method-assign]
-    packs = _uneven_sft_packs(tok) + _uneven_sft_packs(tok)[:3]  # 11 packs: an uneven split over 2 ranks
-    try:
-        return assistant_token_loss(model, packs, batch_size=2, rank=rank, world=world)
-    except (MemoryError, RuntimeError) as e:
-        return f"{type(e).__name__}: {e}"
-
-
-def test_heldout_loss_split_over_ranks_equals_one_process(chat_tokenizer_dir: Path) -> None:
-    """SFT's held-out loss before training: every rank scores its share and the sums are all-reduced (rank 0
-    scored them all while its peers waited in DeepSpeed's start-up collectives, past their timeout on a
-    large held-out set)."""
-    from kubellm.training.spawn import spawn
-
-    (one,) = spawn(_heldout_rank, 1, str(chat_tokenizer_dir))
-    two = spawn(_heldout_rank, 2, str(chat_tokenizer_dir))
-    assert two[0] == two[1] == pytest.approx(one, rel=1e-6)
-    assert math.isfinite(one) and one > 0
-    # a rank that fails tells its peer in the same all-reduce: both raise, neither waits for a timeout
-    failed = spawn(_heldout_rank, 2, str(chat_tokenizer_dir), 1)
-    assert failed == ["RuntimeError: held-out assistant-token loss: scoring failed on 1 other rank(s); their error "
-                      "is in their log", "MemoryError: scoring ran out of memory"]
 
 
 def test_padding_is_not_counted_as_trained_tokens(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -336,7 +301,7 @@ def _reference_rank(tok_dir: str, prefs: str, run_dir: str, n: int) -> dict:
     torch.manual_seed(0)
     reference = Transformer(_cfg(len(tok)))
     spec = JobSpec(stage="dpo", config={}, output=run_dir, run_dir=run_dir, parents={"model": "m"})
-    ref, uri = _cached_reference(spec, reference, arrays, rank, world, DPOConfig(), "cpu")
+    ref, uri = _cached_reference(spec, lambda: reference, arrays, rank, world, DPOConfig(), "cpu")
     return {"ref": ref.tolist(), "file": np.load(uri).tolist()}
 
 

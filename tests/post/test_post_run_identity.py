@@ -96,38 +96,6 @@ def test_reference_cache_key_follows_model_pairs_and_precision() -> None:
     assert reference_uri(spec, pairs, cfg, "cpu") == key
 
 
-def test_final_scores_in_batches_equal_one_batch(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from kubellm.dpo.config import DPOConfig
-    from kubellm.dpo.data import read_preferences_jsonl, to_arrays
-    from kubellm.dpo.objective import DPOObjective
-    from kubellm.dpo.stage import SCORE_BATCH, _score
-    from kubellm.model.hf import load_hf
-    from kubellm.sft.data import SkipReport
-
-    base = _base(chat_tokenizer_dir, tmp_path)
-    tok = AutoTokenizer.from_pretrained(base)
-    pairs = read_preferences_jsonl([_write(tmp_path / "p.jsonl", PREFS)], tok, 64, SkipReport(), "fail")
-    arrays = to_arrays(pairs, 64, tok.pad_token_id)
-    assert len(arrays) > SCORE_BATCH  # more than one batch, the last one partial
-    reference, _ = load_hf(base)
-    policy, _ = load_hf(base)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    cfg = DPOConfig()
-    got = _score(policy, reference, arrays, cfg, "cpu")
-    whole = {k: torch.from_numpy(np.stack([a[k] for a in arrays])) for k in ("input_ids", "labels")}
-    with torch.no_grad():
-        loss, want = DPOObjective(arrays, cfg.beta, reference=reference).loss(policy, whole)
-    want["loss"] = loss
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k] == pytest.approx(float(want[k]), rel=1e-4, abs=1e-5), k
-
-
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_a_bad_record_in_s3_data_is_named_by_its_s3_uri(chat_tokenizer_dir: Path, tmp_path: Path, s3_bucket: str,
                                                       stage: str) -> None:
