@@ -528,6 +528,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         if train_cfg.compile:
             dense.compile()  # in place: the state dict, checkpoints and export keep their names
         model = dense
+    # filled: the initial weights (a relayout's memory-mapped checkpoint shards) are not needed past here
+    init_state_dict = None
+    if relayout is not None:
+        relayout = dataclasses.replace(relayout, state_dict={})
     if device == "cuda":
         model = model.cuda()
     engine, scheduler = build_engine(model, train_cfg, ds_cfg,

@@ -11,8 +11,9 @@ The engine does this by itself on `train(..., resume=True)` when the newest comm
 or `parallel.pp` than this run's: a TP=2 or PP=2 run resumes in 1 process and back, with the same
 next-step loss (tested in `tests/parallel/test_parallel_relayout.py`).
 
-What carries over: the model weights (every TP shard / pipeline-stage file of the checkpoint is read
-and un-sharded into the dense `Transformer` state dict), the step, the data position and the
+What carries over: the model weights (every TP shard / pipeline-stage file of the checkpoint is
+memory-mapped and un-sharded into the dense `Transformer` state dict one tensor at a time, as the new
+layout's model is filled: no rank holds the dense model), the step, the data position and the
 learning-rate schedule position (the applied steps: DeepSpeed holds it on a skipped step). What does not: **AdamW's moments restart from zero** (ZeRO's flat,
 partitioned optimizer state is not resharded; DeepSpeed's `ds_to_universal` is the route for that),
 so steps after the first resumed one differ slightly from an uninterrupted run. In DeepSpeed's
@@ -31,6 +32,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,35 @@ _LAYER_FILE = re.compile(r"(?:^|/)layer_(\d+)-model_(\d+)-model_states\.pt$")
 _STATE0 = re.compile(r"(?:^|/)kubellm_state_rank00000\.pt$")
 
 
+class ConsolidatedWeights(Mapping[str, torch.Tensor]):
+    """A TP/PP checkpoint's dense weights, un-sharded one tensor at a time, as fp32, when indexed. The
+    shards are the checkpoint files' memory-mapped tensors, so their pages are read as a tensor is
+    un-sharded and stay reclaimable page cache: a rank filling its model from this mapping
+    (`kubellm.training.topology.fill_from_dense`) holds one dense tensor at a time, not the dense model."""
+
+    def __init__(self, ranks: list[dict[str, torch.Tensor]], model_cfg: ModelConfig) -> None:
+        self.ranks, self.cfg = ranks, model_cfg
+        self.names = list(ranks[0]) + (["output.weight"] if model_cfg.tie_embeddings and "output.weight"
+                                       not in ranks[0] else [])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        if self.cfg.tie_embeddings and name == "output.weight":
+            name = "tok_embeddings.weight"  # the tied head is the embedding
+        return unshard_tensor(name, [r[name] for r in self.ranks], self.cfg).float().clone()
+
+
 @dataclasses.dataclass
 class Relayout:
     manifest: Manifest
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     client_state: dict[str, Any]
     saved_layout: dict[str, int]
 
@@ -74,9 +101,11 @@ def scheduler_steps(client_state: dict[str, Any]) -> int:
     return int(client_state["step"]) - sum(int(v) for v in skipped.values())
 
 
-def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path) -> tuple[dict[str, torch.Tensor],
+def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path) -> tuple[ConsolidatedWeights,
                                                                                           dict[str, Any]]:
-    """The dense weights and rank 0's client state of a committed checkpoint of any TP/PP layout."""
+    """The dense weights (un-sharded as they are read, `ConsolidatedWeights`) and rank 0's client state of a
+    committed checkpoint of any TP/PP layout. The files are memory-mapped: `staging` may be removed once
+    this returns (the mappings keep them until the weights are dropped)."""
     from kubellm.training.checkpoint_engine import safe_torch_load
     from kubellm.training.pipeline import to_dense_name
 
@@ -93,10 +122,10 @@ def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path)
         path = staging / rel
         if m := _LAYER_FILE.search(rel):  # pipeline: one file per layer and TP rank
             layer, tp_rank = int(m.group(1)), int(m.group(2))
-            for k, v in safe_torch_load(path, map_location="cpu").items():
+            for k, v in safe_torch_load(path, map_location="cpu", mmap=True).items():
                 per_tp[tp_rank][to_dense_name(f"{layer}.{k}", model_cfg.n_layers)] = v
         elif m := _MP_FILE.search(rel):
-            module = safe_torch_load(path, map_location="cpu").get("module")
+            module = safe_torch_load(path, map_location="cpu", mmap=True).get("module")
             if module:  # None in a pipeline checkpoint (weights are in the layer files)
                 per_tp[int(m.group(1))].update(module)
         else:
@@ -107,11 +136,7 @@ def read_consolidated(manifest: Manifest, model_cfg: ModelConfig, staging: Path)
             client = dict(state["client_state"])
     if not per_tp or client is None:
         raise ConfigError(f"{manifest.uri}: no model-state files or no rank-0 kubellm state to consolidate")
-    ranks = [per_tp[r] for r in sorted(per_tp)]
-    full = {name: unshard_tensor(name, [r[name] for r in ranks], model_cfg).float().clone() for name in ranks[0]}
-    if model_cfg.tie_embeddings:
-        full["output.weight"] = full["tok_embeddings.weight"]
-    return full, client
+    return ConsolidatedWeights([per_tp[r] for r in sorted(per_tp)], model_cfg), client
 
 
 def consolidated_resume(run_dir: str, model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> Relayout | None:

@@ -25,7 +25,8 @@ one process would draw on the same kind of device, while a rank holds its own sh
 tensor at a time (usually the embedding is the largest), never the dense model: eight ranks of a 7B model on one node would otherwise need
 8 × 27 GB of host memory at start-up. An `init_state_dict` is sliced the same way, tensor by tensor:
 SFT/DPO's base model arrives as `kubellm.model.hf.HFWeights`, which reads each tensor from the
-safetensors only when it is asked for; a tp/pp relayout's checkpoint arrives whole (every rank read it)."""
+safetensors only when it is asked for, and a tp/pp relayout's checkpoint as
+`kubellm.training.relayout.ConsolidatedWeights`, which un-shards one tensor of its memory-mapped files per lookup."""
 
 from __future__ import annotations
 

@@ -120,3 +120,39 @@ def test_a_new_layout_with_another_model_config_is_refused(one_process_run: tupl
     with pytest.raises(CheckpointMismatchError, match=r"different model: model config differs — rope_theta: "):
         consolidated_resume(str(run_dir), tiny_model(rope_theta=5000.0), ParallelConfig(dp=1, pp=2))
     assert consolidated_resume(str(run_dir), tiny_model(), ParallelConfig(dp=1, pp=2)) is not None
+
+
+def test_the_consolidated_weights_are_unsharded_as_they_are_read(one_process_run: tuple[Path, list[float]],
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """A relayout reads the checkpoint's shards memory-mapped and un-shards one dense tensor per lookup, as
+    the new layout's model is filled: no rank builds the dense state dict (its staging copy is gone by then)."""
+    import torch
+
+    from kubellm.training import relayout as relayout_module
+    from kubellm.training.checkpoint import CheckpointManager
+    from kubellm.training.checkpoint_engine import safe_torch_load
+    from kubellm.training.config import ParallelConfig
+    from tests.parallel.parallel_helpers import tiny_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_process_run[0], run_dir)
+    calls: list[str] = []
+    real = relayout_module.unshard_tensor
+
+    def counted(name: str, parts: list[torch.Tensor], cfg: Any) -> torch.Tensor:
+        calls.append(name)
+        return real(name, parts, cfg)
+
+    monkeypatch.setattr(relayout_module, "unshard_tensor", counted)
+    got = relayout_module.consolidated_resume(str(run_dir), tiny_model(), ParallelConfig(dp=1, pp=2))
+    assert got is not None and calls == []
+    weights = dict(got.state_dict)
+    assert len(calls) == len(weights)
+    latest = CheckpointManager(str(run_dir / "checkpoints")).latest()
+    assert latest is not None and latest.metadata["step"] == TOTAL
+    (module_file,) = (run_dir / "checkpoints" / f"step-{TOTAL:08d}").rglob("mp_rank_00_model_states.pt")
+    saved = safe_torch_load(module_file, map_location="cpu")["module"]
+    assert set(weights) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(weights[k], v.float()), k
