@@ -11,10 +11,18 @@
 
 Layout of a run prefix (one per training run; two runs never share one):
 
-    <run_prefix>/step-00000010/mp_rank_00_model_states.pt          DeepSpeed's files, as written
-    <run_prefix>/step-00000010/zero_pp_rank_{r}_mp_rank_00_optim_states.pt
-    <run_prefix>/step-00000010/kubellm_state_rank{r:05d}.pt         per-rank RNG + client_state
-    <run_prefix>/step-00000010/_manifest.json                       committed last, by rank 0
+    <run_prefix>/step-00000010/attempt-<id>/mp_rank_00_model_states.pt    DeepSpeed's files, as written
+    <run_prefix>/step-00000010/attempt-<id>/zero_pp_rank_{r}_mp_rank_00_optim_states.pt
+    <run_prefix>/step-00000010/attempt-<id>/kubellm_state_rank{r:05d}.pt   per-rank RNG + client_state
+    <run_prefix>/step-00000010/_manifest.json                             committed last, by rank 0
+
+Each save writes its files under a directory of its own (`attempt-<id>`, drawn by rank 0 per save and
+recorded in the manifest as `files_dir`), so no writer ever puts over a file a committed manifest
+lists: a pod of an earlier attempt of the job that is still running (a "zombie" on a partitioned
+node, while the PyTorchJob's restarted pods train on) uploads into its own directory, and its commit
+then loses to the committed manifest (refused, never overwriting it). Its stray files go with the
+checkpoint when retention removes it. Manifests written before this layout (files at the step
+prefix, no `files_dir`) still load.
 
 Save protocol (why each step): DeepSpeed assumes one shared filesystem, so each rank writes into
 its own node-local staging directory (`save_latest=False`: no `latest` file, the manifest is the
@@ -47,6 +55,7 @@ import random
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -386,10 +395,11 @@ class CheckpointManager:
     def save(self, engine: Any, step: int, client_state: dict[str, Any] | None = None) -> Manifest:
         """Collective: every rank calls it. Returns the committed manifest on every rank."""
         client_state = dict(client_state or {})
-        tag = tag_for(step)
         prefix = self.prefix_for(step)
         staging = self._staging("save")
         rank = _rank()
+        # this save's own directory under the step prefix (module docstring): one id for every rank
+        files_dir = _broadcast(f"attempt-{uuid.uuid4().hex[:16]}" if rank == 0 else None)
         error: BaseException | None = None
         try:
             if self.storage.exists(join(prefix, MANIFEST_NAME)):
@@ -410,9 +420,9 @@ class CheckpointManager:
         # DeepSpeed's save runs collectives of its own: it is not wrapped (a rank leaving it early would
         # meet its peers in the wrong collective); the steps after it are, so a full staging disk on one
         # rank fails every rank instead of leaving its peers waiting in the upload's gather
-        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(staging), tag=files_dir, client_state=client_state, save_latest=False)
         try:  # a failed save frees its node-local staging copy (checkpoint-sized) too, not at the next save
-            tag_dir = staging / tag
+            tag_dir = staging / files_dir
             error = None
             try:
                 torch.save({"step": step, "rank": rank, "rng": _rng_state(), "client_state": client_state},
@@ -426,7 +436,7 @@ class CheckpointManager:
                 files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
 
                 def upload(p: Path) -> FileEntry:
-                    rel = p.relative_to(tag_dir).as_posix()
+                    rel = f"{files_dir}/{p.relative_to(tag_dir).as_posix()}"
                     entry = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
                     self.storage.upload(p, join(prefix, rel))
                     return entry
@@ -444,7 +454,7 @@ class CheckpointManager:
             error = None
             if rank == 0:
                 try:
-                    manifest = self._commit(engine, step, prefix, per_rank, states)
+                    manifest = self._commit(engine, step, prefix, per_rank, states, files_dir)
                 except BaseException as e:
                     error = e
                 if manifest is not None:
@@ -460,7 +470,7 @@ class CheckpointManager:
         return manifest
 
     def _commit(self, engine: Any, step: int, prefix: str, per_rank: list[list[dict[str, Any]]],
-                states: list[Any]) -> Manifest:
+                states: list[Any], files_dir: str) -> Manifest:
         seen: dict[str, tuple[int, FileEntry]] = {}
         for r, rank_files in enumerate(per_rank):
             for f in rank_files:
@@ -477,6 +487,7 @@ class CheckpointManager:
         metadata: dict[str, Any] = {
             "step": step,
             "tag": tag_for(step),
+            "files_dir": files_dir,  # DeepSpeed's tag directory: every file's path starts with it
             "model_config": _config_dict(cfg),
             "param_shapes": param_shapes(engine),
             "layout": engine_layout(engine).as_dict(),
@@ -536,21 +547,25 @@ class CheckpointManager:
         if chosen is None:
             return None
 
-        tag = str(chosen.metadata.get("tag") or chosen.uri.rstrip("/").rsplit("/", 1)[-1])
+        # DeepSpeed reads <staging>/<tag>/: the save's own directory (its files' paths start with it), or, in a
+        # manifest of the older layout, the step's tag with the files at the step prefix
+        files_dir = str(chosen.metadata.get("files_dir") or "")
+        tag = files_dir or str(chosen.metadata.get("tag") or chosen.uri.rstrip("/").rsplit("/", 1)[-1])
         staging = self._staging("load")
+        local = staging if files_dir else staging / tag  # where the manifest's paths land
         error = None
         try:
             self.check_compatible(chosen, engine)
             wanted = self.files_for_rank(chosen, _dp_rank(engine), _rank(),
                                          elastic=bool(engine.zero_elastic_checkpoint()))
             shutil.rmtree(staging, ignore_errors=True)
-            fetch(chosen, staging / tag, paths=wanted)  # downloads + sha256-verifies each file
+            fetch(chosen, local, paths=wanted)  # downloads + sha256-verifies each file
             # every file this rank's DeepSpeed load will unpickle, checked against the allow-list first
             # (storages mapped, not read): DeepSpeed's ZeRO-3 load ends in a collective, so a refusal
             # inside it would leave this rank's peers waiting there, not in the exchange below
             for path in wanted:
                 if path.endswith(".pt"):
-                    safe_torch_load(staging / tag / path, map_location="cpu", mmap=True)
+                    safe_torch_load(local / path, map_location="cpu", mmap=True)
         except BaseException as e:
             error = e
             shutil.rmtree(staging, ignore_errors=True)  # never leave unverified or refused files behind

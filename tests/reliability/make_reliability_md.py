@@ -32,6 +32,10 @@ PROMISES: list[tuple[str, list[str]]] = [
      "checkpoint; the torn one is never loaded; retention waits for a commit",
      [f"{R}/test_rel_torn_checkpoint.py::test_crash_between_upload_and_commit_resumes_from_previous",
       "tests/training/test_checkpoint_safety.py::test_latest_ignores_torn_and_retention_deletes_only_older"]),
+    ("2. A zombie pod of an earlier attempt saving the same step after the new attempt committed it writes "
+     "beside the committed files (each save has its own `attempt-<id>/` directory), its commit is refused, "
+     "and the committed checkpoint still verifies and resumes",
+     [f"{R}/test_rel_torn_checkpoint.py::test_a_zombie_attempt_never_overwrites_a_committed_checkpoint"]),
     ("3. NaN/Inf loss or gradient norm on any rank is seen by all ranks before the step; skipped (parameters "
      "bit-identical) and counted; loss spikes beyond N σ skipped and counted (ZeRO 0 and 1, 2 processes)",
      [f"{R}/test_rel_nonfinite.py::test_nan_and_spike_are_skipped_on_all_ranks[0]",

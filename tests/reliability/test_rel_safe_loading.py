@@ -38,7 +38,7 @@ def test_crafted_committed_checkpoint_never_runs_code(tmp_path: Path) -> None:
     run = tmp_path / "run"
     first = spawn(run_resume_only, 1, shards, str(run), {"max_steps": 2, "checkpoint_every": 2})[0]
     assert first.get("start_step") == 0, first
-    target = run / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
+    (target,) = (run / "checkpoints" / "step-00000002").rglob("mp_rank_00_model_states.pt")
     marker = tmp_path / "pwned"
     _craft(target, marker)
 
@@ -53,11 +53,12 @@ def _craft(target: Path, marker: Path) -> None:
     match (sha256 and size), so only safe loading stands in the way."""
     original = torch.load(target, weights_only=False)  # noqa: S614 - our own file, to keep its shape
     torch.save({**original, "payload": _Exploit(marker)}, target)
-    ckpt = target.parent
+    ckpt = next(d for d in target.parents if (d / MANIFEST_NAME).exists())  # the step prefix
     manifest = read_manifest(str(ckpt))
     data = target.read_bytes()
+    rel = target.relative_to(ckpt).as_posix()  # under the save's own attempt-<id>/ directory
     files = [FileEntry(path=f.path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-             if f.path == target.name else f for f in manifest.files]
+             if f.path == rel else f for f in manifest.files]
     (ckpt / MANIFEST_NAME).unlink()
     commit_manifest(manifest.model_copy(update={"files": files}))
 
@@ -73,7 +74,7 @@ def test_a_crafted_shard_of_one_rank_fails_every_rank(zero: int, tmp_path: Path)
     kw = {"max_steps": 2, "checkpoint_every": 2, "zero_stage": zero}
     first = spawn(run_resume_only, 2, shards, str(run), kw, None)
     assert all(r.get("start_step") == 0 for r in first), first
-    target = run / "checkpoints" / "step-00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (target,) = (run / "checkpoints" / "step-00000002").rglob("zero_pp_rank_1_mp_rank_00_optim_states.pt")
     marker = tmp_path / "pwned"
     _craft(target, marker)
     r0, r1 = spawn(run_resume_only, 2, shards, str(run), {**kw, "max_steps": 4}, None, timeout=300)

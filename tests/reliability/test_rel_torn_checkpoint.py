@@ -52,3 +52,50 @@ def test_crash_between_upload_and_commit_resumes_from_previous(s3_bucket: str, t
     assert resumed["losses"] == ref["losses"][4:]
     after = [o.relpath for o in st.list(join(run, "checkpoints"))]
     assert after == sorted(p for p in after if p.startswith("step-00000008/"))  # keep=1 after commits
+
+
+def test_a_zombie_attempt_never_overwrites_a_committed_checkpoint(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod of an earlier attempt still running beside the PyTorchJob's restarted pods (a partitioned
+    node) saves the same step after the new attempt committed it, having checked for a manifest just
+    before that commit landed. Each save writes under its own `attempt-<id>/` directory, so the zombie's
+    upload lands beside the committed files, its commit is refused, and the committed checkpoint still
+    verifies and resumes. (In the earlier layout the zombie's upload replaced the committed files, and
+    the resume failed their sha256 check.)"""
+    import torch
+
+    from kubellm.core.manifest import ManifestConflictError, read_manifest
+    from kubellm.core.storage import LocalStorage, sha256_file
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.config import ParallelConfig
+    from kubellm.training.engine import train
+    from relkit import SEQ, VOCAB, model_config, train_config
+
+    shards = make_shards(tmp_path / "shards")
+    run = str(tmp_path / "run")
+
+    def attempt(seed: int, **kw: object) -> object:
+        obj = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
+        return train(model_config(), train_config(**{"max_steps": 2, "checkpoint_every": 2, "seed": seed, **kw}),
+                     ParallelConfig(dp=1), obj, run, resume=seed == 0)
+
+    attempt(0)  # the restarted attempt: commits step 2
+    step2 = tmp_path / "run" / "checkpoints" / "step-00000002"
+    committed = read_manifest(str(step2))
+    assert all(f.path.startswith(committed.metadata["files_dir"] + "/") for f in committed.files)
+
+    real_exists = LocalStorage.exists
+    # the zombie looked for a manifest before the commit landed: it found none
+    monkeypatch.setattr(LocalStorage, "exists", lambda self, uri: False if uri.endswith(MANIFEST_NAME)
+                        else real_exists(self, uri))
+    with pytest.raises(Exception) as refused:
+        attempt(1)  # other weights (seed 1), the same step: other bytes under the same names
+    monkeypatch.setattr(LocalStorage, "exists", real_exists)
+    assert isinstance(refused.value, ManifestConflictError) or "ManifestConflictError" in str(refused.value)
+    dirs = {p.name for p in step2.iterdir() if p.is_dir()}
+    assert len(dirs) == 2 and committed.metadata["files_dir"] in dirs  # the zombie's files are beside them
+    for f in committed.files:  # every committed file is the one the manifest recorded
+        assert sha256_file(step2 / f.path) == f.sha256, f.path
+    resumed = attempt(0, max_steps=4)
+    assert resumed.start_step == 2 and len(resumed.losses) == 2  # type: ignore[attr-defined]
+    assert all(torch.isfinite(torch.tensor(resumed.losses)))  # type: ignore[attr-defined]
