@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,11 @@ class TokenShardWriter:
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._f = open(self._tmp, "wb")
         self._f.write(b"\0" * HEADER_SIZE)
-        self._offsets: list[int] = [0]
+        self._offsets = array("Q", [0])  # 8 bytes a document (a list of ints held ~36)
         self.token_count = 0
 
     def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
+        """One document (its own checks, not `add_packed`'s: a per-document caller pays no batch set-up)."""
         arr = np.asarray(ids)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{self.path}: document {len(self._offsets) - 1}: token ids must be integers, "
@@ -81,10 +83,10 @@ class TokenShardWriter:
         """Append several documents at once: `tokens` back to back, `lengths[i]` tokens each (one
         range check and one write for the lot)."""
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        if (tokens.size and not np.issubdtype(tokens.dtype, np.integer)) or \
-                (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
-            raise ValueError(f"{self.path}: token ids and lengths must be integers, got {tokens.dtype} and "
-                             f"{lengths.dtype}")
+        if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{self.path}: token ids must be integers, got {tokens.dtype}")
+        if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"{self.path}: document lengths must be integers, got {lengths.dtype}")
         lengths = lengths.astype(np.int64, copy=False)
         if lengths.size and int(lengths.min()) < 0:
             raise ValueError(f"{self.path}: document lengths must be ≥ 0, got {int(lengths.min())}")
@@ -97,7 +99,7 @@ class TokenShardWriter:
                 raise InputDataError(f"{self.path}: document {len(self._offsets) - 1 + doc} has token id "
                                      f"{int(tokens[bad[0]])} outside [0, {self.vocab_size})")
         self._f.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._offsets.extend((self.token_count + np.cumsum(lengths)).tolist())
+        self._offsets.frombytes((self.token_count + np.cumsum(lengths)).astype(np.uint64).tobytes())
         self.token_count += int(tokens.size)
 
     def close(self) -> Path:
@@ -106,7 +108,7 @@ class TokenShardWriter:
         if self._f.closed:
             raise ValueError(f"{self.path}: the shard writer is already closed")
         try:
-            self._f.write(np.asarray(self._offsets, dtype="<u8").tobytes())
+            self._f.write(np.frombuffer(self._offsets, dtype=np.uint64).astype("<u8", copy=False).tobytes())
             self._f.seek(0)
             self._f.write(_HEADER.pack(MAGIC, VERSION, self.code, self.vocab_size, self.token_count,
                                        len(self._offsets) - 1))

@@ -189,8 +189,10 @@ def test_the_writer_refuses_what_would_publish_a_corrupt_shard(tmp_path: Path) -
     w = TokenShardWriter(tmp_path / "x.tok", vocab_size=10)
     with pytest.raises(ValueError, match=r"x\.tok: document lengths must be ≥ 0, got -1"):  # offsets would run backwards
         w.add_packed(np.array([1, 2, 3]), np.array([3, -1, 1]))
-    with pytest.raises(ValueError, match=r"x\.tok: token ids and lengths must be integers, got float64"):
+    with pytest.raises(ValueError, match=r"x\.tok: token ids must be integers, got float64"):
         w.add_packed(np.array([1.7, 2.2]), np.array([2]))
+    with pytest.raises(ValueError, match=r"x\.tok: document lengths must be integers, got float64"):
+        w.add_packed(np.array([1, 2]), np.array([2.0]))
     with pytest.raises(ValueError, match="document 0: token ids must be integers, got float64"):
         w.add_document([1.7, 2.2])  # had been cut to [1, 2] silently
     w.add_document([1, 2])

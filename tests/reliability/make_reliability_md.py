@@ -36,6 +36,8 @@ PROMISES: list[tuple[str, list[str]]] = [
      "beside the committed files (each save has its own `attempt-<id>/` directory), its commit is refused, "
      "and the committed checkpoint still verifies and resumes",
      [f"{R}/test_rel_torn_checkpoint.py::test_a_zombie_attempt_never_overwrites_a_committed_checkpoint"]),
+    ("2. … and a checkpoint committed in the earlier layout (files at the step prefix) still resumes exactly",
+     [f"{R}/test_rel_torn_checkpoint.py::test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly"]),
     ("3. NaN/Inf loss or gradient norm on any rank is seen by all ranks before the step; skipped (parameters "
      "bit-identical) and counted; loss spikes beyond N σ skipped and counted (ZeRO 0 and 1, 2 processes)",
      [f"{R}/test_rel_nonfinite.py::test_nan_and_spike_are_skipped_on_all_ranks[0]",

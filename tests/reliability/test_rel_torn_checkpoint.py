@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from relkit import make_shards, run_with_commit_crash
@@ -66,18 +67,12 @@ def test_a_zombie_attempt_never_overwrites_a_committed_checkpoint(tmp_path: Path
 
     from kubellm.core.manifest import ManifestConflictError, read_manifest
     from kubellm.core.storage import LocalStorage, sha256_file
-    from kubellm.pretrain.objective import PretrainObjective
-    from kubellm.training.config import ParallelConfig
-    from kubellm.training.engine import train
-    from relkit import SEQ, VOCAB, model_config, train_config
 
     shards = make_shards(tmp_path / "shards")
     run = str(tmp_path / "run")
 
-    def attempt(seed: int, **kw: object) -> object:
-        obj = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
-        return train(model_config(), train_config(**{"max_steps": 2, "checkpoint_every": 2, "seed": seed, **kw}),
-                     ParallelConfig(dp=1), obj, run, resume=seed == 0)
+    def attempt(seed: int, **kw: object) -> Any:
+        return _train_here(shards, run, resume=seed == 0, **{"max_steps": 2, "seed": seed, **kw})
 
     attempt(0)  # the restarted attempt: commits step 2
     step2 = tmp_path / "run" / "checkpoints" / "step-00000002"
@@ -97,5 +92,45 @@ def test_a_zombie_attempt_never_overwrites_a_committed_checkpoint(tmp_path: Path
     for f in committed.files:  # every committed file is the one the manifest recorded
         assert sha256_file(step2 / f.path) == f.sha256, f.path
     resumed = attempt(0, max_steps=4)
-    assert resumed.start_step == 2 and len(resumed.losses) == 2  # type: ignore[attr-defined]
-    assert all(torch.isfinite(torch.tensor(resumed.losses)))  # type: ignore[attr-defined]
+    assert resumed.start_step == 2 and len(resumed.losses) == 2
+    assert all(torch.isfinite(torch.tensor(resumed.losses)))
+
+
+def _train_here(shards: list[str], run: str, resume: bool, **kw: Any) -> Any:
+    """One training process, in this one (checkpoints every 2 steps)."""
+    from relkit import SEQ, VOCAB, model_config, train_config
+
+    from kubellm.pretrain.objective import PretrainObjective
+    from kubellm.training.config import ParallelConfig
+    from kubellm.training.engine import train
+
+    obj = PretrainObjective(shards, seq_len=SEQ, vocab_size=VOCAB, prefetch=1)
+    return train(model_config(), train_config(**{"checkpoint_every": 2, **kw}), ParallelConfig(dp=1), obj, run,
+                 resume=resume)
+
+
+def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(tmp_path: Path) -> None:
+    """Checkpoints committed before each save had its own directory (files at the step prefix, no
+    `files_dir` in the manifest) resume as before: the same losses as an uninterrupted run."""
+    import shutil
+
+    from kubellm.core.manifest import commit_manifest, read_manifest
+
+    shards = make_shards(tmp_path / "shards")
+    whole = _train_here(shards, str(tmp_path / "whole"), resume=False, max_steps=4)
+    run = tmp_path / "run"
+    _train_here(shards, str(run), resume=False, max_steps=4)
+    (run / "checkpoints" / "step-00000004" / MANIFEST_NAME).unlink()  # it stopped after committing step 2
+    step2 = run / "checkpoints" / "step-00000002"
+    new = read_manifest(str(step2))
+    files_dir = new.metadata["files_dir"]
+    for f in new.files:  # the earlier layout: every file at the step prefix
+        (step2 / f.path).rename(step2 / f.path.removeprefix(files_dir + "/"))
+    shutil.rmtree(step2 / files_dir)
+    (step2 / MANIFEST_NAME).unlink()
+    commit_manifest(new.model_copy(update={
+        "files": [f.model_copy(update={"path": f.path.removeprefix(files_dir + "/")}) for f in new.files],
+        "metadata": {k: v for k, v in new.metadata.items() if k != "files_dir"}}))
+    resumed = _train_here(shards, str(run), resume=True, max_steps=4)
+    assert resumed.start_step == 2
+    assert resumed.losses == whole.losses[2:]
