@@ -64,6 +64,7 @@ _PER_LAYER = {  # our suffix -> HF suffix, for unfused tensors
     "ffn.down.weight": "mlp.down_proj.weight",
 }
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")  # old exports saved this buffer; we recompute it
+_ROWS = 8192  # rows of the embedding compared at a time with a tied model's stored lm_head
 
 
 def _strip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -484,6 +485,9 @@ class HFWeights(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Any:
         return iter(self.parts)
 
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return name in self.parts
+
     def __getitem__(self, name: str) -> torch.Tensor:
         tensors = [self._read(hf_name) for hf_name in self.parts[name]]
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
@@ -548,30 +552,31 @@ def open_hf(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: s
                     hf_shapes[name] = tuple(f.get_slice(name).get_shape())
         except SafetensorError as e:
             raise _unreadable_weights(path, e) from None
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    with torch.device("meta"):  # the shape of every HF tensor the config implies (fused ones split)
+        want = {k: tuple(v.shape) for k, v in state_dict_to_hf(Transformer(cfg).state_dict(), cfg).items()}
+    for name, shape in hf_shapes.items():
+        if shape != want[name]:
+            raise IntegrityError(f"{files[name]}: tensor {name!r} has shape {shape}, config.json implies {want[name]}")
     weights = HFWeights(files, cfg, dtype, device)
-    for ours, parts in weights.parts.items():
-        got = [hf_shapes[p] for p in parts]
-        # a fused weight concatenates its parts by rows: they must agree on every other dimension
-        shape = got[0] if len(got) == 1 else ((sum(g[0] for g in got), *got[0][1:])
-                                              if all(g[1:] == got[0][1:] for g in got) else got)
-        if shape != shapes[ours]:
-            raise IntegrityError(f"{default_file}: tensor for {ours!r} has shape {shape}, "
-                                 f"config.json implies {shapes[ours]}")
 
     if cfg.tie_embeddings and "lm_head.weight" in files:
         # transformers then unties and uses this head while vLLM uses the embedding: the same
         # directory would be two different models, so only an lm_head equal to the embedding is accepted
-        head_path = files["lm_head.weight"]
-        head = _read_tensor(head_path, "lm_head.weight")  # both as stored: the comparison is exact
-        emb = _read_tensor(files["model.embed_tokens.weight"], "model.embed_tokens.weight")
-        if head.shape != emb.shape or head.dtype != emb.dtype or not torch.equal(head, emb):
+        # (compared value for value, whatever dtypes they are stored in, a block of rows at a time)
+        head_path, emb_path = files["lm_head.weight"], files["model.embed_tokens.weight"]
+        rows = want["model.embed_tokens.weight"][0]
+        try:
+            with safe_open(str(head_path), framework="pt") as fh, safe_open(str(emb_path), framework="pt") as fe:
+                head, emb = fh.get_slice("lm_head.weight"), fe.get_slice("model.embed_tokens.weight")
+                same = all(torch.equal(head[i : i + _ROWS].to(torch.float64), emb[i : i + _ROWS].to(torch.float64))
+                           for i in range(0, rows, _ROWS))
+        except SafetensorError as e:
+            raise _unreadable_weights(head_path, e) from None
+        if not same:
             raise ConfigError(f"{cfg_path}: tie_word_embeddings=true but {head_path.name} holds an "
                               "'lm_head.weight' that differs from 'model.embed_tokens.weight' (transformers "
                               "would use the head, vLLM the embedding); set tie_word_embeddings to false "
                               "if the head is meant to be separate")
-        del head, emb
     return weights, cfg
 
 

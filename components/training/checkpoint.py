@@ -87,6 +87,7 @@ TAG_RE = re.compile(r"^step-(\d{8,})$")
 STATE_FILE = "kubellm_state_rank{rank:05d}.pt"
 _ZERO_SHARD_RE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
 _STATE_FILE_RE = re.compile(r"(?:^|/)kubellm_state_rank(\d+)\.pt$")
+_FILES_DIR_RE = re.compile(r"attempt-[0-9a-f]{1,64}")
 RESHARD_ROUTES = (
     "kubellm resumes a checkpoint with the data-parallel degree and ZeRO stage it was written with (a "
     "change of parallel.tp or parallel.pp alone resumes from its consolidated weights): run with those, or "
@@ -110,6 +111,14 @@ class CheckpointMismatchError(CheckpointError):
 _ERROR_TYPES: dict[str, type[KubellmError]] = {
     c.__name__: c for c in (IntegrityError, ManifestMissingError, CheckpointError, CheckpointMismatchError)
 }
+
+
+def _drop_empty_dirs(prefix: str) -> None:
+    """Locally, the directories deleting a prefix's files left empty (S3 has no directories)."""
+    if not is_s3(prefix):
+        for d in sorted(local_path(prefix).glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def tag_for(step: int) -> str:
@@ -511,7 +520,9 @@ class CheckpointManager:
     def _retain(self, newest: Manifest) -> None:
         """Delete committed checkpoints beyond the newest `keep`, and torn (uncommitted) prefixes
         older than the newest commit. Each deletion removes the manifest first, so a checkpoint
-        stops existing before its files start to disappear."""
+        stops existing before its files start to disappear. In the checkpoints kept, files their
+        manifest does not list (another attempt's: a save that failed after its upload, a zombie pod's)
+        are deleted too."""
         newest_step = int(newest.metadata["step"])
         committed = self.committed(skip_unreadable=True)  # an unusable old one goes as torn, not fatal
         doomed = [m.uri for m in committed[:-self.keep]] if len(committed) > self.keep else []
@@ -524,12 +535,30 @@ class CheckpointManager:
             self.storage.delete(join(prefix, MANIFEST_NAME))
             for obj in self.storage.list(prefix):
                 self.storage.delete(obj.uri)
-            if not is_s3(prefix):  # S3 has no directories; locally, drop the emptied ones too
-                for d in sorted(local_path(prefix).glob("**/"), key=lambda p: len(p.parts), reverse=True):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+            _drop_empty_dirs(prefix)
+        for kept in committed[-self.keep:]:
+            tag = kept.uri.rstrip("/").rsplit("/", 1)[-1]
+            listed = {f.path for f in kept.files} | {MANIFEST_NAME}
+            strays = [o for o in objects if o.relpath.split("/")[0] == tag
+                      and o.relpath.split("/", 1)[-1] not in listed]
+            for obj in strays:
+                self.storage.delete(obj.uri)
+            if strays:
+                _drop_empty_dirs(kept.uri)
 
     # -- load
+
+    @staticmethod
+    def _check_files_dir(manifest: Manifest) -> str:
+        """The manifest's `files_dir` ("" in the older layout), refused unless it is one plain directory
+        name that every file's path starts with: it becomes DeepSpeed's tag (a path it reads)."""
+        files_dir = str(manifest.metadata.get("files_dir") or "")
+        if files_dir and (not _FILES_DIR_RE.fullmatch(files_dir)
+                          or any(not f.path.startswith(files_dir + "/") for f in manifest.files)):
+            raise IntegrityError(f"{join(manifest.uri, MANIFEST_NAME)}: files_dir {files_dir!r} is not the "
+                                 "'attempt-<hex id>' directory every listed file is in; the manifest was not "
+                                 "written by kubellm's CheckpointManager")
+        return files_dir
 
     def load(self, engine: Any, manifest: Manifest | None = None) -> dict[str, Any] | None:
         """Collective: restore the newest committed checkpoint (or `manifest`) into `engine`:
@@ -555,6 +584,7 @@ class CheckpointManager:
         local = staging if files_dir else staging / tag  # where the manifest's paths land
         error = None
         try:
+            self._check_files_dir(chosen)
             self.check_compatible(chosen, engine)
             wanted = self.files_for_rank(chosen, _dp_rank(engine), _rank(),
                                          elastic=bool(engine.zero_elastic_checkpoint()))

@@ -48,6 +48,7 @@ from kubellm.core.errors import ConfigError
 from kubellm.core.storage import is_s3, join, local_path, storage_for
 from kubellm.model.config import ModelConfig
 from kubellm.model.parallel import collective_device
+from kubellm.training.collective import raise_if_any_failed
 from kubellm.training.config import ParallelConfig, TrainConfig
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config, deepspeed_half
 from kubellm.training.hostmem import keep_freed_memory
@@ -388,19 +389,21 @@ def _evaluate(engine: Any, objective: Objective, examples: Sequence[dict[str, np
 
     pipeline = built is not None and built.pipeline
     dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (dist.get_rank(), dist.get_world_size())
-    batches = []
-    for i in range(0, len(examples), micro):
-        rows = list(examples[i : i + micro])
-        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-        batches.append(batch)
-    weigh = getattr(objective, "target_tokens", None) or (lambda b: int(b["input_ids"].shape[0]))
-    weights = [float(weigh(b)) for b in batches]
+
+    def batch(i: int) -> dict[str, Tensor]:  # micro-batch i, stacked when it is needed (not all at once)
+        rows = examples[i * micro : (i + 1) * micro]
+        return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+    n = -(-len(examples) // micro)
+    weigh = getattr(objective, "target_tokens", None)
+    weights = [float(weigh(batch(i))) if weigh is not None else float(len(examples[i * micro : (i + 1) * micro]))
+               for i in range(n)]  # the same on every rank
     total = sum(weights)
     if total == 0:
         return {}
-    per = -(-len(batches) // dp_size)
-    mine = [(batches[i], weights[i]) for i in range(dp_rank, len(batches), dp_size)]
-    mine += [(batches[0], 0.0)] * (per - len(mine))
+    per = -(-n // dp_size)
+    mine = [(batch(i), weights[i]) for i in range(dp_rank, n, dp_size)]
+    mine += [(batch(0), 0.0)] * (per - len(mine))
     if pipeline:
         # the pipeline sends activations of one shape: a short last micro-batch gets rows whose labels
         # are all ignored (the causal-LM loss is a mean over labelled tokens, which they leave as it is)
@@ -418,16 +421,22 @@ def _evaluate(engine: Any, objective: Objective, examples: Sequence[dict[str, np
             out = engine.eval_batch(data_iter=feed, num_micro_batches=per)  # mean over micro-batches and dp
         return {"loss": float(out) * per * dp_size / total}
     sums: dict[str, float] = {}
+    error: BaseException | None = None
     engine.eval()
     try:
         with torch.no_grad():
-            for batch, w in mine:
+            for b, w in mine:
                 with autocast:
-                    loss, metrics = objective.loss(engine, _to_device(batch, device))
+                    loss, metrics = objective.loss(engine, _to_device(b, device))
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + (float(v) * w if w else 0.0)
+    except Exception as e:  # noqa: BLE001 - raised on every rank below, after the peers have heard of it
+        error = e
     finally:
         engine.train()
+    # a rank that failed (out of memory on its share) fails every rank here, not after a timeout in the
+    # all-reduce (ZeRO 0-2 forwards run no collective of their own; ZeRO-3/TP ones would still wait)
+    raise_if_any_failed(error, "held-out scoring", {}, RuntimeError)
     keys = sorted(sums)
     counts = built is None or built.tp_rank == 0  # a replica's TP ranks compute the same values
     reduced = torch.tensor([sums[k] if counts else 0.0 for k in keys], dtype=torch.float64,

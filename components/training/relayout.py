@@ -58,8 +58,8 @@ class ConsolidatedWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, ranks: list[dict[str, torch.Tensor]], model_cfg: ModelConfig) -> None:
         self.ranks, self.cfg = ranks, model_cfg
-        self.names = list(ranks[0]) + (["output.weight"] if model_cfg.tie_embeddings and "output.weight"
-                                       not in ranks[0] else [])
+        # a tied head is the embedding: no entry of its own (un-sharding the largest tensor twice)
+        self.names = [n for n in ranks[0] if not (model_cfg.tie_embeddings and n == "output.weight")]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -67,11 +67,12 @@ class ConsolidatedWeights(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
+    def __contains__(self, name: object) -> bool:  # without un-sharding (Mapping's default would)
+        return name in self.names
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.names:
             raise KeyError(name)
-        if self.cfg.tie_embeddings and name == "output.weight":
-            name = "tok_embeddings.weight"  # the tied head is the embedding
         return unshard_tensor(name, [r[name] for r in self.ranks], self.cfg).float().clone()
 
 

@@ -31,7 +31,7 @@ safetensors only when it is asked for, and a tp/pp relayout's checkpoint as
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -186,11 +186,22 @@ def fill_from_dense(module: nn.Module, model_cfg: ModelConfig, tp_rank: int, tp_
     unknown = sorted(set(wanted) - dense_names)
     if unknown:
         raise ValueError(f"{type(module).__name__} has entries the dense model does not: {unknown[:5]}")
-    source = init_state_dict.items() if init_state_dict is not None else dense_init_tensors(model_cfg, device)
+    source: Iterator[tuple[str, torch.Tensor]]
+    if init_state_dict is None:
+        source = dense_init_tensors(model_cfg, device)  # every draw, in order: the RNG stream is the model
+    else:
+        extra = [n for n in init_state_dict
+                 if n not in dense_names and not (n == "output.weight" and model_cfg.tie_embeddings)]
+        if extra:
+            raise KeyError(f"the initial weights hold {extra[0]!r}, which the model does not have")
+        lacking = sorted(n for n in wanted if n not in init_state_dict)
+        if lacking:
+            raise KeyError(f"the initial weights lack {lacking[:5]} (of {len(dense_names)} the model has)")
+        # only what this module holds is looked up: a lazy mapping (a safetensors directory, a checkpoint's
+        # shards) then reads just a pipeline stage's own layers
+        source = ((name, init_state_dict[name]) for name, _ in init_order(model_cfg) if name in wanted)
     with torch.no_grad():
         for name, full in source:
-            if name not in dense_names and not (name == "output.weight" and model_cfg.tie_embeddings):
-                raise KeyError(f"the initial weights hold {name!r}, which the model does not have")
             for key in wanted.pop(name, []):
                 shard = shard_tensor(name, full, model_cfg, tp_rank, tp_size)
                 if shard.shape != local[key].shape:

@@ -342,7 +342,7 @@ def test_open_hf_checks_from_the_headers_and_reads_one_tensor_at_a_time(variant:
     assert set(weights) == set(model.state_dict()) - ({"output.weight"} if cfg.tie_embeddings else set())
 
 
-def test_open_hf_refuses_a_fused_part_of_the_wrong_shape_before_reading_anything(tmp_path: Path) -> None:
+def test_open_hf_names_the_file_and_tensor_of_a_wrong_shape_before_reading_anything(tmp_path: Path) -> None:
     cfg = BASE
     export_hf(_model(cfg), cfg, tmp_path / "hf")
     sd = load_file(tmp_path / "hf" / "model.safetensors")
@@ -350,5 +350,22 @@ def test_open_hf_refuses_a_fused_part_of_the_wrong_shape_before_reading_anything
     save_file(sd, tmp_path / "hf" / "model.safetensors")
     from kubellm.model.hf import open_hf
 
-    with pytest.raises(IntegrityError, match=r"model.safetensors: tensor for 'blocks.1.attn.qkv.weight' has shape"):
+    with pytest.raises(IntegrityError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.k_proj.weight' has "
+                                             rf"shape \(16, {cfg.dim + 1}\), config.json implies \(16, {cfg.dim}\)"):
+        open_hf(tmp_path / "hf")
+
+
+def test_a_tied_head_stored_in_another_dtype_with_the_same_values_is_accepted(tmp_path: Path) -> None:
+    from kubellm.model.hf import open_hf
+
+    cfg = BASE.with_(tie_embeddings=True)
+    export_hf(_model(cfg), cfg, tmp_path / "hf", dtype=torch.bfloat16)
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].float()}, tmp_path / "hf" / "model.safetensors")
+    weights, _ = open_hf(tmp_path / "hf")
+    assert "output.weight" not in weights
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].float()
+    sd["lm_head.weight"][3, 5] += 1.0
+    save_file(sd, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ConfigError, match="'lm_head.weight' that differs from 'model.embed_tokens.weight'"):
         open_hf(tmp_path / "hf")

@@ -109,3 +109,35 @@ def test_a_model_built_for_the_gpu_has_everything_there() -> None:
     assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])  # the RoPE tables too
     logits = model(torch.randint(0, cfg.vocab_size, (2, 16), device="cuda"))
     assert logits.is_cuda and bool(torch.isfinite(logits).all())
+
+
+def test_given_weights_are_looked_up_only_for_what_the_module_holds() -> None:
+    """A pipeline stage holds some of the model's tensors: a lazy mapping (a safetensors directory, a
+    checkpoint's shards) is asked for those alone, and membership is tested without a lookup."""
+    from collections.abc import Mapping
+
+    cfg = get_preset("debug").with_(vocab_size=96)
+    full = Transformer(cfg).state_dict()
+    looked_up: list[str] = []
+
+    class Counting(Mapping[str, torch.Tensor]):
+        def __len__(self) -> int:
+            return len(full)
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(full)
+
+        def __contains__(self, name: object) -> bool:
+            return name in full
+
+        def __getitem__(self, name: str) -> torch.Tensor:
+            looked_up.append(name)
+            return full[name]
+
+    stage = torch.nn.Module()  # a "stage" holding the final norm and block 1's attention output
+    stage.norm = torch.nn.Parameter(torch.empty(cfg.dim))
+    stage.out = torch.nn.Parameter(torch.empty_like(full["blocks.1.attn.out.weight"]))
+    names = {"norm": "norm.weight", "out": "blocks.1.attn.out.weight"}
+    fill_from_dense(stage, cfg, 0, 1, Counting(), dense_name=names.__getitem__)
+    assert sorted(looked_up) == ["blocks.1.attn.out.weight", "norm.weight"]
+    assert torch.equal(stage.norm, full["norm.weight"]) and torch.equal(stage.out, full["blocks.1.attn.out.weight"])

@@ -94,6 +94,10 @@ def test_a_zombie_attempt_never_overwrites_a_committed_checkpoint(tmp_path: Path
     resumed = attempt(0, max_steps=4)
     assert resumed.start_step == 2 and len(resumed.losses) == 2
     assert all(torch.isfinite(torch.tensor(resumed.losses)))
+    # the next commit's retention removed the zombie's files from the checkpoint it kept
+    assert {p.name for p in step2.iterdir() if p.is_dir()} == {committed.metadata["files_dir"]}
+    for f in committed.files:
+        assert sha256_file(step2 / f.path) == f.sha256, f.path
 
 
 def _train_here(shards: list[str], run: str, resume: bool, **kw: Any) -> Any:

@@ -364,3 +364,24 @@ def test_a_relayout_names_a_state_file_without_client_state(tmp_path: Path) -> N
                                            "kubellm_state_rank00000.pt": saved({"step": 4, "rng": {}})})
     with pytest.raises(IntegrityError, match=r"step-00000004/kubellm_state_rank00000\.pt: no client_state in it"):
         read_consolidated(m, get_preset("debug"), tmp_path / "staging")
+
+
+@pytest.mark.parametrize("files_dir,paths", [
+    ("../elsewhere", ["../elsewhere/mp_rank_00_model_states.pt"]),
+    ("attempt-0a1b", ["mp_rank_00_model_states.pt"]),  # a file outside the directory named
+    ("attempt-0a1b/..", ["attempt-0a1b/../mp_rank_00_model_states.pt"]),
+])
+def test_a_manifest_whose_files_dir_is_not_its_attempt_directory_is_refused(tmp_path: Path, files_dir: str,
+                                                                            paths: list[str]) -> None:
+    """`files_dir` becomes DeepSpeed's tag, a path it reads: it must be the one directory the
+    sha256-verified files are in."""
+    files = [FileEntry(path=p, size=1, sha256="0" * 64) for p in paths if ".." not in p]
+    m = Manifest(kind="checkpoint", uri=str(tmp_path / "run" / "step-00000003"), files=files,
+                 metadata={"step": 3, "files_dir": files_dir})
+    with pytest.raises(IntegrityError, match=rf"files_dir {files_dir!r} is not the 'attempt-<hex id>' directory"):
+        CheckpointManager._check_files_dir(m)
+    ok = Manifest(kind="checkpoint", uri=str(tmp_path / "run" / "step-00000003"), metadata={"step": 3},
+                  files=[FileEntry(path="attempt-0a1b/mp_rank_00_model_states.pt", size=1, sha256="0" * 64)])
+    assert CheckpointManager._check_files_dir(ok.model_copy(update={"metadata": {"files_dir": "attempt-0a1b"}})) \
+        == "attempt-0a1b"
+    assert CheckpointManager._check_files_dir(ok) == ""  # the older layout names none

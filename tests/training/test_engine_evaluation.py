@@ -176,3 +176,31 @@ def test_layouts_score_what_one_process_scores(one_process: dict[str, Any], tmp_
         np.testing.assert_allclose(r["losses"], one_process["losses"], rtol=1e-5)
         assert r["scores"]["start"]["heldout"]["loss"] == pytest.approx(want["start"]["heldout"]["loss"], rel=1e-5)
         assert r["scores"]["end"]["heldout"]["loss"] == pytest.approx(want["end"]["heldout"]["loss"], rel=1e-5)
+
+
+def _failing_rank(run_dir: str) -> str:
+    import torch.distributed as dist
+
+    class FailsWhenScoring(SFTObjective):
+        def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Any:
+            if not torch.is_grad_enabled() and dist.get_rank() == 1:
+                raise MemoryError("scoring ran out of memory")
+            return super().loss(model, batch)
+
+    cfg = tiny_model()
+    try:
+        train(cfg, _train_cfg(2), ParallelConfig(dp=2), FailsWhenScoring(_packs(12, seed=0)), run_dir,
+              init_state_dict=_start_weights(cfg), resume=False,
+              evaluate={"heldout": Evaluation(packs_to_arrays(_packs(5, seed=1)), at_start=True)})
+    except (MemoryError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.mark.integration
+def test_a_rank_that_fails_to_score_fails_every_rank_at_once(tmp_path: Path) -> None:
+    """ZeRO 0-2 forwards run no collective: the peer of a rank that failed would otherwise wait in the
+    scores' all-reduce until the process-group timeout."""
+    r0, r1 = spawn(_failing_rank, 2, str(tmp_path), timeout=120)
+    assert r1 == "MemoryError: scoring ran out of memory"
+    assert r0 == "RuntimeError: held-out scoring failed on 1 rank(s): rank 1: MemoryError: scoring ran out of memory"
