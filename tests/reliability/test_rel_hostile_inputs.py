@@ -61,10 +61,13 @@ def _no_leaked_process_group() -> Iterator[None]:
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     yield
+    import deepspeed.comm as ds_comm
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # through DeepSpeed, which also drops the groups it cloned from this world (torch's own destroy
+        # leaves them cached, and the next engine built in this process would meet a dead group)
+        ds_comm.destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
