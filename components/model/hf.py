@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,7 @@ def hf_to_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, source: s
     if missing:
         raise IntegrityError(f"{source}: missing tensor {missing[0]!r}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    sd = {ours: hf[parts[0]] if len(parts) == 1 else torch.cat([hf[p] for p in parts], dim=0)
-          for ours, parts in _our_parts(cfg).items()}
+    sd = {ours: _fuse([hf[p] for p in parts]) for ours, parts in _our_parts(cfg).items()}
     if cfg.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd
@@ -467,6 +466,11 @@ def _our_parts(cfg: ModelConfig) -> dict[str, list[str]]:
     return parts
 
 
+def _fuse(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Our tensor from its HF parts (`_our_parts`): the one part, or the parts concatenated by rows."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
+
+
 class HFWeights(Mapping[str, torch.Tensor]):
     """A Llama directory's weights under our state-dict names, read from its safetensors when indexed,
     one tensor at a time (a fused `qkv` / `gate_up` concatenates its HF parts then), as `dtype` on
@@ -489,18 +493,24 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return name in self.parts
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensors = [self._read(hf_name) for hf_name in self.parts[name]]
-        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        hf_names = self.parts[name]
+        by_file: dict[Path, list[str]] = {}
+        for n in hf_names:  # a fused tensor's parts are read with one opening of each file holding them
+            by_file.setdefault(self.files[n], []).append(n)
+        read: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            for n, t in zip(names, _read_tensors(path, names), strict=True):
+                read[n] = t.to(device=self.device, dtype=self.dtype)
+        return _fuse([read[n] for n in hf_names])
 
-    def _read(self, hf_name: str) -> torch.Tensor:
-        return _read_tensor(self.files[hf_name], hf_name).to(device=self.device, dtype=self.dtype)
 
-
-def _read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, as stored; IntegrityError naming the file when it is unreadable."""
+def _read_tensors(path: Path, names: Sequence[str]) -> Iterator[torch.Tensor]:
+    """Tensors of one safetensors file, as stored, one at a time; IntegrityError naming the file when it
+    is unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
+            for n in names:
+                yield f.get_tensor(n)
     except SafetensorError as e:
         raise _unreadable_weights(path, e) from None
 

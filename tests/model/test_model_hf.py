@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -319,24 +320,26 @@ def test_open_hf_checks_from_the_headers_and_reads_one_tensor_at_a_time(variant:
     cfg = VARIANTS[variant]
     model = _model(cfg)
     export_hf(model, cfg, tmp_path / "hf")
-    real = hf_module._read_tensor
+    real = hf_module._read_tensors
     refs: list[weakref.ref[torch.Tensor]] = []
-    alive_at_read: list[int] = []
+    alive_at_read: list[int] = []  # per opening of a file: tensors read earlier and still alive
 
-    def watched(path: Path, name: str) -> torch.Tensor:
+    def watched(path: Path, names: list[str]) -> Iterator[torch.Tensor]:
         gc.collect()
         alive_at_read.append(sum(r() is not None for r in refs))
-        t = real(path, name)
-        refs.append(weakref.ref(t))
-        return t
+        for t in real(path, names):
+            refs.append(weakref.ref(t))
+            yield t
 
-    monkeypatch.setattr(hf_module, "_read_tensor", watched)
+    monkeypatch.setattr(hf_module, "_read_tensors", watched)
     weights, got_cfg = hf_module.open_hf(tmp_path / "hf")
     assert got_cfg == cfg and alive_at_read == []  # names and shapes from the headers alone
     filled = Transformer(cfg, init=False)
     fill_from_dense(filled, cfg, 0, 1, weights)
-    # the fused qkv / gate_up concatenate 3 / 2 file tensors: those are alive together, nothing else
-    assert len(alive_at_read) == len(hf_module.hf_tensor_names(cfg)) and max(alive_at_read) <= 2
+    # one opening of the file per tensor of ours (a fused qkv / gate_up reads its 3 / 2 parts in it), and
+    # every tensor read before it was freed by then
+    assert len(alive_at_read) == len(weights) and max(alive_at_read) == 0, alive_at_read
+    assert len(refs) == len(hf_module.hf_tensor_names(cfg))
     for k, v in model.state_dict().items():
         assert torch.equal(filled.state_dict()[k], v), k
     assert set(weights) == set(model.state_dict()) - ({"output.weight"} if cfg.tie_embeddings else set())
