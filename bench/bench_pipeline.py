@@ -41,9 +41,9 @@ def measure_rank(m: int, steps: int, micro: int, seq: int, vocab: int = 512, dim
 
     from kubellm.model.config import ModelConfig
     from kubellm.training.config import ParallelConfig, TrainConfig
-    from kubellm.training.engine import init_distributed
     from kubellm.training.hostmem import keep_freed_memory
     from kubellm.training.pipeline import build_pipeline
+    from kubellm.training.process_group import init_distributed
 
     cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=8, n_heads=8, ffn_dim=dim * 11 // 4, max_seq_len=seq)
     tc = TrainConfig(micro_batch_size=micro, global_batch_size=micro * m, seq_len=seq)

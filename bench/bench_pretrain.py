@@ -41,7 +41,9 @@ def _ours(preset: str, batch: int, seq: int, precision: str, compile_: bool,
     from kubellm.model.config import get_preset
     from kubellm.training.config import ParallelConfig, TrainConfig
     from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config
-    from kubellm.training.engine import build_engine, clip_gradients, init_distributed
+    from kubellm.training.engine import build_engine
+    from kubellm.training.gradients import clip_gradients
+    from kubellm.training.process_group import init_distributed
 
     cfg = get_preset(preset)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, seq_len=seq, precision=precision,

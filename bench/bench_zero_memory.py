@@ -68,8 +68,8 @@ def measure_rank(preset: str, zero: int, precision: str = "fp32") -> dict[str, f
     from kubellm.model.config import get_preset
     from kubellm.training.config import ParallelConfig, TrainConfig
     from kubellm.training.dsconfig import deepspeed_config
-    from kubellm.training.engine import init_distributed
     from kubellm.training.optim import param_groups
+    from kubellm.training.process_group import init_distributed
 
     cfg = get_preset(preset)
     seq, micro = 64, 2

@@ -20,6 +20,7 @@ from torch import Tensor
 from kubellm.dpo.loss import preference_loss
 from kubellm.sft.data import IGNORE
 from kubellm.sft.objective import ExampleLoader, real_tokens
+from kubellm.training.data import collate
 
 
 def _flat(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -50,7 +51,7 @@ def precompute_reference(reference: torch.nn.Module, arrays: Sequence[dict[str, 
     device = next(reference.parameters()).device
     for i in range(0, len(arrays), batch_size):
         rows = arrays[i : i + batch_size]
-        b = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(device) for k in ("input_ids", "labels")}
+        b = {k: v.to(device) for k, v in collate(rows, ("input_ids", "labels")).items()}
         c, r = reference_logprobs(reference, b)
         both = torch.stack([c, r], dim=1).double().cpu().numpy()  # one device-to-host copy per batch
         for j, row in enumerate(rows):

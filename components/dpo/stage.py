@@ -118,7 +118,9 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.dpo.data import read_preferences_jsonl, to_arrays
     from kubellm.dpo.objective import DPOObjective
     from kubellm.model.hf import load_hf
-    from kubellm.training.engine import Evaluation, resolve_device, train, weight_dtype
+    from kubellm.training.engine import train, weight_dtype
+    from kubellm.training.evaluation import Evaluation
+    from kubellm.training.process_group import resolve_device
 
     config = DPOConfig.model_validate(spec.config)
     device = resolve_device(config.train.device)

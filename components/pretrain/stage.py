@@ -55,7 +55,7 @@ def _hash(config: PretrainConfig) -> str:
 
 
 def run(config: PretrainConfig, inputs: Mapping[str, str], output: str) -> Manifest:
-    from kubellm.training.engine import in_distributed_worker
+    from kubellm.training.process_group import in_distributed_worker
 
     tokens = load_manifest_ref(inputs["tokens"])
     _check(config, tokens)
@@ -80,7 +80,8 @@ def run_worker(spec: JobSpec) -> Manifest | None:
 
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.training.data import stage_artifact_files
-    from kubellm.training.engine import init_distributed, resolve_device, train
+    from kubellm.training.engine import train
+    from kubellm.training.process_group import init_distributed, resolve_device
 
     config = PretrainConfig.model_validate(spec.config)
     model_cfg = config.model.build()
@@ -109,8 +110,9 @@ def _publish(spec: JobSpec, config: PretrainConfig, tokens: Manifest, result: ob
     from kubellm.core.manifest import publish_dir
     from kubellm.model.flops import num_params
     from kubellm.model.hf import export_hf
-    from kubellm.training.engine import TrainResult, local_work_dir, scratch_dir, upload_run_files
+    from kubellm.training.engine import TrainResult
     from kubellm.training.metrics import markdown_report, plot_loss_curve
+    from kubellm.training.runfiles import local_work_dir, scratch_dir, upload_run_files
 
     assert isinstance(result, TrainResult)
     model_cfg = config.model.build()

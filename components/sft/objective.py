@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kubellm.core.errors import ConfigError
 from kubellm.sft.data import IGNORE, PackedSequence
+from kubellm.training.data import collate
 
 
 class ExampleLoader:
@@ -53,7 +54,7 @@ class ExampleLoader:
         start = (self.index * self.size + self.rank) * self.micro
         rows = [self.examples[i] for i in order[start : start + self.micro]]
         self.index += 1
-        return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        return collate(rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}

@@ -8,7 +8,7 @@ Conversations are rendered with the model's tokenizer chat template, labelled on
 only, and packed several to a sequence with document masking (attention and loss never cross
 conversations). Every `heldout_every`-th conversation is held out: the report shows its
 assistant-token loss before the first step and after the last, scored through the training engine
-(`kubellm.training.engine.Evaluation`). The base model's weights are read tensor by tensor as each
+(`kubellm.training.evaluation.Evaluation`). The base model's weights are read tensor by tensor as each
 rank fills its model (`kubellm.model.hf.open_hf`). Same engine, ZeRO options, launch and export as pretrain.
 """
 
@@ -82,7 +82,8 @@ def run(config: SFTConfig, inputs: Mapping[str, str], output: str) -> Manifest:
 def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.sft.data import SkipReport, pack_examples, read_chat_jsonl
     from kubellm.sft.objective import SFTObjective, packs_to_arrays
-    from kubellm.training.engine import Evaluation, train
+    from kubellm.training.engine import train
+    from kubellm.training.evaluation import Evaluation
 
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,20 @@ log = logging.getLogger(__name__)
 DROPPED_WARN_FRACTION = 0.01
 """Warn when the shard tails no window reaches (each shard's last `(tokens − 1) % seq_len` tokens, all
 of a shard shorter than `seq_len + 1`) exceed this fraction of the tokens."""
+
+
+def collate(rows: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch from fixed-shape examples: each key's arrays stacked along a new first dim
+    (`keys`: those only; default every key of the first row)."""
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in (keys if keys is not None else rows[0])}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """A host micro-batch on the training device (on CPU: the batch itself)."""
+    if device == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
 
 def open_shards(paths: Sequence[str | Path], vocab_size: int, *, rank: int = 0,
                 world: int = 1) -> list[TokenShardReader]:
@@ -149,8 +163,7 @@ class PackedWindowLoader:
                 epoch, offset = epoch + 1, 0
             rows.append(self._window(int(self._rank_items(epoch)[offset])))
             offset += 1
-        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-        return batch, (epoch, offset)
+        return collate(rows), (epoch, offset)
 
     # -- iteration with background prefetch ---------------------------------------------------------
     def _producer(self, pos: tuple[int, int], q: queue.Queue[Any], stop: threading.Event) -> None:

@@ -77,7 +77,7 @@ def clips_in_kubellm(train_cfg: TrainConfig, parallel_cfg: ParallelConfig, devic
     under pipeline parallelism its norm covers the first stage's parameters only (DeepSpeed counts a
     parameter where the grid's model-parallel rank, pipe stage and TP slice together, is 0), so later
     stages were clipped by a norm missing their own gradients. kubellm clips by the one global norm
-    it also logs and checks (`engine.clip_gradients`, `engine.model_parallel_grad_norm`)."""
+    it also logs and checks (`gradients.clip_gradients`, `gradients.model_parallel_grad_norm`)."""
     return train_cfg.zero_stage == 0 and deepspeed_half(train_cfg, device) is None
 
 

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import logging
 import math
 import os
 import random
-import socket
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,12 +42,19 @@ from torch import Tensor
 
 from kubellm.core import faults
 from kubellm.core.errors import ConfigError
-from kubellm.core.storage import is_s3, join, local_path, storage_for
+from kubellm.core.storage import is_s3, join
 from kubellm.model.config import ModelConfig
 from kubellm.model.parallel import collective_device
-from kubellm.training.collective import raise_if_any_failed
 from kubellm.training.config import ParallelConfig, TrainConfig
+from kubellm.training.data import to_device
 from kubellm.training.dsconfig import clips_in_kubellm, deepspeed_config, deepspeed_half
+from kubellm.training.evaluation import Evaluation, evaluate_examples
+from kubellm.training.gradients import (
+    clip_gradients,
+    clip_model_parallel,
+    deepspeed_checks_step,
+    deepspeed_grad_norm,
+)
 from kubellm.training.hostmem import keep_freed_memory
 from kubellm.training.metrics import MetricsLogger, peak_memory_mb, peak_tflops
 from kubellm.training.optim import (
@@ -62,14 +66,10 @@ from kubellm.training.optim import (
 )
 from kubellm.training.pipeline import PipelineBatches
 from kubellm.training.pipeline import check_objective as check_pipeline_objective
+from kubellm.training.process_group import init_distributed, resolve_device
 from kubellm.training.relayout import consolidated_resume
-from kubellm.training.stepguard import (
-    StepGuard,
-    optimizer_step_skipped,
-    poison_gradients,
-    skip_boundary_step,
-    skip_update,
-)
+from kubellm.training.runfiles import local_work_dir, restore_run_files, upload_run_files
+from kubellm.training.stepguard import PipelineStepGuard, StepGuard, skip_boundary_step, skip_update
 from kubellm.training.topology import ParallelModel, build_parallel_model, fill_from_dense, validate_layout
 
 log = logging.getLogger(__name__)
@@ -127,79 +127,7 @@ class TrainResult:
     carried in the checkpoints, so a resumed run reports the score its first attempt took."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """Examples (the objective's fixed-shape arrays, as its loader reads them) that `train` scores with the
-    objective's loss, without an update: after the last step, and before the first when `at_start`.
-
-    Each data-parallel replica scores every dp-th micro-batch of them on the training device, in the
-    training precision, through the engine (ZeRO-3 gathers its parameters, TP ranks compute their
-    shards, a pipeline runs DeepSpeed's inference schedule). The loss and the objective's metrics are
-    means weighted by the objective's `target_tokens` (SFT: over every assistant token), else by
-    example (DPO: over pairs)."""
-
-    examples: Sequence[dict[str, np.ndarray]]
-    at_start: bool = False
-
-
-# -- process group ---------------------------------------------------------------------------------------
-def resolve_device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use auto or cpu")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-_SELF_MADE = "KUBELLM_SINGLE_PROCESS_GROUP"
-
-
-def in_distributed_worker() -> bool:
-    """True inside a torchrun / PyTorchJob worker (the launcher set RANK and WORLD_SIZE)."""
-    # init_distributed gives a plain `python` process a 1-rank group and marks it `<pid>:<port>`.
-    # Those variables stay in os.environ (DeepSpeed reads LOCAL_RANK while it builds engines), so child
-    # processes inherit them: in the process that made the group, or in a child while MASTER_PORT is
-    # still that port, they describe that group, not a launcher's (a launcher sets a port of its own).
-    pid, _, port = os.environ.get(_SELF_MADE, "").partition(":")
-    self_made = bool(port) and (pid == str(os.getpid()) or port == os.environ.get("MASTER_PORT"))
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not self_made
-
-
-def init_distributed(device: str = "cpu") -> tuple[int, int]:
-    """Join (or, alone, create) the process group; returns (rank, world_size)."""
-    if not dist.is_initialized():
-        if not in_distributed_worker():
-            # a plain `python` process: a 1-rank group so the same DeepSpeed path runs everywhere
-            port = str(_free_port())
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: f"{os.getpid()}:{port}",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        import deepspeed
-
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", timeout=pg_timeout())
-    return dist.get_rank(), dist.get_world_size()
-
-
-def pg_timeout() -> datetime.timedelta:
-    """The process-group timeout: KUBELLM_PG_TIMEOUT_S (the PyTorchJob's `pg_timeout_s`), else 600 s. A
-    collective waiting on a lost peer fails after it instead of hanging the other ranks."""
-    raw = os.environ.get("KUBELLM_PG_TIMEOUT_S", "600")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ConfigError(f"KUBELLM_PG_TIMEOUT_S={raw!r}: expected a number of seconds") from None
-    if seconds <= 0:
-        raise ConfigError(f"KUBELLM_PG_TIMEOUT_S={raw!r}: expected a number of seconds > 0")
-    return datetime.timedelta(seconds=seconds)
-
-
+# -- set-up ------------------------------------------------------------------------------------------------
 def train_autocast(train_cfg: TrainConfig, device: str) -> contextlib.AbstractContextManager[Any]:
     """The autocast the training step runs under: bf16 on CPU is autocast over fp32 weights
     (DeepSpeed's bf16 mode is used on CUDA; see dsconfig). Frozen models that score alongside the
@@ -254,196 +182,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def local_work_dir(run_dir: str) -> Path:
-    """Where rank 0 writes metrics: the run dir itself when local, else a node-local directory."""
-    if not is_s3(run_dir):
-        return local_path(run_dir)
-    base = Path(os.environ.get("KUBELLM_CACHE_DIR", Path.home() / ".cache" / "kubellm"))
-    return base / "runs" / run_dir.replace("s3://", "").replace("/", "_")
-
-
 def _checkpoint_manager(run_dir: str, keep: int, model_cfg: ModelConfig) -> Any:
     """The run's checkpoints, recording (and on resume comparing) the model config itself: a pipeline
     stage module carries no config of its own, and its parameter names cover one stage only."""
     from kubellm.training.checkpoint import CheckpointManager
 
     return CheckpointManager(join(run_dir, "checkpoints"), keep=keep, model_config=model_cfg)
-
-
-def _grad_norm(engine: Any) -> float:
-    """Global gradient norm before clipping, as DeepSpeed's optimizer recorded it in the last `step()`
-    (ZeRO ≥ 1, bf16/fp16 wrappers: `deepspeed_checks_step`); where it records none, a norm of this
-    rank's .grad tensors (plain ZeRO 0 uses `clip_gradients` / `model_parallel_grad_norm` instead)."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def model_parallel_grad_norm(engine: Any, tp_rank: int, dp_size: int) -> float:
-    """ZeRO 0 with TP and/or PP: the global norm of the (already data-parallel-reduced) gradients,
-    the same number on every rank. Each rank sums the squares of its own gradients, counting a
-    TP-sharded parameter (`tensor_model_parallel`) on every TP rank, a replicated one (norms) on TP
-    rank 0 only, and a pipeline-tied copy (`ds_pipe_replicated`, the embedding on the last stage)
-    not at all; one all-reduce over every rank then adds the stages, TP ranks and the dp replicas
-    (which hold identical gradients, hence the division by dp)."""
-    sq = torch.zeros(1, dtype=torch.float64, device=collective_device())
-    for p in engine.module.parameters():
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
-            continue
-        sq += torch.linalg.vector_norm(p.grad.detach().float()).double() ** 2
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sq)
-    return math.sqrt(float(sq[0]) / dp_size)
-
-
-def deepspeed_checks_step(engine: Any, zero_stage: int) -> bool:
-    """Whether DeepSpeed's own optimizer wrapper computes the gradient norm and skips a non-finite
-    step inside `step()`: ZeRO ≥ 1, and DeepSpeed's bf16/fp16 modes (CUDA). The norm is then read
-    after `step()` (before it, `get_global_grad_norm` still holds the previous step's value)."""
-    return zero_stage > 0 or bool(engine.bfloat16_enabled()) or bool(engine.fp16_enabled())
-
-
-class PipelineStepGuard:
-    """pp > 1: the StepGuard inside DeepSpeed's `train_batch`, before its update is applied.
-
-    DeepSpeed's pipeline schedule ends every step with ReduceTiedGrads, ReduceGrads, OptimizerStep
-    on every stage; this swaps two of those instructions (on this engine instance only):
-    * ReduceTiedGrads: all forwards and backwards are done, the last stage holds the step's loss.
-      It is broadcast over the pipe group and `guard.check_loss` runs on every rank (same verdict);
-      "stop" raises here. To skip with ZeRO ≥ 1 the local gradients are made non-finite before they
-      are reduced, so ZeRO's overflow path skips the update (as `skip_update` does without pp).
-    * OptimizerStep: with ZeRO 0 (no DeepSpeed bf16/fp16 wrapper) the gradients are reduced over dp
-      and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm` and
-      clips every stage's gradients (`grad_clip`, `clip_model_parallel`; DeepSpeed's own clip would use the
-      first stage's norm), and a skipped step runs the optimizer step as a no-op
-      (`optimizer_step_skipped`: LR schedule held).
-    """
-
-    def __init__(self, engine: Any, guard: StepGuard, zero_stage: int, tp_rank: int, dp_size: int,
-                 grad_clip: float = 0.0) -> None:
-        from deepspeed.runtime.pipe import schedule
-
-        self.engine, self.guard, self.zero_stage, self.grad_clip = engine, guard, zero_stage, grad_clip
-        self.tp_rank, self.dp_size = tp_rank, dp_size
-        self.own_norm = not deepspeed_checks_step(engine, zero_stage)
-        self.step = 0
-        self.verdict: str | None = None
-        self.grad_norm = 0.0
-        table = dict(type(engine)._INSTRUCTION_MAP)
-        real_tied, real_opt = table[schedule.ReduceTiedGrads], table[schedule.OptimizerStep]
-        me = self
-
-        def reduce_tied_grads(eng: Any, **kw: Any) -> None:
-            me._check_loss()
-            real_tied(eng, **kw)
-
-        def optimizer_step(eng: Any, **kw: Any) -> None:
-            if me.own_norm and not me.verdict:
-                me.grad_norm = clip_model_parallel(eng, me.tp_rank, me.dp_size, me.grad_clip)
-                me.verdict = me.guard.check_grad_norm(me.grad_norm, me.step)
-            if me.verdict and me.zero_stage == 0:
-                with optimizer_step_skipped(eng.optimizer):
-                    real_opt(eng, **kw)
-            else:
-                real_opt(eng, **kw)
-
-        table[schedule.ReduceTiedGrads] = reduce_tied_grads
-        table[schedule.OptimizerStep] = optimizer_step
-        engine._INSTRUCTION_MAP = table  # the instance's map; PipelineEngine binds each entry to itself
-
-    def begin(self, step: int) -> None:
-        self.step, self.verdict, self.grad_norm = step, None, 0.0
-
-    def _check_loss(self) -> None:
-        eng = self.engine
-        loss = torch.zeros(1, dtype=torch.float64, device=collective_device())
-        if eng.is_last_stage():
-            loss[0] = float(eng.total_loss) / eng.gradient_accumulation_steps()
-        if eng.num_stages > 1:
-            src = eng.grid.stage_to_global(eng.num_stages - 1)
-            dist.broadcast(loss, src=src, group=eng.grid.get_pipe_parallel_group())
-        self.verdict = self.guard.check_loss(loss, self.step)  # collective; "stop" raises
-        if self.verdict and self.zero_stage > 0:
-            poison_gradients(eng)
-
-
-def _to_device(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
-    if device == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _evaluate(engine: Any, objective: Objective, examples: Sequence[dict[str, np.ndarray]], micro: int,
-              built: ParallelModel | None, device: str, autocast: contextlib.AbstractContextManager[Any]
-              ) -> dict[str, float]:
-    """Weighted means of the objective's loss and metrics over `examples` (see `Evaluation`); collective:
-    every rank of the job calls it. Every replica runs as many forward passes (a replica short of
-    micro-batches repeats one with weight 0), as ZeRO-3's parameter gathers and TP's collectives need."""
-    from kubellm.sft.data import IGNORE
-
-    pipeline = built is not None and built.pipeline
-    dp_rank, dp_size = (built.dp_rank, built.dp_size) if built is not None else (dist.get_rank(), dist.get_world_size())
-
-    def batch(i: int) -> dict[str, Tensor]:  # micro-batch i, stacked when it is needed (not all at once)
-        rows = examples[i * micro : (i + 1) * micro]
-        return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-
-    n = -(-len(examples) // micro)
-    weigh = getattr(objective, "target_tokens", None)
-    weights = [float(weigh(batch(i))) if weigh is not None else float(len(examples[i * micro : (i + 1) * micro]))
-               for i in range(n)]  # the same on every rank
-    total = sum(weights)
-    if total == 0:
-        return {}
-    per = -(-n // dp_size)
-    mine = [(batch(i), weights[i]) for i in range(dp_rank, n, dp_size)]
-    mine += [(batch(0), 0.0)] * (per - len(mine))
-    if pipeline:
-        # the pipeline sends activations of one shape: a short last micro-batch gets rows whose labels
-        # are all ignored (the causal-LM loss is a mean over labelled tokens, which they leave as it is)
-        def full(b: dict[str, Tensor]) -> dict[str, Tensor]:
-            short = micro - b["input_ids"].shape[0]
-            if not short:
-                return b
-            pad = {k: v[:1].expand(short, *v.shape[1:]) for k, v in b.items()}
-            pad["labels"] = torch.full_like(pad["labels"], IGNORE)
-            return {k: torch.cat([v, pad[k]]) for k, v in b.items()}
-
-        feed = PipelineBatches(iter(()), objective.tokens)
-        feed.feed([full(b) for b, _ in mine], [w for _, w in mine])  # each loss times its weight
-        with autocast:
-            out = engine.eval_batch(data_iter=feed, num_micro_batches=per)  # mean over micro-batches and dp
-        return {"loss": float(out) * per * dp_size / total}
-    sums: dict[str, float] = {}
-    error: BaseException | None = None
-    engine.eval()
-    try:
-        with torch.no_grad():
-            for b, w in mine:
-                with autocast:
-                    loss, metrics = objective.loss(engine, _to_device(b, device))
-                for k, v in {"loss": loss, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + (float(v) * w if w else 0.0)
-    except Exception as e:  # noqa: BLE001 - raised on every rank below, after the peers have heard of it
-        error = e
-    finally:
-        engine.train()
-    # a rank that failed (out of memory on its share) fails every rank here, not after a timeout in the
-    # all-reduce (ZeRO 0-2 forwards run no collective of their own; ZeRO-3/TP ones would still wait)
-    raise_if_any_failed(error, "held-out scoring", {}, RuntimeError)
-    keys = sorted(sums)
-    counts = built is None or built.tp_rank == 0  # a replica's TP ranks compute the same values
-    reduced = torch.tensor([sums[k] if counts else 0.0 for k in keys], dtype=torch.float64,
-                           device=collective_device())
-    if dist.get_world_size() > 1:
-        dist.all_reduce(reduced)
-    return {k: float(reduced[i]) / total for i, k in enumerate(keys)}
 
 
 def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[str, Any],
@@ -464,32 +208,6 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
     if engine.dp_world_size == 1 and not engine.zero_optimization() and not engine.pipeline_parallelism:
         engine.enable_backward_allreduce = False
     return engine, scheduler
-
-
-def clip_model_parallel(engine: Any, tp_rank: int, dp_size: int, max_norm: float) -> float:
-    """ZeRO 0 with TP and/or PP: the global gradient norm over every rank (`model_parallel_grad_norm`,
-    returned before clipping), and this rank's .grad clipped by it with torch's `clip_grads_with_norm_`
-    (the factor `clip_grad_norm_` applies, the same on every rank). No clipping when `max_norm` ≤ 0 or
-    the norm is not finite (the step guard skips that step)."""
-    norm = model_parallel_grad_norm(engine, tp_rank, dp_size)
-    if max_norm <= 0 or not math.isfinite(norm):
-        return norm
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm, dtype=torch.float64), foreach=True)
-    return norm
-
-
-def clip_gradients(engine: Any, max_norm: float) -> float:
-    """Global gradient norm of the module's .grad (before clipping), clipped to `max_norm` when > 0:
-    torch's foreach kernels, one norm for both the clip and the logged value. Used where
-    `dsconfig.clips_in_kubellm` holds without TP/PP (DeepSpeed's gradient_clipping is 0 there)."""
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
@@ -606,7 +324,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             log.warning("the checkpoint at step %d records no start-of-run score of %s (written by an older "
                         "kubellm, or with other evaluations): it is left out of the results", start_step, lost)
     elif at_start:
-        scores["start"] = {name: _evaluate(engine, objective, evaluate[name].examples, train_cfg.micro_batch_size,
+        scores["start"] = {name: evaluate_examples(engine, objective, evaluate[name].examples, train_cfg.micro_batch_size,
                                            built, device, autocast) for name in at_start}
     if rank == 0 and (warning := schedule_warning(train_cfg.optim, train_cfg.max_steps)):
         log.warning("%s", warning)
@@ -661,7 +379,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                     check_token_ids(batch["input_ids"], model_cfg.vocab_size, where="training batch")
                     checked = True
                 n_tokens += objective.tokens(batch)  # on the host batch: no device sync
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 with autocast:
                     loss, metrics = objective.loss(engine, batch)
                 if weights is not None:
@@ -688,7 +406,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v.detach().double().cpu() / accum
             if ds_checks:  # DeepSpeed computed the norm (and skipped a non-finite step) in step()
-                grad_norm = _grad_norm(engine)
+                grad_norm = deepspeed_grad_norm(engine)
                 if not skipped and (int(getattr(engine, "skipped_steps", 0)) > skips_before
                                     or not math.isfinite(grad_norm)):
                     fp16 = bool(engine.fp16_enabled())  # the loss scaler's overflow: counted, routine
@@ -742,7 +460,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
         if close is not None:
             close()
 
-    scores["end"] = {name: _evaluate(engine, objective, ev.examples, train_cfg.micro_batch_size, built, device,
+    scores["end"] = {name: evaluate_examples(engine, objective, ev.examples, train_cfg.micro_batch_size, built, device,
                                      autocast) for name, ev in evaluate.items()}
     from kubellm.training.checkpoint import consolidated_state_dict
 
@@ -765,31 +483,3 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                        world_size=world, scores=scores)
 
 
-def upload_run_files(work: Path, run_dir: str) -> None:
-    """Copy rank 0's metrics (JSONL, TensorBoard) to an S3 run dir (no-op for a local run dir)."""
-    if not is_s3(run_dir):
-        return
-    st = storage_for(run_dir)
-    for p in sorted(work.rglob("*")):
-        if p.is_file():
-            st.upload(p, join(run_dir, p.relative_to(work).as_posix()))
-
-
-def restore_run_files(run_dir: str, work: Path) -> None:
-    """Before a resume, fetch an S3 run dir's metrics (JSONL, TensorBoard; uploaded at every checkpoint)
-    into rank 0's node-local `work` dir when it has none: a resume on another pod then keeps the earlier
-    steps' rows instead of publishing a log that starts at the resume."""
-    if not is_s3(run_dir) or (work / "metrics.jsonl").exists():
-        return
-    st = storage_for(run_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    if st.exists(uri := join(run_dir, "metrics.jsonl")):
-        st.download(uri, work / "metrics.jsonl")
-    for o in st.list(join(run_dir, "tensorboard")):
-        dest = work / "tensorboard" / o.relpath
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        st.download(o.uri, dest)
-
-
-def scratch_dir(prefix: str = "kubellm-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -238,7 +238,7 @@ def check_before_launch(stage: str, model_cfg: ModelConfig, train_cfg: TrainConf
 def _worker_device(train_cfg: TrainConfig, launch: LaunchConfig) -> str:
     """The device the workers will resolve `train.device` to, as far as the launcher can tell."""
     if launch.backend == "local":
-        from kubellm.training.engine import resolve_device
+        from kubellm.training.process_group import resolve_device
 
         return resolve_device(train_cfg.device)  # the workers run on this machine
     if train_cfg.device == "cuda" and launch.gpu == 0:

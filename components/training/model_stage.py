@@ -92,7 +92,7 @@ def start_worker(spec: JobSpec, train_cfg: Any) -> WorkerStart:
     from transformers import AutoTokenizer
 
     from kubellm.model.hf import open_hf
-    from kubellm.training.engine import init_distributed, resolve_device
+    from kubellm.training.process_group import init_distributed, resolve_device
 
     rank, world = init_distributed(resolve_device(train_cfg.device))
     base = fetch_model(spec.inputs["model"], fetch_here=int(os.environ.get("LOCAL_RANK", "0")) == 0)
@@ -112,7 +112,7 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
                   run_worker: Any, *, model_cfg: ModelConfig, parents: Mapping[str, str]) -> Manifest:
     """Reuse a committed artifact at `prefix`, else train: in this process when the job has one
     process (or this already is a worker), otherwise through the stage's launch backend."""
-    from kubellm.training.engine import in_distributed_worker
+    from kubellm.training.process_group import in_distributed_worker
 
     world = config.launch.nproc_per_node * config.launch.nnodes
     # refuse a layout, batch, ZeRO or precision setting that cannot work before any process is launched:
@@ -136,8 +136,8 @@ def publish_model(spec: JobSpec, *, stage: str, model_cfg: ModelConfig, result: 
     """Rank 0: export the trained weights as HF Llama + metrics + loss curve and publish a `model`."""
     from kubellm.model.flops import num_params
     from kubellm.model.hf import export_hf
-    from kubellm.training.engine import local_work_dir, scratch_dir, upload_run_files
     from kubellm.training.metrics import markdown_report, plot_loss_curve
+    from kubellm.training.runfiles import local_work_dir, scratch_dir, upload_run_files
 
     out = scratch_dir(f"kubellm-{stage}-")
     try:

@@ -21,12 +21,12 @@ DeepSpeed's `skipped_steps` counter goes up, as for an fp16 overflow):
 
 A non-finite gradient norm with a finite loss is caught too: with ZeRO 0 from the all-reduced
 gradients before `engine.step()` (`check_grad_norm`; with TP/PP one global norm over every rank,
-`engine.model_parallel_grad_norm`), with ZeRO ≥ 1 and with DeepSpeed's bf16/fp16 optimizer wrappers
+`gradients.model_parallel_grad_norm`), with ZeRO ≥ 1 and with DeepSpeed's bf16/fp16 optimizer wrappers
 (the CUDA path, any ZeRO stage) by DeepSpeed itself inside `step()` (seen afterwards as a rise in
 `engine.skipped_steps` or a non-finite norm, `note_deepspeed_skip`).
 
 With pipeline parallelism DeepSpeed's `train_batch` runs the backwards and the update itself; the
-same checks run inside it, before the update (`engine.PipelineStepGuard`).
+same checks run inside it, before the update (`PipelineStepGuard`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from kubellm.model.parallel import collective_device
+from kubellm.training.gradients import clip_model_parallel, deepspeed_checks_step
 
 NONFINITE = "nonfinite"
 SPIKE = "spike"
@@ -180,3 +181,67 @@ def skip_boundary_step(engine: Any) -> None:
     """ZeRO 0, gradients already reduced (non-finite norm found after backward): skip the update."""
     with optimizer_step_skipped(engine.optimizer):
         engine.step()
+
+
+class PipelineStepGuard:
+    """pp > 1: the StepGuard inside DeepSpeed's `train_batch`, before its update is applied.
+
+    DeepSpeed's pipeline schedule ends every step with ReduceTiedGrads, ReduceGrads, OptimizerStep
+    on every stage; this swaps two of those instructions (on this engine instance only):
+    * ReduceTiedGrads: all forwards and backwards are done, the last stage holds the step's loss.
+      It is broadcast over the pipe group and `guard.check_loss` runs on every rank (same verdict);
+      "stop" raises here. To skip with ZeRO ≥ 1 the local gradients are made non-finite before they
+      are reduced, so ZeRO's overflow path skips the update (as `skip_update` does without pp).
+    * OptimizerStep: with ZeRO 0 (no DeepSpeed bf16/fp16 wrapper) the gradients are reduced over dp
+      and tied copies; their global norm (`model_parallel_grad_norm`) goes to `check_grad_norm` and
+      clips every stage's gradients (`grad_clip`, `clip_model_parallel`; DeepSpeed's own clip would use the
+      first stage's norm), and a skipped step runs the optimizer step as a no-op
+      (`optimizer_step_skipped`: LR schedule held).
+    """
+
+    def __init__(self, engine: Any, guard: StepGuard, zero_stage: int, tp_rank: int, dp_size: int,
+                 grad_clip: float = 0.0) -> None:
+        from deepspeed.runtime.pipe import schedule
+
+        self.engine, self.guard, self.zero_stage, self.grad_clip = engine, guard, zero_stage, grad_clip
+        self.tp_rank, self.dp_size = tp_rank, dp_size
+        self.own_norm = not deepspeed_checks_step(engine, zero_stage)
+        self.step = 0
+        self.verdict: str | None = None
+        self.grad_norm = 0.0
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        real_tied, real_opt = table[schedule.ReduceTiedGrads], table[schedule.OptimizerStep]
+        me = self
+
+        def reduce_tied_grads(eng: Any, **kw: Any) -> None:
+            me._check_loss()
+            real_tied(eng, **kw)
+
+        def optimizer_step(eng: Any, **kw: Any) -> None:
+            if me.own_norm and not me.verdict:
+                me.grad_norm = clip_model_parallel(eng, me.tp_rank, me.dp_size, me.grad_clip)
+                me.verdict = me.guard.check_grad_norm(me.grad_norm, me.step)
+            if me.verdict and me.zero_stage == 0:
+                with optimizer_step_skipped(eng.optimizer):
+                    real_opt(eng, **kw)
+            else:
+                real_opt(eng, **kw)
+
+        table[schedule.ReduceTiedGrads] = reduce_tied_grads
+        table[schedule.OptimizerStep] = optimizer_step
+        engine._INSTRUCTION_MAP = table  # the instance's map; PipelineEngine binds each entry to itself
+
+    def begin(self, step: int) -> None:
+        self.step, self.verdict, self.grad_norm = step, None, 0.0
+
+    def _check_loss(self) -> None:
+        eng = self.engine
+        loss = torch.zeros(1, dtype=torch.float64, device=collective_device())
+        if eng.is_last_stage():
+            loss[0] = float(eng.total_loss) / eng.gradient_accumulation_steps()
+        if eng.num_stages > 1:
+            src = eng.grid.stage_to_global(eng.num_stages - 1)
+            dist.broadcast(loss, src=src, group=eng.grid.get_pipe_parallel_group())
+        self.verdict = self.guard.check_loss(loss, self.step)  # collective; "stop" raises
+        if self.verdict and self.zero_stage > 0:
+            poison_gradients(eng)

@@ -76,8 +76,8 @@ def test_pp2_tied_embeddings_activation_checkpointing_uniform_stages(shards: lis
 def stage_bounds(model: dict[str, Any], method: str) -> list[int]:
     """Runs on each rank: the layer index where each pipeline stage starts (and the end)."""
     from kubellm.training.config import ParallelConfig, TrainConfig
-    from kubellm.training.engine import init_distributed
     from kubellm.training.pipeline import build_pipeline
+    from kubellm.training.process_group import init_distributed
     from tests.parallel.parallel_helpers import SEQ, tiny_model
 
     init_distributed("cpu")
@@ -89,8 +89,8 @@ def stage_bounds(model: dict[str, Any], method: str) -> list[int]:
 def stage_params(models: list[dict[str, Any]]) -> list[tuple[list[int], int]]:
     """Runs on each rank: for each model, DeepSpeed's stage bounds and the parameters this rank holds."""
     from kubellm.training.config import ParallelConfig, TrainConfig
-    from kubellm.training.engine import init_distributed
     from kubellm.training.pipeline import build_pipeline
+    from kubellm.training.process_group import init_distributed
     from tests.parallel.parallel_helpers import SEQ, tiny_model
 
     init_distributed("cpu")

@@ -121,7 +121,7 @@ def test_dpo_steps_raise_reward_accuracy(chat_tokenizer_dir: Path, tmp_path: Pat
 
 def test_sft_lowers_heldout_assistant_loss(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     from kubellm.sft.objective import packs_to_arrays
-    from kubellm.training.engine import Evaluation
+    from kubellm.training.evaluation import Evaluation
 
     tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
     convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
@@ -254,8 +254,9 @@ def _ds_bf16_step0_logprobs(vocab: int) -> dict[str, list[float]]:
 
     from kubellm.dpo.objective import policy_logprobs
     from kubellm.training.dsconfig import deepspeed_config
-    from kubellm.training.engine import init_distributed, weight_dtype
+    from kubellm.training.engine import weight_dtype
     from kubellm.training.optim import param_groups
+    from kubellm.training.process_group import init_distributed
 
     init_distributed("cpu")
     tc = _train_cfg(1).model_copy(update={"precision": "bf16"})
@@ -292,8 +293,8 @@ def _reference_rank(tok_dir: str, prefs: str, run_dir: str, n: int) -> dict:
     """One rank of the cached-reference pass (`kubellm.dpo.stage._cached_reference`)."""
     from kubellm.dpo.config import DPOConfig
     from kubellm.dpo.stage import _cached_reference
-    from kubellm.training.engine import init_distributed
     from kubellm.training.job import JobSpec
+    from kubellm.training.process_group import init_distributed
 
     rank, world = init_distributed("cpu")
     tok = AutoTokenizer.from_pretrained(tok_dir)

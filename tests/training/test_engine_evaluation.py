@@ -20,7 +20,8 @@ from kubellm.model import Transformer
 from kubellm.sft.data import IGNORE, PackedSequence
 from kubellm.sft.objective import SFTObjective, packs_to_arrays
 from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
-from kubellm.training.engine import Evaluation, train
+from kubellm.training.engine import train
+from kubellm.training.evaluation import Evaluation
 from kubellm.training.spawn import spawn
 from tests.parallel.parallel_helpers import VOCAB, tiny_model
 

@@ -86,7 +86,8 @@ def _engine_applies(reuse: bool) -> bool:
     from kubellm.training import hostmem
     from kubellm.training.config import ParallelConfig, TrainConfig
     from kubellm.training.dsconfig import deepspeed_config
-    from kubellm.training.engine import build_engine, init_distributed
+    from kubellm.training.engine import build_engine
+    from kubellm.training.process_group import init_distributed
 
     init_distributed("cpu")
     tc = TrainConfig(micro_batch_size=2, global_batch_size=2, seq_len=16, device="cpu", host_memory_reuse=reuse)

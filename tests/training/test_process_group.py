@@ -10,17 +10,17 @@ import textwrap
 
 import pytest
 
-from kubellm.training.engine import in_distributed_worker
+from kubellm.training.process_group import in_distributed_worker
 
 _CHILD = textwrap.dedent("""
-    from kubellm.training.engine import in_distributed_worker, init_distributed
+    from kubellm.training.process_group import in_distributed_worker, init_distributed
     print("worker", in_distributed_worker())
     print("group", *init_distributed("cpu"))
 """)
 
 _PARENT = textwrap.dedent(f"""
     import os, subprocess, sys
-    from kubellm.training.engine import in_distributed_worker, init_distributed
+    from kubellm.training.process_group import in_distributed_worker, init_distributed
     assert init_distributed("cpu") == (0, 1)
     assert not in_distributed_worker()
     assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"]   # DeepSpeed reads these later

@@ -242,7 +242,7 @@ def test_pg_timeout_comes_from_the_pytorchjob_setting(monkeypatch: pytest.Monkey
     """KUBELLM_PG_TIMEOUT_S (exported from `pg_timeout_s`) reaches the process group; it had been ignored."""
     import datetime
 
-    from kubellm.training.engine import pg_timeout
+    from kubellm.training.process_group import pg_timeout
 
     monkeypatch.delenv("KUBELLM_PG_TIMEOUT_S", raising=False)
     assert pg_timeout() == datetime.timedelta(seconds=600)

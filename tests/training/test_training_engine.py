@@ -201,7 +201,8 @@ def s3_resume_rows(shards: list[str], run_dir: str, pods: list[str]) -> dict:
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.training.checkpoint import tag_for
     from kubellm.training.config import OptimConfig, ParallelConfig, TrainConfig
-    from kubellm.training.engine import local_work_dir, train
+    from kubellm.training.engine import train
+    from kubellm.training.runfiles import local_work_dir
 
     cfg = get_preset("debug").with_(vocab_size=256, max_seq_len=64)
     tc = TrainConfig(max_steps=6, micro_batch_size=2, global_batch_size=4, seq_len=32, progress_bar=False,
