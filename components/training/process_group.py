@@ -56,7 +56,12 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", _SELF_MADE: f"{os.getpid()}:{port}",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         import deepspeed
+        from deepspeed.utils import groups
 
+        # a world this process had before, destroyed with torch's own `destroy_process_group` (not
+        # deepspeed.comm's), leaves DeepSpeed holding the groups it built from it: the next engine would
+        # meet them dead ("Group ... is not registered"); a new world starts without them
+        groups._release_process_group_references(group=None)
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", timeout=pg_timeout())
