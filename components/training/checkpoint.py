@@ -9,6 +9,9 @@
     ckpt.save(engine, step, {"loader": loader.state_dict(), "step": step})   # every rank calls it
     full = ckpt.consolidated_state_dict(engine)     # rank 0: fp32 CPU state_dict, any ZeRO stage
 
+What each manifest records of the engine (layout, model config, parameter shapes, precision) is
+`kubellm.training.engine_meta`; gathering the whole model's weights, `kubellm.training.consolidate`.
+
 Layout of a run prefix (one per training run; two runs never share one):
 
     <run_prefix>/step-00000010/attempt-<id>/mp_rank_00_model_states.pt    DeepSpeed's files, as written
@@ -46,7 +49,6 @@ tp/pp alone resumes through `kubellm.training.relayout`). DeepSpeed's universal 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -81,6 +83,16 @@ from kubellm.training.checkpoint_engine import (
     safe_torch_load,
 )
 from kubellm.training.collective import all_gather_objects, raise_if_any_failed
+from kubellm.training.consolidate import consolidated_state_dict
+from kubellm.training.engine_meta import (
+    config_dict,
+    engine_layout,
+    model_config_diff,
+    module_config,
+    param_shapes,
+    precision_name,
+    zero_partition_rank,
+)
 
 KIND = "checkpoint"
 TAG_RE = re.compile(r"^step-(\d{8,})$")
@@ -142,11 +154,6 @@ def _rank() -> int:
     return d.get_rank() if d else 0
 
 
-def _world() -> int:
-    d = _dist()
-    return d.get_world_size() if d else 1
-
-
 def _broadcast(obj: Any) -> Any:
     d = _dist()
     if d is None:
@@ -166,93 +173,6 @@ def _raise_if_any_failed(error: BaseException | None, what: str) -> None:
     """Collective: every rank raises, as the same kind of checkpoint error, so no rank proceeds into a
     DeepSpeed collective that its peers will never join."""
     raise_if_any_failed(error, what, _ERROR_TYPES, CheckpointError)
-
-
-# ---------------------------------------------------------------- what the engine looks like
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """The parallel layout a checkpoint's shards depend on."""
-
-    world_size: int
-    dp: int
-    tp: int
-    pp: int
-    zero_stage: int
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-def model_config_diff(manifest: Manifest, model_config: Any) -> str:
-    """'' when the checkpoint's recorded model config (if any) equals `model_config`, else what differs."""
-    want_cfg, have_cfg = _config_dict(model_config), manifest.metadata.get("model_config")
-    if want_cfg is None or have_cfg is None:
-        return ""
-    diff = [f"{k}: checkpoint={have_cfg.get(k)!r}, this run={want_cfg.get(k)!r}"
-            for k in sorted(set(want_cfg) | set(have_cfg)) if have_cfg.get(k) != want_cfg.get(k)]
-    return "model config differs — " + "; ".join(diff) if diff else ""
-
-
-def engine_layout(engine: Any) -> Layout:
-    """World size, DP/TP/PP degrees and ZeRO stage of a DeepSpeed engine."""
-    return Layout(
-        world_size=_world(),
-        dp=int(getattr(engine, "dp_world_size", 1) or 1),
-        # the grid's TP size: DeepSpeed's mp_world_size is TP × PP under a PipelineModule
-        tp=int(engine.mpu.get_tensor_model_parallel_world_size() if getattr(engine, "mpu", None) is not None
-               else getattr(engine, "mp_world_size", 1) or 1),
-        pp=int(getattr(engine, "num_stages", 1) or 1),  # PipelineEngine only
-        zero_stage=int(engine.zero_optimization_stage()),
-    )
-
-
-def _dp_rank(engine: Any) -> int:
-    """This rank's index within the ZeRO partition group (the `r` in `zero_pp_rank_{r}`)."""
-    d = _dist()
-    group = getattr(getattr(engine, "optimizer", None), "dp_process_group", None)
-    if d is None:
-        return 0
-    if group is not None:
-        return int(d.get_rank(group=group))
-    return int(d.get_rank(group=getattr(engine, "data_parallel_group", None)))
-
-
-def _config_dict(cfg: Any) -> dict[str, Any] | None:
-    if cfg is None:
-        return None
-    if hasattr(cfg, "model_dump"):
-        return dict(cfg.model_dump(mode="json"))
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return dataclasses.asdict(cfg)
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise TypeError(f"model_config must be a pydantic model, dataclass or mapping, got {type(cfg).__name__}")
-
-
-def _module_config(engine: Any) -> Any:
-    module = getattr(engine, "module", None)
-    for attr in ("cfg", "config", "model_config"):
-        cfg = getattr(module, attr, None)
-        if cfg is not None and (hasattr(cfg, "model_dump") or dataclasses.is_dataclass(cfg)):
-            return cfg
-    return None
-
-
-def param_shapes(engine: Any) -> dict[str, list[int]]:
-    """Full (unpartitioned) shape of every parameter: ZeRO-3 keeps the real one in `ds_shape`."""
-    out = {}
-    for name, p in engine.module.named_parameters():
-        shape = getattr(p, "ds_shape", None) or p.shape
-        out[name] = [int(s) for s in shape]
-    return out
-
-
-def _precision(engine: Any) -> str:
-    if engine.bfloat16_enabled():
-        return "bf16"
-    return "fp16" if engine.fp16_enabled() else "fp32"
 
 
 # ---------------------------------------------------------------- per-rank training state
@@ -490,17 +410,17 @@ class CheckpointManager:
                         "with different contents (two ranks must never write the same file)")
                 seen.setdefault(entry.path, (r, entry))
         files = [e for _, e in sorted(seen.values(), key=lambda x: x[1].path)]
-        cfg = self.model_config if self.model_config is not None else _module_config(engine)
+        cfg = self.model_config if self.model_config is not None else module_config(engine)
         import deepspeed
 
         metadata: dict[str, Any] = {
             "step": step,
             "tag": tag_for(step),
             "files_dir": files_dir,  # DeepSpeed's tag directory: every file's path starts with it
-            "model_config": _config_dict(cfg),
+            "model_config": config_dict(cfg),
             "param_shapes": param_shapes(engine),
             "layout": engine_layout(engine).as_dict(),
-            "precision": _precision(engine),
+            "precision": precision_name(engine),
             "deepspeed_version": deepspeed.__version__,
             "torch_version": torch.__version__,
             "global_steps": int(getattr(engine, "global_steps", step)),
@@ -586,7 +506,7 @@ class CheckpointManager:
         try:
             self._check_files_dir(chosen)
             self.check_compatible(chosen, engine)
-            wanted = self.files_for_rank(chosen, _dp_rank(engine), _rank(),
+            wanted = self.files_for_rank(chosen, zero_partition_rank(engine), _rank(),
                                          elastic=bool(engine.zero_elastic_checkpoint()))
             shutil.rmtree(staging, ignore_errors=True)
             fetch(chosen, local, paths=wanted)  # downloads + sha256-verifies each file
@@ -650,7 +570,7 @@ class CheckpointManager:
         meta = manifest.metadata
         problems = []
         differs = model_config_diff(manifest, self.model_config if self.model_config is not None
-                                    else _module_config(engine))
+                                    else module_config(engine))
         if differs:
             problems.append(differs)
         if not problems and meta.get("param_shapes") is not None:
@@ -682,50 +602,7 @@ class CheckpointManager:
 
     @staticmethod
     def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-        """Collective; see the module-level `consolidated_state_dict`."""
+        """Collective; see `kubellm.training.consolidate.consolidated_state_dict`."""
         return consolidated_state_dict(engine)
 
 
-def full_fp32_param(p: torch.nn.Parameter, keep: bool = True) -> torch.Tensor | None:
-    """Collective over the data-parallel group: the whole of `p` as an fp32 CPU tensor (None where
-    `keep` is False), from DeepSpeed's fp32 master copy where it keeps one (ZeRO 1/2/3, bf16/fp16); a
-    frozen ZeRO-3 parameter is gathered, one parameter at a time."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(p) if p.requires_grad else None
-    if value is None and hasattr(p, "ds_id"):  # ZeRO-3 frozen parameter
-        with GatheredParameters([p], modifier_rank=None):
-            value = p.detach().clone() if keep else None
-    elif value is None:
-        value = p.detach()
-    return value.detach().to("cpu", torch.float32).clone() if keep and value is not None else None
-
-
-def fp32_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
-    """Collective over the data-parallel group: `module`'s state dict on the host in fp32, parameters
-    from DeepSpeed's master copy (`full_fp32_param`, one at a time), buffers copied; None where `keep`
-    is False (that rank still takes part in every gather)."""
-    full: dict[int, torch.Tensor] = {}
-    for _, p in module.named_parameters():  # same order on every rank: the calls are collective
-        value = full_fp32_param(p, keep=keep)
-        if value is not None:
-            full[id(p)] = value
-    if not keep:
-        return None
-    out: dict[str, torch.Tensor] = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        if id(t) in full:
-            out[name] = full[id(t)]
-        else:  # buffers: never partitioned by ZeRO
-            out[name] = t.detach().to("cpu").clone()
-            if out[name].is_floating_point():
-                out[name] = out[name].float()
-    return out
-
-
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
-    stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
-    a bf16 run exports its optimizer's precision, not the rounded module weights."""
-    return fp32_state_dict(engine.module, keep=_rank() == 0)

@@ -462,7 +462,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
 
     scores["end"] = {name: evaluate_examples(engine, objective, ev.examples, train_cfg.micro_batch_size, built, device,
                                      autocast) for name, ev in evaluate.items()}
-    from kubellm.training.checkpoint import consolidated_state_dict
+    from kubellm.training.consolidate import consolidated_state_dict
 
     final = (built.consolidate(engine) if built is not None
              else consolidated_state_dict(engine))  # fp32 (master weights), any ZeRO stage

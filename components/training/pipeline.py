@@ -323,7 +323,7 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
                     dense_name=lambda k: to_dense_name(k, n))
 
     def consolidate(engine: Any) -> dict[str, Tensor] | None:
-        from kubellm.training.checkpoint import fp32_state_dict
+        from kubellm.training.consolidate import fp32_state_dict
 
         # one copy per model: data-parallel replica 0 keeps it, the others' TP groups skip the TP gather
         mine = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0)  # DP collective

@@ -157,7 +157,8 @@ def consolidated_resume(run_dir: str, model_cfg: ModelConfig, parallel_cfg: Para
             f"this run has dp={parallel_cfg.dp}, tp={parallel_cfg.tp}, pp={parallel_cfg.pp}. Changing tp/pp is "
             "supported when dp stays the same (the data position is per data-parallel rank); set parallel.dp="
             f"{saved.get('dp')} or start a fresh run from the consolidated export")
-    from kubellm.training.checkpoint import CheckpointMismatchError, model_config_diff
+    from kubellm.training.checkpoint import CheckpointMismatchError
+    from kubellm.training.engine_meta import model_config_diff
 
     differs = model_config_diff(manifest, model_cfg)
     if differs:  # the same check a same-layout resume makes (CheckpointManager.check_compatible)

@@ -244,7 +244,7 @@ def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parall
     model.set_activation_checkpointing(train_cfg.activation_checkpointing)
 
     def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
-        from kubellm.training.checkpoint import fp32_state_dict
+        from kubellm.training.consolidate import fp32_state_dict
 
         # the fp32 masters at every ZeRO stage (ZeRO-3: one parameter gathered at a time, not the
         # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode), kept by
