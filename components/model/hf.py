@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9
+"""The largest safetensors file `export_hf` writes: a bigger model is written as numbered shards
+(`model-00001-of-0000N.safetensors`) with an index, one shard converted in memory at a time."""
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Files of a model directory that are not the tokenizer's (never copied from tokenizer_dir, which for
 # SFT/DPO is the base model's own directory): its configs and manifest, and every weight file or weight
 # index in any format (single or sharded safetensors, pickle, TF/Flax, GGUF, ONNX, ...). Copying them
@@ -345,8 +349,10 @@ def end_of_turn_id(tok: Any, where: str = "tokenizer") -> int | None:
 
 def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig,
               out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              dtype: torch.dtype = torch.float32) -> Path:
-    """Write a `LlamaForCausalLM` directory: model.safetensors, config.json, generation_config.json
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a `LlamaForCausalLM` directory: model.safetensors (a model over `max_shard_bytes`: numbered
+    shards and model.safetensors.index.json, as transformers writes them; the export holds one shard's
+    copy in memory at a time), config.json, generation_config.json
     and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
     `tokenizer_dir` may be a model directory (SFT/DPO pass the base's): its configs, manifest and
     weight files or indexes (any format, see `is_tokenizer_file`) are never copied.
@@ -355,11 +361,26 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
         else model_or_state_dict
     check_exportable(sd, cfg)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes}: expected a number of bytes > 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # clone: tied/fused views share storage, which safetensors refuses; contiguous for the split views
-    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state_dict_to_hf(sd, cfg).items()}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    for old in [out / WEIGHTS_NAME, out / INDEX_NAME, *(p for p in out.iterdir() if _SHARD_RE.fullmatch(p.name))]:
+        old.unlink(missing_ok=True)  # an earlier export's weights here would make the directory two models
+    hf = state_dict_to_hf(sd, cfg)  # views of `sd` (a fused qkv / gate_up split by rows): nothing copied yet
+    size = torch.empty((), dtype=dtype).element_size()
+    shards = _shard_plan({k: v.numel() * size for k, v in hf.items()}, max_shard_bytes)
+    files = ([WEIGHTS_NAME] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for fname, names in zip(files, shards, strict=True):
+        # clone: tied/fused views share storage, which safetensors refuses; one shard's copies at a time
+        tensors = {k: hf[k].detach().to("cpu", dtype).contiguous().clone() for k in names}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * size for v in hf.values())},
+                 "weight_map": {k: fname for fname, names in zip(files, shards, strict=True) for k in names}}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     stops: list[int] = []
@@ -383,6 +404,20 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     gen["transformers_version"] = _transformers_version()
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
+
+
+def _shard_plan(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut into consecutive shards of at most `max_bytes` (a tensor bigger than
+    that is a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
 
 
 def _transformers_version() -> str:

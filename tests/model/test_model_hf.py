@@ -372,3 +372,56 @@ def test_a_tied_head_stored_in_another_dtype_with_the_same_values_is_accepted(tm
     save_file(sd, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(ConfigError, match="'lm_head.weight' that differs from 'model.embed_tokens.weight'"):
         open_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("variant", ["gqa-untied", "gqa-tied"])
+def test_a_model_over_the_shard_size_is_exported_as_indexed_shards(variant: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shard is at most `max_shard_bytes` (a bigger tensor alone), and the copies of one shard are
+    freed by the time the next is written: the export never holds a second copy of the whole model."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.model import hf as hf_module
+
+    cfg = VARIANTS[variant]
+    model = _model(cfg)
+    limit = 3 * cfg.dim * cfg.ffn_dim * 4  # fp32 bytes of three FFN matrices
+    written: list[tuple[str, int, int]] = []  # (file, bytes, tensors of earlier shards still alive)
+    refs: list[weakref.ref[torch.Tensor]] = []
+    real_save = hf_module.save_file
+
+    def watched(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+        gc.collect()
+        written.append((Path(path).name, sum(t.numel() * t.element_size() for t in tensors.values()),
+                        sum(r() is not None for r in refs)))
+        refs.extend(weakref.ref(t) for t in tensors.values())
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hf_module, "save_file", watched)
+    out = export_hf(model, cfg, tmp_path / "hf", max_shard_bytes=limit)
+    n = len(written)
+    assert n > 2 and [w[0] for w in written] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    largest = max(t.numel() * 4 for t in model.state_dict().values())
+    assert all(b <= max(limit, largest) for _, b, _ in written) and all(alive == 0 for *_, alive in written), written
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hf_module.hf_tensor_names(cfg))
+    assert set(index["weight_map"].values()) == {w[0] for w in written}
+    assert index["metadata"]["total_size"] == sum(b for _, b, _ in written)
+
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    back, _ = load_hf(out)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(out)).eval()(x).logits, model(x),
+                                   atol=1e-4, rtol=0)
+    # exported again into the same directory, under the shard size: one file, the old shards gone
+    # (left beside it, the directory would hold two models and be refused)
+    export_hf(model, cfg, out)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    back, _ = load_hf(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
