@@ -15,6 +15,7 @@ stated peak MFU is left out rather than guessed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -93,9 +94,15 @@ def peak_tflops(device: str, configured: float | None) -> tuple[float | None, st
 
 
 def peak_memory_mb(device: str) -> float:
-    """Peak memory of this process: max allocated on CUDA, max RSS on CPU."""
+    """Peak memory of this process: max allocated on CUDA, max RSS on CPU. On Linux the kernel's peak
+    mark of this process's own memory (`VmHWM`): `ru_maxrss` also counts the parent a worker was forked
+    from (a launcher, a pytest process), which could be larger than the worker itself."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 

@@ -329,3 +329,18 @@ def test_a_resume_restores_the_configured_optimizer_hyperparameters() -> None:
         assert opt2.state_dict()["state"][0]["step"] == 3  # the moments are the checkpoint's
         sched2.step()
         assert sched2.get_last_lr()[0] == pytest.approx(new.lr * lr_lambda(new, 10)(4))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_cpu_peak_memory_is_the_workers_own_not_its_parents() -> None:
+    """A worker forked from a larger process (a launcher, pytest) reported the parent's RSS as its peak:
+    `ru_maxrss` counts the memory the child started as a copy of."""
+    import subprocess
+    import sys
+
+    parent = bytearray(768 * 2**20)
+    parent[:: 4096] = b"\1" * len(parent[:: 4096])  # resident
+    code = "from kubellm.training.metrics import peak_memory_mb; print(peak_memory_mb('cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 0 < float(out.strip().splitlines()[-1]) < 600, out  # importing torch takes a few hundred MB, not 768
+    del parent
