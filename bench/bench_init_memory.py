@@ -4,8 +4,9 @@
     python -m bench.bench_init_memory --quick    # `debug` preset, smoke run
 
 Each sample is a fresh process (`--child ours|reference`) that reports its peak resident memory above
-what it held before building (`ru_maxrss` against /proc/self/statm), so no allocator cache carries
-over between samples. Ours is what the engine does (`kubellm.training.topology`): the TP model built on
+what it held before building (the kernel's peak mark, `VmHWM`, reset then: `ru_maxrss` also counted the
+parent process a child is forked from, which inflated small samples taken from a large parent), so no
+allocator cache carries over between samples. Ours is what the engine does (`kubellm.training.topology`): the TP model built on
 the meta device and materialised once, each dense tensor drawn from the RNG, sliced into the rank's
 shard and dropped before the next one (`fill_from_dense`). The reference is what it did until
 2026-11-24: the whole dense model first, then the rank's shards cut from its state dict. Row 1
@@ -22,19 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import Row, emit, load_avg, median, parser, repeats, within
+from bench.common import Row, emit, load_avg, median, parser, peak_rss, repeats, reset_peak_rss, within
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def child(which: str, preset: str, weights_dir: str | None = None) -> dict[str, float]:
@@ -60,7 +56,7 @@ def child(which: str, preset: str, weights_dir: str | None = None) -> dict[str, 
         filled += local[name]
     planned = max(planned, filled)
     torch.manual_seed(0)
-    before = _rss_bytes()
+    before = reset_peak_rss()
     if which == "ours":
         model = Transformer(cfg, layers=layers, init=False)
         fill_from_dense(model, cfg, 0, 2, None)
@@ -78,7 +74,7 @@ def child(which: str, preset: str, weights_dir: str | None = None) -> dict[str, 
         model = Transformer(cfg, layers=layers, init=False)
         model.load_state_dict(shard_state_dict(full, cfg, 0, 2))
         del full
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_rss() - before
     return {"peak": float(peak), "shard": float(filled), "planned": float(planned), "dense": float(sum(dense.values()))}
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -169,3 +170,23 @@ def emit(rows: list[Row], args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     return 0
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    if m is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
+    return int(m.group(1)) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Start the kernel's peak-RSS mark (VmHWM) again from the current RSS, and return that RSS in bytes.
+    Not `ru_maxrss`: that also counts the parent's memory a fork-then-exec child started as a copy of."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process since `reset_peak_rss` (or since exec)."""
+    return _status_kib("VmHWM")

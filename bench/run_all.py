@@ -31,6 +31,7 @@ from bench.common import Row, load_avg, machine
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = ["bench_train_step", "bench_tokenize", "bench_dedup", "bench_zero_memory", "bench_init_memory",
+              "bench_export_memory",
               "bench_dpo", "bench_eval", "bench_pipeline", "bench_loader", "bench_mfu_gpu"]
 
 
