@@ -21,7 +21,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import Row, emit, load_avg, median, parser, peak_rss, repeats, reset_peak_rss, within
+from bench.common import (
+    GIB,
+    emit,
+    load_avg,
+    median,
+    memory_formula_row,
+    memory_reduction_row,
+    parser,
+    peak_rss,
+    repeats,
+    reset_peak_rss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,20 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             runs[which].append(sample(which, preset, shard_bytes))
     ours, ref = (median([r["peak"] for r in runs[k]]) for k in ("sharded", "single"))
     info = runs["sharded"][0]
-    gib = 2**30
-    ratio = ref / ours
-    row1 = Row(f"rank 0's extra host memory to write the HF export, {preset}", ours / gib, ref / gib, "GiB peak",
-               ratio, "> 1× (no issue target)", ratio > 1.0,
-               f"ours: {int(info['files'])} shards of ≤ {shard_bytes / gib:.2f} GiB with an index; reference: one "
-               f"file, every tensor copied at once (the model is {info['model'] / gib:.2f} GiB fp32); "
-               "ratio = reference / ours", load, n)
-    largest = info["largest_shard"]
-    ok, why = within(ours / largest, 0.10)
-    row2 = Row(f"export's extra memory vs its largest shard, {preset}", ours / gib, largest / gib, "GiB peak",
-               ours / largest, "within ±10%", ok,
-               f"formula: the bytes of the largest shard file (one shard's copies held at a time); {why}".rstrip("; "),
-               load, n)
-    return emit([row1, row2], args)
+    rows = [memory_reduction_row(
+                f"rank 0's extra host memory to write the HF export, {preset}", ours, ref,
+                f"ours: {int(info['files'])} shards of ≤ {shard_bytes / GIB:.2f} GiB with an index; reference: one "
+                f"file, every tensor copied at once (the model is {info['model'] / GIB:.2f} GiB fp32)", load, n),
+            memory_formula_row(
+                f"export's extra memory vs its largest shard, {preset}", ours, info["largest_shard"],
+                "formula: the bytes of the largest shard file (one shard's copies held at a time)", load, n)]
+    return emit(rows, args)
 
 
 if __name__ == "__main__":

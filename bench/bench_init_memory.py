@@ -28,7 +28,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import Row, emit, load_avg, median, parser, peak_rss, repeats, reset_peak_rss, within
+from bench.common import (
+    GIB,
+    emit,
+    load_avg,
+    median,
+    memory_formula_row,
+    memory_reduction_row,
+    parser,
+    peak_rss,
+    repeats,
+    reset_peak_rss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,27 +116,23 @@ def main(argv: list[str] | None = None) -> int:
                 runs[which].append(sample(which, preset, str(Path(tmp) / "hf") if "given" in which else None))
     ours, ref = (median([r["peak"] for r in runs[k]]) for k in ("ours", "reference"))
     info = runs["ours"][0]
-    gib = 2**30
-    ratio = ref / ours
-    row1 = Row(f"TP rank's host memory to initialise its shard, {preset}, tp = 2", ours / gib, ref / gib, "GiB peak",
-               ratio, "> 1× (no issue target)", ratio > 1.0,
-               f"reference: the dense model ({info['dense'] / gib:.2f} GiB fp32) built whole, then sharded "
-               "(kubellm before 2026-11-24); ratio = reference / ours", load, n)
-    formula = info["planned"]
-    ok, why = within(ours / formula, 0.10)
-    row2 = Row(f"TP rank's init memory vs one dense tensor at a time, {preset}, tp = 2", ours / gib,
-               formula / gib, "GiB peak", ours / formula, "within ±10%", ok,
-               f"formula: the largest, over the draw order, of the shards filled so far + the dense tensor being "
-               f"sliced + its slice twice (copy and parameter); the rank's shards alone are {info['shard'] / gib:.2f} "
-               f"GiB; {why}".rstrip("; "), load, n)
     ours_g, ref_g = (median([r["peak"] for r in runs[k]]) for k in ("ours-given", "reference-given"))
-    ratio_g = ref_g / ours_g
-    row3 = Row(f"TP rank's host memory to fill its shard from a base model's safetensors (SFT/DPO), {preset}, tp = 2",
-               ours_g / gib, ref_g / gib, "GiB peak", ratio_g, "> 1× (no issue target)", ratio_g > 1.0,
-               "ours: `open_hf`, each tensor read as the shard is filled; reference: `load_hf` (the whole model "
-               "on the host, kubellm's SFT/DPO workers before 2026-11-25), then the same fill; ratio = reference / "
-               "ours", load, n)
-    return emit([row1, row2, row3], args)
+    rows = [
+        memory_reduction_row(
+            f"TP rank's host memory to initialise its shard, {preset}, tp = 2", ours, ref,
+            f"reference: the dense model ({info['dense'] / GIB:.2f} GiB fp32) built whole, then sharded (kubellm "
+            "before 2026-11-24)", load, n),
+        memory_formula_row(
+            f"TP rank's init memory vs one dense tensor at a time, {preset}, tp = 2", ours, info["planned"],
+            "formula: the largest, over the draw order, of the shards filled so far + the dense tensor being sliced "
+            f"+ its slice twice (copy and parameter); the rank's shards alone are {info['shard'] / GIB:.2f} GiB",
+            load, n),
+        memory_reduction_row(
+            f"TP rank's host memory to fill its shard from a base model's safetensors (SFT/DPO), {preset}, tp = 2",
+            ours_g, ref_g, "ours: `open_hf`, each tensor read as the shard is filled; reference: `load_hf` (the "
+            "whole model on the host, kubellm's SFT/DPO workers before 2026-11-25), then the same fill", load, n),
+    ]
+    return emit(rows, args)
 
 
 def _export(preset: str, out: Path) -> None:

@@ -190,3 +190,20 @@ def reset_peak_rss() -> int:
 def peak_rss() -> int:
     """Peak resident bytes of this process since `reset_peak_rss` (or since exec)."""
     return _status_kib("VmHWM")
+
+
+GIB = 2**30
+
+
+def memory_reduction_row(name: str, ours: float, reference: float, note: str, load: float, samples: int) -> Row:
+    """A host-memory row, peaks in bytes: ours against the reference (ratio = reference / ours, so
+    more is better; no issue target)."""
+    return Row(name, ours / GIB, reference / GIB, "GiB peak", reference / ours, "> 1× (no issue target)",
+               reference / ours > 1.0, f"{note}; ratio = reference / ours", load, samples)
+
+
+def memory_formula_row(name: str, ours: float, formula: float, note: str, load: float, samples: int) -> Row:
+    """A host-memory row, peaks in bytes: ours against what `formula` predicts (within ±10%)."""
+    ok, why = within(ours / formula, 0.10)
+    return Row(name, ours / GIB, formula / GIB, "GiB peak", ours / formula, "within ±10%", ok,
+               f"{note}; {why}".rstrip("; "), load, samples)
