@@ -35,7 +35,13 @@ from kubellm.dpo.config import DPOConfig
 from kubellm.sft.data import SkipReport
 from kubellm.sft.stage import config_hash, hold_out, no_usable_records, source_fingerprint, stage_jsonl
 from kubellm.training.job import JobSpec
-from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
+from kubellm.training.model_stage import (
+    export_trained,
+    fetch_model,
+    launch_or_run,
+    publish_model,
+    start_worker,
+)
 
 STAGE = "dpo"
 
@@ -157,13 +163,15 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     # the same reference, scored through the training engine after the last step
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, init_state_dict=w.weights,
                    resume=True, identity=spec.identity,
-                   evaluate={"final": Evaluation(train_arrays), "heldout": Evaluation(held_arrays)})
-    if rank != 0:
+                   evaluate={"final": Evaluation(train_arrays), "heldout": Evaluation(held_arrays)},
+                   consolidate_final=False)
+    out = export_trained(result, model_cfg, STAGE, base.hf_dir)  # every rank: written a shard at a time
+    if out is None:
         return None
     after = {f"{name}_{k}": v for name in ("final", "heldout") for k, v in result.scores["end"][name].items()}
     skipped = report.summary()
     manifest = publish_model(
-        spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
+        spec, out, stage=STAGE, model_cfg=model_cfg, result=result,
         parents=spec.parents,
         config_hash=config_hash(config),
         title=f"DPO ({config.loss_type}, beta {config.beta}, reference {config.reference}): "

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,39 +348,87 @@ def end_of_turn_id(tok: Any, where: str = "tokenizer") -> int | None:
     return next((int(i) for i in tail if i in special), None)
 
 
-def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], cfg: ModelConfig,
-              out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+Gather = Callable[[Collection[str]], "Mapping[str, torch.Tensor] | None"]
+"""Collective source of an export (`TrainResult.gather`): the entries of the given state-dict names on
+the rank that writes (None on the others)."""
+
+
+def export_hf(source: torch.nn.Module | Mapping[str, torch.Tensor] | Gather, cfg: ModelConfig,
+              out_dir: str | Path | None, tokenizer_dir: str | Path | None = None,
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int = MAX_SHARD_BYTES,
+              sync: Callable[[BaseException | None], None] | None = None) -> Path | None:
     """Write a `LlamaForCausalLM` directory: model.safetensors (a model over `max_shard_bytes`: numbered
-    shards and model.safetensors.index.json, as transformers writes them; the export holds one shard's
-    copy in memory at a time), config.json, generation_config.json
-    and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go into the configs.
+    shards and model.safetensors.index.json, as transformers writes them), config.json,
+    generation_config.json and (with `tokenizer_dir`) the tokenizer's files, whose bos/eos/pad ids go
+    into the configs. Returns `out_dir`.
+
+    `source` is a model, a state dict, or a `Gather` that every rank of a job calls with the same names,
+    a shard's worth at a time, and that returns them only on the rank that writes: that rank gets
+    `out_dir` back, the others (which may pass None for it) None. The export copies one shard at a time, so with a `Gather` the writer
+    never holds the whole model. `sync`, with a `Gather`: called on every rank after each shard with the
+    error this rank met writing it (else None), a collective that raises on every rank when any failed
+    (`kubellm.training.collective.raise_if_any_failed`), so no rank waits in the next gather for a
+    writer that has stopped.
+
     `tokenizer_dir` may be a model directory (SFT/DPO pass the base's): its configs, manifest and
     weight files or indexes (any format, see `is_tokenizer_file`) are never copied.
     The generation config's eos list also holds the token the chat template ends a turn with
-    (`end_of_turn_id`), so chat generation stops at the end of the assistant's turn. Returns `out_dir`."""
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
-        else model_or_state_dict
-    check_exportable(sd, cfg)
+    (`end_of_turn_id`), so chat generation stops at the end of the assistant's turn."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes={max_shard_bytes}: expected a number of bytes > 0")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [out / WEIGHTS_NAME, out / INDEX_NAME, *(p for p in out.iterdir() if _SHARD_RE.fullmatch(p.name))]:
-        old.unlink(missing_ok=True)  # an earlier export's weights here would make the directory two models
-    hf = state_dict_to_hf(sd, cfg)  # views of `sd` (a fused qkv / gate_up split by rows): nothing copied yet
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")  # the head is the embedding: not written
+    gather: Gather
+    if isinstance(source, (torch.nn.Module, Mapping)):
+        sd = source.state_dict() if isinstance(source, torch.nn.Module) else source
+        check_exportable(sd, cfg)
+        sd = _strip(sd)
+
+        def gather(names: Collection[str]) -> Mapping[str, torch.Tensor]:
+            return {k: sd[k] for k in names}
+    else:
+        gather = source
     size = torch.empty((), dtype=dtype).element_size()
-    shards = _shard_plan({k: v.numel() * size for k, v in hf.items()}, max_shard_bytes)
+    shards = _shard_plan({k: math.prod(shape) * size for k, shape in expected.items()}, max_shard_bytes)
     files = ([WEIGHTS_NAME] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    out: Path | None = None
+    weight_map: dict[str, str] = {}
+    total = 0
     for fname, names in zip(files, shards, strict=True):
-        # clone: tied/fused views share storage, which safetensors refuses; one shard's copies at a time
-        tensors = {k: hf[k].detach().to("cpu", dtype).contiguous().clone() for k in names}
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        del tensors
+        chunk = gather(names)  # collective with a job's Gather
+        error: BaseException | None = None
+        if chunk is not None:
+            try:
+                if out is None:
+                    if out_dir is None:
+                        raise ValueError("export_hf: this rank received weights to write but no out_dir")
+                    out = _fresh_export_dir(Path(out_dir))
+                problems = [f"missing {k!r}" for k in names if k not in chunk] + [
+                    f"{k!r} has shape {tuple(chunk[k].shape)}, the config implies {expected[k]}"
+                    for k in names if k in chunk and tuple(chunk[k].shape) != expected[k]]
+                if problems:
+                    raise IntegrityError(f"weights to export for {out / fname}: {'; '.join(problems[:3])}")
+                # clone: fused views share storage, which safetensors refuses; one shard's copies at a time
+                tensors = {k: v.detach().to("cpu", dtype).contiguous().clone()
+                           for k, v in state_dict_to_hf({k: chunk[k] for k in names}, cfg).items()}
+                del chunk
+                save_file(tensors, str(out / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, fname))
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+                del tensors
+            except Exception as e:  # noqa: BLE001 - raised below (through `sync` on every rank)
+                error = e
+        if sync is not None:
+            sync(error)
+        elif error is not None:
+            raise error
+    if out is None:
+        return None
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * size for v in hf.values())},
-                 "weight_map": {k: fname for fname, names in zip(files, shards, strict=True) for k in names}}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
@@ -403,6 +452,15 @@ def export_hf(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype=dtype, **conf_ids), indent=2) + "\n")
     gen["transformers_version"] = _transformers_version()
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+def _fresh_export_dir(out: Path) -> Path:
+    """`out`, created, without an earlier export's weight files (left beside new ones, they would make
+    the directory two models)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [out / WEIGHTS_NAME, out / INDEX_NAME, *(p for p in out.iterdir() if _SHARD_RE.fullmatch(p.name))]:
+        old.unlink(missing_ok=True)
     return out
 
 

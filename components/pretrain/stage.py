@@ -81,6 +81,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     from kubellm.pretrain.objective import PretrainObjective
     from kubellm.training.data import stage_artifact_files
     from kubellm.training.engine import train
+    from kubellm.training.model_stage import export_trained
     from kubellm.training.process_group import init_distributed, resolve_device
 
     config = PretrainConfig.model_validate(spec.config)
@@ -98,28 +99,26 @@ def run_worker(spec: JobSpec) -> Manifest | None:
                                   doc_masking=config.data.doc_masking, shuffle=config.data.shuffle,
                                   prefetch=config.train.prefetch_batches, rank=rank, world=world)
     result = train(model_cfg, config.train, config.parallel, objective, spec.run_dir, resume=True,
-                   identity=spec.identity)
-    if rank != 0:
+                   identity=spec.identity, consolidate_final=False)
+    tok_dir = root / "tokenizer" if any(p.startswith("tokenizer/") for p in paths) else None
+    out = export_trained(result, model_cfg, STAGE, tok_dir)  # every rank: written a shard at a time
+    if out is None:
         return None
-    assert result.final_state_dict is not None and result.metrics_path is not None
-    return _publish(spec, config, tokens, result, root if any(p.startswith("tokenizer/") for p in paths) else None)
+    assert result.metrics_path is not None
+    return _publish(spec, config, tokens, result, out)
 
 
-def _publish(spec: JobSpec, config: PretrainConfig, tokens: Manifest, result: object,
-             tokens_root: Path | None) -> Manifest:
+def _publish(spec: JobSpec, config: PretrainConfig, tokens: Manifest, result: object, out: Path) -> Manifest:
+    """Rank 0: publish `out` (`export_trained`'s directory, removed afterwards) with the metrics."""
     from kubellm.core.manifest import publish_dir
     from kubellm.model.flops import num_params
-    from kubellm.model.hf import export_hf
     from kubellm.training.engine import TrainResult
     from kubellm.training.metrics import markdown_report, plot_loss_curve
-    from kubellm.training.runfiles import local_work_dir, scratch_dir, upload_run_files
+    from kubellm.training.runfiles import local_work_dir, upload_run_files
 
     assert isinstance(result, TrainResult)
     model_cfg = config.model.build()
-    out = scratch_dir("kubellm-pretrain-")
     try:
-        tok_dir = tokens_root / "tokenizer" if tokens_root is not None else None
-        export_hf(result.final_state_dict or {}, model_cfg, out / "hf", tokenizer_dir=tok_dir)
         metrics_src = Path(result.metrics_path or "")
         (out / "metrics").mkdir()
         shutil.copy2(metrics_src, out / "metrics" / "metrics.jsonl")

@@ -24,7 +24,13 @@ from kubellm.core.manifest import Manifest, content_prefix, stable_hash
 from kubellm.sft.config import SFTConfig
 from kubellm.sft.data import SkipReport
 from kubellm.training.job import JobSpec
-from kubellm.training.model_stage import fetch_model, launch_or_run, publish_model, start_worker
+from kubellm.training.model_stage import (
+    export_trained,
+    fetch_model,
+    launch_or_run,
+    publish_model,
+    start_worker,
+)
 
 STAGE = "sft"
 T = TypeVar("T")
@@ -87,7 +93,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
 
     config = SFTConfig.model_validate(spec.config)
     w = start_worker(spec, config.train)
-    rank, base, tok, model_cfg = w.rank, w.base, w.tokenizer, w.model_config
+    base, tok, model_cfg = w.base, w.tokenizer, w.model_config
     report = SkipReport()
     with tempfile.TemporaryDirectory(prefix="kubellm-sft-") as tmp:
         staged = stage_jsonl(spec.inputs["chat"], Path(tmp))
@@ -102,8 +108,10 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     # (every replica its share, on the training device and in its precision; no rank holds the whole model)
     result = train(model_cfg, config.train, config.parallel, SFTObjective(packs, tok.pad_token_id), spec.run_dir,
                    init_state_dict=w.weights, resume=True, identity=spec.identity,
-                   evaluate={"heldout": Evaluation(packs_to_arrays(held_packs), at_start=True)})
-    if rank != 0:
+                   evaluate={"heldout": Evaluation(packs_to_arrays(held_packs), at_start=True)},
+                   consolidate_final=False)
+    out = export_trained(result, model_cfg, STAGE, base.hf_dir)  # every rank: written a shard at a time
+    if out is None:
         return None
     # None only where there is nothing to report: a resume from a checkpoint that did not record the start
     before = result.scores["start"].get("heldout", {}).get("loss")
@@ -112,7 +120,7 @@ def run_worker(spec: JobSpec) -> Manifest | None:
     trained_tokens = sum(e.trainable_tokens for e in train_ex)
     skipped = report.summary()
     return publish_model(
-        spec, stage=STAGE, model_cfg=model_cfg, result=result, tokenizer_dir=base.hf_dir,
+        spec, out, stage=STAGE, model_cfg=model_cfg, result=result,
         parents=spec.parents,
         config_hash=config_hash(config), title=f"SFT: {len(train_ex)} conversations in {len(packs)} packed sequences",
         counts={"conversations": len(train_ex), "heldout_conversations": len(held), "packed_sequences": len(packs),

@@ -5,6 +5,7 @@ stages export (`consolidated_state_dict`, rank 0) and what a relayout or a pipel
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -27,19 +28,28 @@ def full_fp32_param(p: torch.nn.Parameter, keep: bool = True) -> torch.Tensor | 
     return value.detach().to("cpu", torch.float32).clone() if keep and value is not None else None
 
 
-def fp32_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
+def fp32_state_dict(module: torch.nn.Module, keep: bool = True, only: Callable[[str], bool] | None = None
+                    ) -> dict[str, torch.Tensor] | None:
     """Collective over the data-parallel group: `module`'s state dict on the host in fp32, parameters
     from DeepSpeed's master copy (`full_fp32_param`, one at a time), buffers copied; None where `keep`
-    is False (that rank still takes part in every gather)."""
+    is False (that rank still takes part in every gather). `only`: the state-dict names to return (a
+    parameter is gathered when one of its names is selected; every rank must select the same)."""
+    entries = module.state_dict(keep_vars=True)
+    selected = {n for n in entries if only is None or only(n)}
+    wanted = {id(t) for n, t in entries.items() if n in selected}
     full: dict[int, torch.Tensor] = {}
     for _, p in module.named_parameters():  # same order on every rank: the calls are collective
+        if id(p) not in wanted:
+            continue
         value = full_fp32_param(p, keep=keep)
         if value is not None:
             full[id(p)] = value
     if not keep:
         return None
     out: dict[str, torch.Tensor] = {}
-    for name, t in module.state_dict(keep_vars=True).items():
+    for name, t in entries.items():
+        if name not in selected:
+            continue
         if id(t) in full:
             out[name] = full[id(t)]
         else:  # buffers: never partitioned by ZeRO
@@ -49,8 +59,9 @@ def fp32_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, tor
     return out
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+def consolidated_state_dict(engine: Any, names: Collection[str] | None = None) -> dict[str, torch.Tensor] | None:
     """Collective: the full fp32 model state_dict on CPU on rank 0 (None elsewhere), for any ZeRO
-    stage. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO 1/2/3, bf16/fp16), so
-    a bf16 run exports its optimizer's precision, not the rounded module weights."""
-    return fp32_state_dict(engine.module, keep=not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
+    stage, or its entries in `names`. Uses the fp32 master weights where DeepSpeed keeps them (ZeRO
+    1/2/3, bf16/fp16), so a bf16 run exports its optimizer's precision, not the rounded module weights."""
+    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return fp32_state_dict(engine.module, keep=keep, only=None if names is None else set(names).__contains__)

@@ -31,7 +31,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -109,7 +109,7 @@ class Objective(Protocol):
 @dataclasses.dataclass
 class TrainResult:
     final_state_dict: dict[str, Tensor] | None
-    """Consolidated weights on rank 0 (None on other ranks)."""
+    """Consolidated weights on rank 0 (None on other ranks; None everywhere with `consolidate_final=False`)."""
     metrics_path: Path | None
     """metrics.jsonl (rank 0; TensorBoard events are in `metrics_path.parent / "tensorboard"`)."""
     losses: list[float]
@@ -122,6 +122,10 @@ class TrainResult:
     """Where the MFU peak FLOP/s came from."""
     rank: int = 0
     world_size: int = 1
+    gather: Callable[[Collection[str] | None], dict[str, Tensor] | None] | None = None
+    """Collective, on every rank: the final weights' entries among the given dense names (all of them
+    for None) in fp32, on rank 0 (None elsewhere), straight from the engine. `export_hf(result.gather, …)`
+    writes an export a shard at a time with it, so rank 0 never holds the whole model."""
     scores: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
     """`Evaluation` results on every rank: `{"start": {name: {"loss": …, …}}, "end": {…}}`; "start" is
     carried in the checkpoints, so a resumed run reports the score its first attempt took."""
@@ -214,11 +218,13 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, ds_cfg: dict[st
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
           objective: Objective, run_dir: str, init_state_dict: Mapping[str, Tensor] | None = None,
           resume: bool = True, identity: Mapping[str, str] | None = None,
-          evaluate: Mapping[str, Evaluation] | None = None) -> TrainResult:
+          evaluate: Mapping[str, Evaluation] | None = None, consolidate_final: bool = True) -> TrainResult:
     """Train `objective` for `train_cfg.max_steps` optimizer steps; see the module docstring.
 
     `identity` (the stage and its inputs' digests, `JobSpec.identity`) is saved with every checkpoint;
-    a checkpoint recorded with another identity is refused rather than resumed."""
+    a checkpoint recorded with another identity is refused rather than resumed. `consolidate_final=False`
+    skips gathering the whole model onto rank 0 at the end (`final_state_dict` is None): the stages export
+    through `result.gather` instead, a shard at a time."""
     from kubellm.model import Transformer, check_token_ids
     from kubellm.model.flops import flops_per_token
 
@@ -464,8 +470,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
                                      autocast) for name, ev in evaluate.items()}
     from kubellm.training.consolidate import consolidated_state_dict
 
-    final = (built.consolidate(engine) if built is not None
-             else consolidated_state_dict(engine))  # fp32 (master weights), any ZeRO stage
+    def gather(names: Collection[str] | None = None) -> dict[str, Tensor] | None:
+        # fp32 (master weights), any ZeRO stage
+        return built.consolidate(engine, names) if built is not None else consolidated_state_dict(engine, names)
+
+    final = gather() if consolidate_final else None
     summary = {**logger.summary(), **guard.metrics()}
     if rank == 0 and start_step:
         # rank 0's metrics.jsonl of the part before the resume may be gone (a new node, an S3 run dir)
@@ -478,7 +487,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             summary.setdefault("loss_final", float(loss_last))
     if world > 1:
         dist.barrier()
-    return TrainResult(final_state_dict=final, metrics_path=logger.path if rank == 0 else None, losses=losses,
+    return TrainResult(final_state_dict=final, gather=gather, metrics_path=logger.path if rank == 0 else None, losses=losses,
                        summary=summary, start_step=start_step, peak_source=peak_source, rank=rank,
                        world_size=world, scores=scores)
 

@@ -130,18 +130,39 @@ def launch_or_run(stage: str, config: Any, inputs: Mapping[str, str], output: st
     return launch_job(spec, config.launch, name=f"{stage}-{run_id}")
 
 
-def publish_model(spec: JobSpec, *, stage: str, model_cfg: ModelConfig, result: Any, tokenizer_dir: Path,
+def export_trained(result: Any, model_cfg: ModelConfig, stage: str, tokenizer_dir: Path | None) -> Path | None:
+    """Collective, on every rank after `train(..., consolidate_final=False)`: the trained weights as an HF
+    Llama directory, `<scratch>/hf`, written by rank 0 a shard at a time as the ranks gather it
+    (`TrainResult.gather`), so no rank holds the whole model. Rank 0 gets the scratch directory (to
+    publish, then remove), the others None; a failure on any rank raises on every rank."""
+    from kubellm.model.hf import export_hf
+    from kubellm.training.collective import raise_if_any_failed
+    from kubellm.training.runfiles import scratch_dir
+
+    def sync(error: BaseException | None) -> None:
+        raise_if_any_failed(error, "HF export", {}, RuntimeError)
+
+    out = scratch_dir(f"kubellm-{stage}-") if result.rank == 0 else None
+    try:
+        export_hf(result.gather, model_cfg, out / "hf" if out is not None else None, tokenizer_dir=tokenizer_dir,
+                  sync=sync if result.world_size > 1 else None)
+    except BaseException:
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def publish_model(spec: JobSpec, out: Path, *, stage: str, model_cfg: ModelConfig, result: Any,
                   parents: dict[str, str], config_hash: str, title: str, counts: dict[str, int],
                   metrics: dict[str, float], report_lines: list[str], metadata: dict[str, Any]) -> Manifest:
-    """Rank 0: export the trained weights as HF Llama + metrics + loss curve and publish a `model`."""
+    """Rank 0: publish `out` (`export_trained`'s directory, removed afterwards) with the metrics and loss
+    curve as a `model`."""
     from kubellm.model.flops import num_params
-    from kubellm.model.hf import export_hf
     from kubellm.training.metrics import markdown_report, plot_loss_curve
-    from kubellm.training.runfiles import local_work_dir, scratch_dir, upload_run_files
+    from kubellm.training.runfiles import local_work_dir, upload_run_files
 
-    out = scratch_dir(f"kubellm-{stage}-")
     try:
-        export_hf(result.final_state_dict, model_cfg, out / "hf", tokenizer_dir=tokenizer_dir)
         (out / "metrics").mkdir()
         src = Path(result.metrics_path)
         shutil.copy2(src, out / "metrics" / "metrics.jsonl")

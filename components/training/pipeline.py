@@ -36,7 +36,7 @@ example, so it is refused with PP (use tp/dp/ZeRO for DPO).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -322,11 +322,15 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
     fill_from_dense(module, model_cfg, tp.rank, tp.size, init_state_dict, device,
                     dense_name=lambda k: to_dense_name(k, n))
 
-    def consolidate(engine: Any) -> dict[str, Tensor] | None:
+    def consolidate(engine: Any, names: Collection[str] | None = None) -> dict[str, Tensor] | None:
         from kubellm.training.consolidate import fp32_state_dict
 
+        wanted = None if names is None else set(names)
+        if wanted is not None and model_cfg.tie_embeddings and "output.weight" in wanted:
+            wanted.add("tok_embeddings.weight")  # the tied head is the embedding (the first stage's)
+        only = None if wanted is None else (lambda k: to_dense_name(k, n) in wanted)
         # one copy per model: data-parallel replica 0 keeps it, the others' TP groups skip the TP gather
-        mine = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0)  # DP collective
+        mine = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0, only=only)  # DP collective
         if mine is None:
             return None
         dense_named = {to_dense_name(k, n): v for k, v in mine.items()}
@@ -340,9 +344,9 @@ def build_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg:
         out: dict[str, Tensor] = dict(dense_named)
         for stage in range(1, grid.get_pipe_parallel_world_size()):
             out.update(_recv_state_dict(src=grid.stage_to_global(stage)))  # rank 0's dp/tp coordinates: 0, 0
-        if model_cfg.tie_embeddings:
+        if model_cfg.tie_embeddings and (wanted is None or "output.weight" in wanted):
             out["output.weight"] = out["tok_embeddings.weight"]
-        return out
+        return out if names is None else {k: v for k, v in out.items() if k in set(names)}
 
     return ParallelModel(module=module, mpu=None, dp_rank=grid.get_data_parallel_rank(),
                          dp_size=grid.get_data_parallel_world_size(), tp_rank=tp.rank, stage=grid.get_stage_id(),

@@ -31,7 +31,7 @@ safetensors only when it is asked for, and a tp/pp relayout's checkpoint as
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -146,8 +146,9 @@ class ParallelModel:
     tp_rank: int
     stage: int
     pipeline: bool
-    consolidate: Callable[[Any], dict[str, torch.Tensor] | None]
-    """Collective: given the DeepSpeed engine, the dense `Transformer` state dict on rank 0."""
+    consolidate: Callable[[Any, Collection[str] | None], dict[str, torch.Tensor] | None]
+    """Collective: given the DeepSpeed engine, the dense `Transformer` state dict on rank 0 (None
+    elsewhere), or its entries among the dense names given (every rank must give the same)."""
 
     @property
     def feeds_data(self) -> bool:
@@ -243,13 +244,14 @@ def build_tensor_parallel(model_cfg: ModelConfig, train_cfg: TrainConfig, parall
     fill_from_dense(model, model_cfg, tp.rank, tp.size, init_state_dict, device)
     model.set_activation_checkpointing(train_cfg.activation_checkpointing)
 
-    def consolidate(engine: Any) -> dict[str, torch.Tensor] | None:
+    def consolidate(engine: Any, names: Collection[str] | None = None) -> dict[str, torch.Tensor] | None:
         from kubellm.training.consolidate import fp32_state_dict
 
         # the fp32 masters at every ZeRO stage (ZeRO-3: one parameter gathered at a time, not the
         # whole model at once, and not the 16-bit module weights of DeepSpeed's bf16 mode), kept by
         # data-parallel replica 0 only: the other replicas' TP groups skip the TP gather together
-        local = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0)  # DP collective
+        only = None if names is None else set(names).__contains__
+        local = fp32_state_dict(engine.module, keep=grid.get_data_parallel_rank() == 0, only=only)  # DP collective
         if local is None:
             return None
         full_sd = gather_state_dict(local, model_cfg, tp, only_first=True)  # TP collective
