@@ -123,9 +123,11 @@ class TrainResult:
     rank: int = 0
     world_size: int = 1
     gather: Callable[[Collection[str] | None], dict[str, Tensor] | None] | None = None
-    """Collective, on every rank: the final weights' entries among the given dense names (all of them
-    for None) in fp32, on rank 0 (None elsewhere), straight from the engine. `export_hf(result.gather, …)`
-    writes an export a shard at a time with it, so rank 0 never holds the whole model."""
+    """With `train(consolidate_final=False)`: collective, on every rank, the final weights' entries among
+    the given dense names (all of them for None) in fp32, on rank 0 (None elsewhere), straight from the
+    engine. `export_hf(result.gather, …)` writes an export a shard at a time with it, so rank 0 never holds
+    the whole model. It keeps the engine alive: set it to None when done (`model_stage.export_trained`
+    does)."""
     scores: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
     """`Evaluation` results on every rank: `{"start": {name: {"loss": …, …}}, "end": {…}}`; "start" is
     carried in the checkpoints, so a resumed run reports the score its first attempt took."""
@@ -487,7 +489,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, parallel_cfg: Parallel
             summary.setdefault("loss_final", float(loss_last))
     if world > 1:
         dist.barrier()
-    return TrainResult(final_state_dict=final, gather=gather, metrics_path=logger.path if rank == 0 else None, losses=losses,
+    return TrainResult(final_state_dict=final, gather=None if consolidate_final else gather, metrics_path=logger.path if rank == 0 else None, losses=losses,
                        summary=summary, start_step=start_step, peak_source=peak_source, rank=rank,
                        world_size=world, scores=scores)
 

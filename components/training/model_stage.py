@@ -12,6 +12,7 @@ The launch path is the pretrain stage's: a `JobSpec` handed to `kubellm.training
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 from collections.abc import Mapping
@@ -134,7 +135,8 @@ def export_trained(result: Any, model_cfg: ModelConfig, stage: str, tokenizer_di
     """Collective, on every rank after `train(..., consolidate_final=False)`: the trained weights as an HF
     Llama directory, `<scratch>/hf`, written by rank 0 a shard at a time as the ranks gather it
     (`TrainResult.gather`), so no rank holds the whole model. Rank 0 gets the scratch directory (to
-    publish, then remove), the others None; a failure on any rank raises on every rank."""
+    publish, then remove), the others None; a failure on any rank raises on every rank. The engine is
+    released afterwards (`result.gather` is set to None)."""
     from kubellm.model.hf import export_hf
     from kubellm.training.collective import raise_if_any_failed
     from kubellm.training.runfiles import scratch_dir
@@ -150,6 +152,11 @@ def export_trained(result: Any, model_cfg: ModelConfig, stage: str, tokenizer_di
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        # the gather holds the DeepSpeed engine: release it (and its memory, held in reference cycles)
+        # now, not at some later collection in a process that may have moved on to another job
+        result.gather = None
+        gc.collect()
     return out
 
 

@@ -35,7 +35,8 @@ def export_worker(shards: list[str], run_dir: str, layout: dict[str, int], zero_
     tc = TrainConfig(max_steps=2, micro_batch_size=2, global_batch_size=8, seq_len=32, zero_stage=zero_stage,
                      progress_bar=False, tensorboard=False, optim=OptimConfig(lr=3e-3, warmup_steps=1))
     result = train(cfg, tc, ParallelConfig(**layout), PretrainObjective(shards, seq_len=32, vocab_size=256), run_dir,
-                   resume=False)
+                   resume=False, consolidate_final=False)
+    assert result.final_state_dict is None and result.gather is not None
     rank = dist.get_rank()
     calls: list[int] = []
     exact: list[bool] = []  # rank 0: each gather returned the names asked for and nothing more
@@ -59,11 +60,11 @@ def export_worker(shards: list[str], run_dir: str, layout: dict[str, int], zero_
     except Exception as e:  # noqa: BLE001 - reported to the test
         return {"error": f"{type(e).__name__}: {e}", "calls": len(calls)}
     res: dict[str, Any] = {"written": str(written) if written else None, "calls": len(calls)}
+    want = result.gather(None)  # the whole-model consolidation (what consolidate_final=True returns)
     if rank == 0:
-        assert result.final_state_dict is not None
+        assert want is not None
         back, _ = load_hf(out)
         got = back.state_dict()
-        want = result.final_state_dict
         res["names"] = sorted(want) == sorted(got)
         res["max_diff"] = max(float((got[k] - want[k]).abs().max()) for k in want)
         res["files"] = sorted(p.name for p in out.glob("model*"))
